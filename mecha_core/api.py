@@ -1,0 +1,103 @@
+"""The Python API behind ``mecha merge``: plan, then write atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from .engine.plan import MergeOptions, Plan, make_plan
+from .engine.run import TerminateAsInterrupt, execute
+from .plugins import PluginHost, get_host
+from .recipe import dump_recipe
+from .recipe.nodes import CallNode, Node, walk
+
+
+def _version() -> str:
+    try:
+        from importlib_metadata import version
+
+        return version("mecha-core")
+    except Exception:
+        return "0.0.0+unknown"
+
+
+def plugins_used(plan: Plan) -> dict[str, str]:
+    """Plugin name -> distribution version, for every plugin the merge relied on."""
+    host = plan.host
+    names: set[str] = set()
+    for node in walk(plan.root):
+        if isinstance(node, CallNode):
+            p = host.merge_methods.provider(node.method.name)
+            if p:
+                names.add(p)
+    for s in plan.sources:
+        for reg, name in ((host.architectures, s.arch), (host.model_types, s.type)):
+            if name and reg.provider(name):
+                names.add(reg.provider(name))
+        inner = s
+        while hasattr(inner, "converter"):
+            names.add(host.converters.provider(inner.converter.name) or "")
+            inner = inner.inner
+    names.discard("mecha-core")
+    names.discard("")
+    versions = {r.name: r.version or "unknown" for r in host.records}
+    return {n: versions.get(n, "unknown") for n in sorted(names)}
+
+
+def merge_metadata(plan: Plan) -> dict[str, str]:
+    """What a merged file records: the recipe, and the versions of mecha and its plugins."""
+    return {
+        "mecha_recipe": dump_recipe(plan.root),
+        "mecha_version": _version(),
+        "mecha_plugins": json.dumps(plugins_used(plan), sort_keys=True),
+    }
+
+
+def merge(recipe: Node | str | os.PathLike[str], output: str | os.PathLike[str], *,
+          threads: int | None = None, memory_budget: int | None = None, work_dtype: str = "float32",
+          output_dtype: str | None = None, device: str = "cpu", allow_missing: bool = False,
+          allow_nonfinite: bool = False, models_dir: str | os.PathLike[str] | None = None,
+          progress: bool = False, host: PluginHost | None = None, **kwargs: Any) -> str:
+    """Merge ``recipe`` (a node, .mecha text or a .mecha path) into ``output``; returns its path.
+
+    The output is written to a temporary file beside it and renamed into place on success; on
+    any failure (or Ctrl-C) no file is left and an existing ``output`` is untouched.
+    """
+    from .recipe import load_recipe
+
+    host = host or get_host()
+    if not isinstance(recipe, Node):
+        recipe = load_recipe(recipe, host=host)
+    _check_dtype(work_dtype, "work_dtype")
+    if output_dtype is not None:
+        _check_dtype(output_dtype, "output_dtype")
+    _check_device(device)
+    options = MergeOptions(
+        threads=threads, work_dtype=work_dtype, output_dtype=output_dtype, device=device,
+        allow_missing=allow_missing, allow_nonfinite=allow_nonfinite,
+        models_dir=os.fspath(models_dir) if models_dir is not None else None,
+        **({"memory_budget": int(memory_budget)} if memory_budget else {}), **kwargs)
+    with make_plan(recipe, options, host) as plan, TerminateAsInterrupt():
+        return execute(plan, output, merge_metadata(plan), progress=progress)
+
+
+def _check_dtype(name: str, what: str) -> None:
+    from .engine.safetensors_io import FLOAT_DTYPES
+    from .errors import MechaError
+
+    if name not in FLOAT_DTYPES:
+        raise MechaError(f"{what} must be one of {', '.join(sorted(FLOAT_DTYPES))}; got '{name}'")
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    from .errors import MechaError
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MechaError(f"device '{device}' was asked for but CUDA is not available; use --device cpu")
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise MechaError(f"unknown device '{device}'; use cpu or cuda") from None

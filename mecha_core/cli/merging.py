@@ -1,0 +1,135 @@
+"""``mecha merge``, ``mecha compose`` and ``mecha recipe show``."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import MechaError, RecipeError
+from .common import print_json
+
+
+def _parse_size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(t)
+    except ValueError:
+        raise MechaError(f"--memory-budget: cannot read '{text}' as a size (e.g. 2G, 512M)") from None
+
+
+def _fill_value(text: str):
+    from ..recipe.nodes import LiteralNode
+
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return LiteralNode(lowered == "true")
+    for conv in (int, float):
+        try:
+            return LiteralNode(conv(text))
+        except ValueError:
+            pass
+    return text
+
+
+def merge_command(
+    recipe: Annotated[Path, typer.Argument(help="The .mecha recipe to run (mecha or sd-mecha format).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the merged .safetensors.")],
+    models_dir: Annotated[Optional[Path], typer.Option("--models-dir", "-m",
+                          help="Folder where relative model paths are looked up first.")] = None,
+    param: Annotated[Optional[list[str]], typer.Option("-p", "--param", metavar="NAME=VALUE",
+                     help="Fill a recipe parameter with a number, a model file or a .mecha recipe.")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="Worker threads (default: CPU cores).")] = None,
+    memory_budget: Annotated[Optional[str], typer.Option(help="Bytes of tensors in flight, e.g. 2G (default 1G).")] = None,
+    work_dtype: Annotated[str, typer.Option(help="Dtype methods compute in.")] = "float32",
+    output_dtype: Annotated[Optional[str], typer.Option(help="Dtype of the output (default: the first input's).")] = None,
+    device: Annotated[str, typer.Option(help="cpu, or cuda when present.")] = "cpu",
+    allow_missing: Annotated[bool, typer.Option("--allow-missing",
+                             help="Keys missing from some inputs take the first input that has them.")] = False,
+    allow_nonfinite: Annotated[bool, typer.Option("--allow-nonfinite", help="Write NaN/Inf values instead of failing.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+) -> None:
+    """Run a recipe and write the merged model."""
+    from .. import api
+    from ..recipe import compose, load_recipe
+
+    node = load_recipe(recipe)
+    if param:
+        fills = {}
+        for item in param:
+            name, sep, value = item.partition("=")
+            if not sep or not name:
+                raise MechaError(f"-p expects NAME=VALUE, got '{item}'")
+            fills[name.strip()] = _fill_value(value)
+        node = compose(node, **fills)
+    progress = not quiet and not json_out and sys.stderr.isatty()
+    path = api.merge(node, output, threads=threads, memory_budget=_parse_size(memory_budget) if memory_budget else None,
+                     work_dtype=work_dtype, output_dtype=output_dtype, device=device,
+                     allow_missing=allow_missing, allow_nonfinite=allow_nonfinite,
+                     models_dir=models_dir, progress=progress)
+    if json_out:
+        print_json({"output": path, "bytes": os.path.getsize(path)})
+    elif not quiet:
+        typer.echo(f"wrote {path}")
+
+
+def _pairs(args: list[str]) -> dict[str, str]:
+    """``-p NAME PATH`` pairs from the arguments typer left over."""
+    fills: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        if args[i] not in ("-p", "--param"):
+            raise MechaError(f"unexpected argument '{args[i]}'; fill parameters with -p NAME PATH")
+        if i + 2 >= len(args):
+            raise MechaError("-p expects two values: -p NAME PATH")
+        fills[args[i + 1]] = args[i + 2]
+        i += 3
+    return fills
+
+
+def compose_command(
+    ctx: typer.Context,
+    template: Annotated[Path, typer.Argument(help="A .mecha recipe with parameters.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the composed .mecha recipe.")],
+) -> None:
+    """Fill a template's parameters with recipes or models and write the composed recipe.
+
+    Fill each parameter with -p NAME PATH (repeatable), where PATH is a .mecha recipe or a
+    model file.
+    """
+    from ..recipe import compose, dump_recipe, load_recipe
+
+    node = load_recipe(template)
+    fills = _pairs(list(ctx.args))
+    composed = compose(node, **fills)
+    text = dump_recipe(composed)
+    tmp = f"{output}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, output)
+    except OSError as exc:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise MechaError(f"{output}: cannot write: {exc.strerror or exc}") from None
+    typer.echo(f"wrote {output}")
+
+
+def recipe_show_command(
+    file: Annotated[Path, typer.Argument(help="A merged .safetensors file.")],
+) -> None:
+    """Print the recipe stored in a merged file's metadata."""
+    from ..engine.safetensors_io import read_header
+
+    _, metadata = read_header(file)
+    text = metadata.get("mecha_recipe")
+    if text is None:
+        raise RecipeError(f"{file}: holds no mecha recipe (it was not written by mecha)")
+    sys.stdout.write(text)

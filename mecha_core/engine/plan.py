@@ -1,0 +1,224 @@
+"""Planning a merge from headers alone: which keys come out, their shapes and dtypes, and how.
+
+Nothing but headers is read here. Every error the inputs can cause (missing files, keys that are
+not in every input, shapes that disagree, merge spaces that do not fit) is raised before the
+output file is created.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import attrs
+
+from ..errors import MergeSpaceError, PlanError, RecipeError, UnfilledParameterError
+from ..plugins import PluginHost, get_host
+from ..recipe.nodes import CallNode, LiteralNode, ModelNode, Node, ParameterNode, walk
+from ..recipe.values import WeightMap
+from ..specs import DELTA, TensorInfo
+from .safetensors_io import ITEMSIZE, is_float
+from .sources import Source, open_source, resolve_path
+
+GiB = 1024 ** 3
+
+
+@attrs.frozen
+class MergeOptions:
+    """How a merge runs. Every option has a default that suits a desktop machine."""
+
+    threads: int | None = None
+    """Worker threads; default: the number of CPU cores."""
+    memory_budget: int = 1 * GiB
+    """Bytes of tensors in flight at once (a single key larger than this runs alone)."""
+    work_dtype: str = "float32"
+    """The dtype methods compute in."""
+    output_dtype: str | None = None
+    """The dtype of float keys in the output; default: each key's dtype in the first input."""
+    device: str = "cpu"
+    """``cpu``, or ``cuda`` (``cuda:N``) when present."""
+    allow_missing: bool = False
+    """Keys missing from some inputs take the first input that has them, instead of failing."""
+    allow_nonfinite: bool = False
+    """Write NaN/Inf values instead of failing on them."""
+    models_dir: str | None = None
+    """Where relative model paths are looked up first."""
+    chunk_elements: int = 1 << 22
+    """Elements per slice when a key is evaluated in slices (element-wise recipes)."""
+
+
+@attrs.define(eq=False)
+class Step:
+    """One node of the recipe graph, compiled for evaluation."""
+
+    index: int
+    node: Node
+    inputs: list[int] = attrs.field(factory=list)
+    table: dict[str, TensorInfo] = attrs.field(factory=dict)
+    take: dict[str, int] = attrs.field(factory=dict)  # key -> input position to pass through
+    source: Source | None = None
+    space: str | None = None
+
+
+@attrs.define(eq=False)
+class Plan:
+    """Everything known before the first tensor is read."""
+
+    root: Node
+    steps: list[Step]
+    output: dict[str, TensorInfo]
+    sources: list[Source]
+    options: MergeOptions
+    host: PluginHost
+    architecture: str | None
+
+    def close(self) -> None:
+        for s in self.sources:
+            s.close()
+
+    def __enter__(self) -> "Plan":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @property
+    def input_paths(self) -> list[str]:
+        return [s.path for s in self.sources]
+
+
+def _describe(node: Node, steps_by_node: dict[Node, Step]) -> str:
+    if isinstance(node, ModelNode):
+        step = steps_by_node.get(node)
+        return os.path.basename(step.source.path) if step and step.source else node.path
+    if isinstance(node, CallNode):
+        return f"the result of {node.method.name}"
+    return repr(node)
+
+
+def _check_hyper(node: CallNode, name: str, value: Node, host: PluginHost) -> None:
+    if isinstance(value, ParameterNode):
+        raise UnfilledParameterError(f"recipe parameter '{value.name}' ({node.method.name}'s {name}) "
+                                     f"is not filled; fill it with `mecha merge -p {value.name}=VALUE` "
+                                     f"or `mecha compose`")
+    if isinstance(value, LiteralNode) and isinstance(value.value, WeightMap):
+        for m in value.value.chain():
+            arch = host.architecture(m.arch)
+            known = arch.blocks if m.kind == "blocks" else arch.classes
+            for entry, _ in m.entries:
+                if entry not in known:
+                    import difflib
+
+                    hint = difflib.get_close_matches(entry, known, n=1)
+                    raise RecipeError(f"{node.method.name}({name}=...): {m.arch} has no {m.kind[:-1]} "
+                                      f"'{entry}'" + (f"; did you mean '{hint[0]}'?" if hint else ""))
+
+
+def make_plan(root: Node, options: MergeOptions | None = None, host: PluginHost | None = None) -> Plan:
+    """Open every input's header and work out the output; raises before anything is written."""
+    options = options or MergeOptions()
+    host = host or get_host()
+    if not isinstance(root, (CallNode, ModelNode)):
+        if isinstance(root, ParameterNode):
+            raise UnfilledParameterError(f"the recipe is only the parameter '{root.name}'; fill it first")
+        raise RecipeError("a recipe to merge must be a model or a method call")
+    steps: list[Step] = []
+    by_node: dict[Node, Step] = {}
+    sources: list[Source] = []
+    try:
+        for node in walk(root):
+            if isinstance(node, LiteralNode):
+                continue
+            if isinstance(node, ParameterNode):
+                raise UnfilledParameterError(f"recipe parameter '{node.name}' is not filled; fill it "
+                                             f"with `mecha compose` (or `-p {node.name}=PATH`)")
+            step = Step(len(steps), node)
+            if isinstance(node, ModelNode):
+                path = resolve_path(node, options.models_dir)
+                step.source = open_source(node, path, host)
+                sources.append(step.source)
+                step.table = dict(step.source.keys)
+                step.space = step.source.space
+            elif isinstance(node, CallNode):
+                for name, value in node.kwargs:
+                    _check_hyper(node, name, value, host)
+                step.inputs = [by_node[a].index for a in node.args]
+                _plan_call(step, [steps[i] for i in step.inputs], options, by_node)
+            steps.append(step)
+            by_node[node] = step
+        root_step = by_node[root]
+        output = {}
+        for key, info in root_step.table.items():
+            dtype = info.dtype
+            if options.output_dtype is not None and is_float(dtype):
+                dtype = options.output_dtype
+            output[key] = TensorInfo(info.shape, dtype)
+        arch = next((s.arch for s in sources if s.arch is not None), None)
+        return Plan(root, steps, output, sources, options, host, arch)
+    except BaseException:
+        for s in sources:
+            s.close()
+        raise
+
+
+def _plan_call(step: Step, inputs: list[Step], options: MergeOptions, by_node: dict[Node, Step]) -> None:
+    node = step.node
+    assert isinstance(node, CallNode)
+    method = node.method
+    try:
+        step.space = method.result_space([s.space for s in inputs])
+    except MergeSpaceError as exc:
+        raise MergeSpaceError(str(exc) + _space_hint(node, inputs)) from None
+    dense = [i for i, s in enumerate(inputs) if s.space != DELTA]
+    union = method.accepts_missing or not dense
+    keys: dict[str, None] = {}
+    for i in (range(len(inputs)) if union else dense):
+        keys.update(dict.fromkeys(inputs[i].table))
+    missing: list[tuple[str, int]] = []
+    for key in keys:
+        having = [i for i, s in enumerate(inputs) if key in s.table]
+        first = inputs[having[0]].table[key]
+        for i in having[1:]:
+            other = inputs[i].table[key]
+            if other.shape != first.shape:
+                raise PlanError(f"key '{key}' has shape {list(first.shape)} in "
+                                f"{_describe(node.args[having[0]], by_node)} but {list(other.shape)} in "
+                                f"{_describe(node.args[i], by_node)}")
+        step.table[key] = first
+        if not is_float(first.dtype):
+            step.take[key] = having[0]  # integer buffers are copied, never averaged
+            continue
+        if not union:
+            absent = [i for i in dense if key not in inputs[i].table]
+            if absent:
+                if options.allow_missing:
+                    step.take[key] = having[0]
+                else:
+                    missing.append((key, absent[0]))
+    if not union and not options.allow_missing:
+        extra = {k for i, s in enumerate(inputs) if i not in dense for k in s.table if k not in keys}
+        if extra:
+            sample = ", ".join(f"'{k}'" for k in sorted(extra)[:3])
+            raise PlanError(f"{method.name}: a delta input has {len(extra)} key(s) the weights do not "
+                            f"have (e.g. {sample}); use --allow-missing to ignore them")
+    if missing:
+        sample = "; ".join(f"'{k}' is missing from {_describe(node.args[i], by_node)}" for k, i in missing[:3])
+        raise PlanError(f"{method.name}: {len(missing)} key(s) are not in every input ({sample}); "
+                        f"use --allow-missing (the first input that has a key wins) or fallback()")
+
+
+def _space_hint(node: CallNode, inputs: list[Step]) -> str:
+    for arg, s in zip(node.args, inputs):
+        if isinstance(arg, CallNode) and s.space is not None:
+            return f" (from {arg.method.name})"
+    return ""
+
+
+def unit_cost(plan: Plan, key: str, elements: int | None = None) -> int:
+    """Bytes a unit of work may hold at once (for the memory budget)."""
+    info = plan.output[key]
+    n = info.numel if elements is None else elements
+    leaves = sum(1 for s in plan.steps if s.source is not None and key in s.table)
+    calls = sum(1 for s in plan.steps if s.source is None and key in s.table)
+    work = ITEMSIZE.get(plan.options.work_dtype, 4)
+    return max(1, n * work * (leaves + calls + 1))

@@ -1,0 +1,353 @@
+"""Running a plan: evaluate keys (or slices of keys) in a thread pool, write them in place.
+
+The output header is written first; every unit of work then writes its bytes at an offset fixed
+by the plan, so the file's bytes never depend on the thread count or on which unit ends first.
+The file is a temporary one beside the target, renamed into place only when everything worked.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+from typing import Any, Callable
+
+import torch
+
+from ..errors import MechaError, MergeError, OutputError
+from ..method import MergeContext
+from ..recipe.nodes import CallNode, LiteralNode
+from ..recipe.values import WeightMap
+from ..specs import DELTA
+from .plan import Plan, Step, unit_cost
+from .safetensors_io import ITEMSIZE, build_header, is_float, output_order, tensor_bytes, torch_dtype
+
+
+class _Budget:
+    """A byte budget: work is admitted while the bytes in flight stay under the limit."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+        self.cond = threading.Condition()
+
+    def acquire(self, n: int, stop: threading.Event) -> bool:
+        with self.cond:
+            while self.used > 0 and self.used + n > self.limit:
+                if stop.is_set():
+                    return False
+                self.cond.wait(0.1)
+            self.used += n
+            return True
+
+    def release(self, n: int) -> None:
+        with self.cond:
+            self.used -= n
+            self.cond.notify_all()
+
+
+class Evaluator:
+    """Evaluates the recipe graph for one key (optionally one flat slice of it)."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        opts = plan.options
+        self.device = torch.device(opts.device)
+        self.work_dtype = torch_dtype(opts.work_dtype)
+        self.uses = [0] * len(plan.steps)
+        for step in plan.steps:
+            for i in step.inputs:
+                self.uses[i] += 1
+        self.arch = plan.host.architecture(plan.architecture) if plan.architecture else None
+        self._map_archs: dict[str, Any] = {}
+
+    def chunkable(self, key: str) -> bool:
+        for step in self.plan.steps:
+            if key not in step.table:
+                continue
+            if step.source is not None and not step.source.direct:
+                return False
+            if step.source is None and not step.node.method.elementwise:
+                return False
+        return True
+
+    def _hyper(self, value: Any, key: str, default: Any) -> Any:
+        if not isinstance(value, WeightMap):
+            return value
+        arch = self._map_archs.get(value.arch)
+        if arch is None:
+            arch = self._map_archs[value.arch] = self.plan.host.architecture(value.arch)
+        spec = arch.keys.get(key)
+        if spec is None:
+            return value.resolve((), None, default)
+        return value.resolve(spec.blocks, spec.klass, default)
+
+    def evaluate(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        steps = self.plan.steps
+        values: list[Any] = [None] * len(steps)
+        remaining = list(self.uses)
+        sliced = stop is not None
+
+        def leaf(step: Step) -> torch.Tensor:
+            t = step.source.read(key)
+            if sliced:
+                t = t.reshape(-1)[start:stop]
+            if is_float(step.table[key].dtype):
+                return t.to(device=self.device, dtype=self.work_dtype)
+            return t
+
+        def zeros(step: Step) -> torch.Tensor:
+            info = self.plan.output[key]
+            shape = (stop - start,) if sliced else info.shape
+            return torch.zeros(shape, dtype=self.work_dtype, device=self.device)
+
+        def ev(i: int) -> Any:
+            if values[i] is not None:
+                return values[i]
+            step = steps[i]
+            if step.source is not None:
+                out = leaf(step)
+            else:
+                node = step.node
+                assert isinstance(node, CallNode)
+                if key in step.take:
+                    out = ev(step.inputs[step.take[key]])
+                else:
+                    args = []
+                    for j in step.inputs:
+                        if key in steps[j].table:
+                            args.append(ev(j))
+                        elif node.method.accepts_missing:
+                            args.append(None)
+                        else:  # a delta that does not touch this key: zero difference
+                            args.append(zeros(steps[j]))
+                    out = self._call(node, args, key)
+                for j in step.inputs:
+                    remaining[j] -= 1
+                    if remaining[j] == 0:
+                        values[j] = None
+            values[i] = out
+            return out
+
+        result = ev(len(steps) - 1)
+        return result
+
+    def _call(self, node: CallNode, args: list[Any], key: str) -> torch.Tensor:
+        method = node.method
+        given = {name: v for name, v in node.kwargs}
+        kwargs: dict[str, Any] = {}
+        for h in method.hyperparameters:
+            value = given.get(h.name)
+            raw = value.value if isinstance(value, LiteralNode) else h.default
+            kwargs[h.name] = self._hyper(raw, key, h.default)
+        if method.wants_context:
+            kwargs["ctx"] = MergeContext(key, self.plan.output[key], self.plan.architecture, str(self.device))
+        try:
+            out = method.function(*args, **kwargs)
+        except MechaError:
+            raise
+        except Exception as exc:
+            raise MergeError(f"key '{key}': {method.name} failed: {type(exc).__name__}: {exc}") from exc
+        if not isinstance(out, torch.Tensor):
+            raise MergeError(f"key '{key}': {method.name} returned {type(out).__name__}, not a tensor")
+        return out
+
+
+class Progress:
+    """A one-line progress report on stderr: keys, bytes, rate and ETA."""
+
+    def __init__(self, total_keys: int, total_bytes: int, enabled: bool):
+        self.total_keys, self.total_bytes, self.enabled = total_keys, total_bytes, enabled
+        self.keys = self.bytes = 0
+        self.start = self.last = time.monotonic()
+        self.lock = threading.Lock()
+
+    def update(self, bytes_: int, key_done: bool) -> None:
+        with self.lock:
+            self.bytes += bytes_
+            self.keys += int(key_done)
+            now = time.monotonic()
+            if self.enabled and (now - self.last > 0.2 or self.keys == self.total_keys):
+                self.last = now
+                elapsed = max(now - self.start, 1e-6)
+                rate = self.bytes / elapsed
+                eta = (self.total_bytes - self.bytes) / rate if rate > 0 else 0
+                sys.stderr.write(f"\rmerging {self.keys}/{self.total_keys} keys, "
+                                 f"{self.bytes / 1e6:,.0f}/{self.total_bytes / 1e6:,.0f} MB, "
+                                 f"{rate / 1e6:,.0f} MB/s, ETA {eta:,.0f}s ")
+                sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def _units(plan: Plan, evaluator: Evaluator) -> list[tuple[str, int, int | None]]:
+    units = []
+    chunk = max(1, plan.options.chunk_elements)
+    for key in output_order(plan.output):
+        n = plan.output[key].numel
+        if n > chunk and is_float(plan.output[key].dtype) and evaluator.chunkable(key):
+            units.extend((key, s, min(s + chunk, n)) for s in range(0, n, chunk))
+        else:
+            units.append((key, 0, None))
+    return units
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def execute(plan: Plan, output: str | os.PathLike[str], metadata: dict[str, str], *,
+            progress: bool = False, write_hook: Callable[[str], None] | None = None) -> str:
+    """Write the merge to ``output`` atomically; returns the absolute output path.
+
+    ``write_hook`` is called with each key before it is written (tests use it to simulate faults).
+    """
+    target = os.path.abspath(os.fspath(output))
+    for path in plan.input_paths:
+        if _same_file(path, target):
+            raise OutputError(f"{output}: the output would overwrite the input {path}; choose another path")
+    folder = os.path.dirname(target)
+    if not os.path.isdir(folder):
+        raise OutputError(f"{output}: the folder {folder} does not exist")
+    if os.path.isdir(target):
+        raise OutputError(f"{output}: is a directory")
+    header, offsets = build_header(plan.output, metadata)
+    data_start = len(header)
+    total = data_start + sum(i.numel * ITEMSIZE[i.dtype] for i in plan.output.values())
+    try:
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(target) + ".", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise OutputError(f"{output}: cannot write in {folder}: {exc.strerror}") from None
+    ok = False
+    old_threads = torch.get_num_threads()
+    try:
+        try:
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fd, 0, total)
+            else:
+                os.ftruncate(fd, total)
+        except OSError as exc:
+            if exc.errno in (28,):  # ENOSPC: fail before any work is done
+                raise OutputError(f"{output}: not enough disk space for {total / 1e6:,.0f} MB") from None
+            os.ftruncate(fd, total)
+        os.pwrite(fd, header, 0)
+        # One intra-op thread per worker: results then never depend on how torch splits a
+        # reduction, so the bytes are the same for any thread count.
+        torch.set_num_threads(1)
+        _run_units(plan, fd, offsets, data_start, progress, write_hook, output)
+        os.close(fd)
+        fd = -1
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
+        os.replace(tmp, target)
+        ok = True
+        return target
+    finally:
+        torch.set_num_threads(old_threads)
+        if fd >= 0:
+            os.close(fd)
+        if not ok:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+
+
+def _run_units(plan: Plan, fd: int, offsets: dict[str, int], data_start: int, progress: bool,
+               write_hook: Callable[[str], None] | None, output: Any) -> None:
+    opts = plan.options
+    evaluator = Evaluator(plan)
+    units = _units(plan, evaluator)
+    threads = max(1, opts.threads or os.cpu_count() or 1)
+    budget = _budget = _Budget(max(1, opts.memory_budget))
+    stop = threading.Event()
+    report = Progress(len(plan.output), sum(i.numel * ITEMSIZE[i.dtype] for i in plan.output.values()), progress)
+    errors: list[tuple[int, BaseException]] = []
+    lock = threading.Lock()
+    last_unit = {}
+    for idx, (key, _, _) in enumerate(units):
+        last_unit[key] = idx
+
+    def work(idx: int, key: str, start: int, end: int | None, cost: int) -> None:
+        try:
+            if stop.is_set():
+                return
+            info = plan.output[key]
+            value = evaluator.evaluate(key, start, end)
+            if is_float(info.dtype):
+                if not opts.allow_nonfinite and not bool(torch.isfinite(value).all()):
+                    bad = int((~torch.isfinite(value)).sum())
+                    raise MergeError(f"key '{key}': {bad} NaN/Inf value(s) in the result; check the "
+                                     f"inputs, or pass --allow-nonfinite to write them anyway")
+                value = value.to(dtype=torch_dtype(info.dtype))
+            elif value.dtype != torch_dtype(info.dtype):
+                value = value.to(dtype=torch_dtype(info.dtype))
+            expected = (end - start) if end is not None else info.numel
+            if value.numel() != expected or (end is None and tuple(value.shape) != info.shape):
+                raise MergeError(f"key '{key}': {type(plan.root).__name__ if not isinstance(plan.root, CallNode) else plan.root.method.name} "
+                                 f"produced shape {list(value.shape)}, expected {list(info.shape)}")
+            data = tensor_bytes(value)
+            del value
+            if write_hook is not None:
+                write_hook(key)
+            position = data_start + offsets[key] + start * ITEMSIZE[info.dtype]
+            view = data
+            while len(view):
+                written = os.pwrite(fd, view, position)
+                view, position = view[written:], position + written
+            report.update(len(data), idx == last_unit[key])
+        except OSError as exc:
+            with lock:
+                errors.append((idx, OutputError(f"{output}: writing failed: {exc.strerror or exc}")))
+            stop.set()
+        except BaseException as exc:
+            with lock:
+                errors.append((idx, exc))
+            stop.set()
+        finally:
+            budget.release(cost)
+
+    pool = cf.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mecha")
+    try:
+        for idx, (key, start, end) in enumerate(units):
+            cost = unit_cost(plan, key, None if end is None else end - start)
+            cost = min(cost, budget.limit)
+            if stop.is_set() or not budget.acquire(cost, stop):
+                break
+            pool.submit(work, idx, key, start, end, cost)
+        pool.shutdown(wait=True)
+    except BaseException:
+        stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    finally:
+        report.close()
+    if errors:
+        errors.sort(key=lambda e: e[0])
+        raise errors[0][1]
+
+
+class TerminateAsInterrupt:
+    """Turns SIGTERM into KeyboardInterrupt while a merge runs, so cleanup happens."""
+
+    def __enter__(self) -> "TerminateAsInterrupt":
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            def handler(signum: int, frame: Any) -> None:
+                raise KeyboardInterrupt("terminated")
+
+            self.previous = signal.signal(signal.SIGTERM, handler)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)

@@ -1,0 +1,193 @@
+"""Model inputs as the engine sees them: a key table plus a way to read each key.
+
+A file is opened lazily (header only), its architecture and model type detected from key names,
+and converters applied until its values are plain weights or deltas in a canonical layout.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+import torch
+
+from ..errors import PlanError, RecipeError
+from ..plugins import PluginHost
+from ..recipe.nodes import ModelNode
+from ..specs import Architecture, ConvertedKey, Converter, TensorInfo
+from .safetensors_io import SafetensorsFile
+
+BASE_TYPES = ("base", "delta")
+
+
+class Source:
+    """One model input: its keys, where it came from, and how to read a key."""
+
+    path: str
+    arch: str | None
+    type: str
+    space: str
+    keys: Mapping[str, TensorInfo]
+    direct: bool  # keys are stored tensors (they can be read in slices)
+
+    def read(self, key: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class FileSource(Source):
+    """A safetensors file read as is (keys renamed from architecture aliases)."""
+
+    direct = True
+
+    def __init__(self, path: str, file: SafetensorsFile, arch: str | None, type_: str, space: str,
+                 renames: Mapping[str, str]):
+        self.path, self.file, self.arch, self.type, self.space = path, file, arch, type_, space
+        self._stored = {renames.get(k, k): k for k in file.keys}
+        self.keys = {renames.get(k, k): info for k, info in file.keys.items()}
+
+    def read(self, key: str) -> torch.Tensor:
+        return self.file.read(self._stored[key])
+
+    def nbytes(self, key: str) -> int:
+        return self.file.nbytes(self._stored[key])
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class ConvertedSource(Source):
+    """Another source seen through a converter (a LoRA as a delta, diffusers keys as ldm keys)."""
+
+    direct = False
+
+    def __init__(self, inner: Source, converter: Converter, plan: Mapping[str, ConvertedKey], arch: str | None,
+                 space: str):
+        self.inner, self.converter, self.plan = inner, converter, plan
+        self.path, self.arch, self.type, self.space = inner.path, arch, converter.target_type, space
+        self.keys = {k: ck.info for k, ck in plan.items()}
+
+    def read(self, key: str) -> torch.Tensor:
+        ck = self.plan[key]
+        try:
+            return ck.compute({s: self.inner.read(s) for s in ck.sources})
+        except Exception as exc:
+            raise PlanError(f"{self.path}: key '{key}': converter '{self.converter.name}' failed: {exc}") from exc
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def resolve_path(node: ModelNode, models_dir: str | None) -> str:
+    """Find the file a model node names: absolute, or under the models dir, the recipe's folder, cwd."""
+    raw = os.path.expanduser(node.path)
+    candidates = [raw] if os.path.isabs(raw) else [
+        os.path.join(d, raw) for d in (models_dir, node.base_dir, os.getcwd()) if d]
+    tried = []
+    for cand in candidates:
+        for path in (cand, cand + ".safetensors") if not os.path.splitext(cand)[1] else (cand,):
+            tried.append(path)
+            if os.path.exists(path):
+                return path
+    where = ", ".join(dict.fromkeys(os.path.dirname(t) or "." for t in tried))
+    raise PlanError(f"model file '{node.path}' not found (looked in {where}); pass --models-dir")
+
+
+def _alias_map(arch: Architecture) -> dict[str, str]:
+    return {alias: key for key, spec in arch.keys.items() for alias in spec.aliases}
+
+
+def detect_architecture(path: str, keys: frozenset[str], host: PluginHost) -> Architecture | None:
+    """The architecture whose required keys a file holds; ``None`` when none fits."""
+    scored = []
+    for arch in host.architectures.values():
+        required = arch.required_keys
+        if not required:
+            continue
+        aliases = _alias_map(arch)
+        present = {aliases.get(k, k) for k in keys}
+        score = len(required & present) / len(required)
+        if score >= arch.min_match:
+            unexpected = len(present - set(arch.keys))
+            scored.append((score, -unexpected, arch))
+    if not scored:
+        return None
+    scored.sort(key=lambda s: (s[0], s[1]), reverse=True)
+    if len(scored) > 1 and scored[0][:2] == scored[1][:2]:
+        names = ", ".join(s[2].name for s in scored if s[:2] == scored[0][:2])
+        raise PlanError(f"{path}: the architecture is ambiguous (candidates: {names}); "
+                        f"name one with model(..., arch=...)")
+    return scored[0][2]
+
+
+def detect_type(path: str, keys: frozenset[str], host: PluginHost) -> str:
+    found = [mt.name for mt in host.model_types.values() if mt.detect(keys)]
+    if len(found) > 1:
+        raise PlanError(f"{path}: the model type is ambiguous (candidates: {', '.join(found)}); "
+                        f"name one with model(..., type=...)")
+    return found[0] if found else "base"
+
+
+def _apply(source: Source, conv: Converter, host: PluginHost) -> Source | None:
+    try:
+        plan = conv.plan(source.keys)
+    except ValueError:
+        return None  # the converter does not apply to this file
+    target_arch = conv.target_arch or source.arch
+    space = host.model_types.get(conv.target_type).space if conv.target_type in host.model_types else source.space
+    return ConvertedSource(source, conv, plan, target_arch, space)
+
+
+def open_source(node: ModelNode, path: str, host: PluginHost) -> Source:
+    """Open a model file and convert it to weights or a delta in its canonical layout."""
+    file = SafetensorsFile(path)
+    try:
+        keys = frozenset(file.keys)
+        type_ = node.type or detect_type(path, keys, host)
+        if type_ not in host.model_types:
+            raise RecipeError(f"{path}: unknown model type '{type_}'")
+        arch: Architecture | None = None
+        if node.arch is not None:
+            arch = host.architecture(node.arch)
+        elif type_ in BASE_TYPES:
+            arch = detect_architecture(path, keys, host)
+        renames = _alias_map(arch) if arch is not None and type_ in BASE_TYPES else {}
+        renames = {k: v for k, v in renames.items() if k in keys and v not in keys}
+        space = host.model_types.get(type_).space
+        source: Source = FileSource(path, file, arch.name if arch else None, type_, space, renames)
+        return _convert(source, node, host)
+    except BaseException:
+        file.close()
+        raise
+
+
+def _convert(source: Source, node: ModelNode, host: PluginHost) -> Source:
+    wanted_arch = host.architecture(node.arch).name if node.arch else None
+    for _ in range(8):  # converters form short paths; a longer one is a loop between plugins
+        if source.type in BASE_TYPES:
+            # canonical layout: follow arch-changing converters that keep the type
+            step = next((c for c in host.converters.values()
+                         if c.source_arch == source.arch and source.arch is not None
+                         and c.source_type == source.type and c.target_type == source.type
+                         and c.target_arch not in (None, source.arch)), None)
+            converted = _apply(source, step, host) if step is not None else None
+            if converted is None:
+                return source
+            source = converted
+            continue
+        candidates = [c for c in host.converters.values()
+                      if c.source_type == source.type and c.source_arch in (None, source.arch, wanted_arch)
+                      and (wanted_arch is None or c.target_arch in (None, wanted_arch))]
+        converted = None
+        for conv in candidates:
+            converted = _apply(source, conv, host)
+            if converted is not None:
+                break
+        if converted is None:
+            raise PlanError(f"{source.path}: no converter turns a '{source.type}' model into weights "
+                            f"or a delta{' for ' + wanted_arch if wanted_arch else ''}; "
+                            f"is the plugin that reads it installed? (`mecha plugins list`)")
+        source = converted
+    raise PlanError(f"{source.path}: converters loop; check `mecha plugins check`")

@@ -1,0 +1,55 @@
+"""Every expected failure is a MechaError: the CLI prints its message in one line and exits 2."""
+
+from __future__ import annotations
+
+
+class MechaError(Exception):
+    """A failure the user can act on; the message says what, where and what to do."""
+
+    exit_code = 2
+
+
+class PluginError(MechaError):
+    """A plugin failed to load, or two plugins claim the same name."""
+
+
+class RecipeError(MechaError):
+    """A recipe is malformed, refers to something unknown, or cannot be typed."""
+
+    def __init__(self, message: str, *, source: str | None = None, line: int | None = None, column: int | None = None):
+        self.source = source
+        self.line = line
+        self.column = column
+        where = ""
+        if source is not None or line is not None:
+            parts = [source or "<recipe>"]
+            if line is not None:
+                parts.append(str(line))
+                if column is not None:
+                    parts.append(str(column))
+            where = ":".join(parts) + ": "
+        super().__init__(where + message)
+
+
+class MergeSpaceError(RecipeError):
+    """A method was given an input in the wrong merge space (weight, delta or param)."""
+
+
+class UnfilledParameterError(RecipeError):
+    """A recipe still holds a parameter (a named hole) where a concrete value is needed."""
+
+
+class SafetensorsError(MechaError):
+    """A safetensors file is missing, damaged or not a safetensors file at all."""
+
+
+class PlanError(MechaError):
+    """The inputs of a merge do not fit together (missing keys, shapes that disagree, ...)."""
+
+
+class MergeError(MechaError):
+    """A merge failed while running (a method raised, a value was not finite, the disk filled)."""
+
+
+class OutputError(MechaError):
+    """The output path cannot be written, or would overwrite one of the inputs."""

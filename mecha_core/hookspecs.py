@@ -1,0 +1,71 @@
+"""The hooks a mecha plugin may implement.
+
+Every hook is a *collector*: it takes no arguments and returns a list of spec objects. The core
+calls each plugin's implementation on its own, so every result and every failure is attributed to
+the plugin that produced it. Names are looked up in registries afterwards; two plugins providing
+the same name is an error that names both, raised when the name is used.
+
+Implement a hook by decorating a module-level function with :data:`mecha_core.hookimpl` in the
+module your ``mecha`` entry point names.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("mecha")
+
+
+@hookspec
+def mecha_architectures() -> list:
+    """Return the architectures (key layouts) this plugin defines.
+
+    Returns:
+        A list of :class:`mecha_core.specs.Architecture`: every key with its shape, dtype and
+        component, plus blocks and classes for block-wise and class-wise hyperparameters. Files
+        are detected as an architecture from their header's key names alone.
+
+    Example:
+        ``return [Architecture(name="sd1-ldm", keys={...}, blocks=("BASE", "IN00", ...))]``
+    """
+
+
+@hookspec
+def mecha_model_types() -> list:
+    """Return the model types (ways of storing weights other than a checkpoint) this plugin defines.
+
+    Returns:
+        A list of :class:`mecha_core.specs.ModelType`: a name, the merge space its values live in
+        once converted (``weight`` or ``delta``), and a detector over a file's key names.
+
+    Example:
+        ``return [ModelType("kohya-lora", space="delta", detect=lambda keys: ...)]``
+    """
+
+
+@hookspec
+def mecha_converters() -> list:
+    """Return the converters (typed edges between architecture/model-type pairs) this plugin defines.
+
+    Returns:
+        A list of :class:`mecha_core.specs.Converter`. The engine finds a path through converters
+        from what a file is (say, a kohya LoRA for sd1-ldm) to what a recipe needs (a delta on
+        sd1-ldm) when the merge is planned.
+
+    Example:
+        ``return [Converter("kohya-to-delta", "sd1-ldm", "kohya-lora", "sd1-ldm", "delta", plan)]``
+    """
+
+
+@hookspec
+def mecha_merge_methods() -> list:
+    """Return the merge methods this plugin defines.
+
+    Returns:
+        A list of :class:`mecha_core.method.MergeMethod`, made with the
+        :func:`mecha_core.merge_method` decorator. Each becomes callable as
+        ``mecha_core.<name>(...)`` and usable in ``.mecha`` recipes.
+
+    Example:
+        ``return [weighted_sum, add_difference]``
+    """

@@ -1,0 +1,264 @@
+"""The plugin host: finds plugins through the ``mecha`` entry-point group and isolates them.
+
+Discovery happens once per process, on first use (never at import). Each plugin is imported and
+each of its hooks called on its own: a failure marks that plugin ``error`` and the others work.
+Environment variables:
+
+- ``MECHA_LOAD_PLUGINS``: comma-separated allow list of plugin names (the entry-point names).
+- ``MECHA_DISABLE_PLUGINS``: comma-separated block list.
+- ``MECHA_STRICT_PLUGINS=1``: raise on the first plugin failure instead of skipping the plugin.
+
+A plugin module may declare ``MECHA_PLUGIN_API = <int>``; it must not be newer than
+:data:`PLUGIN_API_VERSION`. A plugin that declares nothing is accepted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import types
+from typing import Any, Iterator
+
+import attrs
+import pluggy
+
+from . import hookspecs
+from .errors import PluginError, RecipeError
+from .method import MergeMethod
+from .specs import DELTA, WEIGHT, Architecture, Converter, ModelType
+
+#: The plugin API this core implements. Plugins built for a newer API are refused.
+PLUGIN_API_VERSION = 1
+MIN_PLUGIN_API_VERSION = 1
+
+hookimpl = pluggy.HookimplMarker("mecha")
+
+#: The model types every merge knows without plugins: a plain checkpoint, and a stored difference.
+CORE_MODEL_TYPES = (
+    ModelType("base", WEIGHT, detect=lambda keys: False, description="a plain checkpoint (weights)"),
+    ModelType("delta", DELTA, detect=lambda keys: False, description="a stored difference of two checkpoints"),
+)
+
+_HOOKS = {
+    "mecha_architectures": ("architectures", Architecture),
+    "mecha_model_types": ("model_types", ModelType),
+    "mecha_converters": ("converters", Converter),
+    "mecha_merge_methods": ("merge_methods", MergeMethod),
+}
+
+
+@attrs.define
+class PluginRecord:
+    """One plugin as the host sees it."""
+
+    name: str
+    """The entry-point name (``methods``, ``sd1`` ...)."""
+    distribution: str | None
+    """The installed distribution that provides it, when known."""
+    version: str | None
+    """That distribution's version."""
+    status: str = "ok"
+    """``ok``, ``error`` or ``disabled``."""
+    error: str | None = None
+    """Why it failed, for status ``error``."""
+    provides: dict[str, list[str]] = attrs.field(factory=dict)
+    """Names it provides, by kind (``merge_methods``, ``architectures`` ...)."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+class Registry:
+    """Name -> spec, remembering every provider so duplicates can be reported when used."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._items: dict[str, list[tuple[str, Any]]] = {}
+
+    def add(self, plugin: str, name: str, item: Any) -> None:
+        self._items.setdefault(name, []).append((plugin, item))
+
+    def get(self, name: str) -> Any:
+        providers = self._items.get(name)
+        if not providers:
+            return None
+        if len(providers) > 1:
+            names = " and ".join(f"plugin '{p}'" for p, _ in providers)
+            raise PluginError(f"{self.kind} '{name}' is provided by both {names}; "
+                              f"disable one with MECHA_DISABLE_PLUGINS")
+        return providers[0][1]
+
+    def provider(self, name: str) -> str | None:
+        providers = self._items.get(name)
+        return providers[0][0] if providers else None
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def duplicates(self) -> dict[str, list[str]]:
+        return {n: [p for p, _ in ps] for n, ps in self._items.items() if len(ps) > 1}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._items
+
+    def values(self) -> list[Any]:
+        return [self.get(n) for n in self.names() if len(self._items[n]) == 1]
+
+
+def _env_list(name: str) -> set[str] | None:
+    value = os.environ.get(name)
+    if value is None:
+        return None
+    return {v.strip() for v in value.split(",") if v.strip()}
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+class PluginHost:
+    """Loads plugins and holds the registries of what they provide."""
+
+    def __init__(self, plugins: list[tuple[str, Any]] | None = None, *, autoload: bool = True,
+                 strict: bool | None = None):
+        """``plugins``: extra ``(name, module)`` pairs; ``autoload``: also discover entry points."""
+        self.strict = os.environ.get("MECHA_STRICT_PLUGINS") == "1" if strict is None else strict
+        self.records: list[PluginRecord] = []
+        self.architectures = Registry("architecture")
+        self.model_types = Registry("model type")
+        self.converters = Registry("converter")
+        self.merge_methods = Registry("merge method")
+        self._arch_aliases: dict[str, str] = {}
+        for mt in CORE_MODEL_TYPES:
+            self.model_types.add("mecha-core", mt.name, mt)
+        if autoload:
+            self._discover()
+        for name, module in plugins or []:
+            self._load(PluginRecord(name, None, None), lambda m=module: m)
+
+    # -- loading --------------------------------------------------------------------------
+    def _discover(self) -> None:
+        from importlib_metadata import entry_points
+
+        allow = _env_list("MECHA_LOAD_PLUGINS")
+        block = _env_list("MECHA_DISABLE_PLUGINS") or set()
+        for ep in sorted(entry_points(group="mecha"), key=lambda e: e.name):
+            dist = getattr(ep, "dist", None)
+            record = PluginRecord(ep.name, dist.name if dist else None, dist.version if dist else None)
+            if (allow is not None and ep.name not in allow) or ep.name in block:
+                record.status = "disabled"
+                self.records.append(record)
+                continue
+            self._load(record, ep.load)
+
+    def _fail(self, record: PluginRecord, message: str, exc: BaseException | None = None) -> None:
+        record.status, record.error, record.provides = "error", message, {}
+        if self.strict:
+            raise PluginError(f"plugin '{record.name}' failed: {message}") from exc
+
+    def _load(self, record: PluginRecord, load: Any) -> None:
+        self.records.append(record)
+        try:
+            module = load()
+        except Exception as exc:  # a broken plugin must not break the others
+            return self._fail(record, _describe(exc), exc)
+        api = getattr(module, "MECHA_PLUGIN_API", None)
+        if api is not None and not (isinstance(api, int) and MIN_PLUGIN_API_VERSION <= api <= PLUGIN_API_VERSION):
+            return self._fail(record, f"needs plugin API {api!r}; this mecha-core supports "
+                                      f"{MIN_PLUGIN_API_VERSION}..{PLUGIN_API_VERSION}")
+        pm = pluggy.PluginManager("mecha")
+        pm.add_hookspecs(hookspecs)
+        try:
+            pm.register(module, name=record.name)
+            pm.check_pending()
+        except Exception as exc:
+            return self._fail(record, _describe(exc), exc)
+        collected: list[tuple[str, str, Any]] = []
+        for hook_name, (kind, cls) in _HOOKS.items():
+            for impl in getattr(pm.hook, hook_name).get_hookimpls():
+                try:
+                    items = list(impl.function() or [])
+                except Exception as exc:
+                    return self._fail(record, f"{hook_name}() raised {_describe(exc)}", exc)
+                for item in items:
+                    if not isinstance(item, cls):
+                        return self._fail(record, f"{hook_name}() returned {type(item).__name__}, "
+                                                  f"expected {cls.__name__}")
+                    collected.append((kind, item.name, item))
+        for kind, name, item in collected:
+            getattr(self, kind).add(record.name, name, item)
+            record.provides.setdefault(kind, []).append(name)
+            if kind == "architectures":
+                for alias in item.aliases:
+                    self._arch_aliases[alias] = item.name
+
+    # -- lookups --------------------------------------------------------------------------
+    def method(self, name: str) -> MergeMethod:
+        found = self.merge_methods.get(name)
+        if found is None:
+            import difflib
+
+            hint = difflib.get_close_matches(name, self.merge_methods.names(), n=1)
+            suffix = f"; did you mean '{hint[0]}'?" if hint else "; `mecha methods` lists them"
+            raise RecipeError(f"unknown merge method '{name}'{suffix}")
+        return found
+
+    def architecture(self, name: str) -> Architecture:
+        found = self.architectures.get(self._arch_aliases.get(name, name))
+        if found is None:
+            import difflib
+
+            hint = difflib.get_close_matches(name, self.architectures.names(), n=1)
+            suffix = f"; did you mean '{hint[0]}'?" if hint else "; `mecha info` lists them"
+            raise RecipeError(f"unknown architecture '{name}'{suffix}")
+        return found
+
+    def problems(self) -> list[str]:
+        out = [f"plugin '{r.name}': {r.error}" for r in self.records if r.status == "error"]
+        for reg in (self.architectures, self.model_types, self.converters, self.merge_methods):
+            for name, providers in reg.duplicates().items():
+                out.append(f"{reg.kind} '{name}' is provided by " + " and ".join(providers))
+        return out
+
+
+_lock = threading.Lock()
+_host: PluginHost | None = None
+
+
+def get_host() -> PluginHost:
+    """The process-wide host, discovering plugins on first use."""
+    global _host
+    with _lock:
+        if _host is None:
+            _host = PluginHost()
+        return _host
+
+
+@contextlib.contextmanager
+def use_host(host: PluginHost) -> Iterator[PluginHost]:
+    """Temporarily make ``host`` the process-wide host (tests, embedding applications)."""
+    global _host
+    with _lock:
+        previous, _host = _host, host
+    try:
+        yield host
+    finally:
+        with _lock:
+            _host = previous
+
+
+def reset_host() -> None:
+    """Forget the discovered plugins; the next use discovers them again."""
+    global _host
+    with _lock:
+        _host = None
+
+
+def plugin_from_functions(name: str, **hooks: Any) -> types.SimpleNamespace:
+    """A plugin object from plain functions: ``plugin_from_functions('x', mecha_merge_methods=f)``."""
+    ns = types.SimpleNamespace()
+    for hook, fn in hooks.items():
+        setattr(ns, hook, hookimpl(fn))
+    ns.__name__ = name
+    return ns

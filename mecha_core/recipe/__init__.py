@@ -1,0 +1,75 @@
+"""Recipes: the graph (nodes), hyperparameter maps (values), the .mecha text format, compose."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ..errors import RecipeError
+from .format import HEADER, dump, load_v1
+from .nodes import CallNode, LiteralNode, ModelNode, Node, ParameterNode, parameters, substitute, walk
+from .values import WeightMap, blocks, classes
+
+
+def dump_recipe(recipe: Node) -> str:
+    """The recipe as ``.mecha`` text (version 1)."""
+    return dump(recipe)
+
+
+def _looks_like_text(value: str) -> bool:
+    return "\n" in value or value.lstrip().startswith(("mecha ", "version ", "#"))
+
+
+def load_recipe(text_or_path: str | os.PathLike[str], *, host: Any = None) -> Node:
+    """A recipe from ``.mecha`` text or a file path (mecha v1, or either sd-mecha generation)."""
+    source, base_dir = "<recipe>", None
+    if isinstance(text_or_path, os.PathLike) or not _looks_like_text(text_or_path):
+        path = os.fspath(text_or_path)
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except FileNotFoundError:
+            raise RecipeError(f"{path}: no such recipe file") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise RecipeError(f"{path}: cannot read the recipe: {exc}") from None
+        source, base_dir = path, os.path.dirname(os.path.abspath(path))
+    else:
+        text = text_or_path
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")), "")
+    if first.startswith("version ") or first.startswith(("model \"", "merge \"", "parameter \"", "dict", "lora \"", "call \"")):
+        from .sdmecha import load_sd_mecha
+
+        return load_sd_mecha(text, source=source, base_dir=base_dir, host=host)
+    return load_v1(text, source=source, base_dir=base_dir, host=host)
+
+
+def _as_fill(value: Any, base_dir: str | None = None) -> Node:
+    if isinstance(value, Node):
+        return value
+    path = os.fspath(value)
+    if path.endswith(".mecha"):
+        return load_recipe(path)
+    return ModelNode(path, base_dir=base_dir)
+
+
+def compose(template: Node | str | os.PathLike[str], **fills: Any) -> Node:
+    """Fill a template's parameters by name with recipes, model nodes or paths (.mecha or models)."""
+    if not isinstance(template, Node):
+        template = load_recipe(template)
+    known = {p.name for p in parameters(template)}
+    unknown = set(fills) - known
+    if unknown:
+        import difflib
+
+        name = sorted(unknown)[0]
+        hint = difflib.get_close_matches(name, sorted(known), n=1)
+        raise RecipeError(f"the template has no parameter '{name}'" +
+                          (f"; did you mean '{hint[0]}'?" if hint else
+                           f"; its parameters are {', '.join(sorted(known)) or 'none'}"))
+    return substitute(template, {k: _as_fill(v) for k, v in fills.items()})
+
+
+__all__ = [
+    "CallNode", "LiteralNode", "ModelNode", "Node", "ParameterNode", "WeightMap", "blocks", "classes",
+    "compose", "dump_recipe", "load_recipe", "parameters", "substitute", "walk", "HEADER",
+]

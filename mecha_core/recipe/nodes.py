@@ -1,0 +1,215 @@
+"""Recipe graph nodes. A recipe is a DAG of these; building one never touches the disk."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any, Iterator
+
+import attrs
+
+from ..errors import RecipeError
+from ..specs import DELTA, MERGE_SPACES, WEIGHT
+from .values import WeightMap
+
+if TYPE_CHECKING:
+    from ..method import MergeMethod
+
+_SCALARS = (bool, int, float, str, type(None))
+
+
+class Node:
+    """Base of every recipe node. Arithmetic builds method calls (see docs/recipe-format.md)."""
+
+    def _method(self, name: str) -> "MergeMethod":
+        from ..plugins import get_host
+
+        return get_host().method(name)
+
+    def __sub__(self, other: Any) -> "CallNode":
+        """``a - b`` is ``subtract(a, b)``: the delta from b to a."""
+        return self._method("subtract")(self, other)
+
+    def __add__(self, other: Any) -> "CallNode":
+        """``a + b`` is ``add(a, b)``: a delta added to weights (or two deltas summed)."""
+        return self._method("add")(self, other)
+
+    def __mul__(self, alpha: Any) -> "CallNode":
+        """``a * 0.5`` is ``scale(a, alpha=0.5)``."""
+        return self._method("scale")(self, alpha=alpha)
+
+    __rmul__ = __mul__
+
+    def __or__(self, other: Any) -> "CallNode":
+        """``a | b`` is ``fallback(a, b)``: a's value where a has the key, else b's."""
+        return self._method("fallback")(self, other)
+
+    @property
+    def space(self) -> str | None:
+        """The node's merge space when known without reading files, else ``None``."""
+        return None
+
+
+@attrs.frozen(eq=True)
+class ModelNode(Node):
+    """A model file input. Its keys and merge space are read when the merge is planned."""
+
+    path: str
+    """As written: absolute, or relative to the models directory / the recipe's folder."""
+    arch: str | None = None
+    """The architecture, when given; else detected from the header."""
+    type: str | None = None
+    """The model type (``base``, ``delta``, a LoRA type ...), when given; else detected."""
+    base_dir: str | None = attrs.field(default=None, eq=False, repr=False)
+    """The folder of the recipe file this came from (relative paths are also looked up there)."""
+
+    @property
+    def space(self) -> str | None:
+        if self.type == "base":
+            return WEIGHT
+        if self.type == "delta":
+            return DELTA
+        if self.type is not None:
+            from ..plugins import get_host
+
+            mt = get_host().model_types.get(self.type)
+            return mt.space if mt is not None else None
+        return None
+
+
+@attrs.frozen(eq=True)
+class LiteralNode(Node):
+    """A hyperparameter value: a scalar, a string, or a block/class map."""
+
+    value: bool | int | float | str | None | WeightMap
+    """The value."""
+
+
+@attrs.frozen(eq=True)
+class ParameterNode(Node):
+    """A named hole in a template, filled by ``compose`` (or ``mecha merge -p``)."""
+
+    name: str
+    """The parameter's name."""
+    space: str | None = None  # type: ignore[assignment]
+    """The merge space a fill must be in, when declared."""
+
+
+@attrs.frozen(eq=True)
+class CallNode(Node):
+    """A merge method applied to inputs, with hyperparameters."""
+
+    method: "MergeMethod"
+    """The method (compared by name)."""
+    args: tuple[Node, ...]
+    """Input nodes, in order."""
+    kwargs: tuple[tuple[str, Node], ...]
+    """Hyperparameters given explicitly, sorted by name (each a literal or a parameter)."""
+
+    @property
+    def space(self) -> str | None:
+        return self.method.result_space([a.space for a in self.args])
+
+
+def _as_input(value: Any, method: "MergeMethod", position: int) -> Node:
+    if isinstance(value, Node) and not isinstance(value, LiteralNode):
+        return value
+    if isinstance(value, (str, os.PathLike)):
+        return ModelNode(os.fspath(value))
+    raise RecipeError(f"{method.name}: input {position + 1} must be a model or a recipe, got {value!r}")
+
+
+def as_literal(value: Any, *, where: str = "") -> Node:
+    """Wrap a hyperparameter value as a node (scalars, strings, block maps, parameters)."""
+    if isinstance(value, (LiteralNode, ParameterNode)):
+        return value
+    if isinstance(value, float) and value != value:
+        raise RecipeError(f"{where}NaN is not a valid hyperparameter value")
+    if isinstance(value, _SCALARS) or isinstance(value, WeightMap):
+        return LiteralNode(value)
+    raise RecipeError(f"{where}hyperparameter must be a number, string, bool or block map, got {value!r}")
+
+
+def call(method: "MergeMethod", args: tuple[Any, ...], kwargs: dict[str, Any]) -> CallNode:
+    """Build a CallNode, checking arity, keyword names and known merge spaces."""
+    method.bind(len(args), list(kwargs))
+    inputs = tuple(_as_input(a, method, i) for i, a in enumerate(args))
+    hypers = tuple(sorted((k, as_literal(v, where=f"{method.name}({k}=...): ")) for k, v in kwargs.items()))
+    node = CallNode(method, inputs, hypers)
+    node.space  # raises MergeSpaceError on known spaces that do not fit
+    return node
+
+
+def model(path: str | os.PathLike[str], arch: str | None = None, type: str | None = None) -> ModelNode:
+    """A model input. Nothing is read until the merge is planned."""
+    return ModelNode(os.fspath(path), arch, type)
+
+
+def literal(value: Any) -> Node:
+    """A literal hyperparameter value."""
+    return as_literal(value)
+
+
+def parameter(name: str, space: str | None = None) -> ParameterNode:
+    """A named hole in a template recipe; ``space`` optionally constrains what may fill it."""
+    if space is not None and space not in MERGE_SPACES:
+        raise RecipeError(f"unknown merge space {space!r}; use one of {', '.join(MERGE_SPACES)}")
+    return ParameterNode(name, space)
+
+
+def walk(root: Node) -> Iterator[Node]:
+    """Every node reachable from ``root``, each once, inputs before the nodes that use them."""
+    seen: set[int] = set()
+    order: list[Node] = []
+    stack: list[tuple[Node, bool]] = [(root, False)]
+    while stack:
+        node, expanded = stack.pop()
+        if expanded:
+            if id(node) not in seen:
+                seen.add(id(node))
+                order.append(node)
+            continue
+        if id(node) in seen:
+            continue
+        stack.append((node, True))
+        if isinstance(node, CallNode):
+            children = [*node.args, *(v for _, v in node.kwargs)]
+            for child in reversed(children):
+                if id(child) not in seen:
+                    stack.append((child, False))
+    # deduplicate equal nodes (structurally identical sub-recipes are one node)
+    unique: dict[Node, None] = {}
+    for node in order:
+        unique.setdefault(node, None)
+    return iter(unique)
+
+
+def parameters(root: Node) -> list[ParameterNode]:
+    """The parameters (unfilled holes) of a recipe, in order of first appearance."""
+    return [n for n in walk(root) if isinstance(n, ParameterNode)]
+
+
+def substitute(root: Node, fills: dict[str, Node]) -> Node:
+    """A copy of ``root`` with parameters replaced by ``fills`` (unknown names stay holes)."""
+    memo: dict[Node, Node] = {}
+
+    def visit(node: Node) -> Node:
+        if node in memo:
+            return memo[node]
+        if isinstance(node, ParameterNode) and node.name in fills:
+            out = fills[node.name]
+            if node.space is not None and out.space is not None and out.space != node.space:
+                from ..errors import MergeSpaceError
+
+                raise MergeSpaceError(
+                    f"parameter '{node.name}' expects {node.space} space; the fill is {out.space}")
+        elif isinstance(node, CallNode):
+            args = tuple(visit(a) for a in node.args)
+            kwargs = tuple((k, visit(v)) for k, v in node.kwargs)
+            out = CallNode(node.method, args, kwargs)
+            out.space
+        else:
+            out = node
+        memo[node] = out
+        return out
+
+    return visit(root)

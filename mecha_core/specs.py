@@ -1,0 +1,160 @@
+"""Value objects that plugins return from their hooks.
+
+Every object here is an ``attrs`` frozen class: plugins build them, the core reads them and never
+mutates them. Merge methods are built with :func:`mecha_core.merge_method` rather than by hand.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import attrs
+
+#: Merge spaces. A checkpoint's weights live in ``weight`` space, the difference of two checkpoints
+#: (and a LoRA) in ``delta`` space, hyperparameter-like tensors in ``param`` space.
+WEIGHT = "weight"
+DELTA = "delta"
+PARAM = "param"
+MERGE_SPACES = (WEIGHT, DELTA, PARAM)
+
+
+@attrs.frozen
+class TensorInfo:
+    """What a safetensors header says about one tensor, before any data is read."""
+
+    shape: tuple[int, ...]
+    """The tensor's shape."""
+    dtype: str
+    """The torch dtype name, e.g. ``float16`` (not the safetensors code ``F16``)."""
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@attrs.frozen
+class KeySpec:
+    """One tensor of an architecture's layout."""
+
+    shape: tuple[int, ...]
+    """The expected shape."""
+    dtype: str
+    """The dtype a typical release stores (a hint, not a requirement)."""
+    component: str
+    """The component the key belongs to (``clip_l``, ``vae``, ``diffuser``, ...)."""
+    optional: bool = False
+    """A valid checkpoint may omit this key (EMA copies, scheduler buffers, position ids)."""
+    aliases: tuple[str, ...] = ()
+    """Older spellings of the same tensor, accepted in inputs and renamed to the key."""
+    blocks: tuple[str, ...] = ()
+    """The blocks (for block-wise hyperparameters) the key belongs to; empty when none."""
+    klass: str | None = None
+    """The key's class (layer type, e.g. ``attn1_to_k``) for class-wise hyperparameters."""
+
+
+@attrs.frozen
+class Architecture:
+    """A named key layout (``sd1-ldm``, ``sdxl-sgm``, ...) with its components, blocks and classes."""
+
+    name: str
+    """The architecture's unique name, used in recipes (``model("x", arch="sd1-ldm")``)."""
+    keys: Mapping[str, KeySpec] = attrs.field(repr=False)
+    """Every key of the layout, in the order a checkpoint stores them."""
+    blocks: tuple[str, ...] = ()
+    """Block names, in order, for block-wise hyperparameters."""
+    classes: tuple[str, ...] = ()
+    """Class names (layer types) for class-wise hyperparameters."""
+    description: str = ""
+    """One line shown by ``mecha info``."""
+    aliases: tuple[str, ...] = ()
+    """Other names recipes may use for this architecture (sd-mecha's ``sd1`` for ``sd1-ldm``)."""
+    component_aliases: Mapping[str, str] = attrs.field(factory=dict)
+    """Other names for components (sd-mecha's ``txt`` for ``clip_l``)."""
+    min_match: float = 0.9
+    """Fraction of the required keys a file must hold to be detected as this architecture."""
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        seen: dict[str, None] = {}
+        for spec in self.keys.values():
+            seen.setdefault(spec.component, None)
+        return tuple(seen)
+
+    @property
+    def required_keys(self) -> frozenset[str]:
+        return frozenset(k for k, s in self.keys.items() if not s.optional)
+
+
+@attrs.frozen
+class ModelType:
+    """A way of storing weights other than a plain checkpoint (a LoRA, a LoKr, ...)."""
+
+    name: str
+    """The type's unique name (``base`` is the plain checkpoint, built in)."""
+    space: str
+    """The merge space its converted values live in: ``weight`` or ``delta``."""
+    detect: Callable[[frozenset[str]], bool] = attrs.field(repr=False)
+    """Given a file's key names, whether the file is of this type."""
+    description: str = ""
+    """One line shown by ``mecha plugins list -v``."""
+
+
+@attrs.frozen
+class ConvertedKey:
+    """How a converter computes one output key from keys of its input."""
+
+    info: TensorInfo
+    """Shape and dtype of the converted tensor."""
+    sources: tuple[str, ...]
+    """The input keys the computation reads."""
+    compute: Callable[[Mapping[str, Any]], Any] = attrs.field(repr=False)
+    """Called with ``{source_key: tensor}``; returns the converted tensor."""
+
+
+@attrs.frozen
+class Converter:
+    """A typed edge from one (architecture, model type) to another, e.g. kohya LoRA -> delta."""
+
+    name: str
+    """The converter's unique name."""
+    source_arch: str | None
+    """The architecture the input is in (``None``: any)."""
+    source_type: str
+    """The model type of the input."""
+    target_arch: str | None
+    """The architecture the output is in (``None``: the same as the input)."""
+    target_type: str
+    """The model type of the output (``base`` for weights, ``delta`` for differences)."""
+    plan: Callable[[Mapping[str, TensorInfo]], Mapping[str, ConvertedKey]] = attrs.field(repr=False)
+    """Given the input header, the output keys and how to compute each."""
+    description: str = ""
+    """One line shown by ``mecha plugins list -v``."""
+
+
+@attrs.frozen
+class Hyperparameter:
+    """A keyword parameter of a merge method, with its documented default."""
+
+    name: str
+    """The keyword name."""
+    default: Any
+    """The value used when a recipe does not give one."""
+    kind: type | None = None
+    """``float``, ``int``, ``bool`` or ``str`` when annotated; ``None`` accepts any scalar."""
+
+
+@attrs.frozen
+class MethodInput:
+    """A positional (tensor) parameter of a merge method."""
+
+    name: str
+    """The parameter name."""
+    space: str | None = None
+    """The merge space it must be in; ``None`` means 'the same as the method's other generic inputs'."""
+    optional: bool = False
+    """The parameter has a ``None`` default and may be left out."""
+    variadic: bool = False
+    """The parameter is ``*models``: any number of inputs."""

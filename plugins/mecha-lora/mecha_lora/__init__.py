@@ -1,0 +1,1 @@
+"""mecha-lora plugin."""

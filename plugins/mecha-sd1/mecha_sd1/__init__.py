@@ -1,0 +1,1 @@
+"""mecha-sd1 plugin."""

@@ -1,0 +1,1 @@
+"""mecha-sd3 plugin."""

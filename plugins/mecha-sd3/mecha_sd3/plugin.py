@@ -1,0 +1,3 @@
+"""Entry point of the mecha-sd3 plugin: only hook implementations live here."""
+
+MECHA_PLUGIN_API = 1
