@@ -46,6 +46,8 @@ def format_value(value: Any) -> str:
         return text
     if isinstance(value, str):
         return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, tuple):
+        return "[" + ", ".join(format_value(v) for v in value) + "]"
     if isinstance(value, WeightMap):
         parts = []
         for m in value.chain():
@@ -128,7 +130,7 @@ _TOKEN = re.compile(r"""
   | (?P<number>-?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?|-?inf\b)
   | (?P<name>[A-Za-z_][A-Za-z0-9_]*)
   | (?P<string>"(?:[^"\\]|\\.)*")
-  | (?P<op>[(),=|])
+  | (?P<op>[(),=|\[\]])
 """, re.VERBOSE)
 
 
@@ -213,6 +215,19 @@ class _Parser:
         tok = self.next()
         if tok.kind in ("number", "string"):
             return tok.value
+        if tok.kind == "op" and tok.text == "[":
+            items: list[Any] = []
+            while not (self.peek().kind == "op" and self.peek().text == "]"):
+                item = self.next()
+                if item.kind != "number":
+                    raise self.fail(f"a list holds numbers, found {item.text or 'end of line'!r}", item)
+                items.append(item.value)
+                if self.peek().kind == "op" and self.peek().text == ",":
+                    self.next()
+                elif not (self.peek().kind == "op" and self.peek().text == "]"):
+                    raise self.fail("expected ',' or ']'", self.peek())
+            self.next()
+            return tuple(items)
         if tok.kind == "name":
             if tok.text in ("true", "false", "null"):
                 return {"true": True, "false": False, "null": None}[tok.text]

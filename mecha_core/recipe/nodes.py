@@ -80,8 +80,8 @@ class ModelNode(Node):
 class LiteralNode(Node):
     """A hyperparameter value: a scalar, a string, or a block/class map."""
 
-    value: bool | int | float | str | None | WeightMap
-    """The value."""
+    value: bool | int | float | str | None | WeightMap | tuple
+    """The value (a tuple holds numbers, e.g. per-input weights)."""
 
 
 @attrs.frozen(eq=True)
@@ -126,6 +126,9 @@ def as_literal(value: Any, *, where: str = "") -> Node:
         raise RecipeError(f"{where}NaN is not a valid hyperparameter value")
     if isinstance(value, _SCALARS) or isinstance(value, WeightMap):
         return LiteralNode(value)
+    if isinstance(value, (list, tuple)) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        return LiteralNode(tuple(value))  # per-input weights, e.g. multislerp(weights=[...])
     raise RecipeError(f"{where}hyperparameter must be a number, string, bool or block map, got {value!r}")
 
 
