@@ -11,6 +11,7 @@ import json
 import math
 import mmap
 import os
+import stat
 import struct
 import warnings
 from typing import Any, Mapping
@@ -32,6 +33,8 @@ CODES = {name: code for code, (name, _) in DTYPES.items()}
 ITEMSIZE = {name: size for name, size in DTYPES.values()}
 FLOAT_DTYPES = frozenset({"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"})
 MAX_HEADER = 100 * 1024 * 1024
+#: the largest dimension torch can allocate (int64 sizes)
+MAX_DIM = (1 << 63) - 1
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 
 
@@ -58,47 +61,97 @@ def _bad(path: str, why: str) -> SafetensorsError:
     return SafetensorsError(f"{path}: {why}")
 
 
+def _short(value: Any, limit: int = 60) -> str:
+    """A header value for an error message, cut so that a hostile header cannot flood the terminal."""
+    try:
+        text = repr(value)
+    except ValueError:  # an integer too long to print
+        return "<a number too large to print>"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _name(key: str) -> str:
+    """A key as it appears in messages: quoted, and escaped and cut when it is not a plain name."""
+    if key.isprintable() and len(key) <= 200:
+        return f"'{key}'"
+    return _short(key, 200)
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
 def _parse_header(path: str, raw: bytes, data_size: int) -> tuple[dict[str, _Entry], dict[str, str]]:
     try:
-        header = json.loads(raw)
+        header = json.loads(raw, object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as exc:
+        # json would keep the last entry silently; the first one's bytes would then be unexplained
+        raise _bad(path, f"damaged safetensors header (key {_name(exc.args[0])} appears twice)") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _bad(path, f"damaged safetensors header (not JSON: {exc})") from None
+    except (ValueError, RecursionError) as exc:  # absurd numbers or nesting: not a real header
+        raise _bad(path, f"damaged safetensors header (unreadable JSON: {type(exc).__name__})") from None
     if not isinstance(header, dict):
         raise _bad(path, f"damaged safetensors header (a JSON {type(header).__name__}, not an object)")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise _bad(path, "damaged safetensors header (__metadata__ must map strings to strings)")
     entries: dict[str, _Entry] = {}
     for key, value in header.items():
         if not isinstance(value, dict):
-            raise _bad(path, f"key '{key}': header entry is not an object")
+            raise _bad(path, f"key {_name(key)}: header entry is not an object")
         code, shape, offsets = value.get("dtype"), value.get("shape"), value.get("data_offsets")
-        if code not in DTYPES:
-            raise _bad(path, f"key '{key}': unknown dtype {code!r}")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-            raise _bad(path, f"key '{key}': invalid shape {shape!r}")
+        if not isinstance(code, str) or code not in DTYPES:
+            raise _bad(path, f"key {_name(key)}: unknown dtype {_short(code)}")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool)
+                                                  and 0 <= d <= MAX_DIM for d in shape):
+            raise _bad(path, f"key {_name(key)}: invalid shape {_short(shape)}")
         if (not isinstance(offsets, list) or len(offsets) != 2
                 or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
-            raise _bad(path, f"key '{key}': invalid data_offsets {offsets!r}")
+            raise _bad(path, f"key {_name(key)}: invalid data_offsets {_short(offsets)}")
         begin, end = offsets
         if not 0 <= begin <= end <= data_size:
-            raise _bad(path, f"key '{key}': data_offsets {offsets} outside the data area "
+            raise _bad(path, f"key {_name(key)}: data_offsets {_short(offsets)} outside the data area "
                              f"({data_size} bytes; is the file truncated?)")
         name, size = DTYPES[code]
         expected = math.prod(shape) * size
         if end - begin != expected:
-            raise _bad(path, f"key '{key}': shape {shape} of {code} needs {expected} bytes, "
-                             f"data_offsets give {end - begin}")
+            raise _bad(path, f"key {_name(key)}: shape {_short(shape)} of {code} needs "
+                             f"{_short(expected)} bytes, data_offsets give {_short(end - begin)}")
         entries[key] = _Entry(TensorInfo(tuple(shape), name), begin, end)
     position = 0
     for key, entry in sorted(entries.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
         if entry.begin != position:
             what = "overlaps the previous tensor" if entry.begin < position else "leaves a hole before it"
-            raise _bad(path, f"key '{key}': data_offsets {[entry.begin, entry.end]} {what}")
+            raise _bad(path, f"key {_name(key)}: data_offsets {[entry.begin, entry.end]} {what}")
         position = entry.end
     if position != data_size:
         raise _bad(path, f"{data_size - position} bytes after the last tensor; the file is damaged")
     return entries, metadata
+
+
+def _not_safetensors(first: bytes, n: int, size: int) -> str:
+    """Why a file whose header length does not fit is not safetensors (checked only then, since
+    a valid header length may happen to start with the same bytes as a zip or a pickle)."""
+    if first[:4] == b"PK\x03\x04":
+        return ("is a zip file (a torch.save checkpoint?), not safetensors; pickle checkpoints are "
+                "not loaded (unpickling can run code): convert it to .safetensors first")
+    if first[0] == 0x80 and 2 <= first[1] <= 5:
+        return ("is a pickle checkpoint, not safetensors; pickles are not loaded (unpickling can "
+                "run code): convert it to .safetensors first")
+    if all(32 <= b < 127 or b in b"\t\r\n" for b in first):
+        return f"not a safetensors file (it starts with text: {first.decode('ascii')!r})"
+    return f"not a safetensors file (header length {n} exceeds the file's {size} bytes)"
 
 
 class SafetensorsFile:
@@ -113,8 +166,11 @@ class SafetensorsFile:
                           "to .safetensors first, e.g. with safetensors.torch.save_file on a "
                           "torch.load(..., weights_only=True) state dict")
         try:
-            if os.path.isdir(p):
+            st = os.stat(p)
+            if stat.S_ISDIR(st.st_mode):
                 raise _bad(p, "is a directory, not a safetensors file")
+            if not stat.S_ISREG(st.st_mode):  # a FIFO or a device would block or never end
+                raise _bad(p, "is not a regular file")
             fd = os.open(p, os.O_RDONLY)
         except FileNotFoundError:
             raise _bad(p, "no such file") from None
@@ -122,18 +178,20 @@ class SafetensorsFile:
             raise _bad(p, "permission denied") from None
         except IsADirectoryError:
             raise _bad(p, "is a directory, not a safetensors file") from None
+        except OSError as exc:
+            raise _bad(p, f"cannot open: {exc.strerror or exc}") from None
+        except ValueError:  # a NUL byte in the path
+            raise _bad(_short(p), "not a valid file name") from None
         try:
             size = os.fstat(fd).st_size
             if size < 8:
                 raise _bad(p, f"not a safetensors file ({size} bytes; too short for a header)")
             first = os.pread(fd, 8, 0)
-            if first[:2] == b"PK":
-                raise _bad(p, "is a zip (pickle) checkpoint, not safetensors; convert it to "
-                              ".safetensors first")
             (n,) = struct.unpack("<Q", first)
-            if n > min(MAX_HEADER, size - 8):
-                raise _bad(p, f"not a safetensors file (header length {n} exceeds the file's "
-                              f"{size} bytes)" if n > size - 8 else f"header of {n} bytes is too large")
+            if n > size - 8:
+                raise _bad(p, _not_safetensors(first, n, size))
+            if n > MAX_HEADER:
+                raise _bad(p, f"header of {n} bytes is too large (at most {MAX_HEADER})")
             raw = os.pread(fd, n, 8)
             self.data_start = 8 + n
             self._entries, self.metadata = _parse_header(p, raw, size - self.data_start)
