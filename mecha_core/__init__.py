@@ -16,7 +16,7 @@ from typing import Any
 from .api import merge
 from .errors import MechaError
 from .method import MergeContext, MergeMethod, merge_method
-from .plugins import PLUGIN_API_VERSION, get_host, hookimpl
+from .plugins import PLUGIN_API_VERSION, discovering, get_host, hookimpl
 from .recipe import blocks, classes, compose, dump_recipe, load_recipe
 from .recipe.nodes import literal, model, parameter
 from .specs import DELTA, PARAM, WEIGHT
@@ -32,6 +32,10 @@ def __getattr__(name: str) -> Any:
     """``mecha_core.<method>``: any registered merge method, looked up on first use."""
     if name.startswith("__"):
         raise AttributeError(name)
+    if discovering():
+        # a plugin being imported asked for a name mecha_core lacks: let it fail as an ImportError
+        raise AttributeError(f"module 'mecha_core' has no attribute '{name}' (merge methods cannot "
+                             f"be looked up while plugins are being loaded)")
     host = get_host()
     if name in host.merge_methods:
         return host.method(name)

@@ -169,8 +169,9 @@ def _build(fn: Callable[..., Any], *, name: str | None, spaces: Any, returns: st
            accepts_missing: bool, check_spaces: Any, formula: str, elementwise: bool) -> MergeMethod:
     sig = inspect.signature(fn)
     hints = _resolve_hints(fn)
-    if isinstance(spaces, str):
-        spaces = {p: spaces for p in sig.parameters}
+    if isinstance(spaces, str):  # one space for every input (not for hyperparameters or ctx)
+        spaces = {p.name: spaces for p in sig.parameters.values()
+                  if p.name != "ctx" and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)}
     spaces = dict(spaces or {})
     for space in [*spaces.values(), returns]:
         if space is not None and space not in MERGE_SPACES:
@@ -181,6 +182,8 @@ def _build(fn: Callable[..., Any], *, name: str | None, spaces: Any, returns: st
     method_name = name or fn.__name__
     for p in sig.parameters.values():
         if p.name == "ctx":
+            if p.kind != p.KEYWORD_ONLY:  # the engine passes it by keyword, after the tensors
+                raise TypeError(f"{method_name}: make 'ctx' keyword-only (after *)")
             wants_context = True
             continue
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):

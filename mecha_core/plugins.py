@@ -4,9 +4,11 @@ Discovery happens once per process, on first use (never at import). Each plugin 
 each of its hooks called on its own: a failure marks that plugin ``error`` and the others work.
 Environment variables:
 
-- ``MECHA_LOAD_PLUGINS``: comma-separated allow list of plugin names (the entry-point names).
-- ``MECHA_DISABLE_PLUGINS``: comma-separated block list.
-- ``MECHA_STRICT_PLUGINS=1``: raise on the first plugin failure instead of skipping the plugin.
+- ``MECHA_LOAD_PLUGINS``: comma-separated allow list of plugin names (the entry-point names);
+  the others are listed with status ``disabled``.
+- ``MECHA_DISABLE_PLUGINS``: comma-separated block list (status ``disabled``).
+- ``MECHA_STRICT_PLUGINS=1``: raise :class:`PluginError` on the first plugin problem (a failed
+  import, a raising hook, two plugins claiming one name) instead of recording it and going on.
 
 A plugin module may declare ``MECHA_PLUGIN_API = <int>``; it must not be newer than
 :data:`PLUGIN_API_VERSION`. A plugin that declares nothing is accepted.
@@ -58,6 +60,8 @@ class PluginRecord:
     """The installed distribution that provides it, when known."""
     version: str | None
     """That distribution's version."""
+    module: str | None = None
+    """The module holding its hook implementations (the entry point's value)."""
     status: str = "ok"
     """``ok``, ``error`` or ``disabled``."""
     error: str | None = None
@@ -117,12 +121,23 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _api_range() -> str:
+    if MIN_PLUGIN_API_VERSION == PLUGIN_API_VERSION:
+        return str(PLUGIN_API_VERSION)
+    return f"{MIN_PLUGIN_API_VERSION} to {PLUGIN_API_VERSION}"
+
+
 class PluginHost:
     """Loads plugins and holds the registries of what they provide."""
 
-    def __init__(self, plugins: list[tuple[str, Any]] | None = None, *, autoload: bool = True,
+    def __init__(self, plugins: list[tuple[Any, ...]] | None = None, *, autoload: bool = True,
                  strict: bool | None = None):
-        """``plugins``: extra ``(name, module)`` pairs; ``autoload``: also discover entry points."""
+        """Load plugins now.
+
+        ``plugins``: extra ``(name, module)`` pairs (or ``(name, module, record)`` where the
+        :class:`PluginRecord` carries a distribution and version); ``autoload``: also discover the
+        ``mecha`` entry points; ``strict``: raise on any problem (default: ``MECHA_STRICT_PLUGINS``).
+        """
         self.strict = os.environ.get("MECHA_STRICT_PLUGINS") == "1" if strict is None else strict
         self.records: list[PluginRecord] = []
         self.architectures = Registry("architecture")
@@ -132,10 +147,17 @@ class PluginHost:
         self._arch_aliases: dict[str, str] = {}
         for mt in CORE_MODEL_TYPES:
             self.model_types.add("mecha-core", mt.name, mt)
+        self.warnings: list[str] = []
+        """Problems that belong to no plugin (an allow list naming a plugin that is not installed)."""
         if autoload:
             self._discover()
-        for name, module in plugins or []:
-            self._load(PluginRecord(name, None, None), lambda m=module: m)
+        for entry in plugins or []:
+            record = entry[2] if len(entry) > 2 else PluginRecord(entry[0], None, None)
+            self._load(record, lambda m=entry[1]: m)
+        if self.strict:
+            duplicates = self._duplicate_problems()
+            if duplicates:
+                raise PluginError(duplicates[0])
 
     # -- loading --------------------------------------------------------------------------
     def _discover(self) -> None:
@@ -143,14 +165,19 @@ class PluginHost:
 
         allow = _env_list("MECHA_LOAD_PLUGINS")
         block = _env_list("MECHA_DISABLE_PLUGINS") or set()
-        for ep in sorted(entry_points(group="mecha"), key=lambda e: e.name):
+        found = sorted(entry_points(group="mecha"), key=lambda e: (e.name, e.value))
+        for ep in found:
             dist = getattr(ep, "dist", None)
-            record = PluginRecord(ep.name, dist.name if dist else None, dist.version if dist else None)
+            record = PluginRecord(ep.name, dist.name if dist else None, dist.version if dist else None,
+                                  module=ep.value)
             if (allow is not None and ep.name not in allow) or ep.name in block:
                 record.status = "disabled"
                 self.records.append(record)
                 continue
             self._load(record, ep.load)
+        for name in sorted((allow or set()) - {ep.name for ep in found}):
+            self.warnings.append(f"MECHA_LOAD_PLUGINS names '{name}', which is not installed "
+                                 f"(installed: {', '.join(sorted({ep.name for ep in found})) or 'none'})")
 
     def _fail(self, record: PluginRecord, message: str, exc: BaseException | None = None) -> None:
         record.status, record.error, record.provides = "error", message, {}
@@ -163,10 +190,15 @@ class PluginHost:
             module = load()
         except Exception as exc:  # a broken plugin must not break the others
             return self._fail(record, _describe(exc), exc)
+        if record.module is None:
+            record.module = getattr(module, "__name__", None)
         api = getattr(module, "MECHA_PLUGIN_API", None)
-        if api is not None and not (isinstance(api, int) and MIN_PLUGIN_API_VERSION <= api <= PLUGIN_API_VERSION):
-            return self._fail(record, f"needs plugin API {api!r}; this mecha-core supports "
-                                      f"{MIN_PLUGIN_API_VERSION}..{PLUGIN_API_VERSION}")
+        supported = (isinstance(api, int) and not isinstance(api, bool)
+                     and MIN_PLUGIN_API_VERSION <= api <= PLUGIN_API_VERSION)
+        if api is not None and not supported:
+            return self._fail(record, f"declares MECHA_PLUGIN_API = {api!r}, but this mecha-core "
+                                      f"supports plugin API {_api_range()}; install a mecha-core "
+                                      f"that supports it, or an older version of the plugin")
         pm = pluggy.PluginManager("mecha")
         pm.add_hookspecs(hookspecs)
         try:
@@ -178,10 +210,15 @@ class PluginHost:
         for hook_name, (kind, cls) in _HOOKS.items():
             for impl in getattr(pm.hook, hook_name).get_hookimpls():
                 try:
-                    items = list(impl.function() or [])
+                    result = impl.function()
                 except Exception as exc:
                     return self._fail(record, f"{hook_name}() raised {_describe(exc)}", exc)
-                for item in items:
+                if result is None:
+                    continue
+                if not isinstance(result, (list, tuple)):
+                    return self._fail(record, f"{hook_name}() returned {type(result).__name__}; "
+                                              f"it must return a list of {cls.__name__}")
+                for item in result:
                     if not isinstance(item, cls):
                         return self._fail(record, f"{hook_name}() returned {type(item).__name__}, "
                                                   f"expected {cls.__name__}")
@@ -214,24 +251,45 @@ class PluginHost:
             raise RecipeError(f"unknown architecture '{name}'{suffix}")
         return found
 
-    def problems(self) -> list[str]:
-        out = [f"plugin '{r.name}': {r.error}" for r in self.records if r.status == "error"]
+    def _duplicate_problems(self) -> list[str]:
+        out = []
         for reg in (self.architectures, self.model_types, self.converters, self.merge_methods):
             for name, providers in reg.duplicates().items():
-                out.append(f"{reg.kind} '{name}' is provided by " + " and ".join(providers))
+                out.append(f"{reg.kind} '{name}' is provided by "
+                           + " and ".join(f"plugin '{p}'" for p in providers))
         return out
 
+    def problems(self) -> list[str]:
+        """Every problem ``mecha plugins check`` reports: failed plugins, names claimed twice, ..."""
+        out = [f"plugin '{r.name}': {r.error}" for r in self.records if r.status == "error"]
+        return out + self._duplicate_problems() + list(self.warnings)
 
-_lock = threading.Lock()
+
+# Re-entrant: a plugin being imported during discovery may itself touch mecha_core (for example
+# ``from mecha_core import some_name``); that must fail as an import error, not deadlock.
+_lock = threading.RLock()
 _host: PluginHost | None = None
+_discovering_thread: int | None = None
+
+
+def discovering() -> bool:
+    """Whether this thread is in the middle of discovering plugins (importing them)."""
+    return _discovering_thread == threading.get_ident()
 
 
 def get_host() -> PluginHost:
     """The process-wide host, discovering plugins on first use."""
-    global _host
+    global _host, _discovering_thread
     with _lock:
         if _host is None:
-            _host = PluginHost()
+            if discovering():
+                raise PluginError("a plugin used the plugin host while plugins were being loaded; "
+                                  "look names up when they are used, not at import time")
+            _discovering_thread = threading.get_ident()
+            try:
+                _host = PluginHost()
+            finally:
+                _discovering_thread = None
         return _host
 
 
