@@ -162,18 +162,32 @@ def inspect_command(
                        (" ..." if len(result[what]) > 10 else ""))
 
 
+def _diagnostic_host() -> Any:
+    """The process-wide host; under MECHA_STRICT_PLUGINS=1 a failure would stop the listing, so
+    the plugin commands then load a non-strict host that records every problem instead."""
+    from ..errors import PluginError
+    from ..plugins import PluginHost
+
+    try:
+        return get_host()
+    except PluginError:
+        return PluginHost(strict=False)
+
+
 def plugins_list_command(
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="List everything each plugin provides.")] = False,
 ) -> None:
-    """List every plugin, builtin or not, with its status and what it provides."""
-    host = get_host()
+    """List every plugin, builtin or not, with its status and what it provides (always exits 0)."""
+    host = _diagnostic_host()
     rows = [r.as_dict() for r in host.records]
     if json_out:
         print_json(rows)
         return
     if not rows:
         typer.echo("no plugins installed")
+    else:
+        typer.echo(f"{'name':<10} {'distribution':<16} {'version':<10} {'status':<8} provides")
     for r in rows:
         provides = ", ".join(f"{len(v)} {k.replace('_', ' ')}" for k, v in r["provides"].items()) or "nothing"
         line = f"{r['name']:<10} {r['distribution'] or '-':<16} {r['version'] or '-':<10} {r['status']:<8} {provides}"
@@ -181,15 +195,18 @@ def plugins_list_command(
         if r["error"]:
             typer.echo(f"    error: {r['error']}")
         if verbose:
+            typer.echo(f"    module: {r['module'] or '-'}")
             for kind, names in r["provides"].items():
-                typer.echo(f"    {kind}: {', '.join(names)}")
+                typer.echo(f"    {kind.replace('_', ' ')}: {', '.join(names)}")
+    for warning in host.warnings:
+        typer.echo(f"warning: {warning}", err=True)
 
 
 def plugins_check_command() -> None:
     """Exit non-zero if any plugin failed to load or two plugins claim one name."""
-    problems = get_host().problems()
+    problems = _diagnostic_host().problems()
     for p in problems:
         typer.echo(f"problem: {p}", err=True)
     if problems:
-        raise MechaError(f"{len(problems)} plugin problem(s)")
+        raise MechaError(f"{len(problems)} plugin problem(s); `mecha plugins list` shows every plugin")
     typer.echo("all plugins ok")
