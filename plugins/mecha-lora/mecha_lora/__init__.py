@@ -1,1 +1,13 @@
-"""mecha-lora plugin."""
+"""mecha-lora: LoRA-family networks (LoRA, LoCon, LoHa, LoKr, OFT, BOFT, DoRA, (IA)^3, GLoRA,
+full) in kohya/LyCORIS or PEFT/diffusers naming, for SD1 (sd1-ldm) and SDXL (sdxl-sgm).
+
+- ``mecha_core.model("x.safetensors")`` on a LoRA file is a delta on its base architecture;
+  ``mecha_core.apply_lora(base, lora, strength=0.8)`` applies any type,
+  ``add_difference(base, lora, alpha=0.8)`` the additive ones.
+- :func:`extract_lora` writes a kohya LoRA from the difference of two checkpoints;
+  :func:`merge_loras` merges several LoRA files into one.
+"""
+
+from .write import extract_lora, merge_loras
+
+__all__ = ["extract_lora", "merge_loras"]

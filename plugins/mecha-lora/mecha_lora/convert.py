@@ -1,0 +1,36 @@
+"""Model types for LoRA files and converters from them to deltas on sd1-ldm / sdxl-sgm."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+from mecha_core.specs import DELTA, ConvertedKey, Converter, ModelType, TensorInfo
+
+from . import keys as keynames
+from .resolve import checked_resolution, converted_keys
+from .tables import ARCHITECTURES
+
+KOHYA = "kohya-lora"
+PEFT = "peft-lora"
+
+MODEL_TYPES = [
+    ModelType(KOHYA, DELTA, lambda keys: keynames.is_kohya(keys),
+              "kohya/LyCORIS LoRA-family file (lora_unet_, lora_te*_, lycoris_, oft_ names; any algorithm per module)"),
+    ModelType(PEFT, DELTA, lambda keys: keynames.is_peft(keys) and not keynames.is_kohya(keys),
+              "PEFT/diffusers LoRA file (lora_A/lora_B, optional DoRA lora_magnitude_vector)"),
+]
+
+
+def _planner(style: str, arch: str):
+    def plan(header: Mapping[str, TensorInfo]) -> dict[str, ConvertedKey]:
+        return converted_keys(header, checked_resolution(header, style, arch))
+
+    return plan
+
+
+CONVERTERS = [
+    Converter(f"{fmt}->{arch}", None, fmt, arch, DELTA, _planner(style, arch),
+              f"{fmt} file on {arch} -> delta (operators for base-dependent modules)")
+    for fmt, style in ((KOHYA, "kohya"), (PEFT, "peft"))
+    for arch in ARCHITECTURES
+]
