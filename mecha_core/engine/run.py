@@ -289,6 +289,12 @@ def _run_units(plan: Plan, fd: int, offsets: dict[str, int], data_start: int, pr
                     raise MergeError(f"key '{key}': {bad} NaN/Inf value(s) in the result; check the "
                                      f"inputs, or pass --allow-nonfinite to write them anyway")
                 value = value.to(dtype=torch_dtype(info.dtype))
+                # finite in the work dtype may still overflow a narrower output dtype (float16)
+                stored = value.float() if value.element_size() == 1 else value  # no isfinite for fp8
+                if not opts.allow_nonfinite and not bool(torch.isfinite(stored).all()):
+                    bad = int((~torch.isfinite(stored)).sum())
+                    raise MergeError(f"key '{key}': {bad} value(s) overflow {info.dtype}; choose a wider "
+                                     f"--output-dtype, or pass --allow-nonfinite to write them anyway")
             elif value.dtype != torch_dtype(info.dtype):
                 value = value.to(dtype=torch_dtype(info.dtype))
             expected = (end - start) if end is not None else info.numel
