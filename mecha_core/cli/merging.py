@@ -80,16 +80,19 @@ def merge_command(
         typer.echo(f"wrote {path}")
 
 
-def _pairs(args: list[str]) -> dict[str, str]:
+def _pairs(args: list[str]) -> list[tuple[str, str]]:
     """``-p NAME PATH`` pairs from the arguments typer left over."""
-    fills: dict[str, str] = {}
+    fills: list[tuple[str, str]] = []
     i = 0
     while i < len(args):
         if args[i] not in ("-p", "--param"):
             raise MechaError(f"unexpected argument '{args[i]}'; fill parameters with -p NAME PATH")
-        if i + 2 >= len(args):
-            raise MechaError("-p expects two values: -p NAME PATH")
-        fills[args[i + 1]] = args[i + 2]
+        if i + 2 >= len(args) or args[i + 1].startswith("-") or args[i + 2] in ("-p", "--param"):
+            raise MechaError("-p expects two values: -p NAME PATH (PATH: a .mecha recipe or a model file)")
+        name, value = args[i + 1], args[i + 2]
+        if any(name == n for n, _ in fills):
+            raise MechaError(f"-p {name} is given twice")
+        fills.append((name, value))
         i += 3
     return fills
 
@@ -102,17 +105,22 @@ def compose_command(
     """Fill a template's parameters with recipes or models and write the composed recipe.
 
     Fill each parameter with -p NAME PATH (repeatable), where PATH is a .mecha recipe or a
-    model file.
+    model file (or, for a parameter used as a hyperparameter, a number). Model paths that were found relative to a recipe or the current folder are
+    rewritten relative to the output's folder, so the composed recipe runs from anywhere.
     """
-    from ..recipe import compose, dump_recipe, load_recipe
+    from ..recipe import as_fill, compose, dump_recipe, load_recipe
+    from ..recipe.nodes import relocate
 
     node = load_recipe(template)
-    fills = _pairs(list(ctx.args))
-    composed = compose(node, **fills)
+    fills = {name: as_fill(value if os.path.exists(value) else _fill_value(value), base_dir=os.getcwd())
+             for name, value in _pairs(list(ctx.args))}
+    if not fills:
+        raise MechaError("nothing to fill: give -p NAME PATH for the template's parameters")
+    composed = relocate(compose(node, **fills), os.path.dirname(os.path.abspath(output)))
     text = dump_recipe(composed)
     tmp = f"{output}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
             f.write(text)
         os.replace(tmp, output)
     except OSError as exc:
@@ -129,7 +137,7 @@ def recipe_show_command(
     from ..engine.safetensors_io import read_header
 
     _, metadata = read_header(file)
-    text = metadata.get("mecha_recipe")
+    text = (metadata or {}).get("mecha_recipe")
     if text is None:
         raise RecipeError(f"{file}: holds no mecha recipe (it was not written by mecha)")
     sys.stdout.write(text)

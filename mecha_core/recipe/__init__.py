@@ -17,11 +17,15 @@ def dump_recipe(recipe: Node) -> str:
 
 
 def _looks_like_text(value: str) -> bool:
-    return "\n" in value or value.lstrip().startswith(("mecha ", "version ", "#"))
+    return "\n" in value or value.lstrip("\ufeff \t").startswith(("mecha ", "version ", "#"))
 
 
 def load_recipe(text_or_path: str | os.PathLike[str], *, host: Any = None) -> Node:
-    """A recipe from ``.mecha`` text or a file path (mecha v1, or either sd-mecha generation)."""
+    """A recipe from ``.mecha`` text or a file path (mecha v1, or either sd-mecha generation).
+
+    Relative model paths in a file are also looked up in the file's folder (after the models
+    directory) when the recipe is merged.
+    """
     source, base_dir = "<recipe>", None
     if isinstance(text_or_path, os.PathLike) or not _looks_like_text(text_or_path):
         path = os.fspath(text_or_path)
@@ -30,30 +34,50 @@ def load_recipe(text_or_path: str | os.PathLike[str], *, host: Any = None) -> No
                 text = f.read()
         except FileNotFoundError:
             raise RecipeError(f"{path}: no such recipe file") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise RecipeError(f"{path}: cannot read the recipe: {exc}") from None
+        except IsADirectoryError:
+            raise RecipeError(f"{path}: is a folder, not a recipe file") from None
+        except UnicodeDecodeError:
+            raise RecipeError(f"{path}: not a text recipe (it is not UTF-8; is it a model file?)") from None
+        except OSError as exc:
+            raise RecipeError(f"{path}: cannot read the recipe: {exc.strerror or exc}") from None
         source, base_dir = path, os.path.dirname(os.path.abspath(path))
     else:
         text = text_or_path
-    first = next((ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")), "")
-    if first.startswith("version ") or first.startswith(("model \"", "merge \"", "parameter \"", "dict", "lora \"", "call \"")):
+    text = text.removeprefix("\ufeff")
+    first = next((ln.strip() for ln in text.split("\n") if ln.strip() and not ln.strip().startswith("#")), "")
+    if first.startswith("version ") or first.startswith(_SD_MECHA_ERA_A):
         from .sdmecha import load_sd_mecha
 
         return load_sd_mecha(text, source=source, base_dir=base_dir, host=host)
     return load_v1(text, source=source, base_dir=base_dir, host=host)
 
 
-def _as_fill(value: Any, base_dir: str | None = None) -> Node:
+# The first instruction of an unversioned sd-mecha recipe (its 0.0.x releases).
+_SD_MECHA_ERA_A = ('model "', 'merge "', 'parameter "', "dict", 'lora "', 'call "')
+
+
+def as_fill(value: Any, base_dir: str | None = None) -> Node:
     if isinstance(value, Node):
         return value
+    if isinstance(value, (bool, int, float, WeightMap, tuple)):
+        from .nodes import as_literal
+
+        return as_literal(value)
+    if not isinstance(value, (str, os.PathLike)):
+        raise RecipeError(f"cannot fill a parameter with {value!r}; give a recipe, a model, a path or a value")
     path = os.fspath(value)
     if path.endswith(".mecha"):
         return load_recipe(path)
-    return ModelNode(path, base_dir=base_dir)
+    return ModelNode(path, base_dir=base_dir)  # base_dir: where a relative path was given
 
 
 def compose(template: Node | str | os.PathLike[str], **fills: Any) -> Node:
-    """Fill a template's parameters by name with recipes, model nodes or paths (.mecha or models)."""
+    """Fill a template's parameters by name; returns the new recipe (the template is unchanged).
+
+    A fill is a recipe (a node, or the path of a ``.mecha`` file), a model (a node, or a path:
+    relative paths are resolved like any model path), or, for a parameter used as a hyperparameter, a value. Naming a parameter the template does
+    not have is an error; parameters not filled stay parameters.
+    """
     if not isinstance(template, Node):
         template = load_recipe(template)
     known = {p.name for p in parameters(template)}
@@ -66,7 +90,7 @@ def compose(template: Node | str | os.PathLike[str], **fills: Any) -> Node:
         raise RecipeError(f"the template has no parameter '{name}'" +
                           (f"; did you mean '{hint[0]}'?" if hint else
                            f"; its parameters are {', '.join(sorted(known)) or 'none'}"))
-    return substitute(template, {k: _as_fill(v) for k, v in fills.items()})
+    return substitute(template, {k: as_fill(v) for k, v in fills.items()})
 
 
 __all__ = [

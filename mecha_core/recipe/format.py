@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import math
 import os
 import re
 from typing import Any
@@ -22,7 +21,7 @@ import attrs
 
 from ..errors import RecipeError
 from .nodes import CallNode, LiteralNode, ModelNode, Node, ParameterNode, walk
-from .values import WeightMap
+from .values import WeightMap, format_string, format_value
 
 HEADER = "mecha 1"
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -30,52 +29,32 @@ _BUILTINS = ("model", "parameter", "blocks", "classes")
 
 
 # -- printing ---------------------------------------------------------------------------------
-def format_value(value: Any) -> str:
-    if value is None:
-        return "null"
-    if value is True:
-        return "true"
-    if value is False:
-        return "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        text = repr(value)
-        return text
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
-    if isinstance(value, tuple):
-        return "[" + ", ".join(format_value(v) for v in value) + "]"
-    if isinstance(value, WeightMap):
-        parts = []
-        for m in value.chain():
-            args = [format_value(m.arch)]
-            if m.default is not None:
-                args.append(f"default={format_value(m.default)}")
-            args += [f"{name}={format_value(v)}" for name, v in m.entries]
-            parts.append(f"{m.kind}({', '.join(args)})")
-        return " | ".join(parts)
-    raise RecipeError(f"cannot write {value!r} in a recipe")
+_RESERVED = (*_BUILTINS, "true", "false", "null", "inf", "nan")
 
 
 def _base_name(node: Node) -> str:
     if isinstance(node, ModelNode):
         stem = os.path.splitext(os.path.basename(node.path.rstrip("/\\")))[0]
-        name = re.sub(r"[^A-Za-z0-9_]", "_", stem) or "model"
     elif isinstance(node, ParameterNode):
-        name = node.name
+        stem = node.name
     else:
         assert isinstance(node, CallNode)
-        name = node.method.name
-    if not _IDENT.fullmatch(name) or name in _BUILTINS or name in ("true", "false", "null", "inf"):
+        stem = node.method.name
+    name = re.sub(r"[^A-Za-z0-9_]", "_", stem) or "model"
+    if not _IDENT.fullmatch(name) or name in _RESERVED:
         name = "_" + name
     return name
 
 
 def dump(root: Node) -> str:
-    """The recipe as ``.mecha`` text (deterministic; ends with a newline)."""
+    """The recipe as ``.mecha`` text (deterministic; ends with a newline).
+
+    Each model, parameter and method call gets one line, inputs before their users, in the
+    order a depth-first walk from the result meets them; literals are written inline. Names
+    come from file stems, parameter names and method names, with ``_2``, ``_3`` ... on clashes.
+    """
+    if not isinstance(root, Node) or isinstance(root, LiteralNode):
+        raise RecipeError("a recipe must be a model, a parameter or a method call, not a bare value")
     names: dict[Node, str] = {}
     used: set[str] = set()
     lines = [HEADER]
@@ -90,23 +69,21 @@ def dump(root: Node) -> str:
         used.add(name)
         names[node] = name
         lines.append(f"{name} = {_expr(node, names)}")
-    if isinstance(root, LiteralNode):
-        raise RecipeError("a recipe cannot be a bare literal")
     return "\n".join(lines) + "\n"
 
 
 def _expr(node: Node, names: dict[Node, str]) -> str:
     if isinstance(node, ModelNode):
-        args = [format_value(node.path)]
+        args = [format_string(node.path)]
         if node.arch is not None:
-            args.append(f"arch={format_value(node.arch)}")
+            args.append(f"arch={format_string(node.arch)}")
         if node.type is not None:
-            args.append(f"type={format_value(node.type)}")
+            args.append(f"type={format_string(node.type)}")
         return f"model({', '.join(args)})"
     if isinstance(node, ParameterNode):
-        args = [format_value(node.name)]
+        args = [format_string(node.name)]
         if node.space is not None:
-            args.append(f"space={format_value(node.space)}")
+            args.append(f"space={format_string(node.space)}")
         return f"parameter({', '.join(args)})"
     assert isinstance(node, CallNode)
     args = [names[a] for a in node.args]
@@ -127,7 +104,7 @@ class Token:
 _TOKEN = re.compile(r"""
     (?P<space>[ \t]+)
   | (?P<comment>\#.*)
-  | (?P<number>-?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?|-?inf\b)
+  | (?P<number>-?(?:[0-9]+\.[0-9]*|\.[0-9]+|[0-9]+)(?:[eE][-+]?[0-9]+)?(?![A-Za-z0-9_])|-?inf(?![A-Za-z0-9_]))
   | (?P<name>[A-Za-z_][A-Za-z0-9_]*)
   | (?P<string>"(?:[^"\\]|\\.)*")
   | (?P<op>[(),=|\[\]])
@@ -139,7 +116,8 @@ def _tokenize(text: str, line: int, source: str) -> list[Token]:
     while pos < len(text):
         m = _TOKEN.match(text, pos)
         if m is None:
-            raise RecipeError(f"unexpected character {text[pos]!r}", source=source, line=line, column=pos + 1)
+            what = "an unterminated string" if text[pos] == '"' else f"unexpected character {text[pos]!r}"
+            raise RecipeError(what, source=source, line=line, column=pos + 1)
         kind = m.lastgroup
         raw = m.group()
         if kind == "number":
@@ -148,8 +126,9 @@ def _tokenize(text: str, line: int, source: str) -> list[Token]:
         elif kind == "string":
             try:
                 value = json.loads(raw)
-            except json.JSONDecodeError:
-                raise RecipeError("invalid string escape", source=source, line=line, column=pos + 1) from None
+            except json.JSONDecodeError as exc:
+                raise RecipeError(f"invalid string ({exc.msg})", source=source, line=line,
+                                  column=pos + 1 + exc.pos) from None
             tokens.append(Token("string", raw, value, pos + 1))
         elif kind in ("name", "op"):
             tokens.append(Token(kind, raw, raw, pos + 1))
@@ -158,30 +137,38 @@ def _tokenize(text: str, line: int, source: str) -> list[Token]:
     return tokens
 
 
+_DEFINITION = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*=(?!=)")
+
+
 class _Parser:
-    def __init__(self, source: str, base_dir: str | None, host: Any):
+    def __init__(self, source: str, base_dir: str | None, host: Any, defined_at: dict[str, int]):
         self.source, self.base_dir, self.host = source, base_dir, host
         self.names: dict[str, tuple[Any, int]] = {}
-        self.later: dict[str, int] = {}
+        self.defined_at = defined_at  # name -> first line defining it (for forward references)
+        self.line = 0
 
-    def fail(self, message: str, token: Token) -> RecipeError:
-        return RecipeError(message, source=self.source, line=self.line, column=token.column)
+    def fail(self, message: str, token: Token, cls: type[RecipeError] = RecipeError) -> RecipeError:
+        return cls(message, source=self.source, line=self.line, column=token.column)
 
-    def parse_line(self, text: str, line: int) -> tuple[str | None, Any]:
+    def parse_line(self, text: str, line: int) -> tuple[str | None, Any, Token]:
         self.line = line
         self.tokens = _tokenize(text, line, self.source)
         self.pos = 0
         name = None
-        if (len(self.tokens) > 2 and self.tokens[0].kind == "name" and self.tokens[1].text == "="):
+        if len(self.tokens) > 2 and self.tokens[0].kind == "name" and self.tokens[1].text == "=":
             name = self.tokens[0].text
             if name in self.names:
-                raise self.fail(f"'{name}' is already defined on line {self.names[name][1]}", self.tokens[0])
+                raise self.fail(f"'{name}' is already defined on line {self.names[name][1]}; "
+                                f"each name is defined once", self.tokens[0])
+            if name in _RESERVED:
+                raise self.fail(f"'{name}' is a reserved word and cannot be a name", self.tokens[0])
             self.pos = 2
+        start = self.peek()
         value = self.expr()
         tok = self.peek()
         if tok.kind != "end":
             raise self.fail(f"unexpected {tok.text!r} after the expression", tok)
-        return name, value
+        return name, value, start
 
     def peek(self) -> Token:
         return self.tokens[self.pos]
@@ -191,24 +178,30 @@ class _Parser:
         self.pos += 1
         return tok
 
+    def at(self, text: str) -> bool:
+        tok = self.peek()
+        return tok.kind == "op" and tok.text == text
+
     def expect(self, text: str) -> Token:
         tok = self.next()
-        if tok.text != text or tok.kind not in ("op",):
+        if tok.text != text or tok.kind != "op":
             raise self.fail(f"expected {text!r}, found {tok.text or 'end of line'!r}", tok)
         return tok
 
     def expr(self) -> Any:
         first_tok = self.peek()
         value = self.term()
-        while self.peek().text == "|" and self.peek().kind == "op":
+        while self.at("|"):
             op = self.next()
+            right_tok = self.peek()
             right = self.term()
             if isinstance(value, WeightMap) and isinstance(right, WeightMap):
                 value = value | right
-            elif isinstance(value, Node) and isinstance(right, Node) and not isinstance(value, LiteralNode):
+            elif isinstance(value, Node) and isinstance(right, Node):
                 value = self._call_method("fallback", [value, right], {}, op)
             else:
-                raise self.fail("'|' combines two block/class maps or two models", first_tok)
+                bad = first_tok if not isinstance(value, (Node, WeightMap)) else right_tok
+                raise self.fail("'|' joins two block/class maps, or two models or results (fallback)", bad)
         return value
 
     def term(self) -> Any:
@@ -217,38 +210,49 @@ class _Parser:
             return tok.value
         if tok.kind == "op" and tok.text == "[":
             items: list[Any] = []
-            while not (self.peek().kind == "op" and self.peek().text == "]"):
+            while not self.at("]"):
                 item = self.next()
                 if item.kind != "number":
                     raise self.fail(f"a list holds numbers, found {item.text or 'end of line'!r}", item)
                 items.append(item.value)
-                if self.peek().kind == "op" and self.peek().text == ",":
+                if self.at(","):
                     self.next()
-                elif not (self.peek().kind == "op" and self.peek().text == "]"):
-                    raise self.fail("expected ',' or ']'", self.peek())
+                elif not self.at("]"):
+                    raise self.fail(f"expected ',' or ']', found {self.peek().text or 'end of line'!r}",
+                                    self.peek())
             self.next()
             return tuple(items)
         if tok.kind == "name":
             if tok.text in ("true", "false", "null"):
                 return {"true": True, "false": False, "null": None}[tok.text]
-            if self.peek().text == "(" and self.peek().kind == "op":
+            if self.at("("):
                 return self.call(tok)
             if tok.text in self.names:
                 return self.names[tok.text][0]
-            hint = difflib.get_close_matches(tok.text, list(self.names), n=1)
-            raise self.fail(f"'{tok.text}' is not defined" + (f"; did you mean '{hint[0]}'?" if hint else
-                            " (names must be defined on an earlier line)"), tok)
+            raise self.fail(self._undefined(tok.text), tok)
         raise self.fail(f"expected a value, found {tok.text or 'end of line'!r}", tok)
+
+    def _undefined(self, name: str) -> str:
+        where = self.defined_at.get(name)
+        if where == self.line:
+            return f"'{name}' is used in its own definition (a recipe cannot refer to itself)"
+        if where is not None:
+            return (f"'{name}' is used before its definition on line {where}; define names before "
+                    f"using them (this also rules out cycles)")
+        hint = difflib.get_close_matches(name, list(self.names), n=1)
+        return f"'{name}' is not defined" + (f"; did you mean '{hint[0]}'?" if hint else "")
 
     def call(self, name_tok: Token) -> Any:
         self.expect("(")
         args: list[Any] = []
+        arg_tokens: list[Token] = []
         kwargs: dict[str, Any] = {}
         kw_tokens: dict[str, Token] = {}
-        if not (self.peek().text == ")" and self.peek().kind == "op"):
+        if not self.at(")"):
             while True:
                 tok = self.peek()
-                if tok.kind == "name" and self.tokens[self.pos + 1].text == "=":
+                if tok.kind == "name" and self.tokens[self.pos + 1].text == "=" \
+                        and self.tokens[self.pos + 1].kind == "op":
                     self.pos += 2
                     if tok.text in kwargs:
                         raise self.fail(f"'{tok.text}' is given twice", tok)
@@ -257,6 +261,7 @@ class _Parser:
                 else:
                     if kwargs:
                         raise self.fail("positional inputs must come before keyword arguments", tok)
+                    arg_tokens.append(tok)
                     args.append(self.expr())
                 sep = self.next()
                 if sep.text == ")" and sep.kind == "op":
@@ -277,62 +282,91 @@ class _Parser:
                 return parameter(args[0], kwargs.get("space"))
             if name in ("blocks", "classes"):
                 if len(args) != 1 or not isinstance(args[0], str):
-                    raise self.fail(f'{name} takes an architecture name first: {name}("sd1-ldm", default=0.5, ...)', name_tok)
+                    raise self.fail(f'{name} takes an architecture name first: '
+                                    f'{name}("sd1-ldm", default=0.5, ...)', name_tok)
                 from .values import blocks, classes
 
                 return (blocks if name == "blocks" else classes)(args[0], **kwargs)
         except RecipeError as exc:
             if exc.line is not None:
                 raise
-            raise self.fail(str(exc), name_tok) from None
-        return self._call_method(name, args, kwargs, name_tok, kw_tokens)
+            bad = next((t for k, t in kw_tokens.items() if f"'{k}'" in str(exc)), name_tok)
+            raise self.fail(str(exc), bad) from None
+        return self._call_method(name, args, kwargs, name_tok, kw_tokens, arg_tokens)
 
     def _model(self, args: list[Any], kwargs: dict[str, Any], tok: Token) -> ModelNode:
-        if len(args) != 1 or not isinstance(args[0], str) or set(kwargs) - {"arch", "type"}:
-            raise self.fail('model takes a path: model("file.safetensors", arch=..., type=...)', tok)
+        if len(args) != 1 or not isinstance(args[0], str) or set(kwargs) - {"arch", "type"} \
+                or any(not isinstance(v, str) for v in kwargs.values()):
+            raise self.fail('model takes a path: model("file.safetensors", arch="...", type="...")', tok)
         return ModelNode(args[0], kwargs.get("arch"), kwargs.get("type"), base_dir=self.base_dir)
 
     def _call_method(self, name: str, args: list[Any], kwargs: dict[str, Any], tok: Token,
-                     kw_tokens: dict[str, Token] | None = None) -> Node:
-        found = self.host.merge_methods.get(name) if name in self.host.merge_methods else None
-        if found is None:
+                     kw_tokens: dict[str, Token] | None = None, arg_tokens: list[Token] | None = None) -> Node:
+        if name not in self.host.merge_methods:
             hint = difflib.get_close_matches(name, [*self.host.merge_methods.names(), *_BUILTINS], n=1)
             raise self.fail(f"unknown merge method '{name}'" + (f"; did you mean '{hint[0]}'?" if hint
                             else "; `mecha methods` lists them"), tok)
+        found = self.host.method(name)
         for i, a in enumerate(args):
             if not isinstance(a, Node):
-                raise self.fail(f"{name}: input {i + 1} must be a model or a result, got {format_value(a)}", tok)
+                where = arg_tokens[i] if arg_tokens and i < len(arg_tokens) else tok
+                raise self.fail(f"{name}: input {i + 1} must be a model or a result, got {format_value(a)}",
+                                where)
         try:
             return found(*args, **kwargs)
         except RecipeError as exc:
-            bad = next((t for k, t in (kw_tokens or {}).items() if f"'{k}'" in str(exc)), tok)
-            raise self.fail(str(exc), bad) from None
+            message = str(exc)
+            bad = next((t for k, t in (kw_tokens or {}).items()
+                        if f"'{k}'" in message or f"({k}=" in message), tok)
+            raise self.fail(message, bad, type(exc)) from None
 
 
-def _meaningful(lines: list[str]) -> list[tuple[int, str]]:
+def _lines(text: str) -> list[tuple[int, str]]:
+    """Numbered lines holding an instruction: blank lines and comment lines are dropped.
+
+    Lines end at LF only (a CR before it is dropped), so a character that Python would also
+    treat as a line break, inside a string, cannot shift line numbers.
+    """
     out = []
-    for number, raw in enumerate(lines, 1):
-        stripped = raw.strip()
+    for number, raw in enumerate(text.split("\n"), 1):
+        line = raw[:-1] if raw.endswith("\r") else raw
+        stripped = line.strip(" \t")
         if stripped and not stripped.startswith("#"):
-            out.append((number, raw.rstrip("\r\n")))
+            out.append((number, line))
     return out
 
 
 def load_v1(text: str, *, source: str = "<recipe>", base_dir: str | None = None, host: Any = None) -> Node:
+    """Parse ``.mecha`` version 1 text; the last line is the recipe's result."""
     from ..plugins import get_host
 
     host = host or get_host()
-    lines = _meaningful(text.splitlines())
-    if not lines or lines[0][1].strip() != HEADER:
+    if text.startswith("\ufeff"):
+        text = text[1:]  # a byte-order mark some editors add
+    lines = _lines(text)
+    header = lines[0][1].strip(" \t") if lines else ""
+    if header != HEADER:
         line = lines[0][0] if lines else 1
-        raise RecipeError(f"a mecha recipe starts with '{HEADER}'", source=source, line=line, column=1)
-    parser = _Parser(source, base_dir, host)
+        m = re.fullmatch(r"mecha\s+(\S+)", header)
+        if m:
+            raise RecipeError(f"this mecha reads recipe format version 1; the file says version {m.group(1)}",
+                              source=source, line=line, column=7)
+        raise RecipeError(f"a mecha recipe starts with the line '{HEADER}'", source=source, line=line, column=1)
+    defined_at: dict[str, int] = {}
+    for number, line in lines[1:]:
+        m = _DEFINITION.match(line)
+        if m:
+            defined_at.setdefault(m.group(1), number)
+    parser = _Parser(source, base_dir, host, defined_at)
     result = None
-    for number, text_line in lines[1:]:
-        name, value = parser.parse_line(text_line, number)
-        if not isinstance(value, Node) or isinstance(value, LiteralNode):
-            raise RecipeError("each line defines a model, a parameter or a method call", source=source,
-                              line=number, column=1)
+    for index, (number, line) in enumerate(lines[1:], 2):
+        name, value, start = parser.parse_line(line, number)
+        if not isinstance(value, Node):
+            raise RecipeError("each line defines a model, a parameter or a method call, not a bare value",
+                              source=source, line=number, column=start.column)
+        if name is None and index < len(lines):
+            raise RecipeError("only the last line (the result) may be left unnamed; write 'name = ...'",
+                              source=source, line=number, column=start.column)
         if name is not None:
             parser.names[name] = (value, number)
         result = value

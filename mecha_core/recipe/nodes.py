@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import TYPE_CHECKING, Any, Iterator
 
 import attrs
 
 from ..errors import RecipeError
 from ..specs import DELTA, MERGE_SPACES, WEIGHT
-from .values import WeightMap
+from .values import WeightMap, format_value
 
 if TYPE_CHECKING:
     from ..method import MergeMethod
@@ -49,7 +50,9 @@ class Node:
         return None
 
 
-@attrs.frozen(eq=True)
+# Nodes are immutable and compared structurally; hashes are cached because recipes share
+# sub-results, and an uncached hash of a DAG recomputes every shared branch.
+@attrs.frozen(eq=True, cache_hash=True)
 class ModelNode(Node):
     """A model file input. Its keys and merge space are read when the merge is planned."""
 
@@ -76,15 +79,21 @@ class ModelNode(Node):
         return None
 
 
-@attrs.frozen(eq=True)
+def _literal_key(value: Any) -> str:
+    # Two literals are equal when they print the same: 1, 1.0 and true stay distinct (Python
+    # says 1 == 1.0 == True), so equal graphs always print the same bytes.
+    return format_value(value)
+
+
+@attrs.frozen(eq=True, cache_hash=True)
 class LiteralNode(Node):
     """A hyperparameter value: a scalar, a string, or a block/class map."""
 
-    value: bool | int | float | str | None | WeightMap | tuple
+    value: bool | int | float | str | None | WeightMap | tuple = attrs.field(eq=_literal_key)
     """The value (a tuple holds numbers, e.g. per-input weights)."""
 
 
-@attrs.frozen(eq=True)
+@attrs.frozen(eq=True, cache_hash=True)
 class ParameterNode(Node):
     """A named hole in a template, filled by ``compose`` (or ``mecha merge -p``)."""
 
@@ -94,7 +103,7 @@ class ParameterNode(Node):
     """The merge space a fill must be in, when declared."""
 
 
-@attrs.frozen(eq=True)
+@attrs.frozen(eq=True, cache_hash=True)
 class CallNode(Node):
     """A merge method applied to inputs, with hyperparameters."""
 
@@ -132,11 +141,36 @@ def as_literal(value: Any, *, where: str = "") -> Node:
     raise RecipeError(f"{where}hyperparameter must be a number, string, bool or block map, got {value!r}")
 
 
+_KIND_WORDS = {float: "a number", int: "an integer", bool: "true or false", str: "a string"}
+
+
+def _check_kind(method: "MergeMethod", name: str, node: Node) -> None:
+    """A literal must suit the hyperparameter's annotated kind (``None`` kind: anything)."""
+    if not isinstance(node, LiteralNode):
+        return  # a parameter: checked when it is filled
+    hyper = method.hyperparameter(name)
+    kind, value = hyper.kind, node.value
+    if kind is None or (value is None and hyper.default is None):
+        return
+    if kind is float:
+        ok = isinstance(value, (int, float, WeightMap)) and not isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, (int, WeightMap)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        what = _KIND_WORDS.get(kind, kind.__name__)
+        extra = " or a blocks()/classes() map" if kind in (float, int) else ""
+        raise RecipeError(f"{method.name}({name}=...) expects {what}{extra}, got {format_value(value)}")
+
+
 def call(method: "MergeMethod", args: tuple[Any, ...], kwargs: dict[str, Any]) -> CallNode:
-    """Build a CallNode, checking arity, keyword names and known merge spaces."""
+    """Build a CallNode, checking arity, keyword names, hyperparameter kinds and known merge spaces."""
     method.bind(len(args), list(kwargs))
     inputs = tuple(_as_input(a, method, i) for i, a in enumerate(args))
     hypers = tuple(sorted((k, as_literal(v, where=f"{method.name}({k}=...): ")) for k, v in kwargs.items()))
+    for k, v in hypers:
+        _check_kind(method, k, v)
     node = CallNode(method, inputs, hypers)
     node.space  # raises MergeSpaceError on known spaces that do not fit
     return node
@@ -154,6 +188,9 @@ def literal(value: Any) -> Node:
 
 def parameter(name: str, space: str | None = None) -> ParameterNode:
     """A named hole in a template recipe; ``space`` optionally constrains what may fill it."""
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise RecipeError(f"parameter name {name!r} must be a name (letters, digits and _, not "
+                          f"starting with a digit)")
     if space is not None and space not in MERGE_SPACES:
         raise RecipeError(f"unknown merge space {space!r}; use one of {', '.join(MERGE_SPACES)}")
     return ParameterNode(name, space)
@@ -200,6 +237,9 @@ def substitute(root: Node, fills: dict[str, Node]) -> Node:
             return memo[node]
         if isinstance(node, ParameterNode) and node.name in fills:
             out = fills[node.name]
+            if isinstance(out, LiteralNode):
+                raise RecipeError(f"parameter '{node.name}' is an input of a method; fill it with a "
+                                  f"model or a recipe, not {format_value(out.value)}")
             if node.space is not None and out.space is not None and out.space != node.space:
                 from ..errors import MergeSpaceError
 
@@ -207,7 +247,7 @@ def substitute(root: Node, fills: dict[str, Node]) -> Node:
                     f"parameter '{node.name}' expects {node.space} space; the fill is {out.space}")
         elif isinstance(node, CallNode):
             args = tuple(visit(a) for a in node.args)
-            kwargs = tuple((k, visit(v)) for k, v in node.kwargs)
+            kwargs = tuple((k, hyper(node, k, v)) for k, v in node.kwargs)
             out = CallNode(node.method, args, kwargs)
             out.space
         else:
@@ -215,4 +255,59 @@ def substitute(root: Node, fills: dict[str, Node]) -> Node:
         memo[node] = out
         return out
 
+    def hyper(owner: CallNode, name: str, value: Node) -> Node:
+        if not (isinstance(value, ParameterNode) and value.name in fills):
+            return value
+        fill = fills[value.name]
+        if not isinstance(fill, (LiteralNode, ParameterNode)):
+            raise RecipeError(f"parameter '{value.name}' is {owner.method.name}'s hyperparameter "
+                              f"'{name}'; fill it with a value (a number, string or block map), "
+                              f"not a model or recipe")
+        _check_kind(owner.method, name, fill)
+        return fill
+
     return visit(root)
+
+
+def replace_models(root: Node, change: "Any") -> Node:
+    """A copy of ``root`` with every model node ``m`` replaced by ``change(m)``."""
+    memo: dict[int, Node] = {}
+
+    def visit(node: Node) -> Node:
+        if id(node) in memo:
+            return memo[id(node)]
+        if isinstance(node, ModelNode):
+            out = change(node)
+        elif isinstance(node, CallNode):
+            out = CallNode(node.method, tuple(visit(a) for a in node.args), node.kwargs)
+        else:
+            out = node
+        memo[id(node)] = out
+        return out
+
+    return visit(root)
+
+
+def relocate(root: Node, folder: str) -> Node:
+    """Rewrite relative model paths found beside their recipe so they hold from ``folder``.
+
+    Used when a composed recipe is written elsewhere than its parts: a path that named a file
+    relative to the recipe it came from (``ModelNode.base_dir``) is rewritten relative to
+    ``folder``. Paths not found there are left as written (they are meant for --models-dir).
+    """
+    folder = os.path.abspath(folder)
+
+    def change(node: ModelNode) -> ModelNode:
+        raw = os.path.expanduser(node.path)
+        if os.path.isabs(raw) or node.base_dir is None:
+            return node
+        full = os.path.join(node.base_dir, raw)
+        if not (os.path.exists(full) or (not os.path.splitext(raw)[1] and os.path.exists(full + ".safetensors"))):
+            return node
+        try:
+            new = os.path.relpath(full, folder)
+        except ValueError:  # another drive (Windows): only an absolute path works
+            new = os.path.abspath(full)
+        return attrs.evolve(node, path=new.replace(os.sep, "/"), base_dir=folder)
+
+    return replace_models(root, change)

@@ -1,11 +1,509 @@
-"""Reading recipes written by sd-mecha (``version 0.1.0`` and the older unversioned form)."""
+"""Reading recipes written by sd-mecha, so users keep their history (docs/recipe-format.md).
+
+Two generations exist (see ../shared/reference/sd-mecha-recipes.md for their grammar):
+
+- ``version 0.1.0`` files (sd-mecha 1.x): ``dict``, ``literal``, ``model`` and ``merge`` lines,
+  ``model_config=``/``merge_space=`` keywords, ``&N`` references to earlier instructions; every
+  scalar hyperparameter goes through ``dict key=v`` -> ``literal`` -> ``convert_singleton``.
+- unversioned files (sd-mecha 0.0.x): ``model "path" "arch" "type"``, ``parameter "name" "BASE"``,
+  ``dict arch_component_block_name=v ...`` and ``merge "method" &0 &1 alpha=0.5``.
+
+Both become ordinary mecha recipe graphs. sd-mecha method names map to mecha's through
+:data:`METHODS`; what has no counterpart is a :class:`RecipeError` naming the line.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import math
+import re
+from typing import Any, Callable
+
+import attrs
 
 from ..errors import RecipeError
+from .nodes import CallNode, ModelNode, Node, ParameterNode, parameter
+from .values import WeightMap, blocks
+
+ERA_A, ERA_B = "unversioned", "0.1.0"
 
 
-def load_sd_mecha(text: str, *, source: str = "<recipe>", base_dir: str | None = None, host: Any = None):
-    raise RecipeError("sd-mecha recipes are not supported yet", source=source)
+# -- the method table ---------------------------------------------------------------------------
+@attrs.frozen
+class MethodMap:
+    """How one sd-mecha method becomes a mecha method call."""
+
+    target: str
+    """The mecha method's name."""
+    positional: tuple[str, ...] = ()
+    """sd-mecha 1.x writes these hyperparameters positionally, in this order, after the inputs."""
+    defaults: dict[str, dict[str, Any]] = attrs.field(factory=dict)
+    """sd-mecha's defaults per generation (written explicitly, since mecha's may differ)."""
+    ignore: dict[str, Any] = attrs.field(factory=dict)
+    """sd-mecha-only hyperparameters, dropped when they hold this neutral value (else an error)."""
+    build: Callable[..., Node] | None = None
+    """A custom builder, for methods whose shape differs (``ties_sum``)."""
+
+
+def _ties_sum(ctx: "_Context", args: list[Node], hypers: dict[str, Any]) -> Node:
+    """sd-mecha's ``ties_sum(*deltas)`` returns the TIES-merged delta. mecha's ``ties`` takes the
+    base and the models, so deltas written ``subtract(model_i, base)`` (one base for all) become
+    ``subtract(ties(base, model_1, ...), base)``."""
+    bases, models = [], []
+    for a in args:
+        if not (isinstance(a, CallNode) and a.method.name == "subtract" and len(a.args) == 2):
+            raise ctx.fail("ties_sum maps to mecha's ties only when every input is subtract(model, base)")
+        models.append(a.args[0])
+        bases.append(a.args[1])
+    if any(b != bases[0] for b in bases[1:]):
+        raise ctx.fail("ties_sum maps to mecha's ties only when every delta is taken from the same base")
+    vote_by_value = ctx.era == ERA_A or hypers.pop("vote_sgn", False)
+    if not isinstance(vote_by_value, bool):
+        raise ctx.fail(f"ties_sum: vote_sgn must be true or false, got {vote_by_value!r}")
+    hypers["vote"] = "sum" if vote_by_value else "count"
+    hypers["density"] = hypers.pop("k")
+    base = bases[0]
+    return ctx.call("subtract", [ctx.call("ties", [base, *models], hypers), base], {})
+
+
+#: sd-mecha method name -> how to build it in mecha. Methods not listed here map to the mecha
+#: method of the same name when one is installed (hyperparameters passed by keyword only).
+METHODS: dict[str, MethodMap] = {
+    "weighted_sum": MethodMap("weighted_sum", ("alpha",), {ERA_A: {"alpha": 0.5}, ERA_B: {"alpha": 0.5}}),
+    "slerp": MethodMap("slerp", ("alpha",), {ERA_A: {"alpha": 0.5}, ERA_B: {"alpha": 0.5}}),
+    "add_difference": MethodMap("add_difference", ("alpha",), {ERA_A: {"alpha": 0.5}, ERA_B: {"alpha": 1.0}}),
+    "subtract": MethodMap("subtract"),
+    "n_average": MethodMap("n_average"),
+    "fallback": MethodMap("fallback"),
+    "clamp": MethodMap("clamp", (), {ERA_A: {"stiffness": 0.0}, ERA_B: {"stiffness": 0.0}}),
+    # mecha computes on the device the merge runs on; sd-mecha's device argument is dropped
+    "cast": MethodMap("cast", ("device", "dtype"), ignore={"device": "*"}),
+    "train_difference": MethodMap("train_difference", ("alpha",), {ERA_A: {"alpha": 1.0}, ERA_B: {"alpha": 1.0}}),
+    "add_cosine_a": MethodMap("add_cosine_a", ("alpha",)),
+    "add_cosine_b": MethodMap("add_cosine_b", ("alpha",)),
+    "crossover": MethodMap("crossover", ("mean", "tilt")),
+    "rotate": MethodMap("rotate", ("alignment", "alpha")),
+    "geometric_median": MethodMap("geometric_median", (), ignore={"ftol": "*"}),
+    "ties_sum": MethodMap("ties", (), {ERA_A: {"k": 0.2}, ERA_B: {"k": 1.0, "vote_sgn": False}},
+                          build=_ties_sum),
+}
+
+#: sd-mecha 1.x block-map conversions: the block naming is the supermerger/MBW one mecha uses.
+BLOCK_CONVERSIONS = {
+    "convert_sd1_blocks_to_ldm": ("sd1-supermerger_blocks", "sd1-ldm"),
+    "convert_sdxl_blocks_to_sgm": ("sdxl-supermerger_blocks", "sdxl-sgm"),
+}
+
+#: sd-mecha model configs -> mecha architectures (names not listed are used as they are).
+CONFIGS = {"sd1-ldm": "sd1-ldm", "sdxl-sgm": "sdxl-sgm", "sd3-sgm": "sd3-comfyui"}
+
+
+# -- values -------------------------------------------------------------------------------------
+@attrs.frozen
+class _Ref:
+    index: int
+    column: int
+
+
+class _Dict(dict):
+    """sd-mecha's ``dict k=v ...``; remembers its line for error messages."""
+
+    line: int = 0
+
+
+@attrs.frozen
+class _Literal:
+    """sd-mecha's ``literal VALUE model_config=... merge_space=...``."""
+
+    value: Any
+    config: str | None
+
+
+_NUMBER = re.compile(r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?|[-+]?inf")
+
+
+def _split(text: str, *, escapes: bool, fail: Callable[[str, int], RecipeError]) -> list[tuple[str, int]]:
+    """Space-separated words; a double-quoted word keeps its quotes (and spaces)."""
+    words: list[tuple[str, int]] = []
+    i, n = 0, len(text)
+    while i < n:
+        if text[i] in " \t":
+            i += 1
+            continue
+        start = i
+        while i < n and text[i] not in " \t":
+            if text[i] == '"':
+                i += 1
+                while i < n and text[i] != '"':
+                    i += 2 if escapes and text[i] == "\\" else 1
+                if i >= n:
+                    raise fail("unterminated string", start + 1)
+            i += 1
+        words.append((text[start:i], start + 1))
+    return words
+
+
+class _Context:
+    def __init__(self, source: str, base_dir: str | None, host: Any, era: str):
+        self.source, self.base_dir, self.host, self.era = source, base_dir, host, era
+        self.values: list[Any] = []
+        self.line = 0
+        self.column = 1
+
+    def fail(self, message: str, column: int | None = None) -> RecipeError:
+        return RecipeError(f"sd-mecha recipe: {message}", source=self.source, line=self.line,
+                           column=column or self.column)
+
+    def value(self, word: str, column: int) -> Any:
+        if word.startswith("&"):
+            if not word[1:].isdigit():
+                raise self.fail(f"bad reference {word!r}", column)
+            index = int(word[1:])
+            if index >= len(self.values):
+                raise self.fail(f"{word} refers to instruction {index}, which is not defined before this "
+                                f"line (references go to earlier instructions, counted from 0)", column)
+            return self.values[index]
+        if word.startswith('"'):
+            body = word[1:-1]
+            if self.era == ERA_B:
+                body = re.sub(r"\\(.)", r"\1", body)
+            return body
+        if word in ("null", "true", "false"):
+            return {"null": None, "true": True, "false": False}[word]
+        if _NUMBER.fullmatch(word):
+            if any(c in word for c in ".eEn"):
+                return float(word)
+            return int(word)
+        raise self.fail(f"cannot read {word!r} (expected &N, a \"string\", a number, true, false or null)", column)
+
+    def call(self, name: str, args: list[Node], hypers: dict[str, Any]) -> Node:
+        if name not in self.host.merge_methods:
+            raise self.fail(f"needs mecha's '{name}' merge method, which no installed plugin provides "
+                            f"(`mecha methods` lists them)")
+        try:
+            return self.host.method(name)(*args, **hypers)
+        except RecipeError as exc:
+            raise self.fail(f"{exc}") from None
+
+
+# -- hyperparameter values ----------------------------------------------------------------------
+def _hyper(ctx: _Context, name: str, value: Any) -> Any:
+    """An sd-mecha hyperparameter value as a mecha one: a scalar, a string or a block map."""
+    if isinstance(value, _Literal):
+        value = _from_literal(ctx, value)
+    if isinstance(value, dict):
+        if ctx.era == ERA_A:
+            used_at = ctx.line
+            ctx.line = getattr(value, "line", ctx.line)  # errors name the dict's line
+            try:
+                return era_a_dict(ctx, value)
+            finally:
+                ctx.line = used_at
+        raise ctx.fail(f"{name}: a dict must go through literal and a convert_* merge")
+    if isinstance(value, Node):
+        raise ctx.fail(f"{name}: a model or merge result cannot be a hyperparameter in mecha")
+    return value
+
+
+def _from_literal(ctx: _Context, lit: _Literal) -> Any:
+    value = lit.value
+    if not isinstance(value, dict):
+        return value
+    config = lit.config
+    if config == "singleton-mecha" or (config is None and set(value) == {"key"}):
+        return value.get("key")
+    for source_config, arch in BLOCK_CONVERSIONS.values():
+        if config == source_config:
+            return _block_map(ctx, arch, value)
+    raise ctx.fail(f"a literal dict in model_config {config!r} has no mecha counterpart "
+                   f"(mecha maps singleton-mecha and *-supermerger_blocks dicts)")
+
+
+def _block_map(ctx: _Context, arch: str, value: dict[str, Any]) -> WeightMap:
+    try:
+        return blocks(arch, **value)
+    except RecipeError as exc:
+        raise ctx.fail(str(exc)) from None
+
+
+def era_a_dict(ctx: _Context, entries: dict[str, Any]) -> WeightMap:
+    """An sd-mecha 0.0.x hyperparameter dict as a mecha block/class map.
+
+    sd-mecha gives a key the mean of its matching block and class entries, else its component's
+    ``_default``, else 0. mecha maps consult block entries, then class entries, then the map's
+    default. The conversion translates names through the architecture (aliases such as ``sd1``,
+    component aliases such as ``txt``), builds ``blocks(...) | classes(...)`` with one default,
+    then checks every key of the architecture gets the value sd-mecha's rule gives it; where no
+    single mecha map can do that, the error names the first key that differs.
+    """
+    parsed: list[tuple[str, str, str | None, Any]] = []  # (arch alias, component, kind, name) -> value
+    arch_alias = None
+    for key, value in entries.items():
+        m = re.fullmatch(r"([A-Za-z0-9]+)_([A-Za-z0-9]+)_(?:(default)|(block|class)_(.+))", key)
+        if m is None:
+            raise ctx.fail(f"dict key {key!r} is not ARCH_COMPONENT_default, ARCH_COMPONENT_block_NAME "
+                           f"or ARCH_COMPONENT_class_NAME")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ctx.fail(f"dict value for {key!r} must be a number, got {value!r}")
+        if arch_alias is not None and m.group(1) != arch_alias:
+            raise ctx.fail(f"dict mixes architectures {arch_alias!r} and {m.group(1)!r}")
+        arch_alias = m.group(1)
+        kind = None if m.group(3) else m.group(4)
+        parsed.append((m.group(2), kind or "default", m.group(5), value))
+    if arch_alias is None:
+        raise ctx.fail("an empty dict is not a hyperparameter value")
+    try:
+        arch = ctx.host.architecture(arch_alias)
+    except RecipeError:
+        raise ctx.fail(f"dict hyperparameters name architecture {arch_alias!r}, which no installed plugin "
+                       f"provides (or aliases); `mecha info` lists architectures") from None
+    components = set(arch.components)
+
+    def component_of(alias: str) -> str:
+        name = arch.component_aliases.get(alias, alias)
+        if name not in components:
+            raise ctx.fail(f"{arch.name} has no component {alias!r} (components: {', '.join(sorted(components))})")
+        return name
+
+    by_block: dict[str, set[str]] = {}
+    by_class: dict[str, set[str]] = {}
+    for spec in arch.keys.values():
+        for b in spec.blocks:
+            by_block.setdefault(b, set()).add(spec.component)
+        if spec.klass:
+            by_class.setdefault(spec.klass, set()).add(spec.component)
+
+    block_values: dict[str, Any] = {}
+    class_values: dict[tuple[str, str], Any] = {}
+    defaults: dict[str, Any] = {}
+    for comp_alias, kind, name, value in parsed:
+        comp = component_of(comp_alias)
+        if kind == "default":
+            defaults[comp] = value
+        elif kind == "block":
+            block_values[_block_name(ctx, arch, by_block, comp, comp_alias, name)] = value
+        else:
+            class_values[(comp, _class_name(ctx, arch, by_class, comp, comp_alias, name))] = value
+
+    # sd-mecha's value for one key, and the candidate mecha map's
+    def wanted(spec: Any) -> Any:
+        found = [block_values[b] for b in spec.blocks if b in block_values]
+        if spec.klass and (spec.component, spec.klass) in class_values:
+            found.append(class_values[(spec.component, spec.klass)])
+        if found:
+            return sum(found) / len(found) if len(found) > 1 else found[0]
+        return defaults.get(spec.component, 0)
+
+    merged = set(arch.component_aliases.values()) or components  # the components sd-mecha merges
+    checked = [(k, s) for k, s in arch.keys.items() if s.component in merged] or list(arch.keys.items())
+    fallbacks = {wanted(s) for _, s in checked if not any(b in block_values for b in s.blocks)
+                 and (s.component, s.klass) not in class_values}
+    default = fallbacks.pop() if len(fallbacks) == 1 else 0
+    chain: list[WeightMap] = []
+    if block_values:
+        chain.append(blocks(arch.name, **block_values))
+    if class_values:
+        from .values import classes
+
+        chain.append(classes(arch.name, **{n: v for (_, n), v in class_values.items()}))
+    if not chain:
+        chain.append(blocks(arch.name))
+    result = chain[0]
+    for m in chain[1:]:
+        result = result | m
+    result = attrs.evolve(result, default=default)
+    for key, spec in checked:
+        want, got = wanted(spec), result.resolve(spec.blocks, spec.klass, None)
+        if not math.isclose(want, got, rel_tol=0, abs_tol=1e-12):
+            raise ctx.fail(f"this dict cannot be written as one mecha block/class map: sd-mecha gives key "
+                           f"'{key}' {want}, the closest map gives {got} (per-component defaults and keys "
+                           f"matching both a block and a class entry do not carry over); "
+                           f"rewrite it with blocks(...)/classes(...)")
+    return result
+
+
+def _block_name(ctx: _Context, arch: Any, by_block: dict[str, set[str]], comp: str, alias: str, name: str) -> str:
+    """sd-mecha 0.0.x block names (``in3``, ``mid``, ``out11``) as the architecture's blocks."""
+    candidates = [name, name.upper()]
+    m = re.fullmatch(r"(in|out)(\d+)", name)
+    if m:
+        candidates.append(f"{m.group(1).upper()}{int(m.group(2)):02d}")
+    if name == "mid":
+        candidates.append("M00")
+    for cand in candidates:
+        if by_block.get(cand) == {comp}:
+            return cand
+    raise ctx.fail(f"sd-mecha block '{alias}_block_{name}' has no counterpart among {arch.name}'s blocks "
+                   f"for component {comp}")
+
+
+def _class_name(ctx: _Context, arch: Any, by_class: dict[str, set[str]], comp: str, alias: str, name: str) -> str:
+    """sd-mecha 0.0.x class names (``proj_in``, ``transformer_blocks_0_attn1_to_k``) as classes."""
+    parts = name.split("_")
+    for i in range(len(parts)):  # the longest suffix that is one of the architecture's classes
+        cand = "_".join(parts[i:])
+        if cand in by_class and comp in by_class[cand]:
+            return cand
+    raise ctx.fail(f"sd-mecha class '{alias}_class_{name}' has no counterpart among {arch.name}'s classes "
+                   f"for component {comp}")
+
+
+# -- instructions -------------------------------------------------------------------------------
+def _keywords(ctx: _Context, words: list[tuple[str, int]]) -> tuple[list[Any], list[int], dict[str, Any]]:
+    positional: list[Any] = []
+    columns: list[int] = []
+    keywords: dict[str, Any] = {}
+    for word, column in words:
+        if "=" in word and not word.startswith(('"', "&")):
+            key, _, raw = word.partition("=")
+            if key in keywords:
+                raise ctx.fail(f"{key}= is given twice", column)
+            keywords[key] = ctx.value(raw, column + len(key) + 1)
+        else:
+            if keywords:
+                raise ctx.fail("positional values must come before key=value pairs", column)
+            positional.append(ctx.value(word, column))
+            columns.append(column)
+    return positional, columns, keywords
+
+
+def _arch(ctx: _Context, name: Any) -> str | None:
+    """A model's architecture, when the installed plugins know it; else detected at merge time."""
+    if name is None:
+        return None
+    try:
+        return ctx.host.architecture(CONFIGS.get(name, name)).name
+    except RecipeError:
+        return None
+
+
+def _model(ctx: _Context, positional: list[Any], keywords: dict[str, Any]) -> ModelNode:
+    if not positional or not all(isinstance(p, str) for p in positional) or len(positional) > 3:
+        raise ctx.fail('model takes a path: model "file.safetensors" ...')
+    path = positional[0]
+    if ctx.era == ERA_A:
+        arch = _arch(ctx, positional[1]) if len(positional) > 1 else None
+        kind = positional[2] if len(positional) > 2 else None
+        mtype = "base" if kind in ("base", None) else None  # others (lora): detected at merge time
+        return ModelNode(path, arch, mtype, base_dir=ctx.base_dir)
+    unknown = set(keywords) - {"model_config", "merge_space"}
+    if unknown or len(positional) != 1:
+        raise ctx.fail(f"model takes a path and model_config=/merge_space= (got {sorted(unknown) or positional})")
+    space = keywords.get("merge_space")
+    if space not in (None, "weight", "delta"):
+        raise ctx.fail(f"a model in merge_space {space!r} has no mecha counterpart (weight or delta)")
+    return ModelNode(path, _arch(ctx, keywords.get("model_config")),
+                     {"weight": "base", "delta": "delta", None: None}[space], base_dir=ctx.base_dir)
+
+
+def _merge(ctx: _Context, name: Any, positional: list[Any], keywords: dict[str, Any]) -> Any:
+    if not isinstance(name, str):
+        raise ctx.fail('merge takes a method name first: merge "weighted_sum" &0 &1 ...')
+    if name == "convert_singleton":
+        if len(positional) != 1 or keywords:
+            raise ctx.fail("convert_singleton takes one literal")
+        return _hyper(ctx, name, positional[0])
+    if name in BLOCK_CONVERSIONS:
+        source_config, arch = BLOCK_CONVERSIONS[name]
+        lit = positional[0] if len(positional) == 1 else None
+        if not (isinstance(lit, _Literal) and isinstance(lit.value, dict)):
+            raise ctx.fail(f"{name} takes one literal block dict")
+        return _block_map(ctx, arch, lit.value)
+    spec = METHODS.get(name)
+    if spec is None:
+        if name not in ctx.host.merge_methods:
+            raise ctx.fail(f"sd-mecha method '{name}' has no mecha counterpart "
+                           f"(mapped: {', '.join(sorted([*METHODS, 'convert_singleton', *BLOCK_CONVERSIONS]))})")
+        spec = MethodMap(name)
+    inputs = [p for p in positional if isinstance(p, Node)]
+    extra = positional[len(inputs):]
+    if any(isinstance(p, Node) for p in extra):
+        raise ctx.fail("models and results must come before hyperparameter values")
+    if len(extra) > len(spec.positional):
+        raise ctx.fail(f"{name} takes {len(spec.positional)} hyperparameter(s) after its inputs, got {len(extra)}")
+    given = dict(zip(spec.positional, extra))
+    for key, value in keywords.items():
+        if key in given:
+            raise ctx.fail(f"{name}: {key} is given twice")
+        given[key] = value
+    hypers = dict(spec.defaults.get(ctx.era, {}))
+    for key, value in given.items():
+        hypers[key] = _hyper(ctx, f"{name}({key}=...)", value)
+    for key, neutral in spec.ignore.items():
+        if key in hypers:
+            value = hypers.pop(key)
+            if neutral != "*" and value != neutral:
+                raise ctx.fail(f"{name}: {key}={value!r} has no mecha counterpart (only {neutral!r} maps)")
+    if spec.build is not None:
+        return spec.build(ctx, inputs, hypers)
+    return ctx.call(spec.target, inputs, hypers)
+
+
+def _instruction(ctx: _Context, text: str) -> Any:
+    words = _split(text, escapes=ctx.era == ERA_B, fail=lambda msg, col: ctx.fail(msg, col))
+    op, op_column = words[0]
+    ctx.column = op_column
+    positional, columns, keywords = _keywords(ctx, words[1:])
+    if op == "dict":
+        if positional:
+            raise ctx.fail("dict takes only key=value pairs", columns[0])
+        out = _Dict(keywords)
+        out.line = ctx.line
+        return out
+    if op == "literal" and ctx.era == ERA_B:
+        if len(positional) != 1 or set(keywords) - {"model_config", "merge_space"}:
+            raise ctx.fail("literal takes one value and model_config=/merge_space=")
+        value = positional[0]
+        return _Literal(value.value if isinstance(value, _Literal) else value, keywords.get("model_config"))
+    if op == "model":
+        return _model(ctx, positional, keywords)
+    if op == "merge":
+        if not positional:
+            raise ctx.fail('merge takes a method name: merge "weighted_sum" &0 &1 ...')
+        ctx.column = columns[0]
+        return _merge(ctx, positional[0], positional[1:], keywords)
+    if op == "parameter" and ctx.era == ERA_A:
+        if not positional or not isinstance(positional[0], str):
+            raise ctx.fail('parameter takes a name: parameter "name" "BASE"')
+        try:  # the space sd-mecha 0.0.x writes is always "BASE", whatever the real one: not kept
+            return parameter(positional[0])
+        except RecipeError as exc:
+            raise ctx.fail(str(exc)) from None
+    if op in ("lora", "call"):
+        raise ctx.fail(f"'{op}' lines come from sd-mecha 0.0.2/0.0.3, which mecha does not read; "
+                       f"re-save the recipe with sd-mecha 0.0.23 or write it as a mecha recipe")
+    known = "dict, literal, model, merge" if ctx.era == ERA_B else "model, parameter, dict, merge"
+    raise ctx.fail(f"unknown instruction '{op}' (sd-mecha {ctx.era} recipes use {known})", op_column)
+
+
+def load_sd_mecha(text: str, *, source: str = "<recipe>", base_dir: str | None = None, host: Any = None) -> Node:
+    """A mecha recipe graph from sd-mecha recipe text of either generation."""
+    from ..plugins import get_host
+
+    host = host or get_host()
+    lines = [(n, raw.removesuffix("\r")) for n, raw in enumerate(text.split("\n"), 1)]
+    body = [(n, ln) for n, ln in lines if ln.strip() and not ln.strip().startswith("#")]
+    if not body:
+        raise RecipeError("the recipe is empty", source=source, line=1)
+    era = ERA_A
+    first_line, first = body[0]
+    if first.strip().startswith("version "):
+        version = first.strip()[len("version "):].strip()
+        if version != ERA_B:
+            raise RecipeError(f"sd-mecha recipe version {version} is not supported (mecha reads 0.1.0 and the "
+                              f"older unversioned form)", source=source, line=first_line, column=9)
+        era = ERA_B
+        body = body[1:]
+    ctx = _Context(source, base_dir, host, era)
+    for number, line in body:
+        ctx.line = number
+        ctx.values.append(_instruction(ctx, line))
+    if not ctx.values:
+        raise RecipeError("the recipe has no instruction after its version line", source=source, line=first_line)
+    root = ctx.values[-1]
+    if not isinstance(root, Node):
+        raise RecipeError("the last instruction must be a model or a merge (it is the recipe's result)",
+                          source=source, line=ctx.line)
+    return root
+
+
+__all__ = ["METHODS", "BLOCK_CONVERSIONS", "CONFIGS", "MethodMap", "load_sd_mecha", "ParameterNode"]

@@ -9,6 +9,9 @@ blocks of one map (SD's ``time_embed``) takes the mean of their values.
 
 from __future__ import annotations
 
+import json
+import math
+import re
 from typing import Any
 
 import attrs
@@ -17,13 +20,23 @@ from ..errors import RecipeError
 
 Scalar = bool | int | float | str | None
 
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _number(value: Any, what: str) -> int | float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RecipeError(f"{what} must be a number, got {value!r}")
+    if isinstance(value, float) and math.isnan(value):
+        raise RecipeError(f"{what} must be a number, got NaN")
+    return value
+
 
 def _entries(values: dict[str, Any]) -> tuple[tuple[str, float], ...]:
     out = []
     for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise RecipeError(f"block/class value for '{name}' must be a number, got {value!r}")
-        out.append((name, value))
+        if not _IDENT.fullmatch(name):
+            raise RecipeError(f"block/class name {name!r} must be a name (letters, digits, _)")
+        out.append((name, _number(value, f"block/class value for '{name}'")))
     return tuple(sorted(out))
 
 
@@ -70,11 +83,67 @@ class WeightMap:
         return method_default
 
 
+def _make(kind: str, arch: Any, default: Any, values: dict[str, Any]) -> WeightMap:
+    if not isinstance(arch, str) or not arch:
+        raise RecipeError(f"{kind}() takes an architecture name first, got {arch!r}")
+    if default is not None:
+        default = _number(default, f"{kind}() default")
+    return WeightMap(arch, kind, _entries(values), default)
+
+
 def blocks(arch: str, default: float | None = None, **values: float) -> WeightMap:
     """A block-wise hyperparameter: ``blocks("sd1-ldm", default=0.3, IN02=0.75)``."""
-    return WeightMap(arch, "blocks", _entries(values), default)
+    return _make("blocks", arch, default, values)
 
 
 def classes(arch: str, default: float | None = None, **values: float) -> WeightMap:
     """A class-wise hyperparameter: ``classes("sd1-ldm", default=0.5, attn1_to_k=1.0)``."""
-    return WeightMap(arch, "classes", _entries(values), default)
+    return _make("classes", arch, default, values)
+
+
+# -- canonical text of a value (the .mecha printer, and literal equality, use it) --------------
+_UNSAFE_IN_LINE = {"\u0085": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+
+def format_string(text: str) -> str:
+    """A double-quoted string with JSON escapes; never holds a character that ends a line."""
+    out = json.dumps(text, ensure_ascii=False)
+    for raw, escaped in _UNSAFE_IN_LINE.items():
+        out = out.replace(raw, escaped)
+    return out
+
+
+def format_number(value: int | float) -> str:
+    if isinstance(value, float):
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        if math.isnan(value):
+            raise RecipeError("NaN cannot be written in a recipe")
+        return repr(value)  # shortest text that reads back to the same float
+    return str(value)
+
+
+def format_value(value: Any) -> str:
+    """The value as .mecha text: ``null``, ``true``, ``0.5``, ``"text"``, ``[1, 2]``, ``blocks(...)``."""
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, (int, float)):
+        return format_number(value)
+    if isinstance(value, str):
+        return format_string(value)
+    if isinstance(value, tuple):
+        return "[" + ", ".join(format_value(v) for v in value) + "]"
+    if isinstance(value, WeightMap):
+        parts = []
+        for m in value.chain():
+            args = [format_string(m.arch)]
+            if m.default is not None:
+                args.append(f"default={format_number(m.default)}")
+            args += [f"{name}={format_number(v)}" for name, v in m.entries]
+            parts.append(f"{m.kind}({', '.join(args)})")
+        return " | ".join(parts)
+    raise RecipeError(f"cannot write {value!r} in a recipe")
