@@ -243,14 +243,16 @@ def execute(plan: Plan, output: str | os.PathLike[str], metadata: dict[str, str]
         # reduction, so the bytes are the same for any thread count.
         torch.set_num_threads(1)
         _run_units(plan, fd, offsets, data_start, progress, write_hook, output)
-        os.close(fd)
-        fd = -1
+        closing, fd = fd, -1  # never closed twice, even when close itself fails
+        os.close(closing)
         mask = os.umask(0)
         os.umask(mask)
         os.chmod(tmp, 0o666 & ~mask)
         os.replace(tmp, target)
         ok = True
         return target
+    except OSError as exc:  # the header write, the close or the rename: still the user's error
+        raise OutputError(f"{output}: writing failed: {exc.strerror or exc}") from None
     finally:
         torch.set_num_threads(old_threads)
         if fd >= 0:

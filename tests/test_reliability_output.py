@@ -1,0 +1,185 @@
+"""Where the output goes: never over an input, never half-written, never lost on a full disk."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import mecha_core.engine.run as engine_run
+import mecha_methods.plugin
+from mecha_core.cli import app
+from mecha_core.engine.safetensors_io import SafetensorsFile
+from mecha_core.testing import using, write_checkpoint
+from mecha_core.testing_corpus import check_clean_failure, leftover_temp_files, snapshot
+
+runner = CliRunner()
+PREVIOUS = b"yesterday's merge: must come through every failure byte for byte"
+RECIPE = 'mecha 1\na = model("a.safetensors")\nb = model("b.safetensors")\nweighted_sum(a, b, alpha=0.5)\n'
+KEYS = 12
+
+
+@pytest.fixture
+def work(tmp_path):
+    """a and b with twelve keys each (so a merge makes many writes), a recipe, a previous output."""
+    write_checkpoint(tmp_path / "a.safetensors", {f"k{i:02d}": torch.full((64,), float(i)) for i in range(KEYS)})
+    write_checkpoint(tmp_path / "b.safetensors", {f"k{i:02d}": torch.full((64,), float(3 * i)) for i in range(KEYS)})
+    (tmp_path / "recipe.mecha").write_text(RECIPE)
+    (tmp_path / "merged.safetensors").write_bytes(PREVIOUS)
+    with using(mecha_methods.plugin):
+        yield tmp_path
+
+
+def merge(folder, output, *options: str):
+    return runner.invoke(app, ["merge", str(folder / "recipe.mecha"), "-o", str(output), "-q", *options])
+
+
+def check_merged(path) -> None:
+    """The merge worked: every key is the mean of a's (i) and b's (3 i) values, 2 i."""
+    f = SafetensorsFile(path)
+    try:
+        assert sorted(f.keys) == [f"k{i:02d}" for i in range(KEYS)]
+        for i in range(KEYS):
+            assert f.read(f"k{i:02d}").tolist() == [2.0 * i] * 64
+    finally:
+        f.close()
+
+
+@pytest.mark.parametrize("spelling", ["same", "dot", "dotdot", "symlink", "hardlink", "second_input"])
+def test_output_equal_to_an_input_is_refused_before_writing(work, monkeypatch, spelling):
+    monkeypatch.chdir(work)
+    (work / "sub").mkdir()
+    if spelling == "symlink":
+        os.symlink(work / "a.safetensors", work / "link.safetensors")
+    if spelling == "hardlink":
+        os.link(work / "a.safetensors", work / "hard.safetensors")
+    output = {
+        "same": str(work / "a.safetensors"),
+        "dot": "./a.safetensors",
+        "dotdot": "sub/../a.safetensors",
+        "symlink": "link.safetensors",
+        "hardlink": "hard.safetensors",
+        "second_input": str(work / "b.safetensors"),
+    }[spelling]
+    before = snapshot(work)
+    result = merge(work, output)
+    victim = "b.safetensors" if spelling == "second_input" else "a.safetensors"
+    check_clean_failure(result.exit_code, result.stderr, folder=work, before=before,
+                        fragments=("overwrite the input", victim))
+
+
+def test_the_same_merge_to_a_new_path_works(work):
+    """The refusals above are about the path, not about the recipe."""
+    result = merge(work, work / "fresh.safetensors")
+    assert result.exit_code == 0, result.output
+    check_merged(work / "fresh.safetensors")
+    assert leftover_temp_files(work) == []
+
+
+def test_missing_output_folder(work):
+    before = snapshot(work)
+    result = merge(work, work / "no" / "such" / "merged.safetensors")
+    check_clean_failure(result.exit_code, result.stderr, folder=work, before=before,
+                        fragments=("merged.safetensors", "does not exist"))
+
+
+def test_output_is_a_directory(work):
+    (work / "out.safetensors").mkdir()
+    before = snapshot(work)
+    result = merge(work, work / "out.safetensors")
+    check_clean_failure(result.exit_code, result.stderr, folder=work, before=before,
+                        fragments=("out.safetensors", "is a directory"))
+
+
+def test_unwritable_output_folder(work, monkeypatch):
+    locked = work / "locked"
+    locked.mkdir()
+    (locked / "merged.safetensors").write_bytes(PREVIOUS)
+    os.chmod(locked, 0o555)
+    try:
+        if os.access(locked, os.W_OK):  # root writes anywhere: make creating the file fail instead
+            def refuse(*args, **kwargs):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+            monkeypatch.setattr(engine_run.tempfile, "mkstemp", refuse)
+        before = snapshot(work)
+        result = merge(work, locked / "merged.safetensors")
+        monkeypatch.undo()
+    finally:
+        os.chmod(locked, 0o755)
+    check_clean_failure(result.exit_code, result.stderr, folder=work, before=before,
+                        fragments=("merged.safetensors", "cannot write", "ermission denied"))
+
+
+def _fail_writes_after(monkeypatch, calls: int, error: int = errno.ENOSPC) -> list[int]:
+    """Make the engine's os.pwrite fail with ``error`` from call ``calls + 1`` on."""
+    real = os.pwrite
+    count = [0]
+
+    def pwrite(fd, data, offset):
+        count[0] += 1
+        if count[0] > calls:
+            raise OSError(error, os.strerror(error))
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(engine_run.os, "pwrite", pwrite)
+    return count
+
+
+@pytest.mark.parametrize("good_writes", [0, 1, 5, KEYS - 1])
+def test_disk_full_part_way(work, monkeypatch, good_writes):
+    """The disk fills after some writes (0: the header itself fails)."""
+    count = _fail_writes_after(monkeypatch, good_writes)
+    before = snapshot(work)
+    result = merge(work, work / "merged.safetensors", "--threads", "1")
+    monkeypatch.undo()
+    assert count[0] > good_writes, "the fault was never reached"
+    check_clean_failure(result.exit_code, result.stderr, folder=work, before=before,
+                        fragments=("merged.safetensors", os.strerror(errno.ENOSPC)))
+
+
+def test_disk_full_when_reserving_space(work, monkeypatch):
+    def no_space(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(engine_run.os, "posix_fallocate", no_space)
+    before = snapshot(work)
+    result = merge(work, work / "merged.safetensors")
+    monkeypatch.undo()
+    check_clean_failure(result.exit_code, result.stderr, folder=work, before=before,
+                        fragments=("merged.safetensors", "disk space"))
+
+
+def test_io_error_while_writing(work, monkeypatch):
+    _fail_writes_after(monkeypatch, 3, errno.EIO)
+    before = snapshot(work)
+    result = merge(work, work / "merged.safetensors", "--threads", "2")
+    monkeypatch.undo()
+    check_clean_failure(result.exit_code, result.stderr, folder=work, before=before,
+                        fragments=("merged.safetensors", os.strerror(errno.EIO)))
+
+
+def test_rename_into_place_fails(work, monkeypatch):
+    """The last step (the atomic rename) failing still leaves no temporary file behind."""
+    def refuse(src, dst):
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+
+    monkeypatch.setattr(engine_run.os, "replace", refuse)
+    before = snapshot(work)
+    result = merge(work, work / "merged.safetensors")
+    monkeypatch.undo()
+    check_clean_failure(result.exit_code, result.stderr, folder=work, before=before,
+                        fragments=("merged.safetensors", os.strerror(errno.EXDEV)))
+
+
+def test_after_a_failure_the_next_merge_succeeds(work, monkeypatch):
+    _fail_writes_after(monkeypatch, 2)
+    assert merge(work, work / "merged.safetensors", "--threads", "1").exit_code == 2
+    monkeypatch.undo()
+    result = merge(work, work / "merged.safetensors")
+    assert result.exit_code == 0, result.output
+    check_merged(work / "merged.safetensors")
+    assert leftover_temp_files(work) == []
