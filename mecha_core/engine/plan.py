@@ -43,8 +43,12 @@ class MergeOptions:
     """Write NaN/Inf values instead of failing on them."""
     models_dir: str | None = None
     """Where relative model paths are looked up first."""
-    chunk_elements: int = 1 << 22
-    """Elements per slice when a key is evaluated in slices (element-wise recipes)."""
+    slice_bytes: int = 16 << 20
+    """Working memory one slice of an element-wise key may use (inputs, temporaries, result);
+    a slice's length is this divided by the bytes per element of all its inputs, so memory does
+    not grow with the number of models."""
+    chunk_elements: int | None = None
+    """Fixed elements per slice, overriding ``slice_bytes`` (tests use it)."""
 
 
 @attrs.define(eq=False)
@@ -214,11 +218,20 @@ def _space_hint(node: CallNode, inputs: list[Step]) -> str:
     return ""
 
 
+def bytes_per_element(plan: Plan, key: str) -> int:
+    """Working bytes one output element of ``key`` costs: every input and intermediate, in the work dtype."""
+    nodes = sum(1 for s in plan.steps if key in s.table)
+    return ITEMSIZE.get(plan.options.work_dtype, 4) * (nodes + 1)
+
+
+def slice_elements(plan: Plan, key: str) -> int:
+    """How many elements of an element-wise key one unit of work takes."""
+    if plan.options.chunk_elements:
+        return max(1, plan.options.chunk_elements)
+    return max(1 << 16, plan.options.slice_bytes // bytes_per_element(plan, key))
+
+
 def unit_cost(plan: Plan, key: str, elements: int | None = None) -> int:
     """Bytes a unit of work may hold at once (for the memory budget)."""
-    info = plan.output[key]
-    n = info.numel if elements is None else elements
-    leaves = sum(1 for s in plan.steps if s.source is not None and key in s.table)
-    calls = sum(1 for s in plan.steps if s.source is None and key in s.table)
-    work = ITEMSIZE.get(plan.options.work_dtype, 4)
-    return max(1, n * work * (leaves + calls + 1))
+    n = plan.output[key].numel if elements is None else elements
+    return max(1, n * bytes_per_element(plan, key))

@@ -23,7 +23,7 @@ from ..method import MergeContext
 from ..recipe.nodes import CallNode, LiteralNode
 from ..recipe.values import WeightMap
 from ..specs import DELTA
-from .plan import Plan, Step, unit_cost
+from .plan import Plan, Step, slice_elements, unit_cost
 from .safetensors_io import ITEMSIZE, build_header, is_float, output_order, tensor_bytes, torch_dtype
 
 
@@ -187,9 +187,9 @@ class Progress:
 
 def _units(plan: Plan, evaluator: Evaluator) -> list[tuple[str, int, int | None]]:
     units = []
-    chunk = max(1, plan.options.chunk_elements)
     for key in output_order(plan.output):
         n = plan.output[key].numel
+        chunk = slice_elements(plan, key)
         if n > chunk and is_float(plan.output[key].dtype) and evaluator.chunkable(key):
             units.extend((key, s, min(s + chunk, n)) for s in range(0, n, chunk))
         else:
@@ -313,6 +313,7 @@ def _run_units(plan: Plan, fd: int, offsets: dict[str, int], data_start: int, pr
                 written = os.pwrite(fd, view, position)
                 view, position = view[written:], position + written
             report.update(len(data), idx == last_unit[key])
+            del data, view
         except OSError as exc:
             with lock:
                 errors.append((idx, OutputError(f"{output}: writing failed: {exc.strerror or exc}")))

@@ -1,0 +1,263 @@
+"""The streaming engine: values, dtypes, key handling, determinism, atomic output, memory."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import mecha_core as mecha
+import mecha_methods.plugin
+from mecha_core.errors import MergeError, PlanError
+from mecha_core.plugins import plugin_from_functions
+from mecha_core.testing import host_with, using, write_checkpoint
+
+
+@pytest.fixture
+def methods():
+    with using(mecha_methods.plugin) as host:
+        yield host
+
+
+def _rand(*shape, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(dtype)
+
+
+def _digest(path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def test_weighted_sum_matches_closed_form_per_dtype(tmp_path, methods):
+    a = {"h": _rand(40, 30, dtype=torch.float16, seed=1), "b": _rand(30, dtype=torch.bfloat16, seed=2),
+         "f": _rand(5, 7, seed=3), "ids": torch.arange(10)}
+    b = {"h": _rand(40, 30, dtype=torch.float16, seed=4), "b": _rand(30, dtype=torch.bfloat16, seed=5),
+         "f": _rand(5, 7, seed=6), "ids": torch.arange(10) * 3}
+    pa = write_checkpoint(tmp_path / "a.safetensors", a)
+    pb = write_checkpoint(tmp_path / "b.safetensors", b)
+    out = mecha.merge(mecha.weighted_sum(mecha.model(pa), mecha.model(pb), alpha=0.25), tmp_path / "o.safetensors")
+    got = load_file(out)
+    assert set(got) == set(a)
+    for key in ("h", "b", "f"):
+        expected = (a[key].double() * 0.75 + b[key].double() * 0.25)
+        assert got[key].dtype == a[key].dtype  # default output dtype: the first input's
+        # computed in float32, then rounded once to the stored dtype
+        assert torch.equal(got[key], expected.float().to(a[key].dtype)) or torch.allclose(
+            got[key].double(), expected, rtol=1e-2, atol=1e-3)
+    assert torch.equal(got["h"], (a["h"].float() * 0.75 + b["h"].float() * 0.25).half())
+    assert torch.equal(got["ids"], a["ids"])  # integer buffers are copied from the first input
+
+
+def test_output_and_work_dtype_options(tmp_path, methods):
+    a = {"w": _rand(64, seed=1, dtype=torch.float16)}
+    b = {"w": _rand(64, seed=2, dtype=torch.float16)}
+    pa = write_checkpoint(tmp_path / "a.safetensors", a)
+    pb = write_checkpoint(tmp_path / "b.safetensors", b)
+    recipe = mecha.weighted_sum(mecha.model(pa), mecha.model(pb), alpha=0.3)
+    out = load_file(mecha.merge(recipe, tmp_path / "o.safetensors", output_dtype="float32", work_dtype="float64"))
+    assert out["w"].dtype == torch.float32
+    assert torch.equal(out["w"], (a["w"].double() * 0.7 + b["w"].double() * 0.3).float())
+
+
+def test_add_difference_three_models_and_n_average(tmp_path, methods):
+    ms = [{"w": _rand(16, 8, seed=i), "v": _rand(3, seed=10 + i)} for i in range(4)]
+    paths = [write_checkpoint(tmp_path / f"m{i}.safetensors", m) for i, m in enumerate(ms)]
+    nodes = [mecha.model(p) for p in paths]
+    out = load_file(mecha.merge(mecha.add_difference(nodes[0], nodes[1], nodes[2], alpha=0.5), tmp_path / "ad.safetensors"))
+    for k in ("w", "v"):
+        assert torch.allclose(out[k], ms[0][k] + 0.5 * (ms[1][k] - ms[2][k]), rtol=1e-6, atol=1e-7)
+    out = load_file(mecha.merge(mecha.n_average(*nodes), tmp_path / "avg.safetensors"))
+    for k in ("w", "v"):
+        assert torch.allclose(out[k], sum(m[k] for m in ms) / 4, rtol=1e-6, atol=1e-7)
+
+
+def test_shared_subresult_is_computed_once_per_key(tmp_path):
+    calls = []
+
+    @mecha.merge_method
+    def counted(a, *, tag: int = 0):
+        """Counts its calls."""
+        calls.append(tag)
+        return a * 2
+
+    @mecha.merge_method
+    def plus(a, b):
+        """a + b"""
+        return a + b
+
+    host = host_with(plugin_from_functions("p", mecha_merge_methods=lambda: [counted, plus]), names=["p"])
+    with using(host):
+        p = write_checkpoint(tmp_path / "a.safetensors", {"k1": torch.ones(3), "k2": torch.ones(2)})
+        shared = counted(mecha.model(p))
+        again = counted(mecha.model(p))  # structurally equal: the same sub-result
+        out = load_file(mecha.merge(plus(shared, again), tmp_path / "o.safetensors"))
+    assert len(calls) == 2  # once per key, not twice per key
+    assert torch.equal(out["k1"], torch.full((3,), 4.0))
+
+
+def test_missing_keys_error_lists_them_and_allow_missing_takes_first(tmp_path, methods):
+    a = {"both": torch.ones(2), "only_a": torch.ones(3)}
+    b = {"both": torch.zeros(2), "only_b": torch.zeros(4)}
+    pa = write_checkpoint(tmp_path / "a.safetensors", a)
+    pb = write_checkpoint(tmp_path / "b.safetensors", b)
+    recipe = mecha.weighted_sum(mecha.model(pa), mecha.model(pb), alpha=0.5)
+    with pytest.raises(PlanError, match=r"only_(a|b)"):
+        mecha.merge(recipe, tmp_path / "o.safetensors")
+    assert not os.path.exists(tmp_path / "o.safetensors")
+    out = load_file(mecha.merge(recipe, tmp_path / "o.safetensors", allow_missing=True))
+    assert set(out) == {"both", "only_a", "only_b"}
+    assert torch.equal(out["only_a"], a["only_a"]) and torch.equal(out["only_b"], b["only_b"])
+    assert torch.equal(out["both"], torch.full((2,), 0.5))
+
+
+def test_fallback_covers_missing_keys(tmp_path, methods):
+    pa = write_checkpoint(tmp_path / "a.safetensors", {"x": torch.ones(2)})
+    pb = write_checkpoint(tmp_path / "b.safetensors", {"x": torch.zeros(2), "y": torch.full((3,), 7.0)})
+    out = load_file(mecha.merge(mecha.model(pa) | mecha.model(pb), tmp_path / "o.safetensors"))
+    assert torch.equal(out["x"], torch.ones(2)) and torch.equal(out["y"], torch.full((3,), 7.0))
+
+
+def test_delta_missing_a_key_leaves_the_base_untouched(tmp_path, methods):
+    base = {"touched": _rand(4, 4, seed=1), "untouched": _rand(5, seed=2, dtype=torch.float16)}
+    delta = {"touched": _rand(4, 4, seed=3)}
+    pb = write_checkpoint(tmp_path / "base.safetensors", base)
+    pd = write_checkpoint(tmp_path / "delta.safetensors", delta)
+    recipe = mecha.add_difference(mecha.model(pb), mecha.model(pd, type="delta"), alpha=0.5)
+    out = load_file(mecha.merge(recipe, tmp_path / "o.safetensors"))
+    assert torch.equal(out["untouched"], base["untouched"])
+    assert torch.allclose(out["touched"], base["touched"] + 0.5 * delta["touched"])
+
+
+def test_shape_mismatch_names_key_and_both_shapes(tmp_path, methods):
+    pa = write_checkpoint(tmp_path / "a.safetensors", {"w": torch.ones(2, 3)})
+    pb = write_checkpoint(tmp_path / "b.safetensors", {"w": torch.ones(3, 2)})
+    with pytest.raises(PlanError) as err:
+        mecha.merge(mecha.weighted_sum(mecha.model(pa), mecha.model(pb)), tmp_path / "o.safetensors")
+    msg = str(err.value)
+    assert "'w'" in msg and "[2, 3]" in msg and "[3, 2]" in msg and "b.safetensors" in msg
+
+
+def test_same_bytes_for_any_thread_count_and_slice_size(tmp_path, methods):
+    tensors = [{f"k{j}": _rand(300 + 17 * j, 129, seed=10 * i + j, dtype=torch.float16) for j in range(6)}
+               for i in range(3)]
+    paths = [write_checkpoint(tmp_path / f"m{i}.safetensors", t) for i, t in enumerate(tensors)]
+    recipe = mecha.add_difference(mecha.model(paths[0]), mecha.model(paths[1]), mecha.model(paths[2]), alpha=0.7)
+    digests = set()
+    for threads, chunk in ((1, 1 << 20), (2, 1 << 20), (4, 1000), (3, 4097)):
+        out = tmp_path / f"o_{threads}_{chunk}.safetensors"
+        mecha.merge(recipe, out, threads=threads, chunk_elements=chunk, memory_budget=1 << 20)
+        digests.add(_digest(out))
+    assert len(digests) == 1
+
+
+def test_output_file_layout_is_valid_safetensors(tmp_path, methods):
+    pa = write_checkpoint(tmp_path / "a.safetensors", {"z": torch.ones(3, dtype=torch.float16), "a": torch.ones(1)})
+    out = mecha.merge(mecha.scale(mecha.model(pa), alpha=2.0), tmp_path / "o.safetensors")
+    raw = open(out, "rb").read()
+    (n,) = struct.unpack("<Q", raw[:8])
+    assert n % 8 == 0
+    header = json.loads(raw[8:8 + n])
+    assert header["__metadata__"]["mecha_recipe"].startswith("mecha 1\n")
+    assert "time" not in json.dumps(header["__metadata__"]) and str(tmp_path) not in header["__metadata__"]["mecha_plugins"]
+    with safe_open(out, "pt") as f:
+        assert torch.equal(f.get_tensor("z"), torch.full((3,), 2.0, dtype=torch.float16))
+        assert set(f.keys()) == {"z", "a"}
+
+
+def test_output_bytes_do_not_depend_on_output_name(tmp_path, methods):
+    pa = write_checkpoint(tmp_path / "a.safetensors", {"w": _rand(50, seed=1)})
+    recipe = mecha.scale(mecha.model(pa), alpha=0.5)
+    first = mecha.merge(recipe, tmp_path / "one.safetensors")
+    os.makedirs(tmp_path / "sub")
+    second = mecha.merge(recipe, tmp_path / "sub" / "two.safetensors", threads=1)
+    assert _digest(first) == _digest(second)
+
+
+def test_failure_mid_merge_leaves_existing_output_untouched(tmp_path):
+    @mecha.merge_method
+    def explode_on_b(a, *, ctx):
+        """Fails on key 'b'."""
+        if ctx.key == "b":
+            raise ValueError("boom")
+        return a
+
+    host = host_with(plugin_from_functions("p", mecha_merge_methods=lambda: [explode_on_b]), names=["p"])
+    with using(host):
+        pa = write_checkpoint(tmp_path / "a.safetensors", {"a": torch.ones(2), "b": torch.ones(2), "c": torch.ones(2)})
+        target = tmp_path / "out.safetensors"
+        target.write_bytes(b"previous result")
+        with pytest.raises(MergeError, match=r"key 'b'.*boom"):
+            mecha.merge(explode_on_b(mecha.model(pa)), target)
+    assert target.read_bytes() == b"previous result"
+    assert sorted(os.listdir(tmp_path)) == ["a.safetensors", "out.safetensors"]
+
+
+def test_success_replaces_existing_output(tmp_path, methods):
+    pa = write_checkpoint(tmp_path / "a.safetensors", {"w": torch.ones(2)})
+    target = tmp_path / "out.safetensors"
+    target.write_bytes(b"old")
+    mecha.merge(mecha.scale(mecha.model(pa), alpha=3.0), target)
+    assert torch.equal(load_file(target)["w"], torch.full((2,), 3.0))
+    assert sorted(os.listdir(tmp_path)) == ["a.safetensors", "out.safetensors"]
+
+
+def test_nonfinite_result_is_reported_by_key(tmp_path, methods):
+    pa = write_checkpoint(tmp_path / "a.safetensors", {"good": torch.ones(2), "bad": torch.tensor([1.0, float("inf")])})
+    recipe = mecha.scale(mecha.model(pa), alpha=1.0)
+    with pytest.raises(MergeError, match="'bad'"):
+        mecha.merge(recipe, tmp_path / "o.safetensors")
+    out = load_file(mecha.merge(recipe, tmp_path / "o.safetensors", allow_nonfinite=True))
+    assert torch.isinf(out["bad"][1])
+
+
+def _private_peak_script(paths, out, extra=""):
+    return textwrap.dedent(f"""
+        import os, threading, time, json
+        peak = [0]
+        def private():
+            total = 0
+            for line in open(f"/proc/{{os.getpid()}}/status"):
+                if line.startswith(("RssAnon:", "RssShmem:")):
+                    total += int(line.split()[1]) * 1024
+            return total
+        def sample():
+            while True:
+                peak[0] = max(peak[0], private())
+                time.sleep(0.005)
+        import torch, mecha_core as m
+        baseline = private()
+        threading.Thread(target=sample, daemon=True).start()
+        paths = {paths!r}
+        m.merge(m.n_average(*[m.model(p) for p in paths]), {out!r}{extra})
+        time.sleep(0.02)
+        print(json.dumps({{"baseline": baseline, "peak": peak[0]}}))
+    """)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc (Linux)")
+def test_many_model_merge_memory_is_bounded(tmp_path):
+    """Sixteen 32 MB models: loading them would cost 512 MB (1 GB in float32); streaming costs a few slices."""
+    n, numel = 16, 16 * 1024 * 1024
+    paths = []
+    for i in range(n):
+        t = {"big": torch.full((numel,), float(i), dtype=torch.float16), "small": torch.full((10,), float(i))}
+        paths.append(write_checkpoint(tmp_path / f"m{i}.safetensors", t))
+    script = _private_peak_script(paths, str(tmp_path / "o.safetensors"), ", threads=2")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    stats = json.loads(res.stdout.strip().splitlines()[-1])
+    grown = stats["peak"] - stats["baseline"]
+    total_inputs = n * numel * 2
+    print(f"private memory grew by {grown / 1e6:.0f} MB")
+    assert grown < total_inputs / 3, f"private memory grew by {grown / 1e6:.0f} MB"
+    out = load_file(tmp_path / "o.safetensors")
+    assert torch.equal(out["big"][:5], torch.full((5,), sum(range(n)) / n, dtype=torch.float16))
