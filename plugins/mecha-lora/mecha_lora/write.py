@@ -1,2 +1,273 @@
-def extract_lora(*a, **k): raise NotImplementedError
-def merge_loras(*a, **k): raise NotImplementedError
+"""Writing kohya-format LoRA files: extracted from two checkpoints, or merged from several LoRAs.
+
+Both stream their inputs key by key through memory-mapped :class:`SafetensorsFile` readers; the
+output (a LoRA is small) is collected and written to a temporary file beside the target, then
+renamed into place, so a failure never leaves a partial file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from typing import Sequence
+
+import torch
+
+from mecha_core.engine.safetensors_io import SafetensorsFile, dtype_name, is_float, save, torch_dtype
+from mecha_core.errors import MechaError, OutputError, PlanError
+
+from . import keys as keynames
+from .algorithms import ModuleChange
+from .lowrank import OVERSAMPLE, POWER_ITERATIONS, low_rank
+from .resolve import checked_resolution
+from .tables import ARCHITECTURES, MODELSPEC_IDS, Module, table
+
+#: Rank used by merge_loras for modules that cannot be concatenated exactly (LoHa, LoKr, full,
+#: Tucker LoCon) when ``rank`` is not given.
+FALLBACK_RANK = 32
+
+
+def _is_conv_kernel(module: Module) -> bool:
+    return len(module.shape) == 4 and module.shape[2] * module.shape[3] > 1
+
+
+def _factor_tensors(module: Module, up: torch.Tensor, down: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """kohya tensors for up [out, r] @ down [r, in·k·k] with alpha = r (scale 1)."""
+    rank = down.shape[0]
+    conv = len(module.shape) == 4
+    name = module.kohya_name
+    return {
+        f"{name}.lora_down.weight": down.reshape((rank,) + module.shape[1:]).to(dtype).contiguous(),
+        f"{name}.lora_up.weight": (up.reshape(up.shape[0], rank, 1, 1) if conv else up).to(dtype).contiguous(),
+        f"{name}.alpha": torch.tensor(float(rank), dtype=dtype),
+    }
+
+
+def _write(tensors: dict[str, torch.Tensor], output: str | os.PathLike[str], metadata: dict[str, str]) -> str:
+    target = os.path.abspath(os.fspath(output))
+    folder = os.path.dirname(target)
+    if not os.path.isdir(folder):
+        raise OutputError(f"{output}: the folder {folder} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(target) + ".", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        save(tensors, tmp, metadata)
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return target
+
+
+def _metadata(arch: str, rank: str, extra: dict) -> dict[str, str]:
+    return {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": rank,
+        "ss_network_alpha": rank,
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": MODELSPEC_IDS[arch],
+        "mecha_lora": json.dumps(extra, sort_keys=True),
+    }
+
+
+def _check_same(a: str, b: str, output: str | os.PathLike[str]) -> None:
+    target = os.path.realpath(os.fspath(output))
+    for path in (a, b):
+        if os.path.realpath(path) == target:
+            raise OutputError(f"{output}: the output would overwrite the input {path}; choose another path")
+
+
+# -- extract ----------------------------------------------------------------------------------------
+
+def _stored_key(file: SafetensorsFile, key: str) -> str | None:
+    if key in file.keys:
+        return key
+    legacy = key.replace(".transformer.text_model.", ".transformer.", 1)  # old SD1 text encoder names
+    return legacy if legacy in file.keys else None
+
+
+def _detect_arch(tuned: SafetensorsFile, base: SafetensorsFile) -> str:
+    counts = {}
+    for arch in ARCHITECTURES:
+        counts[arch] = sum(1 for m in table(arch).modules
+                           if _stored_key(tuned, m.key) and _stored_key(base, m.key)
+                           and tuple(tuned.keys[_stored_key(tuned, m.key)].shape) == m.key_shape)
+    best = max(ARCHITECTURES, key=lambda a: counts[a])
+    if counts[best] == 0:
+        raise PlanError(f"{tuned.path} and {base.path} share no layer of {' or '.join(ARCHITECTURES)} that a "
+                        f"LoRA can target")
+    return best
+
+
+def _rank_for(module: Module, rank: int, ratio: float | None, conv_rank: int | None) -> int:
+    full = min(module.out_features, module.in_flat)
+    if ratio is not None:
+        return max(1, min(full, round(ratio * full)))
+    chosen = conv_rank if (_is_conv_kernel(module) and conv_rank is not None) else rank
+    return min(full, chosen)
+
+
+def extract_lora(tuned: str | os.PathLike[str], base: str | os.PathLike[str], output: str | os.PathLike[str], *,
+                 rank: int = 16, ratio: float | None = None, conv_rank: int | None = None,
+                 dtype: str | None = None, seed: int = 0, oversample: int = OVERSAMPLE,
+                 power_iterations: int = POWER_ITERATIONS) -> str:
+    """Write a kohya LoRA approximating ``tuned − base``; returns the output path.
+
+    Every layer of the detected architecture's LoRA table (LoRA, LoCon convs, text encoders;
+    SDXL CLIP-G q/k/v as row slices of ``in_proj_weight``) gets a rank-``rank`` factorisation of
+    its difference by randomized SVD, written with alpha = rank. Layers with no difference are
+    left out. Defaults: ``rank=16``; ``ratio`` (when given, overrides ``rank``): the fraction of
+    each layer's full rank min(out, in·k·k) to keep; ``conv_rank``: the rank of 3x3 convs
+    (default: ``rank``; 0 leaves convs out); ``dtype``: the dtype of ``tuned``'s weights;
+    ``seed``, ``oversample`` (10) and ``power_iterations`` (4) tune the randomized SVD.
+    Applying the result to ``base`` with strength 1 gives ≈ ``tuned``.
+    """
+    tuned, base = os.fspath(tuned), os.fspath(base)
+    _check_same(tuned, base, output)
+    if ratio is not None and not 0 < ratio <= 1:
+        raise MechaError(f"extract_lora: ratio must be in (0, 1]; got {ratio}")
+    if ratio is None and rank < 1:
+        raise MechaError(f"extract_lora: rank must be at least 1; got {rank}")
+    a, b = SafetensorsFile(tuned), SafetensorsFile(base)
+    try:
+        arch = _detect_arch(a, b)
+        out: dict[str, torch.Tensor] = {}
+        for module in table(arch).modules:
+            ka, kb = _stored_key(a, module.key), _stored_key(b, module.key)
+            if ka is None or kb is None:
+                continue
+            if a.keys[ka].shape != b.keys[kb].shape:
+                raise PlanError(f"key '{module.key}' has shape {list(a.keys[ka].shape)} in {tuned} but "
+                                f"{list(b.keys[kb].shape)} in {base}")
+            if tuple(a.keys[ka].shape) != module.key_shape:
+                raise PlanError(f"{tuned}: key '{module.key}' has shape {list(a.keys[ka].shape)}, "
+                                f"{arch} expects {list(module.key_shape)}")
+            r = _rank_for(module, rank, ratio, conv_rank)
+            if r == 0:
+                continue
+            diff = a.read(ka).to(torch.float32) - b.read(kb).to(torch.float32)
+            if module.rows is not None:
+                diff = diff[module.rows[0]:module.rows[1]]
+            diff = diff.reshape(module.out_features, module.in_flat)
+            if not bool(diff.any()):
+                continue
+            up, down = low_rank(diff, r, seed=seed, oversample=oversample, power_iterations=power_iterations)
+            out_dtype = torch_dtype(dtype) if dtype else a.read(ka).dtype
+            out.update(_factor_tensors(module, up, down, out_dtype))
+        if not out:
+            raise PlanError(f"{tuned} and {base} do not differ in any layer a LoRA can target; nothing to extract")
+        extra = {"extracted_from": [os.path.basename(tuned), os.path.basename(base)],
+                 "rank": rank if ratio is None else None, "ratio": ratio, "conv_rank": conv_rank}
+        return _write(out, output, _metadata(arch, str(rank if ratio is None else 0), extra))
+    finally:
+        a.close()
+        b.close()
+
+
+# -- merge ------------------------------------------------------------------------------------------
+
+def _open_lora(path: str) -> tuple[SafetensorsFile, ModuleChange, str]:
+    file = SafetensorsFile(path)
+    try:
+        keys = list(file.keys)
+        if keynames.is_kohya(keys):
+            style = "kohya"
+        elif keynames.is_peft(keys):
+            style = "peft"
+        else:
+            raise PlanError(f"{path}: not a LoRA file (neither kohya/LyCORIS nor PEFT key names)")
+        try:
+            res = checked_resolution(file.keys, style, what=path)
+        except ValueError as exc:
+            raise PlanError(f"{path}: {exc}") from None
+        return file, res, style
+    except BaseException:
+        file.close()
+        raise
+
+
+def _plain(change: ModuleChange) -> bool:
+    return change.algorithm == "lora" and "lora_mid.weight" not in change.sources
+
+
+def _tensors(file: SafetensorsFile, change: ModuleChange) -> dict[str, torch.Tensor]:
+    return {name: file.read(key) for name, key in change.sources.items()}
+
+
+def merge_loras(inputs: Sequence[str | os.PathLike[str]], output: str | os.PathLike[str], *,
+                weights: Sequence[float] | None = None, rank: int | None = None,
+                fallback_rank: int = FALLBACK_RANK, dtype: str | None = None, seed: int = 0) -> str:
+    """Merge LoRA files into one kohya LoRA whose ΔW = Σ weights[i] · ΔW_i; returns the path.
+
+    Defaults: ``weights`` all 1; ``rank=None`` concatenates the factors of plain LoRA/LoCon
+    modules (exact; the ranks add up) and re-factorises other additive modules (LoHa, LoKr,
+    Tucker LoCon, full) to ``fallback_rank`` (32) by SVD; a ``rank`` re-factorises every module
+    to that rank. ``dtype``: the first input's. Base-dependent modules (OFT, BOFT, DoRA, (IA)^3,
+    GLoRA) have no delta and raise an error: apply those with apply_lora instead.
+    """
+    paths = [os.fspath(p) for p in inputs]
+    if not paths:
+        raise MechaError("merge_loras: give at least one LoRA file")
+    weights = [1.0] * len(paths) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(paths):
+        raise MechaError(f"merge_loras: {len(weights)} weight(s) for {len(paths)} LoRA file(s)")
+    if rank is not None and rank < 1:
+        raise MechaError(f"merge_loras: rank must be at least 1; got {rank}")
+    for p in paths:
+        _check_same(p, p, output)
+    opened = []
+    try:
+        for p in paths:
+            opened.append(_open_lora(p))
+        arch = opened[0][1].arch
+        for (file, res, _), p in zip(opened, paths):
+            if res.arch != arch:
+                raise PlanError(f"{p} is a LoRA for {res.arch}, {paths[0]} for {arch}; they cannot be merged")
+        by_module: dict[Module, list[tuple[int, ModuleChange]]] = {}
+        for i, (_, res, _) in enumerate(opened):
+            for change in res.changes:
+                if not change.additive:
+                    raise PlanError(f"{paths[i]}: module '{change.module.kohya_name}' is {change.algorithm.upper()}, "
+                                    f"which depends on the base weight and has no delta; apply it with apply_lora")
+                if change.bias_build is not None:
+                    raise PlanError(f"{paths[i]}: module '{change.module.kohya_name}' changes a bias (diff_b), "
+                                    f"which a LoRA file cannot hold")
+                by_module.setdefault(change.module, []).append((i, change))
+        first_file = opened[0][0]
+        first_key = next(iter(first_file.keys))
+        out_dtype = torch_dtype(dtype) if dtype else (
+            torch_dtype(first_file.keys[first_key].dtype) if is_float(first_file.keys[first_key].dtype) else torch.float16)
+        out: dict[str, torch.Tensor] = {}
+        ranks = []
+        order = {m: n for n, m in enumerate(table(arch).modules)}
+        for module in sorted(by_module, key=order.__getitem__):
+            changes = by_module[module]
+            if rank is None and all(_plain(c) for _, c in changes):
+                ups, downs = [], []
+                for i, change in changes:
+                    t = _tensors(opened[i][0], change)
+                    down = t["lora_down.weight"].to(torch.float32)
+                    r = down.shape[0]
+                    alpha = float(t["alpha"].float().item()) if "alpha" in t else float(r)
+                    ups.append(t["lora_up.weight"].to(torch.float32).reshape(module.out_features, r)
+                               * (weights[i] * alpha / r))
+                    downs.append(down.reshape(r, module.in_flat))
+                up, down = torch.cat(ups, dim=1), torch.cat(downs, dim=0)
+            else:
+                delta = torch.zeros(module.out_features, module.in_flat)
+                for i, change in changes:
+                    t = _tensors(opened[i][0], change)
+                    delta += weights[i] * change.build(t, module.key).reshape(delta.shape)
+                up, down = low_rank(delta, rank or fallback_rank, seed=seed)
+            ranks.append(down.shape[0])
+            out.update(_factor_tensors(module, up, down, out_dtype))
+        if not out:
+            raise PlanError(f"{', '.join(paths)}: no module to merge")
+        extra = {"merged_from": [os.path.basename(p) for p in paths], "weights": weights, "rank": rank}
+        return _write(out, output, _metadata(arch, str(max(ranks)), extra))
+    finally:
+        for file, _, _ in opened:
+            file.close()
