@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -131,18 +129,18 @@ def test_a_file_without_read_permission(workspace, monkeypatch):
     check_clean_failure(result.exit_code, result.stderr, fragments=(str(path), "permission denied"))
 
 
-def test_debug_shows_the_traceback(tmp_path):
-    """Tracebacks appear only when asked for (--debug); without it the same error is one line."""
+def test_debug_option_raises_instead_of_one_line(tmp_path, monkeypatch):
+    """With --debug the error propagates (the traceback is shown) instead of becoming one line."""
     path = tmp_path / "empty.safetensors"
     path.write_bytes(b"")
-    env = {k: v for k, v in os.environ.items() if k != "MECHA_DEBUG"}
-    plain = subprocess.run([sys.executable, "-m", "mecha_core", "inspect", str(path)],
-                           capture_output=True, text=True, env=env, timeout=120)
-    debug = subprocess.run([sys.executable, "-m", "mecha_core", "--debug", "inspect", str(path)],
-                           capture_output=True, text=True, env=env, timeout=120)
-    check_clean_failure(plain.returncode, plain.stderr, fragments=(str(path), "too short"))
-    assert debug.returncode != 0
-    assert "Traceback" in debug.stderr and "SafetensorsError" in debug.stderr
+    monkeypatch.setenv("MECHA_DEBUG", "0")  # --debug sets it to 1; restored after the test
+    plain = runner.invoke(app, ["inspect", str(path)])
+    check_clean_failure(plain.exit_code, plain.stderr, fragments=(str(path), "too short"))
+    debug = runner.invoke(app, ["--debug", "inspect", str(path)])
+    from mecha_core.errors import SafetensorsError
+
+    assert isinstance(debug.exception, SafetensorsError) and debug.exit_code != 2
+    assert "error: " not in debug.stderr
 
 
 def test_mecha_debug_variable_raises_instead_of_one_line(tmp_path, monkeypatch):

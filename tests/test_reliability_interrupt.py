@@ -1,0 +1,141 @@
+"""Ctrl-C and SIGTERM in the middle of a real ``python -m mecha_core merge``: the temporary file
+goes, the previous output stays byte for byte, and the exit code says the merge did not finish.
+
+The merge is made slow by a test plugin whose method sleeps per key, installed for the
+subprocess as a real distribution (a ``.dist-info`` folder on PYTHONPATH) so that the CLI finds
+it through entry points like any other plugin. Its speed then does not depend on the machine.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from mecha_core.testing import write_checkpoint
+from mecha_core.testing_corpus import leftover_temp_files
+
+KEYS = 200
+SLEEP = 0.05  # seconds per key: an uninterrupted merge takes KEYS * SLEEP = 10 s
+
+PLUGIN = f'''
+"""A merge method that takes its time (for interruption tests)."""
+import time
+
+from mecha_core import hookimpl, merge_method
+
+
+@merge_method
+def slow_copy(a, *, seconds: float = {SLEEP}):
+    """a, after sleeping ``seconds``."""
+    time.sleep(seconds)
+    return a.clone()
+
+
+@hookimpl
+def mecha_merge_methods():
+    return [slow_copy]
+'''
+
+
+def _install_plugin(site) -> None:
+    site.mkdir()
+    (site / "mecha_slow_test.py").write_text(PLUGIN)
+    info = site / "mecha_slow_test-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: mecha-slow-test\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[mecha]\nslowtest = mecha_slow_test\n")
+
+
+@pytest.fixture
+def slow_merge(tmp_path):
+    _install_plugin(tmp_path / "site")
+    models = tmp_path / "models"
+    models.mkdir()
+    write_checkpoint(models / "a.safetensors", {f"k{i:03d}": torch.full((8,), float(i)) for i in range(KEYS)})
+    (models / "slow.mecha").write_text('mecha 1\na = model("a.safetensors")\nslow_copy(a)\n')
+    out = tmp_path / "out"
+    out.mkdir()
+    previous = b"the merge from last week, which a Ctrl-C must not cost"
+    (out / "merged.safetensors").write_bytes(previous)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "site"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["MECHA_LOAD_PLUGINS"] = "methods,slowtest"
+    env.pop("MECHA_DEBUG", None)
+    command = [sys.executable, "-m", "mecha_core", "merge", str(models / "slow.mecha"),
+               "-o", str(out / "merged.safetensors"), "--threads", "2", "--quiet"]
+    return command, env, out, previous
+
+
+def _wait_for_temp_file(proc: subprocess.Popen, folder, timeout: float = 60.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = leftover_temp_files(folder)
+        if found:
+            return found[0]
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"the merge ended (exit {proc.returncode}) before writing:\n{err}")
+        time.sleep(0.01)
+    proc.kill()
+    raise AssertionError("no temporary output appeared")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupted_merge_leaves_no_file_and_keeps_the_old_one(slow_merge, signum):
+    command, env, out, previous = slow_merge
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        temp = _wait_for_temp_file(proc, out)
+        assert temp.startswith(".merged.safetensors.") and temp.endswith(".tmp")
+        time.sleep(0.3)  # well inside the merge: a few keys are written, most are not
+        started = time.monotonic()
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=60)
+        stopped_after = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0, stderr
+    assert proc.returncode in (130, 128 + signum, -signum), (proc.returncode, stderr)
+    assert "Traceback" not in stderr, stderr
+    assert "interrupted" in stderr, stderr
+    assert stopped_after < KEYS * SLEEP / 2, "the merge ran on after the signal"
+    assert sorted(os.listdir(out)) == ["merged.safetensors"]
+    assert (out / "merged.safetensors").read_bytes() == previous
+
+
+def test_the_slow_merge_completes_when_left_alone(slow_merge, tmp_path, monkeypatch):
+    """The same recipe and plugin, uninterrupted, do write the output (so the test above
+    interrupts a merge that would have succeeded). In-process, on a handful of keys, to stay fast."""
+    from typer.testing import CliRunner
+
+    import mecha_methods.plugin
+    from mecha_core.cli import app
+    from mecha_core.engine.safetensors_io import SafetensorsFile
+    from mecha_core.testing import using
+
+    command, env, out, previous = slow_merge
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    import mecha_slow_test
+
+    few = tmp_path / "few"
+    few.mkdir()
+    write_checkpoint(few / "a.safetensors", {f"k{i}": torch.full((8,), float(i)) for i in range(3)})
+    (few / "slow.mecha").write_text('mecha 1\na = model("a.safetensors")\nslow_copy(a)\n')
+    with using(mecha_methods.plugin, mecha_slow_test):
+        result = CliRunner().invoke(app, ["merge", str(few / "slow.mecha"), "-o", str(out / "merged.safetensors"),
+                                          "--threads", "2", "--quiet"])
+    assert result.exit_code == 0, result.output
+    f = SafetensorsFile(out / "merged.safetensors")
+    try:
+        assert {k: f.read(k).tolist() for k in f.keys} == {f"k{i}": [float(i)] * 8 for i in range(3)}
+    finally:
+        f.close()
+    assert leftover_temp_files(out) == []
