@@ -100,11 +100,24 @@ def _describe(node: Node, steps_by_node: dict[Node, Step]) -> str:
     return repr(node)
 
 
+def _fits(value: Any, kind: type) -> bool:
+    """Whether a literal suits a hyperparameter annotated ``kind`` (maps hold numbers)."""
+    if kind is float:
+        return isinstance(value, WeightMap) or (isinstance(value, (int, float)) and not isinstance(value, bool))
+    if kind is int:
+        return isinstance(value, WeightMap) or (isinstance(value, int) and not isinstance(value, bool))
+    return isinstance(value, kind)
+
+
 def _check_hyper(node: CallNode, name: str, value: Node, host: PluginHost) -> None:
     if isinstance(value, ParameterNode):
         raise UnfilledParameterError(f"recipe parameter '{value.name}' ({node.method.name}'s {name}) "
                                      f"is not filled; fill it with `mecha merge -p {value.name}=VALUE` "
                                      f"or `mecha compose`")
+    spec = node.method.hyperparameter(name)
+    if isinstance(value, LiteralNode) and spec.kind is not None and not _fits(value.value, spec.kind):
+        raise RecipeError(f"{node.method.name}: hyperparameter '{name}' must be {spec.kind.__name__}, "
+                          f"got {value.value!r}")
     if isinstance(value, LiteralNode) and isinstance(value.value, WeightMap):
         for m in value.value.chain():
             arch = host.architecture(m.arch)
