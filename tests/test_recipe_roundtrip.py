@@ -69,8 +69,8 @@ def hyper_values(kind):
         return st.booleans()
     if kind is str:
         return st.text(max_size=12)
-    return st.one_of(st.none(), st.booleans(), numbers, st.text(max_size=8), weight_maps(),
-                     st.lists(numbers, max_size=4).map(tuple))
+    return st.one_of(st.lists(numbers, max_size=4).map(tuple), st.none(), st.booleans(), numbers,
+                     st.text(max_size=8), weight_maps())
 
 
 paths = st.one_of(st.sampled_from(["a.safetensors", "models/b.safetensors", "ghostmix_v20Bakedvae",
