@@ -1,0 +1,79 @@
+"""Averages of several models around a base: task arithmetic, Model Stock, geometric median."""
+
+from __future__ import annotations
+
+import torch
+
+from mecha_core import WEIGHT, merge_method
+
+from ._checks import at_least, choice, positive_int
+
+_SPACES = {"base": WEIGHT, "models": WEIGHT}
+
+
+@merge_method(elementwise=True, spaces=_SPACES, returns=WEIGHT, check_spaces=at_least(1, "model"),
+              formula="base + alpha * Σ (θᵢ − base)")
+def task_arithmetic(base, *models, alpha: float = 1.0):
+    """Task arithmetic (Ilharco et al. 2023): add every model's task vector θᵢ − base to the base,
+    scaled by alpha. With one model this is add_difference(model, base) in the other direction:
+    base + alpha · (model − base).
+    """
+    total = torch.zeros_like(base)
+    for m in models:
+        total += m - base
+    return base + alpha * total
+
+
+def _cosine(x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
+    return (x * y).sum() / torch.clamp(x.norm() * y.norm(), min=eps)
+
+
+@merge_method(spaces=_SPACES, returns=WEIGHT, check_spaces=at_least(2, "models"),
+              formula="t·mean(θᵢ) + (1 − t)·base,  t = N·cosθ / (1 + (N − 1)·cosθ)")
+def model_stock(base, *models, pairs: str = "all", eps: float = 1e-6):
+    """Model Stock (Jang et al. 2024, arXiv 2403.19522), per tensor.
+
+    cosθ is the mean cosine similarity of the flattened task vectors δᵢ = θᵢ − base, over all
+    pairs i < j with pairs="all" (the default, the paper's and mergekit's), or over consecutive
+    pairs (δ₁, δ₂), (δ₂, δ₃), ... with pairs="consecutive" (sd-mecha's cheaper variant). With N
+    models, t = N·cosθ / (1 + (N − 1)·cosθ) and the result is t·mean(θᵢ) + (1 − t)·base. eps
+    guards the cosine's denominator (a zero task vector has cosine 0). Needs at least 2 models.
+    """
+    pairs = choice("model_stock", "pairs", pairs, ("all", "consecutive"))
+    deltas = [m - base for m in models]
+    n = len(deltas)
+    if pairs == "all":
+        index = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    else:
+        index = [(i, i + 1) for i in range(n - 1)]
+    cos = sum(_cosine(deltas[i], deltas[j], eps) for i, j in index) / len(index)
+    t = n * cos / (1 + (n - 1) * cos)
+    mean = sum(models) / n
+    return t * mean + (1 - t) * base
+
+
+@merge_method(formula="argmin_m Σ ‖xᵢ − m‖ (Weiszfeld iterations)", check_spaces=at_least(1, "model"))
+def geometric_median(*models, eps: float = 1e-6, maxiter: int = 100, ftol: float = 1e-20):
+    """The geometric median of the flattened tensors: the point minimising the sum of Euclidean
+    distances to the inputs, robust to an outlier model.
+
+    Weiszfeld's algorithm from the mean: each step is the average of the inputs weighted by
+    1 / max(‖xᵢ − m‖, eps); it stops after maxiter steps, or when the sum of distances improves
+    by at most ftol times its value.
+    """
+    maxiter = positive_int("geometric_median", "maxiter", maxiter)
+    stack = torch.stack([m.reshape(-1) for m in models])
+    median = stack.mean(dim=0)
+    distances = (stack - median).norm(dim=1)
+    objective = distances.sum()
+    for _ in range(maxiter):
+        weights = 1 / torch.clamp(distances, min=eps)
+        median = (weights[:, None] * stack).sum(dim=0) / weights.sum()
+        distances = (stack - median).norm(dim=1)
+        previous, objective = objective, distances.sum()
+        if abs(previous - objective) <= ftol * objective:
+            break
+    return median.reshape(models[0].shape)
+
+
+AVERAGING = [task_arithmetic, model_stock, geometric_median]

@@ -1,0 +1,268 @@
+"""Task-vector methods that sparsify each model's delta before combining: TIES, DARE, DELLA,
+Model Breadcrumbs.
+
+Every method here takes a base and fine-tunes in weight space, works on the deltas
+δᵢ = θᵢ − θ₀ of one key at a time, and returns weights θ₀ + alpha · combined(δ).
+Sparsification looks at the whole tensor (top-k, ranks, random masks drawn for the whole key), so
+none of these is element-wise: the engine always gives them whole tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mecha_core import WEIGHT, merge_method
+
+from ._checks import at_least, choice, fraction
+
+_SPACES = {"base": WEIGHT, "models": WEIGHT}
+_VOTES = ("sum", "count")
+_RESCALES = ("density", "l1", "none")
+
+
+# -- building blocks -----------------------------------------------------------------------------
+def deltas_of(base: torch.Tensor, models: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    return [m - base for m in models]
+
+
+def keep_top_k(delta: torch.Tensor, k: int) -> torch.Tensor:
+    """``delta`` with all but its ``k`` largest-magnitude entries set to zero (exactly k kept)."""
+    n = delta.numel()
+    if k >= n:
+        return delta.clone()
+    flat = delta.reshape(-1)
+    kept = torch.zeros_like(flat)
+    if k > 0:
+        idx = torch.topk(flat.abs(), k, sorted=False).indices
+        kept[idx] = flat[idx]
+    return kept.reshape(delta.shape)
+
+
+def elect_sign(deltas: list[torch.Tensor], vote: str) -> torch.Tensor:
+    """TIES sign election: the sign of the summed deltas ("sum", magnitude-weighted) or of the
+    summed signs ("count", one vote per model)."""
+    if vote == "sum":
+        return torch.sign(sum(deltas))
+    return torch.sign(sum(torch.sign(d) for d in deltas))
+
+
+def disjoint_mean(deltas: list[torch.Tensor], sign: torch.Tensor) -> torch.Tensor:
+    """Per entry, the mean of the non-zero deltas whose sign is the elected one (0 where none)."""
+    total = torch.zeros_like(deltas[0])
+    count = torch.zeros_like(deltas[0])
+    for d in deltas:
+        agrees = (torch.sign(d) == sign) & (d != 0)
+        total += torch.where(agrees, d, torch.zeros_like(d))
+        count += agrees.to(d.dtype)
+    return total / count.clamp(min=1)
+
+
+def ties_merge(deltas: list[torch.Tensor], vote: str) -> torch.Tensor:
+    return disjoint_mean(deltas, elect_sign(deltas, vote))
+
+
+def bernoulli_mask(shape: torch.Size, keep_prob: torch.Tensor | float, gen: torch.Generator,
+                   device: torch.device) -> torch.Tensor:
+    """A keep mask drawn from ``gen``. Always one full draw per model, whatever the values, so the
+    masks of model i are the same whatever the other models are."""
+    draw = torch.rand(shape, generator=gen, device=device, dtype=torch.float32)
+    return draw < keep_prob
+
+
+def rescaled(delta: torch.Tensor, mask: torch.Tensor, density: float, rescale: str) -> torch.Tensor:
+    kept = torch.where(mask, delta, torch.zeros_like(delta))
+    if rescale == "density":
+        return kept / density
+    if rescale == "l1":
+        kept_l1 = kept.abs().sum()
+        return kept * (delta.abs().sum() / kept_l1) if kept_l1 > 0 else kept
+    return kept
+
+
+def della_keep_prob(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """DELLA's keep probability: within each row (dim 0 of the tensor, the rest flattened) entries
+    are ranked by magnitude, rank 0 the smallest; p = density - epsilon + 2·epsilon·rank/(n - 1)."""
+    rows = delta.reshape(delta.shape[0], -1) if delta.dim() >= 2 else delta.reshape(1, -1)
+    n = rows.shape[1]
+    order = torch.argsort(rows.abs(), dim=1, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(n, device=delta.device).expand_as(order))
+    rank_norm = ranks.to(delta.dtype) / (n - 1) if n > 1 else torch.full_like(rows, 0.5)
+    return (density - epsilon + 2 * epsilon * rank_norm).reshape(delta.shape)
+
+
+def middle_band(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Breadcrumbs mask: drop the int(gamma·n) largest magnitudes, keep the next int(density·n)."""
+    n = delta.numel()
+    flat = delta.reshape(-1)
+    order = torch.argsort(flat.abs(), descending=True, stable=True)
+    top = int(gamma * n)
+    keep = order[top:top + int(density * n)]
+    out = torch.zeros_like(flat)
+    out[keep] = flat[keep]
+    return out.reshape(delta.shape)
+
+
+def _check_della(name: str, density: float, epsilon: float) -> tuple[float, float]:
+    density = fraction(name, "density", density, zero_ok=False)
+    epsilon = float(epsilon)
+    if epsilon < 0 or density - epsilon <= 0 or density + epsilon > 1:
+        from mecha_core.errors import MergeError
+
+        raise MergeError(f"{name}(density={density}, epsilon={epsilon}): keep probabilities "
+                         f"density ± epsilon must lie in (0, 1]")
+    return density, epsilon
+
+
+# -- TIES ----------------------------------------------------------------------------------------
+@merge_method(spaces=_SPACES, returns=WEIGHT, check_spaces=at_least(1, "model"),
+              formula="base + alpha * disjoint_mean(elect(top_k(δᵢ, int(density·numel))))")
+def ties(base, *models, density: float = 0.2, alpha: float = 1.0, vote: str = "sum"):
+    """TIES-merging (Yadav et al. 2023): trim, elect sign, disjoint merge.
+
+    Each model's delta δᵢ = θᵢ − base keeps only its int(density·numel) largest-magnitude entries
+    (density = the fraction kept, per model). The elected sign per entry is sign(Σ trimmed δᵢ)
+    with vote="sum" (the default; mergekit's "sum", magnitude-weighted), or sign(Σ sign(trimmed
+    δᵢ)) with vote="count" (one vote per model: mergekit's "count", PEFT's "frequency",
+    sd-mecha's default). The merged delta is the sum of the trimmed entries that agree with the
+    elected sign divided by how many non-zero entries agree (at least 1); the result is
+    base + alpha · merged.
+    """
+    vote = choice("ties", "vote", vote, _VOTES)
+    density = fraction("ties", "density", density)
+    deltas = deltas_of(base, models)
+    k = int(density * base.numel())
+    trimmed = [keep_top_k(d, k) for d in deltas]
+    return base + alpha * ties_merge(trimmed, vote)
+
+
+# -- DARE ----------------------------------------------------------------------------------------
+def _dare_deltas(name: str, base, models, density, seed, rescale, ctx) -> list[torch.Tensor]:
+    density = fraction(name, "density", density, zero_ok=False)
+    rescale = choice(name, "rescale", rescale, _RESCALES)
+    gen = ctx.generator(seed)
+    out = []
+    for d in deltas_of(base, models):
+        mask = bernoulli_mask(d.shape, density, gen, d.device)
+        out.append(rescaled(d, mask, density, rescale))
+    return out
+
+
+@merge_method(spaces=_SPACES, returns=WEIGHT, check_spaces=at_least(1, "model"),
+              formula="base + alpha * Σ mᵢ ⊙ δᵢ / density,  mᵢ ~ Bernoulli(density)")
+def dare_linear(base, *models, density: float = 0.5, alpha: float = 1.0, seed: int = 0,
+                rescale: str = "density", ctx=None):
+    """DARE (Yu et al. 2023, "drop and rescale") with a plain sum of the task vectors.
+
+    Each delta δᵢ = θᵢ − base keeps every entry with probability density (a Bernoulli mask mᵢ,
+    a fresh one per model) and the kept entries are rescaled. rescale="density" (the default,
+    the paper's and PEFT's) divides them by density, so the expected delta is unchanged;
+    rescale="l1" (mergekit) scales the masked delta back to the L1 norm of the full delta;
+    rescale="none" keeps them as they are. The result is base + alpha · Σ masked δᵢ.
+
+    The masks come from seed and the key name only, so the same seed gives the same bytes
+    whatever the thread count or key order; a different seed gives different masks.
+    """
+    deltas = _dare_deltas("dare_linear", base, models, density, seed, rescale, ctx)
+    return base + alpha * sum(deltas)
+
+
+@merge_method(spaces=_SPACES, returns=WEIGHT, check_spaces=at_least(1, "model"),
+              formula="base + alpha * disjoint_mean(elect(mᵢ ⊙ δᵢ / density))")
+def dare_ties(base, *models, density: float = 0.5, alpha: float = 1.0, seed: int = 0,
+              rescale: str = "density", vote: str = "sum", ctx=None):
+    """DARE masks and rescaling (exactly as dare_linear, the same masks for the same seed), then
+    the TIES sign election and disjoint mean instead of a sum.
+
+    density: keep probability of each delta entry. rescale: "density" (default, divide by
+    density), "l1" (keep each delta's L1 norm) or "none". vote: "sum" (default, sign of the
+    summed deltas) or "count" (sign of the summed signs), as in ties. seed: fixes the masks
+    (per key, independent of threads). Result: base + alpha · merged.
+    """
+    vote = choice("dare_ties", "vote", vote, _VOTES)
+    deltas = _dare_deltas("dare_ties", base, models, density, seed, rescale, ctx)
+    return base + alpha * ties_merge(deltas, vote)
+
+
+# -- DELLA ---------------------------------------------------------------------------------------
+def _della_deltas(name: str, base, models, density, epsilon, seed, ctx) -> list[torch.Tensor]:
+    density, epsilon = _check_della(name, density, epsilon)
+    gen = ctx.generator(seed)
+    out = []
+    for d in deltas_of(base, models):
+        p = della_keep_prob(d, density, epsilon)
+        mask = bernoulli_mask(d.shape, p, gen, d.device)
+        out.append(torch.where(mask, d / p, torch.zeros_like(d)))
+    return out
+
+
+@merge_method(spaces=_SPACES, returns=WEIGHT, check_spaces=at_least(1, "model"),
+              formula="base + alpha * disjoint_mean(elect(mᵢ ⊙ δᵢ / pᵢ)),  mᵢ ~ Bernoulli(pᵢ), "
+                      "pᵢ = density − epsilon + 2·epsilon·rank_norm(|δᵢ|)")
+def della(base, *models, density: float = 0.5, epsilon: float = 0.1, alpha: float = 1.0,
+          seed: int = 0, vote: str = "sum", ctx=None):
+    """DELLA (Deep et al. 2024): magnitude-aware drop and rescale, then TIES sign election.
+
+    Within each row of a delta δᵢ = θᵢ − base (dim 0; other dims flattened; a 1-D tensor is one
+    row) entries are ranked by magnitude, rank_norm = rank / (n − 1) from 0 (smallest) to 1
+    (largest). Each entry is kept with probability p = density − epsilon + 2·epsilon·rank_norm
+    and kept entries are divided by their own p. Both density − epsilon > 0 and density + epsilon
+    ≤ 1 are required. The masked deltas are then fused as in ties (vote "sum" by default, or
+    "count"); the result is base + alpha · merged. seed fixes the masks per key, whatever the
+    thread count. della_linear sums instead of electing signs.
+    """
+    vote = choice("della", "vote", vote, _VOTES)
+    deltas = _della_deltas("della", base, models, density, epsilon, seed, ctx)
+    return base + alpha * ties_merge(deltas, vote)
+
+
+@merge_method(spaces=_SPACES, returns=WEIGHT, check_spaces=at_least(1, "model"),
+              formula="base + alpha * Σ mᵢ ⊙ δᵢ / pᵢ  (pᵢ as in della)")
+def della_linear(base, *models, density: float = 0.5, epsilon: float = 0.1, alpha: float = 1.0,
+                 seed: int = 0, ctx=None):
+    """DELLA's magnitude-ranked drop and rescale (see della: keep probability density − epsilon
+    for the smallest entry of a row up to density + epsilon for the largest, kept entries divided
+    by their probability), followed by a plain sum: base + alpha · Σ masked δᵢ. seed fixes the
+    masks per key, whatever the thread count.
+    """
+    deltas = _della_deltas("della_linear", base, models, density, epsilon, seed, ctx)
+    return base + alpha * sum(deltas)
+
+
+# -- Model Breadcrumbs ---------------------------------------------------------------------------
+def _crumbs(name: str, base, models, density, gamma) -> list[torch.Tensor]:
+    density = fraction(name, "density", density)
+    gamma = fraction(name, "gamma", gamma)
+    if density + gamma > 1:
+        from mecha_core.errors import MergeError
+
+        raise MergeError(f"{name}(density={density}, gamma={gamma}): density + gamma must be ≤ 1")
+    return [middle_band(d, density, gamma) for d in deltas_of(base, models)]
+
+
+@merge_method(spaces=_SPACES, returns=WEIGHT, check_spaces=at_least(1, "model"),
+              formula="base + alpha * Σ band(δᵢ)  (drop the top gamma and the bottom 1 − density − gamma by |δᵢ|)")
+def breadcrumbs(base, *models, density: float = 0.9, gamma: float = 0.01, alpha: float = 1.0):
+    """Model Breadcrumbs (Davari & Belilovsky 2023): keep the middle band of each task vector.
+
+    Each delta δᵢ = θᵢ − base, ordered by magnitude, loses its int(gamma·numel) largest entries
+    (outliers) and keeps the next int(density·numel); the smallest 1 − density − gamma are
+    dropped too (density + gamma ≤ 1). The result is base + alpha · Σ kept δᵢ. breadcrumbs_ties
+    fuses the kept deltas with the TIES election instead.
+    """
+    return base + alpha * sum(_crumbs("breadcrumbs", base, models, density, gamma))
+
+
+@merge_method(spaces=_SPACES, returns=WEIGHT, check_spaces=at_least(1, "model"),
+              formula="base + alpha * disjoint_mean(elect(band(δᵢ)))")
+def breadcrumbs_ties(base, *models, density: float = 0.9, gamma: float = 0.01, alpha: float = 1.0,
+                     vote: str = "sum"):
+    """Model Breadcrumbs' middle band (drop the top gamma fraction by magnitude, keep the next
+    density fraction of each delta), then the TIES sign election (vote "sum" by default, or
+    "count") and disjoint mean: base + alpha · merged.
+    """
+    vote = choice("breadcrumbs_ties", "vote", vote, _VOTES)
+    return base + alpha * ties_merge(_crumbs("breadcrumbs_ties", base, models, density, gamma), vote)
+
+
+SPARSE = [ties, dare_linear, dare_ties, della, della_linear, breadcrumbs, breadcrumbs_ties]

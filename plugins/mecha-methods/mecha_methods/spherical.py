@@ -1,0 +1,98 @@
+"""Interpolation on the sphere: slerp, multi-slerp and the Karcher mean.
+
+Each tensor is flattened to one vector; directions are interpolated on the unit sphere and the
+norm separately (linearly), so a merge of two similar models keeps their scale.
+"""
+
+from __future__ import annotations
+
+
+import torch
+
+from mecha_core import merge_method
+
+from ._checks import at_least, per_model_weights, positive_int
+
+
+def _unit(x: torch.Tensor, eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
+    norm = x.norm()
+    return x / torch.clamp(norm, min=eps), norm
+
+
+@merge_method(formula="(sin((1−α)Ω)·â + sin(αΩ)·b̂) / sin Ω · ((1−α)‖a‖ + α‖b‖),  Ω = arccos(â·b̂)")
+def slerp(a, b, *, alpha: float = 0.5, parallel: float = 0.9995):
+    """Spherical linear interpolation of the flattened tensors.
+
+    The unit directions â, b̂ are interpolated along the great circle through them (Ω the angle
+    between them) and the result is given the norm (1 − alpha)·‖a‖ + alpha·‖b‖. When the
+    directions are nearly parallel or opposite (|cos Ω| > parallel) or a tensor is zero, the
+    circle is ill-defined and the result is the plain weighted_sum (1 − alpha)·a + alpha·b.
+    """
+    ua, na = _unit(a.reshape(-1))
+    ub, nb = _unit(b.reshape(-1))
+    cos = torch.clamp((ua * ub).sum(), -1.0, 1.0)
+    if na == 0 or nb == 0 or abs(float(cos)) > parallel:
+        return (1 - alpha) * a + alpha * b
+    omega = torch.arccos(cos)
+    sin = torch.sin(omega)
+    direction = (torch.sin((1 - alpha) * omega) * ua + torch.sin(alpha * omega) * ub) / sin
+    return (direction * ((1 - alpha) * na + alpha * nb)).reshape(a.shape)
+
+
+@merge_method(formula="exp_μ(Σ wᵢ (uᵢ − (uᵢ·μ)μ)) · Σ wᵢ‖xᵢ‖,  uᵢ = xᵢ/‖xᵢ‖, μ = normalised Σ wᵢuᵢ",
+              check_spaces=at_least(1, "model"))
+def multislerp(*models, weights: tuple = None, eps: float = 1e-8):
+    """Spherical interpolation of any number of tensors (mergekit's multi-SLERP).
+
+    weights: one per input (a recipe list such as [0.3, 0.7]); the default (null) means equal
+    weights; they are normalised to sum 1. Each flattened input is normalised, uᵢ = xᵢ/‖xᵢ‖;
+    μ is the normalised weighted mean of the uᵢ; the tangent vectors at μ are
+    vᵢ = uᵢ − (uᵢ·μ)μ and τ = Σ wᵢvᵢ; the direction is the exponential map
+    μ·cos‖τ‖ + τ·sin‖τ‖/‖τ‖ (μ itself when ‖τ‖ < eps), and the result has norm Σ wᵢ‖xᵢ‖. For
+    task-vector interpolation, give it deltas (e.g. subtract(model, base)) and add the result to
+    the base.
+    """
+    w = per_model_weights("multislerp", weights, len(models))
+    flat = [m.reshape(-1) for m in models]
+    units, norms = zip(*(_unit(x, eps) for x in flat))
+    mu, _ = _unit(sum(wi * u for wi, u in zip(w, units)), eps)
+    tau = sum(wi * (u - (u * mu).sum() * mu) for wi, u in zip(w, units))
+    tn = tau.norm()
+    direction = mu if tn < eps else mu * torch.cos(tn) + tau * (torch.sin(tn) / tn)
+    direction, _ = _unit(direction, eps)
+    scale = sum(wi * n for wi, n in zip(w, norms))
+    return (direction * scale).reshape(models[0].shape)
+
+
+@merge_method(formula="the weighted Fréchet mean of xᵢ/‖xᵢ‖ on the unit sphere, times Σ wᵢ‖xᵢ‖",
+              check_spaces=at_least(1, "model"))
+def karcher(*models, weights: tuple = None, maxiter: int = 10, tol: float = 1e-5):
+    """The Karcher (Riemannian) mean of the flattened tensors' directions, given their mean norm.
+
+    weights: one per input (recipe list), default null = equal; normalised to sum 1. Starting from
+    the normalised weighted mean μ of the unit vectors uᵢ, each step maps every uᵢ to the tangent
+    space at μ (log map: θᵢ/sin θᵢ · (uᵢ − cos θᵢ·μ), θᵢ = arccos(uᵢ·μ)), averages them with the
+    weights and moves μ along the exponential map; it stops after maxiter steps or when the
+    averaged tangent vector is shorter than tol. The result is μ·Σ wᵢ‖xᵢ‖.
+    """
+    w = per_model_weights("karcher", weights, len(models))
+    maxiter = positive_int("karcher", "maxiter", maxiter)
+    flat = [m.reshape(-1) for m in models]
+    units, norms = zip(*(_unit(x) for x in flat))
+    mu, _ = _unit(sum(wi * u for wi, u in zip(w, units)))
+    for _ in range(maxiter):
+        tangent = torch.zeros_like(mu)
+        for wi, u in zip(w, units):
+            cos = torch.clamp((u * mu).sum(), -1.0, 1.0)
+            theta = torch.arccos(cos)
+            if theta > 1e-7:
+                tangent += wi * (theta / torch.sin(theta)) * (u - cos * mu)
+        step = tangent.norm()
+        if step < tol:
+            break
+        mu, _ = _unit(mu * torch.cos(step) + tangent * (torch.sin(step) / step))
+    scale = sum(wi * n for wi, n in zip(w, norms))
+    return (mu * scale).reshape(models[0].shape)
+
+
+SPHERICAL = [slerp, multislerp, karcher]
