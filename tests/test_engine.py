@@ -285,3 +285,18 @@ def test_progress_line_reports_keys_bytes_rate_and_eta(capsys):
     quiet.update(1, key_done=True)
     quiet.close()
     assert capsys.readouterr().err == ""
+
+
+def test_deep_recipe_chain_evaluates(tmp_path, methods):
+    """Hundreds of chained steps (e.g. many LoRAs applied in turn) must not hit recursion limits."""
+    pa = write_checkpoint(tmp_path / "a.safetensors", {"w": torch.ones(4)})
+    pd = write_checkpoint(tmp_path / "d.safetensors", {"w": torch.full((4,), 0.5)})
+    node = mecha.model(pa)
+    delta = mecha.model(pd, type="delta")
+    for i in range(400):
+        node = mecha.add_difference(node, delta, alpha=0.01 * (i % 3))
+    out = load_file(mecha.merge(node, tmp_path / "o.safetensors"))
+    expected = torch.ones(4)
+    for i in range(400):
+        expected = expected + torch.full((4,), 0.5) * (0.01 * (i % 3))
+    assert torch.allclose(out["w"], expected, rtol=1e-5)

@@ -86,54 +86,70 @@ class Evaluator:
         return value.resolve(spec.blocks, spec.klass, default)
 
     def evaluate(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """The value of the recipe's root for ``key`` (elements ``start:stop`` of it, flattened).
+
+        Steps run in topological order, iteratively (a recipe may be thousands of steps deep);
+        each intermediate is dropped as soon as its last consumer has run.
+        """
         steps = self.plan.steps
-        values: list[Any] = [None] * len(steps)
-        remaining = list(self.uses)
         sliced = stop is not None
-
-        def leaf(step: Step) -> torch.Tensor:
-            t = step.source.read(key)
-            if sliced:
-                t = t.reshape(-1)[start:stop]
-            if is_float(step.table[key].dtype):
-                return t.to(device=self.device, dtype=self.work_dtype)
-            return t
-
-        def zeros(step: Step) -> torch.Tensor:
-            info = self.plan.output[key]
-            shape = (stop - start,) if sliced else info.shape
-            return torch.zeros(shape, dtype=self.work_dtype, device=self.device)
-
-        def ev(i: int) -> Any:
-            if values[i] is not None:
-                return values[i]
-            step = steps[i]
-            if step.source is not None:
-                out = leaf(step)
+        # which steps this key needs: pass-through steps need only the input they pass on
+        needed = [False] * len(steps)
+        needed[-1] = True
+        for step in reversed(steps):
+            if not needed[step.index] or step.source is not None:
+                continue
+            if key in step.take:
+                needed[step.inputs[step.take[key]]] = True
             else:
-                node = step.node
-                assert isinstance(node, CallNode)
-                if key in step.take:
-                    out = ev(step.inputs[step.take[key]])
-                else:
-                    args = []
-                    for j in step.inputs:
-                        if key in steps[j].table:
-                            args.append(ev(j))
-                        elif node.method.accepts_missing:
-                            args.append(None)
-                        else:  # a delta that does not touch this key: zero difference
-                            args.append(zeros(steps[j]))
-                    out = self._call(node, args, key)
                 for j in step.inputs:
+                    if key in steps[j].table:
+                        needed[j] = True
+        remaining = [0] * len(steps)
+        for step in steps:
+            if needed[step.index] and step.source is None:
+                for j in (step.inputs if key not in step.take else [step.inputs[step.take[key]]]):
+                    if needed[j]:
+                        remaining[j] += 1
+        values: list[Any] = [None] * len(steps)
+        for step in steps:
+            if not needed[step.index]:
+                continue
+            if step.source is not None:
+                values[step.index] = self._leaf(step, key, start, stop)
+                continue
+            node = step.node
+            assert isinstance(node, CallNode)
+            if key in step.take:
+                consumed = [step.inputs[step.take[key]]]
+                out = values[consumed[0]]
+            else:
+                consumed = step.inputs
+                args = []
+                for j in step.inputs:
+                    if needed[j]:
+                        args.append(values[j])
+                    elif node.method.accepts_missing:
+                        args.append(None)
+                    else:  # a delta that does not touch this key: zero difference
+                        shape = (stop - start,) if sliced else self.plan.output[key].shape
+                        args.append(torch.zeros(shape, dtype=self.work_dtype, device=self.device))
+                out = self._call(node, args, key)
+            values[step.index] = out
+            for j in consumed:
+                if needed[j]:
                     remaining[j] -= 1
                     if remaining[j] == 0:
                         values[j] = None
-            values[i] = out
-            return out
+        return values[-1]
 
-        result = ev(len(steps) - 1)
-        return result
+    def _leaf(self, step: Step, key: str, start: int, stop: int | None) -> Any:
+        t = step.source.read(key)
+        if stop is not None:
+            t = t.reshape(-1)[start:stop]
+        if is_float(step.table[key].dtype):
+            return t.to(device=self.device, dtype=self.work_dtype)
+        return t
 
     def _call(self, node: CallNode, args: list[Any], key: str) -> torch.Tensor:
         method = node.method
