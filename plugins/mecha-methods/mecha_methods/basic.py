@@ -44,16 +44,11 @@ def subtract(a, b):
     return a - b
 
 
-def _add_spaces(spaces: dict[str, Any]) -> None:
-    if spaces.get("a") == DELTA and spaces.get("b") == WEIGHT:
-        raise ValueError("put the weights first: add(weights, delta)")
-
-
-@merge_method(elementwise=True, formula="a + b", check_spaces=_add_spaces)
+@merge_method(elementwise=True, spaces={"b": DELTA}, formula="a + b")
 def add(a, b):
-    """Weights plus a delta (or two deltas summed)."""
+    """Weights plus a delta (the result is weights), or two deltas summed (a delta). b must be a
+    delta: adding two checkpoints is almost never meant (weighted_sum averages them)."""
     return a + b
-
 
 
 @merge_method(elementwise=True, formula="alpha * a")
