@@ -6,7 +6,9 @@ The public Python API::
     a, b = mecha.model("a.safetensors"), mecha.model("b.safetensors")
     mecha.merge(mecha.weighted_sum(a, b, alpha=0.3), output="out.safetensors")
 
-Every registered merge method is available as ``mecha_core.<name>``.
+Every registered merge method is available as ``mecha_core.<name>``. Plugin authors use
+``hookimpl`` and ``merge_method`` from here (see docs/plugins.md). Importing this package loads
+no plugin: they are discovered on first use.
 """
 
 from __future__ import annotations

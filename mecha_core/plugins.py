@@ -175,6 +175,14 @@ class PluginHost:
                 self.records.append(record)
                 continue
             self._load(record, ep.load)
+        by_name: dict[str, list[str]] = {}
+        for ep in found:
+            dist = getattr(ep, "dist", None)
+            by_name.setdefault(ep.name, []).append(dist.name if dist else ep.value)
+        for name, owners in sorted(by_name.items()):
+            if len(owners) > 1:
+                self.warnings.append(f"plugin name '{name}' is used by {' and '.join(owners)}; "
+                                     f"uninstall one of them")
         for name in sorted((allow or set()) - {ep.name for ep in found}):
             self.warnings.append(f"MECHA_LOAD_PLUGINS names '{name}', which is not installed "
                                  f"(installed: {', '.join(sorted({ep.name for ep in found})) or 'none'})")

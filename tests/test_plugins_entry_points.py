@@ -320,3 +320,12 @@ def test_strict_mode_stops_a_merge_but_not_the_plugin_listing(site, monkeypatch)
     assert methods.exit_code == 2
     assert methods.stderr.startswith("error: plugin 'broken' failed: ModuleNotFoundError")
     assert len(methods.stderr.splitlines()) == 1
+
+
+def test_two_distributions_using_one_plugin_name_are_reported(site):
+    install_fixture(site)
+    install(site, "mecha_rival_plugin", entry="fixture", dist="mecha-rival-plugin", version="0.3")
+    host = get_host()
+    assert [r.name for r in host.records].count("fixture") == 2
+    assert any(p.startswith("plugin name 'fixture' is used by ") and "mecha-rival-plugin" in p
+               and ("mecha-fixture-plugin" in p or "mecha_fixture_plugin" in p) for p in host.problems())
