@@ -341,6 +341,11 @@ def _run_units(plan: Plan, fd: int, offsets: dict[str, int], data_start: int, pr
         finally:
             budget.release(cost)
 
+    sources_by_key: dict[str, list[Any]] = {}
+    for step in plan.steps:
+        if step.source is not None and step.source.direct:
+            for key in step.table:
+                sources_by_key.setdefault(key, []).append(step.source)
     pool = cf.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mecha")
     try:
         for idx, (key, start, end) in enumerate(units):
@@ -348,6 +353,8 @@ def _run_units(plan: Plan, fd: int, offsets: dict[str, int], data_start: int, pr
             cost = min(cost, budget.limit)
             if stop.is_set() or not budget.acquire(cost, stop):
                 break
+            for source in sources_by_key.get(key, ()):  # overlap reading with the work in flight
+                source.prefetch(key, start, end)
             pool.submit(work, idx, key, start, end, cost)
         pool.shutdown(wait=True)
     except BaseException:

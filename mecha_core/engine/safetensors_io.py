@@ -224,6 +224,21 @@ class SafetensorsFile:
                                     offset=self.data_start + entry.begin)
         return flat.view(info.shape)
 
+    def prefetch(self, key: str, start: int = 0, stop: int | None = None) -> None:
+        """Ask the kernel to start reading a tensor (elements ``start:stop``) in the background."""
+        if self._map is None or not hasattr(mmap, "MADV_WILLNEED"):
+            return
+        entry = self._entries[key]
+        size = ITEMSIZE[entry.info.dtype]
+        begin = self.data_start + entry.begin + start * size
+        end = self.data_start + (entry.end if stop is None else entry.begin + stop * size)
+        aligned = begin - begin % mmap.PAGESIZE
+        if end > aligned:
+            try:
+                self._map.madvise(mmap.MADV_WILLNEED, aligned, end - aligned)
+            except (OSError, ValueError):  # advice only; reading still works without it
+                pass
+
     def close(self) -> None:
         if self._map is not None:
             try:

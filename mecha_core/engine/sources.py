@@ -33,6 +33,9 @@ class Source:
     def read(self, key: str) -> torch.Tensor:
         raise NotImplementedError
 
+    def prefetch(self, key: str, start: int = 0, stop: int | None = None) -> None:
+        """Start reading a key in the background (a hint; the default does nothing)."""
+
     def close(self) -> None:
         pass
 
@@ -53,6 +56,9 @@ class FileSource(Source):
 
     def nbytes(self, key: str) -> int:
         return self.file.nbytes(self._stored[key])
+
+    def prefetch(self, key: str, start: int = 0, stop: int | None = None) -> None:
+        self.file.prefetch(self._stored[key], start, stop)
 
     def close(self) -> None:
         self.file.close()
