@@ -40,6 +40,8 @@ def load_recipe(text_or_path: str | os.PathLike[str], *, host: Any = None) -> No
             raise RecipeError(f"{path}: not a text recipe (it is not UTF-8; is it a model file?)") from None
         except OSError as exc:
             raise RecipeError(f"{path}: cannot read the recipe: {exc.strerror or exc}") from None
+        except ValueError:  # a NUL byte or a lone surrogate: no file can have this name
+            raise RecipeError(f"{ascii(path)[:80]}: not a valid recipe file name") from None
         source, base_dir = path, os.path.dirname(os.path.abspath(path))
     else:
         text = text_or_path

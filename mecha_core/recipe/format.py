@@ -360,7 +360,11 @@ def load_v1(text: str, *, source: str = "<recipe>", base_dir: str | None = None,
     parser = _Parser(source, base_dir, host, defined_at)
     result = None
     for index, (number, line) in enumerate(lines[1:], 2):
-        name, value, start = parser.parse_line(line, number)
+        try:
+            name, value, start = parser.parse_line(line, number)
+        except RecursionError:  # nesting (or a chain of results) deeper than Python's stack
+            raise RecipeError("the recipe nests too deeply here (beyond Python's recursion limit)", source=source,
+                              line=number, column=1) from None
         if not isinstance(value, Node):
             raise RecipeError("each line defines a model, a parameter or a method call, not a bare value",
                               source=source, line=number, column=start.column)
