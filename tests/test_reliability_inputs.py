@@ -153,3 +153,14 @@ def test_overflow_into_the_output_dtype_is_reported(work):
     result, before = merge(work, 'a = model("a.safetensors")\nscale(a, alpha=1000.0)\n', "--allow-nonfinite")
     assert result.exit_code == 0, result.output
     assert read_all(work / "merged.safetensors")["w"].tolist() == [float("inf"), 1000.0]
+
+
+def test_hostile_key_names_cannot_reach_the_terminal(work):
+    """A key name holding terminal escape codes is printed escaped."""
+    key = "evil\x1b[2J\x07key"
+    write_checkpoint(work / "a.safetensors", {key: torch.zeros(2)})
+    write_checkpoint(work / "b.safetensors", {key: torch.zeros(3)})
+    result, before = merge(work, 'a = model("a.safetensors")\nb = model("b.safetensors")\nweighted_sum(a, b)\n')
+    message = check_clean_failure(result.exit_code, result.stderr, folder=work, before=before,
+                                  fragments=("evil\\x1b[2J\\x07key", "[2]", "[3]"))
+    assert "\x1b" not in message and "\x07" not in message

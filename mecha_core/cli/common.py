@@ -17,6 +17,12 @@ def debug_enabled() -> bool:
     return os.environ.get("MECHA_DEBUG") == "1"
 
 
+def printable(message: str) -> str:
+    """``message`` with control characters escaped: key names and paths come from files the user
+    did not write, and a key holding terminal escape codes must not rewrite their screen."""
+    return "".join(c if c.isprintable() or c == "\n" else ascii(c)[1:-1] for c in message)
+
+
 def boundary(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn a MechaError into one line on stderr and exit code 2 (traceback with MECHA_DEBUG=1)."""
 
@@ -27,7 +33,7 @@ def boundary(fn: Callable[..., Any]) -> Callable[..., Any]:
         except MechaError as exc:
             if debug_enabled():
                 raise
-            typer.echo(f"error: {exc}", err=True)
+            typer.echo(f"error: {printable(str(exc))}", err=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             if debug_enabled():
