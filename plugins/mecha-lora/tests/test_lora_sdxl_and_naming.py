@@ -1,0 +1,202 @@
+"""SDXL (both U-Net spellings, CLIP-G q/k/v in the fused in_proj_weight), kohya vs PEFT naming,
+name resolution against hand-derived keys, and unknown modules."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import mecha_core
+from mecha_core.errors import PlanError
+from mecha_lora.resolve import ALLOW_UNKNOWN_ENV
+from mecha_lora.tables import table
+
+SDXL = "sdxl-sgm"
+TE2 = "lora_te2_text_model_encoder_layers_0_"
+IN_PROJ = "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"
+
+
+def rnd(gen, *shape, scale=0.05):
+    return torch.randn(*shape, generator=gen) * scale
+
+
+def lora_pair(gen, name, out, inp, rank, alpha=None):
+    t = {f"{name}.lora_down.weight": rnd(gen, rank, inp), f"{name}.lora_up.weight": rnd(gen, out, rank)}
+    if alpha is not None:
+        t[f"{name}.alpha"] = torch.tensor(alpha)
+    return t
+
+
+def delta_of(t, name, alpha=None):
+    down, up = t[f"{name}.lora_down.weight"], t[f"{name}.lora_up.weight"]
+    rank = down.shape[0]
+    return (alpha if alpha is not None else rank) / rank * (up @ down)
+
+
+def test_sdxl_lora_te2_qkv_and_both_unet_spellings(host, kit, tmp_path):
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (kit.module(SDXL, TE2 + f"self_attn_{x}_proj") for x in "qkv")
+    fc1 = kit.module(SDXL, TE2 + "mlp_fc1")
+    te1 = kit.module(SDXL, "lora_te1_text_model_encoder_layers_3_self_attn_v_proj")
+    sgm = kit.module(SDXL, "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k")
+    diff_named = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_1_attn1_to_q"  # diffusers spelling
+    diff_mod = table(SDXL).by_kohya[diff_named.removeprefix("lora_")]
+    assert diff_mod.key == "model.diffusion_model.input_blocks.4.1.transformer_blocks.1.attn1.to_q.weight"
+    assert q.key == k.key == v.key == IN_PROJ
+    assert fc1.key == "conditioner.embedders.1.model.transformer.resblocks.0.mlp.c_fc.weight"
+    base_path, base = kit.make_base(tmp_path, [q, fc1, te1, sgm, diff_mod])
+    lora = {}
+    lora |= lora_pair(gen, q.kohya_name, 1280, 1280, 8, 4.0)
+    lora |= lora_pair(gen, k.kohya_name, 1280, 1280, 4)
+    lora |= lora_pair(gen, fc1.kohya_name, 5120, 1280, 4, 2.0)
+    lora |= lora_pair(gen, te1.kohya_name, 768, 768, 4, 1.0)
+    lora |= lora_pair(gen, sgm.kohya_name, 640, 2048, 4, 1.0)
+    lora |= lora_pair(gen, diff_named, 640, 640, 4, 2.0)
+    lora_path = tmp_path / "sdxl_lora.safetensors"
+    kit.write(lora_path, lora)
+    m = 0.9
+    recipe = mecha_core.add_difference(mecha_core.model(str(base_path)), mecha_core.model(str(lora_path)), alpha=m)
+    out = kit.merge(recipe, tmp_path)
+
+    w = base[IN_PROJ]
+    torch.testing.assert_close(out[IN_PROJ][:1280], w[:1280] + m * delta_of(lora, q.kohya_name, 4.0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[IN_PROJ][1280:2560], w[1280:2560] + m * delta_of(lora, k.kohya_name), rtol=1e-5, atol=1e-6)
+    assert torch.equal(out[IN_PROJ][2560:], w[2560:])  # no v module: those rows untouched
+    for mod, name, alpha in ((fc1, fc1.kohya_name, 2.0), (te1, te1.kohya_name, 1.0), (sgm, sgm.kohya_name, 1.0),
+                             (diff_mod, diff_named, 2.0)):
+        torch.testing.assert_close(out[mod.key], base[mod.key] + m * delta_of(lora, name, alpha), rtol=1e-5, atol=1e-6)
+    for key in base:
+        if key not in (IN_PROJ, fc1.key, te1.key, sgm.key, diff_mod.key):
+            assert torch.equal(out[key], base[key]), key
+
+
+def test_sdxl_fused_slice_mixing_dora_and_lora(host, kit, tmp_path):
+    gen = torch.Generator().manual_seed(12)
+    q, v = (kit.module(SDXL, TE2 + f"self_attn_{x}_proj") for x in "qv")
+    base_path, base = kit.make_base(tmp_path, [q])
+    lora = lora_pair(gen, q.kohya_name, 1280, 1280, 4)
+    lora |= lora_pair(gen, v.kohya_name, 1280, 1280, 4)
+    mag = 1 + rnd(gen, 1280, 1, scale=0.2)
+    lora[f"{v.kohya_name}.dora_scale"] = mag
+    lora_path = tmp_path / "mixed.safetensors"
+    kit.write(lora_path, lora)
+    out = kit.merge(mecha_core.apply_lora(mecha_core.model(str(base_path)), mecha_core.model(str(lora_path)),
+                                          strength=1.0), tmp_path)
+    w = base[IN_PROJ]
+    torch.testing.assert_close(out[IN_PROJ][:1280], w[:1280] + delta_of(lora, q.kohya_name), rtol=1e-5, atol=1e-6)
+    assert torch.equal(out[IN_PROJ][1280:2560], w[1280:2560])
+    vv = w[2560:] + delta_of(lora, v.kohya_name)
+    torch.testing.assert_close(out[IN_PROJ][2560:], mag * vv / vv.norm(dim=1, keepdim=True), rtol=1e-4, atol=1e-5)
+
+
+def to_peft(kohya, arch, dora_names=()):
+    """The same factors under diffusers/PEFT names (lora_A = down, lora_B = up; no alpha: alpha = r)."""
+    peft = {}
+    for key, value in kohya.items():
+        name, _, param = key.partition(".")
+        path = table(arch).by_kohya[name.removeprefix("lora_")]
+        module = next(p for p, m in table(arch).by_peft.items() if m is path and ".text_model." in p or
+                      (m is path and p.startswith("unet.")))
+        suffix = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight",
+                  "dora_scale": "lora_magnitude_vector"}[param]
+        if param == "dora_scale":
+            value = value.reshape(-1)
+        peft[f"{module}.{suffix}"] = value
+    return peft
+
+
+@pytest.mark.parametrize("arch", ["sd1-ldm", "sdxl-sgm"])
+def test_kohya_and_peft_naming_give_identical_results(host, kit, tmp_path, arch):
+    gen = torch.Generator().manual_seed(13)
+    if arch == "sd1-ldm":
+        names = ["lora_te_text_model_encoder_layers_2_mlp_fc2",
+                 "lora_unet_down_blocks_0_attentions_0_proj_in",
+                 "lora_unet_down_blocks_0_resnets_0_conv1",
+                 "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_v"]
+    else:
+        names = [TE2 + "self_attn_k_proj", "lora_te1_text_model_encoder_layers_0_mlp_fc1",
+                 "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k"]
+    mods = [kit.module(arch, n) for n in names]
+    base_path, base = kit.make_base(tmp_path, mods)
+    kohya = {}
+    for mod in mods:
+        rank = 4
+        kohya[f"{mod.kohya_name}.lora_down.weight"] = rnd(gen, rank, *mod.shape[1:])
+        kohya[f"{mod.kohya_name}.lora_up.weight"] = rnd(gen, mod.shape[0], rank, *([1, 1] if len(mod.shape) == 4 else []))
+    kohya[f"{mods[0].kohya_name}.dora_scale"] = 1 + rnd(gen, mods[0].shape[0], 1)
+    peft = to_peft(kohya, arch)
+    assert not any(k.startswith("lora_") for k in peft)
+    kit.write(tmp_path / "kohya.safetensors", kohya)
+    kit.write(tmp_path / "peft.safetensors", peft)
+    results = []
+    for name in ("kohya", "peft"):
+        recipe = mecha_core.apply_lora(mecha_core.model(str(base_path)), mecha_core.model(str(tmp_path / f"{name}.safetensors")),
+                                       strength=0.5)
+        results.append(kit.merge(recipe, tmp_path, name=f"out_{name}.safetensors"))
+    assert results[0].keys() == results[1].keys()
+    for key in results[0]:
+        assert torch.equal(results[0][key], results[1][key]), key
+    changed = [k for k in base if not torch.equal(results[0][k], base[k])]
+    assert sorted(changed) == sorted({m.key for m in mods})
+
+
+def test_kohya_names_resolve_to_hand_derived_keys():
+    """Keys worked out by hand from the diffusers -> ldm U-Net rules (formats.md section b)."""
+    sd1 = table("sd1-ldm").kohya
+    u = "model.diffusion_model."
+    cases = {
+        "lora_unet_down_blocks_1_attentions_1_transformer_blocks_0_attn1_to_q": u + "input_blocks.5.1.transformer_blocks.0.attn1.to_q.weight",
+        "lora_unet_up_blocks_1_resnets_2_conv1": u + "output_blocks.5.0.in_layers.2.weight",
+        "lora_unet_up_blocks_3_resnets_0_conv_shortcut": u + "output_blocks.9.0.skip_connection.weight",
+        "lora_unet_mid_block_attentions_0_proj_out": u + "middle_block.1.proj_out.weight",
+        "lora_unet_mid_block_resnets_1_time_emb_proj": u + "middle_block.2.emb_layers.1.weight",
+        "lora_unet_down_blocks_2_downsamplers_0_conv": u + "input_blocks.9.0.op.weight",
+        "lora_unet_up_blocks_0_upsamplers_0_conv": u + "output_blocks.2.1.conv.weight",
+        "lora_unet_up_blocks_2_upsamplers_0_conv": u + "output_blocks.8.2.conv.weight",
+        "lycoris_down_blocks_0_attentions_0_transformer_blocks_0_ff_net_2": u + "input_blocks.1.1.transformer_blocks.0.ff.net.2.weight",
+        "lora_te_text_model_encoder_layers_11_self_attn_out_proj": "cond_stage_model.transformer.text_model.encoder.layers.11.self_attn.out_proj.weight",
+    }
+    for name, key in cases.items():
+        assert sd1(name).key == key, name
+    assert sd1("lora_unet_down_blocks_1_attentions_1_transformer_blocks_0_attn1_to.q") is None
+    sdxl = table("sdxl-sgm")
+    v = sdxl.kohya(TE2.replace("layers_0", "layers_31") + "self_attn_v_proj")
+    assert (v.key, v.rows) == ("conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight", (2560, 3840))
+    assert sdxl.kohya("lora_unet_output_blocks_2_2_conv").key == u + "output_blocks.2.2.conv.weight"
+    assert sdxl.kohya("lora_unet_up_blocks_0_upsamplers_0_conv").key == u + "output_blocks.2.2.conv.weight"
+
+
+def test_unknown_modules_are_listed_or_skipped(host, kit, tmp_path, monkeypatch):
+    gen = torch.Generator().manual_seed(14)
+    good = [kit.module("sd1-ldm", n) for n in ("lora_te_text_model_encoder_layers_0_mlp_fc1",
+                                               "lora_unet_down_blocks_0_attentions_0_proj_out")]
+    base_path, base = kit.make_base(tmp_path, good)
+    lora = {}
+    for mod in good:
+        lora[f"{mod.kohya_name}.lora_down.weight"] = rnd(gen, 2, *mod.shape[1:])
+        lora[f"{mod.kohya_name}.lora_up.weight"] = rnd(gen, mod.shape[0], 2, *([1, 1] if len(mod.shape) == 4 else []))
+    lora["lora_unet_not_a_layer_at_all.lora_down.weight"] = rnd(gen, 2, 8)
+    lora["lora_unet_not_a_layer_at_all.lora_up.weight"] = rnd(gen, 8, 2)
+    # a real name with the wrong shape (an SDXL-sized cross-attention on SD1)
+    lora["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight"] = rnd(gen, 2, 2048)
+    lora["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_up.weight"] = rnd(gen, 320, 2)
+    lora_path = tmp_path / "odd.safetensors"
+    kit.write(lora_path, lora)
+    recipe = mecha_core.add_difference(mecha_core.model(str(base_path)), mecha_core.model(str(lora_path)))
+    with pytest.raises(PlanError) as err:
+        mecha_core.merge(recipe, tmp_path / "out.safetensors")
+    message = str(err.value)
+    assert "2 module(s)" in message and "lora_unet_not_a_layer_at_all" in message
+    assert "attn2_to_k" in message and "[320, 2048]" in message and ALLOW_UNKNOWN_ENV in message
+    assert not (tmp_path / "out.safetensors").exists()
+
+    monkeypatch.setenv(ALLOW_UNKNOWN_ENV, "1")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = kit.merge(recipe, tmp_path)
+    assert any("lora_unet_not_a_layer_at_all" in str(w.message) for w in caught)
+    for mod in good:
+        assert not torch.equal(out[mod.key], base[mod.key])
+    assert torch.equal(out["model.diffusion_model.time_embed.0.weight"], base["model.diffusion_model.time_embed.0.weight"])
