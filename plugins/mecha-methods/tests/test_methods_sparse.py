@@ -1,0 +1,211 @@
+"""TIES, DARE, DELLA and Model Breadcrumbs against numpy references and statistical checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import mecha_core
+from mecha_core.errors import MergeError, MergeSpaceError
+
+from .conftest import arrays, assert_close, near, random_model
+
+BIG = {"big.weight": (256, 128), "small.bias": (64,)}
+
+
+def _trim(delta: np.ndarray, density: float) -> np.ndarray:
+    flat = delta.ravel()
+    k = int(density * flat.size)
+    keep = np.argsort(-np.abs(flat), kind="stable")[:k]
+    out = np.zeros_like(flat)
+    out[keep] = flat[keep]
+    return out.reshape(delta.shape)
+
+
+def _elect_and_average(deltas: list[np.ndarray], vote: str) -> np.ndarray:
+    flat = [d.ravel() for d in deltas]
+    out = np.zeros_like(flat[0])
+    for i in range(out.size):
+        values = [f[i] for f in flat]
+        total = sum(values) if vote == "sum" else sum(np.sign(v) for v in values)
+        sign = np.sign(total)
+        agreeing = [v for v in values if v != 0 and np.sign(v) == sign]
+        out[i] = sum(agreeing) / len(agreeing) if agreeing else 0.0
+    return out.reshape(deltas[0].shape)
+
+
+@pytest.mark.parametrize("vote", ["sum", "count"])
+def test_ties(run, vote):
+    base = random_model(1)
+    models = [near(base, 2 + i, 0.5) for i in range(3)]
+    out = run.call("ties", base, *models, density=0.3, alpha=0.8, vote=vote)
+    T0, arrs = arrays(base), [arrays(m) for m in models]
+    for k in T0:
+        trimmed = [_trim(m[k] - T0[k], 0.3) for m in arrs]
+        assert_close(out[k], T0[k] + 0.8 * _elect_and_average(trimmed, vote), what=k)
+
+
+def test_ties_sign_election_by_hand(run):
+    # one entry, three models, nothing trimmed: deltas +5, −1, −1.
+    # vote="sum": Σδ = +3, so + wins and only +5 agrees -> 5. vote="count": two minus votes -> mean(−1, −1).
+    base = {"w": torch.zeros(1)}
+    models = [{"w": torch.tensor([v])} for v in (5.0, -1.0, -1.0)]
+    assert run.call("ties", base, *models, density=1.0, vote="sum")["w"].tolist() == [5.0]
+    assert run.call("ties", base, *models, density=1.0, vote="count")["w"].tolist() == [-1.0]
+
+
+def test_ties_rejects_unknown_vote(run):
+    with pytest.raises(MergeError, match=r"ties\(vote='majority'\): use one of 'sum', 'count'"):
+        run.call("ties", random_model(1), random_model(2), vote="majority")
+
+
+def test_ties_of_a_delta_is_a_merge_space_error(run):
+    # typed inputs: caught when the recipe is built
+    a, b, c = (mecha_core.model(f"{n}.safetensors", type="base") for n in "abc")
+    with pytest.raises(MergeSpaceError) as built:
+        mecha_core.ties(a, mecha_core.subtract(b, c))
+    assert str(built.value) == "ties expects models[0] in weight space; got delta"
+    # subtract always returns a delta, so untyped files fail the same way, before any merge
+    with pytest.raises(MergeSpaceError, match="^ties expects models\\[0\\] in weight space; got delta"):
+        run.merge(lambda x, y, z: mecha_core.ties(x, mecha_core.subtract(y, z)),
+                  random_model(1), random_model(2), random_model(3))
+    assert not list(run.folder.glob("out*"))
+
+
+# -- DARE ---------------------------------------------------------------------------------------
+def _zeros(shapes=BIG):
+    return {k: torch.zeros(s) for k, s in shapes.items()}
+
+
+def test_dare_keeps_density_and_rescales_exactly(run):
+    model = random_model(5, BIG)
+    out = run.call("dare_linear", _zeros(), model, density=0.3, seed=7)
+    kept = out["big.weight"] != 0
+    assert abs(kept.mean() - 0.3) < 0.03
+    delta = model["big.weight"].numpy()
+    np.testing.assert_allclose(out["big.weight"][kept], (delta[kept] / np.float32(0.3)), rtol=1e-6)
+
+
+def test_dare_rescale_options(run):
+    model = random_model(6, BIG)
+    l1 = run.call("dare_linear", _zeros(), model, density=0.4, seed=1, rescale="l1")
+    none = run.call("dare_linear", _zeros(), model, density=0.4, seed=1, rescale="none")
+    for k, v in model.items():
+        d = v.double().numpy()
+        assert np.isclose(np.abs(l1[k]).sum(), np.abs(d).sum(), rtol=1e-5)
+        kept = none[k] != 0
+        np.testing.assert_array_equal(none[k][kept], d[kept])
+        assert 0.3 < kept.mean() < 0.5
+        # the same masks whatever the rescale
+        np.testing.assert_array_equal(l1[k] != 0, kept)
+
+
+def test_dare_same_seed_same_bytes_any_threads_and_new_seed_differs(run):
+    base = random_model(8, BIG)
+    models = [near(base, 9, 0.1), near(base, 10, 0.1)]
+    nodes = run.files(base, *models)
+    outs = {}
+    for name, seed, threads in (("one", 3, 1), ("two", 3, 2), ("again", 3, 2), ("other", 4, 2)):
+        path = run.folder / f"dare_{name}.safetensors"
+        mecha_core.merge(mecha_core.dare_linear(*nodes, density=0.5, seed=seed), path, threads=threads)
+        outs[name] = path.read_bytes()
+    assert outs["one"] == outs["two"] == outs["again"]
+    assert outs["one"] != outs["other"]
+    # not only the recipe in the metadata differs: the tensors do
+    a = run.merge(lambda *n: mecha_core.dare_linear(*n, density=0.5, seed=3), base, *models)
+    b = run.merge(lambda *n: mecha_core.dare_linear(*n, density=0.5, seed=4), base, *models)
+    assert not np.array_equal(a["big.weight"], b["big.weight"])
+
+
+def _revealed(run, method, base, models, **hypers):
+    """The masked, rescaled delta of each model: running the method with every other model
+    replaced by the base (a zero delta) leaves that model's part alone, with the same masks."""
+    out = []
+    for i in range(len(models)):
+        alone = [m if j == i else base for j, m in enumerate(models)]
+        merged = run.call(method, base, *alone, **hypers)
+        out.append({k: merged[k] - arrays(base)[k] for k in merged})
+    return out
+
+
+def test_dare_ties_uses_the_dare_masks_then_elects(run):
+    base = _zeros()
+    models = [random_model(11 + i, BIG) for i in range(3)]
+    hypers = dict(density=0.5, seed=5)
+    masked = _revealed(run, "dare_linear", base, models, **hypers)
+    out = run.call("dare_ties", base, *models, alpha=0.5, vote="count", **hypers)
+    for k in ("small.bias",):  # the loop reference is slow; one key is enough
+        for m, d in zip(models, masked):
+            kept = d[k] != 0
+            np.testing.assert_allclose(d[k][kept], m[k].numpy()[kept] / np.float32(0.5), rtol=1e-6)
+        assert_close(out[k], 0.5 * _elect_and_average([d[k] for d in masked], "count"), what=k)
+    linear = run.call("dare_linear", base, *models, **hypers)
+    assert_close(linear["big.weight"], sum(d["big.weight"] for d in masked), what="sum of revealed masks")
+
+
+# -- DELLA --------------------------------------------------------------------------------------
+def _della_probability(delta: np.ndarray, density: float, epsilon: float) -> np.ndarray:
+    rows = delta.reshape(delta.shape[0], -1) if delta.ndim >= 2 else delta.reshape(1, -1)
+    p = np.empty_like(rows)
+    n = rows.shape[1]
+    for r in range(rows.shape[0]):
+        order = np.argsort(np.abs(rows[r]), kind="stable")
+        for rank, col in enumerate(order):
+            p[r, col] = density - epsilon + 2 * epsilon * rank / (n - 1)
+    return p.reshape(delta.shape)
+
+
+def test_della_linear_keep_probability_follows_magnitude_rank(run):
+    model = random_model(20, BIG)
+    out = run.call("della_linear", _zeros(), model, density=0.5, epsilon=0.2, seed=2)
+    delta = model["big.weight"].double().numpy()
+    p = _della_probability(delta, 0.5, 0.2)
+    got = out["big.weight"]
+    kept = got != 0
+    np.testing.assert_allclose(got[kept], delta[kept] / p[kept], rtol=1e-5)
+    assert abs(kept.mean() - 0.5) < 0.03
+    low, high = p < 0.4, p > 0.6  # the smallest and largest fifths of each row
+    assert abs(kept[low].mean() - p[low].mean()) < 0.03
+    assert abs(kept[high].mean() - p[high].mean()) < 0.03
+    assert kept[high].mean() - kept[low].mean() > 0.25
+
+
+def test_della_elects_signs_over_the_della_masks(run):
+    base = _zeros()
+    models = [random_model(30 + i, BIG) for i in range(2)]
+    hypers = dict(density=0.6, epsilon=0.1, seed=9)
+    masked = _revealed(run, "della_linear", base, models, **hypers)
+    out = run.call("della", base, *models, **hypers)
+    k = "small.bias"
+    assert_close(out[k], _elect_and_average([d[k] for d in masked], "sum"), what=k)
+
+
+def test_della_rejects_probabilities_outside_0_1(run):
+    with pytest.raises(MergeError, match=r"density ± epsilon must lie in \(0, 1\]"):
+        run.call("della", random_model(1), random_model(2), density=0.95, epsilon=0.1)
+
+
+# -- Model Breadcrumbs --------------------------------------------------------------------------
+def _band(delta: np.ndarray, density: float, gamma: float) -> np.ndarray:
+    flat = delta.ravel()
+    order = np.argsort(-np.abs(flat), kind="stable")
+    top = int(gamma * flat.size)
+    keep = order[top:top + int(density * flat.size)]
+    out = np.zeros_like(flat)
+    out[keep] = flat[keep]
+    return out.reshape(delta.shape)
+
+
+@pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
+def test_breadcrumbs(run, method):
+    base = random_model(40)
+    models = [near(base, 41 + i, 0.5) for i in range(3)]
+    out = run.call(method, base, *models, density=0.6, gamma=0.1, alpha=0.7)
+    T0, arrs = arrays(base), [arrays(m) for m in models]
+    for k in T0:
+        bands = [_band(m[k] - T0[k], 0.6, 0.1) for m in arrs]
+        merged = sum(bands) if method == "breadcrumbs" else _elect_and_average(bands, "sum")
+        assert_close(out[k], T0[k] + 0.7 * merged, what=k)
+        # the largest delta entry of each model is an outlier and was dropped
+        assert all(b.ravel()[np.argmax(np.abs(m[k] - T0[k]))] == 0 for b, m in zip(bands, arrs))
