@@ -21,7 +21,7 @@ from typing import Any, Callable
 import attrs
 
 from ..errors import RecipeError
-from .nodes import CallNode, ModelNode, Node, ParameterNode, parameter
+from .nodes import CallNode, ModelNode, Node, parameter
 from .values import WeightMap, blocks
 
 ERA_A, ERA_B = "unversioned", "0.1.0"
@@ -44,29 +44,54 @@ class MethodMap:
     """A custom builder, for methods whose shape differs (``ties_sum``)."""
 
 
-def _ties_sum(ctx: "_Context", args: list[Node], hypers: dict[str, Any]) -> Node:
-    """sd-mecha's ``ties_sum(*deltas)`` returns the TIES-merged delta. mecha's ``ties`` takes the
-    base and the models, so deltas written ``subtract(model_i, base)`` (one base for all) become
-    ``subtract(ties(base, model_1, ...), base)``."""
+def _from_deltas(ctx: "_Context", args: list[Node], what: str) -> tuple[Node, list[Node]]:
+    """sd-mecha's TIES and Model Stock take deltas; mecha's take the base and the models. Deltas
+    written ``subtract(model_i, base)`` with one base for all give that base and the models."""
     bases, models = [], []
     for a in args:
         if not (isinstance(a, CallNode) and a.method.name == "subtract" and len(a.args) == 2):
-            raise ctx.fail("ties_sum maps to mecha's ties only when every input is subtract(model, base)")
+            raise ctx.fail(f"{what} maps to mecha only when every input is subtract(model, base)")
         models.append(a.args[0])
         bases.append(a.args[1])
-    if any(b != bases[0] for b in bases[1:]):
-        raise ctx.fail("ties_sum maps to mecha's ties only when every delta is taken from the same base")
-    vote_by_value = ctx.era == ERA_A or hypers.pop("vote_sgn", False)
+    if not bases or any(b != bases[0] for b in bases[1:]):
+        raise ctx.fail(f"{what} maps to mecha only when every delta is taken from the same base")
+    return bases[0], models
+
+
+def _ties_sum(ctx: "_Context", args: list[Node], hypers: dict[str, Any]) -> Node:
+    """``ties_sum(*deltas, k, vote_sgn)`` -> ``subtract(ties(base, *models, density=k, vote=...), base)``.
+
+    sd-mecha 0.0.x elects signs by the sum of values (``vote="sum"``); 1.x by the count of
+    signs unless ``vote_sgn`` is true (``vote="count"`` / ``"sum"``).
+    """
+    base, models = _from_deltas(ctx, args, "ties_sum")
+    vote_by_value = True if ctx.era == ERA_A else hypers.pop("vote_sgn", False)
     if not isinstance(vote_by_value, bool):
         raise ctx.fail(f"ties_sum: vote_sgn must be true or false, got {vote_by_value!r}")
-    hypers["vote"] = "sum" if vote_by_value else "count"
-    hypers["density"] = hypers.pop("k")
-    base = bases[0]
-    return ctx.call("subtract", [ctx.call("ties", [base, *models], hypers), base], {})
+    merged = {"density": hypers.pop("k"), "vote": "sum" if vote_by_value else "count", "alpha": 1.0, **hypers}
+    return ctx.call("subtract", [ctx.call("ties", [base, *models], merged), base], {})
 
 
-#: sd-mecha method name -> how to build it in mecha. Methods not listed here map to the mecha
-#: method of the same name when one is installed (hyperparameters passed by keyword only).
+def _model_stock(ctx: "_Context", args: list[Node], hypers: dict[str, Any]) -> Node:
+    """sd-mecha 1.x ``model_stock(*deltas, cos_eps)`` (cosine over consecutive pairs) ->
+    ``subtract(model_stock(base, *models, pairs="consecutive", eps=cos_eps), base)``."""
+    base, models = _from_deltas(ctx, args, "model_stock")
+    merged = {"pairs": "consecutive", "eps": hypers.pop("cos_eps"), **hypers}
+    return ctx.call("subtract", [ctx.call("model_stock", [base, *models], merged), base], {})
+
+
+def _cast(ctx: "_Context", args: list[Node], hypers: dict[str, Any]) -> Node:
+    """sd-mecha's ``cast(a, device, dtype)``: mecha rounds through ``dtype`` on the merge's own
+    device (the device argument is dropped); ``dtype=null`` changes nothing."""
+    dtype = hypers.get("dtype")
+    if dtype is None:
+        if len(args) != 1:
+            raise ctx.fail(f"cast takes 1 input, got {len(args)}")
+        return args[0]
+    return ctx.call("cast", args, {"dtype": dtype})
+
+
+#: sd-mecha method name -> how to build it in mecha. A name not listed has no counterpart.
 METHODS: dict[str, MethodMap] = {
     "weighted_sum": MethodMap("weighted_sum", ("alpha",), {ERA_A: {"alpha": 0.5}, ERA_B: {"alpha": 0.5}}),
     "slerp": MethodMap("slerp", ("alpha",), {ERA_A: {"alpha": 0.5}, ERA_B: {"alpha": 0.5}}),
@@ -75,16 +100,24 @@ METHODS: dict[str, MethodMap] = {
     "n_average": MethodMap("n_average"),
     "fallback": MethodMap("fallback"),
     "clamp": MethodMap("clamp", (), {ERA_A: {"stiffness": 0.0}, ERA_B: {"stiffness": 0.0}}),
-    # mecha computes on the device the merge runs on; sd-mecha's device argument is dropped
-    "cast": MethodMap("cast", ("device", "dtype"), ignore={"device": "*"}),
-    "train_difference": MethodMap("train_difference", ("alpha",), {ERA_A: {"alpha": 1.0}, ERA_B: {"alpha": 1.0}}),
+    "cast": MethodMap("cast", ("device", "dtype"), ignore={"device": "*"}, build=_cast),
+    "train_difference": MethodMap("train_difference", ("alpha",), {ERA_A: {"alpha": 1.0}}),
     "add_cosine_a": MethodMap("add_cosine_a", ("alpha",)),
     "add_cosine_b": MethodMap("add_cosine_b", ("alpha",)),
-    "crossover": MethodMap("crossover", ("mean", "tilt")),
-    "rotate": MethodMap("rotate", ("alignment", "alpha")),
-    "geometric_median": MethodMap("geometric_median", (), ignore={"ftol": "*"}),
+    "rotate": MethodMap("rotate", ("alignment", "alpha"), {ERA_A: {"alignment": 1.0, "alpha": 0.0}},
+                        ignore={"cache": "*"}),
+    "geometric_median": MethodMap("geometric_median"),
+    "pick_component": MethodMap("pick_component", ("component",)),
+    "omit_component": MethodMap("omit_component", ("component",)),
     "ties_sum": MethodMap("ties", (), {ERA_A: {"k": 0.2}, ERA_B: {"k": 1.0, "vote_sgn": False}},
                           build=_ties_sum),
+    "model_stock": MethodMap("model_stock", (), {ERA_B: {"cos_eps": 1e-6}}, build=_model_stock),
+}
+
+#: sd-mecha methods that share a name or a purpose with a mecha method but compute something
+#: else; mapping them would silently change the result.
+DIFFERENT = {
+    "crossover": "mecha's crossover cuts frequencies sharply, sd-mecha's uses a smooth filter",
 }
 
 #: sd-mecha 1.x block-map conversions: the block naming is the supermerger/MBW one mecha uses.
@@ -192,12 +225,12 @@ def _hyper(ctx: _Context, name: str, value: Any) -> Any:
         value = _from_literal(ctx, value)
     if isinstance(value, dict):
         if ctx.era == ERA_A:
-            used_at = ctx.line
-            ctx.line = getattr(value, "line", ctx.line)  # errors name the dict's line
+            used_at = ctx.line, ctx.column
+            ctx.line, ctx.column = getattr(value, "line", ctx.line), 1  # errors name the dict's line
             try:
                 return era_a_dict(ctx, value)
             finally:
-                ctx.line = used_at
+                ctx.line, ctx.column = used_at
         raise ctx.fail(f"{name}: a dict must go through literal and a convert_* merge")
     if isinstance(value, Node):
         raise ctx.fail(f"{name}: a model or merge result cannot be a hyperparameter in mecha")
@@ -410,10 +443,10 @@ def _merge(ctx: _Context, name: Any, positional: list[Any], keywords: dict[str, 
         return _block_map(ctx, arch, lit.value)
     spec = METHODS.get(name)
     if spec is None:
-        if name not in ctx.host.merge_methods:
-            raise ctx.fail(f"sd-mecha method '{name}' has no mecha counterpart "
-                           f"(mapped: {', '.join(sorted([*METHODS, 'convert_singleton', *BLOCK_CONVERSIONS]))})")
-        spec = MethodMap(name)
+        why = DIFFERENT.get(name)
+        raise ctx.fail(f"sd-mecha method '{name}' has no mecha counterpart" + (
+            f" ({why}); write this step as a mecha recipe" if why else
+            f" (mapped: {', '.join(sorted([*METHODS, 'convert_singleton', *BLOCK_CONVERSIONS]))})"))
     inputs = [p for p in positional if isinstance(p, Node)]
     extra = positional[len(inputs):]
     if any(isinstance(p, Node) for p in extra):
@@ -506,4 +539,4 @@ def load_sd_mecha(text: str, *, source: str = "<recipe>", base_dir: str | None =
     return root
 
 
-__all__ = ["METHODS", "BLOCK_CONVERSIONS", "CONFIGS", "MethodMap", "load_sd_mecha", "ParameterNode"]
+__all__ = ["METHODS", "BLOCK_CONVERSIONS", "CONFIGS", "DIFFERENT", "MethodMap", "load_sd_mecha"]
