@@ -183,3 +183,13 @@ def test_after_a_failure_the_next_merge_succeeds(work, monkeypatch):
     assert result.exit_code == 0, result.output
     check_merged(work / "merged.safetensors")
     assert leftover_temp_files(work) == []
+
+
+def test_disk_full_on_a_new_output_leaves_nothing(work, monkeypatch):
+    _fail_writes_after(monkeypatch, 4)
+    before = snapshot(work)
+    result = merge(work, work / "brand_new.safetensors", "--threads", "2")
+    monkeypatch.undo()
+    check_clean_failure(result.exit_code, result.stderr, folder=work, before=before,
+                        fragments=("brand_new.safetensors", os.strerror(errno.ENOSPC)))
+    assert not (work / "brand_new.safetensors").exists()
