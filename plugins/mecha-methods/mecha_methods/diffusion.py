@@ -93,8 +93,8 @@ def _radial_frequency(shape: tuple[int, ...], device: torch.device) -> torch.Ten
     """For each bin of rfftn(x) of this shape, the RMS over dims of |frequency| / Nyquist, in [0, 1]."""
     axes = []
     for i, n in enumerate(shape):
-        f = torch.fft.rfftfreq(n, device=device) if i == len(shape) - 1 else torch.fft.fftfreq(n, device=device)
-        axes.append((f.abs() / 0.5).to(torch.float64))
+        freq = torch.fft.rfftfreq if i == len(shape) - 1 else torch.fft.fftfreq
+        axes.append(freq(n, dtype=torch.float64, device=device).abs() / 0.5)
     grids = torch.meshgrid(*axes, indexing="ij")
     sizes = [n for n in shape if n > 1] or [1]
     return (sum(g ** 2 for g in grids) / len(sizes)).sqrt()
