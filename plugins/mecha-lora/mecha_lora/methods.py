@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from mecha_core import DELTA, WEIGHT, merge_method
 
 from .operators import WeightOperator

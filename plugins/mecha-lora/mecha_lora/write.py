@@ -8,20 +8,19 @@ renamed into place, so a failure never leaves a partial file.
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from typing import Sequence
 
 import torch
 
-from mecha_core.engine.safetensors_io import SafetensorsFile, dtype_name, is_float, save, torch_dtype
+from mecha_core.engine.safetensors_io import SafetensorsFile, is_float, save, torch_dtype
 from mecha_core.errors import MechaError, OutputError, PlanError
 
 from . import keys as keynames
 from .algorithms import ModuleChange
 from .lowrank import OVERSAMPLE, POWER_ITERATIONS, low_rank
-from .resolve import checked_resolution
+from .resolve import Resolution, checked_resolution
 from .tables import ARCHITECTURES, MODELSPEC_IDS, Module, table
 
 #: Rank used by merge_loras for modules that cannot be concatenated exactly (LoHa, LoKr, full,
@@ -169,7 +168,7 @@ def extract_lora(tuned: str | os.PathLike[str], base: str | os.PathLike[str], ou
 
 # -- merge ------------------------------------------------------------------------------------------
 
-def _open_lora(path: str) -> tuple[SafetensorsFile, ModuleChange, str]:
+def _open_lora(path: str) -> tuple[SafetensorsFile, Resolution, str]:
     file = SafetensorsFile(path)
     try:
         keys = list(file.keys)

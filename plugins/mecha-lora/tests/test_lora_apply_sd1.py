@@ -301,3 +301,56 @@ def test_strength_zero_is_identity_for_every_operator(host, kit, tmp_path):
     out = apply(kit, tmp_path, base_path, lora, 0.0)
     for key in base:
         torch.testing.assert_close(out[key], base[key], rtol=0, atol=1e-6)
+
+
+def test_glora_full_diff_and_ia3_on_input(host, kit, tmp_path):
+    gen = torch.Generator().manual_seed(9)
+    q, k, c = mods(kit, Q_PROJ, TO_K, CONV1)
+    bias_key = k.key.removesuffix("weight") + "bias"
+    base_path, base = kit.make_base(tmp_path, [q, k, c], extra={bias_key: (320,)})
+    m = 0.5
+    # GLoRA on a linear: ΔW = alpha/r · (W A1 A2 + B1 B2)
+    n, r = q.kohya_name, 4
+    a1, a2, b1, b2 = rnd(gen, 768, r, scale=0.2), rnd(gen, r, 768, scale=0.2), rnd(gen, 768, r), rnd(gen, r, 768)
+    # full/diff with a bias delta
+    diff, diff_b = rnd(gen, 320, 768), rnd(gen, 320)
+    # (IA)^3 scaling input columns of a conv
+    ia3 = rnd(gen, 320, scale=0.3)
+    lora = {f"{n}.a1.weight": a1, f"{n}.a2.weight": a2, f"{n}.b1.weight": b1, f"{n}.b2.weight": b2,
+            f"{n}.alpha": torch.tensor(2.0),
+            f"{k.kohya_name}.diff": diff, f"{k.kohya_name}.diff_b": diff_b,
+            f"{c.kohya_name}.weight": ia3, f"{c.kohya_name}.on_input": torch.tensor(1)}
+    out = apply(kit, tmp_path, base_path, lora, m)
+    w = base[q.key]
+    torch.testing.assert_close(out[q.key], w + m * 0.5 * (w @ a1 @ a2 + b1 @ b2), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out[k.key], base[k.key] + m * diff, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[bias_key], base[bias_key] + m * diff_b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[c.key], base[c.key] * (1 + m * ia3)[None, :, None, None], rtol=1e-5, atol=1e-6)
+    check_untouched(out, base, {q.key, k.key, c.key, bias_key})
+
+
+def test_operator_in_other_methods_and_alone_is_a_clear_error(host, kit, tmp_path):
+    gen = torch.Generator().manual_seed(10)
+    (q,) = mods(kit, Q_PROJ)
+    dora = {f"{q.kohya_name}.lora_down.weight": rnd(gen, 4, 768), f"{q.kohya_name}.lora_up.weight": rnd(gen, 768, 4),
+            f"{q.kohya_name}.dora_scale": 1 + rnd(gen, 768, 1)}
+    plain = {f"{q.kohya_name}.lora_down.weight": rnd(gen, 4, 768), f"{q.kohya_name}.lora_up.weight": rnd(gen, 768, 4)}
+    kit.write(tmp_path / "dora.safetensors", dora)
+    kit.write(tmp_path / "plain.safetensors", plain)
+    a, b = mecha_core.model(str(tmp_path / "dora.safetensors")), mecha_core.model(str(tmp_path / "plain.safetensors"))
+    for recipe in (mecha_core.weighted_sum(b, a, alpha=0.5), a):
+        with pytest.raises(MechaError, match=r"key 'cond_stage_model.*q_proj.weight'.*DoRA.*apply_lora"):
+            mecha_core.merge(recipe, tmp_path / "out.safetensors")
+        assert not (tmp_path / "out.safetensors").exists()
+    # plain LoRAs combine as deltas: the written delta is 0.5·ΔW
+    out = kit.merge(mecha_core.scale(b, alpha=0.5), tmp_path)
+    expected = 0.5 * plain[f"{q.kohya_name}.lora_up.weight"] @ plain[f"{q.kohya_name}.lora_down.weight"]
+    torch.testing.assert_close(out[q.key], expected, rtol=1e-5, atol=1e-7)
+    assert list(out) == [q.key]
+
+
+def test_plugin_contract():
+    import mecha_lora.plugin
+    from mecha_core.testing import check_plugin
+
+    assert check_plugin(mecha_lora.plugin) == []

@@ -157,3 +157,21 @@ def test_merge_loras_refactorises_loha_and_refuses_oft(host, kit, tmp_path):
     with pytest.raises(PlanError, match="OFT.*apply_lora"):
         mecha_lora.merge_loras([tmp_path / "a.safetensors", tmp_path / "oft.safetensors"], tmp_path / "bad.safetensors")
     assert not (tmp_path / "bad.safetensors").exists()
+
+
+def test_command_line_writes_and_fails_in_one_line(host, kit, tmp_path, capsys):
+    from mecha_lora.__main__ import main
+
+    gen = torch.Generator().manual_seed(25)
+    m = kit.module(SD1, NAMES[1])
+    a = lora_file(tmp_path / "a.safetensors", gen, [m], 4, 4.0)
+    assert main(["merge", str(tmp_path / "m.safetensors"), str(tmp_path / "a.safetensors"), "--weights", "2"]) == 0
+    got, r = factors(load_file(str(tmp_path / "m.safetensors")), m.kohya_name)
+    torch.testing.assert_close(got, 2 * factors(a, m.kohya_name)[0], rtol=1e-5, atol=1e-7)
+    capsys.readouterr()
+    write_checkpoint(tmp_path / "plain.safetensors", {"some.weight": torch.zeros(2, 2)})
+    code = main(["extract", str(tmp_path / "plain.safetensors"), str(tmp_path / "plain.safetensors"),
+                 str(tmp_path / "x.safetensors")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "share no layer" in err
+    assert not (tmp_path / "x.safetensors").exists()
