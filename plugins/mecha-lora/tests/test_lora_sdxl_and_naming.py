@@ -200,3 +200,38 @@ def test_unknown_modules_are_listed_or_skipped(host, kit, tmp_path, monkeypatch)
     for mod in good:
         assert not torch.equal(out[mod.key], base[mod.key])
     assert torch.equal(out["model.diffusion_model.time_embed.0.weight"], base["model.diffusion_model.time_embed.0.weight"])
+
+
+@pytest.mark.parametrize("arch,spelling", [("sd1-ldm", "kohya"), ("sdxl-sgm", "kohya"),
+                                           ("sdxl-sgm", "diffusers"), ("sd1-ldm", "peft")])
+def test_every_table_module_resolves_from_a_header(arch, spelling):
+    """A header naming every module of the table (LoCon set, rank 1) plans one delta per weight
+    key, on the right architecture; no tensor is read."""
+    from mecha_core.specs import TensorInfo
+    from mecha_lora.resolve import checked_resolution, converted_keys
+
+    tab = table(arch)
+    alt = {m: n for n, m in tab.by_kohya.items() if n != m.name}
+    peft = {}
+    for p, m in tab.by_peft.items():
+        peft.setdefault(m, p)
+    header = {}
+    for m in tab.modules:
+        if spelling == "peft":
+            name, down, up = peft[m], ".lora_A.weight", ".lora_B.weight"
+        else:
+            name = "lora_" + (alt[m] if spelling == "diffusers" and m in alt else m.name)
+            down, up = ".lora_down.weight", ".lora_up.weight"
+        conv = len(m.shape) == 4
+        header[name + down] = TensorInfo((1,) + m.shape[1:], "float16")
+        header[name + up] = TensorInfo((m.shape[0], 1) + ((1, 1) if conv else ()), "float16")
+    res = checked_resolution(header, "peft" if spelling == "peft" else "kohya")
+    assert res.arch == arch and not res.unknown and len(res.changes) == len(tab.modules)
+    keys = converted_keys(header, res)
+    assert set(keys) == {m.key for m in tab.modules}
+    for key, ck in keys.items():
+        assert ck.info.shape == next(m.key_shape for m in tab.modules if m.key == key)
+    if arch == "sdxl-sgm":
+        assert sum(1 for m in tab.modules if m.rows) == 96  # 32 CLIP-G layers x q/k/v
+        fused = keys["conditioner.embedders.1.model.transformer.resblocks.5.attn.in_proj_weight"]
+        assert len(fused.sources) == 6 and fused.info.shape == (3840, 1280)
