@@ -160,7 +160,8 @@ def extract_lora(tuned: str | os.PathLike[str], base: str | os.PathLike[str], ou
             raise PlanError(f"{tuned} and {base} do not differ in any layer a LoRA can target; nothing to extract")
         extra = {"extracted_from": [os.path.basename(tuned), os.path.basename(base)],
                  "rank": rank if ratio is None else None, "ratio": ratio, "conv_rank": conv_rank}
-        return _write(out, output, _metadata(arch, str(rank if ratio is None else 0), extra))
+        used = max(t.shape[0] for k, t in out.items() if k.endswith(".lora_down.weight"))
+        return _write(out, output, _metadata(arch, str(used), extra))
     finally:
         a.close()
         b.close()
