@@ -15,11 +15,12 @@ from mecha_core.testing import using
 from .conftest import SHAPES, Runner, arrays, near, random_model
 
 COMPONENT = {"lin.weight": "unet", "lin.bias": "unet", "conv.weight": "vae"}
+BLOCK = {"lin.weight": "IN", "lin.bias": "OUT", "conv.weight": "OUT"}
 
 
 def _toy():
-    keys = {k: KeySpec(SHAPES[k], "float32", COMPONENT[k]) for k in SHAPES}
-    return [Architecture("toy", keys, component_aliases={"first_stage": "vae"})]
+    keys = {k: KeySpec(SHAPES[k], "float32", COMPONENT[k], blocks=(BLOCK[k],)) for k in SHAPES}
+    return [Architecture("toy", keys, blocks=("IN", "OUT"), component_aliases={"first_stage": "vae"})]
 
 
 TOY = plugin_from_functions("toy_arch", mecha_architectures=_toy)
@@ -70,3 +71,16 @@ def test_unknown_component_lists_the_known_ones(run_toy):
 def test_component_methods_need_an_architecture(run):
     with pytest.raises(MergeError, match="no architecture was detected"):
         run.call("pick_component", random_model(1), random_model(2), component="vae")
+
+
+def test_hyperparameters_take_block_maps_resolved_per_key(run_toy):
+    base = {k: v * 0 for k, v in random_model(1).items()}
+    model = random_model(2)
+    density = mecha_core.blocks("toy", default=0.5, OUT=0.25)
+    out = run_toy.call("ties", base, model, density=density)
+    mix = run_toy.call("weighted_sum", base, model, alpha=mecha_core.blocks("toy", IN=0.2, OUT=0.7))
+    M = arrays(model)
+    for k in M:
+        fraction = 0.5 if BLOCK[k] == "IN" else 0.25
+        assert np.count_nonzero(out[k]) == int(fraction * M[k].size), k
+        np.testing.assert_allclose(mix[k], M[k] * (0.2 if BLOCK[k] == "IN" else 0.7), rtol=1e-6)
