@@ -6,14 +6,15 @@ from __future__ import annotations
 import os
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import mecha_methods.plugin
-from mecha_core import load_recipe
+from mecha_core import dump_recipe, load_recipe
 from mecha_core.errors import MechaError, RecipeError
 from mecha_core.recipe.nodes import Node
 from mecha_core.testing import host_with
+from mecha_core.plugins import use_host
 
 FUZZ = settings(max_examples=200, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -65,6 +66,46 @@ def test_random_text_after_the_header(body):
 @given(lines=st.lists(st.lists(st.sampled_from(TOKENS), max_size=14).map(" ".join), min_size=1, max_size=6))
 def test_random_token_sequences(lines):
     check("mecha 1\n" + "\n".join(lines) + "\n")
+
+
+NAMES = ["a", "b", "c", "m"]
+PRELUDE = 'mecha 1\na = model("a")\nb = model("b")\nc = model("c", type="delta")\n'
+METHODS = ["weighted_sum", "add_difference", "subtract", "n_average", "fallback", "scale", "add", "nope"]
+scalars = (st.integers(-3, 3) | st.floats(-2, 2, allow_nan=False) | st.sampled_from(["inf", "-inf", "1e999", "true",
+           "null", '"text"', "[0.5, 1]", "[]"]))
+
+
+def _expression(depth: int) -> st.SearchStrategy[str]:
+    leaf = st.sampled_from(NAMES) | st.builds(lambda p, t: f'model("{p}"{t})', st.sampled_from(["a", "b.safetensors", ""]),
+                                              st.sampled_from(["", ', type="delta"', ', type="base"', ', arch="x"',
+                                                               ', type="lora"']))
+    if depth == 0:
+        return leaf
+    inner = _expression(depth - 1)
+    call = st.builds(
+        lambda method, args, kwargs: f"{method}({', '.join([*args, *(f'{k}={v}' for k, v in kwargs)])})",
+        st.sampled_from(METHODS), st.lists(inner, max_size=4),
+        st.lists(st.tuples(st.sampled_from(["alpha", "alpah", "seconds"]), scalars.map(str)), max_size=2))
+    return leaf | call | st.builds(lambda x, y: f"{x} | {y}", inner, inner) | st.builds(
+        lambda x: f'parameter("{x}")', st.sampled_from(["p", "q", ""]))
+
+
+@FUZZ
+@given(lines=st.lists(st.tuples(st.sampled_from(["m", "n", None]), _expression(2)), min_size=1, max_size=4))
+def test_grammar_shaped_recipes_parse_or_fail_cleanly_and_round_trip(lines):
+    """Lines shaped like real ones reach the method, arity, keyword and space checks. Whatever
+    parses also prints and parses back to the same graph."""
+    text = PRELUDE + "".join(f"{name} = {expr}\n" if name else f"{expr}\n" for name, expr in lines)
+    check(text)
+    try:
+        node = load_recipe(text, host=HOST)
+    except MechaError as exc:
+        event(type(exc).__name__)
+        return
+    event("parsed")
+    with use_host(HOST):
+        printed = dump_recipe(node)
+    assert load_recipe(printed, host=HOST) == node, (text, printed)
 
 
 @FUZZ
