@@ -31,7 +31,7 @@ def add_cosine_a(a, b, *, alpha: float = 0.0):
     a and b are normalised along dim 0, and their cosine similarity along dim 0 gives one value
     per column (a single value for a 1-D tensor). k = 1 − clamp(similarity − alpha, 0, 1) and the
     result is (1 − k)·a + k·b: similar columns keep a, dissimilar ones take b; a larger alpha
-    takes more of b. Difference from supermerger: supermerger first rescales each key's
+    takes more of b (alpha ≥ 1 gives b everywhere, so the default is 0). Difference from supermerger: supermerger first rescales each key's
     similarity by the 1st–99th percentile range of the similarities of all keys, which needs a
     pass over the whole model; here each key stands alone.
     """

@@ -38,6 +38,19 @@ recipe is built.
 the engine may split a large tensor into slices; the others always see whole tensors.
 
 Notation: base θ₀, models θᵢ, task vectors δᵢ = θᵢ − θ₀.
+
+Where the published tools disagree, the default follows one definition and an option gives the
+other:
+
+- TIES sign election (`ties`, `dare_ties`, `della`, `breadcrumbs_ties`): `vote="sum"` (default,
+  the sign of the summed deltas, mergekit's "sum") or `vote="count"` (the sign of the summed
+  signs: mergekit's "count", PEFT's "frequency", sd-mecha's default).
+- DARE rescaling (`dare_linear`, `dare_ties`): `rescale="density"` (default, divide kept entries
+  by density, as the paper and PEFT) or `"l1"` (keep the delta's L1 norm, mergekit) or `"none"`.
+- Model Stock's cosine: `pairs="all"` (default, mean over all pairs, the paper and mergekit) or
+  `"consecutive"` (sd-mecha).
+- Randomised methods (`dare_*`, `della*`) draw their masks from `seed` and the key name, so a
+  merge gives the same bytes whatever the thread count or key order.
 """
 
 

@@ -161,7 +161,9 @@ def dare_linear(base, *models, density: float = 0.5, alpha: float = 1.0, seed: i
     rescale="none" keeps them as they are. The result is base + alpha · Σ masked δᵢ.
 
     The masks come from seed and the key name only, so the same seed gives the same bytes
-    whatever the thread count or key order; a different seed gives different masks.
+    whatever the thread count or key order (on one kind of device: CPU and CUDA draw different
+    random numbers); a different seed gives different masks. The masks are drawn for the whole
+    tensor, so the engine does not split DARE keys into slices.
     """
     deltas = _dare_deltas("dare_linear", base, models, density, seed, rescale, ctx)
     return base + alpha * sum(deltas)
