@@ -21,6 +21,7 @@ from mecha_core.engine.safetensors_io import SafetensorsFile
 
 CASES = damaged_cases()
 runner = CliRunner()
+PREVIOUS = b"the previous merge, which must survive"
 
 
 @pytest.fixture
@@ -31,7 +32,7 @@ def workspace(tmp_path):
     write_checkpoint(models / "good.safetensors",
                      {"a": torch.arange(4.0).reshape(2, 2), "b": torch.arange(4.0)})
     (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "merged.safetensors").write_bytes(b"the previous merge, which must survive")
+    (tmp_path / "out" / "merged.safetensors").write_bytes(PREVIOUS)
     with using(mecha_methods.plugin):
         yield tmp_path, corpus
 
@@ -152,3 +153,16 @@ def test_mecha_debug_variable_raises_instead_of_one_line(tmp_path, monkeypatch):
 
     assert isinstance(result.exception, SafetensorsError)
     assert "too short" in str(result.exception)
+
+
+def test_a_fifo_is_refused_without_blocking(workspace):
+    """Opening a FIFO for reading would wait for a writer forever; it is refused up front."""
+    tmp, _ = workspace
+    fifo = tmp / "models" / "pipe.safetensors"
+    os.mkfifo(fifo)
+    recipe = _recipe(tmp, "pipe.safetensors")
+    result = runner.invoke(app, ["merge", recipe, "-o", str(tmp / "out" / "merged.safetensors"),
+                                 "--models-dir", str(tmp / "models")])
+    check_clean_failure(result.exit_code, result.stderr, fragments=("pipe.safetensors", "not a regular file"),
+                        # only out/ is compared: snapshot() would block reading the FIFO as well
+                        folder=tmp / "out", before={"merged.safetensors": PREVIOUS})
