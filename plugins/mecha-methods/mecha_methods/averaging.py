@@ -14,9 +14,10 @@ _SPACES = {"base": WEIGHT, "models": WEIGHT}
 @merge_method(elementwise=True, spaces=_SPACES, returns=WEIGHT, check_spaces=at_least(1, "model"),
               formula="base + alpha * Σ (θᵢ − base)")
 def task_arithmetic(base, *models, alpha: float = 1.0):
-    """Task arithmetic (Ilharco et al. 2023): add every model's task vector θᵢ − base to the base,
-    scaled by alpha. With one model this is add_difference(model, base) in the other direction:
-    base + alpha · (model − base).
+    """Task arithmetic (Ilharco et al. 2023): the base plus alpha times the summed task vectors.
+
+    Every model's task vector θᵢ − base is added to the base, scaled by alpha. With one model
+    this is base + alpha · (model − base), i.e. weighted_sum(base, model, alpha=alpha).
     """
     total = torch.zeros_like(base)
     for m in models:
@@ -54,8 +55,9 @@ def model_stock(base, *models, pairs: str = "all", eps: float = 1e-6):
 
 @merge_method(formula="argmin_m Σ ‖xᵢ − m‖ (Weiszfeld iterations)", check_spaces=at_least(1, "model"))
 def geometric_median(*models, eps: float = 1e-6, maxiter: int = 100, ftol: float = 1e-20):
-    """The geometric median of the flattened tensors: the point minimising the sum of Euclidean
-    distances to the inputs, robust to an outlier model.
+    """The geometric median of the inputs: robust to an outlier model, unlike the mean.
+
+    The median is the point minimising the sum of Euclidean distances to the flattened inputs.
 
     Weiszfeld's algorithm from the mean: each step is the average of the inputs weighted by
     1 / max(‖xᵢ − m‖, eps); it stops after maxiter steps, or when the sum of distances improves

@@ -46,8 +46,10 @@ def subtract(a, b):
 
 @merge_method(elementwise=True, spaces={"b": DELTA}, formula="a + b")
 def add(a, b):
-    """Weights plus a delta (the result is weights), or two deltas summed (a delta). b must be a
-    delta: adding two checkpoints is almost never meant (weighted_sum averages them)."""
+    """Weights plus a delta (giving weights), or the sum of two deltas (giving a delta).
+
+    b must be a delta: adding two checkpoints is almost never meant (weighted_sum averages them).
+    """
     return a + b
 
 

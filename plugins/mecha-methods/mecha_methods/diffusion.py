@@ -31,9 +31,11 @@ def add_cosine_a(a, b, *, alpha: float = 0.0):
     a and b are normalised along dim 0, and their cosine similarity along dim 0 gives one value
     per column (a single value for a 1-D tensor). k = 1 − clamp(similarity − alpha, 0, 1) and the
     result is (1 − k)·a + k·b: similar columns keep a, dissimilar ones take b; a larger alpha
-    takes more of b (alpha ≥ 1 gives b everywhere, so the default is 0). Difference from supermerger: supermerger first rescales each key's
-    similarity by the 1st–99th percentile range of the similarities of all keys, which needs a
-    pass over the whole model; here each key stands alone.
+    takes more of b (alpha ≥ 1 gives b everywhere, so the default is 0).
+
+    Difference from supermerger: supermerger first rescales each key's similarity by the
+    1st–99th percentile range of the similarities of all keys, which needs a pass over the whole
+    model; here each key stands alone.
     """
     a1, b1 = _as_columns(a), _as_columns(b)
     na = torch.nn.functional.normalize(a1, dim=0)
@@ -45,8 +47,10 @@ def add_cosine_a(a, b, *, alpha: float = 0.0):
 @merge_method(spaces=WEIGHT, returns=WEIGHT,
               formula="lerp(a, b, k),  k = 1 − clamp((cos_dim0(a, b) + a·b/(‖a‖‖b‖))/2 − alpha, 0, 1)")
 def add_cosine_b(a, b, *, alpha: float = 0.0):
-    """supermerger's cosineB, per key: like add_cosine_a with a similarity that mixes the
-    per-column cosine along dim 0 with the cosine of the whole flattened tensors (their mean).
+    """supermerger's cosineB, per key: add_cosine_a with a similarity that also sees the whole tensor.
+
+    The similarity is the mean of the per-column cosine along dim 0 and the cosine of the whole
+    flattened tensors.
 
     k = 1 − clamp(similarity − alpha, 0, 1); result (1 − k)·a + k·b. As with add_cosine_a,
     supermerger rescales by percentiles over all keys first; this variant works per key.
@@ -77,8 +81,10 @@ def train_difference(a, b, c, *, alpha: float = 1.0):
 @merge_method(spaces=WEIGHT, returns=WEIGHT,
               formula="a + alpha·(d_b − d_a·(d_a·d_b)/‖d_a‖²),  d_a = a − c, d_b = b − c")
 def add_perpendicular(a, b, c, *, alpha: float = 1.0):
-    """Add the part of b − c that is orthogonal to a − c (flattened), scaled by alpha: b's change
-    from c, minus whatever a already changed in the same direction.
+    """Add to a the part of b − c orthogonal to a − c: b's change, minus what a already has.
+
+    The tensors are flattened; the component of b − c along a − c is removed and the rest is
+    added to a, scaled by alpha.
 
     When a equals c (‖a − c‖ = 0) nothing is projected out and all of b − c is added (sd-mecha
     adds nothing in that case).

@@ -47,8 +47,9 @@ def _rest_must_exist_for_weights(method: str):
 @merge_method(elementwise=True, check_spaces=_rest_must_exist_for_weights("pick_component"),
               formula="a for keys of component, else rest (a zero delta without rest)")
 def pick_component(a, rest=None, *, component: str = "", ctx=None):
-    """Keep a's keys that belong to one component (clip_l, vae, diffuser, ... as the
-    architecture names them, aliases accepted) and take every other key from rest.
+    """a's keys of one component (clip_l, vae, ...), every other key from rest.
+
+    component is named as the architecture names it (aliases accepted).
 
     Without rest, a must be a delta and the other keys become a zero delta (they change
     nothing when added to weights). component has no useful default: leaving it empty is an
@@ -62,8 +63,9 @@ def pick_component(a, rest=None, *, component: str = "", ctx=None):
 @merge_method(elementwise=True, check_spaces=_rest_must_exist_for_weights("omit_component"),
               formula="rest (a zero delta without rest) for keys of component, else a")
 def omit_component(a, rest=None, *, component: str = "", ctx=None):
-    """The reverse of pick_component: a's keys except those of one component, which come from
-    rest (or, without rest, become a zero delta; a must then be a delta).
+    """a's keys except those of one component, which come from rest (pick_component reversed).
+
+    Without rest the component's keys become a zero delta (a must then be a delta).
 
     component: the component's name or alias in the architecture (required in practice: the
     empty default is an error). Needs a known architecture.
@@ -77,8 +79,9 @@ _ROUNDING = ("float64", "float32", "bfloat16", "float16", "float8_e4m3fn", "floa
 
 @merge_method(elementwise=True, formula="a rounded to dtype and back")
 def cast(a, *, dtype: str = "float16"):
-    """Round a's values through another dtype (float16, bfloat16, float32, float64,
-    float8_e4m3fn, float8_e5m2); the default dtype is float16.
+    """Round a's values through another dtype (the output dtype is set elsewhere).
+
+    dtype: float16 (the default), bfloat16, float32, float64, float8_e4m3fn or float8_e5m2.
 
     The engine computes in the work dtype and writes every key in the output dtype, so a cast
     cannot change the dtype of the file (use the output dtype for that). What it does is round:

@@ -173,8 +173,9 @@ def dare_linear(base, *models, density: float = 0.5, alpha: float = 1.0, seed: i
               formula="base + alpha * disjoint_mean(elect(mᵢ ⊙ δᵢ / density))")
 def dare_ties(base, *models, density: float = 0.5, alpha: float = 1.0, seed: int = 0,
               rescale: str = "density", vote: str = "sum", ctx=None):
-    """DARE masks and rescaling (exactly as dare_linear, the same masks for the same seed), then
-    the TIES sign election and disjoint mean instead of a sum.
+    """DARE's drop and rescale, then the TIES sign election and disjoint mean instead of a sum.
+
+    The masks and rescaling are exactly dare_linear's (the same masks for the same seed).
 
     density: keep probability of each delta entry. rescale: "density" (default, divide by
     density), "l1" (keep each delta's L1 norm) or "none". vote: "sum" (default, sign of the
@@ -222,9 +223,11 @@ def della(base, *models, density: float = 0.5, epsilon: float = 0.1, alpha: floa
               formula="base + alpha * Σ mᵢ ⊙ δᵢ / pᵢ  (pᵢ as in della)")
 def della_linear(base, *models, density: float = 0.5, epsilon: float = 0.1, alpha: float = 1.0,
                  seed: int = 0, ctx=None):
-    """DELLA's magnitude-ranked drop and rescale (see della: keep probability density − epsilon
-    for the smallest entry of a row up to density + epsilon for the largest, kept entries divided
-    by their probability), followed by a plain sum: base + alpha · Σ masked δᵢ. seed fixes the
+    """DELLA's magnitude-ranked drop and rescale, then a plain sum of the task vectors.
+
+    As in della, the keep probability goes from density − epsilon for the smallest entry of a
+    row up to density + epsilon for the largest, and kept entries are divided by their
+    probability; the masked deltas are then summed: base + alpha · Σ masked δᵢ. seed fixes the
     masks per key, whatever the thread count.
     """
     deltas = _della_deltas("della_linear", base, models, density, epsilon, seed, ctx)
@@ -259,9 +262,11 @@ def breadcrumbs(base, *models, density: float = 0.9, gamma: float = 0.01, alpha:
               formula="base + alpha * disjoint_mean(elect(band(δᵢ)))")
 def breadcrumbs_ties(base, *models, density: float = 0.9, gamma: float = 0.01, alpha: float = 1.0,
                      vote: str = "sum"):
-    """Model Breadcrumbs' middle band (drop the top gamma fraction by magnitude, keep the next
-    density fraction of each delta), then the TIES sign election (vote "sum" by default, or
-    "count") and disjoint mean: base + alpha · merged.
+    """Model Breadcrumbs' middle band of each task vector, then the TIES sign election.
+
+    Each delta loses its top gamma fraction by magnitude and keeps the next density fraction;
+    the kept deltas are fused by the TIES sign election (vote "sum" by default, or "count") and
+    disjoint mean: base + alpha · merged.
     """
     vote = choice("breadcrumbs_ties", "vote", vote, _VOTES)
     return base + alpha * ties_merge(_crumbs("breadcrumbs_ties", base, models, density, gamma), vote)
