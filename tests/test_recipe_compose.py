@@ -199,3 +199,19 @@ def test_unfilled_parameter_error_class(tree):
     with pytest.raises(UnfilledParameterError, match="'base'"):
         mecha.merge(load_recipe(root / "templates" / "t.mecha"), root / "out" / "m.safetensors")
     assert dump_recipe(load_recipe(root / "templates" / "t.mecha")).count("parameter(") == 3
+
+
+def test_same_relative_path_in_recipes_from_different_folders_stays_two_files(tmp_path, monkeypatch):
+    for folder, value in (("x", 1.0), ("y", 5.0)):
+        (tmp_path / folder).mkdir()
+        write_checkpoint(tmp_path / folder / "m.safetensors", {"w": torch.full((2,), value)})
+        (tmp_path / folder / "r.mecha").write_text('mecha 1\nm = model("m.safetensors")\nr = scale(m, alpha=1.0)\n')
+    (tmp_path / "t.mecha").write_text('mecha 1\np = parameter("p")\nq = parameter("q")\nr = weighted_sum(p, q)\n')
+    (tmp_path / "run").mkdir()
+    monkeypatch.chdir(tmp_path / "run")
+    with using(mecha_methods.plugin):
+        recipe = compose(load_recipe(tmp_path / "t.mecha"), p=tmp_path / "x" / "r.mecha", q=tmp_path / "y" / "r.mecha")
+        text = dump_recipe(recipe)
+        assert 'model("../x/m.safetensors")' in text and 'model("../y/m.safetensors")' in text
+        mecha.merge(recipe, tmp_path / "out.safetensors")
+        torch.testing.assert_close(load_file(tmp_path / "out.safetensors")["w"], torch.full((2,), 3.0))

@@ -334,3 +334,13 @@ def test_mecha_merge_cli_runs_sd_mecha_files(models):
     assert r.exit_code == 2
     assert f"{bad}:3:7: sd-mecha recipe: sd-mecha method 'geometric_sum' has no mecha counterpart" in r.output
     assert not out.exists()
+
+
+def test_v010_model_configs_map_to_architectures_and_types(models):
+    text = ('version 0.1.0\nmodel "a.safetensors" model_config="sd1-ldm" merge_space="delta"\n'
+            'model "l.safetensors" model_config="sd1-kohya_kohya_lora" merge_space="delta"\n'
+            'model "n.safetensors" merge_space="weight"\nmerge "n_average" &0 &1 &2\n')
+    recipe = load_recipe(text)
+    assert recipe.args == (mecha.model("a.safetensors", "sd1-ldm", "delta"),
+                           mecha.model("l.safetensors"),  # detected by a LoRA plugin at merge time
+                           mecha.model("n.safetensors", None, "base"))

@@ -7,7 +7,7 @@ from typing import Any
 
 from ..errors import RecipeError
 from .format import HEADER, dump, load_v1
-from .nodes import CallNode, LiteralNode, ModelNode, Node, ParameterNode, parameters, substitute, walk
+from .nodes import CallNode, LiteralNode, ModelNode, Node, ParameterNode, parameters, relocate, substitute, walk
 from .values import WeightMap, blocks, classes
 
 
@@ -92,7 +92,10 @@ def compose(template: Node | str | os.PathLike[str], **fills: Any) -> Node:
         raise RecipeError(f"the template has no parameter '{name}'" +
                           (f"; did you mean '{hint[0]}'?" if hint else
                            f"; its parameters are {', '.join(sorted(known)) or 'none'}"))
-    return substitute(template, {k: as_fill(v) for k, v in fills.items()})
+    # A relative path means a file beside the recipe it came from; fills from other folders are
+    # rewritten relative to the template's folder, so equal paths in the result name one file.
+    folder = next((n.base_dir for n in walk(template) if isinstance(n, ModelNode) and n.base_dir), None)
+    return substitute(template, {k: relocate(as_fill(v), folder or os.getcwd()) for k, v in fills.items()})
 
 
 __all__ = [

@@ -424,8 +424,12 @@ def _model(ctx: _Context, positional: list[Any], keywords: dict[str, Any]) -> Mo
     space = keywords.get("merge_space")
     if space not in (None, "weight", "delta"):
         raise ctx.fail(f"a model in merge_space {space!r} has no mecha counterpart (weight or delta)")
-    return ModelNode(path, _arch(ctx, keywords.get("model_config")),
-                     {"weight": "base", "delta": "delta", None: None}[space], base_dir=ctx.base_dir)
+    config = keywords.get("model_config")
+    arch = _arch(ctx, config)
+    # A config mecha has no architecture for (a LoRA layout such as "sd1-kohya_kohya_lora") is a
+    # file only a model-type plugin reads: its type is detected, not forced to a plain delta.
+    mtype = {"weight": "base", "delta": "delta", None: None}[space] if config is None or arch else None
+    return ModelNode(path, arch, mtype, base_dir=ctx.base_dir)
 
 
 def _merge(ctx: _Context, name: Any, positional: list[Any], keywords: dict[str, Any]) -> Any:
