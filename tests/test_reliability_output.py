@@ -193,3 +193,11 @@ def test_disk_full_on_a_new_output_leaves_nothing(work, monkeypatch):
     check_clean_failure(result.exit_code, result.stderr, folder=work, before=before,
                         fragments=("brand_new.safetensors", os.strerror(errno.ENOSPC)))
     assert not (work / "brand_new.safetensors").exists()
+
+
+def test_output_equal_to_the_recipe_is_refused(work):
+    """The recipe is the user's file too: writing the merge over it would lose it."""
+    before = snapshot(work)
+    result = merge(work, work / "recipe.mecha")
+    check_clean_failure(result.exit_code, result.stderr, folder=work, before=before,
+                        fragments=("recipe.mecha", "overwrite the recipe"))

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..errors import MechaError, RecipeError
+from ..errors import MechaError, OutputError, RecipeError
 from .common import print_json
 
 
@@ -69,6 +69,8 @@ def merge_command(
                 raise MechaError(f"-p expects NAME=VALUE, got '{item}'")
             fills[name.strip()] = _fill_value(value)
         node = compose(node, **fills)
+    if output.exists() and recipe.exists() and os.path.samefile(output, recipe):
+        raise OutputError(f"{output}: the output would overwrite the recipe {recipe}; choose another path")
     progress = not quiet and not json_out and sys.stderr.isatty()
     path = api.merge(node, output, threads=threads, memory_budget=_parse_size(memory_budget) if memory_budget else None,
                      work_dtype=work_dtype, output_dtype=output_dtype, device=device,
