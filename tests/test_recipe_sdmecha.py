@@ -337,10 +337,12 @@ def test_mecha_merge_cli_runs_sd_mecha_files(models):
 
 
 def test_v010_model_configs_map_to_architectures_and_types(models):
-    text = ('version 0.1.0\nmodel "a.safetensors" model_config="sd1-ldm" merge_space="delta"\n'
-            'model "l.safetensors" model_config="sd1-kohya_kohya_lora" merge_space="delta"\n'
-            'model "n.safetensors" merge_space="weight"\nmerge "n_average" &0 &1 &2\n')
-    recipe = load_recipe(text)
-    assert recipe.args == (mecha.model("a.safetensors", "sd1-ldm", "delta"),
-                           mecha.model("l.safetensors"),  # detected by a LoRA plugin at merge time
-                           mecha.model("n.safetensors", None, "base"))
+    def one(line):
+        return load_recipe("version 0.1.0\n" + line + "\n")
+
+    assert one('model "a.safetensors" model_config="sd1-ldm" merge_space="delta"') == \
+        mecha.model("a.safetensors", "sd1-ldm", "delta")
+    # a LoRA config: no mecha architecture; the type is detected by a LoRA plugin at merge time
+    assert one('model "l.safetensors" model_config="sd1-kohya_kohya_lora" merge_space="delta"') == \
+        mecha.model("l.safetensors")
+    assert one('model "n.safetensors" merge_space="weight"') == mecha.model("n.safetensors", None, "base")
