@@ -7,6 +7,11 @@ import itertools
 import numpy as np
 import pytest
 
+from safetensors.torch import load_file
+
+import mecha_core
+from mecha_core.testing import write_checkpoint
+
 from .conftest import arrays, assert_close, near, random_model
 
 
@@ -142,3 +147,16 @@ def test_model_stock_needs_two_models(run):
 
     with pytest.raises(MergeSpaceError, match="model_stock: needs at least 2 models, got 1"):
         run.call("model_stock", random_model(1), random_model(2))
+
+
+def test_multislerp_weights_from_recipe_text(run):
+    models = [random_model(15), random_model(16, scale=2.0)]
+    paths = [write_checkpoint(run.folder / f"text{i}.safetensors", m) for i, m in enumerate(models)]
+    text = (f'mecha 1\na = model("{paths[0]}")\nb = model("{paths[1]}")\n'
+            "m = multislerp(a, b, weights=[1, 3])\n")
+    out_path = run.folder / "from_text.safetensors"
+    mecha_core.merge(text, out_path)
+    out = {k: v.double().numpy() for k, v in load_file(out_path).items()}
+    arrs = [arrays(m) for m in models]
+    for k in arrs[0]:
+        assert_close(out[k], _multislerp_reference([m[k] for m in arrs], [1, 3]), what=k)
