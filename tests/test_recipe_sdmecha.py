@@ -346,3 +346,21 @@ def test_v010_model_configs_map_to_architectures_and_types(models):
     assert one('model "l.safetensors" model_config="sd1-kohya_kohya_lora" merge_space="delta"') == \
         mecha.model("l.safetensors")
     assert one('model "n.safetensors" merge_space="weight"') == mecha.model("n.safetensors", None, "base")
+
+
+def test_compose_without_fills_converts_an_sd_mecha_file(models):
+    from typer.testing import CliRunner
+
+    from mecha_core.cli import app
+
+    folder, t = models
+    old = folder / "old.mecha"
+    old.write_text(ERA_A_HEAD + 'merge "weighted_sum" &0 &1 alpha=0.25\n')
+    new = folder / "new.mecha"
+    r = CliRunner().invoke(app, ["compose", str(old), "-o", str(new)])
+    assert r.exit_code == 0, r.output
+    assert new.read_text() == ('mecha 1\n'
+                               'a = model("a.safetensors", arch="sd1-ldm", type="base")\n'
+                               'b = model("b.safetensors", arch="sd1-ldm", type="base")\n'
+                               'weighted_sum = weighted_sum(a, b, alpha=0.25)\n')
+    same(run(folder, new, "new"), run(folder, old, "old"))

@@ -109,6 +109,7 @@ def compose_command(
     Fill each parameter with -p NAME PATH (repeatable), where PATH is a .mecha recipe or a
     model file (or, for a parameter used as a hyperparameter, a number). Model paths that were found relative to a recipe or the current folder are
     rewritten relative to the output's folder, so the composed recipe runs from anywhere.
+    Without -p, the recipe is only rewritten: this turns an sd-mecha recipe into mecha's format.
     """
     from ..recipe import as_fill, compose, dump_recipe, load_recipe
     from ..recipe.nodes import relocate
@@ -116,8 +117,6 @@ def compose_command(
     node = load_recipe(template)
     fills = {name: as_fill(value if os.path.exists(value) else _fill_value(value), base_dir=os.getcwd())
              for name, value in _pairs(list(ctx.args))}
-    if not fills:
-        raise MechaError("nothing to fill: give -p NAME PATH for the template's parameters")
     composed = relocate(compose(node, **fills), os.path.dirname(os.path.abspath(output)))
     text = dump_recipe(composed)
     tmp = f"{output}.tmp-{os.getpid()}"

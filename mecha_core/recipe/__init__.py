@@ -47,7 +47,8 @@ def load_recipe(text_or_path: str | os.PathLike[str], *, host: Any = None) -> No
         text = text_or_path
     text = text.removeprefix("\ufeff")
     first = next((ln.strip() for ln in text.split("\n") if ln.strip() and not ln.strip().startswith("#")), "")
-    if first.startswith("version ") or first.startswith(_SD_MECHA_ERA_A):
+    if first.startswith("version ") or first.startswith(_SD_MECHA_ERA_A) or first in ("dict",) \
+            or first.startswith(("dict ", "dict\t")):
         from .sdmecha import load_sd_mecha
 
         return load_sd_mecha(text, source=source, base_dir=base_dir, host=host)
@@ -55,7 +56,7 @@ def load_recipe(text_or_path: str | os.PathLike[str], *, host: Any = None) -> No
 
 
 # The first instruction of an unversioned sd-mecha recipe (its 0.0.x releases).
-_SD_MECHA_ERA_A = ('model "', 'merge "', 'parameter "', "dict", 'lora "', 'call "')
+_SD_MECHA_ERA_A = ('model "', 'merge "', 'parameter "', 'lora "', 'call "')
 
 
 def as_fill(value: Any, base_dir: str | None = None) -> Node:
@@ -99,6 +100,6 @@ def compose(template: Node | str | os.PathLike[str], **fills: Any) -> Node:
 
 
 __all__ = [
-    "CallNode", "LiteralNode", "ModelNode", "Node", "ParameterNode", "WeightMap", "blocks", "classes",
-    "compose", "dump_recipe", "load_recipe", "parameters", "substitute", "walk", "HEADER",
+    "CallNode", "LiteralNode", "ModelNode", "Node", "ParameterNode", "WeightMap", "as_fill", "blocks", "classes",
+    "compose", "dump_recipe", "load_recipe", "parameters", "relocate", "substitute", "walk", "HEADER",
 ]
