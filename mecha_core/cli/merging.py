@@ -107,9 +107,10 @@ def compose_command(
     """Fill a template's parameters with recipes or models and write the composed recipe.
 
     Fill each parameter with -p NAME PATH (repeatable), where PATH is a .mecha recipe or a
-    model file (or, for a parameter used as a hyperparameter, a number). Model paths that were found relative to a recipe or the current folder are
-    rewritten relative to the output's folder, so the composed recipe runs from anywhere.
-    Without -p, the recipe is only rewritten: this turns an sd-mecha recipe into mecha's format.
+    model file (or, for a parameter used as a hyperparameter, a number). Model paths found
+    relative to a recipe or the current folder are rewritten relative to the output's folder,
+    so the composed recipe runs from anywhere. Without -p, the recipe is only rewritten: this
+    turns an sd-mecha recipe into mecha's format.
     """
     from ..recipe import as_fill, compose, dump_recipe, load_recipe
     from ..recipe.nodes import relocate
