@@ -30,15 +30,17 @@ def _cosine(x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 @merge_method(spaces=_SPACES, returns=WEIGHT, check_spaces=at_least(2, "models"),
-              formula="t·mean(θᵢ) + (1 − t)·base,  t = N·cosθ / (1 + (N − 1)·cosθ)")
+              formula="t·mean(θᵢ) + (1 − t)·base,  t = clamp(N·cosθ / (1 + (N − 1)·cosθ), 0, 1)")
 def model_stock(base, *models, pairs: str = "all", eps: float = 1e-6):
     """Model Stock (Jang et al. 2024, arXiv 2403.19522), per tensor.
 
     cosθ is the mean cosine similarity of the flattened task vectors δᵢ = θᵢ − base, over all
     pairs i < j with pairs="all" (the default, the paper's and mergekit's), or over consecutive
     pairs (δ₁, δ₂), (δ₂, δ₃), ... with pairs="consecutive" (sd-mecha's cheaper variant). With N
-    models, t = N·cosθ / (1 + (N − 1)·cosθ) and the result is t·mean(θᵢ) + (1 − t)·base. eps
-    guards the cosine's denominator (a zero task vector has cosine 0). Needs at least 2 models.
+    models, t = N·cosθ / (1 + (N − 1)·cosθ) and the result is t·mean(θᵢ) + (1 − t)·base. For
+    cosθ ≥ 0 (the usual case) t lies in [0, 1]; a negative mean cosine would give a negative or
+    unbounded t, so t is clamped to [0, 1] (the base is kept). eps guards the denominators (a
+    zero task vector has cosine 0). Needs at least 2 models.
     """
     pairs = choice("model_stock", "pairs", pairs, ("all", "consecutive"))
     deltas = [m - base for m in models]
@@ -48,7 +50,9 @@ def model_stock(base, *models, pairs: str = "all", eps: float = 1e-6):
     else:
         index = [(i, i + 1) for i in range(n - 1)]
     cos = sum(_cosine(deltas[i], deltas[j], eps) for i, j in index) / len(index)
-    t = n * cos / (1 + (n - 1) * cos)
+    # for cos in [0, 1] t is in [0, 1] already; a negative mean cosine (fine-tunes pulling apart)
+    # makes the formula negative or unbounded (at cos = −1/(N − 1)), so t is clamped
+    t = torch.clamp(n * cos / torch.clamp(1 + (n - 1) * cos, min=eps), 0.0, 1.0)
     mean = sum(models) / n
     return t * mean + (1 - t) * base
 

@@ -6,6 +6,7 @@ import itertools
 
 import numpy as np
 import pytest
+import torch
 
 from safetensors.torch import load_file
 
@@ -160,3 +161,13 @@ def test_multislerp_weights_from_recipe_text(run):
     arrs = [arrays(m) for m in models]
     for k in arrs[0]:
         assert_close(out[k], _multislerp_reference([m[k] for m in arrs], [1, 3]), what=k)
+
+
+def test_model_stock_keeps_the_base_when_fine_tunes_pull_apart(run):
+    base = random_model(30)
+    up = near(base, 31, 0.3)
+    down = {k: 2 * base[k] - up[k] + 0.01 * torch.randn(base[k].shape) for k in base}  # δ₂ ≈ −δ₁
+    out = run.call("model_stock", base, up, down)
+    T0 = arrays(base)
+    for k in T0:
+        assert_close(out[k], T0[k], what=k)
