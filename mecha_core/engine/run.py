@@ -295,7 +295,11 @@ def _run_units(plan: Plan, fd: int, offsets: dict[str, int], data_start: int, pr
     for idx, (key, _, _) in enumerate(units):
         last_unit[key] = idx
 
+    active = [0]  # units running now; inputs stay mapped until this is back to zero
+
     def work(idx: int, key: str, start: int, end: int | None, cost: int) -> None:
+        with lock:
+            active[0] += 1
         try:
             if stop.is_set():
                 return
@@ -339,6 +343,8 @@ def _run_units(plan: Plan, fd: int, offsets: dict[str, int], data_start: int, pr
                 errors.append((idx, exc))
             stop.set()
         finally:
+            with lock:
+                active[0] -= 1
             budget.release(cost)
 
     sources_by_key: dict[str, list[Any]] = {}
@@ -359,13 +365,29 @@ def _run_units(plan: Plan, fd: int, offsets: dict[str, int], data_start: int, pr
         pool.shutdown(wait=True)
     except BaseException:
         stop.set()
-        pool.shutdown(wait=True, cancel_futures=True)
+        _drain(pool, active, lock)
         raise
     finally:
         report.close()
     if errors:
         errors.sort(key=lambda e: e[0])
         raise errors[0][1]
+
+
+def _drain(pool: cf.ThreadPoolExecutor, active: list[int], lock: threading.Lock) -> None:
+    """Wait until no unit runs any more, even through further Ctrl-Cs: the inputs' memory maps
+    are closed after this, and a worker still reading one would crash the process."""
+    while True:
+        try:
+            pool.shutdown(wait=True, cancel_futures=True)
+            # A join interrupted by a signal can return early; the counter is the real test.
+            while True:
+                with lock:
+                    if active[0] == 0:
+                        return
+                time.sleep(0.005)
+        except KeyboardInterrupt:
+            continue
 
 
 class TerminateAsInterrupt:
