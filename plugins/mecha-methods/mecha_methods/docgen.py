@@ -65,8 +65,8 @@ def _method_section(method) -> list[str]:
     lines += [method.doc.strip(), ""]
     lines += ["| input | merge space |", "|---|---|"]
     for i in method.inputs:
-        name = ("*" if i.variadic else "") + i.name + (" (optional)" if i.optional else "")
-        lines.append(f"| `{name}` | {_space(i.space)} |")
+        name = f"`{'*' if i.variadic else ''}{i.name}`" + (" (optional)" if i.optional else "")
+        lines.append(f"| {name} | {_space(i.space)} |")
     lines.append(f"| result | {_space(method.returns) if method.returns else 'same as the inputs'} |")
     lines.append("")
     if method.hyperparameters:
