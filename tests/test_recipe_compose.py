@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -12,6 +13,7 @@ from typer.testing import CliRunner
 import mecha_core as mecha
 import mecha_methods.plugin
 from mecha_core.cli import app
+from mecha_core.engine.safetensors_io import read_header
 from mecha_core.errors import RecipeError, UnfilledParameterError
 from mecha_core.recipe import ModelNode, ParameterNode, compose, dump_recipe, load_recipe, parameters
 from mecha_core.testing import using, write_checkpoint
@@ -158,6 +160,9 @@ def test_recipe_show_prints_a_recipe_that_reruns_to_the_same_bytes(tree):
     shown = cli("recipe", "show", first)
     assert shown.exit_code == 0, shown.output
     assert shown.output == composed.read_text()
+    _, metadata = read_header(first)
+    assert set(json.loads(metadata["mecha_plugins"])) == {"methods"}  # the plugin the methods came from
+    assert metadata["mecha_version"]
     rerun = root / "out" / "rerun.mecha"
     rerun.write_text(shown.output)
     second = root / "out" / "second.safetensors"
