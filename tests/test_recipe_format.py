@@ -234,3 +234,10 @@ def test_parameter_names_must_be_names():
         mecha.parameter("two words")
     with pytest.raises(RecipeError, match=r"^<recipe>:2:5: parameter name"):
         load_recipe('mecha 1\np = parameter("1x")\n')
+
+
+def test_a_method_two_plugins_claim_is_reported_at_its_line():
+    twin = plugin_from_functions("twin", mecha_merge_methods=lambda: [weigh])
+    with using(mecha_methods.plugin, LISTS, twin):
+        err = error(HEAD + "m = weigh(a, b)\n")
+    assert (err.line, err.column) == (4, 5) and "provided by both" in str(err)

@@ -19,7 +19,7 @@ from typing import Any
 
 import attrs
 
-from ..errors import RecipeError
+from ..errors import MechaError, RecipeError
 from .nodes import CallNode, LiteralNode, ModelNode, Node, ParameterNode, walk
 from .values import WeightMap, format_string, format_value
 
@@ -306,7 +306,10 @@ class _Parser:
             hint = difflib.get_close_matches(name, [*self.host.merge_methods.names(), *_BUILTINS], n=1)
             raise self.fail(f"unknown merge method '{name}'" + (f"; did you mean '{hint[0]}'?" if hint
                             else "; `mecha methods` lists them"), tok)
-        found = self.host.method(name)
+        try:
+            found = self.host.method(name)
+        except MechaError as exc:  # two plugins claim the name
+            raise self.fail(str(exc), tok) from None
         for i, a in enumerate(args):
             if not isinstance(a, Node):
                 where = arg_tokens[i] if arg_tokens and i < len(arg_tokens) else tok
