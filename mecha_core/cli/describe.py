@@ -9,7 +9,7 @@ import typer
 
 from ..errors import MechaError
 from ..plugins import get_host
-from .common import print_json
+from .common import print_json, printable
 
 
 def method_summary(method: Any) -> dict[str, Any]:
@@ -62,116 +62,205 @@ def methods_command(
             typer.echo(f"    {m.doc.splitlines()[0]}")
 
 
-def architecture_summary(arch: Any, verbose: bool) -> dict[str, Any]:
-    comps: dict[str, list[str]] = {}
-    for key, spec in arch.keys.items():
-        comps.setdefault(spec.component, []).append(key)
-    out: dict[str, Any] = {
-        "name": arch.name, "description": arch.description, "aliases": list(arch.aliases),
-        "keys": len(arch.keys), "required_keys": len(arch.required_keys),
-        "components": {c: len(k) for c, k in comps.items()},
-        "blocks": list(arch.blocks), "classes": list(arch.classes),
-    }
-    if verbose:
-        out["component_keys"] = comps
-        blocks: dict[str, list[str]] = {b: [] for b in arch.blocks}
-        classes: dict[str, list[str]] = {c: [] for c in arch.classes}
-        for key, spec in arch.keys.items():
-            for b in spec.blocks:
-                blocks.setdefault(b, []).append(key)
-            if spec.klass:
-                classes.setdefault(spec.klass, []).append(key)
-        out["block_keys"], out["class_keys"] = blocks, classes
+def _converters_of(host: Any, arch_name: str) -> list[dict[str, Any]]:
+    out = []
+    for conv in host.converters.values():
+        if arch_name in (conv.source_arch, conv.target_arch):
+            out.append({"name": conv.name, "from": conv.source_arch, "from_type": conv.source_type,
+                        "to": conv.target_arch, "to_type": conv.target_type,
+                        "plugin": host.converters.provider(conv.name)})
     return out
 
 
+def architecture_summary(arch: Any, verbose: bool, host: Any = None) -> dict[str, Any]:
+    """An architecture as plain data (``mecha info ARCH --json``): counts always, key lists with -v."""
+    comps: dict[str, list[str]] = {}
+    blocks: dict[str, list[str]] = {b: [] for b in arch.blocks}
+    classes: dict[str, list[str]] = {c: [] for c in arch.classes}
+    for key, spec in arch.keys.items():
+        comps.setdefault(spec.component, []).append(key)
+        for b in spec.blocks:
+            blocks.setdefault(b, []).append(key)
+        if spec.klass:
+            classes.setdefault(spec.klass, []).append(key)
+    out: dict[str, Any] = {
+        "name": arch.name, "description": arch.description, "aliases": list(arch.aliases),
+        "keys": len(arch.keys), "required_keys": len(arch.required_keys), "min_match": arch.min_match,
+        "components": {c: len(k) for c, k in comps.items()},
+        "component_aliases": dict(arch.component_aliases),
+        "blocks": list(arch.blocks), "classes": list(arch.classes),
+        "block_sizes": {b: len(k) for b, k in blocks.items()},
+        "class_sizes": {c: len(k) for c, k in classes.items()},
+    }
+    if host is not None:
+        out["plugin"] = host.architectures.provider(arch.name)
+        out["converters"] = _converters_of(host, arch.name)
+    if verbose:
+        out["component_keys"], out["block_keys"], out["class_keys"] = comps, blocks, classes
+    return out
+
+
+def _sized(table: dict[str, int]) -> str:
+    return ", ".join(f"{name} ({n})" for name, n in table.items()) or "none"
+
+
 def info_command(
-    arch: Annotated[Optional[str], typer.Argument(help="An architecture to describe.")] = None,
+    arch: Annotated[Optional[str], typer.Argument(help="An architecture to describe (its name or an alias).")] = None,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="List the keys of each component, block and class.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
 ) -> None:
-    """List architectures, or describe one: components, blocks and classes."""
+    """List architectures, or describe one: components, blocks and classes (with -v, their keys).
+
+    Block-wise and class-wise hyperparameters name these blocks and classes:
+    ``blocks("sd1-ldm", default=0.3, IN02=0.75)``, ``classes("sd1-ldm", mlp_fc1=0.2)``.
+    """
     host = get_host()
     if arch is None:
-        archs = host.architectures.values()
+        archs = list(host.architectures.values())
         if json_out:
             print_json([{"name": a.name, "description": a.description, "keys": len(a.keys),
+                         "aliases": list(a.aliases), "blocks": len(a.blocks), "classes": len(a.classes),
                          "plugin": host.architectures.provider(a.name)} for a in archs])
-        elif not archs:
+            return
+        if not archs:
             typer.echo("no architectures installed (any safetensors file still merges by key)")
-        for a in archs if not json_out else []:
-            typer.echo(f"{a.name:<16} {len(a.keys):>5} keys  {a.description}")
+        for a in archs:
+            also = f"  (also: {', '.join(a.aliases)})" if a.aliases else ""
+            typer.echo(f"{a.name:<16} {len(a.keys):>5} keys  {a.description}{also}")
         return
-    summary = architecture_summary(host.architecture(arch), verbose)
+    summary = architecture_summary(host.architecture(arch), verbose, host)
     if json_out:
         print_json(summary)
         return
     typer.echo(f"{summary['name']}: {summary['description']}")
+    typer.echo(f"  plugin: {summary['plugin']}" + (f"; also named {', '.join(summary['aliases'])}"
+                                                    if summary["aliases"] else ""))
     typer.echo(f"  keys: {summary['keys']} ({summary['required_keys']} required)")
-    typer.echo("  components: " + ", ".join(f"{c} ({n})" for c, n in summary["components"].items()))
-    typer.echo("  blocks: " + (", ".join(summary["blocks"]) or "none"))
-    typer.echo("  classes: " + (", ".join(summary["classes"]) or "none"))
+    typer.echo(f"  components: {_sized(summary['components'])}")
+    if summary["component_aliases"]:
+        typer.echo("  component aliases: " + ", ".join(f"{a}={c}" for a, c in summary["component_aliases"].items()))
+    typer.echo(f"  blocks ({len(summary['blocks'])}): {_sized(summary['block_sizes'])}")
+    typer.echo(f"  classes ({len(summary['classes'])}): {_sized(summary['class_sizes'])}")
+    for conv in summary["converters"]:
+        typer.echo(f"  converter {conv['name']}: {conv['from'] or 'any'} ({conv['from_type']}) -> "
+                   f"{conv['to'] or 'same'} ({conv['to_type']})")
     if verbose:
         for title, table in (("component", summary["component_keys"]), ("block", summary["block_keys"]),
                              ("class", summary["class_keys"])):
             for name, keys in table.items():
-                typer.echo(f"\n  {title} {name}:")
+                typer.echo(f"\n  {title} {name} ({len(keys)} keys):")
                 for k in keys:
-                    typer.echo(f"    {k}")
+                    typer.echo(f"    {printable(k)}")
+
+
+def _closest(keys: frozenset[str], host: Any) -> tuple[str, float] | None:
+    """The architecture holding most of its required keys in ``keys`` (for files none matches)."""
+    best = None
+    for arch in host.architectures.values():
+        required = arch.required_keys
+        if not required:
+            continue
+        aliases = {a: k for k, s in arch.keys.items() for a in s.aliases}
+        score = len(required & {aliases.get(k, k) for k in keys}) / len(required)
+        if score > 0 and (best is None or score > best[1]):
+            best = (arch.name, score)
+    return best
+
+
+def inspect_summary(path: Path, host: Any) -> dict[str, Any]:
+    """What ``mecha inspect`` reports, from the header alone (no tensor is read)."""
+    from ..engine.safetensors_io import SafetensorsFile
+    from ..engine.sources import detect_architecture, detect_type
+
+    f = SafetensorsFile(path)
+    try:
+        keys = frozenset(f.keys)
+        type_ = detect_type(str(path), keys, host)
+        arch = detect_architecture(str(path), keys, host) if type_ in ("base", "delta") else None
+        dtypes: dict[str, int] = {}
+        for info in f.keys.values():
+            dtypes[info.dtype] = dtypes.get(info.dtype, 0) + 1
+        sizes = {k: f.nbytes(k) for k in f.keys}
+        result: dict[str, Any] = {
+            "file": str(path), "architecture": arch.name if arch else None, "type": type_,
+            "keys": len(keys), "dtypes": dict(sorted(dtypes.items())), "bytes": sum(sizes.values()),
+            "has_recipe": "mecha_recipe" in f.metadata,
+        }
+        if arch is None:
+            closest = _closest(keys, host) if type_ in ("base", "delta") else None
+            result["closest"] = ({"architecture": closest[0], "required_keys_present": round(closest[1], 4)}
+                                 if closest else None)
+            return result
+        aliases = {a: k for k, s in arch.keys.items() for a in s.aliases}
+        canonical = {k: (aliases[k] if k in aliases and aliases[k] not in keys else k) for k in keys}
+        present = set(canonical.values())
+        components: dict[str, dict[str, int]] = {}
+        for stored, key in canonical.items():
+            spec = arch.keys.get(key)
+            entry = components.setdefault(spec.component if spec else "(unexpected)", {"keys": 0, "bytes": 0})
+            entry["keys"] += 1
+            entry["bytes"] += sizes[stored]
+        result.update({
+            "converts_to": _conversion_target(arch.name, type_, host),
+            "missing": sorted(arch.required_keys - present),
+            "missing_optional": len([k for k, s in arch.keys.items() if s.optional and k not in present]),
+            "unexpected": sorted(present - set(arch.keys)),
+            "renamed": sorted(k for k, c in canonical.items() if c != k),
+            "shape_mismatches": sorted(
+                ({"key": c, "expected": list(arch.keys[c].shape), "found": list(f.keys[k].shape)}
+                 for k, c in canonical.items() if c in arch.keys and f.keys[k].shape != arch.keys[c].shape),
+                key=lambda m: m["key"]),
+            "components": components,
+        })
+        return result
+    finally:
+        f.close()
+
+
+def _conversion_target(arch_name: str, type_: str, host: Any) -> str | None:
+    # the engine follows arch-changing converters that keep the type (diffusers -> ldm naming)
+    for conv in host.converters.values():
+        if (conv.source_arch == arch_name and conv.source_type == type_ == conv.target_type
+                and conv.target_arch not in (None, arch_name)):
+            return conv.target_arch
+    return None
 
 
 def inspect_command(
     file: Annotated[Path, typer.Argument(help="A .safetensors file.")],
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
 ) -> None:
-    """Detect a file's architecture and model type from its header; show missing/unexpected keys."""
-    from ..engine.safetensors_io import SafetensorsFile
-    from ..engine.sources import detect_architecture, detect_type
-
-    host = get_host()
-    f = SafetensorsFile(file)
-    try:
-        keys = frozenset(f.keys)
-        type_ = detect_type(str(file), keys, host)
-        arch = detect_architecture(str(file), keys, host) if type_ in ("base", "delta") else None
-        dtypes: dict[str, int] = {}
-        size = 0
-        for k, info in f.keys.items():
-            dtypes[info.dtype] = dtypes.get(info.dtype, 0) + 1
-            size += f.nbytes(k)
-        result: dict[str, Any] = {
-            "file": str(file), "architecture": arch.name if arch else None, "type": type_,
-            "keys": len(keys), "dtypes": dtypes, "bytes": size, "has_recipe": "mecha_recipe" in f.metadata,
-        }
-        if arch is not None:
-            aliases = {a: k for k, s in arch.keys.items() for a in s.aliases}
-            present = {aliases.get(k, k) for k in keys}
-            result["missing"] = sorted(arch.required_keys - present)
-            result["unexpected"] = sorted(present - set(arch.keys))
-    finally:
-        f.close()
+    """Detect a file's architecture and model type from its header; show dtypes, sizes, and the
+    missing, unexpected and misshapen keys. No tensor data is read."""
+    result = inspect_summary(file, get_host())
     if json_out:
         print_json(result)
         return
-    typer.echo(f"{file}: {result['architecture'] or 'unknown architecture'}, type {type_}, "
-               f"{len(keys)} keys, {size / 1e6:,.1f} MB")
-    typer.echo("  dtypes: " + ", ".join(f"{d} ({n})" for d, n in sorted(dtypes.items())))
+    arch = result["architecture"]
+    described = arch or "unknown architecture"
+    if result.get("converts_to"):
+        described += f" (read as {result['converts_to']})"
+    typer.echo(f"{printable(str(file))}: {described}, type {result['type']}, {result['keys']} keys, "
+               f"{result['bytes'] / 1e6:,.1f} MB")
+    typer.echo("  dtypes: " + ", ".join(f"{d} ({n})" for d, n in result["dtypes"].items()))
+    if arch is None:
+        if result.get("closest"):
+            c = result["closest"]
+            typer.echo(f"  closest: {c['architecture']} ({c['required_keys_present']:.0%} of its required keys; "
+                       f"name it with model(..., arch=...) to merge by its names anyway)")
+        return
+    typer.echo("  components: " + ", ".join(f"{c} ({v['keys']} keys, {v['bytes'] / 1e6:,.1f} MB)"
+                                            for c, v in result["components"].items()))
+    if result["renamed"]:
+        typer.echo(f"  old key spellings renamed: {len(result['renamed'])}")
     for what in ("missing", "unexpected"):
-        if result.get(what):
-            typer.echo(f"  {what} keys ({len(result[what])}): " + ", ".join(result[what][:10]) +
+        if result[what]:
+            typer.echo(f"  {what} keys ({len(result[what])}): " + printable(", ".join(result[what][:10])) +
                        (" ..." if len(result[what]) > 10 else ""))
-
-
-def _diagnostic_host() -> Any:
-    """The process-wide host; under MECHA_STRICT_PLUGINS=1 a failure would stop the listing, so
-    the plugin commands then load a non-strict host that records every problem instead."""
-    from ..errors import PluginError
-    from ..plugins import PluginHost
-
-    try:
-        return get_host()
-    except PluginError:
-        return PluginHost(strict=False)
+    if result["shape_mismatches"]:
+        shown = [f"{m['key']} {tuple(m['found'])} (expected {tuple(m['expected'])})"
+                 for m in result["shape_mismatches"][:5]]
+        typer.echo(f"  wrong shapes ({len(result['shape_mismatches'])}): " + printable("; ".join(shown)))
 
 
 def plugins_list_command(

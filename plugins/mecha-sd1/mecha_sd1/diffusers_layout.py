@@ -144,7 +144,7 @@ def architecture() -> Architecture:
         name=NAME, keys=keys,
         description="Stable Diffusion 1.x in diffusers naming (unet./text_encoder./vae.); converted to sd1-ldm",
         aliases=("sd1-kohya",),
-        component_aliases={"txt": "clip_l", "unet": "diffuser", "te": "clip_l", "text_encoder": "clip_l"},
+        component_aliases=layout.COMPONENT_ALIASES,
     )
 
 

@@ -35,6 +35,8 @@ from typing import Any
 from mecha_core.specs import Architecture, KeySpec
 
 NAME = "sd1-ldm"
+#: sd-mecha's component names for SD1 (old recipes name them).
+COMPONENT_ALIASES = {"txt": "clip_l", "unet": "diffuser"}
 
 #: Prefixes that locate a key's repeated unit; what follows is its class. Optional groups are
 #: greedy, so the longest prefix wins.
@@ -94,5 +96,5 @@ def architecture() -> Architecture:
         name=NAME, keys=keys, blocks=tuple(packed["blocks"]), classes=classes,
         description="Stable Diffusion 1.x, original (ldm) checkpoint layout",
         aliases=("sd1", "sd1.5", "sd15"),
-        component_aliases={"txt": "clip_l", "unet": "diffuser", "te": "clip_l", "text_encoder": "clip_l"},
+        component_aliases=COMPONENT_ALIASES,
     )

@@ -9,7 +9,7 @@ Optional keys: the three text encoders. Released files exist with and without th
 (``sd3_medium.safetensors`` holds the MMDiT and the VAE only), so detection asks for the MMDiT and
 VAE keys alone and a merge of files without text encoders is complete.
 
-Blocks (31): ``CLIP_L``, ``CLIP_G``, ``T5XXL`` (the text encoders), ``IN`` (patch, position,
+Blocks (30): ``CLIP_L``, ``CLIP_G``, ``T5XXL`` (the text encoders), ``IN`` (patch, position,
 time, pooled-text and context embedders), ``J00``-``J23`` (``joint_blocks.N``, both the image
 ``x_block`` and the text ``context_block``), ``OUT`` (``final_layer``) and ``VAE``. The
 ``model.model_sampling.sigmas`` buffer belongs to no block.
@@ -84,5 +84,5 @@ def architecture() -> Architecture:
         name=NAME, keys=keys, blocks=BLOCKS, classes=classes,
         description="Stable Diffusion 3 medium, ComfyUI all-in-one layout (MMDiT, VAE, CLIP-L/G, T5-XXL)",
         aliases=("sd3",),
-        component_aliases={"txt": "clip_l", "txt2": "clip_g", "t5": "t5xxl", "unet": "diffuser"},
+        component_aliases={"txt": "clip_l", "txt2": "clip_g", "unet": "diffuser"},  # sd-mecha's names
     )

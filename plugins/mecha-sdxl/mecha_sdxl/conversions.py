@@ -89,6 +89,11 @@ def table(naming: str) -> dict[str, tuple[tuple[str, ...], str, KeySpec]]:
 
 
 @functools.lru_cache(maxsize=None)
+def _source_keys(naming: str) -> frozenset[str]:
+    return frozenset(s for sources, _, _ in table(naming).values() for s in sources)
+
+
+@functools.lru_cache(maxsize=None)
 def kohya_architecture() -> Architecture:
     with no_gc():
         packed = load_packed("mecha_sdxl", "sdxl-kohya.json.gz")
@@ -156,7 +161,7 @@ def planner(naming: str) -> Callable[[Mapping[str, TensorInfo]], dict[str, Conve
             else:
                 shape = spec.shape if _numel(first.shape) == _numel(spec.shape) else first.shape
             out[key] = ConvertedKey(TensorInfo(shape, first.dtype), sources, _compute(sources, how, shape))
-        if not used:
+        if not used and not any(k in _source_keys(naming) for k in header):
             raise ValueError(f"no {naming} key")
         for key, info in header.items():
             if key not in used:

@@ -39,7 +39,7 @@ _NAMED = {"model.diffusion_model.input_blocks.0.0.weight": "conv_in",
           "model.diffusion_model.input_blocks.0.0.bias": "conv_in"}
 
 #: sd-mecha's component names for SDXL.
-COMPONENT_ALIASES = {"txt": "clip_l", "txt2": "clip_g", "unet": "diffuser", "te1": "clip_l", "te2": "clip_g"}
+COMPONENT_ALIASES = {"txt": "clip_l", "txt2": "clip_g", "unet": "diffuser"}
 
 
 def layer_class(key: str) -> str | None:
