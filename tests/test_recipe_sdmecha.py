@@ -364,3 +364,21 @@ def test_compose_without_fills_converts_an_sd_mecha_file(models):
                                'b = model("b.safetensors", arch="sd1-ldm", type="base")\n'
                                'weighted_sum = weighted_sum(a, b, alpha=0.25)\n')
     same(run(folder, new, "new"), run(folder, old, "old"))
+
+
+def test_recipe_show_prints_the_recipe_sd_mecha_stored_and_mecha_runs_it(models):
+    from typer.testing import CliRunner
+
+    from mecha_core.cli import app
+
+    folder, t = models
+    stored = ('version 0.1.0\nmodel "a.safetensors" model_config="sd1-ldm" merge_space="weight"\n'
+              'model "b.safetensors" model_config="sd1-ldm" merge_space="weight"\n'
+              + singleton(2, "0.5") + 'merge "weighted_sum" &0 &1 &4')
+    # sd-mecha writes its recipe under the same metadata key
+    write_checkpoint(folder / "sdmecha_out.safetensors", t["a"], metadata={"mecha_recipe": stored})
+    shown = CliRunner().invoke(app, ["recipe", "show", str(folder / "sdmecha_out.safetensors")])
+    assert shown.exit_code == 0 and shown.output == stored
+    got = run(folder, shown.output)
+    for k in KEYS:
+        torch.testing.assert_close(got[k], 0.5 * t["a"][k] + 0.5 * t["b"][k])
