@@ -1,0 +1,136 @@
+"""sd-mecha 0.0.x dict hyperparameters (``sd1_unet_block_in2=0.75 ...``) as mecha block/class maps.
+
+The translation goes through the architecture plugin (aliases, component aliases, blocks and
+classes of every key) and is checked key by key; see docs/recipe-format.md.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Callable
+
+import attrs
+
+from ..errors import RecipeError
+from .values import WeightMap, blocks, classes
+
+
+def era_a_dict(entries: dict[str, Any], host: Any, fail: Callable[[str], RecipeError]) -> WeightMap:
+    """An sd-mecha 0.0.x hyperparameter dict as a mecha block/class map.
+
+    sd-mecha gives a key the mean of its matching block and class entries, else its component's
+    ``_default``, else 0. mecha maps consult block entries, then class entries, then the map's
+    default. The conversion translates names through the architecture (aliases such as ``sd1``,
+    component aliases such as ``txt``), builds ``blocks(...) | classes(...)`` with one default,
+    then checks every key of the architecture gets the value sd-mecha's rule gives it; where no
+    single mecha map can do that, the error names the first key that differs.
+    """
+    parsed: list[tuple[str, str, str | None, Any]] = []  # (arch alias, component, kind, name) -> value
+    arch_alias = None
+    for key, value in entries.items():
+        m = re.fullmatch(r"([A-Za-z0-9]+)_([A-Za-z0-9]+)_(?:(default)|(block|class)_(.+))", key)
+        if m is None:
+            raise fail(f"dict key {key!r} is not ARCH_COMPONENT_default, ARCH_COMPONENT_block_NAME "
+                           f"or ARCH_COMPONENT_class_NAME")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise fail(f"dict value for {key!r} must be a number, got {value!r}")
+        if arch_alias is not None and m.group(1) != arch_alias:
+            raise fail(f"dict mixes architectures {arch_alias!r} and {m.group(1)!r}")
+        arch_alias = m.group(1)
+        kind = None if m.group(3) else m.group(4)
+        parsed.append((m.group(2), kind or "default", m.group(5), value))
+    if arch_alias is None:
+        raise fail("an empty dict is not a hyperparameter value")
+    try:
+        arch = host.architecture(arch_alias)
+    except RecipeError:
+        raise fail(f"dict hyperparameters name architecture {arch_alias!r}, which no installed plugin "
+                       f"provides (or aliases); `mecha info` lists architectures") from None
+    components = set(arch.components)
+
+    def component_of(alias: str) -> str:
+        name = arch.component_aliases.get(alias, alias)
+        if name not in components:
+            raise fail(f"{arch.name} has no component {alias!r} (components: {', '.join(sorted(components))})")
+        return name
+
+    by_block: dict[str, set[str]] = {}
+    by_class: dict[str, set[str]] = {}
+    for spec in arch.keys.values():
+        for b in spec.blocks:
+            by_block.setdefault(b, set()).add(spec.component)
+        if spec.klass:
+            by_class.setdefault(spec.klass, set()).add(spec.component)
+
+    block_values: dict[str, Any] = {}
+    class_values: dict[tuple[str, str], Any] = {}
+    defaults: dict[str, Any] = {}
+    for comp_alias, kind, name, value in parsed:
+        comp = component_of(comp_alias)
+        if kind == "default":
+            defaults[comp] = value
+        elif kind == "block":
+            block_values[_block_name(fail, arch, by_block, comp, comp_alias, name)] = value
+        else:
+            class_values[(comp, _class_name(fail, arch, by_class, comp, comp_alias, name))] = value
+
+    # sd-mecha's value for one key, and the candidate mecha map's
+    def wanted(spec: Any) -> Any:
+        found = [block_values[b] for b in spec.blocks if b in block_values]
+        if spec.klass and (spec.component, spec.klass) in class_values:
+            found.append(class_values[(spec.component, spec.klass)])
+        if found:
+            return sum(found) / len(found) if len(found) > 1 else found[0]
+        return defaults.get(spec.component, 0)
+
+    merged = set(arch.component_aliases.values()) or components  # the components sd-mecha merges
+    checked = [(k, s) for k, s in arch.keys.items() if s.component in merged] or list(arch.keys.items())
+    fallbacks = {wanted(s) for _, s in checked if not any(b in block_values for b in s.blocks)
+                 and (s.component, s.klass) not in class_values}
+    default = fallbacks.pop() if len(fallbacks) == 1 else 0
+    chain: list[WeightMap] = []
+    if block_values:
+        chain.append(blocks(arch.name, **block_values))
+    if class_values:
+        chain.append(classes(arch.name, **{n: v for (_, n), v in class_values.items()}))
+    if not chain:
+        chain.append(blocks(arch.name))
+    result = chain[0]
+    for m in chain[1:]:
+        result = result | m
+    result = attrs.evolve(result, default=default)
+    for key, spec in checked:
+        want, got = wanted(spec), result.resolve(spec.blocks, spec.klass, None)
+        if not math.isclose(want, got, rel_tol=0, abs_tol=1e-12):
+            raise fail(f"this dict cannot be written as one mecha block/class map: sd-mecha gives key "
+                           f"'{key}' {want}, the closest map gives {got} (per-component defaults and keys "
+                           f"matching both a block and a class entry do not carry over); "
+                           f"rewrite it with blocks(...)/classes(...)")
+    return result
+
+
+def _block_name(fail: Callable[[str], RecipeError], arch: Any, by_block: dict[str, set[str]], comp: str, alias: str, name: str) -> str:
+    """sd-mecha 0.0.x block names (``in3``, ``mid``, ``out11``) as the architecture's blocks."""
+    candidates = [name, name.upper()]
+    m = re.fullmatch(r"(in|out)(\d+)", name)
+    if m:
+        candidates.append(f"{m.group(1).upper()}{int(m.group(2)):02d}")
+    if name == "mid":
+        candidates.append("M00")
+    for cand in candidates:
+        if by_block.get(cand) == {comp}:
+            return cand
+    raise fail(f"sd-mecha block '{alias}_block_{name}' has no counterpart among {arch.name}'s blocks "
+                   f"for component {comp}")
+
+
+def _class_name(fail: Callable[[str], RecipeError], arch: Any, by_class: dict[str, set[str]], comp: str, alias: str, name: str) -> str:
+    """sd-mecha 0.0.x class names (``proj_in``, ``transformer_blocks_0_attn1_to_k``) as classes."""
+    parts = name.split("_")
+    for i in range(len(parts)):  # the longest suffix that is one of the architecture's classes
+        cand = "_".join(parts[i:])
+        if cand in by_class and comp in by_class[cand]:
+            return cand
+    raise fail(f"sd-mecha class '{alias}_class_{name}' has no counterpart among {arch.name}'s classes "
+                   f"for component {comp}")
