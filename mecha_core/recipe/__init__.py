@@ -77,9 +77,10 @@ def as_fill(value: Any, base_dir: str | None = None) -> Node:
 def compose(template: Node | str | os.PathLike[str], **fills: Any) -> Node:
     """Fill a template's parameters by name; returns the new recipe (the template is unchanged).
 
-    A fill is a recipe (a node, or the path of a ``.mecha`` file), a model (a node, or a path:
-    relative paths are resolved like any model path), or, for a parameter used as a hyperparameter, a value. Naming a parameter the template does
-    not have is an error; parameters not filled stay parameters.
+    A fill is a recipe (a node, or the path of a ``.mecha`` file), a model (a node, or a path;
+    relative paths are resolved like any model path), or, for a parameter used as a
+    hyperparameter, a value. Naming a parameter the template does not have is an error;
+    parameters not filled stay parameters.
     """
     if not isinstance(template, Node):
         template = load_recipe(template)

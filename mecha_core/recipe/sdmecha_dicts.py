@@ -26,13 +26,13 @@ def era_a_dict(entries: dict[str, Any], host: Any, fail: Callable[[str], RecipeE
     then checks every key of the architecture gets the value sd-mecha's rule gives it; where no
     single mecha map can do that, the error names the first key that differs.
     """
-    parsed: list[tuple[str, str, str | None, Any]] = []  # (arch alias, component, kind, name) -> value
+    parsed: list[tuple[str, str, str | None, Any]] = []  # (component alias, kind, name, value)
     arch_alias = None
     for key, value in entries.items():
         m = re.fullmatch(r"([A-Za-z0-9]+)_([A-Za-z0-9]+)_(?:(default)|(block|class)_(.+))", key)
         if m is None:
             raise fail(f"dict key {key!r} is not ARCH_COMPONENT_default, ARCH_COMPONENT_block_NAME "
-                           f"or ARCH_COMPONENT_class_NAME")
+                       f"or ARCH_COMPONENT_class_NAME")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise fail(f"dict value for {key!r} must be a number, got {value!r}")
         if arch_alias is not None and m.group(1) != arch_alias:
@@ -46,7 +46,7 @@ def era_a_dict(entries: dict[str, Any], host: Any, fail: Callable[[str], RecipeE
         arch = host.architecture(arch_alias)
     except RecipeError:
         raise fail(f"dict hyperparameters name architecture {arch_alias!r}, which no installed plugin "
-                       f"provides (or aliases); `mecha info` lists architectures") from None
+                   f"provides (or aliases); `mecha info` lists architectures") from None
     components = set(arch.components)
 
     def component_of(alias: str) -> str:
@@ -104,13 +104,14 @@ def era_a_dict(entries: dict[str, Any], host: Any, fail: Callable[[str], RecipeE
         want, got = wanted(spec), result.resolve(spec.blocks, spec.klass, None)
         if not math.isclose(want, got, rel_tol=0, abs_tol=1e-12):
             raise fail(f"this dict cannot be written as one mecha block/class map: sd-mecha gives key "
-                           f"'{key}' {want}, the closest map gives {got} (per-component defaults and keys "
-                           f"matching both a block and a class entry do not carry over); "
-                           f"rewrite it with blocks(...)/classes(...)")
+                       f"'{key}' {want}, the closest map gives {got} (per-component defaults and keys "
+                       f"matching both a block and a class entry do not carry over); "
+                       f"rewrite it with blocks(...)/classes(...)")
     return result
 
 
-def _block_name(fail: Callable[[str], RecipeError], arch: Any, by_block: dict[str, set[str]], comp: str, alias: str, name: str) -> str:
+def _block_name(fail: Callable[[str], RecipeError], arch: Any, by_block: dict[str, set[str]], comp: str,
+                alias: str, name: str) -> str:
     """sd-mecha 0.0.x block names (``in3``, ``mid``, ``out11``) as the architecture's blocks."""
     candidates = [name, name.upper()]
     m = re.fullmatch(r"(in|out)(\d+)", name)
@@ -122,10 +123,11 @@ def _block_name(fail: Callable[[str], RecipeError], arch: Any, by_block: dict[st
         if by_block.get(cand) == {comp}:
             return cand
     raise fail(f"sd-mecha block '{alias}_block_{name}' has no counterpart among {arch.name}'s blocks "
-                   f"for component {comp}")
+               f"for component {comp}")
 
 
-def _class_name(fail: Callable[[str], RecipeError], arch: Any, by_class: dict[str, set[str]], comp: str, alias: str, name: str) -> str:
+def _class_name(fail: Callable[[str], RecipeError], arch: Any, by_class: dict[str, set[str]], comp: str,
+                alias: str, name: str) -> str:
     """sd-mecha 0.0.x class names (``proj_in``, ``transformer_blocks_0_attn1_to_k``) as classes."""
     parts = name.split("_")
     for i in range(len(parts)):  # the longest suffix that is one of the architecture's classes
@@ -133,4 +135,4 @@ def _class_name(fail: Callable[[str], RecipeError], arch: Any, by_class: dict[st
         if cand in by_class and comp in by_class[cand]:
             return cand
     raise fail(f"sd-mecha class '{alias}_class_{name}' has no counterpart among {arch.name}'s classes "
-                   f"for component {comp}")
+               f"for component {comp}")
