@@ -107,3 +107,25 @@ def test_a_diffusers_file_merges_with_an_ldm_file(tmp_path):
 def test_a_file_without_diffusers_keys_is_not_converted():
     with pytest.raises(ValueError):
         diffusers_layout.plan_to_ldm({"model.diffusion_model.out.2.bias": mecha_core.specs.TensorInfo((4,), "float32")})
+
+
+def test_a_full_kohya_named_header_opens_as_sd1_ldm(tmp_path):
+    from mecha_core.engine.sources import open_source
+    from mecha_core.recipe.nodes import ModelNode
+    from mecha_sd1 import synthetic
+
+    diff = diffusers_layout.architecture()
+    table = synthetic.table(diff, dtype="float16")
+    # kohya's te. prefix, as sd-scripts writes it
+    table = {("te." + k[len("text_encoder."):] if k.startswith("text_encoder.") else k): v for k, v in table.items()}
+    path = synthetic.write_header_only(tmp_path / "kohya.safetensors", table)
+    with using(mecha_sd1.plugin) as host:
+        source = open_source(ModelNode(path), path, host)
+        try:
+            ldm = layout.architecture()
+            assert source.arch == "sd1-ldm"
+            assert set(source.keys) == ldm.required_keys
+            for key, info in source.keys.items():
+                assert info.shape == ldm.keys[key].shape and info.dtype == "float16", key
+        finally:
+            source.close()
