@@ -11,7 +11,7 @@ import mecha_core as mecha
 import mecha_methods.plugin
 import mecha_sd1.plugin
 from mecha_core.errors import RecipeError
-from mecha_core.plugins import plugin_from_functions
+from mecha_core.plugins import get_host, plugin_from_functions
 from mecha_core.recipe import dump_recipe, load_recipe, parameters
 from mecha_core.specs import Architecture, KeySpec
 from mecha_core.testing import using, write_checkpoint
@@ -248,9 +248,19 @@ def test_unversioned_dict_with_the_real_sd1_architecture():
         # whole text encoder): refused, naming the dict line and the entry
         with pytest.raises(RecipeError, match=r"^<recipe>:3:1: sd-mecha recipe: sd-mecha block 'txt_block_in2'"):
             load_recipe(text.replace("sd1_unet_block_in2", "sd1_txt_block_in2"))
-        # a component without a default is 0 in sd-mecha: one map cannot give txt 0.33 and unet 0
-        with pytest.raises(RecipeError, match="cannot be written as one mecha block/class map"):
-            load_recipe(text.replace("sd1_unet_default=0.3 ", ""))
+        # a component without a default is 0 in sd-mecha: the U-Net's keys (most keys) take the
+        # map's default 0, the text encoder's 0.3 through the classes only it has
+        per_component = load_recipe(text.replace("sd1_unet_default=0.3 ", "")).kwargs[0][1].value
+        arch = get_host().architecture("sd1-ldm")
+        checked = 0
+        for key, spec in arch.keys.items():
+            if spec.component not in ("clip_l", "diffuser"):
+                continue
+            want = {"IN02": 0.75, "M00": 0.5, "OUT11": 0.2}.get(spec.blocks[0] if spec.blocks else None,
+                                                                 0.3 if spec.component == "clip_l" else 0)
+            assert per_component.resolve(spec.blocks, spec.klass, None) == want, key
+            checked += 1
+        assert checked == 197 + 686
 
 
 # -- errors -------------------------------------------------------------------------------------

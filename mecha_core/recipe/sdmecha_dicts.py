@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from typing import Any, Callable
 
 import attrs
@@ -22,9 +23,10 @@ def era_a_dict(entries: dict[str, Any], host: Any, fail: Callable[[str], RecipeE
     sd-mecha gives a key the mean of its matching block and class entries, else its component's
     ``_default``, else 0. mecha maps consult block entries, then class entries, then the map's
     default. The conversion translates names through the architecture (aliases such as ``sd1``,
-    component aliases such as ``txt``), builds ``blocks(...) | classes(...)`` with one default,
-    then checks every key of the architecture gets the value sd-mecha's rule gives it; where no
-    single mecha map can do that, the error names the first key that differs.
+    component aliases such as ``txt``) and builds ``blocks(...) | classes(...)`` with one
+    default, plus a class map carrying the other components' defaults (through the classes only
+    they have); then it checks every key of the merged components gets the value sd-mecha's rule
+    gives it. Where no such map can, the error names the first key that differs.
     """
     parsed: list[tuple[str, str, str | None, Any]] = []  # (component alias, kind, name, value)
     arch_alias = None
@@ -86,14 +88,23 @@ def era_a_dict(entries: dict[str, Any], host: Any, fail: Callable[[str], RecipeE
 
     merged = set(arch.component_aliases.values()) or components  # the components sd-mecha merges
     checked = [(k, s) for k, s in arch.keys.items() if s.component in merged] or list(arch.keys.items())
-    fallbacks = {wanted(s) for _, s in checked if not any(b in block_values for b in s.blocks)
-                 and (s.component, s.klass) not in class_values}
-    default = fallbacks.pop() if len(fallbacks) == 1 else 0
+    # One default for the map: the component default covering the most keys. Other components'
+    # defaults become entries for the classes found only in that component.
+    component_default = {c: defaults.get(c, 0) for c in {s.component for _, s in checked}}
+    counts = Counter(component_default[s.component] for _, s in checked)
+    default = max(sorted(counts, key=repr), key=lambda v: counts[v])
+    by_component_class = {}
+    for klass, comps in sorted(by_class.items()):
+        inside = comps & set(component_default)
+        if len(inside) == 1 and component_default[next(iter(inside))] != default:
+            by_component_class[klass] = component_default[next(iter(inside))]
     chain: list[WeightMap] = []
     if block_values:
         chain.append(blocks(arch.name, **block_values))
     if class_values:
         chain.append(classes(arch.name, **{n: v for (_, n), v in class_values.items()}))
+    if by_component_class:
+        chain.append(classes(arch.name, **by_component_class))
     if not chain:
         chain.append(blocks(arch.name))
     result = chain[0]
