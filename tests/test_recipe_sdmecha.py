@@ -392,3 +392,15 @@ def test_recipe_show_prints_the_recipe_sd_mecha_stored_and_mecha_runs_it(models)
     got = run(folder, shown.output)
     for k in KEYS:
         torch.testing.assert_close(got[k], 0.5 * t["a"][k] + 0.5 * t["b"][k])
+
+
+def test_unversioned_per_component_defaults_merge_to_sd_mechas_values(models):
+    folder, t = models
+    text = (ERA_A_HEAD + 'dict sd1_txt_default=0.2 sd1_unet_block_in2=0.75\n'
+            'merge "weighted_sum" &0 &1 alpha=&2\n')
+    got = run(folder, text)
+    # sd-mecha: the text encoder takes its default 0.2; the U-Net has no default, so 0 except IN02
+    want_alpha = {"te.layers.0.norm1.weight": 0.2, "te.layers.1.fc1.weight": 0.2, "unet.in.1.conv.weight": 0.0,
+                  "unet.in.2.proj_in.weight": 0.75, "unet.mid.proj_in.weight": 0.0, "unet.out.0.conv.weight": 0.0}
+    for k, x in want_alpha.items():
+        torch.testing.assert_close(got[k], (1 - x) * t["a"][k] + x * t["b"][k])
