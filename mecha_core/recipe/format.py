@@ -196,7 +196,10 @@ class _Parser:
             right_tok = self.peek()
             right = self.term()
             if isinstance(value, WeightMap) and isinstance(right, WeightMap):
-                value = value | right
+                try:
+                    value = value | right
+                except RecipeError as exc:
+                    raise self.fail(str(exc), op) from None
             elif isinstance(value, Node) and isinstance(right, Node):
                 value = self._call_method("fallback", [value, right], {}, op)
             else:

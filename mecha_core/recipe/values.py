@@ -58,6 +58,8 @@ class WeightMap:
     def __or__(self, other: "WeightMap") -> "WeightMap":
         if not isinstance(other, WeightMap):
             return NotImplemented
+        if other.arch != self.arch:  # a key's blocks and class come from one architecture
+            raise RecipeError(f"'|' joins maps of one architecture; got '{self.arch}' and '{other.arch}'")
         if self.then is None:
             return attrs.evolve(self, then=other)
         return attrs.evolve(self, then=self.then | other)
