@@ -1,7 +1,8 @@
 """Hyperparameter values that vary over an architecture's blocks or classes.
 
 ``blocks("sd1-ldm", default=0.3, IN02=0.75)`` gives every key of block IN02 the value 0.75 and
-every other key 0.3. ``classes(...)`` does the same by layer type. Maps combine with ``|``: for a
+every other key 0.3. ``classes(...)`` does the same by layer type. Maps of one architecture
+combine with ``|``: for a
 key, the left map's entries win when one matches the key, then the right map's entries, then the
 left map's default (or, where the left has none, the right's). A key that belongs to several
 blocks of one map (SD's ``time_embed``) takes the mean of their values.
