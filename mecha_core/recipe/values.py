@@ -2,10 +2,10 @@
 
 ``blocks("sd1-ldm", default=0.3, IN02=0.75)`` gives every key of block IN02 the value 0.75 and
 every other key 0.3. ``classes(...)`` does the same by layer type. Maps of one architecture
-combine with ``|``: for a
-key, the left map's entries win when one matches the key, then the right map's entries, then the
-left map's default (or, where the left has none, the right's). A key that belongs to several
-blocks of one map (SD's ``time_embed``) takes the mean of their values.
+combine with ``|``: for a key, the left map's entries win when one matches the key, then the
+right map's entries, then the left map's default (or, where the left has none, the right's),
+then the method's default. A key that an architecture lists in several blocks takes the mean of
+one map's entries for them. docs/recipe-format.md has the full rules.
 """
 
 from __future__ import annotations
