@@ -263,6 +263,18 @@ def inspect_command(
         typer.echo(f"  wrong shapes ({len(result['shape_mismatches'])}): " + printable("; ".join(shown)))
 
 
+def _diagnostic_host() -> Any:
+    """The process-wide host; under MECHA_STRICT_PLUGINS=1 a failure would stop the listing, so
+    the plugin commands then load a non-strict host that records every problem instead."""
+    from ..errors import PluginError
+    from ..plugins import PluginHost
+
+    try:
+        return get_host()
+    except PluginError:
+        return PluginHost(strict=False)
+
+
 def plugins_list_command(
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="List everything each plugin provides.")] = False,
