@@ -122,10 +122,12 @@ class MergeMethod:
         assert self.variadic is not None
         return self.variadic
 
-    def result_space(self, spaces: list[str | None], *, where: str = "") -> str | None:
+    def result_space(self, spaces: list[str | None], *, where: str = "",
+                     origins: list[str] | None = None) -> str | None:
         """Check the inputs' merge spaces (``None``: not known yet) and return the result's.
 
-        Raises :class:`MergeSpaceError` when a known space does not fit.
+        ``origins`` says where each input comes from (``subtract``, ``a.safetensors``) for the
+        error message. Raises :class:`MergeSpaceError` when a known space does not fit.
         """
         generic: str | None = None
         generic_from = ""
@@ -136,16 +138,16 @@ class MergeMethod:
             named[label] = space
             if space is None:
                 continue
+            got = _SPACE_WORDS.get(space, space) + (f" from {origins[pos]}" if origins and origins[pos] else "")
             if spec.space is not None:
                 if space != spec.space:
-                    raise MergeSpaceError(
-                        f"{where}{self.name} expects {label} in {spec.space} space; got {space}")
+                    raise MergeSpaceError(f"{where}{self.name} expects {spec.name} in {spec.space} space; got {got}")
             elif generic is None:
-                generic, generic_from = space, label
+                generic, generic_from = space, spec.name if not spec.variadic else label
             elif space != generic:
                 raise MergeSpaceError(
-                    f"{where}{self.name} expects {label} in the same space as {generic_from} "
-                    f"({generic}); got {space}")
+                    f"{where}{self.name} expects {spec.name} in the same space as {generic_from} "
+                    f"({generic}); got {got}")
         if self.check_spaces is not None:
             try:
                 self.check_spaces(named)
@@ -156,6 +158,9 @@ class MergeMethod:
         if any(i.space is None for i in self.inputs):
             return generic
         return None
+
+
+_SPACE_WORDS = {"weight": "weights", "delta": "a delta", "param": "a parameter"}
 
 
 def _resolve_hints(fn: Callable[..., Any]) -> dict[str, Any]:

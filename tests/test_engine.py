@@ -300,3 +300,11 @@ def test_deep_recipe_chain_evaluates(tmp_path, methods):
     for i in range(400):
         expected = expected + torch.full((4,), 0.5) * (0.01 * (i % 3))
     assert torch.allclose(out["w"], expected, rtol=1e-5)
+
+
+def test_bare_model_names_find_safetensors_files_even_with_dots(tmp_path, methods):
+    write_checkpoint(tmp_path / "ghostmix_v2.0.safetensors", {"w": torch.ones(2)})
+    write_checkpoint(tmp_path / "plain.safetensors", {"w": torch.zeros(2)})
+    recipe = mecha.weighted_sum(mecha.model("ghostmix_v2.0"), mecha.model("plain"), alpha=0.25)
+    out = load_file(mecha.merge(recipe, tmp_path / "o.safetensors", models_dir=tmp_path))
+    assert torch.equal(out["w"], torch.full((2,), 0.75))

@@ -164,10 +164,10 @@ def test_merge_spaces_are_checked_when_the_node_is_built():
 
     delta = diff("x", "y")
     assert delta.space == DELTA
-    with pytest.raises(MergeSpaceError, match="needs_weight expects a in weight space; got delta"):
+    with pytest.raises(MergeSpaceError, match="needs_weight expects a in weight space; got a delta from diff"):
         needs_weight(delta, "z")
     assert needs_weight("z", delta).space == DELTA  # generic result: the space of b
-    with pytest.raises(MergeSpaceError, match=r"same expects b in the same space as a \(delta\); got weight"):
+    with pytest.raises(MergeSpaceError, match=r"same expects b in the same space as a \(delta\); got weights"):
         same(delta, _weight_node())
 
 

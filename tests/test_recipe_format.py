@@ -196,7 +196,7 @@ def error(text: str) -> RecipeError:
     (HEAD + "m = weighted_sum(a, b, alpha=0.5 | 0.2)\n", 4, 30, ["'|' joins"]),
     (HEAD + 'm = weighted_sum(a, b, alpha=blocks("x") | blocks("y"))\n', 4, 42, ["maps of one architecture"]),
     (HEAD + 'p = parameter("p", space="weights")\n', 4, 5, ["unknown merge space 'weights'"]),
-    ('mecha 1\nb = model("b")\nd = subtract(b, b)\nm = subtract(d, b)\n', 4, 5, ["subtract expects a in weight space; got delta"]),
+    ('mecha 1\nb = model("b")\nd = subtract(b, b)\nm = subtract(d, b)\n', 4, 5, ["subtract expects a in weight space; got a delta from subtract"]),
     ("mecha 2\na = model(\"a\")\n", 1, 7, ["version 1", "version 2"]),
     ("mecha 1\n# nothing\n", 1, None, ["empty"]),
 ])

@@ -14,7 +14,7 @@ import attrs
 
 from ..errors import MergeSpaceError, PlanError, RecipeError, UnfilledParameterError
 from ..plugins import PluginHost, get_host
-from ..recipe.nodes import CallNode, LiteralNode, ModelNode, Node, ParameterNode, walk
+from ..recipe.nodes import CallNode, LiteralNode, ModelNode, Node, ParameterNode, origin, walk
 from ..recipe.values import WeightMap
 from ..specs import DELTA, TensorInfo
 from .safetensors_io import ITEMSIZE, is_float
@@ -182,10 +182,8 @@ def _plan_call(step: Step, inputs: list[Step], options: MergeOptions, by_node: d
     node = step.node
     assert isinstance(node, CallNode)
     method = node.method
-    try:
-        step.space = method.result_space([s.space for s in inputs])
-    except MergeSpaceError as exc:
-        raise MergeSpaceError(str(exc) + _space_hint(node, inputs)) from None
+    step.space = method.result_space([s.space for s in inputs], origins=[
+        _describe(arg, by_node) if isinstance(arg, ModelNode) else origin(arg) for arg in node.args])
     dense = [i for i, s in enumerate(inputs) if s.space != DELTA]
     union = method.accepts_missing or not dense
     keys: dict[str, None] = {}
@@ -222,13 +220,6 @@ def _plan_call(step: Step, inputs: list[Step], options: MergeOptions, by_node: d
         sample = "; ".join(f"'{k}' is missing from {_describe(node.args[i], by_node)}" for k, i in missing[:3])
         raise PlanError(f"{method.name}: {len(missing)} key(s) are not in every input ({sample}); "
                         f"use --allow-missing (the first input that has a key wins) or fallback()")
-
-
-def _space_hint(node: CallNode, inputs: list[Step]) -> str:
-    for arg, s in zip(node.args, inputs):
-        if isinstance(arg, CallNode) and s.space is not None:
-            return f" (from {arg.method.name})"
-    return ""
 
 
 def bytes_per_element(plan: Plan, key: str) -> int:

@@ -93,7 +93,8 @@ def resolve_path(node: ModelNode, models_dir: str | None) -> str:
         os.path.join(d, raw) for d in (models_dir, node.base_dir, os.getcwd()) if d]
     tried = []
     for cand in candidates:
-        for path in (cand, cand + ".safetensors") if not os.path.splitext(cand)[1] else (cand,):
+        # a bare name may hold dots ("ghostmix_v2.0"): try it with the extension too
+        for path in (cand,) if cand.endswith(".safetensors") else (cand, cand + ".safetensors"):
             tried.append(path)
             if os.path.exists(path):
                 return path

@@ -114,9 +114,28 @@ class CallNode(Node):
     kwargs: tuple[tuple[str, Node], ...]
     """Hyperparameters given explicitly, sorted by name (each a literal or a parameter)."""
 
+    _space_memo: tuple | None = attrs.field(default=None, init=False, eq=False, hash=False, repr=False)
+
     @property
     def space(self) -> str | None:
-        return self.method.result_space([a.space for a in self.args])
+        # Remembered: a deep chain would otherwise recompute every input's space at every level.
+        memo = self._space_memo
+        if memo is None:
+            memo = (self.method.result_space([a.space for a in self.args],
+                                             origins=[origin(a) for a in self.args]),)
+            object.__setattr__(self, "_space_memo", memo)
+        return memo[0]
+
+
+def origin(node: Node) -> str:
+    """Where a node's value comes from, for messages: a method's name, a file's name, a parameter."""
+    if isinstance(node, CallNode):
+        return node.method.name
+    if isinstance(node, ModelNode):
+        return os.path.basename(node.path)
+    if isinstance(node, ParameterNode):
+        return f"parameter '{node.name}'"
+    return ""
 
 
 def _as_input(value: Any, method: "MergeMethod", position: int) -> Node:
