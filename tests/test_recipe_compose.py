@@ -220,3 +220,20 @@ def test_same_relative_path_in_recipes_from_different_folders_stays_two_files(tm
         assert 'model("../x/m.safetensors")' in text and 'model("../y/m.safetensors")' in text
         mecha.merge(recipe, tmp_path / "out.safetensors")
         torch.testing.assert_close(load_file(tmp_path / "out.safetensors")["w"], torch.full((2,), 3.0))
+
+
+def test_compose_refuses_to_overwrite_its_template(tmp_path):
+    from typer.testing import CliRunner
+
+    import mecha_methods.plugin
+    from mecha_core.cli import app
+    from mecha_core.testing import using
+
+    template = tmp_path / "t.mecha"
+    text = 'mecha 1\na = parameter("a")\nb = parameter("b")\nm = weighted_sum(a, b)\n'
+    template.write_text(text)
+    with using(mecha_methods.plugin):
+        result = CliRunner().invoke(app, ["compose", str(template), "-o", str(template)])
+    assert result.exit_code == 2
+    assert "overwrite its template" in result.output
+    assert template.read_text() == text

@@ -115,6 +115,8 @@ def compose_command(
     from ..recipe import as_fill, compose, dump_recipe, load_recipe
     from ..recipe.nodes import relocate
 
+    if os.path.exists(output) and os.path.samefile(output, template):
+        raise MechaError(f"{output}: the composed recipe would overwrite its template; choose another -o")
     node = load_recipe(template)
     fills = {name: as_fill(value if os.path.exists(value) else _fill_value(value), base_dir=os.getcwd())
              for name, value in _pairs(list(ctx.args))}
@@ -126,9 +128,10 @@ def compose_command(
             f.write(text)
         os.replace(tmp, output)
     except OSError as exc:
+        raise MechaError(f"{output}: cannot write: {exc.strerror or exc}") from None
+    finally:  # also on Ctrl-C: never leave the temporary file behind
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise MechaError(f"{output}: cannot write: {exc.strerror or exc}") from None
     typer.echo(f"wrote {output}")
 
 
