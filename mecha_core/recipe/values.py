@@ -91,7 +91,19 @@ def _make(kind: str, arch: Any, default: Any, values: dict[str, Any]) -> WeightM
         raise RecipeError(f"{kind}() takes an architecture name first, got {arch!r}")
     if default is not None:
         default = _number(default, f"{kind}() default")
-    return WeightMap(arch, kind, _entries(values), default)
+    return WeightMap(_canonical_arch(arch), kind, _entries(values), default)
+
+
+def _canonical_arch(name: str) -> str:
+    """An installed architecture's own name for an alias (sd-mecha's ``sd1`` is ``sd1-ldm``), so
+    maps written with either spelling are one value; unknown names stay as written (checked when
+    the merge is planned)."""
+    from ..plugins import get_host
+
+    try:
+        return get_host().architecture(name).name
+    except RecipeError:
+        return name
 
 
 def blocks(arch: str, default: float | None = None, **values: float) -> WeightMap:
