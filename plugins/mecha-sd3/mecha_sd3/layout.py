@@ -83,6 +83,6 @@ def architecture() -> Architecture:
     return Architecture(
         name=NAME, keys=keys, blocks=BLOCKS, classes=classes,
         description="Stable Diffusion 3 medium, ComfyUI all-in-one layout (MMDiT, VAE, CLIP-L/G, T5-XXL)",
-        aliases=("sd3",),
+        aliases=("sd3", "sd3-sgm"),
         component_aliases={"txt": "clip_l", "txt2": "clip_g", "unet": "diffuser"},  # sd-mecha's names
     )
