@@ -82,19 +82,24 @@ def load_packed(package: str, filename: str) -> dict[str, Any]:
         return json.loads(f.read())
 
 
-@functools.lru_cache(maxsize=None)
-def architecture() -> Architecture:
+def packed_architecture(package: str, filename: str, *, name: str, layer_class: Any, description: str,
+                        aliases: tuple[str, ...], component_aliases: dict[str, str]) -> Architecture:
+    """An Architecture from a packed layout whose keys each carry at most one block (SD1, SDXL)."""
     with no_gc():
-        packed = load_packed("mecha_sd1", "sd1-ldm.json.gz")
+        packed = load_packed(package, filename)
         keys = {
-            key: KeySpec(tuple(shape), dtype, component, bool(optional), tuple(aliases),
+            key: KeySpec(tuple(shape), dtype, component, bool(optional), tuple(aliases_),
                          (block,) if block else (), layer_class(key))
-            for key, shape, dtype, component, optional, aliases, block in packed["keys"]
+            for key, shape, dtype, component, optional, aliases_, block in packed["keys"]
         }
     classes = tuple(sorted({s.klass for s in keys.values() if s.klass}))
-    return Architecture(
-        name=NAME, keys=keys, blocks=tuple(packed["blocks"]), classes=classes,
+    return Architecture(name=name, keys=keys, blocks=tuple(packed["blocks"]), classes=classes,
+                        description=description, aliases=aliases, component_aliases=component_aliases)
+
+
+@functools.lru_cache(maxsize=None)
+def architecture() -> Architecture:
+    return packed_architecture(
+        "mecha_sd1", "sd1-ldm.json.gz", name=NAME, layer_class=layer_class,
         description="Stable Diffusion 1.x, original (ldm) checkpoint layout",
-        aliases=("sd1", "sd1.5", "sd15"),
-        component_aliases=COMPONENT_ALIASES,
-    )
+        aliases=("sd1", "sd1.5", "sd15"), component_aliases=COMPONENT_ALIASES)

@@ -22,8 +22,8 @@ from __future__ import annotations
 import functools
 import re
 
-from mecha_core.specs import Architecture, KeySpec
-from mecha_sd1.layout import load_packed, no_gc
+from mecha_core.specs import Architecture
+from mecha_sd1.layout import packed_architecture
 
 NAME = "sdxl-sgm"
 
@@ -55,16 +55,7 @@ def layer_class(key: str) -> str | None:
 
 @functools.lru_cache(maxsize=None)
 def architecture() -> Architecture:
-    with no_gc():
-        packed = load_packed("mecha_sdxl", "sdxl-sgm.json.gz")
-        keys = {
-            key: KeySpec(tuple(shape), dtype, component, bool(optional), tuple(aliases),
-                         (block,) if block else (), layer_class(key))
-            for key, shape, dtype, component, optional, aliases, block in packed["keys"]
-        }
-    classes = tuple(sorted({s.klass for s in keys.values() if s.klass}))
-    return Architecture(
-        name=NAME, keys=keys, blocks=tuple(packed["blocks"]), classes=classes,
+    return packed_architecture(
+        "mecha_sdxl", "sdxl-sgm.json.gz", name=NAME, layer_class=layer_class,
         description="Stable Diffusion XL, original (sgm) checkpoint layout",
-        aliases=("sdxl",), component_aliases=COMPONENT_ALIASES,
-    )
+        aliases=("sdxl",), component_aliases=COMPONENT_ALIASES)
