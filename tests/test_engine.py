@@ -308,3 +308,24 @@ def test_bare_model_names_find_safetensors_files_even_with_dots(tmp_path, method
     recipe = mecha.weighted_sum(mecha.model("ghostmix_v2.0"), mecha.model("plain"), alpha=0.25)
     out = load_file(mecha.merge(recipe, tmp_path / "o.safetensors", models_dir=tmp_path))
     assert torch.equal(out["w"], torch.full((2,), 0.75))
+
+
+def test_converter_plan_may_read_the_file_metadata(tmp_path, methods):
+    from mecha_core.specs import ConvertedKey, Converter, ModelType
+
+    def plan(header, metadata):
+        scale = float(metadata["scale"])
+        return {k.removeprefix("scaled."): ConvertedKey(info, (k,), lambda t, k=k: t[k] * scale)
+                for k, info in header.items()}
+
+    plugin = plugin_from_functions(
+        "scaled",
+        mecha_model_types=lambda: [ModelType("scaled", "delta", detect=lambda keys: all(k.startswith("scaled.") for k in keys) and bool(keys))],
+        mecha_converters=lambda: [Converter("scaled-to-delta", None, "scaled", None, "delta", plan)],
+    )
+    host = host_with(mecha_methods.plugin, plugin, names=["methods", "scaled"])
+    with using(host):
+        pb = write_checkpoint(tmp_path / "base.safetensors", {"w": torch.ones(3)})
+        pd = write_checkpoint(tmp_path / "d.safetensors", {"scaled.w": torch.full((3,), 2.0)}, metadata={"scale": "0.25"})
+        out = load_file(mecha.merge(mecha.add_difference(mecha.model(pb), mecha.model(pd)), tmp_path / "o.safetensors"))
+    assert torch.equal(out["w"], torch.full((3,), 1.5))

@@ -6,8 +6,9 @@ and converters applied until its values are plain weights or deltas in a canonic
 
 from __future__ import annotations
 
+import inspect
 import os
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 
@@ -29,6 +30,7 @@ class Source:
     space: str
     keys: Mapping[str, TensorInfo]
     direct: bool  # keys are stored tensors (they can be read in slices)
+    metadata: Mapping[str, str] = {}  # the file's __metadata__ (training settings, recipes)
 
     def read(self, key: str) -> torch.Tensor:
         raise NotImplementedError
@@ -48,6 +50,7 @@ class FileSource(Source):
     def __init__(self, path: str, file: SafetensorsFile, arch: str | None, type_: str, space: str,
                  renames: Mapping[str, str]):
         self.path, self.file, self.arch, self.type, self.space = path, file, arch, type_, space
+        self.metadata = file.metadata
         self._stored = {renames.get(k, k): k for k in file.keys}
         self.keys = {renames.get(k, k): info for k, info in file.keys.items()}
 
@@ -73,6 +76,7 @@ class ConvertedSource(Source):
                  space: str):
         self.inner, self.converter, self.plan = inner, converter, plan
         self.path, self.arch, self.type, self.space = inner.path, arch, converter.target_type, space
+        self.metadata = inner.metadata
         self.keys = {k: ck.info for k, ck in plan.items()}
 
     def read(self, key: str) -> torch.Tensor:
@@ -137,9 +141,19 @@ def detect_type(path: str, keys: frozenset[str], host: PluginHost) -> str:
     return found[0] if found else "base"
 
 
+def _wants_metadata(plan: Any) -> bool:
+    try:
+        return "metadata" in inspect.signature(plan).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _apply(source: Source, conv: Converter, host: PluginHost) -> Source | None:
     try:
-        plan = conv.plan(source.keys)
+        if _wants_metadata(conv.plan):  # e.g. a PEFT LoRA's lora_alpha lives in the metadata
+            plan = conv.plan(source.keys, metadata=dict(source.metadata))
+        else:
+            plan = conv.plan(source.keys)
     except ValueError:
         return None  # the converter does not apply to this file
     target_arch = conv.target_arch or source.arch
