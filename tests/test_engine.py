@@ -329,3 +329,11 @@ def test_converter_plan_may_read_the_file_metadata(tmp_path, methods):
         pd = write_checkpoint(tmp_path / "d.safetensors", {"scaled.w": torch.full((3,), 2.0)}, metadata={"scale": "0.25"})
         out = load_file(mecha.merge(mecha.add_difference(mecha.model(pb), mecha.model(pd)), tmp_path / "o.safetensors"))
     assert torch.equal(out["w"], torch.full((3,), 1.5))
+
+
+def test_nonfinite_in_a_sliced_key_says_which_elements(tmp_path, methods):
+    values = torch.ones(100)
+    values[57] = float("nan")
+    pa = write_checkpoint(tmp_path / "a.safetensors", {"w": values})
+    with pytest.raises(MergeError, match=r"key 'w': 1 NaN/Inf value\(s\) in the result \(elements 50\.\.74 of 100\)"):
+        mecha.merge(mecha.scale(mecha.model(pa), alpha=2.0), tmp_path / "o.safetensors", chunk_elements=25, threads=1)

@@ -35,11 +35,13 @@ def boundary(fn: Callable[..., Any]) -> Callable[..., Any]:
                 raise
             typer.echo(f"error: {printable(str(exc))}", err=True)
             raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             if debug_enabled():
                 raise
+            from ..engine.run import Terminated
+
             typer.echo("interrupted; nothing was written", err=True)
-            raise typer.Exit(130) from None
+            raise typer.Exit(143 if isinstance(exc, Terminated) else 130) from None
 
     return wrapper
 

@@ -305,17 +305,19 @@ def _run_units(plan: Plan, fd: int, offsets: dict[str, int], data_start: int, pr
                 return
             info = plan.output[key]
             value = evaluator.evaluate(key, start, end)
+            # a sliced key is checked slice by slice: say which elements the count covers
+            where = f" (elements {start}..{end - 1} of {info.numel})" if end is not None else ""
             if is_float(info.dtype):
                 if not opts.allow_nonfinite and not bool(torch.isfinite(value).all()):
                     bad = int((~torch.isfinite(value)).sum())
-                    raise MergeError(f"key '{key}': {bad} NaN/Inf value(s) in the result; check the "
+                    raise MergeError(f"key '{key}': {bad} NaN/Inf value(s) in the result{where}; check the "
                                      f"inputs, or pass --allow-nonfinite to write them anyway")
                 value = value.to(dtype=torch_dtype(info.dtype))
                 # finite in the work dtype may still overflow a narrower output dtype (float16)
                 stored = value.float() if value.element_size() == 1 else value  # no isfinite for fp8
                 if not opts.allow_nonfinite and not bool(torch.isfinite(stored).all()):
                     bad = int((~torch.isfinite(stored)).sum())
-                    raise MergeError(f"key '{key}': {bad} value(s) overflow {info.dtype}; choose a wider "
+                    raise MergeError(f"key '{key}': {bad} value(s){where} overflow {info.dtype}; choose a wider "
                                      f"--output-dtype, or pass --allow-nonfinite to write them anyway")
             elif value.dtype != torch_dtype(info.dtype):
                 value = value.to(dtype=torch_dtype(info.dtype))
@@ -390,6 +392,10 @@ def _drain(pool: cf.ThreadPoolExecutor, active: list[int], lock: threading.Lock)
             continue
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during a merge: handled like Ctrl-C (cleanup), reported with exit code 143."""
+
+
 class TerminateAsInterrupt:
     """Turns SIGTERM into KeyboardInterrupt while a merge runs, so cleanup happens."""
 
@@ -397,7 +403,7 @@ class TerminateAsInterrupt:
         self.previous = None
         if threading.current_thread() is threading.main_thread():
             def handler(signum: int, frame: Any) -> None:
-                raise KeyboardInterrupt("terminated")
+                raise Terminated("terminated")
 
             self.previous = signal.signal(signal.SIGTERM, handler)
         return self
