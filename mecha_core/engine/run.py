@@ -172,6 +172,14 @@ class Evaluator:
         return out
 
 
+def _size(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:,.0f} {unit}" if unit in ("B", "kB") else f"{n:,.1f} {unit}"
+        n /= 1000
+    return f"{n:,.1f} GB"
+
+
 class Progress:
     """A one-line progress report on stderr: keys, bytes, rate and ETA."""
 
@@ -192,8 +200,8 @@ class Progress:
                 rate = self.bytes / elapsed
                 eta = (self.total_bytes - self.bytes) / rate if rate > 0 else 0
                 sys.stderr.write(f"\rmerging {self.keys}/{self.total_keys} keys, "
-                                 f"{self.bytes / 1e6:,.0f}/{self.total_bytes / 1e6:,.0f} MB, "
-                                 f"{rate / 1e6:,.0f} MB/s, ETA {eta:,.0f}s ")
+                                 f"{_size(self.bytes)}/{_size(self.total_bytes)}, "
+                                 f"{_size(rate)}/s, ETA {eta:,.0f}s ")
                 sys.stderr.flush()
 
     def close(self) -> None:
