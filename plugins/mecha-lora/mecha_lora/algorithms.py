@@ -8,6 +8,7 @@ function returning ΔW (shaped like the layer's weight) or a base-dependent oper
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Mapping
 
@@ -60,6 +61,9 @@ class ModuleChange:
     """From ``{canonical name: tensor}`` and the output key: ΔW or an operator (None: bias only)."""
     bias_build: Callable[[Tensors], torch.Tensor] | None = None
     """Full/diff modules with ``diff_b``: the bias delta."""
+    scale: float | None = None
+    """alpha / r set by the file's metadata (PEFT LoraConfig) for a LoRA module without an alpha
+    tensor; ``None``: from the alpha tensor, or alpha = r."""
 
     @property
     def additive(self) -> bool:
@@ -74,6 +78,14 @@ def _alpha(t: Tensors, rank: int) -> float:
     return float(t["alpha"].float().item()) if "alpha" in t else float(rank)
 
 
+def lora_scale(t: Tensors, rank: int, fixed: float | None = None) -> float:
+    """alpha / r of a LoRA module: an alpha tensor wins, then ``fixed`` (the file's metadata),
+    else alpha = r."""
+    if "alpha" in t or fixed is None:
+        return _alpha(t, rank) / rank
+    return fixed
+
+
 def _shape_of(shapes: Mapping[str, tuple[int, ...]], name: str) -> tuple[int, ...]:
     return tuple(shapes[name])
 
@@ -84,10 +96,10 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 # -- ΔW builders (un-multiplied; shaped like the layer) -------------------------------------------
 
-def lora_delta(t: Tensors, shape: tuple[int, ...]) -> torch.Tensor:
+def lora_delta(t: Tensors, shape: tuple[int, ...], fixed_scale: float | None = None) -> torch.Tensor:
     down, up = t["lora_down.weight"].float(), t["lora_up.weight"].float()
     rank = down.shape[0]
-    scale = _alpha(t, rank) / rank
+    scale = lora_scale(t, rank, fixed_scale)
     if "lora_mid.weight" in t:  # Tucker: ΔW[o,i,y,x] = Σ up[o,a] mid[a,b,y,x] down[b,i]
         mid = t["lora_mid.weight"].float()
         delta = torch.einsum("oa,abyx,bi->oiyx", _flat(up), mid, _flat(down))
@@ -189,8 +201,13 @@ def implied(algorithm: str, s: Mapping[str, tuple[int, ...]]) -> tuple[int | Non
 
 # -- building a module's change --------------------------------------------------------------------
 
-def module_change(keys: ModuleKeys, module: Module, shapes: Mapping[str, tuple[int, ...]]) -> ModuleChange:
-    """The change a module makes to ``module``; raises ShapeMismatch or ValueError (unknown algorithm)."""
+def module_change(keys: ModuleKeys, module: Module, shapes: Mapping[str, tuple[int, ...]],
+                  scale_of_rank: Callable[[int], float | None] | None = None) -> ModuleChange:
+    """The change a module makes to ``module``; raises ShapeMismatch or ValueError (unknown algorithm).
+
+    ``scale_of_rank`` gives alpha / r from the file's metadata for a LoRA module without an alpha
+    tensor (PEFT files; ``None`` from it or no function: alpha = r).
+    """
     params = keys.params
     algorithm = detect(params)
     if algorithm is None:
@@ -207,6 +224,11 @@ def module_change(keys: ModuleKeys, module: Module, shapes: Mapping[str, tuple[i
 
     if algorithm in _DELTAS:
         delta_fn = _DELTAS[algorithm]
+        fixed = None
+        if algorithm == "lora" and "alpha" not in params and scale_of_rank is not None:
+            fixed = scale_of_rank(s["lora_down.weight"][0])
+            if fixed is not None:
+                delta_fn = functools.partial(lora_delta, fixed_scale=fixed)
         bias_build = None
         if algorithm == "full" and "diff_b" in params:
             bias_build = lambda t: t["diff_b"].float().reshape(-1)  # noqa: E731
@@ -218,8 +240,8 @@ def module_change(keys: ModuleKeys, module: Module, shapes: Mapping[str, tuple[i
             def build(t: Tensors, key: str) -> torch.Tensor | WeightOperator:
                 return DoRA(key, delta_fn(t, shape), t["dora_scale"].float(), axis)
 
-            return ModuleChange(module, algorithm + "+dora", sources, build, bias_build)
-        return ModuleChange(module, algorithm, sources, lambda t, key: delta_fn(t, shape), bias_build)
+            return ModuleChange(module, algorithm + "+dora", sources, build, bias_build, fixed)
+        return ModuleChange(module, algorithm, sources, lambda t, key: delta_fn(t, shape), bias_build, fixed)
 
     if algorithm in ("oft", "boft"):
         kohya_clamp = keys.style == "kohya-oft"

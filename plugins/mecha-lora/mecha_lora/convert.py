@@ -7,6 +7,7 @@ from typing import Mapping
 from mecha_core.specs import DELTA, ConvertedKey, Converter, ModelType, TensorInfo
 
 from . import keys as keynames
+from .adapter_config import adapter_scales, describe
 from .resolve import checked_resolution, converted_keys
 from .tables import ARCHITECTURES
 
@@ -22,8 +23,12 @@ MODEL_TYPES = [
 
 
 def _planner(style: str, arch: str):
-    def plan(header: Mapping[str, TensorInfo]) -> dict[str, ConvertedKey]:
-        return converted_keys(header, checked_resolution(header, style, arch))
+    def plan(header: Mapping[str, TensorInfo], metadata: Mapping[str, str] | None = None) -> dict[str, ConvertedKey]:
+        if style != "peft":  # kohya/LyCORIS files carry alpha tensors; their metadata is not read
+            return converted_keys(header, checked_resolution(header, style, arch))
+        what = describe(metadata)
+        scales = adapter_scales(metadata, what)  # PEFT: lora_alpha lives in the LoraConfig
+        return converted_keys(header, checked_resolution(header, style, arch, what=what, scales=scales))
 
     return plan
 

@@ -9,6 +9,7 @@ case they are skipped with a warning (converters cannot see ``--allow-missing``)
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from typing import Any, Mapping
@@ -20,6 +21,7 @@ from mecha_core.errors import PlanError
 from mecha_core.specs import ConvertedKey, TensorInfo
 
 from . import keys as keynames
+from .adapter_config import AdapterScales
 from .algorithms import ModuleChange, ShapeMismatch, module_change
 from .operators import RowSlices, WeightOperator
 from .tables import ARCHITECTURES, Module, table
@@ -43,8 +45,10 @@ def modules_of(header: Mapping[str, Any], style: str) -> tuple[list[keynames.Mod
     return keynames.group_peft(header)
 
 
-def resolve(header: Mapping[str, TensorInfo], style: str, arch: str) -> Resolution:
-    """Match every module of the file against ``arch``'s table."""
+def resolve(header: Mapping[str, TensorInfo], style: str, arch: str,
+            scales: AdapterScales | None = None) -> Resolution:
+    """Match every module of the file against ``arch``'s table; ``scales``: a PEFT file's
+    LoraConfig strengths (see :mod:`~mecha_lora.adapter_config`)."""
     tab = table(arch)
     groups, stray = modules_of(header, style)
     changes: list[ModuleChange] = []
@@ -58,7 +62,8 @@ def resolve(header: Mapping[str, TensorInfo], style: str, arch: str) -> Resoluti
             unknown.append((group.name, f"no {arch} layer has this name"))
             continue
         try:
-            change = module_change(group, module, shapes)
+            rule = None if scales is None else functools.partial(scales.scale, group.name)
+            change = module_change(group, module, shapes, rule)
         except ShapeMismatch as exc:
             unknown.append((group.name, str(exc)))
             continue
@@ -73,9 +78,10 @@ def resolve(header: Mapping[str, TensorInfo], style: str, arch: str) -> Resoluti
     return Resolution(arch, changes, unknown, duplicates)
 
 
-def best_resolution(header: Mapping[str, TensorInfo], style: str) -> Resolution | None:
+def best_resolution(header: Mapping[str, TensorInfo], style: str,
+                    scales: AdapterScales | None = None) -> Resolution | None:
     """The architecture the file fits best, or ``None`` when no module resolves anywhere."""
-    found = [resolve(header, style, arch) for arch in ARCHITECTURES]
+    found = [resolve(header, style, arch, scales) for arch in ARCHITECTURES]
     best = max(found, key=lambda r: (len(r.changes), -len(r.unknown)))  # max keeps the first of ties
     return best if best.changes else None
 
@@ -85,10 +91,10 @@ def _allow_unknown() -> bool:
 
 
 def checked_resolution(header: Mapping[str, TensorInfo], style: str, arch: str | None = None,
-                       what: str = "this LoRA") -> Resolution:
+                       what: str = "this LoRA", scales: AdapterScales | None = None) -> Resolution:
     """The resolution for ``arch`` (default: the best fit); raises ValueError when the file is
     for another architecture, PlanError for unknown modules (see the module doc)."""
-    best = best_resolution(header, style)
+    best = best_resolution(header, style, scales)
     if best is None:
         raise ValueError("no module matches a known architecture")
     if arch is not None and best.arch != arch:

@@ -18,6 +18,7 @@ from mecha_core.engine.safetensors_io import SafetensorsFile, is_float, save, to
 from mecha_core.errors import MechaError, OutputError, PlanError
 
 from . import keys as keynames
+from .adapter_config import adapter_scales
 from .algorithms import ModuleChange
 from .lowrank import OVERSAMPLE, POWER_ITERATIONS, low_rank
 from .resolve import Resolution, checked_resolution
@@ -180,7 +181,8 @@ def _open_lora(path: str) -> tuple[SafetensorsFile, Resolution, str]:
         else:
             raise PlanError(f"{path}: not a LoRA file (neither kohya/LyCORIS nor PEFT key names)")
         try:
-            res = checked_resolution(file.keys, style, what=path)
+            scales = adapter_scales(file.metadata, path) if style == "peft" else None
+            res = checked_resolution(file.keys, style, what=path, scales=scales)
         except ValueError as exc:
             raise PlanError(f"{path}: {exc}") from None
         return file, res, style
@@ -251,9 +253,12 @@ def merge_loras(inputs: Sequence[str | os.PathLike[str]], output: str | os.PathL
                     t = _tensors(opened[i][0], change)
                     down = t["lora_down.weight"].to(torch.float32)
                     r = down.shape[0]
-                    alpha = float(t["alpha"].float().item()) if "alpha" in t else float(r)
-                    ups.append(t["lora_up.weight"].to(torch.float32).reshape(module.out_features, r)
-                               * (weights[i] * alpha / r))
+                    if "alpha" in t or change.scale is None:
+                        alpha = float(t["alpha"].float().item()) if "alpha" in t else float(r)
+                        factor = weights[i] * alpha / r
+                    else:  # a PEFT file's metadata fixed alpha / r
+                        factor = weights[i] * change.scale
+                    ups.append(t["lora_up.weight"].to(torch.float32).reshape(module.out_features, r) * factor)
                     downs.append(down.reshape(r, module.in_flat))
                 up, down = torch.cat(ups, dim=1), torch.cat(downs, dim=0)
             else:
