@@ -7,6 +7,7 @@ import torch
 from mecha_core import WEIGHT, merge_method
 
 from ._checks import at_least, choice, positive_int
+from ._precision import in_float32
 
 _SPACES = {"base": WEIGHT, "models": WEIGHT}
 
@@ -31,6 +32,7 @@ def _cosine(x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
 
 @merge_method(spaces=_SPACES, returns=WEIGHT, check_spaces=at_least(2, "models"),
               formula="t·mean(θᵢ) + (1 − t)·base,  t = clamp(N·cosθ / (1 + (N − 1)·cosθ), 0, 1)")
+@in_float32
 def model_stock(base, *models, pairs: str = "all", eps: float = 1e-6):
     """Model Stock (Jang et al. 2024, arXiv 2403.19522), per tensor.
 
@@ -58,6 +60,7 @@ def model_stock(base, *models, pairs: str = "all", eps: float = 1e-6):
 
 
 @merge_method(formula="argmin_m Σ ‖xᵢ − m‖ (Weiszfeld iterations)", check_spaces=at_least(1, "model"))
+@in_float32
 def geometric_median(*models, eps: float = 1e-6, maxiter: int = 100, ftol: float = 1e-20):
     """The geometric median of the inputs: robust to an outlier model, unlike the mean.
 

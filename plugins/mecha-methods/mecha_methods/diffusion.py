@@ -11,6 +11,7 @@ import torch
 from mecha_core import WEIGHT, merge_method
 
 from ._checks import at_least, fraction
+from ._precision import in_float32
 
 
 def _as_columns(x: torch.Tensor) -> torch.Tensor:
@@ -25,6 +26,7 @@ def _cosine_lerp(a: torch.Tensor, b: torch.Tensor, similarity: torch.Tensor, alp
 
 @merge_method(spaces=WEIGHT, returns=WEIGHT,
               formula="lerp(a, b, k),  k = 1 − clamp(cos_dim0(a/‖a‖₀, b/‖b‖₀) − alpha, 0, 1)")
+@in_float32
 def add_cosine_a(a, b, *, alpha: float = 0.0):
     """supermerger's cosineA, per key: move toward b where a and b are dissimilar.
 
@@ -46,6 +48,7 @@ def add_cosine_a(a, b, *, alpha: float = 0.0):
 
 @merge_method(spaces=WEIGHT, returns=WEIGHT,
               formula="lerp(a, b, k),  k = 1 − clamp((cos_dim0(a, b) + a·b/(‖a‖‖b‖))/2 − alpha, 0, 1)")
+@in_float32
 def add_cosine_b(a, b, *, alpha: float = 0.0):
     """supermerger's cosineB, per key: add_cosine_a with a similarity that also sees the whole tensor.
 
@@ -80,6 +83,7 @@ def train_difference(a, b, c, *, alpha: float = 1.0):
 
 @merge_method(spaces=WEIGHT, returns=WEIGHT,
               formula="a + alpha·(d_b − d_a·(d_a·d_b)/‖d_a‖²),  d_a = a − c, d_b = b − c")
+@in_float32
 def add_perpendicular(a, b, c, *, alpha: float = 1.0):
     """Add to a the part of b − c orthogonal to a − c: b's change, minus what a already has.
 
@@ -107,6 +111,7 @@ def _radial_frequency(shape: tuple[int, ...], device: torch.device) -> torch.Ten
 
 
 @merge_method(formula="irfftn((1 − F)·rfftn(a) + F·rfftn(b)),  F = (1 − tilt)·[r > 1 − alpha] + tilt·alpha")
+@in_float32
 def crossover(a, b, *, alpha: float = 0.5, tilt: float = 0.0):
     """Frequency crossover: the low spatial frequencies of a with the high ones of b.
 
@@ -149,6 +154,7 @@ def _orthogonal_power(q: torch.Tensor, power: float) -> torch.Tensor:
 
 @merge_method(formula="lerp(a_c, b_c·Qᵀ, alpha)·Q^alignment + lerp(mean_a, mean_b, alignment),  "
                       "Q = argmin_orthogonal ‖a_c·Q − b_c‖")
+@in_float32
 def rotate(a, b, *, alignment: float = 1.0, alpha: float = 0.0, centralization: float = 1.0):
     """Rotate a's neurons toward b's (orthogonal Procrustes), optionally also blending them.
 

@@ -14,6 +14,7 @@ import torch
 from mecha_core import WEIGHT, merge_method
 
 from ._checks import at_least, choice, fraction
+from ._precision import in_float32
 
 _SPACES = {"base": WEIGHT, "models": WEIGHT}
 _VOTES = ("sum", "count")
@@ -117,6 +118,7 @@ def _check_della(name: str, density: float, epsilon: float) -> tuple[float, floa
 # -- TIES ----------------------------------------------------------------------------------------
 @merge_method(spaces=_SPACES, returns=WEIGHT, check_spaces=at_least(1, "model"),
               formula="base + alpha * disjoint_mean(elect(top_k(δᵢ, int(density·numel))))")
+@in_float32
 def ties(base, *models, density: float = 0.2, alpha: float = 1.0, vote: str = "sum"):
     """TIES-merging (Yadav et al. 2023): trim, elect sign, disjoint merge.
 
@@ -150,6 +152,7 @@ def _dare_deltas(name: str, base, models, density, seed, rescale, ctx) -> list[t
 
 @merge_method(spaces=_SPACES, returns=WEIGHT, check_spaces=at_least(1, "model"),
               formula="base + alpha * Σ mᵢ ⊙ δᵢ / density,  mᵢ ~ Bernoulli(density)")
+@in_float32
 def dare_linear(base, *models, density: float = 0.5, alpha: float = 1.0, seed: int = 0,
                 rescale: str = "density", ctx=None):
     """DARE (Yu et al. 2023, "drop and rescale") with a plain sum of the task vectors.
@@ -171,6 +174,7 @@ def dare_linear(base, *models, density: float = 0.5, alpha: float = 1.0, seed: i
 
 @merge_method(spaces=_SPACES, returns=WEIGHT, check_spaces=at_least(1, "model"),
               formula="base + alpha * disjoint_mean(elect(mᵢ ⊙ δᵢ / density))")
+@in_float32
 def dare_ties(base, *models, density: float = 0.5, alpha: float = 1.0, seed: int = 0,
               rescale: str = "density", vote: str = "sum", ctx=None):
     """DARE's drop and rescale, then the TIES sign election and disjoint mean instead of a sum.
@@ -202,6 +206,7 @@ def _della_deltas(name: str, base, models, density, epsilon, seed, ctx) -> list[
 @merge_method(spaces=_SPACES, returns=WEIGHT, check_spaces=at_least(1, "model"),
               formula="base + alpha * disjoint_mean(elect(mᵢ ⊙ δᵢ / pᵢ)),  mᵢ ~ Bernoulli(pᵢ), "
                       "pᵢ = density − epsilon + 2·epsilon·rank_norm(|δᵢ|)")
+@in_float32
 def della(base, *models, density: float = 0.5, epsilon: float = 0.1, alpha: float = 1.0,
           seed: int = 0, vote: str = "sum", ctx=None):
     """DELLA (Deep et al. 2024): magnitude-aware drop and rescale, then TIES sign election.
@@ -221,6 +226,7 @@ def della(base, *models, density: float = 0.5, epsilon: float = 0.1, alpha: floa
 
 @merge_method(spaces=_SPACES, returns=WEIGHT, check_spaces=at_least(1, "model"),
               formula="base + alpha * Σ mᵢ ⊙ δᵢ / pᵢ  (pᵢ as in della)")
+@in_float32
 def della_linear(base, *models, density: float = 0.5, epsilon: float = 0.1, alpha: float = 1.0,
                  seed: int = 0, ctx=None):
     """DELLA's magnitude-ranked drop and rescale, then a plain sum of the task vectors.
@@ -247,6 +253,7 @@ def _crumbs(name: str, base, models, density, gamma) -> list[torch.Tensor]:
 
 @merge_method(spaces=_SPACES, returns=WEIGHT, check_spaces=at_least(1, "model"),
               formula="base + alpha * Σ band(δᵢ)  (drop the top gamma and the bottom 1 − density − gamma by |δᵢ|)")
+@in_float32
 def breadcrumbs(base, *models, density: float = 0.9, gamma: float = 0.01, alpha: float = 1.0):
     """Model Breadcrumbs (Davari & Belilovsky 2023): keep the middle band of each task vector.
 
@@ -260,6 +267,7 @@ def breadcrumbs(base, *models, density: float = 0.9, gamma: float = 0.01, alpha:
 
 @merge_method(spaces=_SPACES, returns=WEIGHT, check_spaces=at_least(1, "model"),
               formula="base + alpha * disjoint_mean(elect(band(δᵢ)))")
+@in_float32
 def breadcrumbs_ties(base, *models, density: float = 0.9, gamma: float = 0.01, alpha: float = 1.0,
                      vote: str = "sum"):
     """Model Breadcrumbs' middle band of each task vector, then the TIES sign election.

@@ -12,6 +12,7 @@ import torch
 from mecha_core import merge_method
 
 from ._checks import at_least, per_model_weights, positive_int
+from ._precision import in_float32
 
 
 def _unit(x: torch.Tensor, eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
@@ -20,6 +21,7 @@ def _unit(x: torch.Tensor, eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tens
 
 
 @merge_method(formula="(sin((1−α)Ω)·â + sin(αΩ)·b̂) / sin Ω · ((1−α)‖a‖ + α‖b‖),  Ω = arccos(â·b̂)")
+@in_float32
 def slerp(a, b, *, alpha: float = 0.5, parallel: float = 0.9995):
     """Spherical linear interpolation of the flattened tensors.
 
@@ -41,6 +43,7 @@ def slerp(a, b, *, alpha: float = 0.5, parallel: float = 0.9995):
 
 @merge_method(formula="exp_μ(Σ wᵢ (uᵢ − (uᵢ·μ)μ)) · Σ wᵢ‖xᵢ‖,  uᵢ = xᵢ/‖xᵢ‖, μ = normalised Σ wᵢuᵢ",
               check_spaces=at_least(1, "model"))
+@in_float32
 def multislerp(*models, weights: tuple = None, eps: float = 1e-8):
     """Spherical interpolation of any number of tensors (mergekit's multi-SLERP).
 
@@ -66,6 +69,7 @@ def multislerp(*models, weights: tuple = None, eps: float = 1e-8):
 
 @merge_method(formula="the weighted Fréchet mean of xᵢ/‖xᵢ‖ on the unit sphere, times Σ wᵢ‖xᵢ‖",
               check_spaces=at_least(1, "model"))
+@in_float32
 def karcher(*models, weights: tuple = None, maxiter: int = 10, tol: float = 1e-5):
     """The Karcher (Riemannian) mean of the flattened tensors' directions, given their mean norm.
 
