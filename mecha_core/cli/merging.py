@@ -17,11 +17,12 @@ def _parse_size(text: str) -> int:
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
     t = text.strip().lower().removesuffix("ib").removesuffix("b")
     try:
-        if t and t[-1] in units:
-            return int(float(t[:-1]) * units[t[-1]])
-        return int(t)
-    except ValueError:
-        raise MechaError(f"--memory-budget: cannot read '{text}' as a size (e.g. 2G, 512M)") from None
+        size = int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
+    except (ValueError, OverflowError):  # OverflowError: "infG"
+        size = 0
+    if size < 1:  # 0 would silently mean the default, a negative size one unit at a time
+        raise MechaError(f"--memory-budget: cannot read '{text}' as a positive size (e.g. 2G, 512M)")
+    return size
 
 
 def _fill_value(text: str):

@@ -206,7 +206,11 @@ def _plan_call(step: Step, inputs: list[Step], options: MergeOptions, by_node: d
         if not union:
             absent = [i for i in dense if key not in inputs[i].table]
             if absent:
-                if options.allow_missing:
+                if options.allow_missing and step.space == DELTA:
+                    # a difference of weights one side lacks is no difference: passing the other
+                    # side's whole weight on as a "delta" would add it to the base a second time
+                    del step.table[key]
+                elif options.allow_missing:
                     step.take[key] = having[0]
                 else:
                     missing.append((key, absent[0]))

@@ -27,6 +27,12 @@ from .plan import Plan, Step, slice_elements, unit_cost
 from .safetensors_io import ITEMSIZE, build_header, is_float, output_order, tensor_bytes, torch_dtype
 
 
+#: output dtypes without infinity, where torch clamps out-of-range values instead of making them
+#: Inf: the magnitude above which a value would round past the largest finite one (448 + half
+#: an ulp of 32), i.e. where float16 would give Inf
+_SATURATES = {"float8_e4m3fn": 464.0}
+
+
 class _Budget:
     """A byte budget: work is admitted while the bytes in flight stay under the limit."""
 
@@ -320,11 +326,13 @@ def _run_units(plan: Plan, fd: int, offsets: dict[str, int], data_start: int, pr
                     bad = int((~torch.isfinite(value)).sum())
                     raise MergeError(f"key '{key}': {bad} NaN/Inf value(s) in the result{where}; check the "
                                      f"inputs, or pass --allow-nonfinite to write them anyway")
+                limit = _SATURATES.get(info.dtype)
+                clamped = int((value.abs() > limit).sum()) if limit is not None else 0
                 value = value.to(dtype=torch_dtype(info.dtype))
                 # finite in the work dtype may still overflow a narrower output dtype (float16)
                 stored = value.float() if value.element_size() == 1 else value  # no isfinite for fp8
-                if not opts.allow_nonfinite and not bool(torch.isfinite(stored).all()):
-                    bad = int((~torch.isfinite(stored)).sum())
+                if not opts.allow_nonfinite and (clamped or not bool(torch.isfinite(stored).all())):
+                    bad = clamped or int((~torch.isfinite(stored)).sum())
                     raise MergeError(f"key '{key}': {bad} value(s){where} overflow {info.dtype}; choose a wider "
                                      f"--output-dtype, or pass --allow-nonfinite to write them anyway")
             elif value.dtype != torch_dtype(info.dtype):

@@ -17,7 +17,14 @@ def dump_recipe(recipe: Node) -> str:
 
 
 def _looks_like_text(value: str) -> bool:
-    return "\n" in value or value.lstrip("\ufeff \t").startswith(("mecha ", "version ", "#"))
+    if "\n" in value:
+        return True
+    try:  # an existing file is a path even when its name starts like a recipe ("mecha runs/x.mecha")
+        if os.path.isfile(value):
+            return False
+    except ValueError:  # a NUL byte: not a path
+        pass
+    return value.lstrip("\ufeff \t").startswith(("mecha ", "version ", "#"))
 
 
 def load_recipe(text_or_path: str | os.PathLike[str], *, host: Any = None) -> Node:

@@ -1,0 +1,75 @@
+"""Review findings in mecha_core: each test pins a bug a user could hit."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import mecha_core as mecha
+import mecha_methods.plugin
+from mecha_core.testing import using, write_checkpoint
+
+
+@pytest.fixture
+def methods():
+    with using(mecha_methods.plugin) as host:
+        yield host
+
+
+def test_allow_missing_difference_of_weights_lacking_a_key_is_zero_not_a_weight(tmp_path, methods):
+    # subtract(d, e) where e lacks "y": the difference must not be d's whole weight, or
+    # add(c, ...) doubles the weight: c.y + d.y instead of c.y.
+    c = write_checkpoint(tmp_path / "c.safetensors", {"x": torch.tensor([1.0, 2.0]), "y": torch.tensor([10.0])})
+    d = write_checkpoint(tmp_path / "d.safetensors", {"x": torch.tensor([5.0, 7.0]), "y": torch.tensor([20.0])})
+    e = write_checkpoint(tmp_path / "e.safetensors", {"x": torch.tensor([4.0, 4.0])})
+    recipe = mecha.add(mecha.model(c), mecha.subtract(mecha.model(d), mecha.model(e)))
+    out = load_file(mecha.merge(recipe, tmp_path / "o.safetensors", allow_missing=True))
+    assert out["x"].tolist() == [1.0 + 1.0, 2.0 + 3.0]
+    assert out["y"].tolist() == [10.0]
+
+
+def test_output_dtype_float8_e4m3fn_refuses_values_it_would_clamp(tmp_path, methods):
+    # float8_e4m3fn has no infinity: torch clamps 1000.0 to 448.0 silently, so the overflow
+    # check (which looks for Inf after the cast) must catch it before.
+    a = write_checkpoint(tmp_path / "a.safetensors", {"w": torch.tensor([1000.0, 1.0])})
+    b = write_checkpoint(tmp_path / "b.safetensors", {"w": torch.tensor([1000.0, 3.0])})
+    recipe = mecha.weighted_sum(mecha.model(a), mecha.model(b), alpha=0.5)
+    with pytest.raises(mecha.errors.MergeError, match="overflow float8_e4m3fn"):
+        mecha.merge(recipe, tmp_path / "o.safetensors", output_dtype="float8_e4m3fn")
+    assert not (tmp_path / "o.safetensors").exists()
+    # in range (450 rounds to 448, as float16 rounds 65519 to 65504): written
+    c = write_checkpoint(tmp_path / "c.safetensors", {"w": torch.tensor([450.0, 2.0])})
+    out = load_file(mecha.merge(mecha.weighted_sum(mecha.model(c), mecha.model(c), alpha=0.5),
+                                tmp_path / "o.safetensors", output_dtype="float8_e4m3fn"))
+    assert out["w"].float().tolist() == [448.0, 2.0]
+
+
+@pytest.mark.parametrize("size", ["infG", "nanM", "-5G", "0"])
+def test_memory_budget_that_is_not_a_positive_size_is_a_one_line_error(tmp_path, size):
+    from typer.testing import CliRunner
+
+    from mecha_core.cli.app import app
+
+    a = write_checkpoint(tmp_path / "a.safetensors", {"w": torch.ones(2)})
+    recipe = tmp_path / "r.mecha"
+    recipe.write_text(f'mecha 1\na = model("{os.path.basename(a)}")\nr = weighted_sum(a, a, alpha=0.5)\n')
+    with using(mecha_methods.plugin):
+        result = CliRunner().invoke(app, ["merge", str(recipe), "-o", str(tmp_path / "o.safetensors"),
+                                          "--memory-budget", size, "-q"])
+    assert result.exit_code == 2, result.output
+    assert "--memory-budget" in result.output
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_recipe_path_that_starts_like_recipe_text_is_read_as_a_file(tmp_path, monkeypatch, methods):
+    # "mecha runs/mix.mecha" (a folder named "mecha runs") is a path, not .mecha text
+    folder = tmp_path / "mecha runs"
+    folder.mkdir()
+    write_checkpoint(folder / "a.safetensors", {"w": torch.tensor([2.0])})
+    (folder / "mix.mecha").write_text('mecha 1\na = model("a.safetensors")\nr = scale(a, alpha=3.0)\n')
+    monkeypatch.chdir(tmp_path)
+    out = load_file(mecha.merge("mecha runs/mix.mecha", tmp_path / "o.safetensors"))
+    assert out["w"].tolist() == [6.0]
