@@ -73,3 +73,27 @@ def test_recipe_path_that_starts_like_recipe_text_is_read_as_a_file(tmp_path, mo
     monkeypatch.chdir(tmp_path)
     out = load_file(mecha.merge("mecha runs/mix.mecha", tmp_path / "o.safetensors"))
     assert out["w"].tolist() == [6.0]
+
+
+def test_block_map_of_another_architecture_is_refused_not_silently_the_default(tmp_path):
+    # blocks("sdxl-sgm", ...) on an sd1 merge matches no key: every key would silently take
+    # the method's default alpha
+    import mecha_sd1.plugin
+    import mecha_sdxl.plugin
+    from mecha_sd1 import layout, synthetic
+
+    arch = layout.architecture()
+    keys = [k for k, s in arch.keys.items() if not s.optional and len(s.shape) == 1]
+    table = synthetic.table(arch, keys, "float32")
+    synthetic.write_layout(tmp_path / "a.safetensors", table, seed=1)
+    synthetic.write_layout(tmp_path / "b.safetensors", table, seed=2)
+    with using(mecha_methods.plugin, mecha_sd1.plugin, mecha_sdxl.plugin):
+        a, b = mecha.model(tmp_path / "a.safetensors"), mecha.model(tmp_path / "b.safetensors")
+        with pytest.raises(mecha.errors.PlanError, match="sdxl-sgm"):
+            mecha.merge(mecha.weighted_sum(a, b, alpha=mecha.blocks("sdxl-sgm", IN04=0.9)),
+                        tmp_path / "o.safetensors")
+        assert not (tmp_path / "o.safetensors").exists()
+        # the architecture's own map still merges
+        out = load_file(mecha.merge(mecha.weighted_sum(a, b, alpha=mecha.blocks("sd1-ldm", default=1.0)),
+                                    tmp_path / "o.safetensors"))
+        assert torch.equal(out[keys[0]], load_file(tmp_path / "b.safetensors")[keys[0]])

@@ -131,6 +131,27 @@ def _check_hyper(node: CallNode, name: str, value: Node, host: PluginHost) -> No
                                       f"'{entry}'" + (f"; did you mean '{hint[0]}'?" if hint else ""))
 
 
+def _check_maps_match(step: Step, host: PluginHost, model_archs: set[str]) -> None:
+    """A block/class map must name the architecture of the keys it weights: another one (SDXL's
+    map on SD1 models) would silently give keys the method's default, or another layout's blocks."""
+    node = step.node
+    assert isinstance(node, CallNode)
+    for name, value in node.kwargs:
+        if not (isinstance(value, LiteralNode) and isinstance(value.value, WeightMap)) or not step.table:
+            continue
+        arch = host.architecture(value.value.arch)
+        if model_archs:
+            wrong = arch.name not in model_archs
+        else:  # files of no detected architecture: the map's must hold their keys best of all
+            covered = {a.name: sum(key in a.keys for key in step.table) for a in host.architectures.values()}
+            wrong = covered[arch.name] == 0 or covered[arch.name] < max(covered.values())
+        if wrong:
+            found = ", ".join(sorted(model_archs)) or "no known architecture"
+            raise PlanError(f"{node.method.name}({name}=...): the map names {arch.name}, but the keys of "
+                            f"this merge are not {arch.name}'s (its models: {found}); name the models' "
+                            f"architecture (`mecha inspect FILE` shows it)")
+
+
 def make_plan(root: Node, options: MergeOptions | None = None, host: PluginHost | None = None) -> Plan:
     """Open every input's header and work out the output; raises before anything is written."""
     options = options or MergeOptions()
@@ -161,6 +182,8 @@ def make_plan(root: Node, options: MergeOptions | None = None, host: PluginHost 
                     _check_hyper(node, name, value, host)
                 step.inputs = [by_node[a].index for a in node.args]
                 _plan_call(step, [steps[i] for i in step.inputs], options, by_node)
+                _check_maps_match(step, host, {by_node[n].source.arch for n in walk(node)
+                                               if isinstance(n, ModelNode) and by_node[n].source.arch})
             steps.append(step)
             by_node[node] = step
         root_step = by_node[root]
