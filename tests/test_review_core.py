@@ -97,3 +97,32 @@ def test_block_map_of_another_architecture_is_refused_not_silently_the_default(t
         out = load_file(mecha.merge(mecha.weighted_sum(a, b, alpha=mecha.blocks("sd1-ldm", default=1.0)),
                                     tmp_path / "o.safetensors"))
         assert torch.equal(out[keys[0]], load_file(tmp_path / "b.safetensors")[keys[0]])
+
+
+def test_bare_model_name_skips_a_folder_of_that_name(tmp_path, monkeypatch, methods):
+    # model("sd15") beside a folder "sd15" (a diffusers download) and the file "sd15.safetensors"
+    (tmp_path / "sd15").mkdir()
+    write_checkpoint(tmp_path / "sd15.safetensors", {"w": torch.tensor([2.0])})
+    monkeypatch.chdir(tmp_path)
+    out = load_file(mecha.merge(mecha.scale(mecha.model("sd15"), alpha=2.0), tmp_path / "o.safetensors"))
+    assert out["w"].tolist() == [4.0]
+    (tmp_path / "only_folder").mkdir()
+    with pytest.raises(mecha.errors.PlanError, match="only_folder is a directory"):
+        mecha.merge(mecha.model("only_folder"), tmp_path / "o.safetensors")
+
+
+def test_one_relative_model_path_naming_two_files_is_refused(tmp_path, monkeypatch, methods):
+    # two recipes from two folders both say model("m.safetensors") but mean different files;
+    # the nodes compare equal, so the merge silently read X's file twice
+    for folder, value in (("X", 0.0), ("Y", 10.0)):
+        (tmp_path / folder).mkdir()
+        write_checkpoint(tmp_path / folder / "m.safetensors", {"w": torch.tensor([value])})
+        (tmp_path / folder / "r.mecha").write_text('mecha 1\nm = model("m.safetensors")\nscale(m, alpha=1.0)\n')
+    monkeypatch.chdir(tmp_path)
+    recipe = mecha.weighted_sum(mecha.load_recipe("X/r.mecha"), mecha.load_recipe("Y/r.mecha"), alpha=0.5)
+    with pytest.raises(mecha.errors.PlanError, match="m.safetensors"):
+        mecha.merge(recipe, tmp_path / "o.safetensors")
+    assert not (tmp_path / "o.safetensors").exists()
+    # the same file reached from both recipes is fine
+    same = mecha.weighted_sum(mecha.load_recipe("X/r.mecha"), mecha.load_recipe("X/r.mecha"), alpha=0.5)
+    assert load_file(mecha.merge(same, tmp_path / "o.safetensors"))["w"].tolist() == [0.0]

@@ -152,6 +152,31 @@ def _check_maps_match(step: Step, host: PluginHost, model_archs: set[str]) -> No
                             f"architecture (`mecha inspect FILE` shows it)")
 
 
+def _check_one_file_per_model(root: Node, models_dir: str | None) -> None:
+    """Equal model nodes are one input, but a relative path in recipes from two folders can name
+    two files: refuse that rather than read one of them twice (a recipe can keep only one)."""
+    dirs: dict[ModelNode, dict[str | None, ModelNode]] = {}
+    seen: set[int] = set()
+    stack: list[Node] = [root]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, ModelNode):
+            dirs.setdefault(node, {}).setdefault(node.base_dir, node)
+        elif isinstance(node, CallNode):
+            stack.extend(node.args)
+    for node, variants in dirs.items():
+        if len(variants) > 1:
+            files = {os.path.realpath(resolve_path(v, models_dir)) for v in variants.values()}
+            if len(files) > 1:
+                raise PlanError(f"model '{node.path}' names {len(files)} different files ("
+                                f"{', '.join(sorted(files))}) in recipes from different folders; "
+                                f"give one of them another path (`mecha compose` writes paths that "
+                                f"stay apart)")
+
+
 def make_plan(root: Node, options: MergeOptions | None = None, host: PluginHost | None = None) -> Plan:
     """Open every input's header and work out the output; raises before anything is written."""
     options = options or MergeOptions()
@@ -160,6 +185,7 @@ def make_plan(root: Node, options: MergeOptions | None = None, host: PluginHost 
         if isinstance(root, ParameterNode):
             raise UnfilledParameterError(f"the recipe is only the parameter '{root.name}'; fill it first")
         raise RecipeError("a recipe to merge must be a model or a method call")
+    _check_one_file_per_model(root, options.models_dir)
     steps: list[Step] = []
     by_node: dict[Node, Step] = {}
     sources: list[Source] = []

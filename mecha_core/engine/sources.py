@@ -100,8 +100,11 @@ def resolve_path(node: ModelNode, models_dir: str | None) -> str:
         # a bare name may hold dots ("ghostmix_v2.0"): try it with the extension too
         for path in (cand,) if cand.endswith(".safetensors") else (cand, cand + ".safetensors"):
             tried.append(path)
-            if os.path.exists(path):
+            if os.path.exists(path) and not os.path.isdir(path):  # "sd15" may be a diffusers folder
                 return path
+    folder = next((t for t in tried if os.path.isdir(t)), None)
+    if folder is not None:
+        raise PlanError(f"model '{node.path}': {folder} is a directory, not a safetensors file")
     where = ", ".join(dict.fromkeys(os.path.dirname(t) or "." for t in tried))
     raise PlanError(f"model file '{node.path}' not found (looked in {where}); pass --models-dir")
 
