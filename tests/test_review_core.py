@@ -126,3 +126,16 @@ def test_one_relative_model_path_naming_two_files_is_refused(tmp_path, monkeypat
     # the same file reached from both recipes is fine
     same = mecha.weighted_sum(mecha.load_recipe("X/r.mecha"), mecha.load_recipe("X/r.mecha"), alpha=0.5)
     assert load_file(mecha.merge(same, tmp_path / "o.safetensors"))["w"].tolist() == [0.0]
+
+
+def test_float64_key_copied_unchanged_keeps_its_bits(tmp_path, methods):
+    # a key taken from the first input (--allow-missing) or a recipe that is one model is a copy:
+    # it must not go through the float32 work dtype
+    value = torch.tensor([1.0 + 2.0 ** -40, 1e-300], dtype=torch.float64)
+    a = write_checkpoint(tmp_path / "a.safetensors", {"w": torch.ones(1), "only_a": value})
+    b = write_checkpoint(tmp_path / "b.safetensors", {"w": torch.ones(1)})
+    out = load_file(mecha.merge(mecha.weighted_sum(mecha.model(a), mecha.model(b), alpha=0.5),
+                                tmp_path / "o.safetensors", allow_missing=True))
+    assert torch.equal(out["only_a"], value)
+    out = load_file(mecha.merge(mecha.model(a), tmp_path / "o2.safetensors"))
+    assert torch.equal(out["only_a"], value)

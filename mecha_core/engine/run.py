@@ -134,7 +134,7 @@ class Evaluator:
                 args = []
                 for j in step.inputs:
                     if needed[j]:
-                        args.append(values[j])
+                        args.append(self._work(values[j]))
                     elif node.method.accepts_missing:
                         args.append(None)
                     else:  # a delta that does not touch this key: zero difference
@@ -150,12 +150,20 @@ class Evaluator:
         return values[-1]
 
     def _leaf(self, step: Step, key: str, start: int, stop: int | None) -> Any:
+        # kept in its stored dtype until a method uses it: a key copied through (a recipe that is
+        # one model, --allow-missing) must not lose float64 bits to the float32 work dtype
         t = step.source.read(key)
         if stop is not None:
             t = t.reshape(-1)[start:stop]
         if is_float(step.table[key].dtype):
-            return t.to(device=self.device, dtype=self.work_dtype)
+            return t.to(device=self.device)
         return t
+
+    def _work(self, value: Any) -> Any:
+        """A method's float input, in the work dtype."""
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != self.work_dtype:
+            return value.to(dtype=self.work_dtype)
+        return value
 
     def _call(self, node: CallNode, args: list[Any], key: str) -> torch.Tensor:
         method = node.method
