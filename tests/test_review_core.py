@@ -139,3 +139,37 @@ def test_float64_key_copied_unchanged_keeps_its_bits(tmp_path, methods):
     assert torch.equal(out["only_a"], value)
     out = load_file(mecha.merge(mecha.model(a), tmp_path / "o2.safetensors"))
     assert torch.equal(out["only_a"], value)
+
+
+def _raw_safetensors(path, header_json: str, data: bytes) -> None:
+    import struct
+
+    raw = header_json.encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+
+
+@pytest.mark.parametrize("header", [
+    '{"\\ud800x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
+    '{"__metadata__":{"note":"\\udfff"},"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
+])
+def test_header_with_a_lone_surrogate_is_a_one_line_error_not_a_crash(tmp_path, methods, header):
+    # JSON accepts "\ud800" escapes, but no UTF-8 text holds them: writing the output header
+    # crashed with UnicodeEncodeError after planning
+    path = tmp_path / "bad.safetensors"
+    _raw_safetensors(path, header, b"\x00\x00\x80\x3f")
+    with pytest.raises(mecha.errors.SafetensorsError, match="bad.safetensors"):
+        mecha.merge(mecha.scale(mecha.model(path), alpha=2.0), tmp_path / "o.safetensors")
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_recipe_string_with_a_lone_surrogate_is_a_recipe_error_not_a_crash(tmp_path, methods):
+    a = write_checkpoint(tmp_path / "a.safetensors", {"w": torch.ones(1)})
+    text = 'mecha 1\na = model("a.safetensors")\nb = cast(a, dtype="\\udc80")\n'
+    with pytest.raises(mecha.errors.RecipeError, match=r"<recipe>:3:.*surrogate"):
+        mecha.load_recipe(text)
+    # built in Python, the string fails when the recipe is printed (before any file is written)
+    recipe = mecha.cast(mecha.model(a), dtype="\udc80")
+    with pytest.raises(mecha.errors.RecipeError, match="surrogate"):
+        mecha.merge(recipe, tmp_path / "o.safetensors")
+    assert not (tmp_path / "o.safetensors").exists()

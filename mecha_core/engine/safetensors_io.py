@@ -102,6 +102,11 @@ def _parse_header(path: str, raw: bytes, data_size: int) -> tuple[dict[str, _Ent
         raise _bad(path, f"damaged safetensors header (unreadable JSON: {type(exc).__name__})") from None
     if not isinstance(header, dict):
         raise _bad(path, f"damaged safetensors header (a JSON {type(header).__name__}, not an object)")
+    try:  # "\ud800" is valid JSON but no UTF-8 text: the output header could not be written
+        json.dumps(header, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise _bad(path, "damaged safetensors header (a lone UTF-16 surrogate escape in a name or "
+                         "value)") from None
     metadata = header.pop("__metadata__", None)
     metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):

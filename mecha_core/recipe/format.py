@@ -111,6 +111,14 @@ _TOKEN = re.compile(r"""
 """, re.VERBOSE)
 
 
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _tokenize(text: str, line: int, source: str) -> list[Token]:
     tokens, pos = [], 0
     while pos < len(text):
@@ -129,6 +137,9 @@ def _tokenize(text: str, line: int, source: str) -> list[Token]:
             except json.JSONDecodeError as exc:
                 raise RecipeError(f"invalid string ({exc.msg})", source=source, line=line,
                                   column=pos + 1 + exc.pos) from None
+            if not _is_unicode(value):  # "\udc80": valid JSON, but no file or metadata can hold it
+                raise RecipeError("invalid string (a lone UTF-16 surrogate escape)", source=source,
+                                  line=line, column=pos + 1)
             tokens.append(Token("string", raw, value, pos + 1))
         elif kind in ("name", "op"):
             tokens.append(Token(kind, raw, raw, pos + 1))

@@ -122,6 +122,11 @@ _UNSAFE_IN_LINE = {"\u0085": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"
 
 def format_string(text: str) -> str:
     """A double-quoted string with JSON escapes; never holds a character that ends a line."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:  # a lone surrogate: the recipe could not be stored in a merged file
+        raise RecipeError(f"cannot write the string {ascii(text)[:80]} in a recipe (it is not valid "
+                          f"Unicode: a lone surrogate)") from None
     out = json.dumps(text, ensure_ascii=False)
     for raw, escaped in _UNSAFE_IN_LINE.items():
         out = out.replace(raw, escaped)
