@@ -68,6 +68,7 @@ def merge(recipe: Node | str | os.PathLike[str], output: str | os.PathLike[str],
 
     host = host or get_host()
     if not isinstance(recipe, Node):
+        _not_over_recipe(recipe, output)
         recipe = load_recipe(recipe, host=host)
     _check_dtype(work_dtype, "work_dtype")
     if output_dtype is not None:
@@ -80,6 +81,18 @@ def merge(recipe: Node | str | os.PathLike[str], output: str | os.PathLike[str],
         **({"memory_budget": int(memory_budget)} if memory_budget else {}), **kwargs)
     with make_plan(recipe, options, host) as plan, TerminateAsInterrupt():
         return execute(plan, output, merge_metadata(plan), progress=progress)
+
+
+def _not_over_recipe(recipe: str | os.PathLike[str], output: str | os.PathLike[str]) -> None:
+    """The output must not replace the recipe file being merged (the CLI checks the same)."""
+    from .errors import OutputError
+
+    try:
+        same = os.path.isfile(recipe) and os.path.exists(output) and os.path.samefile(recipe, output)
+    except (OSError, ValueError):  # recipe text, not a path
+        same = False
+    if same:
+        raise OutputError(f"{output}: the output would overwrite the recipe {recipe}; choose another path")
 
 
 def _check_dtype(name: str, what: str) -> None:

@@ -173,3 +173,13 @@ def test_recipe_string_with_a_lone_surrogate_is_a_recipe_error_not_a_crash(tmp_p
     with pytest.raises(mecha.errors.RecipeError, match="surrogate"):
         mecha.merge(recipe, tmp_path / "o.safetensors")
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_api_merge_refuses_to_write_over_its_own_recipe_file(tmp_path, methods):
+    write_checkpoint(tmp_path / "a.safetensors", {"w": torch.ones(1)})
+    recipe = tmp_path / "r.mecha"
+    text = 'mecha 1\na = model("a.safetensors")\nscale(a, alpha=2.0)\n'
+    recipe.write_text(text)
+    with pytest.raises(mecha.errors.OutputError, match="recipe"):
+        mecha.merge(str(recipe), recipe)
+    assert recipe.read_text() == text
