@@ -74,6 +74,7 @@ def merge(recipe: Node | str | os.PathLike[str], output: str | os.PathLike[str],
     if output_dtype is not None:
         _check_dtype(output_dtype, "output_dtype")
     _check_device(device)
+    _check_count(threads, "threads")
     options = MergeOptions(
         threads=threads, work_dtype=work_dtype, output_dtype=output_dtype, device=device,
         allow_missing=allow_missing, allow_nonfinite=allow_nonfinite,
@@ -101,6 +102,14 @@ def _check_dtype(name: str, what: str) -> None:
 
     if name not in FLOAT_DTYPES:
         raise MechaError(f"{what} must be one of {', '.join(sorted(FLOAT_DTYPES))}; got '{name}'")
+
+
+def _check_count(value: int | None, what: str) -> None:
+    from .errors import MechaError
+
+    # 0 or a negative count would silently mean "all cores" (max(1, ...)); say so instead
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise MechaError(f"{what} must be a whole number of at least 1; got {value!r}")
 
 
 def _check_device(device: str) -> None:

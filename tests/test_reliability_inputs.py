@@ -164,3 +164,29 @@ def test_hostile_key_names_cannot_reach_the_terminal(work):
     message = check_clean_failure(result.exit_code, result.stderr, folder=work, before=before,
                                   fragments=("evil\\x1b[2J\\x07key", "[2]", "[3]"))
     assert "\x1b" not in message and "\x07" not in message
+
+
+@pytest.mark.parametrize("threads", ["0", "-2"])
+def test_a_thread_count_below_one_is_refused(work, threads):
+    write_checkpoint(work / "a.safetensors", {"w": torch.ones(2)})
+    write_checkpoint(work / "b.safetensors", {"w": torch.zeros(2)})
+    recipe = 'a = model("a.safetensors")\nb = model("b.safetensors")\nweighted_sum(a, b)\n'
+    result, before = merge(work, recipe, "--threads", threads)
+    check_clean_failure(result.exit_code, result.stderr, folder=work, before=before,
+                        fragments=("threads", threads))
+
+
+def test_a_nan_parameter_value_names_the_parameter(work):
+    write_checkpoint(work / "a.safetensors", {"w": torch.ones(2)})
+    write_checkpoint(work / "b.safetensors", {"w": torch.zeros(2)})
+    recipe = 'a = model("a.safetensors")\nb = model("b.safetensors")\nweighted_sum(a, b, alpha=parameter("mix"))\n'
+    result, before = merge(work, recipe, "-p", "mix=nan")
+    check_clean_failure(result.exit_code, result.stderr, folder=work, before=before,
+                        fragments=("-p mix", "NaN"))
+
+
+def test_inspect_gives_small_files_a_readable_size(work):
+    write_checkpoint(work / "a.safetensors", {"w": torch.ones(10)})  # 40 bytes of data
+    result = runner.invoke(app, ["inspect", str(work / "a.safetensors")])
+    assert result.exit_code == 0, result.output
+    assert "40 B" in result.stdout and "0.0 MB" not in result.stdout

@@ -232,6 +232,8 @@ def inspect_command(
 ) -> None:
     """Detect a file's architecture and model type from its header; show dtypes, sizes, and the
     missing, unexpected and misshapen keys. No tensor data is read."""
+    from ..engine.run import format_bytes
+
     result = inspect_summary(file, get_host())
     if json_out:
         print_json(result)
@@ -241,7 +243,7 @@ def inspect_command(
     if result.get("converts_to"):
         described += f" (read as {result['converts_to']})"
     typer.echo(f"{printable(str(file))}: {described}, type {result['type']}, {result['keys']} keys, "
-               f"{result['bytes'] / 1e6:,.1f} MB")
+               f"{format_bytes(result['bytes'])}")
     typer.echo("  dtypes: " + ", ".join(f"{d} ({n})" for d, n in result["dtypes"].items()))
     if arch is None:
         if result.get("closest"):
@@ -249,7 +251,7 @@ def inspect_command(
             typer.echo(f"  closest: {c['architecture']} ({c['required_keys_present']:.0%} of its required keys; "
                        f"name it with model(..., arch=...) to merge by its names anyway)")
         return
-    typer.echo("  components: " + ", ".join(f"{c} ({v['keys']} keys, {v['bytes'] / 1e6:,.1f} MB)"
+    typer.echo("  components: " + ", ".join(f"{c} ({v['keys']} keys, {format_bytes(v['bytes'])})"
                                             for c, v in result["components"].items()))
     if result["renamed"]:
         typer.echo(f"  old key spellings renamed: {len(result['renamed'])}")

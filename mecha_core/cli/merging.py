@@ -25,7 +25,7 @@ def _parse_size(text: str) -> int:
     return size
 
 
-def _fill_value(text: str):
+def _fill_value(text: str, name: str):
     from ..recipe.nodes import LiteralNode
 
     lowered = text.strip().lower()
@@ -33,9 +33,12 @@ def _fill_value(text: str):
         return LiteralNode(lowered == "true")
     for conv in (int, float):
         try:
-            return LiteralNode(conv(text))
+            number = conv(text)
         except ValueError:
-            pass
+            continue
+        if number != number:  # NaN: a recipe cannot hold it, and the error must name the -p
+            raise MechaError(f"-p {name}: NaN is not a parameter value; give a number, a model file or a .mecha recipe")
+        return LiteralNode(number)
     return text
 
 
@@ -68,7 +71,7 @@ def merge_command(
             name, sep, value = item.partition("=")
             if not sep or not name:
                 raise MechaError(f"-p expects NAME=VALUE, got '{item}'")
-            fills[name.strip()] = _fill_value(value)
+            fills[name.strip()] = _fill_value(value, name.strip())
         node = compose(node, **fills)
     if output.exists() and recipe.exists() and os.path.samefile(output, recipe):
         raise OutputError(f"{output}: the output would overwrite the recipe {recipe}; choose another path")
@@ -119,7 +122,7 @@ def compose_command(
     if os.path.exists(output) and os.path.samefile(output, template):
         raise MechaError(f"{output}: the composed recipe would overwrite its template; choose another -o")
     node = load_recipe(template)
-    fills = {name: as_fill(value if os.path.exists(value) else _fill_value(value), base_dir=os.getcwd())
+    fills = {name: as_fill(value if os.path.exists(value) else _fill_value(value, name), base_dir=os.getcwd())
              for name, value in _pairs(list(ctx.args))}
     composed = relocate(compose(node, **fills), os.path.dirname(os.path.abspath(output)))
     text = dump_recipe(composed)

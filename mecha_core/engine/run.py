@@ -186,7 +186,8 @@ class Evaluator:
         return out
 
 
-def _size(n: float) -> str:
+def format_bytes(n: float) -> str:
+    """``512 B``, ``12 kB``, ``2.1 GB``: a byte count for people (powers of 1000)."""
     for unit in ("B", "kB", "MB", "GB"):
         if n < 1000 or unit == "GB":
             return f"{n:,.0f} {unit}" if unit in ("B", "kB") else f"{n:,.1f} {unit}"
@@ -214,8 +215,8 @@ class Progress:
                 rate = self.bytes / elapsed
                 eta = (self.total_bytes - self.bytes) / rate if rate > 0 else 0
                 sys.stderr.write(f"\rmerging {self.keys}/{self.total_keys} keys, "
-                                 f"{_size(self.bytes)}/{_size(self.total_bytes)}, "
-                                 f"{_size(rate)}/s, ETA {eta:,.0f}s ")
+                                 f"{format_bytes(self.bytes)}/{format_bytes(self.total_bytes)}, "
+                                 f"{format_bytes(rate)}/s, ETA {eta:,.0f}s ")
                 sys.stderr.flush()
 
     def close(self) -> None:
