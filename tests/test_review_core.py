@@ -183,3 +183,40 @@ def test_api_merge_refuses_to_write_over_its_own_recipe_file(tmp_path, methods):
     with pytest.raises(mecha.errors.OutputError, match="recipe"):
         mecha.merge(str(recipe), recipe)
     assert recipe.read_text() == text
+
+
+class _IntBlocksPlugin:
+    """A toy architecture with one key in two blocks, and a method whose hyperparameter is an int."""
+
+    @staticmethod
+    @mecha.hookimpl
+    def mecha_architectures():
+        from mecha_core.specs import Architecture, KeySpec
+
+        keys = {"shared": KeySpec("shared", (2,), "float32", "net", blocks=("B0", "B1")),
+                "only_b1": KeySpec("only_b1", (2,), "float32", "net", blocks=("B1",))}
+        return [Architecture("toy-int", keys, blocks=("B0", "B1"))]
+
+    @staticmethod
+    @mecha.hookimpl
+    def mecha_merge_methods():
+        @mecha.merge_method
+        def stamp_count(a, *, count: int = 0):
+            assert type(count) is int, f"count arrived as {type(count).__name__}"
+            return torch.full_like(a, float(count))
+
+        return [stamp_count]
+
+
+def test_int_hyperparameter_from_a_block_map_stays_an_int(tmp_path):
+    a = write_checkpoint(tmp_path / "a.safetensors", {"shared": torch.zeros(2), "only_b1": torch.zeros(2)})
+    with using(_IntBlocksPlugin):
+        # "shared" sits in B0 and B1: the mean of 2 and 5 is 3.5, which rounds half to even to 4
+        recipe = mecha.stamp_count(mecha.model(a), count=mecha.blocks("toy-int", B0=2, B1=5))
+        out = load_file(mecha.merge(recipe, tmp_path / "o.safetensors"))
+        assert out["shared"].tolist() == [4.0, 4.0] and out["only_b1"].tolist() == [5.0, 5.0]
+        # a non-whole value in a map for an int hyperparameter is refused before anything is written
+        bad = mecha.stamp_count(mecha.model(a), count=mecha.blocks("toy-int", B0=2.5))
+        with pytest.raises(mecha.errors.RecipeError, match="count.*must be int"):
+            mecha.merge(bad, tmp_path / "bad.safetensors")
+    assert not (tmp_path / "bad.safetensors").exists()

@@ -105,7 +105,10 @@ def _fits(value: Any, kind: type) -> bool:
     if kind is float:
         return isinstance(value, WeightMap) or (isinstance(value, (int, float)) and not isinstance(value, bool))
     if kind is int:
-        return isinstance(value, WeightMap) or (isinstance(value, int) and not isinstance(value, bool))
+        if isinstance(value, WeightMap):  # every number the map can give must be whole
+            return all(_fits(v, int) for m in value.chain()
+                       for v in (*(v for _, v in m.entries), *(() if m.default is None else (m.default,))))
+        return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, kind)
 
 

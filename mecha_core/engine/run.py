@@ -80,16 +80,19 @@ class Evaluator:
                 return False
         return True
 
-    def _hyper(self, value: Any, key: str, default: Any) -> Any:
+    def _hyper(self, value: Any, key: str, default: Any, kind: type | None = None) -> Any:
         if not isinstance(value, WeightMap):
             return value
         arch = self._map_archs.get(value.arch)
         if arch is None:
             arch = self._map_archs[value.arch] = self.plan.host.architecture(value.arch)
         spec = arch.keys.get(key)
-        if spec is None:
-            return value.resolve((), None, default)
-        return value.resolve(spec.blocks, spec.klass, default)
+        resolved = value.resolve((), None, default) if spec is None else value.resolve(spec.blocks, spec.klass, default)
+        if kind is int and isinstance(resolved, float):
+            # a key in several blocks takes the mean of their values; an int hyperparameter
+            # (a seed, an iteration count) gets it rounded, half to even
+            return round(resolved)
+        return resolved
 
     def evaluate(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """The value of the recipe's root for ``key`` (elements ``start:stop`` of it, flattened).
@@ -172,7 +175,7 @@ class Evaluator:
         for h in method.hyperparameters:
             value = given.get(h.name)
             raw = value.value if isinstance(value, LiteralNode) else h.default
-            kwargs[h.name] = self._hyper(raw, key, h.default)
+            kwargs[h.name] = self._hyper(raw, key, h.default, h.kind)
         if method.wants_context:
             kwargs["ctx"] = MergeContext(key, self.plan.output[key], self.plan.architecture, str(self.device))
         try:
