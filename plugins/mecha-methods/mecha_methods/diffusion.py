@@ -164,7 +164,9 @@ def rotate(a, b, *, alignment: float = 1.0, alpha: float = 0.0, centralization: 
     The result is lerp(a_c, b_c·Qᵀ, alpha)·Q^alignment + centralization·lerp(mean_a, mean_b,
     alignment): alignment = 1 fully rotates a onto b's frame, fractions rotate part-way (a real
     matrix power through the eigendecomposition of Q); alpha moves the neurons toward b's before
-    rotating (alignment = alpha = 1 gives b). Tensors of fewer than 2 dims get
+    rotating (alignment = alpha = 1 gives b). When Q is a reflection (det −1) and alignment is
+    not a whole number, Q is replaced by the nearest proper rotation (the last column of U
+    negated), which has a real fractional power. Tensors of fewer than 2 dims get
     weighted_sum(a, b, alpha). Unlike sd-mecha, the full SVD is used for wide matrices too (no
     low-rank Stiefel path), so large square layers cost one d×d SVD each.
     """
@@ -175,6 +177,12 @@ def rotate(a, b, *, alignment: float = 1.0, alpha: float = 0.0, centralization: 
     mean_b = mb.mean(dim=0, keepdim=True) * centralization
     ca, cb = ma - mean_a, mb - mean_b
     u, _, vh = torch.linalg.svd(ca.T @ cb)
+    if alignment != round(alignment) and torch.linalg.det(u @ vh) < 0:
+        # a reflection has no real fractional power (its −1 eigenvalue would lose a direction):
+        # part-way alignment heads for the best proper rotation instead (Kabsch), flipping the
+        # weakest singular direction, as sd-mecha does
+        u = u.clone()
+        u[:, -1] = -u[:, -1]
     q = u @ vh
     neurons = ca if alpha == 0 else (1 - alpha) * ca + alpha * (cb @ q.T)
     out = neurons @ _orthogonal_power(q, alignment) + ((1 - alignment) * mean_a + alignment * mean_b)

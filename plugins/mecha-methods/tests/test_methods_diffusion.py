@@ -134,3 +134,27 @@ def test_rotate_half_alignment_is_a_square_root_of_the_rotation(run):
         half, *_ = np.linalg.lstsq(ca, rotated, rcond=None)  # the matrix a_c was multiplied by
         assert_close(half @ half, q, tol=1e-3, what=k)
         assert_close(half.T @ half, np.eye(q.shape[0]), tol=1e-3, what=k)
+
+
+def test_rotate_part_way_toward_a_mirror_image_is_a_proper_rotation(run):
+    # b is a mirrored (det −1): no real rotation reaches a reflection part-way, so a fractional
+    # alignment rotates part-way toward the best proper rotation (Kabsch: the SVD's weakest
+    # direction flipped), keeping every direction instead of dropping the reflected one.
+    import torch
+
+    gen = torch.Generator().manual_seed(21)
+    a = {"lin.weight": torch.randn(24, 5, generator=gen) * torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0])}
+    b = {"lin.weight": a["lin.weight"] * torch.tensor([1.0, 1.0, 1.0, 1.0, -1.0])}
+    out = run.call("rotate", a, b, alignment=0.5)
+    A, B = arrays(a)["lin.weight"], arrays(b)["lin.weight"]
+    ca = A - A.mean(axis=0)
+    cb = B - B.mean(axis=0)
+    u, _, vt = np.linalg.svd(ca.T @ cb)
+    assert np.linalg.det(u @ vt) < 0  # the plain Procrustes answer is the reflection itself
+    flip = np.diag([1.0] * 4 + [np.sign(np.linalg.det(u @ vt))])
+    proper = u @ flip @ vt
+    moved = out["lin.weight"] - (A.mean(axis=0) + B.mean(axis=0)) / 2
+    half, *_ = np.linalg.lstsq(ca, moved, rcond=None)
+    assert_close(half.T @ half, np.eye(5), tol=1e-3, what="orthogonal")
+    assert np.linalg.det(half) > 0.99
+    assert_close(half @ half, proper, tol=1e-3, what="square root")
