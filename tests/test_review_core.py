@@ -220,3 +220,22 @@ def test_int_hyperparameter_from_a_block_map_stays_an_int(tmp_path):
         with pytest.raises(mecha.errors.RecipeError, match="count.*must be int"):
             mecha.merge(bad, tmp_path / "bad.safetensors")
     assert not (tmp_path / "bad.safetensors").exists()
+
+
+def test_float16_output_accepts_values_that_round_down_to_its_largest_and_refuses_inf(tmp_path, methods):
+    # 65510 is above float16's largest finite value (65504) but rounds down to it; 65520 rounds to Inf
+    a = write_checkpoint(tmp_path / "a.safetensors", {"w": torch.tensor([65510.0, -65510.0, 1.0])})
+    out = load_file(mecha.merge(mecha.weighted_sum(mecha.model(a), mecha.model(a), alpha=0.5),
+                                tmp_path / "o.safetensors", output_dtype="float16"))
+    assert out["w"].dtype == torch.float16 and out["w"].float().tolist() == [65504.0, -65504.0, 1.0]
+    b = write_checkpoint(tmp_path / "b.safetensors", {"w": torch.tensor([1.0, -65520.0, 65520.0, 2.0])})
+    with pytest.raises(mecha.errors.MergeError, match="2 value.*overflow float16"):
+        mecha.merge(mecha.weighted_sum(mecha.model(b), mecha.model(b), alpha=0.5),
+                    tmp_path / "p.safetensors", output_dtype="float16")
+    assert not (tmp_path / "p.safetensors").exists()
+    # a NaN anywhere in a long key is found (the check reduces; it must not miss one)
+    c = torch.randn(100_003)
+    c[77_777] = float("nan")
+    cpath = write_checkpoint(tmp_path / "c.safetensors", {"w": c})
+    with pytest.raises(mecha.errors.MergeError, match="1 NaN/Inf"):
+        mecha.merge(mecha.weighted_sum(mecha.model(cpath), mecha.model(cpath), alpha=0.5), tmp_path / "q.safetensors")
