@@ -201,3 +201,41 @@ def test_output_equal_to_the_recipe_is_refused(work):
     result = merge(work, work / "recipe.mecha")
     check_clean_failure(result.exit_code, result.stderr, folder=work, before=before,
                         fragments=("recipe.mecha", "overwrite the recipe"))
+
+
+TRUNCATE_MID_MERGE = """
+import os, sys
+import mecha_core.engine.run as engine_run
+from mecha_core.cli import app
+
+victim, keep = sys.argv[1], int(sys.argv[2])
+real, calls = os.pwrite, [0]
+
+def pwrite(fd, data, offset):
+    calls[0] += 1
+    if calls[0] == 3:  # header and two keys written: another program now cuts an input short
+        os.truncate(victim, keep)
+    return real(fd, data, offset)
+
+engine_run.os.pwrite = pwrite
+app(sys.argv[3:], prog_name="mecha")
+"""
+
+
+def test_an_input_truncated_during_the_merge_is_an_error_not_a_crash(work):
+    # a mapped page past a file's new end kills the process with SIGBUS (leaving the temporary
+    # output behind); within the last page it reads zeros, a silently wrong merge (these keys
+    # are that small). The reader checks the file's size before each read instead.
+    import subprocess
+    import sys
+
+    victim = work / "b.safetensors"
+    original = victim.read_bytes()
+    keep = SafetensorsFile(victim).data_start + 8
+    before = snapshot(work)
+    before["b.safetensors"] = original[:keep]
+    proc = subprocess.run([sys.executable, "-c", TRUNCATE_MID_MERGE, str(victim), str(keep),
+                           "merge", str(work / "recipe.mecha"), "-o", str(work / "merged.safetensors"),
+                           "-q", "--threads", "1"], capture_output=True, text=True, timeout=120)
+    check_clean_failure(proc.returncode, proc.stderr, folder=work, before=before,
+                        fragments=("b.safetensors", "shrank"))

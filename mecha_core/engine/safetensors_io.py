@@ -188,7 +188,9 @@ class SafetensorsFile:
         except ValueError:  # a NUL byte in the path
             raise _bad(_short(p), "not a valid file name") from None
         try:
-            size = os.fstat(fd).st_size
+            opened = os.fstat(fd)
+            size = opened.st_size
+            self._identity = (opened.st_dev, opened.st_ino)
             if size < 8:
                 raise _bad(p, f"not a safetensors file ({size} bytes; too short for a header)")
             first = os.pread(fd, 8, 0)
@@ -223,11 +225,26 @@ class SafetensorsFile:
         if info.numel == 0:
             return torch.empty(info.shape, dtype=torch_dtype(info.dtype))
         assert self._map is not None
+        self._check_still_there(entry.end)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the buffer is read-only; nobody writes to it
             flat = torch.frombuffer(self._map, dtype=torch_dtype(info.dtype), count=info.numel,
                                     offset=self.data_start + entry.begin)
         return flat.view(info.shape)
+
+    def _check_still_there(self, end: int) -> None:
+        """Refuse to touch bytes that another program has truncated away since the file was
+        opened: reading a mapped page past the end of a file kills the process (SIGBUS), leaving
+        the temporary output behind. A file replaced by a new one (a new inode) is harmless: the
+        mapping keeps the old one. A truncation in the moment between this check and the read
+        can still crash; the check makes that a window of milliseconds, not the whole merge."""
+        try:
+            now = os.stat(self.path)
+        except OSError:  # deleted or renamed: the mapping still holds the file's pages
+            return
+        if (now.st_dev, now.st_ino) == self._identity and now.st_size < self.data_start + end:
+            raise _bad(self.path, f"the file shrank to {now.st_size} bytes while it was being read "
+                                  f"(another program is writing it?); run the merge again once it is complete")
 
     def prefetch(self, key: str, start: int = 0, stop: int | None = None) -> None:
         """Ask the kernel to start reading a tensor (elements ``start:stop``) in the background."""
