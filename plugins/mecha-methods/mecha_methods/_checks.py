@@ -6,6 +6,7 @@ anything is renamed into place; the message names the method and the hyperparame
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 from mecha_core.errors import MergeError
@@ -49,6 +50,20 @@ def per_model_weights(method: str, weights: Any, n: int) -> list[float]:
     if total == 0:
         raise MergeError(f"{method}(weights={list(weights)!r}): the weights sum to 0")
     return [float(w) / total for w in weights]
+
+
+def model_weights(method: str, weights: Any, n: int) -> list[float] | None:
+    """mergekit-style weights, one per fine-tune (not normalised); ``None`` when not given
+    (every weight 1, which the methods skip multiplying by)."""
+    if weights is None or (isinstance(weights, (tuple, list)) and len(weights) == 0):
+        return None
+    if isinstance(weights, (int, float)) and not isinstance(weights, bool):
+        weights = (weights,)
+    if not isinstance(weights, (tuple, list)) or len(weights) != n or not all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights):
+        raise MergeError(f"{method}(weights={weights!r}): give one finite weight per model after the base "
+                         f"({n} models), e.g. weights=[{', '.join(['1'] * n)}], or leave it out for weight 1 each")
+    return [float(w) for w in weights]
 
 
 def at_least(count: int, what: str) -> Callable[[dict[str, Any]], None]:

@@ -6,23 +6,29 @@ import torch
 
 from mecha_core import WEIGHT, merge_method
 
-from ._checks import at_least, choice, positive_int
+from ._checks import at_least, choice, model_weights, positive_int
 from ._precision import in_float32
 
 _SPACES = {"base": WEIGHT, "models": WEIGHT}
 
 
 @merge_method(elementwise=True, spaces=_SPACES, returns=WEIGHT, check_spaces=at_least(1, "model"),
-              formula="base + alpha * Σ (θᵢ − base)")
-def task_arithmetic(base, *models, alpha: float = 1.0):
+              formula="base + alpha * Σ wᵢ·(θᵢ − base)")
+def task_arithmetic(base, *models, alpha: float = 1.0, weights: tuple = None):
     """Task arithmetic (Ilharco et al. 2023): the base plus alpha times the summed task vectors.
 
     Every model's task vector θᵢ − base is added to the base, scaled by alpha. With one model
     this is base + alpha · (model − base), i.e. weighted_sum(base, model, alpha=alpha).
+    weights: one per model after the base (a recipe list such as [0.7, 0.3]), multiplying its
+    task vector; not normalised (mergekit's task_arithmetic); the default (null) is 1 each.
     """
+    w = model_weights("task_arithmetic", weights, len(models))
     total = torch.zeros_like(base)
-    for m in models:
-        total += m - base
+    for i, m in enumerate(models):
+        if w is None:
+            total += m - base
+        else:
+            total += w[i] * (m - base)
     return base + alpha * total
 
 

@@ -13,7 +13,7 @@ import torch
 
 from mecha_core import WEIGHT, merge_method
 
-from ._checks import at_least, choice, fraction
+from ._checks import at_least, choice, fraction, model_weights
 from ._precision import in_float32
 
 _SPACES = {"base": WEIGHT, "models": WEIGHT}
@@ -47,19 +47,29 @@ def elect_sign(deltas: list[torch.Tensor], vote: str) -> torch.Tensor:
     return torch.sign(sum(torch.sign(d) for d in deltas))
 
 
-def disjoint_mean(deltas: list[torch.Tensor], sign: torch.Tensor) -> torch.Tensor:
-    """Per entry, the mean of the non-zero deltas whose sign is the elected one (0 where none)."""
+def disjoint_mean(deltas: list[torch.Tensor], sign: torch.Tensor,
+                  weights: list[float] | None = None) -> torch.Tensor:
+    """Per entry, the mean of the non-zero deltas whose sign is the elected one (0 where none).
+
+    With ``weights`` (the deltas already multiplied by them), the sum of the agreeing weighted
+    deltas is divided by the sum of their weights, Σ mᵢwᵢδᵢ / Σ mᵢwᵢ (1 where that is 0), as
+    mergekit's TIES does."""
     total = torch.zeros_like(deltas[0])
     count = torch.zeros_like(deltas[0])
-    for d in deltas:
+    for i, d in enumerate(deltas):
         agrees = (torch.sign(d) == sign) & (d != 0)
         total += torch.where(agrees, d, torch.zeros_like(d))
-        count += agrees.to(d.dtype)
-    return total / count.clamp(min=1)
+        count += agrees.to(d.dtype) if weights is None else torch.where(agrees, weights[i], 0.0).to(d.dtype)
+    if weights is None:
+        return total / count.clamp(min=1)
+    return total / torch.where(count == 0, torch.ones_like(count), count)
 
 
-def ties_merge(deltas: list[torch.Tensor], vote: str) -> torch.Tensor:
-    return disjoint_mean(deltas, elect_sign(deltas, vote))
+def ties_merge(deltas: list[torch.Tensor], vote: str, weights: list[float] | None = None) -> torch.Tensor:
+    """TIES's elect and disjoint merge; with ``weights``, over the weighted deltas wᵢδᵢ."""
+    if weights is not None:
+        deltas = [w * d for w, d in zip(weights, deltas)]
+    return disjoint_mean(deltas, elect_sign(deltas, vote), weights)
 
 
 def bernoulli_mask(shape: torch.Size, keep_prob: torch.Tensor | float, gen: torch.Generator,
@@ -119,7 +129,7 @@ def _check_della(name: str, density: float, epsilon: float) -> tuple[float, floa
 @merge_method(spaces=_SPACES, returns=WEIGHT, check_spaces=at_least(1, "model"),
               formula="base + alpha * disjoint_mean(elect(top_k(δᵢ, int(density·numel))))")
 @in_float32
-def ties(base, *models, density: float = 0.2, alpha: float = 1.0, vote: str = "sum"):
+def ties(base, *models, density: float = 0.2, alpha: float = 1.0, vote: str = "sum", weights: tuple = None):
     """TIES-merging (Yadav et al. 2023): trim, elect sign, disjoint merge.
 
     Each model's delta δᵢ = θᵢ − base keeps only its int(density·numel) largest-magnitude entries
@@ -128,14 +138,17 @@ def ties(base, *models, density: float = 0.2, alpha: float = 1.0, vote: str = "s
     δᵢ)) with vote="count" (one vote per model: mergekit's "count", PEFT's "frequency",
     sd-mecha's default). The merged delta is the sum of the trimmed entries that agree with the
     elected sign divided by how many non-zero entries agree (at least 1); the result is
-    base + alpha · merged.
+    base + alpha · merged. weights: one per model after the base (a recipe list); the trimmed
+    deltas are multiplied by them before the election, and the agreeing ones are divided by the
+    sum of their weights instead of their count (mergekit's weighted TIES). Default (null): 1 each.
     """
+    w = model_weights("ties", weights, len(models))
     vote = choice("ties", "vote", vote, _VOTES)
     density = fraction("ties", "density", density)
     deltas = deltas_of(base, models)
     k = int(density * base.numel())
     trimmed = [keep_top_k(d, k) for d in deltas]
-    return base + alpha * ties_merge(trimmed, vote)
+    return base + alpha * ties_merge(trimmed, vote, w)
 
 
 # -- DARE ----------------------------------------------------------------------------------------
@@ -154,21 +167,25 @@ def _dare_deltas(name: str, base, models, density, seed, rescale, ctx) -> list[t
               formula="base + alpha * Σ mᵢ ⊙ δᵢ / density,  mᵢ ~ Bernoulli(density)")
 @in_float32
 def dare_linear(base, *models, density: float = 0.5, alpha: float = 1.0, seed: int = 0,
-                rescale: str = "density", ctx=None):
+                rescale: str = "density", weights: tuple = None, ctx=None):
     """DARE (Yu et al. 2023, "drop and rescale") with a plain sum of the task vectors.
 
     Each delta δᵢ = θᵢ − base keeps every entry with probability density (a Bernoulli mask mᵢ,
     a fresh one per model) and the kept entries are rescaled. rescale="density" (the default,
     the paper's and PEFT's) divides them by density, so the expected delta is unchanged;
     rescale="l1" (mergekit) scales the masked delta back to the L1 norm of the full delta;
-    rescale="none" keeps them as they are. The result is base + alpha · Σ masked δᵢ.
+    rescale="none" keeps them as they are. The result is base + alpha · Σ wᵢ · masked δᵢ, with
+    weights one per model after the base (a recipe list; default null: 1 each, not normalised).
 
     The masks come from seed and the key name only, so the same seed gives the same bytes
     whatever the thread count or key order (on one kind of device: CPU and CUDA draw different
     random numbers); a different seed gives different masks. The masks are drawn for the whole
     tensor, so the engine does not split DARE keys into slices.
     """
+    w = model_weights("dare_linear", weights, len(models))
     deltas = _dare_deltas("dare_linear", base, models, density, seed, rescale, ctx)
+    if w is not None:
+        deltas = [wi * d for wi, d in zip(w, deltas)]
     return base + alpha * sum(deltas)
 
 
@@ -176,7 +193,7 @@ def dare_linear(base, *models, density: float = 0.5, alpha: float = 1.0, seed: i
               formula="base + alpha * disjoint_mean(elect(mᵢ ⊙ δᵢ / density))")
 @in_float32
 def dare_ties(base, *models, density: float = 0.5, alpha: float = 1.0, seed: int = 0,
-              rescale: str = "density", vote: str = "sum", ctx=None):
+              rescale: str = "density", vote: str = "sum", weights: tuple = None, ctx=None):
     """DARE's drop and rescale, then the TIES sign election and disjoint mean instead of a sum.
 
     The masks and rescaling are exactly dare_linear's (the same masks for the same seed).
@@ -184,11 +201,12 @@ def dare_ties(base, *models, density: float = 0.5, alpha: float = 1.0, seed: int
     density: keep probability of each delta entry. rescale: "density" (default, divide by
     density), "l1" (keep each delta's L1 norm) or "none". vote: "sum" (default, sign of the
     summed deltas) or "count" (sign of the summed signs), as in ties. seed: fixes the masks
-    (per key, independent of threads). Result: base + alpha · merged.
+    (per key, independent of threads). weights: per model, as in ties. Result: base + alpha · merged.
     """
+    w = model_weights("dare_ties", weights, len(models))
     vote = choice("dare_ties", "vote", vote, _VOTES)
     deltas = _dare_deltas("dare_ties", base, models, density, seed, rescale, ctx)
-    return base + alpha * ties_merge(deltas, vote)
+    return base + alpha * ties_merge(deltas, vote, w)
 
 
 # -- DELLA ---------------------------------------------------------------------------------------

@@ -135,3 +135,11 @@ def test_cast_rounds_through_dtype(run):
 def test_cast_rejects_unknown_dtype(run):
     with pytest.raises(MergeError, match=r"cast\(dtype='int8'\): use one of"):
         run.call("cast", random_model(1), dtype="int8")
+
+
+def test_task_arithmetic_with_per_model_weights(run, trio):
+    base, a, b = trio
+    out = run.call("task_arithmetic", base, a, b, alpha=0.5, weights=[2.0, -0.5])
+    T0, A, B = arrays(base), arrays(a), arrays(b)
+    for k in T0:
+        assert_close(out[k], T0[k] + 0.5 * (2.0 * (A[k] - T0[k]) - 0.5 * (B[k] - T0[k])), what=k)

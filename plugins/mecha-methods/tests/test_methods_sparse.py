@@ -209,3 +209,57 @@ def test_breadcrumbs(run, method):
         assert_close(out[k], T0[k] + 0.7 * merged, what=k)
         # the largest delta entry of each model is an outlier and was dropped
         assert all(b.ravel()[np.argmax(np.abs(m[k] - T0[k]))] == 0 for b, m in zip(bands, arrs))
+
+
+def _weighted_elect_and_average(deltas: list[np.ndarray], weights: list[float], vote: str) -> np.ndarray:
+    """mergekit's weighted TIES, entry by entry: elect over wᵢδᵢ, then Σ agreeing wᵢδᵢ / Σ their wᵢ."""
+    flat = [d.ravel() * w for d, w in zip(deltas, weights)]
+    out = np.zeros_like(flat[0])
+    for i in range(out.size):
+        values = [f[i] for f in flat]
+        total = sum(values) if vote == "sum" else sum(np.sign(v) for v in values)
+        sign = np.sign(total)
+        agree = [j for j, v in enumerate(values) if v != 0 and np.sign(v) == sign]
+        divisor = sum(weights[j] for j in agree)
+        out[i] = sum(values[j] for j in agree) / (divisor if divisor != 0 else 1.0)
+    return out.reshape(deltas[0].shape)
+
+
+@pytest.mark.parametrize("vote", ["sum", "count"])
+def test_ties_with_per_model_weights(run, vote):
+    base = random_model(1)
+    models = [near(base, 2 + i, 0.5) for i in range(3)]
+    weights = [0.5, 2.0, 1.25]
+    out = run.call("ties", base, *models, density=0.3, alpha=0.8, vote=vote, weights=weights)
+    T0, arrs = arrays(base), [arrays(m) for m in models]
+    for k in ("lin.bias", "lin.weight"):
+        trimmed = [_trim(m[k] - T0[k], 0.3) for m in arrs]
+        assert_close(out[k], T0[k] + 0.8 * _weighted_elect_and_average(trimmed, weights, vote), what=k)
+
+
+def test_ties_weights_by_hand(run):
+    # deltas +4 and −1 with weights 0.25 and 3: weighted +1 and −3, so "sum" elects −, and the
+    # merged delta is −3 / 3 = −1 (without weights + would win: +4)
+    base = {"w": torch.zeros(1)}
+    models = [{"w": torch.tensor([v])} for v in (4.0, -1.0)]
+    assert run.call("ties", base, *models, density=1.0)["w"].tolist() == [4.0]
+    assert run.call("ties", base, *models, density=1.0, weights=[0.25, 3.0])["w"].tolist() == [-1.0]
+
+
+def test_dare_with_weights_scales_each_models_masked_delta(run):
+    base = _zeros()
+    models = [random_model(11 + i, BIG) for i in range(2)]
+    hypers = dict(density=0.5, seed=5)
+    masked = _revealed(run, "dare_linear", base, models, **hypers)
+    out = run.call("dare_linear", base, *models, weights=[0.3, -2.0], **hypers)
+    for k in masked[0]:
+        assert_close(out[k], 0.3 * masked[0][k] - 2.0 * masked[1][k], what=k)
+    ties_out = run.call("dare_ties", base, *models, weights=[0.3, 2.0], **hypers)
+    k = "small.bias"
+    assert_close(ties_out[k], _weighted_elect_and_average([d[k] for d in masked], [0.3, 2.0], "sum"), what=k)
+
+
+@pytest.mark.parametrize("weights", [[1.0], [1.0, 2.0, 3.0], [1.0, float("inf")], 2.0])
+def test_weights_must_be_one_finite_number_per_model(run, weights):
+    with pytest.raises(MergeError, match=r"ties\(weights=.*one finite weight per model after the base \(2 models\)"):
+        run.call("ties", random_model(1), random_model(2), random_model(3), weights=weights)
