@@ -246,8 +246,16 @@ class PluginHost:
 
             hint = difflib.get_close_matches(name, self.merge_methods.names(), n=1)
             suffix = f"; did you mean '{hint[0]}'?" if hint else "; `mecha methods` lists them"
-            raise RecipeError(f"unknown merge method '{name}'{suffix}")
+            raise RecipeError(f"unknown merge method '{name}'{suffix}{self.disabled_note()}")
         return found
+
+    def disabled_note(self) -> str:
+        """``; plugins disabled by ...: a, b`` when some are, for errors about something unknown
+        (an empty MECHA_LOAD_PLUGINS disables them all, which is easy to do by accident)."""
+        off = [r.name for r in self.records if r.status == "disabled"]
+        if not off:
+            return ""
+        return f" (plugins disabled by MECHA_LOAD_PLUGINS/MECHA_DISABLE_PLUGINS: {', '.join(off)})"
 
     def architecture(self, name: str) -> Architecture:
         found = self.architectures.get(self._arch_aliases.get(name, name))

@@ -7,7 +7,8 @@ from typing import Any
 
 from ..errors import RecipeError
 from .format import HEADER, dump, load_v1
-from .nodes import CallNode, LiteralNode, ModelNode, Node, ParameterNode, parameters, relocate, substitute, walk
+from .nodes import (CallNode, LiteralNode, ModelNode, Node, ParameterNode, check_parameters, parameters, relocate,
+                    substitute, walk)
 from .values import WeightMap, blocks, classes
 
 
@@ -37,7 +38,7 @@ def load_recipe(text_or_path: str | os.PathLike[str], *, host: Any = None) -> No
     if isinstance(text_or_path, os.PathLike) or not _looks_like_text(text_or_path):
         path = os.fspath(text_or_path)
         try:
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8", newline="") as f:  # lines end at LF only, as in text
                 text = f.read()
         except FileNotFoundError:
             raise RecipeError(f"{path}: no such recipe file") from None
@@ -104,7 +105,9 @@ def compose(template: Node | str | os.PathLike[str], **fills: Any) -> Node:
     # A relative path means a file beside the recipe it came from; fills from other folders are
     # rewritten relative to the template's folder, so equal paths in the result name one file.
     folder = next((n.base_dir for n in walk(template) if isinstance(n, ModelNode) and n.base_dir), None)
-    return substitute(template, {k: relocate(as_fill(v), folder or os.getcwd()) for k, v in fills.items()})
+    composed = substitute(template, {k: relocate(as_fill(v), folder or os.getcwd()) for k, v in fills.items()})
+    check_parameters(composed)
+    return composed
 
 
 __all__ = [

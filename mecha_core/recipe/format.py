@@ -20,7 +20,7 @@ from typing import Any
 import attrs
 
 from ..errors import MechaError, RecipeError
-from .nodes import CallNode, LiteralNode, ModelNode, Node, ParameterNode, walk
+from .nodes import CallNode, LiteralNode, ModelNode, Node, ParameterNode, check_parameters, walk
 from .values import WeightMap, format_string, format_value
 
 HEADER = "mecha 1"
@@ -129,7 +129,11 @@ def _tokenize(text: str, line: int, source: str) -> list[Token]:
         kind = m.lastgroup
         raw = m.group()
         if kind == "number":
-            value: Any = float(raw) if re.search(r"[.eEn]", raw) else int(raw)
+            try:
+                value: Any = float(raw) if re.search(r"[.eEn]", raw) else int(raw)
+            except ValueError:  # Python refuses to convert integers of over 4300 digits
+                raise RecipeError(f"number of {len(raw)} digits is too long", source=source, line=line,
+                                  column=pos + 1) from None
             tokens.append(Token("number", raw, value, pos + 1))
         elif kind == "string":
             try:
@@ -319,7 +323,7 @@ class _Parser:
         if name not in self.host.merge_methods:
             hint = difflib.get_close_matches(name, [*self.host.merge_methods.names(), *_BUILTINS], n=1)
             raise self.fail(f"unknown merge method '{name}'" + (f"; did you mean '{hint[0]}'?" if hint
-                            else "; `mecha methods` lists them"), tok)
+                            else "; `mecha methods` lists them") + self.host.disabled_note(), tok)
         try:
             found = self.host.method(name)
         except MechaError as exc:  # two plugins claim the name
@@ -362,7 +366,7 @@ def load_v1(text: str, *, source: str = "<recipe>", base_dir: str | None = None,
         text = text[1:]  # a byte-order mark some editors add
     lines = _lines(text)
     header = lines[0][1].strip(" \t") if lines else ""
-    if header != HEADER:
+    if not re.fullmatch(r"mecha[ \t]+1", header):  # the grammar's ws: any run of spaces and tabs
         line = lines[0][0] if lines else 1
         m = re.fullmatch(r"mecha\s+(\S+)", header)
         if m:
@@ -393,4 +397,12 @@ def load_v1(text: str, *, source: str = "<recipe>", base_dir: str | None = None,
         result = value
     if result is None:
         raise RecipeError("the recipe is empty (no line after the header)", source=source, line=lines[0][0])
+    try:
+        check_parameters(result)
+    except RecipeError as exc:  # point at the last line that declares the parameter named
+        name = re.search(r"parameter '(\w+)'", str(exc))
+        where = [(n, m.start() + 1) for n, ln in lines for m in
+                 re.finditer(r"parameter\(\s*\"" + (name.group(1) if name else "") + '"', ln)]
+        number, column = where[-1] if where else (None, None)
+        raise RecipeError(str(exc), source=source, line=number, column=column) from None
     return result

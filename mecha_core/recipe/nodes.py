@@ -247,6 +247,30 @@ def parameters(root: Node) -> list[ParameterNode]:
     return [n for n in walk(root) if isinstance(n, ParameterNode)]
 
 
+def check_parameters(root: Node) -> None:
+    """One name, one parameter: two declarations of a name with different merge spaces, or a
+    name used both as a method's input and as a hyperparameter, could never be filled (a fill is
+    either a recipe or a value), so they are refused when the recipe is built."""
+    spaces: dict[str, set[str | None]] = {}
+    as_input: set[str] = set()
+    as_hyper: set[str] = set()
+    for node in walk(root):
+        if isinstance(node, ParameterNode):
+            spaces.setdefault(node.name, set()).add(node.space)
+        elif isinstance(node, CallNode):
+            as_input.update(a.name for a in node.args if isinstance(a, ParameterNode))
+            as_hyper.update(v.name for _, v in node.kwargs if isinstance(v, ParameterNode))
+    for name, found in spaces.items():
+        if len(found) > 1:
+            listed = " and ".join(sorted(str(s or "no space") for s in found))
+            raise RecipeError(f"parameter '{name}' is declared twice, with different merge spaces "
+                              f"({listed}); rename one")
+    both = sorted(as_input & as_hyper)
+    if both:
+        raise RecipeError(f"parameter '{both[0]}' is both a method's input and a hyperparameter; "
+                          f"no fill can be both, rename one")
+
+
 def substitute(root: Node, fills: dict[str, Node]) -> Node:
     """A copy of ``root`` with parameters replaced by ``fills`` (unknown names stay holes)."""
     memo: dict[Node, Node] = {}

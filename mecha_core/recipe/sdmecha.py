@@ -182,8 +182,8 @@ class _Context:
 
     def value(self, word: str, column: int) -> Any:
         if word.startswith("&"):
-            if not word[1:].isdigit():
-                raise self.fail(f"bad reference {word!r}", column)
+            if not word[1:].isdigit() or len(word) > 12:
+                raise self.fail(f"bad reference {word[:20]!r}", column)
             index = int(word[1:])
             if index >= len(self.values):
                 raise self.fail(f"{word} refers to instruction {index}, which is not defined before this "
@@ -199,7 +199,10 @@ class _Context:
         if _NUMBER.fullmatch(word):
             if any(c in word for c in ".eEn"):
                 return float(word)
-            return int(word)
+            try:
+                return int(word)
+            except ValueError:  # Python refuses to convert integers of over 4300 digits
+                raise self.fail(f"number of {len(word)} digits is too long", column) from None
         raise self.fail(f"cannot read {word!r} (expected &N, a \"string\", a number, true, false or null)", column)
 
     def call(self, name: str, args: list[Node], hypers: dict[str, Any]) -> Node:

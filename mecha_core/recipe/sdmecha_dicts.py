@@ -125,7 +125,7 @@ def _block_name(fail: Callable[[str], RecipeError], arch: Any, by_block: dict[st
                 alias: str, name: str) -> str:
     """sd-mecha 0.0.x block names (``in3``, ``mid``, ``out11``) as the architecture's blocks."""
     candidates = [name, name.upper()]
-    m = re.fullmatch(r"(in|out)(\d+)", name)
+    m = re.fullmatch(r"(in|out)(\d{1,4})", name)
     if m:
         candidates.append(f"{m.group(1).upper()}{int(m.group(2)):02d}")
     if name == "mid":
