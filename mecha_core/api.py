@@ -75,6 +75,12 @@ def merge(recipe: Node | str | os.PathLike[str], output: str | os.PathLike[str],
         _check_dtype(output_dtype, "output_dtype")
     _check_device(device)
     _check_count(threads, "threads")
+    if models_dir is not None and not os.path.isdir(models_dir):
+        # a typo here would silently merge same-named files from the recipe's folder instead
+        from .errors import MechaError
+
+        what = "is not a folder" if os.path.exists(models_dir) else "no such folder"
+        raise MechaError(f"--models-dir {os.fspath(models_dir)}: {what}")
     options = MergeOptions(
         threads=threads, work_dtype=work_dtype, output_dtype=output_dtype, device=device,
         allow_missing=allow_missing, allow_nonfinite=allow_nonfinite,
@@ -117,9 +123,11 @@ def _check_device(device: str) -> None:
 
     from .errors import MechaError
 
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise MechaError(f"device '{device}' was asked for but CUDA is not available; use --device cpu")
     try:
-        torch.device(device)
-    except RuntimeError:
-        raise MechaError(f"unknown device '{device}'; use cpu or cuda") from None
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        kind = None
+    if kind not in ("cpu", "cuda"):  # meta, mps, xpu...: the engine is written and tested for these two
+        raise MechaError(f"unsupported device '{device}'; use cpu or cuda (cuda:N)")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise MechaError(f"device '{device}' was asked for but CUDA is not available; use --device cpu")

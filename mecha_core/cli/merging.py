@@ -71,6 +71,8 @@ def merge_command(
             name, sep, value = item.partition("=")
             if not sep or not name:
                 raise MechaError(f"-p expects NAME=VALUE, got '{item}'")
+            if name.strip() in fills:  # the last one winning silently would hide a typo
+                raise MechaError(f"-p {name.strip()} is given twice")
             fills[name.strip()] = _fill_value(value, name.strip())
         node = compose(node, **fills)
     if output.exists() and recipe.exists() and os.path.samefile(output, recipe):
@@ -103,6 +105,16 @@ def _pairs(args: list[str]) -> list[tuple[str, str]]:
     return fills
 
 
+def _is_safetensors(path: str | os.PathLike[str]) -> bool:
+    """Whether the file starts like a safetensors file (a header length, then '{')."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < os.path.getsize(path)
+
+
 def compose_command(
     ctx: typer.Context,
     template: Annotated[Path, typer.Argument(help="A .mecha recipe with parameters.")],
@@ -116,25 +128,38 @@ def compose_command(
     so the composed recipe runs from anywhere. Without -p, the recipe is only rewritten: this
     turns an sd-mecha recipe into mecha's format.
     """
+    import tempfile
+
+    from ..engine.run import output_mode, temp_prefix
     from ..recipe import as_fill, compose, dump_recipe, load_recipe
     from ..recipe.nodes import relocate
 
     if os.path.exists(output) and os.path.samefile(output, template):
         raise MechaError(f"{output}: the composed recipe would overwrite its template; choose another -o")
+    pairs = _pairs(list(ctx.args))
+    if os.path.exists(output):
+        for name, value in pairs:
+            if os.path.exists(value) and os.path.samefile(output, value):
+                raise MechaError(f"{output}: the composed recipe would overwrite -p {name}'s file; choose another -o")
+        if _is_safetensors(output):  # recipe text over a model would destroy the model
+            raise MechaError(f"{output}: is a safetensors model; a composed recipe goes to a .mecha file")
     node = load_recipe(template)
     fills = {name: as_fill(value if os.path.exists(value) else _fill_value(value, name), base_dir=os.getcwd())
-             for name, value in _pairs(list(ctx.args))}
+             for name, value in pairs}
     composed = relocate(compose(node, **fills), os.path.dirname(os.path.abspath(output)))
     text = dump_recipe(composed)
-    tmp = f"{output}.tmp-{os.getpid()}"
+    target = os.path.realpath(output) if os.path.islink(output) else os.path.abspath(output)
+    tmp = None
     try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(target), suffix=".tmp", dir=os.path.dirname(target))
+        with open(fd, "w", encoding="utf-8", newline="\n") as f:
             f.write(text)
-        os.replace(tmp, output)
+        os.chmod(tmp, output_mode(target))
+        os.replace(tmp, target)
     except OSError as exc:
         raise MechaError(f"{output}: cannot write: {exc.strerror or exc}") from None
     finally:  # also on Ctrl-C: never leave the temporary file behind
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
     typer.echo(f"wrote {output}")
 
