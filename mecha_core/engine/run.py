@@ -276,6 +276,25 @@ def _same_file(a: str, b: str) -> bool:
         return os.path.realpath(a) == os.path.realpath(b)
 
 
+def temp_prefix(target: str) -> str:
+    """``.NAME.`` for the temporary file beside ``target``, NAME cut to 100 bytes: a legal long
+    output name (up to 255 bytes) must not make the temporary name too long to create."""
+    name = os.path.basename(target)
+    while len(os.fsencode(name)) > 100:
+        name = name[:-1]
+    return f".{name}."
+
+
+def output_mode(target: str) -> int:
+    """The permission bits for a new output: an existing file's own, else what the umask allows."""
+    try:
+        return os.stat(target).st_mode & 0o7777
+    except OSError:
+        mask = os.umask(0)
+        os.umask(mask)
+        return 0o666 & ~mask
+
+
 def execute(plan: Plan, output: str | os.PathLike[str], metadata: dict[str, str], *,
             progress: bool = False, write_hook: Callable[[str], None] | None = None) -> str:
     """Write the merge to ``output`` atomically; returns the absolute output path.
@@ -283,6 +302,8 @@ def execute(plan: Plan, output: str | os.PathLike[str], metadata: dict[str, str]
     ``write_hook`` is called with each key before it is written (tests use it to simulate faults).
     """
     target = os.path.abspath(os.fspath(output))
+    if os.path.islink(target):  # write through a link, as cp does, rather than replace the link
+        target = os.path.realpath(target)
     for path in plan.input_paths:
         if _same_file(path, target):
             raise OutputError(f"{output}: the output would overwrite the input {path}; choose another path")
@@ -295,7 +316,7 @@ def execute(plan: Plan, output: str | os.PathLike[str], metadata: dict[str, str]
     data_start = len(header)
     total = data_start + sum(i.numel * ITEMSIZE[i.dtype] for i in plan.output.values())
     try:
-        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(target) + ".", suffix=".tmp", dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(target), suffix=".tmp", dir=folder)
     except OSError as exc:
         raise OutputError(f"{output}: cannot write in {folder}: {exc.strerror}") from None
     ok = False
@@ -317,9 +338,7 @@ def execute(plan: Plan, output: str | os.PathLike[str], metadata: dict[str, str]
         _run_units(plan, fd, offsets, data_start, progress, write_hook, output)
         closing, fd = fd, -1  # never closed twice, even when close itself fails
         os.close(closing)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
+        os.chmod(tmp, output_mode(target))
         os.replace(tmp, target)
         ok = True
         return target
