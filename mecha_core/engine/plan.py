@@ -62,6 +62,7 @@ class Step:
     take: dict[str, int] = attrs.field(factory=dict)  # key -> input position to pass through
     source: Source | None = None
     space: str | None = None
+    archs: dict[str, str] = attrs.field(factory=dict)  # architecture -> a file of it, below this step
 
 
 @attrs.define(eq=False)
@@ -206,10 +207,13 @@ def make_plan(root: Node, options: MergeOptions | None = None, host: PluginHost 
                 sources.append(step.source)
                 step.table = dict(step.source.keys)
                 step.space = step.source.space
+                if step.source.arch is not None:
+                    step.archs = {step.source.arch: path}
             elif isinstance(node, CallNode):
                 for name, value in node.kwargs:
                     _check_hyper(node, name, value, host)
                 step.inputs = [by_node[a].index for a in node.args]
+                step.archs = _one_architecture(node, [steps[i] for i in step.inputs])
                 _plan_call(step, [steps[i] for i in step.inputs], options, by_node)
                 _check_maps_match(step, host, {by_node[n].source.arch for n in walk(node)
                                                if isinstance(n, ModelNode) and by_node[n].source.arch})
@@ -228,6 +232,21 @@ def make_plan(root: Node, options: MergeOptions | None = None, host: PluginHost 
         for s in sources:
             s.close()
         raise
+
+
+def _one_architecture(node: CallNode, inputs: list[Step]) -> dict[str, str]:
+    """The architectures below a call: at most one. An SDXL LoRA on SD1 weights shares some
+    key names and shapes with it, so without this check --allow-missing would apply part of it."""
+    found: dict[str, str] = {}
+    for step in inputs:
+        for arch, path in step.archs.items():
+            found.setdefault(arch, path)
+    if len(found) > 1:
+        (a, pa), (b, pb) = list(found.items())[:2]
+        raise PlanError(f"{node.method.name}: its inputs are of different architectures: "
+                        f"{os.path.basename(pa)} is {a}, {os.path.basename(pb)} is {b}; if one was "
+                        f"detected wrongly, name it with model(..., arch=...)")
+    return found
 
 
 def _plan_call(step: Step, inputs: list[Step], options: MergeOptions, by_node: dict[Node, Step]) -> None:

@@ -151,13 +151,15 @@ def _wants_metadata(plan: Any) -> bool:
         return False
 
 
-def _apply(source: Source, conv: Converter, host: PluginHost) -> Source | None:
+def _apply(source: Source, conv: Converter, host: PluginHost, refusals: list[str] | None = None) -> Source | None:
     try:
         if _wants_metadata(conv.plan):  # e.g. a PEFT LoRA's lora_alpha lives in the metadata
             plan = conv.plan(source.keys, metadata=dict(source.metadata))
         else:
             plan = conv.plan(source.keys)
-    except ValueError:
+    except ValueError as exc:
+        if refusals is not None and str(exc):
+            refusals.append(f"{conv.name}: {exc}")
         return None  # the converter does not apply to this file
     target_arch = conv.target_arch or source.arch
     space = host.model_types.get(conv.target_type).space if conv.target_type in host.model_types else source.space
@@ -205,13 +207,14 @@ def _convert(source: Source, node: ModelNode, host: PluginHost) -> Source:
                       if c.source_type == source.type and c.source_arch in (None, source.arch, wanted_arch)
                       and (wanted_arch is None or c.target_arch in (None, wanted_arch))]
         converted = None
+        refusals: list[str] = []
         for conv in candidates:
-            converted = _apply(source, conv, host)
+            converted = _apply(source, conv, host, refusals)
             if converted is not None:
                 break
         if converted is None:
+            why = f" ({refusals[0]})" if refusals else "; is the plugin that reads it installed? (`mecha plugins list`)"
             raise PlanError(f"{source.path}: no converter turns a '{source.type}' model into weights "
-                            f"or a delta{' for ' + wanted_arch if wanted_arch else ''}; "
-                            f"is the plugin that reads it installed? (`mecha plugins list`)")
+                            f"or a delta{' for ' + wanted_arch if wanted_arch else ''}{why}")
         source = converted
     raise PlanError(f"{source.path}: converters loop; check `mecha plugins check`")

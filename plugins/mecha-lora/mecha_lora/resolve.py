@@ -78,11 +78,19 @@ def resolve(header: Mapping[str, TensorInfo], style: str, arch: str,
     return Resolution(arch, changes, unknown, duplicates)
 
 
+def _fit(r: Resolution) -> tuple[int, int]:
+    return len(r.changes), -len(r.unknown)
+
+
 def best_resolution(header: Mapping[str, TensorInfo], style: str,
-                    scales: AdapterScales | None = None) -> Resolution | None:
-    """The architecture the file fits best, or ``None`` when no module resolves anywhere."""
+                    scales: AdapterScales | None = None, prefer: str | None = None) -> Resolution | None:
+    """The architecture the file fits best, or ``None`` when no module resolves anywhere. Ties
+    go to ``prefer`` when it is among them (a text-encoder-only LoRA fits SD1 and SDXL's CLIP-L
+    alike), else to the earlier architecture."""
     found = [resolve(header, style, arch, scales) for arch in ARCHITECTURES]
-    best = max(found, key=lambda r: (len(r.changes), -len(r.unknown)))  # max keeps the first of ties
+    best = max(found, key=_fit)  # max keeps the first of ties
+    preferred = next((r for r in found if r.arch == prefer and _fit(r) == _fit(best)), None)
+    best = preferred or best
     return best if best.changes else None
 
 
@@ -94,7 +102,7 @@ def checked_resolution(header: Mapping[str, TensorInfo], style: str, arch: str |
                        what: str = "this LoRA", scales: AdapterScales | None = None) -> Resolution:
     """The resolution for ``arch`` (default: the best fit); raises ValueError when the file is
     for another architecture, PlanError for unknown modules (see the module doc)."""
-    best = best_resolution(header, style, scales)
+    best = best_resolution(header, style, scales, prefer=arch)
     if best is None:
         raise ValueError("no module matches a known architecture")
     if arch is not None and best.arch != arch:
