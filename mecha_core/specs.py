@@ -130,8 +130,10 @@ class Converter:
     """The model type of the output (``base`` for weights, ``delta`` for differences)."""
     plan: Callable[[Mapping[str, TensorInfo]], Mapping[str, ConvertedKey]] = attrs.field(repr=False)
     """Given the input header, the output keys and how to compute each. A plan function that
-    takes a ``metadata`` keyword also receives the file's ``__metadata__`` (string to string).
-    Raise ``ValueError`` when the converter does not apply to the file."""
+    takes a ``metadata`` keyword also receives the file's ``__metadata__`` (string to string);
+    one that takes ``allow_missing`` receives the merge's ``--allow-missing`` (skip what cannot
+    be mapped instead of failing). Raise ``ValueError`` when the converter does not apply to the
+    file."""
     description: str = ""
     """One line shown by ``mecha plugins list -v``."""
 

@@ -203,7 +203,7 @@ def make_plan(root: Node, options: MergeOptions | None = None, host: PluginHost 
             step = Step(len(steps), node)
             if isinstance(node, ModelNode):
                 path = resolve_path(node, options.models_dir)
-                step.source = open_source(node, path, host)
+                step.source = open_source(node, path, host, options.allow_missing)
                 sources.append(step.source)
                 step.table = dict(step.source.keys)
                 step.space = step.source.space

@@ -144,19 +144,23 @@ def detect_type(path: str, keys: frozenset[str], host: PluginHost) -> str:
     return found[0] if found else "base"
 
 
-def _wants_metadata(plan: Any) -> bool:
+def _keywords(plan: Any) -> set[str]:
     try:
-        return "metadata" in inspect.signature(plan).parameters
+        return set(inspect.signature(plan).parameters)
     except (TypeError, ValueError):
-        return False
+        return set()
 
 
-def _apply(source: Source, conv: Converter, host: PluginHost, refusals: list[str] | None = None) -> Source | None:
+def _apply(source: Source, conv: Converter, host: PluginHost, refusals: list[str] | None = None,
+           allow_missing: bool = False) -> Source | None:
+    wanted = _keywords(conv.plan)
+    extra: dict[str, Any] = {}
+    if "metadata" in wanted:  # e.g. a PEFT LoRA's lora_alpha lives in the metadata
+        extra["metadata"] = dict(source.metadata)
+    if "allow_missing" in wanted:  # e.g. a LoRA's modules that match no layer: skipped, not an error
+        extra["allow_missing"] = allow_missing
     try:
-        if _wants_metadata(conv.plan):  # e.g. a PEFT LoRA's lora_alpha lives in the metadata
-            plan = conv.plan(source.keys, metadata=dict(source.metadata))
-        else:
-            plan = conv.plan(source.keys)
+        plan = conv.plan(source.keys, **extra)
     except ValueError as exc:
         if refusals is not None and str(exc):
             refusals.append(f"{conv.name}: {exc}")
@@ -166,7 +170,7 @@ def _apply(source: Source, conv: Converter, host: PluginHost, refusals: list[str
     return ConvertedSource(source, conv, plan, target_arch, space)
 
 
-def open_source(node: ModelNode, path: str, host: PluginHost) -> Source:
+def open_source(node: ModelNode, path: str, host: PluginHost, allow_missing: bool = False) -> Source:
     """Open a model file and convert it to weights or a delta in its canonical layout."""
     file = SafetensorsFile(path)
     try:
@@ -183,13 +187,13 @@ def open_source(node: ModelNode, path: str, host: PluginHost) -> Source:
         renames = {k: v for k, v in renames.items() if k in keys and v not in keys}
         space = host.model_types.get(type_).space
         source: Source = FileSource(path, file, arch.name if arch else None, type_, space, renames)
-        return _convert(source, node, host)
+        return _convert(source, node, host, allow_missing)
     except BaseException:
         file.close()
         raise
 
 
-def _convert(source: Source, node: ModelNode, host: PluginHost) -> Source:
+def _convert(source: Source, node: ModelNode, host: PluginHost, allow_missing: bool = False) -> Source:
     wanted_arch = host.architecture(node.arch).name if node.arch else None
     for _ in range(8):  # converters form short paths; a longer one is a loop between plugins
         if source.type in BASE_TYPES:
@@ -198,7 +202,7 @@ def _convert(source: Source, node: ModelNode, host: PluginHost) -> Source:
                          if c.source_arch == source.arch and source.arch is not None
                          and c.source_type == source.type and c.target_type == source.type
                          and c.target_arch not in (None, source.arch)), None)
-            converted = _apply(source, step, host) if step is not None else None
+            converted = _apply(source, step, host, allow_missing=allow_missing) if step is not None else None
             if converted is None:
                 return source
             source = converted
@@ -209,7 +213,7 @@ def _convert(source: Source, node: ModelNode, host: PluginHost) -> Source:
         converted = None
         refusals: list[str] = []
         for conv in candidates:
-            converted = _apply(source, conv, host, refusals)
+            converted = _apply(source, conv, host, refusals, allow_missing)
             if converted is not None:
                 break
         if converted is None:

@@ -26,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("output")
     e.add_argument("--rank", type=int, default=16, help="rank of every layer (default 16)")
     e.add_argument("--ratio", type=float, default=None, help="fraction of each layer's full rank (overrides --rank)")
-    e.add_argument("--conv-rank", type=int, default=None, help="rank of 3x3 convs (default: --rank; 0: none)")
+    e.add_argument("--conv-rank", type=int, default=None, help="rank of 3x3 convs (default: --rank or --ratio; 0: none)")
     e.add_argument("--dtype", default=None, help="output dtype (default: the tuned model's)")
     m = sub.add_parser("merge", help="one kohya LoRA whose delta is the weighted sum of the inputs'")
     m.add_argument("output")

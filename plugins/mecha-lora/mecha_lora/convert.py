@@ -23,12 +23,14 @@ MODEL_TYPES = [
 
 
 def _planner(style: str, arch: str):
-    def plan(header: Mapping[str, TensorInfo], metadata: Mapping[str, str] | None = None) -> dict[str, ConvertedKey]:
+    def plan(header: Mapping[str, TensorInfo], metadata: Mapping[str, str] | None = None,
+             allow_missing: bool = False) -> dict[str, ConvertedKey]:
         if style != "peft":  # kohya/LyCORIS files carry alpha tensors; their metadata is not read
-            return converted_keys(header, checked_resolution(header, style, arch))
+            return converted_keys(header, checked_resolution(header, style, arch, allow_unknown=allow_missing))
         what = describe(metadata)
         scales = adapter_scales(metadata, what)  # PEFT: lora_alpha lives in the LoraConfig
-        return converted_keys(header, checked_resolution(header, style, arch, what=what, scales=scales))
+        return converted_keys(header, checked_resolution(header, style, arch, what=what, scales=scales,
+                                                         allow_unknown=allow_missing))
 
     return plan
 

@@ -3,8 +3,8 @@
 A file is matched against every module table this plugin knows; it belongs to the architecture
 where the most modules resolve to a layer with matching shapes (ties go to the earlier entry of
 :data:`~mecha_lora.tables.ARCHITECTURES`). Modules that match nothing there are an error listing a
-few of them, unless the environment variable ``MECHA_LORA_ALLOW_UNKNOWN=1`` is set, in which
-case they are skipped with a warning (converters cannot see ``--allow-missing``).
+few of them, unless the merge runs with ``--allow-missing`` (or the environment variable
+``MECHA_LORA_ALLOW_UNKNOWN=1`` is set), in which case they are skipped with a warning.
 """
 
 from __future__ import annotations
@@ -99,7 +99,8 @@ def _allow_unknown() -> bool:
 
 
 def checked_resolution(header: Mapping[str, TensorInfo], style: str, arch: str | None = None,
-                       what: str = "this LoRA", scales: AdapterScales | None = None) -> Resolution:
+                       what: str = "this LoRA", scales: AdapterScales | None = None,
+                       allow_unknown: bool = False) -> Resolution:
     """The resolution for ``arch`` (default: the best fit); raises ValueError when the file is
     for another architecture, PlanError for unknown modules (see the module doc)."""
     best = best_resolution(header, style, scales, prefer=arch)
@@ -115,8 +116,8 @@ def checked_resolution(header: Mapping[str, TensorInfo], style: str, arch: str |
         sample = "; ".join(f"'{n}' ({why})" for n, why in best.unknown[:3])
         message = (f"{what} has {len(best.unknown)} module(s) that change no {best.arch} weight, "
                    f"e.g. {sample}")
-        if not _allow_unknown():
-            raise PlanError(message + f"; set {ALLOW_UNKNOWN_ENV}=1 to skip them")
+        if not (allow_unknown or _allow_unknown()):
+            raise PlanError(message + "; use --allow-missing to skip them")
         warnings.warn(message + "; skipped", stacklevel=2)
     return best
 

@@ -104,10 +104,19 @@ def _detect_arch(tuned: SafetensorsFile, base: SafetensorsFile) -> str:
 
 def _rank_for(module: Module, rank: int, ratio: float | None, conv_rank: int | None) -> int:
     full = min(module.out_features, module.in_flat)
+    if _is_conv_kernel(module) and conv_rank is not None:  # 0: no convs, with --ratio too
+        return min(full, conv_rank)
     if ratio is not None:
         return max(1, min(full, round(ratio * full)))
-    chosen = conv_rank if (_is_conv_kernel(module) and conv_rank is not None) else rank
-    return min(full, chosen)
+    return min(full, rank)
+
+
+def _float_dtype(what: str, dtype: str | None) -> None:
+    """A LoRA's factors are floats: an integer dtype would round them all to 0 without a word."""
+    from mecha_core.engine.safetensors_io import FLOAT_DTYPES
+
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise MechaError(f"{what}: dtype must be one of {', '.join(sorted(FLOAT_DTYPES))}; got '{dtype}'")
 
 
 def extract_lora(tuned: str | os.PathLike[str], base: str | os.PathLike[str], output: str | os.PathLike[str], *,
@@ -121,7 +130,7 @@ def extract_lora(tuned: str | os.PathLike[str], base: str | os.PathLike[str], ou
     its difference by randomized SVD, written with alpha = rank. Layers with no difference are
     left out. Defaults: ``rank=16``; ``ratio`` (when given, overrides ``rank``): the fraction of
     each layer's full rank min(out, in·k·k) to keep; ``conv_rank``: the rank of 3x3 convs
-    (default: ``rank``; 0 leaves convs out); ``dtype``: the dtype of ``tuned``'s weights;
+    (default: ``rank``, or ``ratio`` when given; 0 leaves convs out); ``dtype``: the dtype of ``tuned``'s weights;
     ``seed``, ``oversample`` (10) and ``power_iterations`` (4) tune the randomized SVD.
     Applying the result to ``base`` with strength 1 gives ≈ ``tuned``.
     """
@@ -131,6 +140,9 @@ def extract_lora(tuned: str | os.PathLike[str], base: str | os.PathLike[str], ou
         raise MechaError(f"extract_lora: ratio must be in (0, 1]; got {ratio}")
     if ratio is None and rank < 1:
         raise MechaError(f"extract_lora: rank must be at least 1; got {rank}")
+    if conv_rank is not None and conv_rank < 0:
+        raise MechaError(f"extract_lora: conv_rank must be 0 (no convs) or more; got {conv_rank}")
+    _float_dtype("extract_lora", dtype)
     a, b = SafetensorsFile(tuned), SafetensorsFile(base)
     try:
         arch = _detect_arch(a, b)
@@ -218,6 +230,7 @@ def merge_loras(inputs: Sequence[str | os.PathLike[str]], output: str | os.PathL
         raise MechaError(f"merge_loras: {len(weights)} weight(s) for {len(paths)} LoRA file(s)")
     if rank is not None and rank < 1:
         raise MechaError(f"merge_loras: rank must be at least 1; got {rank}")
+    _float_dtype("merge_loras", dtype)
     for p in paths:
         _check_same(p, p, output)
     opened = []

@@ -13,6 +13,24 @@ import sys
 
 TABLES = {"sd1-ldm": "sd1-kohya-lora.json", "sdxl-sgm": "sdxl-kohya-lora.json"}
 
+#: LyCORIS's "full" preset targets conv_in, conv_out and time_embedding by their diffusers names.
+#: kohya's own SDXL U-Net has no such names, so the shared SDXL table lists none; trainers that
+#: use a diffusers SDXL U-Net do write them (and add_embedding, SDXL's label_emb). Rows as in
+#: compact(): kohya (ldm-style) name, diffusers spelling, PEFT path, checkpoint key, shape.
+EXTRA = {"sdxl-sgm": [
+    ["unet_input_blocks_0_0", "unet_conv_in", "unet.conv_in",
+     "model.diffusion_model.input_blocks.0.0.weight", [320, 4, 3, 3], None, None],
+    ["unet_out_2", "unet_conv_out", "unet.conv_out", "model.diffusion_model.out.2.weight", [4, 320, 3, 3], None, None],
+    ["unet_time_embed_0", "unet_time_embedding_linear_1", "unet.time_embedding.linear_1",
+     "model.diffusion_model.time_embed.0.weight", [1280, 320], None, None],
+    ["unet_time_embed_2", "unet_time_embedding_linear_2", "unet.time_embedding.linear_2",
+     "model.diffusion_model.time_embed.2.weight", [1280, 1280], None, None],
+    ["unet_label_emb_0_0", "unet_add_embedding_linear_1", "unet.add_embedding.linear_1",
+     "model.diffusion_model.label_emb.0.0.weight", [1280, 2816], None, None],
+    ["unet_label_emb_0_2", "unet_add_embedding_linear_2", "unet.add_embedding.linear_2",
+     "model.diffusion_model.label_emb.0.2.weight", [1280, 1280], None, None],
+]}
+
 
 def compact(path: str) -> list[list]:
     with open(path) as f:
@@ -35,7 +53,7 @@ def compact(path: str) -> list[list]:
 def main(shared: str) -> None:
     out_dir = os.path.join(os.path.dirname(__file__), "..", "mecha_lora", "data")
     for arch, name in TABLES.items():
-        rows = compact(os.path.join(shared, name))
+        rows = compact(os.path.join(shared, name)) + EXTRA.get(arch, [])
         target = os.path.join(out_dir, f"{arch}-modules.json.gz")
         # mtime=0 keeps the bytes reproducible
         with gzip.GzipFile(target, "wb", mtime=0) as f:

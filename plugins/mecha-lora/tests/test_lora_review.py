@@ -66,3 +66,66 @@ def test_naming_an_architecture_a_lora_does_not_fit_says_why(host, kit, tmp_path
                                    mecha_core.model(str(tmp_path / "xl.safetensors"), arch="sd1-ldm"))
     with pytest.raises(PlanError, match="for sd1-ldm \\(kohya-lora->sd1-ldm: the file is for sdxl-sgm, not sd1-ldm\\)"):
         kit.merge(recipe, tmp_path)
+
+
+def test_lycoris_full_preset_modules_of_a_diffusers_named_sdxl_lora_apply(host, kit, tmp_path):
+    # keys and shapes written out by hand from the sdxl-sgm layout, not taken from the table
+    targets = {"lora_unet_conv_in": ("model.diffusion_model.input_blocks.0.0.weight", (320, 4, 3, 3)),
+               "lora_unet_time_embedding_linear_1": ("model.diffusion_model.time_embed.0.weight", (1280, 320)),
+               "lora_unet_add_embedding_linear_1": ("model.diffusion_model.label_emb.0.0.weight", (1280, 2816)),
+               "lora_unet_conv_out": ("model.diffusion_model.out.2.weight", (4, 320, 3, 3))}
+    gen = torch.Generator().manual_seed(6)
+    base = {key: rnd(gen, *shape, scale=1.0) for key, shape in targets.values()}
+    kit.write(tmp_path / "base.safetensors", base)
+    lora, expected = {}, {}
+    for name, (key, shape) in targets.items():
+        rank = 2
+        down = rnd(gen, rank, *shape[1:])
+        up = rnd(gen, shape[0], rank, *([1, 1] if len(shape) == 4 else []))
+        lora[f"{name}.lora_down.weight"], lora[f"{name}.lora_up.weight"] = down, up
+        lora[f"{name}.alpha"] = torch.tensor(1.0)  # scale alpha / rank = 0.5
+        delta = up.reshape(shape[0], rank) @ down.reshape(rank, -1)
+        expected[key] = base[key] + 0.5 * delta.reshape(shape)
+    kit.write(tmp_path / "full.safetensors", lora)
+    recipe = mecha_core.apply_lora(mecha_core.model(str(tmp_path / "base.safetensors"), arch="sdxl-sgm"),
+                                   mecha_core.model(str(tmp_path / "full.safetensors"), arch="sdxl-sgm"))
+    out = kit.merge(recipe, tmp_path)
+    for key in expected:
+        torch.testing.assert_close(out[key], expected[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["int8", "bogus"])
+def test_a_dtype_that_is_not_a_float_is_a_one_line_error(host, kit, tmp_path, capsys, dtype):
+    # int8 rounded every factor to 0 (a LoRA that does nothing); an unknown name gave a traceback
+    from mecha_lora.__main__ import main
+
+    gen = torch.Generator().manual_seed(7)
+    kit.write(tmp_path / "a.safetensors", lora_pair(gen, kit.module("sd1-ldm", SHARED.replace(
+        "input_blocks_4_1", "down_blocks_1_attentions_0"))))
+    code = main(["merge", str(tmp_path / "m.safetensors"), str(tmp_path / "a.safetensors"), "--dtype", dtype])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and f"got '{dtype}'" in err, err
+    assert not (tmp_path / "m.safetensors").exists()
+    code = main(["extract", str(tmp_path / "a.safetensors"), str(tmp_path / "a.safetensors"),
+                 str(tmp_path / "x.safetensors"), "--dtype", dtype])
+    assert code == 2 and f"got '{dtype}'" in capsys.readouterr().err
+
+
+def test_conv_rank_zero_leaves_convs_out_with_a_ratio_too(host, kit, tmp_path):
+    import mecha_lora
+
+    gen = torch.Generator().manual_seed(8)
+    conv = kit.module("sd1-ldm", "lora_unet_down_blocks_0_resnets_0_conv1")  # 320 x 320 x 3 x 3
+    lin = kit.module("sd1-ldm", "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k")
+    base_path, base = kit.make_base(tmp_path, [conv, lin])
+    tuned = {k: v + rnd(gen, *v.shape) if k in (conv.key, lin.key) else v for k, v in base.items()}
+    kit.write(tmp_path / "tuned.safetensors", tuned)
+    out = mecha_lora.extract_lora(tmp_path / "tuned.safetensors", base_path, tmp_path / "x.safetensors",
+                                  ratio=0.05, conv_rank=0)
+    from safetensors.torch import load_file
+
+    names = {k.split(".")[0] for k in load_file(out)}
+    assert names == {lin.kohya_name}
+    assert load_file(out)[f"{lin.kohya_name}.lora_down.weight"].shape[0] == round(0.05 * 320)
+    with pytest.raises(mecha_core.errors.MechaError, match="conv_rank must be 0"):
+        mecha_lora.extract_lora(tmp_path / "tuned.safetensors", base_path, tmp_path / "y.safetensors", conv_rank=-1)

@@ -189,17 +189,21 @@ def test_unknown_modules_are_listed_or_skipped(host, kit, tmp_path, monkeypatch)
         mecha_core.merge(recipe, tmp_path / "out.safetensors")
     message = str(err.value)
     assert "2 module(s)" in message and "lora_unet_not_a_layer_at_all" in message
-    assert "attn2_to_k" in message and "[320, 2048]" in message and ALLOW_UNKNOWN_ENV in message
+    assert "attn2_to_k" in message and "[320, 2048]" in message and "--allow-missing" in message
     assert not (tmp_path / "out.safetensors").exists()
 
-    monkeypatch.setenv(ALLOW_UNKNOWN_ENV, "1")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        out = kit.merge(recipe, tmp_path)
-    assert any("lora_unet_not_a_layer_at_all" in str(w.message) for w in caught)
-    for mod in good:
-        assert not torch.equal(out[mod.key], base[mod.key])
-    assert torch.equal(out["model.diffusion_model.time_embed.0.weight"], base["model.diffusion_model.time_embed.0.weight"])
+    for how in ("option", "environment"):  # --allow-missing, or the variable for tools that cannot pass it
+        kwargs = {"allow_missing": True} if how == "option" else {}
+        if how == "environment":
+            monkeypatch.setenv(ALLOW_UNKNOWN_ENV, "1")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = kit.merge(recipe, tmp_path, name=f"out_{how}.safetensors", **kwargs)
+        assert any("lora_unet_not_a_layer_at_all" in str(w.message) for w in caught), how
+        for mod in good:
+            assert not torch.equal(out[mod.key], base[mod.key])
+        assert torch.equal(out["model.diffusion_model.time_embed.0.weight"],
+                           base["model.diffusion_model.time_embed.0.weight"])
 
 
 @pytest.mark.parametrize("arch,spelling", [("sd1-ldm", "kohya"), ("sdxl-sgm", "kohya"),
