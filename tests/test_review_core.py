@@ -239,3 +239,36 @@ def test_float16_output_accepts_values_that_round_down_to_its_largest_and_refuse
     cpath = write_checkpoint(tmp_path / "c.safetensors", {"w": c})
     with pytest.raises(mecha.errors.MergeError, match="1 NaN/Inf"):
         mecha.merge(mecha.weighted_sum(mecha.model(cpath), mecha.model(cpath), alpha=0.5), tmp_path / "q.safetensors")
+
+
+class _OptionalKeyPlugin:
+    @staticmethod
+    @mecha.hookimpl
+    def mecha_architectures():
+        from mecha_core.specs import Architecture, KeySpec
+
+        keys = {"w": KeySpec((2,), "float32", "net"),
+                "last_layer": KeySpec((2,), "float32", "net", optional=True)}
+        return [Architecture("toy-opt", keys)]
+
+
+def test_a_delta_for_an_optional_key_the_weights_lack_is_dropped_not_an_error(tmp_path):
+    # exporters drop the last CLIP layer (optional in the layout); a LoRA trained with it must
+    # still apply. A delta key that is not optional still needs --allow-missing.
+    import mecha_methods.plugin as methods_plugin
+
+    a = write_checkpoint(tmp_path / "a.safetensors", {"w": torch.tensor([1.0, 2.0])})
+    b = write_checkpoint(tmp_path / "b.safetensors", {"w": torch.tensor([3.0, 3.0]), "last_layer": torch.ones(2)})
+    c = write_checkpoint(tmp_path / "c.safetensors", {"w": torch.tensor([1.0, 1.0]), "last_layer": torch.zeros(2)})
+    with using(methods_plugin, _OptionalKeyPlugin):
+        def recipe(arch):
+            return mecha.add(mecha.model(a, arch=arch),
+                             mecha.subtract(mecha.model(b, arch=arch), mecha.model(c, arch=arch)))
+
+        out = load_file(mecha.merge(recipe("toy-opt"), tmp_path / "o.safetensors"))
+        assert sorted(out) == ["w"] and out["w"].tolist() == [3.0, 4.0]
+        # a key the layout does not list at all
+        b = write_checkpoint(tmp_path / "b2.safetensors", {"w": torch.tensor([3.0, 3.0]), "stray": torch.ones(2)})
+        c = write_checkpoint(tmp_path / "c2.safetensors", {"w": torch.tensor([1.0, 1.0]), "stray": torch.zeros(2)})
+        with pytest.raises(mecha.errors.PlanError, match="a delta input has 1 key.*'stray'"):
+            mecha.merge(recipe("toy-opt"), tmp_path / "p.safetensors")

@@ -12,7 +12,7 @@ from typing import Any
 
 import attrs
 
-from ..errors import MergeSpaceError, PlanError, RecipeError, UnfilledParameterError
+from ..errors import MechaError, MergeSpaceError, PlanError, RecipeError, UnfilledParameterError
 from ..plugins import PluginHost, get_host
 from ..recipe.nodes import CallNode, LiteralNode, ModelNode, Node, ParameterNode, origin, walk
 from ..recipe.values import WeightMap
@@ -191,6 +191,7 @@ def make_plan(root: Node, options: MergeOptions | None = None, host: PluginHost 
         raise RecipeError("a recipe to merge must be a model or a method call")
     _check_one_file_per_model(root, options.models_dir)
     steps: list[Step] = []
+    optional_cache: dict[str, frozenset[str]] = {}
     by_node: dict[Node, Step] = {}
     sources: list[Source] = []
     try:
@@ -214,7 +215,8 @@ def make_plan(root: Node, options: MergeOptions | None = None, host: PluginHost 
                     _check_hyper(node, name, value, host)
                 step.inputs = [by_node[a].index for a in node.args]
                 step.archs = _one_architecture(node, [steps[i] for i in step.inputs])
-                _plan_call(step, [steps[i] for i in step.inputs], options, by_node)
+                _plan_call(step, [steps[i] for i in step.inputs], options, by_node,
+                           _optional_keys(host, step.archs, optional_cache))
                 _check_maps_match(step, host, {by_node[n].source.arch for n in walk(node)
                                                if isinstance(n, ModelNode) and by_node[n].source.arch})
             steps.append(step)
@@ -249,7 +251,22 @@ def _one_architecture(node: CallNode, inputs: list[Step]) -> dict[str, str]:
     return found
 
 
-def _plan_call(step: Step, inputs: list[Step], options: MergeOptions, by_node: dict[Node, Step]) -> None:
+def _optional_keys(host: PluginHost, archs: dict[str, str], cache: dict[str, frozenset[str]]) -> frozenset[str]:
+    """The keys the (one) architecture under a call marks optional."""
+    if len(archs) != 1:
+        return frozenset()
+    name = next(iter(archs))
+    if name not in cache:
+        try:
+            arch = host.architecture(name)
+            cache[name] = frozenset(k for k, spec in arch.keys.items() if spec.optional)
+        except MechaError:
+            cache[name] = frozenset()
+    return cache[name]
+
+
+def _plan_call(step: Step, inputs: list[Step], options: MergeOptions, by_node: dict[Node, Step],
+               optional: frozenset[str] = frozenset()) -> None:
     node = step.node
     assert isinstance(node, CallNode)
     method = node.method
@@ -286,7 +303,10 @@ def _plan_call(step: Step, inputs: list[Step], options: MergeOptions, by_node: d
                 else:
                     missing.append((key, absent[0]))
     if not union and not options.allow_missing:
-        extra = {k for i, s in enumerate(inputs) if i not in dense for k in s.table if k not in keys}
+        # a delta for a key the architecture marks optional (the last CLIP layer, which
+        # exporters drop) changes nothing that exists: not worth an error
+        extra = {k for i, s in enumerate(inputs) if i not in dense for k in s.table
+                 if k not in keys and k not in optional}
         if extra:
             sample = ", ".join(f"'{k}'" for k in sorted(extra)[:3])
             raise PlanError(f"{method.name}: a delta input has {len(extra)} key(s) the weights do not "
