@@ -167,3 +167,15 @@ def test_an_output_symlink_is_written_through_and_an_existing_mode_kept(work):
     assert os.path.islink(work / "link.safetensors")
     assert load_file(work / "real.safetensors")["w"].tolist() == [2.0, 4.0]
     assert os.stat(work / "real.safetensors").st_mode & 0o777 == 0o640
+
+
+@pytest.mark.parametrize("line,fragment", [
+    ('b = model("bb")', "model file 'bb' not found"),
+    ('b = model("b.safetensors", arch="sd9")', "unknown architecture 'sd9'"),
+    ('b = model("b.safetensors", type="lora")', "unknown model type 'lora'"),
+])
+def test_errors_found_when_a_model_is_opened_name_its_recipe_line(work, line, fragment):
+    text = f'mecha 1\na = model("a.safetensors")\n{line}\nweighted_sum(a, b)\n'
+    result, before = merge(work, text)
+    check_clean_failure(result.exit_code, result.stderr, folder=work, before=before,
+                        fragments=("recipe.mecha:3:5: ", fragment))

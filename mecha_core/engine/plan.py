@@ -203,8 +203,13 @@ def make_plan(root: Node, options: MergeOptions | None = None, host: PluginHost 
                                              f"with `mecha compose` (or `-p {node.name}=PATH`)")
             step = Step(len(steps), node)
             if isinstance(node, ModelNode):
-                path = resolve_path(node, options.models_dir)
-                step.source = open_source(node, path, host, options.allow_missing)
+                try:
+                    path = resolve_path(node, options.models_dir)
+                    step.source = open_source(node, path, host, options.allow_missing)
+                except MechaError as exc:  # say which recipe line names the model
+                    if node.where is None or getattr(exc, "line", None) is not None:
+                        raise
+                    raise type(exc)(f"{node.where}: {exc}") from None
                 sources.append(step.source)
                 step.table = dict(step.source.keys)
                 step.space = step.source.space

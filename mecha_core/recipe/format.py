@@ -316,7 +316,8 @@ class _Parser:
         if len(args) != 1 or not isinstance(args[0], str) or set(kwargs) - {"arch", "type"} \
                 or any(not isinstance(v, str) for v in kwargs.values()):
             raise self.fail('model takes a path: model("file.safetensors", arch="...", type="...")', tok)
-        return ModelNode(args[0], kwargs.get("arch"), kwargs.get("type"), base_dir=self.base_dir)
+        return ModelNode(args[0], kwargs.get("arch"), kwargs.get("type"), base_dir=self.base_dir,
+                         where=f"{os.path.basename(self.source)}:{self.line}:{tok.column}")
 
     def _call_method(self, name: str, args: list[Any], kwargs: dict[str, Any], tok: Token,
                      kw_tokens: dict[str, Token] | None = None, arg_tokens: list[Token] | None = None) -> Node:

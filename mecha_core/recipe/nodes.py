@@ -64,6 +64,8 @@ class ModelNode(Node):
     """The model type (``base``, ``delta``, a LoRA type ...), when given; else detected."""
     base_dir: str | None = attrs.field(default=None, eq=False, repr=False)
     """The folder of the recipe file this came from (relative paths are also looked up there)."""
+    where: str | None = attrs.field(default=None, eq=False, repr=False)
+    """``recipe.mecha:LINE:COLUMN`` where it was written, for errors found when it is opened."""
 
     @property
     def space(self) -> str | None:
