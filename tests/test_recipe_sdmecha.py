@@ -404,3 +404,26 @@ def test_unversioned_per_component_defaults_merge_to_sd_mechas_values(models):
                   "unet.in.2.proj_in.weight": 0.75, "unet.mid.proj_in.weight": 0.0, "unet.out.0.conv.weight": 0.0}
     for k, x in want_alpha.items():
         torch.testing.assert_close(got[k], (1 - x) * t["a"][k] + x * t["b"][k])
+
+
+def test_sd_mecha_1x_rotate_with_all_five_positionals_and_its_defaults(models):
+    # sd-mecha 1.x serialises every hyperparameter positionally; the Stiefel settings are dropped
+    recipe = load_recipe(V010_HEAD + 'merge "rotate" &0 &1 0.5 0.25 0.75 1e-08 100\n')
+    a, b = mecha.model("a.safetensors"), mecha.model("b.safetensors")
+    assert recipe == mecha.rotate(a, b, alignment=0.5, alpha=0.25, centralization=0.75)
+    assert load_recipe(V010_HEAD + 'merge "rotate" &0 &1\n') == mecha.rotate(a, b, alignment=1.0, alpha=0.0)
+
+
+@pytest.mark.parametrize("head", ["V010", "ERA_A"])
+def test_add_cosine_takes_sd_mechas_default_alpha_of_one(models, head):
+    text = (V010_HEAD if head == "V010" else ERA_A_HEAD) + 'merge "add_cosine_a" &0 &1\n'
+    a, b = load_recipe(text).args
+    assert load_recipe(text) == mecha.add_cosine_a(a, b, alpha=1.0)
+
+
+def test_sd_mecha_model_stock_is_refused_naming_the_difference(models):
+    text = (V010_HEAD + 'model "c.safetensors"\nmerge "subtract" &1 &0\nmerge "subtract" &2 &0\n'
+            'merge "model_stock" &3 &4 cos_eps=1e-06\n')
+    with pytest.raises(RecipeError, match="model_stock.*per row") as info:
+        load_recipe(text)
+    assert info.value.line == 7

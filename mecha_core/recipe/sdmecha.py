@@ -72,14 +72,6 @@ def _ties_sum(ctx: "_Context", args: list[Node], hypers: dict[str, Any]) -> Node
     return ctx.call("subtract", [ctx.call("ties", [base, *models], merged), base], {})
 
 
-def _model_stock(ctx: "_Context", args: list[Node], hypers: dict[str, Any]) -> Node:
-    """sd-mecha 1.x ``model_stock(*deltas, cos_eps)`` (cosine over consecutive pairs) ->
-    ``subtract(model_stock(base, *models, pairs="consecutive", eps=cos_eps), base)``."""
-    base, models = _from_deltas(ctx, args, "model_stock")
-    merged = {"pairs": "consecutive", "eps": hypers.pop("cos_eps"), **hypers}
-    return ctx.call("subtract", [ctx.call("model_stock", [base, *models], merged), base], {})
-
-
 def _cast(ctx: "_Context", args: list[Node], hypers: dict[str, Any]) -> Node:
     """sd-mecha's ``cast(a, device, dtype)``: mecha rounds through ``dtype`` on the merge's own
     device (the device argument is dropped); ``dtype=null`` changes nothing."""
@@ -102,22 +94,26 @@ METHODS: dict[str, MethodMap] = {
     "clamp": MethodMap("clamp", (), {ERA_A: {"stiffness": 0.0}, ERA_B: {"stiffness": 0.0}}),
     "cast": MethodMap("cast", ("device", "dtype"), ignore={"device": "*"}, build=_cast),
     "train_difference": MethodMap("train_difference", ("alpha",), {ERA_A: {"alpha": 1.0}}),
-    "add_cosine_a": MethodMap("add_cosine_a", ("alpha",)),
-    "add_cosine_b": MethodMap("add_cosine_b", ("alpha",)),
-    "rotate": MethodMap("rotate", ("alignment", "alpha"), {ERA_A: {"alignment": 1.0, "alpha": 0.0}},
-                        ignore={"cache": "*"}),
+    "add_cosine_a": MethodMap("add_cosine_a", ("alpha",), {ERA_A: {"alpha": 1.0}, ERA_B: {"alpha": 1.0}}),
+    "add_cosine_b": MethodMap("add_cosine_b", ("alpha",), {ERA_A: {"alpha": 1.0}, ERA_B: {"alpha": 1.0}}),
+    # 1.x writes all five positionally; the Stiefel settings tune sd-mecha's iterative path for
+    # wide matrices, which mecha replaces by a full SVD (docs/recipe-format.md)
+    "rotate": MethodMap("rotate", ("alignment", "alpha", "centralization", "stiefel_eps", "stiefel_max_iters"),
+                        {ERA_A: {"alignment": 1.0, "alpha": 0.0}, ERA_B: {"alignment": 1.0, "alpha": 0.0}},
+                        ignore={"cache": "*", "stiefel_eps": "*", "stiefel_max_iters": "*"}),
     "geometric_median": MethodMap("geometric_median"),
     "pick_component": MethodMap("pick_component", ("component",)),
     "omit_component": MethodMap("omit_component", ("component",)),
     "ties_sum": MethodMap("ties", (), {ERA_A: {"k": 0.2}, ERA_B: {"k": 1.0, "vote_sgn": False}},
                           build=_ties_sum),
-    "model_stock": MethodMap("model_stock", (), {ERA_B: {"cos_eps": 1e-6}}, build=_model_stock),
 }
 
 #: sd-mecha methods that share a name or a purpose with a mecha method but compute something
 #: else; mapping them would silently change the result.
 DIFFERENT = {
     "crossover": "mecha's crossover cuts frequencies sharply, sd-mecha's uses a smooth filter",
+    "model_stock": "sd-mecha's model_stock takes the cosine per row and does not clamp t; mecha's "
+                   "takes it over the whole tensor (the paper's)",
 }
 
 #: sd-mecha 1.x block-map conversions: the block naming is the supermerger/MBW one mecha uses.

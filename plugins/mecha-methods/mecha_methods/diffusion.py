@@ -135,11 +135,12 @@ def crossover(a, b, *, alpha: float = 0.5, tilt: float = 0.0):
 
 
 def _as_matrix(x: torch.Tensor) -> torch.Tensor:
-    # linear (out, in) stays; a conv (out, in, kh, kw) becomes (out·in, kh·kw), as sd-mecha does,
-    # so the rotation acts on the small kernel space
-    if x.dim() > 2:
+    # linear (out, in) stays; a conv (out, in, kh, kw) with a real kernel becomes (out·in, kh·kw),
+    # as sd-mecha does, so the rotation acts on the small kernel space; a 1x1 conv (SD1's proj_in
+    # and proj_out) is a linear layer in disguise: (out, in), else it would rotate a 1-D space
+    if x.dim() > 2 and x.shape[2:].numel() != 1:
         return x.reshape(x.shape[0] * x.shape[1], -1)
-    return x
+    return x.reshape(x.shape[0], -1)
 
 
 def _orthogonal_power(q: torch.Tensor, power: float) -> torch.Tensor:
@@ -158,7 +159,7 @@ def _orthogonal_power(q: torch.Tensor, power: float) -> torch.Tensor:
 def rotate(a, b, *, alignment: float = 1.0, alpha: float = 0.0, centralization: float = 1.0):
     """Rotate a's neurons toward b's (orthogonal Procrustes), optionally also blending them.
 
-    The tensor becomes a matrix (linear: out × in; conv: (out·in) × (kh·kw)); each row is a
+    The tensor becomes a matrix (linear and 1x1 conv: out × in; conv: (out·in) × (kh·kw)); each row is a
     neuron. Rows are centred, a_c = a − centralization·mean_a (mean_a the mean row), likewise
     b_c. Q = U·Vᵀ from the SVD of a_cᵀ·b_c is the orthogonal matrix best mapping a_c onto b_c.
     The result is lerp(a_c, b_c·Qᵀ, alpha)·Q^alignment + centralization·lerp(mean_a, mean_b,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from .conftest import arrays, assert_close, near, random_model
+from .conftest import SHAPES, arrays, assert_close, near, random_model
 
 
 def _cos_axis0(x, y):
@@ -93,7 +93,9 @@ def test_crossover(run, alpha, tilt):
 
 
 def _as_matrix(x):
-    return x.reshape(x.shape[0] * x.shape[1], -1) if x.ndim > 2 else x
+    if x.ndim > 2 and np.prod(x.shape[2:]) != 1:
+        return x.reshape(x.shape[0] * x.shape[1], -1)
+    return x.reshape(x.shape[0], -1)  # linear, and a 1x1 conv: (out, in)
 
 
 def _procrustes(a, b, centralization):
@@ -106,7 +108,7 @@ def _procrustes(a, b, centralization):
 
 @pytest.mark.parametrize("centralization", [1.0, 0.0])
 def test_rotate_full_alignment(run, centralization):
-    a = random_model(10)
+    a = random_model(10, {**SHAPES, "proj.weight": (8, 5, 1, 1)})
     b = near(a, 11, 1.0)
     out = run.call("rotate", a, b, alignment=1.0, centralization=centralization)
     back = run.call("rotate", a, b, alignment=1.0, alpha=1.0, centralization=centralization)
