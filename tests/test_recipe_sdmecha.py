@@ -242,7 +242,11 @@ def test_unversioned_dict_with_the_real_sd1_architecture():
                 'sd1_unet_block_out11=0.2\n'
                 'merge "weighted_sum" &0 &1 alpha=&2\n')
         recipe = load_recipe(text)
-        assert recipe.kwargs[0][1].value == mecha.blocks("sd1-ldm", 0.3, IN02=0.75, M00=0.5, OUT11=0.2)
+        # sd-mecha lists time_embed under every U-Net block: the mean of the block entries given,
+        # carried by its classes (mecha's layout puts it in BASE, which no U-Net entry names)
+        mean = (0.75 + 0.5 + 0.2) / 3
+        assert recipe.kwargs[0][1].value == (mecha.blocks("sd1-ldm", 0.3, IN02=0.75, M00=0.5, OUT11=0.2)
+                                             | mecha.classes("sd1-ldm", time_embed_0=mean, time_embed_2=mean))
         assert recipe.args[0].arch == "sd1-ldm"
         # sd-mecha's text-encoder layer blocks have no counterpart in the MBW blocks (BASE is the
         # whole text encoder): refused, naming the dict line and the entry
@@ -258,6 +262,8 @@ def test_unversioned_dict_with_the_real_sd1_architecture():
                 continue
             want = {"IN02": 0.75, "M00": 0.5, "OUT11": 0.2}.get(spec.blocks[0] if spec.blocks else None,
                                                                  0.3 if spec.component == "clip_l" else 0)
+            if ".time_embed." in key:
+                want = mean
             assert per_component.resolve(spec.blocks, spec.klass, None) == want, key
             checked += 1
         assert checked == 197 + 686
@@ -427,3 +433,18 @@ def test_sd_mecha_model_stock_is_refused_naming_the_difference(models):
     with pytest.raises(RecipeError, match="model_stock.*per row") as info:
         load_recipe(text)
     assert info.value.line == 7
+
+
+def test_unversioned_class_narrower_than_the_architectures_is_refused():
+    # sd-mecha's class is a key's whole suffix after its block: transformer_blocks_0_attn1_to_k
+    # is only the first transformer block of each SDXL attention; mecha's attn1_to_k is every one
+    import mecha_sdxl.plugin
+
+    with using(mecha_methods.plugin, mecha_sd1.plugin, mecha_sdxl.plugin):
+        text = ('model "a.safetensors" "sdxl" "base"\nmodel "b.safetensors" "sdxl" "base"\n'
+                'dict sdxl_unet_class_transformer_blocks_0_attn1_to_k=1.0 sdxl_unet_default=0.0 '
+                'sdxl_txt_default=0.0 sdxl_txt2_default=0.0\n'
+                'merge "weighted_sum" &0 &1 alpha=&2\n')
+        with pytest.raises(RecipeError, match=r"^<recipe>:3:1: .*transformer_blocks\.[1-9]\d*\.attn1\.to_k\.weight' 0\.0, "
+                                              r"the closest map gives 1\.0"):
+            load_recipe(text)

@@ -67,6 +67,7 @@ def era_a_dict(entries: dict[str, Any], host: Any, fail: Callable[[str], RecipeE
 
     block_values: dict[str, Any] = {}
     class_values: dict[tuple[str, str], Any] = {}
+    written_class: dict[tuple[str, str], str] = {}  # (component, mecha class) -> sd-mecha's class name
     defaults: dict[str, Any] = {}
     for comp_alias, kind, name, value in parsed:
         comp = component_of(comp_alias)
@@ -75,13 +76,24 @@ def era_a_dict(entries: dict[str, Any], host: Any, fail: Callable[[str], RecipeE
         elif kind == "block":
             block_values[_block_name(fail, arch, by_block, comp, comp_alias, name)] = value
         else:
-            class_values[(comp, _class_name(fail, arch, by_class, comp, comp_alias, name))] = value
+            klass = _class_name(fail, arch, by_class, comp, comp_alias, name)
+            class_values[(comp, klass)] = value
+            written_class[(comp, klass)] = name
+    every_unet_block = [b for b in block_values if re.fullmatch(r"(IN|OUT)\d+|M00", b)]
 
-    # sd-mecha's value for one key, and the candidate mecha map's
-    def wanted(spec: Any) -> Any:
-        found = [block_values[b] for b in spec.blocks if b in block_values]
-        if spec.klass and (spec.component, spec.klass) in class_values:
-            found.append(class_values[(spec.component, spec.klass)])
+    # sd-mecha's value for one key, by sd-mecha's own rules where they differ from the
+    # architecture's tables; then the candidate mecha map's value is checked against it
+    def wanted(key: str, spec: Any) -> Any:
+        if ".time_embed." in key:  # sd-mecha lists time_embed under every in*, mid and out* block
+            found = [block_values[b] for b in every_unet_block]
+        else:
+            found = [block_values[b] for b in spec.blocks if b in block_values]
+        entry = (spec.component, spec.klass)
+        # sd-mecha's class is the key's whole suffix after its block (transformer_blocks_0_attn1_to_k),
+        # which may be narrower than the architecture's class (attn1_to_k)
+        if spec.klass and entry in class_values and (written_class[entry] == spec.klass
+                                                     or _suffix(key).endswith(written_class[entry])):
+            found.append(class_values[entry])
         if found:
             return sum(found) / len(found) if len(found) > 1 else found[0]
         return defaults.get(spec.component, 0)
@@ -98,11 +110,15 @@ def era_a_dict(entries: dict[str, Any], host: Any, fail: Callable[[str], RecipeE
         inside = comps & set(component_default)
         if len(inside) == 1 and component_default[next(iter(inside))] != default:
             by_component_class[klass] = component_default[next(iter(inside))]
+    # time_embed sits in the architecture's BASE block, which U-Net block entries never name; its
+    # own classes carry sd-mecha's mean of the U-Net block entries
+    time_classes = {spec.klass: wanted(key, spec) for key, spec in checked
+                    if every_unet_block and ".time_embed." in key and spec.klass}
     chain: list[WeightMap] = []
     if block_values:
         chain.append(blocks(arch.name, **block_values))
-    if class_values:
-        chain.append(classes(arch.name, **{n: v for (_, n), v in class_values.items()}))
+    if class_values or time_classes:
+        chain.append(classes(arch.name, **{**{n: v for (_, n), v in class_values.items()}, **time_classes}))
     if by_component_class:
         chain.append(classes(arch.name, **by_component_class))
     if not chain:
@@ -112,13 +128,19 @@ def era_a_dict(entries: dict[str, Any], host: Any, fail: Callable[[str], RecipeE
         result = result | m
     result = attrs.evolve(result, default=default)
     for key, spec in checked:
-        want, got = wanted(spec), result.resolve(spec.blocks, spec.klass, None)
+        want, got = wanted(key, spec), result.resolve(spec.blocks, spec.klass, None)
         if not math.isclose(want, got, rel_tol=0, abs_tol=1e-12):
             raise fail(f"this dict cannot be written as one mecha block/class map: sd-mecha gives key "
-                       f"'{key}' {want}, the closest map gives {got} (per-component defaults and keys "
-                       f"matching both a block and a class entry do not carry over); "
+                       f"'{key}' {want}, the closest map gives {got} (per-component defaults, keys "
+                       f"matching both a block and a class entry, time_embed under a block entry and "
+                       f"classes narrower than the architecture's do not carry over); "
                        f"rewrite it with blocks(...)/classes(...)")
     return result
+
+
+def _suffix(key: str) -> str:
+    """A key as sd-mecha names classes: ``.`` as ``_``, without ``weight``/``bias``."""
+    return re.sub(r"\.(weight|bias)$", "", key).replace(".", "_")
 
 
 def _block_name(fail: Callable[[str], RecipeError], arch: Any, by_block: dict[str, set[str]], comp: str,
