@@ -448,3 +448,22 @@ def test_unversioned_class_narrower_than_the_architectures_is_refused():
         with pytest.raises(RecipeError, match=r"^<recipe>:3:1: .*transformer_blocks\.[1-9]\d*\.attn1\.to_k\.weight' 0\.0, "
                                               r"the closest map gives 1\.0"):
             load_recipe(text)
+
+
+@pytest.mark.parametrize("method", ["pick_component", "omit_component"])
+def test_sd_mecha_pick_then_fallback_becomes_pick_with_a_rest(models, method):
+    # sd-mecha 1.x writes `pick_component(a, "clip_l") | b` as a pick on weights and a fallback
+    text = ('version 0.1.0\nmodel "a.safetensors" model_config="sd1-ldm" merge_space="weight"\n'
+            'dict key="te"\nliteral &1 model_config="singleton-mecha" merge_space=null\n'
+            'merge "convert_singleton" &2\n'
+            f'merge "{method}" &0 &3\n'
+            'model "b.safetensors" model_config="sd1-ldm" merge_space="weight"\n'
+            'merge "fallback" &4 &5\n')
+    a = mecha.model("a.safetensors", arch="sd1-ldm", type="base")
+    b = mecha.model("b.safetensors", arch="sd1-ldm", type="base")
+    assert load_recipe(text) == getattr(mecha, method)(a, b, component="te")
+    # without the fallback, a pick on weights alone is refused at its own line
+    alone = text.rsplit("model ", 1)[0]
+    with pytest.raises(RecipeError) as info:
+        load_recipe(alone)
+    assert info.value.line == 6 and "a must be a delta" in str(info.value)

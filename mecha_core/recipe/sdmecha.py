@@ -20,6 +20,7 @@ from typing import Any, Callable
 import attrs
 
 from ..errors import RecipeError
+from ..specs import DELTA
 from .nodes import CallNode, ModelNode, Node, parameter
 from .sdmecha_dicts import era_a_dict
 from .values import WeightMap, blocks
@@ -139,6 +140,26 @@ class _Literal:
 
     value: Any
     config: str | None
+
+
+@attrs.frozen
+class _PendingPick:
+    """sd-mecha's ``pick_component(a, c)``/``omit_component(a, c)`` on weights, which keep only
+    some keys; sd-mecha writes ``fallback(that, b)`` next to fill the rest. mecha's methods
+    cannot drop keys, so the pair becomes ``pick_component(a, b, component=c)``."""
+
+    target: str
+    input: Node
+    hypers: dict
+    line: int
+
+    def build(self, ctx: "_Context") -> Node:
+        """The method on its own (an error for weights: it names the pick's line)."""
+        here, ctx.line = ctx.line, self.line
+        try:
+            return ctx.call(self.target, [self.input], self.hypers)
+        finally:
+            ctx.line = here
 
 
 _NUMBER = re.compile(r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?|[-+]?inf")
@@ -316,6 +337,11 @@ def _merge(ctx: _Context, name: Any, positional: list[Any], keywords: dict[str, 
         if not (isinstance(lit, _Literal) and isinstance(lit.value, dict)):
             raise ctx.fail(f"{name} takes one literal block dict")
         return _block_map(ctx, arch, lit.value)
+    if name == "fallback" and positional and isinstance(positional[0], _PendingPick) and len(positional) == 2 \
+            and isinstance(positional[1], Node) and not keywords:
+        pending = positional[0]
+        return ctx.call(pending.target, [pending.input, positional[1]], pending.hypers)
+    positional = [p.build(ctx) if isinstance(p, _PendingPick) else p for p in positional]
     spec = METHODS.get(name)
     if spec is None:
         why = DIFFERENT.get(name)
@@ -343,6 +369,8 @@ def _merge(ctx: _Context, name: Any, positional: list[Any], keywords: dict[str, 
                 raise ctx.fail(f"{name}: {key}={value!r} has no mecha counterpart (only {neutral!r} maps)")
     if spec.build is not None:
         return spec.build(ctx, inputs, hypers)
+    if name in ("pick_component", "omit_component") and len(inputs) == 1 and inputs[0].space != DELTA:
+        return _PendingPick(spec.target, inputs[0], hypers, ctx.line)  # see _PendingPick
     return ctx.call(spec.target, inputs, hypers)
 
 
@@ -408,6 +436,8 @@ def load_sd_mecha(text: str, *, source: str = "<recipe>", base_dir: str | None =
     if not ctx.values:
         raise RecipeError("the recipe has no instruction after its version line", source=source, line=first_line)
     root = ctx.values[-1]
+    if isinstance(root, _PendingPick):  # never filled by a fallback: the error mecha's method gives
+        root = root.build(ctx)
     if not isinstance(root, Node):
         raise RecipeError("the last instruction must be a model or a merge (it is the recipe's result)",
                           source=source, line=ctx.line)
