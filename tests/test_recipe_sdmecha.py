@@ -467,3 +467,11 @@ def test_sd_mecha_pick_then_fallback_becomes_pick_with_a_rest(models, method):
     with pytest.raises(RecipeError) as info:
         load_recipe(alone)
     assert info.value.line == 6 and "a must be a delta" in str(info.value)
+
+
+@pytest.mark.parametrize("written,vote", [("", "count"), (" vote_sgn=0.0", "count"), (" vote_sgn=1.0", "sum")])
+def test_unversioned_ties_sum_reads_its_float_vote_switch(models, written, vote):
+    text = (ERA_A_HEAD + 'model "c.safetensors" "sd1" "base"\nmerge "subtract" &1 &0\nmerge "subtract" &2 &0\n'
+            f'merge "ties_sum" &3 &4 k=0.5{written}\n')
+    a, b, c = (mecha.model(f"{n}.safetensors", arch="sd1-ldm", type="base") for n in "abc")
+    assert load_recipe(text) == mecha.subtract(mecha.ties(a, b, c, density=0.5, vote=vote, alpha=1.0), a)

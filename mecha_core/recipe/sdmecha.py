@@ -62,11 +62,14 @@ def _from_deltas(ctx: "_Context", args: list[Node], what: str) -> tuple[Node, li
 def _ties_sum(ctx: "_Context", args: list[Node], hypers: dict[str, Any]) -> Node:
     """``ties_sum(*deltas, k, vote_sgn)`` -> ``subtract(ties(base, *models, density=k, vote=...), base)``.
 
-    sd-mecha 0.0.x elects signs by the sum of values (``vote="sum"``); 1.x by the count of
-    signs unless ``vote_sgn`` is true (``vote="count"`` / ``"sum"``).
+    sd-mecha elects signs by the count of signs unless ``vote_sgn`` is on, then by the sum of
+    values (``vote="count"`` / ``"sum"``). 1.x writes it as a bool; 0.0.x as a float, where
+    > 0 is on (its default 0.0: off).
     """
     base, models = _from_deltas(ctx, args, "ties_sum")
-    vote_by_value = True if ctx.era == ERA_A else hypers.pop("vote_sgn", False)
+    vote_by_value = hypers.pop("vote_sgn", False)
+    if ctx.era == ERA_A and isinstance(vote_by_value, (int, float)) and not isinstance(vote_by_value, bool):
+        vote_by_value = vote_by_value > 0  # 0.0.x's switches were floats
     if not isinstance(vote_by_value, bool):
         raise ctx.fail(f"ties_sum: vote_sgn must be true or false, got {vote_by_value!r}")
     merged = {"density": hypers.pop("k"), "vote": "sum" if vote_by_value else "count", "alpha": 1.0, **hypers}
@@ -105,7 +108,7 @@ METHODS: dict[str, MethodMap] = {
     "geometric_median": MethodMap("geometric_median"),
     "pick_component": MethodMap("pick_component", ("component",)),
     "omit_component": MethodMap("omit_component", ("component",)),
-    "ties_sum": MethodMap("ties", (), {ERA_A: {"k": 0.2}, ERA_B: {"k": 1.0, "vote_sgn": False}},
+    "ties_sum": MethodMap("ties", (), {ERA_A: {"k": 0.2, "vote_sgn": 0.0}, ERA_B: {"k": 1.0, "vote_sgn": False}},
                           build=_ties_sum),
 }
 

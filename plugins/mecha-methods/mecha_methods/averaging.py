@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from mecha_core import WEIGHT, merge_method
+from mecha_core.errors import MergeError
 
 from ._checks import at_least, choice, model_weights, positive_int
 from ._precision import in_float32
@@ -37,20 +38,24 @@ def _cosine(x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 @merge_method(spaces=_SPACES, returns=WEIGHT, check_spaces=at_least(2, "models"),
-              formula="t·mean(θᵢ) + (1 − t)·base,  t = clamp(N·cosθ / (1 + (N − 1)·cosθ), 0, 1)")
+              formula="t·mean(θᵢ) + (1 − t)·base,  t = N·cosθ / (1 + (N − 1)·cosθ)")
 @in_float32
-def model_stock(base, *models, pairs: str = "all", eps: float = 1e-6):
+def model_stock(base, *models, pairs: str = "all", eps: float = 1e-6, clamp: bool = False):
     """Model Stock (Jang et al. 2024, arXiv 2403.19522), per tensor.
 
     cosθ is the mean cosine similarity of the flattened task vectors δᵢ = θᵢ − base, over all
     pairs i < j with pairs="all" (the default, the paper's and mergekit's), or over consecutive
     pairs (δ₁, δ₂), (δ₂, δ₃), ... with pairs="consecutive" (sd-mecha's cheaper variant). With N
     models, t = N·cosθ / (1 + (N − 1)·cosθ) and the result is t·mean(θᵢ) + (1 − t)·base. For
-    cosθ ≥ 0 (the usual case) t lies in [0, 1]; a negative mean cosine would give a negative or
-    unbounded t, so t is clamped to [0, 1] (the base is kept). eps guards the denominators (a
-    zero task vector has cosine 0). Needs at least 2 models.
+    cosθ ≥ 0 (the usual case) t lies in [0, 1]. A negative mean cosine (fine-tunes pulling apart)
+    gives a negative t, as in the paper and mergekit (the default); clamp=true keeps t in [0, 1]
+    instead (the base is kept). Where 1 + (N − 1)·cosθ is within eps of 0, t is unbounded: an
+    error without clamp. eps also guards the cosines' denominators (a zero task vector has
+    cosine 0). Needs at least 2 models.
     """
     pairs = choice("model_stock", "pairs", pairs, ("all", "consecutive"))
+    if not isinstance(clamp, bool):
+        raise MergeError(f"model_stock(clamp={clamp!r}): must be true or false")
     deltas = [m - base for m in models]
     n = len(deltas)
     if pairs == "all":
@@ -58,9 +63,14 @@ def model_stock(base, *models, pairs: str = "all", eps: float = 1e-6):
     else:
         index = [(i, i + 1) for i in range(n - 1)]
     cos = sum(_cosine(deltas[i], deltas[j], eps) for i, j in index) / len(index)
-    # for cos in [0, 1] t is in [0, 1] already; a negative mean cosine (fine-tunes pulling apart)
-    # makes the formula negative or unbounded (at cos = −1/(N − 1)), so t is clamped
-    t = torch.clamp(n * cos / torch.clamp(1 + (n - 1) * cos, min=eps), 0.0, 1.0)
+    denominator = 1 + (n - 1) * cos
+    if clamp:  # the denominator is only ever ≤ 0 where the clamped t is 0 or 1 anyway
+        t = torch.clamp(n * cos / torch.clamp(denominator, min=eps), 0.0, 1.0)
+    elif abs(float(denominator)) < eps:
+        raise MergeError(f"model_stock: the task vectors' mean cosine is {float(cos):.4g}, where t is "
+                         f"unbounded; use clamp=true")
+    else:
+        t = n * cos / denominator
     mean = sum(models) / n
     return t * mean + (1 - t) * base
 
@@ -77,6 +87,8 @@ def geometric_median(*models, eps: float = 1e-6, maxiter: int = 100, ftol: float
     by at most ftol times its value.
     """
     maxiter = positive_int("geometric_median", "maxiter", maxiter)
+    if not eps > 0:  # the weights are 1 / max(distance, eps): 0 divides by zero, < 0 flips signs
+        raise MergeError(f"geometric_median(eps={eps!r}): must be greater than 0")
     stack = torch.stack([m.reshape(-1) for m in models])
     median = stack.mean(dim=0)
     distances = (stack - median).norm(dim=1)

@@ -177,9 +177,12 @@ def dare_linear(base, *models, density: float = 0.5, alpha: float = 1.0, seed: i
     rescale="none" keeps them as they are. The result is base + alpha · Σ wᵢ · masked δᵢ, with
     weights one per model after the base (a recipe list; default null: 1 each, not normalised).
 
-    The masks come from seed and the key name only, so the same seed gives the same bytes
-    whatever the thread count or key order (on one kind of device: CPU and CUDA draw different
-    random numbers); a different seed gives different masks. The masks are drawn for the whole
+    The masks come from seed, the key name and the model's position only, so the same seed gives
+    the same bytes whatever the thread count or key order (on one kind of device: CPU and CUDA
+    draw different random numbers); a different seed gives different masks. Two DARE steps in one
+    recipe with the same seed therefore draw the same masks (dare_linear(base, a) and
+    dare_linear(base, b) keep the same entries): give steps that should be independent their own
+    seeds. The masks are drawn for the whole
     tensor, so the engine does not split DARE keys into slices.
     """
     w = model_weights("dare_linear", weights, len(models))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from mecha_core import merge_method
+from mecha_core.errors import MergeError
 
 from ._checks import at_least, per_model_weights, positive_int
 from ._precision import in_float32
@@ -30,6 +31,8 @@ def slerp(a, b, *, alpha: float = 0.5, parallel: float = 0.9995):
     directions are nearly parallel or opposite (|cos Ω| > parallel) or a tensor is zero, the
     circle is ill-defined and the result is the plain weighted_sum (1 − alpha)·a + alpha·b.
     """
+    if not 0 <= parallel < 1:  # 1 or more would divide by sin 0 for (anti)parallel inputs
+        raise MergeError(f"slerp(parallel={parallel!r}): must be in [0, 1)")
     ua, na = _unit(a.reshape(-1))
     ub, nb = _unit(b.reshape(-1))
     cos = torch.clamp((ua * ub).sum(), -1.0, 1.0)
@@ -39,6 +42,11 @@ def slerp(a, b, *, alpha: float = 0.5, parallel: float = 0.9995):
     sin = torch.sin(omega)
     direction = (torch.sin((1 - alpha) * omega) * ua + torch.sin(alpha * omega) * ub) / sin
     return (direction * ((1 - alpha) * na + alpha * nb)).reshape(a.shape)
+
+
+#: Below this length of the weighted mean of the unit directions they cancel out (x and −x),
+#: and the spherical methods fall back to the plain weighted mix, as slerp does for opposite inputs.
+_OPPOSED = 1e-6
 
 
 @merge_method(formula="exp_μ(Σ wᵢ (uᵢ − (uᵢ·μ)μ)) · Σ wᵢ‖xᵢ‖,  uᵢ = xᵢ/‖xᵢ‖, μ = normalised Σ wᵢuᵢ",
@@ -51,14 +59,18 @@ def multislerp(*models, weights: tuple = None, eps: float = 1e-8):
     weights; they are normalised to sum 1. Each flattened input is normalised, uᵢ = xᵢ/‖xᵢ‖;
     μ is the normalised weighted mean of the uᵢ; the tangent vectors at μ are
     vᵢ = uᵢ − (uᵢ·μ)μ and τ = Σ wᵢvᵢ; the direction is the exponential map
-    μ·cos‖τ‖ + τ·sin‖τ‖/‖τ‖ (μ itself when ‖τ‖ < eps), and the result has norm Σ wᵢ‖xᵢ‖. For
+    μ·cos‖τ‖ + τ·sin‖τ‖/‖τ‖ (μ itself when ‖τ‖ < eps), and the result has norm Σ wᵢ‖xᵢ‖. When
+    the weighted mean of the uᵢ is shorter than 1e-6 (directions that cancel, such as x and −x)
+    there is no μ, and the result is the plain weighted mix Σ wᵢxᵢ. For
     task-vector interpolation, give it deltas (e.g. subtract(model, base)) and add the result to
     the base.
     """
     w = per_model_weights("multislerp", weights, len(models))
     flat = [m.reshape(-1) for m in models]
     units, norms = zip(*(_unit(x, eps) for x in flat))
-    mu, _ = _unit(sum(wi * u for wi, u in zip(w, units)), eps)
+    mu, spread = _unit(sum(wi * u for wi, u in zip(w, units)), eps)
+    if spread < _OPPOSED:  # the directions cancel (x and −x): no mean direction, as in slerp
+        return sum(wi * m for wi, m in zip(w, models))
     tau = sum(wi * (u - (u * mu).sum() * mu) for wi, u in zip(w, units))
     tn = tau.norm()
     direction = mu if tn < eps else mu * torch.cos(tn) + tau * (torch.sin(tn) / tn)
@@ -77,13 +89,16 @@ def karcher(*models, weights: tuple = None, maxiter: int = 10, tol: float = 1e-5
     the normalised weighted mean μ of the unit vectors uᵢ, each step maps every uᵢ to the tangent
     space at μ (log map: θᵢ/sin θᵢ · (uᵢ − cos θᵢ·μ), θᵢ = arccos(uᵢ·μ)), averages them with the
     weights and moves μ along the exponential map; it stops after maxiter steps or when the
-    averaged tangent vector is shorter than tol. The result is μ·Σ wᵢ‖xᵢ‖.
+    averaged tangent vector is shorter than tol. The result is μ·Σ wᵢ‖xᵢ‖. Directions that
+    cancel (a weighted mean of the uᵢ shorter than 1e-6) give the plain weighted mix Σ wᵢxᵢ.
     """
     w = per_model_weights("karcher", weights, len(models))
     maxiter = positive_int("karcher", "maxiter", maxiter)
     flat = [m.reshape(-1) for m in models]
     units, norms = zip(*(_unit(x) for x in flat))
-    mu, _ = _unit(sum(wi * u for wi, u in zip(w, units)))
+    mu, spread = _unit(sum(wi * u for wi, u in zip(w, units)))
+    if spread < _OPPOSED:  # the directions cancel: no starting point on the sphere
+        return sum(wi * m for wi, m in zip(w, models))
     for _ in range(maxiter):
         tangent = torch.zeros_like(mu)
         for wi, u in zip(w, units):

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import mecha_core
+from mecha_core.errors import MergeError
 from mecha_core.testing import write_checkpoint
 
 from .conftest import arrays, assert_close, near, random_model
@@ -163,11 +164,47 @@ def test_multislerp_weights_from_recipe_text(run):
         assert_close(out[k], _multislerp_reference([m[k] for m in arrs], [1, 3]), what=k)
 
 
-def test_model_stock_keeps_the_base_when_fine_tunes_pull_apart(run):
+def test_model_stock_when_fine_tunes_pull_apart(run):
     base = random_model(30)
     up = near(base, 31, 0.3)
     down = {k: 2 * base[k] - up[k] + 0.01 * torch.randn(base[k].shape) for k in base}  # δ₂ ≈ −δ₁
-    out = run.call("model_stock", base, up, down)
+    # clamp=true keeps t in [0, 1]: here t would be unbounded, and the base is kept
+    out = run.call("model_stock", base, up, down, clamp=True)
     T0 = arrays(base)
     for k in T0:
         assert_close(out[k], T0[k], what=k)
+    # the default follows the paper: 1 + (N − 1)·cosθ ≈ 0 leaves t unbounded, an error
+    with pytest.raises(MergeError, match="unbounded; use clamp=true"):
+        run.call("model_stock", base, up, {k: 2 * base[k] - up[k] for k in base})
+    # a moderately negative mean cosine gives a negative t, computed here from the formula
+    third = near(base, 32, 0.3)
+    out = run.call("model_stock", base, up, down, third)
+    A = [arrays(m) for m in (up, down, third)]
+    for k in T0:
+        d = [m[k].ravel() - T0[k].ravel() for m in A]
+        cos = np.mean([d[i] @ d[j] / (np.linalg.norm(d[i]) * np.linalg.norm(d[j]))
+                       for i in range(3) for j in range(i + 1, 3)])
+        t = 3 * cos / (1 + 2 * cos)
+        assert cos < 0 and t < 0, (k, cos)
+        assert_close(out[k], t * sum(m[k] for m in A) / 3 + (1 - t) * T0[k], what=k)
+
+
+@pytest.mark.parametrize("method", ["multislerp", "karcher"])
+def test_opposite_directions_give_the_plain_mix_not_zeros(run, method):
+    # the mean of the unit directions of x and −2x is 0: no direction to interpolate along
+    x = {"w": torch.tensor([3.0, -1.0, 2.0]), "logit_scale": torch.tensor(4.6)}
+    y = {"w": -2 * x["w"], "logit_scale": torch.tensor(-9.2)}
+    out = run.call(method, x, y)
+    for k in x:
+        assert_close(out[k], (x[k].double().numpy() + y[k].double().numpy()) / 2, what=k)
+
+
+@pytest.mark.parametrize("call,message", [
+    (("slerp", {"parallel": 1.0}), r"slerp\(parallel=1\.0\): must be in \[0, 1\)"),
+    (("geometric_median", {"eps": 0.0}), r"geometric_median\(eps=0\.0\): must be greater than 0"),
+    (("geometric_median", {"eps": -1.0}), r"geometric_median\(eps=-1\.0\): must be greater than 0"),
+])
+def test_hyperparameters_that_would_divide_by_zero_are_refused(run, call, message):
+    name, hypers = call
+    with pytest.raises(MergeError, match=message):
+        run.call(name, random_model(1), random_model(2), **hypers)
