@@ -44,22 +44,17 @@ def compose(*args: str):
 
 
 # -- compose must never destroy a file ----------------------------------------------------------
-def test_compose_refuses_to_write_over_one_of_its_fills(work):
-    write_checkpoint(work / "victim.safetensors", {"w": torch.tensor([5.0, 5.0])})
+@pytest.mark.parametrize("base_fill,fragment", [
+    ("target.safetensors", "-p base"),       # -o is one of the fills
+    ("a.safetensors", "safetensors model"),  # -o is some other model
+])
+def test_compose_never_writes_recipe_text_over_a_model(work, base_fill, fragment):
+    write_checkpoint(work / "target.safetensors", {"w": torch.tensor([5.0, 5.0])})
     before = snapshot(work)
-    result = compose("-p", "base", "victim.safetensors", "-p", "tuned", "b.safetensors", "-p", "k", "0.5",
-                     "-o", "victim.safetensors")
+    result = compose("-p", "base", base_fill, "-p", "tuned", "b.safetensors", "-p", "k", "0.5",
+                     "-o", "target.safetensors")
     check_clean_failure(result.exit_code, result.stderr, folder=work, before=before,
-                        fragments=("victim.safetensors", "-p base"))
-
-
-def test_compose_refuses_to_write_recipe_text_over_a_model(work):
-    write_checkpoint(work / "other.safetensors", {"w": torch.tensor([5.0, 5.0])})
-    before = snapshot(work)
-    result = compose("-p", "base", "a.safetensors", "-p", "tuned", "b.safetensors", "-p", "k", "0.5",
-                     "-o", "other.safetensors")
-    check_clean_failure(result.exit_code, result.stderr, folder=work, before=before,
-                        fragments=("other.safetensors", "safetensors model"))
+                        fragments=("target.safetensors", fragment))
 
 
 # -- one name, one parameter --------------------------------------------------------------------
