@@ -143,6 +143,40 @@ def _as_matrix(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], -1)
 
 
+def _alignment(ca: torch.Tensor, cb: torch.Tensor, fractional: bool) -> torch.Tensor:
+    """Q, the orthogonal matrix best mapping ca's rows onto cb's (Q = U·Vᵀ from the SVD of
+    caᵀ·cb), made fit for a fractional power when ``fractional``:
+
+    - where caᵀ·cb is rank-deficient (a wide layer: fewer rows than columns) the data fix Q only
+      on U's first r columns; the SVD fills the rest with an arbitrary basis, and a fractional
+      power mixes that arbitrariness into the result. The rest is completed instead with the
+      orthogonal map between the two complements closest to the identity (the polar factor of
+      (I − UᵣUᵣᵀ)(I − VᵣVᵣᵀ)), which depends on ca and cb alone;
+    - a reflection (det −1) has no real fractional power: the weakest direction is flipped,
+      giving the nearest proper rotation (Kabsch), as sd-mecha does.
+    """
+    u, s, vh = torch.linalg.svd(ca.T @ cb)
+    if not fractional:
+        return u @ vh
+    n = u.shape[0]
+    tol = float(s[0]) * max(ca.shape) * torch.finfo(s.dtype).eps if s.numel() else 0.0
+    r = int((s > tol).sum())
+    if r < n:
+        ur, vr = u[:, :r], vh[:r].T
+        eye = torch.eye(n, dtype=u.dtype, device=u.device)
+        # Q maps Vᵣ's directions to Uᵣ's (columns); the completion maps Vᵣ's complement to Uᵣ's
+        x, _, yh = torch.linalg.svd((eye - ur @ ur.T) @ (eye - vr @ vr.T))
+        x, yh = x[:, :n - r], yh[:n - r]  # the complements: weakest direction last
+        q = ur @ vr.T + x @ yh
+        if torch.linalg.det(q) < 0:
+            q = q - 2 * x[:, -1:] @ yh[-1:]
+        return q
+    if torch.linalg.det(u @ vh) < 0:
+        u = u.clone()
+        u[:, -1] = -u[:, -1]
+    return u @ vh
+
+
 def _orthogonal_power(q: torch.Tensor, power: float) -> torch.Tensor:
     if power == 1:
         return q
@@ -168,8 +202,11 @@ def rotate(a, b, *, alignment: float = 1.0, alpha: float = 0.0, centralization: 
     rotating (alignment = alpha = 1 gives b). When Q is a reflection (det −1) and alignment is
     not a whole number, Q is replaced by the nearest proper rotation (the last column of U
     negated), which has a real fractional power. Tensors of fewer than 2 dims get
-    weighted_sum(a, b, alpha). Unlike sd-mecha, the full SVD is used for wide matrices too (no
-    low-rank Stiefel path), so large square layers cost one d×d SVD each.
+    weighted_sum(a, b, alpha). For a wide layer (fewer rows than columns) the data fix Q only
+    on the rows' span; for a fractional alignment the rest of Q is completed with the rotation
+    between the complements closest to the identity, so the result depends on a and b alone
+    (sd-mecha interpolates on the Stiefel manifold there instead; results differ). The full SVD
+    is used, so large square layers cost one d×d SVD each (two for fractional wide ones).
     """
     if a.dim() < 2:
         return (1 - alpha) * a + alpha * b
@@ -177,14 +214,7 @@ def rotate(a, b, *, alignment: float = 1.0, alpha: float = 0.0, centralization: 
     mean_a = ma.mean(dim=0, keepdim=True) * centralization
     mean_b = mb.mean(dim=0, keepdim=True) * centralization
     ca, cb = ma - mean_a, mb - mean_b
-    u, _, vh = torch.linalg.svd(ca.T @ cb)
-    if alignment != round(alignment) and torch.linalg.det(u @ vh) < 0:
-        # a reflection has no real fractional power (its −1 eigenvalue would lose a direction):
-        # part-way alignment heads for the best proper rotation instead (Kabsch), flipping the
-        # weakest singular direction, as sd-mecha does
-        u = u.clone()
-        u[:, -1] = -u[:, -1]
-    q = u @ vh
+    q = _alignment(ca, cb, fractional=alignment != round(alignment))
     neurons = ca if alpha == 0 else (1 - alpha) * ca + alpha * (cb @ q.T)
     out = neurons @ _orthogonal_power(q, alignment) + ((1 - alignment) * mean_a + alignment * mean_b)
     return out.reshape(a.shape)

@@ -160,3 +160,27 @@ def test_rotate_part_way_toward_a_mirror_image_is_a_proper_rotation(run):
     assert_close(half.T @ half, np.eye(5), tol=1e-3, what="orthogonal")
     assert np.linalg.det(half) > 0.99
     assert_close(half @ half, proper, tol=1e-3, what="square root")
+
+
+def test_rotate_part_way_on_a_wide_layer_depends_on_the_inputs_alone(run):
+    # 12 rows, 40 columns: aᵀb has rank ≤ 12, the SVD's other 28 directions are arbitrary; a
+    # fractional power must not mix them in (a 1e-6 change of b once moved the result ~14%)
+    import torch
+
+    gen = torch.Generator().manual_seed(40)
+    a = {"w": torch.randn(12, 40, generator=gen)}
+    b = {"w": a["w"] + 0.5 * torch.randn(12, 40, generator=gen)}
+    nudged = {"w": b["w"] + 1e-6 * torch.randn(12, 40, generator=gen)}
+    half = run.call("rotate", a, b, alignment=0.5)["w"]
+    half_nudged = run.call("rotate", a, nudged, alignment=0.5)["w"]
+    assert np.abs(half - half_nudged).max() / np.abs(half).max() < 1e-3
+    A, B = arrays(a)["w"], arrays(b)["w"]
+    ca, cb = A - A.mean(axis=0), B - B.mean(axis=0)
+    moved = half - (A.mean(axis=0) + B.mean(axis=0)) / 2
+    # a rotation keeps the neurons' lengths and angles: the rows' Gram matrix is unchanged
+    assert_close(moved @ moved.T, ca @ ca.T, tol=1e-3, what="Gram")
+    # part of the way: closer to b than a was, not as close as the full rotation
+    u, _, vt = np.linalg.svd(ca.T @ cb)
+    full = ca @ (u @ vt)
+    assert np.linalg.norm(full - cb) < np.linalg.norm(moved - cb) < np.linalg.norm(ca - cb)
+    assert_close(run.call("rotate", a, b, alignment=1.0)["w"], full + B.mean(axis=0), what="alignment 1")
