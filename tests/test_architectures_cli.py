@@ -17,7 +17,8 @@ from mecha_core.testing import using
 from mecha_sd1 import synthetic
 
 runner = CliRunner()
-LAYOUTS = ["sd1-ldm", "sd1-diffusers", "sdxl-sgm", "sdxl-kohya", "sdxl-diffusers", "sd3-comfyui"]
+LAYOUTS = ["sd1-ldm", "sd1-diffusers", "sd1-diffusers-unet", "sdxl-sgm", "sdxl-kohya", "sdxl-diffusers",
+           "sdxl-diffusers-unet", "sd3-comfyui"]
 ITEMSIZE = {"float16": 2, "float32": 4, "int64": 8, "int32": 4}
 
 
@@ -55,7 +56,8 @@ def test_every_layout_is_detected_as_itself(tmp_path, host, name):
     assert report["keys"] == len(table) and report["bytes"] == _nbytes(table)
     assert sum(report["dtypes"].values()) == len(table) and set(report["dtypes"]) <= {"float16", "int64", "int32"}
     assert sum(c["bytes"] for c in report["components"].values()) == report["bytes"]
-    expected_target = {"sd1-diffusers": "sd1-ldm", "sdxl-kohya": "sdxl-sgm", "sdxl-diffusers": "sdxl-sgm"}
+    expected_target = {"sd1-diffusers": "sd1-ldm", "sd1-diffusers-unet": "sd1-ldm", "sdxl-kohya": "sdxl-sgm",
+                       "sdxl-diffusers": "sdxl-sgm", "sdxl-diffusers-unet": "sdxl-sgm"}
     assert report["converts_to"] == expected_target.get(name)
 
 

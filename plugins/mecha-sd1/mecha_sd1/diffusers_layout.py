@@ -184,7 +184,23 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
+UNET_NAME = "sd1-diffusers-unet"
+
+
+@functools.lru_cache(maxsize=None)
+def unet_architecture() -> Architecture:
+    from . import unet_only
+
+    return unet_only.architecture(architecture(), UNET_NAME, "an SD1 U-Net saved alone by diffusers "
+                                  "(unet/diffusion_pytorch_model.safetensors); converted to sd1-ldm")
+
+
 def converters() -> list[Converter]:
+    from . import unet_only
+
     # One edge per model type the engine keeps in a canonical layout: weights and deltas.
-    return [Converter(f"sd1-diffusers-to-ldm-{t}", NAME, t, layout.NAME, t, plan_to_ldm,
-                      description=f"SD1 diffusers naming -> sd1-ldm ({t})") for t in ("base", "delta")]
+    return [Converter(f"{source}-to-ldm-{t}", source, t, layout.NAME, t, planner,
+                      description=f"{what} -> sd1-ldm ({t})")
+            for source, planner, what in ((NAME, plan_to_ldm, "SD1 diffusers naming"),
+                                          (UNET_NAME, unet_only.plan(plan_to_ldm), "SD1 diffusers U-Net alone"))
+            for t in ("base", "delta")]

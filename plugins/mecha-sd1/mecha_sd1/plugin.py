@@ -14,7 +14,7 @@ MECHA_PLUGIN_API = 1
 
 @hookimpl
 def mecha_architectures():
-    return [layout.architecture(), diffusers_layout.architecture()]
+    return [layout.architecture(), diffusers_layout.architecture(), diffusers_layout.unet_architecture()]
 
 
 @hookimpl

@@ -129,3 +129,31 @@ def test_a_full_kohya_named_header_opens_as_sd1_ldm(tmp_path):
                 assert info.shape == ldm.keys[key].shape and info.dtype == "float16", key
         finally:
             source.close()
+
+
+def test_a_unet_saved_alone_by_diffusers_is_detected_and_merges_into_an_ldm_checkpoint(tmp_path):
+    # unet/diffusion_pytorch_model.safetensors: the U-Net's diffusers names without "unet."
+    from mecha_core.engine.sources import detect_architecture
+    from mecha_sd1 import synthetic
+
+    bare = {k.removeprefix("unet."): v for k, v in synthetic.table(diffusers_layout.architecture(), dtype="float16").items()
+            if k.startswith("unet.")}
+    header = synthetic.write_header_only(tmp_path / "header.safetensors", bare)
+    with using(mecha_sd1.plugin) as host:
+        assert detect_architecture(header, frozenset(bare), host).name == "sd1-diffusers-unet"
+    arch = layout.architecture()
+    unet_pairs = {k: v.removeprefix("unet.") for k, v in PAIRS.items() if v.startswith("unet.")}
+    gen = torch.Generator().manual_seed(1)
+    ldm = {k: torch.randn(arch.keys[k].shape, generator=gen) for k in PAIRS}
+    unet = {dk: torch.randn(arch.keys[k].shape, generator=gen) for k, dk in unet_pairs.items()}
+    write_checkpoint(tmp_path / "ldm.safetensors", ldm)
+    write_checkpoint(tmp_path / "unet.safetensors", unet)
+    with using(mecha_methods.plugin, mecha_sd1.plugin):
+        recipe = mecha_core.weighted_sum(mecha_core.model(str(tmp_path / "ldm.safetensors"), arch="sd1-ldm"),
+                                         mecha_core.model(str(tmp_path / "unet.safetensors"), arch="sd1-diffusers-unet"),
+                                         alpha=0.25)
+        merged = load_file(mecha_core.merge(recipe, tmp_path / "out.safetensors", allow_missing=True))
+    assert set(merged) == set(PAIRS)
+    for k in PAIRS:  # the U-Net keys mixed, the others (text encoder, VAE) kept from the checkpoint
+        expected = 0.75 * ldm[k] + 0.25 * unet[unet_pairs[k]] if k in unet_pairs else ldm[k]
+        torch.testing.assert_close(merged[k], expected, rtol=1e-6, atol=1e-6)

@@ -170,7 +170,21 @@ def planner(naming: str) -> Callable[[Mapping[str, TensorInfo]], dict[str, Conve
     return plan
 
 
+DIFFUSERS_UNET = "sdxl-diffusers-unet"
+
+
+@functools.lru_cache(maxsize=None)
+def diffusers_unet_architecture() -> Architecture:
+    from mecha_sd1 import unet_only
+
+    return unet_only.architecture(diffusers_architecture(), DIFFUSERS_UNET, "an SDXL U-Net saved alone by "
+                                  "diffusers (unet/diffusion_pytorch_model.safetensors); converted to sdxl-sgm")
+
+
 def converters() -> list[Converter]:
-    return [Converter(f"{naming}-to-sgm-{t}", naming, t, layout.NAME, t, planner(naming),
-                      description=f"{naming} naming -> sdxl-sgm ({t})")
-            for naming in (KOHYA, DIFFUSERS) for t in ("base", "delta")]
+    from mecha_sd1 import unet_only
+
+    edges = [(naming, planner(naming), f"{naming} naming") for naming in (KOHYA, DIFFUSERS)]
+    edges.append((DIFFUSERS_UNET, unet_only.plan(planner(DIFFUSERS)), "SDXL diffusers U-Net alone"))
+    return [Converter(f"{source}-to-sgm-{t}", source, t, layout.NAME, t, plan, description=f"{what} -> sdxl-sgm ({t})")
+            for source, plan, what in edges for t in ("base", "delta")]

@@ -14,7 +14,8 @@ MECHA_PLUGIN_API = 1
 
 @hookimpl
 def mecha_architectures():
-    return [layout.architecture(), conversions.kohya_architecture(), conversions.diffusers_architecture()]
+    return [layout.architecture(), conversions.kohya_architecture(), conversions.diffusers_architecture(),
+            conversions.diffusers_unet_architecture()]
 
 
 @hookimpl

@@ -111,3 +111,24 @@ def test_each_layout_is_detected_and_opened_as_sgm(tmp_path, name):
             assert source.keys["first_stage_model.encoder.mid.attn_1.k.weight"].shape == (512, 512, 1, 1)
         finally:
             source.close()
+
+
+def test_a_unet_saved_alone_by_diffusers_opens_as_sdxl_sgm(tmp_path):
+    # unet/diffusion_pytorch_model.safetensors: the diffusers names without "unet."
+    from mecha_sdxl import conversions
+
+    bare = {k.removeprefix("unet."): v for k, v in synthetic.table(conversions.diffusers_architecture(),
+                                                                     dtype="float16").items()
+            if k.startswith("unet.")}
+    path = synthetic.write_header_only(tmp_path / "unet.safetensors", bare)
+    with using(mecha_sd1.plugin, mecha_sdxl.plugin, mecha_sd3.plugin) as host:
+        assert detect_architecture(path, frozenset(bare), host).name == "sdxl-diffusers-unet"
+        source = open_source(ModelNode(path), path, host)
+        try:
+            sgm = layout.architecture()
+            unet_keys = {k for k in sgm.required_keys if k.startswith("model.diffusion_model.")}
+            assert source.arch == "sdxl-sgm" and set(source.keys) == unet_keys
+            for key, info in source.keys.items():
+                assert info.shape == sgm.keys[key].shape and info.dtype == "float16", key
+        finally:
+            source.close()
