@@ -475,3 +475,12 @@ def test_unversioned_ties_sum_reads_its_float_vote_switch(models, written, vote)
             f'merge "ties_sum" &3 &4 k=0.5{written}\n')
     a, b, c = (mecha.model(f"{n}.safetensors", arch="sd1-ldm", type="base") for n in "abc")
     assert load_recipe(text) == mecha.subtract(mecha.ties(a, b, c, density=0.5, vote=vote, alpha=1.0), a)
+
+
+def test_sd_mechas_unet_only_config_names_the_bare_diffusers_unet_layout():
+    import mecha_sdxl.plugin
+
+    with using(mecha_methods.plugin, mecha_sd1.plugin, mecha_sdxl.plugin):
+        recipe = load_recipe('version 0.1.0\nmodel "unet.safetensors" model_config="sdxl-diffusers_unet_only" '
+                             'merge_space="weight"\n')
+        assert recipe == mecha.model("unet.safetensors", arch="sdxl-diffusers-unet", type="base")

@@ -127,7 +127,8 @@ BLOCK_CONVERSIONS = {
 }
 
 #: sd-mecha model configs -> mecha architectures (names not listed are used as they are).
-CONFIGS = {"sd1-ldm": "sd1-ldm", "sdxl-sgm": "sdxl-sgm", "sd3-sgm": "sd3-comfyui"}
+CONFIGS = {"sd1-ldm": "sd1-ldm", "sdxl-sgm": "sdxl-sgm", "sd3-sgm": "sd3-comfyui",
+           "sdxl-diffusers_unet_only": "sdxl-diffusers-unet"}
 
 
 # -- values -------------------------------------------------------------------------------------
