@@ -222,8 +222,7 @@ def make_plan(root: Node, options: MergeOptions | None = None, host: PluginHost 
                 step.archs = _one_architecture(node, [steps[i] for i in step.inputs])
                 _plan_call(step, [steps[i] for i in step.inputs], options, by_node,
                            _optional_keys(host, step.archs, optional_cache))
-                _check_maps_match(step, host, {by_node[n].source.arch for n in walk(node)
-                                               if isinstance(n, ModelNode) and by_node[n].source.arch})
+                _check_maps_match(step, host, set(step.archs))
             steps.append(step)
             by_node[node] = step
         root_step = by_node[root]
