@@ -20,7 +20,7 @@ from typing import Any
 import attrs
 
 from ..errors import MechaError, RecipeError
-from .nodes import CallNode, LiteralNode, ModelNode, Node, ParameterNode, check_parameters, walk
+from .nodes import CallNode, LiteralNode, ModelNode, Node, ParameterNode, parameter_clash, walk
 from .values import WeightMap, format_string, format_value
 
 HEADER = "mecha 1"
@@ -398,12 +398,10 @@ def load_v1(text: str, *, source: str = "<recipe>", base_dir: str | None = None,
         result = value
     if result is None:
         raise RecipeError("the recipe is empty (no line after the header)", source=source, line=lines[0][0])
-    try:
-        check_parameters(result)
-    except RecipeError as exc:  # point at the last line that declares the parameter named
-        name = re.search(r"parameter '(\w+)'", str(exc))
-        where = [(n, m.start() + 1) for n, ln in lines for m in
-                 re.finditer(r"parameter\(\s*\"" + (name.group(1) if name else "") + '"', ln)]
+    clash = parameter_clash(result)
+    if clash is not None:  # point at the last line that declares the parameter
+        name, why = clash
+        where = [(n, m.start() + 1) for n, ln in lines for m in re.finditer(r'parameter\(\s*"' + name + '"', ln)]
         number, column = where[-1] if where else (None, None)
-        raise RecipeError(str(exc), source=source, line=number, column=column) from None
+        raise RecipeError(why, source=source, line=number, column=column)
     return result

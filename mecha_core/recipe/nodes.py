@@ -253,6 +253,13 @@ def check_parameters(root: Node) -> None:
     """One name, one parameter: two declarations of a name with different merge spaces, or a
     name used both as a method's input and as a hyperparameter, could never be filled (a fill is
     either a recipe or a value), so they are refused when the recipe is built."""
+    clash = parameter_clash(root)
+    if clash is not None:
+        raise RecipeError(clash[1])
+
+
+def parameter_clash(root: Node) -> tuple[str, str] | None:
+    """The first parameter :func:`check_parameters` refuses, as (name, why), or ``None``."""
     spaces: dict[str, set[str | None]] = {}
     as_input: set[str] = set()
     as_hyper: set[str] = set()
@@ -265,12 +272,12 @@ def check_parameters(root: Node) -> None:
     for name, found in spaces.items():
         if len(found) > 1:
             listed = " and ".join(sorted(str(s or "no space") for s in found))
-            raise RecipeError(f"parameter '{name}' is declared twice, with different merge spaces "
-                              f"({listed}); rename one")
+            return name, f"parameter '{name}' is declared twice, with different merge spaces ({listed}); rename one"
     both = sorted(as_input & as_hyper)
     if both:
-        raise RecipeError(f"parameter '{both[0]}' is both a method's input and a hyperparameter; "
-                          f"no fill can be both, rename one")
+        return both[0], (f"parameter '{both[0]}' is both a method's input and a hyperparameter; "
+                         f"no fill can be both, rename one")
+    return None
 
 
 def substitute(root: Node, fills: dict[str, Node]) -> Node:
