@@ -130,7 +130,7 @@ def compose_command(
     """
     import tempfile
 
-    from ..engine.run import output_mode, temp_prefix
+    from ..engine.run import output_mode, resolve_output, temp_prefix
     from ..recipe import as_fill, compose, dump_recipe, load_recipe
     from ..recipe.nodes import relocate
 
@@ -148,7 +148,7 @@ def compose_command(
              for name, value in pairs}
     composed = relocate(compose(node, **fills), os.path.dirname(os.path.abspath(output)))
     text = dump_recipe(composed)
-    target = os.path.realpath(output) if os.path.islink(output) else os.path.abspath(output)
+    target = resolve_output(output)
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=temp_prefix(target), suffix=".tmp", dir=os.path.dirname(target))

@@ -276,6 +276,13 @@ def _same_file(a: str, b: str) -> bool:
         return os.path.realpath(a) == os.path.realpath(b)
 
 
+def resolve_output(output: str | os.PathLike[str]) -> str:
+    """The absolute path a result is written to: through a symbolic link, as cp does, rather
+    than replacing the link."""
+    target = os.path.abspath(os.fspath(output))
+    return os.path.realpath(target) if os.path.islink(target) else target
+
+
 def temp_prefix(target: str) -> str:
     """``.NAME.`` for the temporary file beside ``target``, NAME cut to 100 bytes: a legal long
     output name (up to 255 bytes) must not make the temporary name too long to create."""
@@ -301,9 +308,7 @@ def execute(plan: Plan, output: str | os.PathLike[str], metadata: dict[str, str]
 
     ``write_hook`` is called with each key before it is written (tests use it to simulate faults).
     """
-    target = os.path.abspath(os.fspath(output))
-    if os.path.islink(target):  # write through a link, as cp does, rather than replace the link
-        target = os.path.realpath(target)
+    target = resolve_output(output)
     for path in plan.input_paths:
         if _same_file(path, target):
             raise OutputError(f"{output}: the output would overwrite the input {path}; choose another path")
