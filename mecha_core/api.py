@@ -8,6 +8,7 @@ from typing import Any
 
 from .engine.plan import MergeOptions, Plan, make_plan
 from .engine.run import TerminateAsInterrupt, execute
+from .engine.safetensors_io import check_float_dtype
 from .plugins import PluginHost, get_host
 from .recipe import dump_recipe
 from .recipe.nodes import CallNode, Node, walk
@@ -70,9 +71,9 @@ def merge(recipe: Node | str | os.PathLike[str], output: str | os.PathLike[str],
     if not isinstance(recipe, Node):
         _not_over_recipe(recipe, output)
         recipe = load_recipe(recipe, host=host)
-    _check_dtype(work_dtype, "work_dtype")
+    check_float_dtype(work_dtype, "work_dtype")
     if output_dtype is not None:
-        _check_dtype(output_dtype, "output_dtype")
+        check_float_dtype(output_dtype, "output_dtype")
     _check_device(device)
     _check_count(threads, "threads")
     if models_dir is not None and not os.path.isdir(models_dir):
@@ -100,14 +101,6 @@ def _not_over_recipe(recipe: str | os.PathLike[str], output: str | os.PathLike[s
         same = False
     if same:
         raise OutputError(f"{output}: the output would overwrite the recipe {recipe}; choose another path")
-
-
-def _check_dtype(name: str, what: str) -> None:
-    from .engine.safetensors_io import FLOAT_DTYPES
-    from .errors import MechaError
-
-    if name not in FLOAT_DTYPES:
-        raise MechaError(f"{what} must be one of {', '.join(sorted(FLOAT_DTYPES))}; got '{name}'")
 
 
 def _check_count(value: int | None, what: str) -> None:

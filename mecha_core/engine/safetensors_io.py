@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ..errors import SafetensorsError
+from ..errors import MechaError, SafetensorsError
 from ..specs import TensorInfo
 
 #: safetensors dtype code -> (torch dtype name, item size in bytes)
@@ -33,6 +33,14 @@ CODES = {name: code for code, (name, _) in DTYPES.items()}
 ITEMSIZE = {name: size for name, size in DTYPES.values()}
 FLOAT_DTYPES = frozenset({"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"})
 MAX_HEADER = 100 * 1024 * 1024
+
+
+def check_float_dtype(name: str, what: str) -> None:
+    """Refuse a dtype name that is not a float one safetensors can store (``what`` names the
+    option in the message)."""
+    if name not in FLOAT_DTYPES:
+        raise MechaError(f"{what} must be one of {', '.join(sorted(FLOAT_DTYPES))}; got '{name}'")
+
 #: the largest dimension torch can allocate (int64 sizes)
 MAX_DIM = (1 << 63) - 1
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from mecha_core.engine.safetensors_io import SafetensorsFile, is_float, save, torch_dtype
+from mecha_core.engine.safetensors_io import SafetensorsFile, check_float_dtype, is_float, save, torch_dtype
 from mecha_core.errors import MechaError, OutputError, PlanError
 
 from . import keys as keynames
@@ -111,14 +111,6 @@ def _rank_for(module: Module, rank: int, ratio: float | None, conv_rank: int | N
     return min(full, rank)
 
 
-def _float_dtype(what: str, dtype: str | None) -> None:
-    """A LoRA's factors are floats: an integer dtype would round them all to 0 without a word."""
-    from mecha_core.engine.safetensors_io import FLOAT_DTYPES
-
-    if dtype is not None and dtype not in FLOAT_DTYPES:
-        raise MechaError(f"{what}: dtype must be one of {', '.join(sorted(FLOAT_DTYPES))}; got '{dtype}'")
-
-
 def extract_lora(tuned: str | os.PathLike[str], base: str | os.PathLike[str], output: str | os.PathLike[str], *,
                  rank: int = 16, ratio: float | None = None, conv_rank: int | None = None,
                  dtype: str | None = None, seed: int = 0, oversample: int = OVERSAMPLE,
@@ -142,7 +134,8 @@ def extract_lora(tuned: str | os.PathLike[str], base: str | os.PathLike[str], ou
         raise MechaError(f"extract_lora: rank must be at least 1; got {rank}")
     if conv_rank is not None and conv_rank < 0:
         raise MechaError(f"extract_lora: conv_rank must be 0 (no convs) or more; got {conv_rank}")
-    _float_dtype("extract_lora", dtype)
+    if dtype is not None:  # a LoRA's factors are floats: int8 would round them all to 0
+        check_float_dtype(dtype, "extract_lora: dtype")
     a, b = SafetensorsFile(tuned), SafetensorsFile(base)
     try:
         arch = _detect_arch(a, b)
@@ -230,7 +223,8 @@ def merge_loras(inputs: Sequence[str | os.PathLike[str]], output: str | os.PathL
         raise MechaError(f"merge_loras: {len(weights)} weight(s) for {len(paths)} LoRA file(s)")
     if rank is not None and rank < 1:
         raise MechaError(f"merge_loras: rank must be at least 1; got {rank}")
-    _float_dtype("merge_loras", dtype)
+    if dtype is not None:
+        check_float_dtype(dtype, "merge_loras: dtype")
     for p in paths:
         _check_same(p, p, output)
     opened = []
