@@ -13,8 +13,8 @@ import mecha_sd1.plugin
 import mecha_sd3.plugin
 import mecha_sdxl.plugin
 from mecha_core.cli import app
+from mecha_core.kit import synthetic
 from mecha_core.testing import using
-from mecha_sd1 import synthetic
 
 runner = CliRunner()
 LAYOUTS = ["sd1-ldm", "sd1-diffusers", "sd1-diffusers-unet", "sdxl-sgm", "sdxl-kohya", "sdxl-diffusers",
@@ -46,7 +46,7 @@ def _nbytes(table) -> int:
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_every_layout_is_detected_as_itself(tmp_path, host, name):
     arch = host.architecture(name)
-    table = synthetic.table(arch, arch.keys if name == "sd3-comfyui" else None, "float16")
+    table = synthetic.key_table(arch, arch.keys if name == "sd3-comfyui" else None, "float16")
     path = synthetic.write_header_only(tmp_path / "model.safetensors", table)
     result = _inspect(path, "--json")
     assert result.exit_code == 0, result.output
@@ -64,7 +64,7 @@ def test_every_layout_is_detected_as_itself(tmp_path, host, name):
 def test_sd3_without_text_encoders_is_still_sd3(tmp_path, host):
     arch = host.architecture("sd3")
     keys = [k for k, s in arch.keys.items() if s.component in ("diffuser", "vae")]
-    path = synthetic.write_header_only(tmp_path / "sd3_medium.safetensors", synthetic.table(arch, keys, "float16"))
+    path = synthetic.write_header_only(tmp_path / "sd3_medium.safetensors", synthetic.key_table(arch, keys, "float16"))
     report = json.loads(_inspect(path, "--json").output)
     assert report["architecture"] == "sd3-comfyui" and report["missing"] == []
     assert set(report["components"]) == {"diffuser", "vae"}
@@ -73,7 +73,7 @@ def test_sd3_without_text_encoders_is_still_sd3(tmp_path, host):
 
 def test_missing_unexpected_and_misshapen_keys_are_listed(tmp_path, host):
     arch = host.architecture("sd1-ldm")
-    table = synthetic.table(arch, dtype="float16")
+    table = synthetic.key_table(arch, dtype="float16")
     dropped = sorted(table)[:5]
     for k in dropped:
         del table[k]
@@ -93,7 +93,7 @@ def test_missing_unexpected_and_misshapen_keys_are_listed(tmp_path, host):
 
 def test_old_spellings_are_counted_as_renamed(tmp_path, host):
     arch = host.architecture("sd1-ldm")
-    table = synthetic.table(arch, dtype="float16")
+    table = synthetic.key_table(arch, dtype="float16")
     old = {k: a for k, s in arch.keys.items() for a in s.aliases if k in table}
     table = {old.get(k, k): v for k, v in table.items()}
     path = synthetic.write_header_only(tmp_path / "old.safetensors", table)
@@ -106,7 +106,7 @@ def test_an_unknown_file_reports_its_closest_architecture(tmp_path, host):
     arch = host.architecture("sdxl-sgm")
     required = [k for k in arch.keys if not arch.keys[k].optional]
     half = required[: len(required) // 2]
-    path = synthetic.write_header_only(tmp_path / "half.safetensors", synthetic.table(arch, half, "float16"))
+    path = synthetic.write_header_only(tmp_path / "half.safetensors", synthetic.key_table(arch, half, "float16"))
     result = _inspect(path, "--json")
     report = json.loads(result.output)
     assert report["architecture"] is None
@@ -115,8 +115,8 @@ def test_an_unknown_file_reports_its_closest_architecture(tmp_path, host):
 
 
 def test_ambiguity_is_an_error_naming_the_candidates(tmp_path, host):
-    both = synthetic.table(host.architecture("sd1-ldm"), dtype="float16")
-    both.update(synthetic.table(host.architecture("sd1-diffusers"), dtype="float16"))
+    both = synthetic.key_table(host.architecture("sd1-ldm"), dtype="float16")
+    both.update(synthetic.key_table(host.architecture("sd1-diffusers"), dtype="float16"))
     path = synthetic.write_header_only(tmp_path / "both.safetensors", both)
     result = runner.invoke(app, ["inspect", str(path)])
     assert result.exit_code == 2

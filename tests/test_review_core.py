@@ -80,11 +80,12 @@ def test_block_map_of_another_architecture_is_refused_not_silently_the_default(t
     # the method's default alpha
     import mecha_sd1.plugin
     import mecha_sdxl.plugin
-    from mecha_sd1 import layout, synthetic
+    from mecha_core.kit import synthetic
+    from mecha_sd1 import layout
 
     arch = layout.architecture()
     keys = [k for k, s in arch.keys.items() if not s.optional and len(s.shape) == 1]
-    table = synthetic.table(arch, keys, "float32")
+    table = synthetic.key_table(arch, keys, "float32")
     synthetic.write_layout(tmp_path / "a.safetensors", table, seed=1)
     synthetic.write_layout(tmp_path / "b.safetensors", table, seed=2)
     with using(mecha_methods.plugin, mecha_sd1.plugin, mecha_sdxl.plugin):

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from mecha_core.engine.safetensors_io import SafetensorsFile, check_float_dtype, is_float, save, torch_dtype
+from mecha_core.kit import SafetensorsFile, check_float_dtype, is_float, save, torch_dtype
 from mecha_core.errors import MechaError, OutputError, PlanError
 
 from . import keys as keynames

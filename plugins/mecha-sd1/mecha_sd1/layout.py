@@ -1,8 +1,9 @@
 """The ``sd1-ldm`` architecture: SD 1.x checkpoints in the original (ldm) layout.
 
 Keys, shapes, dtypes, components, optional keys and old key spellings come from the packed layout
-``data/sd1-ldm.json.gz`` (made by ``tools/pack_layout.py`` from the shared ``sd1-ldm.json``); each
-key's block comes from the MBW block map ``sd1-ldm-blocks.json`` packed in the same file.
+``data/sd1-ldm.json.gz`` (made by ``python -m mecha_core.kit.layouts`` from the shared
+``sd1-ldm.json``); each key's block comes from the MBW block map ``sd1-ldm-blocks.json`` packed in
+the same file.
 
 Blocks (26, the supermerger/MBW convention): ``BASE`` (text encoder, VAE, time embedding, EMA and
 scheduler buffers), ``IN00``-``IN11`` (``input_blocks.N``), ``M00`` (``middle_block``),
@@ -23,16 +24,11 @@ SD1 has one transformer block per attention, so ``attn1_to_k`` names the same ke
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import gc
-import gzip
-import json
 import re
-from importlib import resources
-from typing import Any
 
-from mecha_core.specs import Architecture, KeySpec
+from mecha_core.kit import packed_architecture
+from mecha_core.specs import Architecture
 
 NAME = "sd1-ldm"
 #: sd-mecha's component names for SD1 (old recipes name them).
@@ -61,40 +57,6 @@ def layer_class(key: str) -> str | None:
         return None
     rest = _PARAM.sub("", key[m.end():])
     return rest.replace(".", "_") or None
-
-
-@contextlib.contextmanager
-def no_gc():
-    # Building thousands of small lists and KeySpecs triggers full garbage collections that walk
-    # every object torch allocated (~80 ms); nothing built here is cyclic, so pause the collector.
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
-def load_packed(package: str, filename: str) -> dict[str, Any]:
-    """Read a layout packed by ``tools/pack_layout.py`` from a plugin's ``data`` folder."""
-    with resources.files(package).joinpath("data", filename).open("rb") as raw, gzip.open(raw) as f:
-        return json.loads(f.read())
-
-
-def packed_architecture(package: str, filename: str, *, name: str, layer_class: Any, description: str,
-                        aliases: tuple[str, ...], component_aliases: dict[str, str]) -> Architecture:
-    """An Architecture from a packed layout whose keys each carry at most one block (SD1, SDXL)."""
-    with no_gc():
-        packed = load_packed(package, filename)
-        keys = {
-            key: KeySpec(tuple(shape), dtype, component, bool(optional), tuple(aliases_),
-                         (block,) if block else (), layer_class(key))
-            for key, shape, dtype, component, optional, aliases_, block in packed["keys"]
-        }
-    classes = tuple(sorted({s.klass for s in keys.values() if s.klass}))
-    return Architecture(name=name, keys=keys, blocks=tuple(packed["blocks"]), classes=classes,
-                        description=description, aliases=aliases, component_aliases=component_aliases)
 
 
 @functools.lru_cache(maxsize=None)

@@ -112,10 +112,10 @@ def test_a_file_without_diffusers_keys_is_not_converted():
 def test_a_full_kohya_named_header_opens_as_sd1_ldm(tmp_path):
     from mecha_core.engine.sources import open_source
     from mecha_core.recipe.nodes import ModelNode
-    from mecha_sd1 import synthetic
+    from mecha_core.kit import synthetic
 
     diff = diffusers_layout.architecture()
-    table = synthetic.table(diff, dtype="float16")
+    table = synthetic.key_table(diff, dtype="float16")
     # kohya's te. prefix, as sd-scripts writes it
     table = {("te." + k[len("text_encoder."):] if k.startswith("text_encoder.") else k): v for k, v in table.items()}
     path = synthetic.write_header_only(tmp_path / "kohya.safetensors", table)
@@ -134,9 +134,9 @@ def test_a_full_kohya_named_header_opens_as_sd1_ldm(tmp_path):
 def test_a_unet_saved_alone_by_diffusers_is_detected_and_merges_into_an_ldm_checkpoint(tmp_path):
     # unet/diffusion_pytorch_model.safetensors: the U-Net's diffusers names without "unet."
     from mecha_core.engine.sources import detect_architecture
-    from mecha_sd1 import synthetic
+    from mecha_core.kit import synthetic
 
-    bare = {k.removeprefix("unet."): v for k, v in synthetic.table(diffusers_layout.architecture(), dtype="float16").items()
+    bare = {k.removeprefix("unet."): v for k, v in synthetic.key_table(diffusers_layout.architecture(), dtype="float16").items()
             if k.startswith("unet.")}
     header = synthetic.write_header_only(tmp_path / "header.safetensors", bare)
     with using(mecha_sd1.plugin) as host:

@@ -18,8 +18,9 @@ from safetensors import safe_open
 import mecha_core
 import mecha_methods.plugin
 import mecha_sd1.plugin
+from mecha_core.kit import synthetic
 from mecha_core.testing import using
-from mecha_sd1 import layout, synthetic
+from mecha_sd1 import layout
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +40,7 @@ def block_alphas() -> dict[str, float]:
 @pytest.fixture(scope="module")
 def merged(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sd1-full")
-    table = synthetic.table(layout.architecture(), dtype="float16")  # the 1130 required keys
+    table = synthetic.key_table(layout.architecture(), dtype="float16")  # the 1130 required keys
     a = synthetic.write_layout(folder / "a.safetensors", table, seed=1)
     b = synthetic.write_layout(folder / "b.safetensors", table, seed=2)
     with using(mecha_methods.plugin, mecha_sd1.plugin):

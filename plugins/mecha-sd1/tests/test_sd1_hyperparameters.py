@@ -14,8 +14,9 @@ import mecha_core
 import mecha_methods.plugin
 import mecha_sd1.plugin
 from mecha_core.errors import MechaError
+from mecha_core.kit import synthetic
 from mecha_core.testing import using
-from mecha_sd1 import layout, synthetic
+from mecha_sd1 import layout
 
 
 def small_sd1_keys() -> list[str]:
@@ -38,7 +39,7 @@ def expected_alpha(key: str) -> float:
 
 @pytest.fixture
 def inputs(tmp_path):
-    table = synthetic.table(layout.architecture(), small_sd1_keys(), "float32")
+    table = synthetic.key_table(layout.architecture(), small_sd1_keys(), "float32")
     synthetic.write_layout(tmp_path / "a.safetensors", table, seed=11)
     synthetic.write_layout(tmp_path / "b.safetensors", table, seed=12)
     return tmp_path

@@ -14,9 +14,10 @@ import torch
 import mecha_sd1.plugin
 from mecha_core.errors import PlanError
 from mecha_core.engine.sources import detect_architecture, open_source
+from mecha_core.kit import synthetic
 from mecha_core.recipe.nodes import ModelNode
 from mecha_core.testing import using
-from mecha_sd1 import diffusers_layout, layout, synthetic
+from mecha_sd1 import diffusers_layout, layout
 
 DATA = Path(__file__).parent / "data"
 
@@ -110,7 +111,7 @@ def test_old_clip_spellings_are_detected_and_renamed(tmp_path, arch):
     old = "cond_stage_model.transformer.embeddings.token_embedding.weight"
     new = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
     assert old in arch.keys[new].aliases
-    tables = synthetic.table(arch, dtype="float16")
+    tables = synthetic.key_table(arch, dtype="float16")
     tables = {(old if k == new else k): v for k, v in tables.items()}
     path = synthetic.write_header_only(tmp_path / "old.safetensors", tables)
     with using(mecha_sd1.plugin) as host:
@@ -125,7 +126,7 @@ def test_old_clip_spellings_are_detected_and_renamed(tmp_path, arch):
 @pytest.mark.parametrize("with_optional", [False, True])
 def test_real_layout_headers_are_detected(tmp_path, arch, with_optional):
     keys = arch.keys if with_optional else None  # all 1831 (EMA, scheduler) or the 1130 required
-    path = synthetic.write_header_only(tmp_path / "sd1.safetensors", synthetic.table(arch, keys, "float32"))
+    path = synthetic.write_header_only(tmp_path / "sd1.safetensors", synthetic.key_table(arch, keys, "float32"))
     with using(mecha_sd1.plugin) as host:
         found = detect_architecture(path, frozenset(json_keys(path)), host)
     assert found is not None and found.name == "sd1-ldm"
@@ -140,15 +141,15 @@ def json_keys(path) -> list[str]:
 
 def test_a_unet_only_file_is_not_sd1(tmp_path, arch):
     unet = [k for k, s in arch.keys.items() if s.component == "diffuser"]
-    path = synthetic.write_header_only(tmp_path / "unet.safetensors", synthetic.table(arch, unet))
+    path = synthetic.write_header_only(tmp_path / "unet.safetensors", synthetic.key_table(arch, unet))
     with using(mecha_sd1.plugin) as host:
         assert detect_architecture(path, frozenset(json_keys(path)), host) is None
 
 
 def test_both_layouts_in_one_file_is_ambiguous(tmp_path, arch):
-    both = synthetic.table(arch, dtype="float16")
+    both = synthetic.key_table(arch, dtype="float16")
     diff = diffusers_layout.architecture()
-    both.update(synthetic.table(diff, dtype="float16"))
+    both.update(synthetic.key_table(diff, dtype="float16"))
     path = synthetic.write_header_only(tmp_path / "both.safetensors", both)
     with using(mecha_sd1.plugin) as host:
         with pytest.raises(PlanError, match=r"ambiguous \(candidates: .*sd1-diffusers.*\)") as err:
@@ -158,10 +159,10 @@ def test_both_layouts_in_one_file_is_ambiguous(tmp_path, arch):
 
 def test_real_values_round_trip_through_the_synthetic_writer(tmp_path, arch):
     keys = ["model.diffusion_model.out.2.bias", "cond_stage_model.transformer.text_model.embeddings.position_ids"]
-    path = synthetic.write_layout(tmp_path / "small.safetensors", synthetic.table(arch, keys, "float16"), seed=3)
+    path = synthetic.write_layout(tmp_path / "small.safetensors", synthetic.key_table(arch, keys, "float16"), seed=3)
     from safetensors.torch import load_file
 
     loaded = load_file(path)
     assert loaded[keys[0]].dtype == torch.float16 and loaded[keys[0]].shape == (4,)
     assert torch.equal(loaded[keys[1]], torch.arange(77).reshape(1, 77))
-    assert torch.equal(loaded[keys[0]], synthetic.values(0, (4,), "float16", seed=3))
+    assert torch.equal(loaded[keys[0]], synthetic.layout_values(0, (4,), "float16", seed=3))

@@ -1,7 +1,7 @@
 """The ``sd3-comfyui`` architecture: SD3 medium in the ComfyUI all-in-one layout.
 
 Keys, shapes, dtypes and components come from ``data/sd3-comfyui.json.gz`` (packed by
-``plugins/mecha-sd1/tools/pack_layout.py`` from the shared ``sd3-comfyui.json``):
+``python -m mecha_core.kit.layouts`` from the shared ``sd3-comfyui.json``):
 ``model.diffusion_model.`` (the MMDiT), ``first_stage_model.`` (16-channel VAE) and
 ``text_encoders.{clip_l,clip_g,t5xxl}.`` (Hugging Face naming).
 
@@ -15,7 +15,7 @@ time, pooled-text and context embedders), ``J00``-``J23`` (``joint_blocks.N``, b
 ``model.model_sampling.sigmas`` buffer belongs to no block.
 
 Classes: the key without ``.weight``/``.bias`` and without the prefix of its repeated unit, dots as
-``_`` (the rule of :mod:`mecha_sd1.layout`): ``x_block_attn_qkv``, ``context_block_mlp_fc1``,
+``_`` (the rule of ``sd1-ldm``): ``x_block_attn_qkv``, ``context_block_mlp_fc1``,
 ``x_block_adaLN_modulation_1``, ``pos_embed``; CLIP ``layer_norm1``, ``mlp_fc1``,
 ``self_attn_q_proj``, ``text_projection``; T5 ``SelfAttention_q``, ``DenseReluDense_wi_0``,
 ``layer_norm``; VAE ``conv1``, ``attn_1_q``. CLIP-L and CLIP-G share class names.
@@ -26,8 +26,8 @@ from __future__ import annotations
 import functools
 import re
 
-from mecha_core.specs import Architecture, KeySpec
-from mecha_sd1.layout import load_packed, no_gc
+from mecha_core.kit import packed_architecture
+from mecha_core.specs import Architecture
 
 NAME = "sd3-comfyui"
 JOINT_BLOCKS = 24
@@ -72,16 +72,9 @@ def block(key: str) -> str | None:
 
 @functools.lru_cache(maxsize=None)
 def architecture() -> Architecture:
-    with no_gc():
-        packed = load_packed("mecha_sd3", "sd3-comfyui.json.gz")
-        keys = {}
-        for key, shape, dtype, component, optional, aliases, _ in packed["keys"]:
-            b = block(key)
-            keys[key] = KeySpec(tuple(shape), dtype, component, bool(optional) or component in TEXT_ENCODERS,
-                                tuple(aliases), (b,) if b else (), layer_class(key))
-    classes = tuple(sorted({s.klass for s in keys.values() if s.klass}))
-    return Architecture(
-        name=NAME, keys=keys, blocks=BLOCKS, classes=classes,
+    return packed_architecture(
+        "mecha_sd3", "sd3-comfyui.json.gz", name=NAME, layer_class=layer_class, block=block, blocks=BLOCKS,
+        optional_components=TEXT_ENCODERS,
         description="Stable Diffusion 3 medium, ComfyUI all-in-one layout (MMDiT, VAE, CLIP-L/G, T5-XXL)",
         aliases=("sd3", "sd3-sgm"),
         component_aliases={"txt": "clip_l", "txt2": "clip_g", "unet": "diffuser"},  # sd-mecha's names

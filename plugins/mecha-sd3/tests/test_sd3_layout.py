@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 import mecha_core
 import mecha_methods.plugin
 import mecha_sd3.plugin
+from mecha_core.kit import synthetic
 from mecha_core.testing import using
-from mecha_sd1 import synthetic
 from mecha_sd3 import layout
 
 
@@ -87,7 +87,7 @@ def test_names_for_old_recipes():
 def test_joint_block_values_reach_their_keys(tmp_path, arch):
     # the 1-D keys of the MMDiT: every joint block plus IN and OUT, a few KB each
     keys = [k for k, s in arch.keys.items() if s.component == "diffuser" and len(s.shape) == 1]
-    table = synthetic.table(arch, keys, "float32")
+    table = synthetic.key_table(arch, keys, "float32")
     a = synthetic.write_layout(tmp_path / "a.safetensors", table, seed=1)
     b = synthetic.write_layout(tmp_path / "b.safetensors", table, seed=2)
     values = {"J%02d" % i: i / 24 for i in range(24)}

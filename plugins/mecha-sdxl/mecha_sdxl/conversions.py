@@ -8,8 +8,9 @@ with sgm files and block-/class-wise values apply to them:
   encoders are Hugging Face CLIP models under ``te1.`` and ``te2.``.
 - ``sdxl-diffusers``: the diffusers models under ``unet.`` (``UNet2DConditionModel`` names),
   ``vae.`` (``AutoencoderKL``), ``text_encoder.`` (``CLIPTextModel``) and ``text_encoder_2.``
-  (``CLIPTextModelWithProjection``). U-Net and VAE names map exactly as for SD1
-  (:mod:`mecha_sd1.diffusers_layout`; SDXL has 3 U-Net levels and the same VAE).
+  (``CLIPTextModelWithProjection``). U-Net and VAE names map by the same rules as for SD1
+  (:mod:`mecha_core.kit.diffusers`; SDXL has 3 U-Net levels and the same VAE).
+- ``sdxl-diffusers-unet``: a diffusers U-Net saved alone (:mod:`mecha_core.kit.unet_only`).
 
 What changes besides names: sgm stores CLIP-G in OpenCLIP form, where ``attn.in_proj_weight`` is
 q, k and v stacked on dim 0 (HF keeps ``q_proj``, ``k_proj``, ``v_proj`` apart) and
@@ -20,12 +21,13 @@ the VAE mid-block attention projections are Linear in diffusers and 1x1 convs in
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable, Mapping
 
 import torch
+from mecha_core.kit import (is_vae_linear, no_gc, packed_architecture, text_encoder_aliases, unet_name,
+                            unet_only_architecture, unet_only_plan, vae_name)
 from mecha_core.specs import Architecture, ConvertedKey, Converter, KeySpec, TensorInfo
-from mecha_sd1.diffusers_layout import text_encoder_aliases, unet_name, vae_name
-from mecha_sd1.layout import load_packed, no_gc
 
 from . import layout
 
@@ -95,13 +97,9 @@ def _source_keys(naming: str) -> frozenset[str]:
 
 @functools.lru_cache(maxsize=None)
 def kohya_architecture() -> Architecture:
-    with no_gc():
-        packed = load_packed("mecha_sdxl", "sdxl-kohya.json.gz")
-        keys = {key: KeySpec(tuple(shape), dtype, component, bool(optional), tuple(aliases))
-                for key, shape, dtype, component, optional, aliases, _ in packed["keys"]}
-    return Architecture(name=KOHYA, keys=keys,
-                        description="SDXL in kohya sd-scripts naming (unet./te1./te2.); converted to sdxl-sgm",
-                        component_aliases=layout.COMPONENT_ALIASES)
+    return packed_architecture("mecha_sdxl", "sdxl-kohya.json.gz", name=KOHYA,
+                               description="SDXL in kohya sd-scripts naming (unet./te1./te2.); converted to sdxl-sgm",
+                               component_aliases=layout.COMPONENT_ALIASES)
 
 
 def _diffusers_name(kohya_key: str) -> str:
@@ -118,7 +116,7 @@ def diffusers_architecture() -> Architecture:
     with no_gc():
         for key, spec in kohya_architecture().keys.items():
             name = _diffusers_name(key)
-            linear = name.startswith("vae.") and ".mid_block.attentions.0.to_" in name and name.endswith(".weight")
+            linear = name.startswith("vae.") and is_vae_linear(name[len("vae."):])
             aliases = text_encoder_aliases(name, "text_encoder.", None) + text_encoder_aliases(name, "text_encoder_2.", None)
             keys[name] = KeySpec(spec.shape[:2] if linear else spec.shape, spec.dtype, spec.component, spec.optional,
                                  aliases)
@@ -134,13 +132,6 @@ def _compute(sources: tuple[str, ...], how: str, shape: tuple[int, ...]) -> Call
     if how == "transpose":
         return lambda t: t[sources[0]].t().contiguous()
     return lambda t: t[sources[0]].reshape(shape)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def planner(naming: str) -> Callable[[Mapping[str, TensorInfo]], dict[str, ConvertedKey]]:
@@ -159,7 +150,7 @@ def planner(naming: str) -> Callable[[Mapping[str, TensorInfo]], dict[str, Conve
             elif how == "transpose":
                 shape = tuple(reversed(first.shape))
             else:
-                shape = spec.shape if _numel(first.shape) == _numel(spec.shape) else first.shape
+                shape = spec.shape if math.prod(first.shape) == math.prod(spec.shape) else first.shape
             out[key] = ConvertedKey(TensorInfo(shape, first.dtype), sources, _compute(sources, how, shape))
         if not used and not any(k in _source_keys(naming) for k in header):
             raise ValueError(f"no {naming} key")
@@ -175,16 +166,12 @@ DIFFUSERS_UNET = "sdxl-diffusers-unet"
 
 @functools.lru_cache(maxsize=None)
 def diffusers_unet_architecture() -> Architecture:
-    from mecha_sd1 import unet_only
-
-    return unet_only.architecture(diffusers_architecture(), DIFFUSERS_UNET, "an SDXL U-Net saved alone by "
+    return unet_only_architecture(diffusers_architecture(), DIFFUSERS_UNET, "an SDXL U-Net saved alone by "
                                   "diffusers (unet/diffusion_pytorch_model.safetensors); converted to sdxl-sgm")
 
 
 def converters() -> list[Converter]:
-    from mecha_sd1 import unet_only
-
     edges = [(naming, planner(naming), f"{naming} naming") for naming in (KOHYA, DIFFUSERS)]
-    edges.append((DIFFUSERS_UNET, unet_only.plan(planner(DIFFUSERS)), "SDXL diffusers U-Net alone"))
+    edges.append((DIFFUSERS_UNET, unet_only_plan(planner(DIFFUSERS)), "SDXL diffusers U-Net alone"))
     return [Converter(f"{source}-to-sgm-{t}", source, t, layout.NAME, t, plan, description=f"{what} -> sdxl-sgm ({t})")
             for source, plan, what in edges for t in ("base", "delta")]

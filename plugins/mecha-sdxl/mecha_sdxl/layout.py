@@ -1,14 +1,14 @@
 """The ``sdxl-sgm`` architecture: SDXL checkpoints in the original (sgm) layout.
 
 Keys, shapes, dtypes, components and optional keys come from ``data/sdxl-sgm.json.gz`` (packed by
-``plugins/mecha-sd1/tools/pack_layout.py`` from the shared ``sdxl-sgm.json``), each key's block
+``python -m mecha_core.kit.layouts`` from the shared ``sdxl-sgm.json``), each key's block
 from the MBW block map ``sdxl-sgm-blocks.json`` packed in the same file.
 
 Blocks (21): ``BASE`` (both text encoders, time and label embeddings, scheduler buffers and flags),
 ``IN00``-``IN08`` (``input_blocks.N``), ``M00``, ``OUT00``-``OUT08`` (``output_blocks.N``; the
 final ``out.*`` in ``OUT08``) and ``VAE`` (every ``first_stage_model.`` key).
 
-Classes follow the same rule as ``sd1-ldm`` (see :mod:`mecha_sd1.layout`): the key without
+Classes follow the same rule as ``sd1-ldm`` (the mecha-sd1 plugin): the key without
 ``.weight``/``.bias`` and without the prefix of its repeated unit, dots as ``_``. CLIP-L keys give
 HF names (``layer_norm1``, ``mlp_fc1``, ``self_attn_q_proj``), CLIP-G keys OpenCLIP names
 (``ln_1``, ``mlp_c_fc``, ``attn_in_proj`` for the fused q/k/v ``in_proj_weight``/``in_proj_bias``),
@@ -22,8 +22,8 @@ from __future__ import annotations
 import functools
 import re
 
+from mecha_core.kit import packed_architecture
 from mecha_core.specs import Architecture
-from mecha_sd1.layout import packed_architecture
 
 NAME = "sdxl-sgm"
 

@@ -16,8 +16,8 @@ from safetensors import safe_open
 import mecha_core
 import mecha_methods.plugin
 import mecha_sdxl.plugin
+from mecha_core.kit import synthetic
 from mecha_core.testing import using
-from mecha_sd1 import synthetic
 from mecha_sdxl import layout
 
 pytestmark = pytest.mark.slow
@@ -34,7 +34,7 @@ def merged(tmp_path_factory):
     arch = layout.architecture()
     # what a released SDXL file holds: every key but the scheduler buffers and prediction flags
     keys = [k for k, s in arch.keys.items() if s.component != "scheduler" and k not in FLAGS]
-    a = synthetic.write_layout(folder / "a.safetensors", synthetic.table(arch, keys, "float16"), seed=5)
+    a = synthetic.write_layout(folder / "a.safetensors", synthetic.key_table(arch, keys, "float16"), seed=5)
     with using(mecha_methods.plugin, mecha_sdxl.plugin):
         model = mecha_core.model(a)
         alpha = mecha_core.blocks("sdxl-sgm", default=DEFAULT, **ALPHAS)

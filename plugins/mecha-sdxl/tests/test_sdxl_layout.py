@@ -14,9 +14,9 @@ import mecha_sd1.plugin
 import mecha_sd3.plugin
 import mecha_sdxl.plugin
 from mecha_core.engine.sources import detect_architecture, open_source
+from mecha_core.kit import synthetic
 from mecha_core.recipe.nodes import ModelNode
 from mecha_core.testing import using
-from mecha_sd1 import synthetic
 from mecha_sdxl import layout
 
 DATA = Path(__file__).parent / "data"
@@ -90,7 +90,7 @@ def test_names_for_old_recipes():
 
 
 def _required_table(arch, dtype="float16"):
-    return synthetic.table(arch, dtype=dtype)
+    return synthetic.key_table(arch, dtype=dtype)
 
 
 @pytest.mark.parametrize("name", ["sdxl-sgm", "sdxl-kohya", "sdxl-diffusers"])
@@ -98,7 +98,7 @@ def test_each_layout_is_detected_and_opened_as_sgm(tmp_path, name):
     with using(mecha_sd1.plugin, mecha_sdxl.plugin, mecha_sd3.plugin) as host:
         arch = host.architecture(name)
         path = synthetic.write_header_only(tmp_path / f"{name}.safetensors", _required_table(arch))
-        keys = frozenset(synthetic.table(arch))
+        keys = frozenset(synthetic.key_table(arch))
         assert detect_architecture(path, keys, host).name == name
         source = open_source(ModelNode(path), path, host)
         try:
@@ -117,7 +117,7 @@ def test_a_unet_saved_alone_by_diffusers_opens_as_sdxl_sgm(tmp_path):
     # unet/diffusion_pytorch_model.safetensors: the diffusers names without "unet."
     from mecha_sdxl import conversions
 
-    bare = {k.removeprefix("unet."): v for k, v in synthetic.table(conversions.diffusers_architecture(),
+    bare = {k.removeprefix("unet."): v for k, v in synthetic.key_table(conversions.diffusers_architecture(),
                                                                      dtype="float16").items()
             if k.startswith("unet.")}
     path = synthetic.write_header_only(tmp_path / "unet.safetensors", bare)

@@ -1,7 +1,9 @@
-"""A diffusers U-Net saved on its own (``unet/diffusion_pytorch_model.safetensors``): the keys of
-the diffusers layout's ``unet.`` part without that prefix. Built from a full diffusers layout and
-its converter, so the names and the conversion to the canonical layout are the same ones; SDXL
-(another plugin) uses it too.
+"""A diffusers U-Net saved on its own (``unet/diffusion_pytorch_model.safetensors``).
+
+Such a file holds the keys of a diffusers pipeline layout's ``unet.`` part without that prefix.
+:func:`architecture` derives its layout from the full diffusers layout and :func:`plan` its
+conversion from the full layout's converter plan, so the names and the conversion to the
+canonical layout are the same ones (the SD1 and SDXL plugins both use them).
 """
 
 from __future__ import annotations
@@ -9,10 +11,13 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 import attrs
-from mecha_core.specs import Architecture, ConvertedKey, TensorInfo
+
+from ..specs import Architecture, ConvertedKey, TensorInfo
 
 PREFIX = "unet."
+"""The prefix of the U-Net's keys in a full diffusers layout."""
 
+#: A converter's plan function: header -> converted keys.
 Plan = Callable[[Mapping[str, TensorInfo]], dict[str, ConvertedKey]]
 
 
