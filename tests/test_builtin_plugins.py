@@ -40,3 +40,128 @@ def test_the_methods_plugin_provides_the_standard_methods_alone():
     assert {"weighted_sum", "n_average", "add_difference", "subtract", "add", "scale", "fallback"} <= set(
         host.merge_methods.names())
     assert host.architectures.names() == []
+
+
+# -- the architecture plugins install alone ----------------------------------------------------
+# A sitecustomize that makes `mecha_sd1` (and its submodules) fail to import, as when the
+# distribution is not installed; every other module imports as usual.
+_WITHOUT_SD1 = '''
+import sys
+
+
+class _NotInstalled:
+    def find_spec(self, name, path=None, target=None):
+        if name == "mecha_sd1" or name.startswith("mecha_sd1."):
+            raise ImportError(f"No module named {name!r} (blocked by the test: mecha-sd1 not installed)")
+        return None
+
+
+sys.meta_path.insert(0, _NotInstalled())
+'''
+
+# Runs in the subprocess: merge two files with a block map, through the public API, with only
+# the plugins MECHA_LOAD_PLUGINS names; prints the plugin statuses for the test to check.
+_MERGE = '''
+import json, sys
+import mecha_core
+
+a, b, out, arch, alpha = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], json.loads(sys.argv[5])
+try:
+    import mecha_sd1  # noqa: F401
+except ImportError:
+    pass
+else:
+    raise SystemExit("mecha_sd1 imported: the blocker does not work")
+recipe = mecha_core.weighted_sum(mecha_core.model(a, arch=arch), mecha_core.model(b, arch=arch),
+                                 alpha=mecha_core.blocks(arch, **alpha))
+mecha_core.merge(recipe, out)
+print(json.dumps({r.name: r.status for r in mecha_core.get_host().records}))
+'''
+
+
+def _merge_without_sd1(tmp_path, plugins: str, a, b, arch: str, alpha: dict) -> dict:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_WITHOUT_SD1, encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MECHA_")}
+    env.update(PYTHONPATH=os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])]),
+               MECHA_LOAD_PLUGINS=plugins)
+    done = subprocess.run([sys.executable, "-c", _MERGE, str(a), str(b), str(tmp_path / "out.safetensors"), arch,
+                           json.dumps(alpha)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _sdxl_block(key: str) -> str:
+    """The SDXL MBW block of an sgm key, written out from the block rules (not the plugin's data)."""
+    import re
+
+    if key.startswith("first_stage_model."):
+        return "VAE"
+    if not key.startswith("model.diffusion_model.") or ".time_embed" in key or ".label_emb" in key:
+        return "BASE"
+    if key.startswith("model.diffusion_model.out."):
+        return "OUT08"
+    for pattern, name in ((r"\.input_blocks\.(\d+)\.", "IN"), (r"\.output_blocks\.(\d+)\.", "OUT")):
+        m = re.search(pattern, key)
+        if m:
+            return f"{name}{int(m.group(1)):02d}"
+    return "M00"
+
+
+def test_sdxl_merges_block_wise_without_the_sd1_plugin(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    import mecha_sdxl.plugin
+    from mecha_core.kit import synthetic
+
+    arch = host_with(mecha_sdxl.plugin).architecture("sdxl-sgm")
+    # the small (1-D) keys of every part: text encoders, U-Net blocks, VAE; a few MB in all
+    keys = [k for k, s in arch.keys.items() if not s.optional and len(s.shape) == 1]
+    table = synthetic.key_table(arch, keys, "float32")
+    a = synthetic.write_layout(tmp_path / "a.safetensors", table, seed=1)
+    b = synthetic.write_layout(tmp_path / "b.safetensors", table, seed=2)
+    alpha = {"default": 0.5, "BASE": 0.0, "IN04": 0.1, "M00": 0.3, "OUT08": 0.9, "VAE": 1.0}
+    statuses = _merge_without_sd1(tmp_path, "sdxl,methods", a, b, "sdxl-sgm", alpha)
+    assert statuses["sdxl"] == "ok" and statuses["methods"] == "ok" and statuses["sd1"] == "disabled"
+    ta, tb, out = load_file(a), load_file(b), load_file(tmp_path / "out.safetensors")
+    assert sorted(out) == sorted(keys)
+    seen = set()
+    for key in keys:
+        block = _sdxl_block(key)
+        seen.add(block)
+        w = alpha.get(block, alpha["default"])
+        torch.testing.assert_close(out[key], ta[key] * (1 - w) + tb[key] * w, rtol=1e-6, atol=1e-7,
+                                   msg=lambda m, key=key: f"{key}: {m}")
+    assert {"BASE", "IN04", "M00", "OUT08", "VAE", "IN01"} <= seen  # every kind of value was used
+
+
+def test_sd3_merges_block_wise_without_the_sd1_plugin(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    import mecha_sd3.plugin
+    from mecha_core.kit import synthetic
+
+    arch = host_with(mecha_sd3.plugin).architecture("sd3-comfyui")
+    keys = [k for k, s in arch.keys.items() if s.component == "diffuser" and len(s.shape) == 1]
+    table = synthetic.key_table(arch, keys, "float32")
+    a = synthetic.write_layout(tmp_path / "a.safetensors", table, seed=3)
+    b = synthetic.write_layout(tmp_path / "b.safetensors", table, seed=4)
+    alpha = {"default": 0.5, "J00": 0.2, "J23": 0.8, "OUT": 1.0}
+    statuses = _merge_without_sd1(tmp_path, "sd3,methods", a, b, "sd3-comfyui", alpha)
+    assert statuses["sd3"] == "ok" and statuses["sd1"] == "disabled"
+    ta, tb, out = load_file(a), load_file(b), load_file(tmp_path / "out.safetensors")
+    for key in keys:
+        rest = key.removeprefix("model.diffusion_model.")
+        block = ("OUT" if rest.startswith("final_layer.") else
+                 f"J{int(rest.split('.')[1]):02d}" if rest.startswith("joint_blocks.") else "IN")
+        w = alpha.get(block, alpha["default"])
+        torch.testing.assert_close(out[key], ta[key] * (1 - w) + tb[key] * w, rtol=1e-6, atol=1e-7,
+                                   msg=lambda m, key=key: f"{key}: {m}")

@@ -14,8 +14,8 @@ from typing import Sequence
 
 import torch
 
-from mecha_core.kit import SafetensorsFile, check_float_dtype, is_float, save, torch_dtype
 from mecha_core.errors import MechaError, OutputError, PlanError
+from mecha_core.kit import SafetensorsFile, check_float_dtype, is_float, save, torch_dtype
 
 from . import keys as keynames
 from .adapter_config import adapter_scales
