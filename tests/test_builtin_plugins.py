@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
+import sys
+from pathlib import Path
 
 import pytest
-from importlib_metadata import entry_points
+from importlib_metadata import entry_points, packages_distributions, requires, version
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from mecha_core.testing import check_plugin, host_with
 
 BUILTINS = ["methods", "sd1", "sdxl", "sd3", "lora"]
+ROOT = Path(__file__).resolve().parents[1]
+#: the core modules a plugin may import (its tests also mecha_core.testing)
+PUBLIC_CORE = {"mecha_core", "mecha_core.specs", "mecha_core.errors", "mecha_core.kit"}
 
 
 @pytest.mark.parametrize("name", BUILTINS)
@@ -40,6 +48,98 @@ def test_the_methods_plugin_provides_the_standard_methods_alone():
     assert {"weighted_sum", "n_average", "add_difference", "subtract", "add", "scale", "fallback"} <= set(
         host.merge_methods.names())
     assert host.architectures.names() == []
+
+
+
+# -- what the builtins import ------------------------------------------------------------------
+def _imports(path: Path) -> list[tuple[int, str]]:
+    """(line, absolute module name) of every import in a file, at any depth (function-level
+    imports count too); ``from a import b`` gives ``a.b`` as well, since ``b`` may be a module."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            out.append((node.lineno, node.module))
+            out += [(node.lineno, f"{node.module}.{alias.name}") for alias in node.names]
+    return out
+
+
+def _core_module(name: str) -> str | None:
+    """The mecha_core module an import name reaches, to the depth the contract names modules:
+    ``mecha_core.kit.layouts`` -> ``mecha_core.kit``, ``mecha_core.hookimpl`` (a name of the
+    package, not a module) -> ``mecha_core``; ``None`` outside the core."""
+    import mecha_core
+
+    parts = name.split(".")
+    if parts[0] != "mecha_core":
+        return None
+    # files and folders: some subpackages (engine) are namespace packages, which pkgutil skips
+    submodules = {p.stem for p in Path(mecha_core.__file__).parent.iterdir()
+                  if p.suffix == ".py" or (p.is_dir() and not p.name.startswith("__"))}
+    return "mecha_core" if len(parts) == 1 or parts[1] not in submodules else ".".join(parts[:2])
+
+
+def _reaches_outside(name: str, allowed: set[str]) -> bool:
+    module = _core_module(name)
+    return module is not None and module not in allowed
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_a_builtin_imports_only_public_core_modules_and_no_other_plugin(name):
+    others = {f"mecha_{b}" for b in BUILTINS if b != name}
+    bad = []
+    for path in sorted((ROOT / "plugins" / f"mecha-{name}" / f"mecha_{name}").rglob("*.py")):
+        for line, module in _imports(path):
+            if module.split(".")[0] in others or _reaches_outside(module, PUBLIC_CORE):
+                bad.append(f"{path.relative_to(ROOT)}:{line}: {module}")
+    assert bad == []
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_a_builtins_tests_import_only_what_it_declares(name):
+    """Each import of a plugin's tests is the standard library, the core, the plugin itself, or a
+    distribution named in its dependencies or its ``test`` extra; other builtins only through
+    their entry-point module (``mecha_methods.plugin``), never their internals."""
+    dist = f"mecha-{name}"
+    declared = {canonicalize_name(Requirement(r).name) for r in requires(dist) or []} | {dist, "mecha-core"}
+    owners = packages_distributions()
+    bad = []
+    for path in sorted((ROOT / "plugins" / dist / "tests").rglob("*.py")):
+        for line, module in _imports(path):
+            top = module.split(".")[0]
+            where = f"{path.relative_to(ROOT)}:{line}: {module}"
+            if top in sys.stdlib_module_names or top == "__future__":
+                continue
+            if {canonicalize_name(d) for d in owners.get(top, [])}.isdisjoint(declared):
+                bad.append(f"{where} (from {owners.get(top)}, not declared)")
+            elif top.startswith("mecha_") and top not in ("mecha_core", f"mecha_{name}") and module.count(".") == 1 \
+                    and module != f"{top}.plugin":
+                bad.append(f"{where} (another plugin's internals)")
+    assert bad == []
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_a_builtins_test_extra_is_installed_at_versions_it_accepts(name):
+    extra = [Requirement(r) for r in requires(f"mecha-{name}") or [] if "extra ==" in r]
+    assert extra, f"mecha-{name} declares no test extra"
+    for req in extra:
+        assert req.marker.evaluate({"extra": "test"}), str(req)
+        assert req.specifier.contains(version(req.name), prereleases=True), (str(req), version(req.name))
+
+
+def test_requirements_dev_installs_every_builtin_with_its_test_extra():
+    lines = [line.strip() for line in (ROOT / "requirements-dev.txt").read_text(encoding="utf-8").splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert lines[0].startswith("torch==")  # pinned first: nothing may resolve another torch
+    for name in BUILTINS:
+        assert f"-e plugins/mecha-{name}[test]" in lines
+
+
+@pytest.mark.parametrize("name", ["sdxl", "sd3"])
+def test_sdxl_and_sd3_do_not_depend_on_sd1(name):
+    runtime = [Requirement(r) for r in requires(f"mecha-{name}") or [] if "extra ==" not in r]
+    assert "mecha-sd1" not in {canonicalize_name(r.name) for r in runtime}
 
 
 # -- the architecture plugins install alone ----------------------------------------------------

@@ -1,5 +1,6 @@
 """The sdxl-sgm architecture (keys, blocks against the MBW rules and block map, classes, names for
-old recipes) and header-only detection of the sgm, kohya and diffusers layouts."""
+old recipes) and header-only detection of the sgm, kohya and diffusers layouts (that the other
+builtin architectures do not claim these files: tests/test_architectures_cli.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-import mecha_sd1.plugin
-import mecha_sd3.plugin
 import mecha_sdxl.plugin
 from mecha_core.engine.sources import detect_architecture, open_source
 from mecha_core.kit import synthetic
@@ -95,7 +94,7 @@ def _required_table(arch, dtype="float16"):
 
 @pytest.mark.parametrize("name", ["sdxl-sgm", "sdxl-kohya", "sdxl-diffusers"])
 def test_each_layout_is_detected_and_opened_as_sgm(tmp_path, name):
-    with using(mecha_sd1.plugin, mecha_sdxl.plugin, mecha_sd3.plugin) as host:
+    with using(mecha_sdxl.plugin) as host:
         arch = host.architecture(name)
         path = synthetic.write_header_only(tmp_path / f"{name}.safetensors", _required_table(arch))
         keys = frozenset(synthetic.key_table(arch))
@@ -121,7 +120,7 @@ def test_a_unet_saved_alone_by_diffusers_opens_as_sdxl_sgm(tmp_path):
                                                                      dtype="float16").items()
             if k.startswith("unet.")}
     path = synthetic.write_header_only(tmp_path / "unet.safetensors", bare)
-    with using(mecha_sd1.plugin, mecha_sdxl.plugin, mecha_sd3.plugin) as host:
+    with using(mecha_sdxl.plugin) as host:
         assert detect_architecture(path, frozenset(bare), host).name == "sdxl-diffusers-unet"
         source = open_source(ModelNode(path), path, host)
         try:
