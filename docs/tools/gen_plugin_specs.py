@@ -50,7 +50,7 @@ def field_docs(module: Any, name: str) -> dict[str, tuple[str, str]]:
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name)
     out: dict[str, tuple[str, str]] = {}
     body = cls.body
-    for node, after in zip(body, body[1:] + [None]):
+    for node, after in zip(body, body[1:] + [None], strict=True):
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
             doc = ""
             if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) and isinstance(

@@ -4,7 +4,8 @@ A layout JSON (one per architecture, e.g. ``sd1-ldm.json``: every key with its s
 component, whether it is optional, and older spellings) and an optional MBW block map are packed
 into one small file that a plugin ships in its package's ``data`` folder and reads at start-up.
 
-Packed format (gzip'd JSON, written with a fixed mtime so the same input gives the same bytes)::
+Packed format (gzip'd JSON, written with a fixed mtime so the same input written to the same file
+name gives the same bytes)::
 
     {"name": ..., "source": ..., "blocks": [block names] | [],
      "keys": [[key, shape, dtype, component, optional (0/1), [aliases], block | null], ...]}
@@ -68,7 +69,8 @@ def pack_layout(layout: Mapping[str, Any], block_map: Mapping[str, Any] | None =
 
 
 def write_packed(packed: Mapping[str, Any], path: str) -> None:
-    """Write a packed layout as gzip'd compact JSON; the same table always gives the same bytes."""
+    """Write a packed layout as gzip'd compact JSON. The gzip header holds no time (mtime 0), only
+    the file's name, so the same table written to the same name always gives the same bytes."""
     data = json.dumps(packed, separators=(",", ":")).encode()
     with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, compresslevel=9) as f:
         f.write(data)

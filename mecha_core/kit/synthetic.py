@@ -67,6 +67,8 @@ def layout_values(key_index: int, shape: tuple[int, ...], dtype: str, seed: int 
     n = math.prod(shape)
     if not torch_dtype.is_floating_point:
         return torch.arange(n, dtype=torch_dtype).reshape(shape)
+    if n == 0:  # an empty tensor takes nothing from the pool
+        return torch.empty(shape, dtype=torch_dtype)
     pool = _pool_cached(seed, dtype)
     start = (key_index * 7919 + seed * 104729) % _POOL_SIZE
     pieces, need = [], n
@@ -95,7 +97,7 @@ def write_layout(path: str | os.PathLike[str], table: Mapping[str, tuple[tuple[i
     head, order = _header(table, metadata)
     with open(path, "wb") as f:
         f.write(head)
-        for i, (key, (shape, dtype)) in enumerate(table.items()):
+        for i, (shape, dtype) in enumerate(table.values()):
             t = layout_values(i, tuple(shape), dtype, seed).contiguous()
             if t.numel():
                 f.write(t.view(-1).view(torch.uint8).numpy().data)

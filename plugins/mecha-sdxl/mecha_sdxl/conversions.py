@@ -117,7 +117,8 @@ def diffusers_architecture() -> Architecture:
         for key, spec in kohya_architecture().keys.items():
             name = _diffusers_name(key)
             linear = name.startswith("vae.") and is_vae_linear(name[len("vae."):])
-            aliases = text_encoder_aliases(name, "text_encoder.", None) + text_encoder_aliases(name, "text_encoder_2.", None)
+            aliases = (text_encoder_aliases(name, "text_encoder.", None)
+                       + text_encoder_aliases(name, "text_encoder_2.", None))
             keys[name] = KeySpec(spec.shape[:2] if linear else spec.shape, spec.dtype, spec.component, spec.optional,
                                  aliases)
     return Architecture(name=DIFFUSERS, keys=keys,
