@@ -18,7 +18,7 @@ import os
 import struct
 from typing import Iterable, Mapping
 
-import torch
+from mecha_core.lazy import torch
 
 _CODES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
           "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}

@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, Mapping
 
-import torch
+from mecha_core.lazy import torch
 from mecha_core.specs import Architecture, ConvertedKey, Converter, KeySpec, TensorInfo
 from mecha_sd1.diffusers_layout import text_encoder_aliases, unet_name, vae_name
 from mecha_sd1.layout import load_packed, no_gc
