@@ -65,6 +65,8 @@ def merge(recipe: Node | str | os.PathLike[str], output: str | os.PathLike[str],
     """
     from .recipe import load_recipe
 
+    if not isinstance(recipe, Node):
+        _not_over_recipe(recipe, output)
     check_output_name(output)
     _check_device(device)
     check_work_dtype(work_dtype, device)
@@ -72,7 +74,6 @@ def merge(recipe: Node | str | os.PathLike[str], output: str | os.PathLike[str],
         check_float_dtype(output_dtype, "output_dtype")
     host = host or get_host()
     if not isinstance(recipe, Node):
-        _not_over_recipe(recipe, output)
         recipe = load_recipe(recipe, host=host)
     _check_count(threads, "threads")
     if models_dir is not None and not os.path.isdir(models_dir):

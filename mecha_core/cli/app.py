@@ -70,17 +70,17 @@ def run(args: list[str] | None = None) -> int:
 
     Click's usage errors (an unknown option, a missing argument) exit 2 like every usage error,
     and print the JSON error object too when ``--json`` was given; Ctrl-C anywhere exits 130."""
-    import click
-
+    # click's exception base, which typer does not export (newer typer vendors click)
+    click_exception = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
     args = sys.argv[1:] if args is None else args
     try:
         result = typer.main.get_command(app).main(args, prog_name="mecha", standalone_mode=False)
-    except click.ClickException as exc:
+    except click_exception as exc:
         if "--json" in args:
             json_error(exc.format_message(), "UsageError")
         exc.show()
         return exc.exit_code
-    except click.Abort:  # click turns Ctrl-C outside a command into Abort
+    except typer.Abort:  # older typers turn Ctrl-C outside a command into Abort
         if debug_enabled():
             raise
         sys.stderr.write("interrupted\n")

@@ -68,6 +68,8 @@ def merge_command(
     from .. import api
     from ..recipe import compose, load_recipe
 
+    if output.exists() and recipe.exists() and os.path.samefile(output, recipe):
+        raise OutputError(f"{output}: the output would overwrite the recipe {recipe}; choose another path")
     api.check_output_name(output)  # before the recipe is even read
     node = load_recipe(recipe)
     if param:
@@ -80,8 +82,6 @@ def merge_command(
                 raise MechaError(f"-p {name.strip()} is given twice")
             fills[name.strip()] = _fill_value(value, name.strip())
         node = compose(node, **fills)
-    if output.exists() and recipe.exists() and os.path.samefile(output, recipe):
-        raise OutputError(f"{output}: the output would overwrite the recipe {recipe}; choose another path")
     progress = not quiet and not json_out and sys.stderr.isatty()
     path = api.merge(node, output, threads=threads, memory_budget=_parse_size(memory_budget) if memory_budget else None,
                      work_dtype=work_dtype, output_dtype=output_dtype, device=device,
