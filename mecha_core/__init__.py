@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from .errors import MechaError
     from .lazy import lazy_import
     from .method import MergeContext, MergeMethod, merge_method
-    from .plugins import PLUGIN_API_VERSION, discovering, get_host, hookimpl
+    from .plugins import PLUGIN_API_VERSION, get_host, hookimpl
     from .recipe import blocks, classes, compose, dump_recipe, load_recipe
     from .recipe.nodes import literal, model, parameter
     from .specs import DELTA, PARAM, WEIGHT

@@ -110,7 +110,8 @@ def _sized(table: dict[str, int]) -> str:
 
 
 def info_command(
-    arch: Annotated[Optional[str], typer.Argument(metavar="ARCH", help="An architecture to describe (its name or an alias).")] = None,
+    arch: Annotated[Optional[str], typer.Argument(metavar="ARCH",
+                                                  help="An architecture to describe (its name or an alias).")] = None,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="List the keys of each component, block and class.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
 ) -> None:
