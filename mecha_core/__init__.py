@@ -13,27 +13,54 @@ no plugin: they are discovered on first use.
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+import importlib.util
+import warnings
+from typing import TYPE_CHECKING, Any
 
-from .api import merge
-from .errors import MechaError
-from .method import MergeContext, MergeMethod, merge_method
-from .plugins import PLUGIN_API_VERSION, discovering, get_host, hookimpl
-from .recipe import blocks, classes, compose, dump_recipe, load_recipe
-from .recipe.nodes import literal, model, parameter
-from .specs import DELTA, PARAM, WEIGHT
+# torch warns at import when numpy is missing; numpy is not a dependency of mecha (nothing here
+# uses it), so the warning would only alarm users
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
+
+# The names below are imported on first use (PEP 562), not here: `mecha --help` and plugins
+# importing `hookimpl` must not pay for the engine and torch, which take seconds to import.
+_EXPORTS = {
+    "merge": ".api", "MechaError": ".errors", "MergeContext": ".method", "MergeMethod": ".method",
+    "merge_method": ".method", "PLUGIN_API_VERSION": ".plugins", "discovering": ".plugins",
+    "get_host": ".plugins", "hookimpl": ".plugins", "blocks": ".recipe", "classes": ".recipe",
+    "compose": ".recipe", "dump_recipe": ".recipe", "load_recipe": ".recipe",
+    "literal": ".recipe.nodes", "model": ".recipe.nodes", "parameter": ".recipe.nodes",
+    "DELTA": ".specs", "PARAM": ".specs", "WEIGHT": ".specs", "lazy_import": ".lazy",
+}
+
+if TYPE_CHECKING:
+    from .api import merge
+    from .errors import MechaError
+    from .lazy import lazy_import
+    from .method import MergeContext, MergeMethod, merge_method
+    from .plugins import PLUGIN_API_VERSION, get_host, hookimpl
+    from .recipe import blocks, classes, compose, dump_recipe, load_recipe
+    from .recipe.nodes import literal, model, parameter
+    from .specs import DELTA, PARAM, WEIGHT
 
 __all__ = [
     "DELTA", "MechaError", "MergeContext", "MergeMethod", "PARAM", "PLUGIN_API_VERSION", "WEIGHT",
-    "blocks", "classes", "compose", "dump_recipe", "get_host", "hookimpl", "literal",
+    "blocks", "classes", "compose", "dump_recipe", "get_host", "hookimpl", "lazy_import", "literal",
     "load_recipe", "merge", "merge_method", "model", "parameter",
 ]
 
 
 def __getattr__(name: str) -> Any:
     """``mecha_core.<method>``: any registered merge method, looked up on first use."""
-    if name.startswith("__"):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value  # later reads are plain lookups
+        return value
+    if name.startswith("__") or importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        # a submodule not imported yet (`from . import hookspecs`): the import system imports it
         raise AttributeError(name)
+    from .plugins import discovering, get_host
+
     if discovering():
         # a plugin being imported asked for a name mecha_core lacks: let it fail as an ImportError
         raise AttributeError(f"module 'mecha_core' has no attribute '{name}' (merge methods cannot "
@@ -45,6 +72,8 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
+    from .plugins import get_host
+
     return sorted(set(__all__) | set(get_host().merge_methods.names()))
 
 

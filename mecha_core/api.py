@@ -12,15 +12,13 @@ from .engine.safetensors_io import check_float_dtype
 from .plugins import PluginHost, get_host
 from .recipe import dump_recipe
 from .recipe.nodes import CallNode, Node, walk
+from .work_dtypes import check_work_dtype
 
 
 def _version() -> str:
-    try:
-        from importlib_metadata import version
+    from .about import version
 
-        return version("mecha-core")
-    except Exception:
-        return "0.0.0+unknown"
+    return version()
 
 
 def plugins_used(plan: Plan) -> dict[str, str]:
@@ -67,14 +65,16 @@ def merge(recipe: Node | str | os.PathLike[str], output: str | os.PathLike[str],
     """
     from .recipe import load_recipe
 
-    host = host or get_host()
     if not isinstance(recipe, Node):
         _not_over_recipe(recipe, output)
-        recipe = load_recipe(recipe, host=host)
-    check_float_dtype(work_dtype, "work_dtype")
+    check_output_name(output)
+    _check_device(device)
+    check_work_dtype(work_dtype, device)
     if output_dtype is not None:
         check_float_dtype(output_dtype, "output_dtype")
-    _check_device(device)
+    host = host or get_host()
+    if not isinstance(recipe, Node):
+        recipe = load_recipe(recipe, host=host)
     _check_count(threads, "threads")
     if models_dir is not None and not os.path.isdir(models_dir):
         # a typo here would silently merge same-named files from the recipe's folder instead
@@ -89,6 +89,22 @@ def merge(recipe: Node | str | os.PathLike[str], output: str | os.PathLike[str],
         **({"memory_budget": int(memory_budget)} if memory_budget else {}), **kwargs)
     with make_plan(recipe, options, host) as plan, TerminateAsInterrupt():
         return execute(plan, output, merge_metadata(plan), progress=progress)
+
+
+#: the output formats merge writes, by file extension
+OUTPUT_FORMATS = {".safetensors": "safetensors"}
+
+
+def check_output_name(output: str | os.PathLike[str]) -> None:
+    """Refuse an output whose extension is not one merge writes (``-o merged.ckpt`` would get
+    safetensors bytes under a pickle name, which other tools then fail to load)."""
+    from .errors import OutputError
+
+    ext = os.path.splitext(os.fspath(output))[1]
+    if ext.lower() not in OUTPUT_FORMATS:
+        formats = " or ".join(f"{fmt} ({e})" for e, fmt in OUTPUT_FORMATS.items())
+        raise OutputError(f"{os.fspath(output)}: mecha writes {formats} files only; "
+                          f"end the output's name with {' or '.join(OUTPUT_FORMATS)}")
 
 
 def _not_over_recipe(recipe: str | os.PathLike[str], output: str | os.PathLike[str]) -> None:

@@ -1,12 +1,32 @@
-"""Every expected failure is a MechaError: the CLI prints its message in one line and exits 2."""
+"""Every expected failure is a MechaError: the CLI prints its message in one line and exits with
+its ``exit_code``.
+
+Exit codes (``mecha --help`` and docs/engine.md list them):
+
+- 0: success;
+- 1 (:data:`EXIT_FAILED`): a merge failed after it started reading tensors (a NaN found, a
+  method raised, the disk filled, an input changed or was truncated during the merge);
+- 2 (:data:`EXIT_USAGE`): bad usage, options, recipe or input files, found before any tensor is
+  read (nothing was attempted);
+- 130 (:data:`EXIT_INTERRUPTED`): Ctrl-C (SIGINT), at any moment, start-up included;
+- 143 (:data:`EXIT_TERMINATED`): SIGTERM.
+"""
 
 from __future__ import annotations
 
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+
 
 class MechaError(Exception):
-    """A failure the user can act on; the message says what, where and what to do."""
+    """A failure the user can act on; the message says what, where and what to do.
 
-    exit_code = 2
+    ``exit_code`` is :data:`EXIT_USAGE` unless the class or :func:`mark_failed` says the
+    failure happened while merging."""
+
+    exit_code = EXIT_USAGE
 
 
 class PluginError(MechaError):
@@ -50,6 +70,15 @@ class PlanError(MechaError):
 class MergeError(MechaError):
     """A merge failed while running (a method raised, a value was not finite, the disk filled)."""
 
+    exit_code = EXIT_FAILED
+
 
 class OutputError(MechaError):
     """The output path cannot be written, or would overwrite one of the inputs."""
+
+
+def mark_failed(exc: MechaError) -> MechaError:
+    """Give ``exc`` exit code :data:`EXIT_FAILED`: it was raised once the merge was running (an
+    input truncated mid-merge raises a SafetensorsError, which before the merge means bad input)."""
+    exc.exit_code = EXIT_FAILED
+    return exc

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import inspect
+import types
 import typing
 from typing import Any, Callable
 
@@ -164,8 +165,15 @@ _SPACE_WORDS = {"weight": "weights", "delta": "a delta", "param": "a parameter"}
 
 
 def _resolve_hints(fn: Callable[..., Any]) -> dict[str, Any]:
+    # only the hyperparameters' hints are used: resolving a tensor input's "torch.Tensor" would
+    # import torch while plugins load, which `mecha --help` and `mecha methods` must not pay for
+    sig = inspect.signature(fn)
+    wanted = {p.name for p in sig.parameters.values() if p.kind == p.KEYWORD_ONLY}
+    subset = types.SimpleNamespace(
+        __annotations__={k: v for k, v in getattr(fn, "__annotations__", {}).items() if k in wanted},
+        __globals__=getattr(inspect.unwrap(fn), "__globals__", {}))
     try:
-        return typing.get_type_hints(fn)
+        return typing.get_type_hints(subset)
     except Exception:  # unresolvable annotations only lose the type check
         return {}
 

@@ -26,6 +26,7 @@ import attrs
 import pluggy
 
 from . import hookspecs
+from .builtin_plugins import install_hint
 from .errors import PluginError, RecipeError
 from .method import MergeMethod
 from .specs import DELTA, WEIGHT, Architecture, Converter, ModelType
@@ -246,6 +247,7 @@ class PluginHost:
 
             hint = difflib.get_close_matches(name, self.merge_methods.names(), n=1)
             suffix = f"; did you mean '{hint[0]}'?" if hint else "; `mecha methods` lists them"
+            suffix = install_hint("merge method", name) or suffix
             raise RecipeError(f"unknown merge method '{name}'{suffix}{self.disabled_note()}")
         return found
 
@@ -264,6 +266,7 @@ class PluginHost:
 
             hint = difflib.get_close_matches(name, self.architectures.names(), n=1)
             suffix = f"; did you mean '{hint[0]}'?" if hint else "; `mecha info` lists them"
+            suffix = install_hint("architecture", name) or suffix
             raise RecipeError(f"unknown architecture '{name}'{suffix}")
         return found
 

@@ -248,15 +248,17 @@ def leftover_temp_files(folder: str | os.PathLike[str]) -> list[str]:
 
 def check_clean_failure(exit_code: int, stderr: str, *, fragments: tuple[str, ...] = (),
                         folder: str | os.PathLike[str] | None = None,
-                        before: dict[str, bytes | None] | None = None, max_lines: int = 3) -> str:
+                        before: dict[str, bytes | None] | None = None, max_lines: int = 3,
+                        code: int = 2) -> str:
     """Assert a command failed the way every expected failure must; returns the error message.
 
-    Exit code 2; one to ``max_lines`` lines on stderr starting with ``error:``; no traceback;
+    Exit code ``code`` (2: found before any tensor was read; 1: the merge failed while running);
+    one to ``max_lines`` lines on stderr starting with ``error:``; no traceback;
     every fragment present; and, when ``folder`` and its ``before`` snapshot are given, the
     folder exactly as it was (no temporary or partial file, existing files byte-for-byte equal).
     """
     lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
-    assert exit_code == 2, f"exit code {exit_code}, stderr:\n{stderr}"
+    assert exit_code == code, f"exit code {exit_code}, expected {code}, stderr:\n{stderr}"
     assert "Traceback" not in stderr, stderr
     assert 1 <= len(lines) <= max_lines, f"{len(lines)} lines on stderr:\n{stderr}"
     assert lines[0].startswith("error: "), stderr

@@ -74,7 +74,7 @@ def test_plugins_list_text_and_verbose(runner):
     assert plain.exit_code == verbose.exit_code == 0
     lines = plain.stdout.splitlines()
     assert lines[0].split() == ["name", "distribution", "version", "status", "provides"]
-    assert lines[1].split() == ["mine", "-", "-", "ok", "1", "merge", "methods"]
+    assert lines[1].split() == ["mine", "-", "-", "ok", "1", "merge", "method"]
     assert len(lines) == 2
     assert "    merge methods: blend" in verbose.stdout.splitlines()
 
@@ -95,7 +95,7 @@ def test_plugins_list_exits_0_with_a_broken_plugin_and_check_exits_non_zero(runn
     assert checked.exit_code == 2
     assert checked.stderr.splitlines() == [
         "problem: plugin 'bad': mecha_merge_methods() raised RuntimeError: boom",
-        "error: 1 plugin problem(s); `mecha plugins list` shows every plugin"]
+        "error: 1 plugin problem; `mecha plugins list` shows every plugin"]
     assert [m["name"] for m in json.loads(methods.stdout)] == ["blend"]  # the rest keep working
 
 

@@ -121,7 +121,7 @@ def test_compose_errors_exit_2(tree):
     r = cli("compose", root / "templates" / "t.mecha", "-p", "bsae", root / "recipes" / "ws.mecha", "-o", out)
     assert r.exit_code == 2 and "no parameter 'bsae'" in r.output and "did you mean 'base'" in r.output
     r = cli("compose", root / "templates" / "t.mecha", "-p", "base", "-o", out)
-    assert r.exit_code == 2 and "-p expects two values" in r.output
+    assert r.exit_code == 2 and "-p expects NAME=VALUE (or NAME PATH)" in r.output
     r = cli("compose", root / "templates" / "t.mecha", "-p", "k", root / "recipes" / "ws.mecha", "-o", out)
     assert r.exit_code == 2 and "hyperparameter 'alpha'" in r.output and "not a model" in r.output
     r = cli("compose", root / "templates" / "t.mecha", "-p", "base", "0.5", "-o", out)

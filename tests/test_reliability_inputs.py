@@ -119,7 +119,7 @@ def test_nan_in_an_input_is_reported_by_key(work):
     recipe = 'a = model("a.safetensors")\nb = model("b.safetensors")\nweighted_sum(a, b)\n'
     result, before = merge(work, recipe)
     message = check_clean_failure(result.exit_code, result.stderr, folder=work, before=before,
-                                  fragments=("'broken'", "NaN", "--allow-nonfinite"))
+                                  fragments=("'broken'", "NaN", "--allow-nonfinite"), code=1)
     assert "'fine'" not in message
 
     result, before = merge(work, recipe, "--allow-nonfinite")
@@ -133,7 +133,7 @@ def test_inf_produced_by_a_method_is_reported_by_key(work):
     write_checkpoint(work / "a.safetensors", {"w": torch.tensor([10.0, -20.0]), "z": torch.tensor([1.0, 2.0])})
     result, before = merge(work, 'a = model("a.safetensors")\nscale(a, alpha=1e38)\n')
     message = check_clean_failure(result.exit_code, result.stderr, folder=work, before=before,
-                                  fragments=("'w'", "2 NaN/Inf"))
+                                  fragments=("'w'", "2 NaN/Inf"), code=1)
     assert "'z'" not in message
 
     result, _ = merge(work, 'a = model("a.safetensors")\nscale(a, alpha=1e38)\n', "--allow-nonfinite")
@@ -148,7 +148,7 @@ def test_overflow_into_the_output_dtype_is_reported(work):
     write_checkpoint(work / "a.safetensors", {"w": torch.tensor([100.0, 1.0], dtype=torch.float16)})
     result, before = merge(work, 'a = model("a.safetensors")\nscale(a, alpha=1000.0)\n')
     check_clean_failure(result.exit_code, result.stderr, folder=work, before=before,
-                        fragments=("'w'", "float16"))
+                        fragments=("'w'", "float16"), code=1)
 
     result, before = merge(work, 'a = model("a.safetensors")\nscale(a, alpha=1000.0)\n', "--allow-nonfinite")
     assert result.exit_code == 0, result.output

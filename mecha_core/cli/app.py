@@ -3,29 +3,43 @@
 from __future__ import annotations
 
 import os
-from typing import Annotated, Optional
+import sys
+from typing import Annotated
 
 import typer
 
-from .common import boundary, debug_enabled
+from ..errors import EXIT_INTERRUPTED
 from . import describe, merging
+from .common import boundary, debug_enabled, json_error
 
+EXIT_CODES = """\b
+Exit codes:
+  0    success
+  1    the merge failed after it started reading tensors (a NaN found,
+       a method failed, the disk filled, an input changed mid-merge)
+  2    bad usage, options, recipe or input, found before any tensor is read
+  130  interrupted (Ctrl-C)
+  143  terminated (SIGTERM)
+With --json, a failure also prints {"error", "kind", "file", "line"} on stdout."""
+
+# plain help (rich_markup_mode=None): no boxes, no <bool> metavars on flags, and no rich import
 app = typer.Typer(
-    name="mecha", no_args_is_help=True, add_completion=False,
+    name="mecha", no_args_is_help=True, add_completion=False, rich_markup_mode=None,
+    pretty_exceptions_enable=False, epilog=EXIT_CODES,
     help="Merge model checkpoints from readable recipes, in bounded memory.",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-plugins_app = typer.Typer(no_args_is_help=True, help="The installed plugins.")
-recipe_app = typer.Typer(no_args_is_help=True, help="Recipes stored in merged files.")
+plugins_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="The installed plugins.")
+recipe_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Recipes stored in merged files.")
 app.add_typer(plugins_app, name="plugins")
 app.add_typer(recipe_app, name="recipe")
 
 
 def _version(value: bool) -> None:
     if value:
-        from ..api import _version as v
+        from ..about import version
 
-        typer.echo(f"mecha {v()}")
+        typer.echo(f"mecha {version()}")
         raise typer.Exit()
 
 
@@ -40,7 +54,7 @@ def root(
         os.environ["MECHA_DEBUG"] = "1"
 
 
-app.command("merge")(boundary(merging.merge_command))
+app.command("merge", epilog=EXIT_CODES)(boundary(merging.merge_command))
 app.command("compose", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(
     boundary(merging.compose_command))
 app.command("methods")(boundary(describe.methods_command))
@@ -51,11 +65,32 @@ plugins_app.command("check")(boundary(describe.plugins_check_command))
 recipe_app.command("show")(boundary(merging.recipe_show_command))
 
 
-def main() -> None:
-    """Console-script entry point."""
+def run(args: list[str] | None = None) -> int:
+    """Run the command line on ``args`` (default: ``sys.argv[1:]``); returns the exit code.
+
+    Click's usage errors (an unknown option, a missing argument) exit 2 like every usage error,
+    and print the JSON error object too when ``--json`` was given; Ctrl-C anywhere exits 130."""
+    # click's exception base, which typer does not export (newer typer vendors click)
+    click_exception = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+    args = sys.argv[1:] if args is None else args
     try:
-        app()
-    except KeyboardInterrupt:
+        result = typer.main.get_command(app).main(args, prog_name="mecha", standalone_mode=False)
+    except click_exception as exc:
+        if "--json" in args:
+            json_error(exc.format_message(), "UsageError")
+        exc.show()
+        return exc.exit_code
+    except typer.Abort:  # older typers turn Ctrl-C outside a command into Abort
         if debug_enabled():
             raise
-        raise SystemExit(130)
+        sys.stderr.write("interrupted\n")
+        return EXIT_INTERRUPTED
+    return result if isinstance(result, int) else 0
+
+
+def main() -> None:
+    """Console-script entry point (kept for callers of ``mecha_core.cli.main``)."""
+    from ..__main__ import main as entry
+
+    raise SystemExit(entry())
+

@@ -12,6 +12,11 @@ from ..plugins import get_host
 from .common import print_json, printable
 
 
+def counted(n: int, plural: str) -> str:
+    """``1 architecture``, ``2 architectures`` (``plural`` is the noun's plural)."""
+    return f"{n} {plural[:-1] if n == 1 and plural.endswith('s') else plural}"
+
+
 def method_summary(method: Any) -> dict[str, Any]:
     """A method as plain data (used by ``mecha methods --json`` and docs/methods.md)."""
     return {
@@ -39,7 +44,7 @@ def method_signature(method: Any) -> str:
 
 
 def methods_command(
-    name: Annotated[Optional[str], typer.Argument(help="Show one method in full.")] = None,
+    name: Annotated[Optional[str], typer.Argument(metavar="NAME", help="Show one method in full.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
 ) -> None:
     """List the merge methods with their inputs, hyperparameters and defaults."""
@@ -105,14 +110,15 @@ def _sized(table: dict[str, int]) -> str:
 
 
 def info_command(
-    arch: Annotated[Optional[str], typer.Argument(help="An architecture to describe (its name or an alias).")] = None,
+    arch: Annotated[Optional[str], typer.Argument(metavar="ARCH",
+                                                  help="An architecture to describe (its name or an alias).")] = None,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="List the keys of each component, block and class.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
 ) -> None:
     """List architectures, or describe one: components, blocks and classes (with -v, their keys).
 
     Block-wise and class-wise hyperparameters name these blocks and classes:
-    ``blocks("sd1-ldm", default=0.3, IN02=0.75)``, ``classes("sd1-ldm", mlp_fc1=0.2)``.
+    blocks("sd1-ldm", default=0.3, IN02=0.75), classes("sd1-ldm", mlp_fc1=0.2).
     """
     host = get_host()
     if arch is None:
@@ -126,7 +132,7 @@ def info_command(
             typer.echo("no architectures installed (any safetensors file still merges by key)")
         for a in archs:
             also = f"  (also: {', '.join(a.aliases)})" if a.aliases else ""
-            typer.echo(f"{a.name:<16} {len(a.keys):>5} keys  {a.description}{also}")
+            typer.echo(f"{a.name:<16} {len(a.keys):>5} {'key ' if len(a.keys) == 1 else 'keys'}  {a.description}{also}")
         return
     summary = architecture_summary(host.architecture(arch), verbose, host)
     if json_out:
@@ -148,7 +154,7 @@ def info_command(
         for title, table in (("component", summary["component_keys"]), ("block", summary["block_keys"]),
                              ("class", summary["class_keys"])):
             for name, keys in table.items():
-                typer.echo(f"\n  {title} {name} ({len(keys)} keys):")
+                typer.echo(f"\n  {title} {name} ({counted(len(keys), 'keys')}):")
                 for k in keys:
                     typer.echo(f"    {printable(k)}")
 
@@ -227,7 +233,7 @@ def _conversion_target(arch_name: str, type_: str, host: Any) -> str | None:
 
 
 def inspect_command(
-    file: Annotated[Path, typer.Argument(help="A .safetensors file.")],
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="A .safetensors file.")],
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
 ) -> None:
     """Detect a file's architecture and model type from its header; show dtypes, sizes, and the
@@ -292,7 +298,7 @@ def plugins_list_command(
     else:
         typer.echo(f"{'name':<10} {'distribution':<16} {'version':<10} {'status':<8} provides")
     for r in rows:
-        provides = ", ".join(f"{len(v)} {k.replace('_', ' ')}" for k, v in r["provides"].items()) or "nothing"
+        provides = ", ".join(counted(len(v), k.replace('_', ' ')) for k, v in r["provides"].items()) or "nothing"
         line = f"{r['name']:<10} {r['distribution'] or '-':<16} {r['version'] or '-':<10} {r['status']:<8} {provides}"
         typer.echo(line)
         if r["error"]:
@@ -305,11 +311,20 @@ def plugins_list_command(
         typer.echo(f"warning: {warning}", err=True)
 
 
-def plugins_check_command() -> None:
+def plugins_check_command(
+    json_out: Annotated[bool, typer.Option("--json", help="Print {\"ok\", \"problems\"} as JSON on stdout.")] = False,
+) -> None:
     """Exit non-zero if any plugin failed to load or two plugins claim one name."""
     problems = _diagnostic_host().problems()
     for p in problems:
         typer.echo(f"problem: {p}", err=True)
+    if json_out:
+        print_json({"ok": not problems, "problems": list(problems)})
     if problems:
-        raise MechaError(f"{len(problems)} plugin problem(s); `mecha plugins list` shows every plugin")
-    typer.echo("all plugins ok")
+        summary = f"{len(problems)} plugin problem{'s' if len(problems) > 1 else ''}; `mecha plugins list` shows every plugin"
+        if json_out:  # the result above already says what failed: one JSON document on stdout
+            typer.echo(f"error: {summary}", err=True)
+            raise typer.Exit(MechaError.exit_code)
+        raise MechaError(summary)
+    if not json_out:
+        typer.echo("all plugins ok")

@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import MechaError, OutputError, RecipeError
+from ..work_dtypes import WORK_DTYPES
 from .common import print_json
 
 
@@ -43,17 +44,21 @@ def _fill_value(text: str, name: str):
 
 
 def merge_command(
-    recipe: Annotated[Path, typer.Argument(help="The .mecha recipe to run (mecha or sd-mecha format).")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the merged .safetensors.")],
-    models_dir: Annotated[Optional[Path], typer.Option("--models-dir", "-m",
+    recipe: Annotated[Path, typer.Argument(metavar="RECIPE", help="The .mecha recipe to run (mecha or sd-mecha format).")],
+    output: Annotated[Path, typer.Option("-o", "--output", metavar="FILE",
+                      help="Where to write the merged model (a .safetensors file).")],
+    models_dir: Annotated[Optional[Path], typer.Option("--models-dir", "-m", metavar="FOLDER",
                           help="Folder where relative model paths are looked up first.")] = None,
     param: Annotated[Optional[list[str]], typer.Option("-p", "--param", metavar="NAME=VALUE",
                      help="Fill a recipe parameter with a number, a model file or a .mecha recipe.")] = None,
-    threads: Annotated[Optional[int], typer.Option(help="Worker threads (default: CPU cores).")] = None,
-    memory_budget: Annotated[Optional[str], typer.Option(help="Bytes of tensors in flight, e.g. 2G (default 1G).")] = None,
-    work_dtype: Annotated[str, typer.Option(help="Dtype methods compute in.")] = "float32",
-    output_dtype: Annotated[Optional[str], typer.Option(help="Dtype of the output (default: the first input's).")] = None,
-    device: Annotated[str, typer.Option(help="cpu, or cuda when present.")] = "cpu",
+    threads: Annotated[Optional[int], typer.Option(metavar="N", help="Worker threads (default: CPU cores).")] = None,
+    memory_budget: Annotated[Optional[str], typer.Option(metavar="SIZE",
+                             help="Bytes of tensors in flight, e.g. 2G (default 1G).")] = None,
+    work_dtype: Annotated[str, typer.Option(metavar="DTYPE",
+                          help=f"Dtype methods compute in: {', '.join(WORK_DTYPES['cpu'])}.")] = "float32",
+    output_dtype: Annotated[Optional[str], typer.Option(metavar="DTYPE",
+                            help="Dtype of the output (default: the first input's).")] = None,
+    device: Annotated[str, typer.Option(metavar="DEVICE", help="cpu, or cuda when present.")] = "cpu",
     allow_missing: Annotated[bool, typer.Option("--allow-missing",
                              help="Keys missing from some inputs take the first input that has them.")] = False,
     allow_nonfinite: Annotated[bool, typer.Option("--allow-nonfinite", help="Write NaN/Inf values instead of failing.")] = False,
@@ -64,19 +69,20 @@ def merge_command(
     from .. import api
     from ..recipe import compose, load_recipe
 
+    if output.exists() and recipe.exists() and os.path.samefile(output, recipe):
+        raise OutputError(f"{output}: the output would overwrite the recipe {recipe}; choose another path")
+    api.check_output_name(output)  # before the recipe is even read
     node = load_recipe(recipe)
     if param:
         fills = {}
         for item in param:
             name, sep, value = item.partition("=")
-            if not sep or not name:
+            if not sep or not name.strip():
                 raise MechaError(f"-p expects NAME=VALUE, got '{item}'")
             if name.strip() in fills:  # the last one winning silently would hide a typo
                 raise MechaError(f"-p {name.strip()} is given twice")
             fills[name.strip()] = _fill_value(value, name.strip())
         node = compose(node, **fills)
-    if output.exists() and recipe.exists() and os.path.samefile(output, recipe):
-        raise OutputError(f"{output}: the output would overwrite the recipe {recipe}; choose another path")
     progress = not quiet and not json_out and sys.stderr.isatty()
     path = api.merge(node, output, threads=threads, memory_budget=_parse_size(memory_budget) if memory_budget else None,
                      work_dtype=work_dtype, output_dtype=output_dtype, device=device,
@@ -89,19 +95,34 @@ def merge_command(
 
 
 def _pairs(args: list[str]) -> list[tuple[str, str]]:
-    """``-p NAME PATH`` pairs from the arguments typer left over."""
+    """``-p NAME=VALUE`` (as ``mecha merge`` takes it) or ``-p NAME PATH`` fills, from the
+    arguments typer left over. A parameter name never holds '=', so the forms cannot be confused."""
     fills: list[tuple[str, str]] = []
     i = 0
     while i < len(args):
-        if args[i] not in ("-p", "--param"):
-            raise MechaError(f"unexpected argument '{args[i]}'; fill parameters with -p NAME PATH")
-        if i + 2 >= len(args) or args[i + 1].startswith("-") or args[i + 2] in ("-p", "--param"):
-            raise MechaError("-p expects two values: -p NAME PATH (PATH: a .mecha recipe or a model file)")
-        name, value = args[i + 1], args[i + 2]
+        flag, attached = args[i], None
+        for prefix in ("--param=", "-p="):
+            if flag.startswith(prefix):
+                flag, attached = flag[:len(prefix) - 1], flag[len(prefix):]
+        if flag not in ("-p", "--param"):
+            raise MechaError(f"unexpected argument '{args[i]}'; fill parameters with -p NAME=VALUE")
+        item = attached if attached is not None else (args[i + 1] if i + 1 < len(args) else None)
+        step = 1 if attached is not None else 2
+        if item is not None and "=" in item:
+            name, _, value = item.partition("=")
+            if not name.strip():
+                raise MechaError(f"-p expects NAME=VALUE, got '{item}'")
+            name = name.strip()
+        else:
+            if item is None or item.startswith("-") or i + step >= len(args) or args[i + step] in ("-p", "--param"):
+                raise MechaError("-p expects NAME=VALUE (or NAME PATH), where VALUE is a .mecha recipe, "
+                                 "a model file or a number")
+            name, value = item, args[i + step]
+            step += 1
         if any(name == n for n, _ in fills):
             raise MechaError(f"-p {name} is given twice")
         fills.append((name, value))
-        i += 3
+        i += step
     return fills
 
 
@@ -117,16 +138,18 @@ def _is_safetensors(path: str | os.PathLike[str]) -> bool:
 
 def compose_command(
     ctx: typer.Context,
-    template: Annotated[Path, typer.Argument(help="A .mecha recipe with parameters.")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the composed .mecha recipe.")],
+    template: Annotated[Path, typer.Argument(metavar="TEMPLATE", help="A .mecha recipe with parameters.")],
+    output: Annotated[Path, typer.Option("-o", "--output", metavar="FILE",
+                      help="Where to write the composed recipe (a .mecha file).")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
 ) -> None:
     """Fill a template's parameters with recipes or models and write the composed recipe.
 
-    Fill each parameter with -p NAME PATH (repeatable), where PATH is a .mecha recipe or a
-    model file (or, for a parameter used as a hyperparameter, a number). Model paths found
-    relative to a recipe or the current folder are rewritten relative to the output's folder,
-    so the composed recipe runs from anywhere. Without -p, the recipe is only rewritten: this
-    turns an sd-mecha recipe into mecha's format.
+    Fill each parameter with -p NAME=VALUE (repeatable, as for mecha merge), where VALUE is a
+    .mecha recipe or a model file (or, for a parameter used as a hyperparameter, a number);
+    -p NAME VALUE works too. Model paths found relative to a recipe or the current folder are
+    rewritten relative to the output's folder, so the composed recipe runs from anywhere.
+    Without -p, the recipe is only rewritten: this turns an sd-mecha recipe into mecha's format.
     """
     import tempfile
 
@@ -143,6 +166,9 @@ def compose_command(
                 raise MechaError(f"{output}: the composed recipe would overwrite -p {name}'s file; choose another -o")
         if _is_safetensors(output):  # recipe text over a model would destroy the model
             raise MechaError(f"{output}: is a safetensors model; a composed recipe goes to a .mecha file")
+    if os.path.splitext(output)[1].lower() != ".mecha":
+        raise OutputError(f"{output}: compose writes a recipe; end the output's name with .mecha "
+                          "(mecha merge writes .safetensors models)")
     node = load_recipe(template)
     fills = {name: as_fill(value if os.path.exists(value) else _fill_value(value, name), base_dir=os.getcwd())
              for name, value in pairs}
@@ -161,17 +187,32 @@ def compose_command(
     finally:  # also on Ctrl-C: never leave the temporary file behind
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-    typer.echo(f"wrote {output}")
+    if json_out:
+        print_json({"output": target, "recipe": text})
+    else:
+        typer.echo(f"wrote {output}")
 
 
 def recipe_show_command(
-    file: Annotated[Path, typer.Argument(help="A merged .safetensors file.")],
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="A merged .safetensors file.")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print {\"file\", \"recipe\", \"mecha_version\", "
+                                           "\"mecha_plugins\"} as JSON on stdout.")] = False,
 ) -> None:
     """Print the recipe stored in a merged file's metadata."""
+    import json
+
     from ..engine.safetensors_io import read_header
 
     _, metadata = read_header(file)
     text = (metadata or {}).get("mecha_recipe")
     if text is None:
         raise RecipeError(f"{file}: holds no mecha recipe (it was not written by mecha)")
+    if json_out:
+        try:
+            plugins = json.loads(metadata.get("mecha_plugins", "{}"))
+        except ValueError:  # written by hand or damaged: show it as it is
+            plugins = metadata.get("mecha_plugins")
+        print_json({"file": str(file), "recipe": text, "mecha_version": metadata.get("mecha_version"),
+                    "mecha_plugins": plugins})
+        return
     sys.stdout.write(text)

@@ -17,9 +17,9 @@ import threading
 import time
 from typing import Any, Callable
 
-import torch
+from ..lazy import torch
 
-from ..errors import MechaError, MergeError, OutputError
+from ..errors import MechaError, MergeError, OutputError, mark_failed
 from ..method import MergeContext
 from ..recipe.nodes import CallNode, LiteralNode
 from ..recipe.values import WeightMap
@@ -334,13 +334,16 @@ def execute(plan: Plan, output: str | os.PathLike[str], metadata: dict[str, str]
                 os.ftruncate(fd, total)
         except OSError as exc:
             if exc.errno in (28,):  # ENOSPC: fail before any work is done
-                raise OutputError(f"{output}: not enough disk space for {total / 1e6:,.0f} MB") from None
+                raise mark_failed(OutputError(f"{output}: not enough disk space for {total / 1e6:,.0f} MB")) from None
             os.ftruncate(fd, total)
         os.pwrite(fd, header, 0)
         # One intra-op thread per worker: results then never depend on how torch splits a
         # reduction, so the bytes are the same for any thread count.
         torch.set_num_threads(1)
-        _run_units(plan, fd, offsets, data_start, progress, write_hook, output)
+        try:
+            _run_units(plan, fd, offsets, data_start, progress, write_hook, output)
+        except MechaError as exc:  # tensors were read: a failed merge (exit 1), not bad usage
+            raise mark_failed(exc)
         closing, fd = fd, -1  # never closed twice, even when close itself fails
         os.close(closing)
         os.chmod(tmp, output_mode(target))
@@ -348,7 +351,7 @@ def execute(plan: Plan, output: str | os.PathLike[str], metadata: dict[str, str]
         ok = True
         return target
     except OSError as exc:  # the header write, the close or the rename: still the user's error
-        raise OutputError(f"{output}: writing failed: {exc.strerror or exc}") from None
+        raise mark_failed(OutputError(f"{output}: writing failed: {exc.strerror or exc}")) from None
     finally:
         torch.set_num_threads(old_threads)
         if fd >= 0:

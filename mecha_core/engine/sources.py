@@ -10,8 +10,9 @@ import inspect
 import os
 from typing import Any, Mapping
 
-import torch
+from ..lazy import torch
 
+from ..builtin_plugins import install_hint
 from ..errors import PlanError, RecipeError
 from ..plugins import PluginHost
 from ..recipe.nodes import ModelNode
@@ -177,7 +178,7 @@ def open_source(node: ModelNode, path: str, host: PluginHost, allow_missing: boo
         keys = frozenset(file.keys)
         type_ = node.type or detect_type(path, keys, host)
         if type_ not in host.model_types:
-            raise RecipeError(f"{path}: unknown model type '{type_}'")
+            raise RecipeError(f"{path}: unknown model type '{type_}'{install_hint('model type', type_)}")
         arch: Architecture | None = None
         if node.arch is not None:
             arch = host.architecture(node.arch)

@@ -22,7 +22,7 @@ import os
 import struct
 from typing import Iterable, Mapping
 
-import torch
+from mecha_core.lazy import torch
 
 from ..specs import Architecture
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import attrs
 
+from ..builtin_plugins import install_hint
 from ..errors import MechaError, RecipeError
 from .nodes import CallNode, LiteralNode, ModelNode, Node, ParameterNode, parameter_clash, walk
 from .values import WeightMap, format_string, format_value
@@ -323,8 +324,9 @@ class _Parser:
                      kw_tokens: dict[str, Token] | None = None, arg_tokens: list[Token] | None = None) -> Node:
         if name not in self.host.merge_methods:
             hint = difflib.get_close_matches(name, [*self.host.merge_methods.names(), *_BUILTINS], n=1)
-            raise self.fail(f"unknown merge method '{name}'" + (f"; did you mean '{hint[0]}'?" if hint
-                            else "; `mecha methods` lists them") + self.host.disabled_note(), tok)
+            raise self.fail(f"unknown merge method '{name}'" + (install_hint("merge method", name) or (
+                            f"; did you mean '{hint[0]}'?" if hint else "; `mecha methods` lists them"))
+                            + self.host.disabled_note(), tok)
         try:
             found = self.host.method(name)
         except MechaError as exc:  # two plugins claim the name

@@ -13,13 +13,13 @@ import math
 from typing import Callable, Mapping
 
 import attrs
-import torch
+from mecha_core.lazy import torch
 
 from .keys import ModuleKeys
 from .operators import BOFT, OFT, DoRA, GLoRA, IA3, WeightOperator, cayley
 from .tables import Module
 
-Tensors = Mapping[str, torch.Tensor]
+Tensors = Mapping[str, "torch.Tensor"]
 
 #: Base-independent algorithms: their ΔW can be summed, scaled and merged like any delta.
 ADDITIVE = ("lora", "loha", "lokr", "full")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import torch
+from mecha_core.lazy import torch
 
 #: Extra random directions beyond the rank; more makes the randomized SVD closer to the optimum.
 OVERSAMPLE = 10

@@ -15,7 +15,7 @@ import warnings
 from typing import Any, Mapping
 
 import attrs
-import torch
+from mecha_core.lazy import torch
 
 from mecha_core.errors import PlanError
 from mecha_core.specs import ConvertedKey, TensorInfo

@@ -12,7 +12,7 @@ import os
 import tempfile
 from typing import Sequence
 
-import torch
+from mecha_core.lazy import torch
 
 from mecha_core.errors import MechaError, OutputError, PlanError
 from mecha_core.kit import SafetensorsFile, check_float_dtype, is_float, save, torch_dtype

@@ -12,13 +12,16 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable
 
-import torch
+from mecha_core.lazy import torch
 
-_HALF = (torch.float16, torch.bfloat16)
+
+
+def _is_half(dtype: Any) -> bool:
+    return dtype in (torch.float16, torch.bfloat16)
 
 
 def _up(value: Any) -> Any:
-    if isinstance(value, torch.Tensor) and value.dtype in _HALF:
+    if isinstance(value, torch.Tensor) and _is_half(value.dtype):
         return value.float()
     return value
 
@@ -30,7 +33,7 @@ def in_float32(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         dtype = next((a.dtype for a in args if isinstance(a, torch.Tensor)), None)
-        if dtype not in _HALF:
+        if not _is_half(dtype):
             return fn(*args, **kwargs)
         out = fn(*(_up(a) for a in args), **kwargs)
         return out.to(dtype) if isinstance(out, torch.Tensor) else out

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import torch
+from mecha_core.lazy import torch
 
 from mecha_core import WEIGHT, merge_method
 from mecha_core.errors import MergeError

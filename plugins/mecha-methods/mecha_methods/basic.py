@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
+from mecha_core.lazy import torch
 
 from mecha_core import DELTA, WEIGHT, merge_method
 

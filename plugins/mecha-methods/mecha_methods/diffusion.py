@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 
-import torch
+from mecha_core.lazy import torch
 
 from mecha_core import WEIGHT, merge_method
 

@@ -7,7 +7,7 @@ two inputs; with a single delta input the keys left out become a zero delta, whi
 
 from __future__ import annotations
 
-import torch
+from mecha_core.lazy import torch
 
 from mecha_core import DELTA, get_host, merge_method
 from mecha_core.errors import MergeError

@@ -9,7 +9,7 @@ none of these is element-wise: the engine always gives them whole tensors.
 
 from __future__ import annotations
 
-import torch
+from mecha_core.lazy import torch
 
 from mecha_core import WEIGHT, merge_method
 

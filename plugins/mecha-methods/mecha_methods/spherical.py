@@ -7,7 +7,7 @@ norm separately (linearly), so a merge of two similar models keeps their scale.
 from __future__ import annotations
 
 
-import torch
+from mecha_core.lazy import torch
 
 from mecha_core import merge_method
 from mecha_core.errors import MergeError

@@ -24,7 +24,7 @@ import functools
 import math
 from typing import Any, Callable, Mapping
 
-import torch
+from mecha_core.lazy import torch
 from mecha_core.kit import (is_vae_linear, no_gc, packed_architecture, text_encoder_aliases, unet_name,
                             unet_only_architecture, unet_only_plan, vae_name)
 from mecha_core.specs import Architecture, ConvertedKey, Converter, KeySpec, TensorInfo
