@@ -53,3 +53,14 @@ class MergeError(MechaError):
 
 class OutputError(MechaError):
     """The output path cannot be written, or would overwrite one of the inputs."""
+
+
+class PluginCodeError(MechaError):
+    """Code from a plugin (a detector, a converter, a merge method) raised while mecha ran it.
+
+    The message names the plugin, the hook or spec, and the file or key, in one line; the original
+    exception is the ``__cause__`` (``--debug`` shows its traceback)."""
+
+    def __init__(self, message: str, *, plugin: str | None = None):
+        self.plugin = plugin
+        super().__init__(message)
