@@ -171,7 +171,7 @@ class CliCommand:
     name: str
     """The command name (lower-case letters, digits and ``-``); it may not be a core command's."""
     app: Any = attrs.field(repr=False)
-    """A ``typer.Typer`` (its commands become ``mecha NAME SUBCOMMAND``) or a ``click`` command.
+    """A ``typer.Typer``: its commands become ``mecha NAME SUBCOMMAND`` (one command: ``mecha NAME``).
     Build it in a light module: import heavy things (torch) inside the command functions, since
     ``mecha --help`` loads it."""
     help: str = ""

@@ -22,6 +22,7 @@ from __future__ import annotations
 import keyword
 import numbers
 import re
+import sys
 from collections.abc import Mapping
 from typing import Any, Callable, Iterable
 
@@ -258,15 +259,15 @@ def cli_command_errors(command: CliCommand) -> list[str]:
         out.append(f"{where} conflicts with the core command 'mecha {command.name}'; choose another name")
     out += _str_field(where, "help", command.help)
     if not _is_command_object(command.app):
-        out.append(f"{where}: app must be a typer.Typer or a click command, got {_type(command.app)}")
+        out.append(f"{where}: app must be a typer.Typer, got {_type(command.app)}")
     return out
 
 
 def _is_command_object(app: Any) -> bool:
-    import click
-    import typer
-
-    return isinstance(app, (typer.Typer, click.Command))
+    # a Typer instance means typer is imported already: checking must not import it (library users
+    # of mecha_core never need the command line)
+    typer = sys.modules.get("typer")
+    return typer is not None and isinstance(app, typer.Typer)
 
 
 def cli_command_warnings(command: CliCommand) -> list[str]:
