@@ -318,12 +318,13 @@ class PluginHost:
         """The plugin providing ``name`` in registry ``kind`` (``converters``, ``model_types`` ...)."""
         return getattr(self, kind).provider(name)
 
-    def warn_once(self, message: str, exc: BaseException | None = None) -> None:
-        """Print ``warning: MESSAGE`` on stderr the first time it is given in this host (with the
-        traceback of ``exc`` under ``--debug``)."""
-        if message in self._warned:
+    def warn_once(self, message: str, exc: BaseException | None = None, *, key: str | None = None) -> None:
+        """Print ``warning: MESSAGE`` on stderr the first time ``key`` (default: the message) is
+        warned about in this host, with the traceback of ``exc`` under ``--debug``."""
+        key = message if key is None else key
+        if key in self._warned:
             return
-        self._warned.add(message)
+        self._warned.add(key)
         print(f"warning: {message}", file=sys.stderr)
         if exc is not None and os.environ.get("MECHA_DEBUG") == "1":
             import traceback

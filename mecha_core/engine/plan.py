@@ -209,7 +209,8 @@ def make_plan(root: Node, options: MergeOptions | None = None, host: PluginHost 
                 except MechaError as exc:  # say which recipe line names the model
                     if node.where is None or getattr(exc, "line", None) is not None:
                         raise
-                    raise type(exc)(f"{node.where}: {exc}") from None
+                    # keep the cause: --debug shows the traceback of the plugin code that failed
+                    raise type(exc)(f"{node.where}: {exc}") from exc.__cause__
                 sources.append(step.source)
                 step.table = dict(step.source.keys)
                 step.space = step.source.space

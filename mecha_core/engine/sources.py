@@ -151,7 +151,7 @@ def _detects(mt: Any, path: str, keys: frozenset[str], host: PluginHost) -> bool
         plugin = host.model_types.provider(mt.name)
         host.warn_once(f"plugin '{plugin}': model type '{mt.name}': detect raised {type(exc).__name__}: "
                        f"{' '.join(str(exc).splitlines())} while reading {os.path.basename(path)}; "
-                       f"treating files as not of this type", exc)
+                       f"treating files as not of this type", exc, key=f"detect {plugin} {mt.name}")
         return False
 
 
