@@ -230,7 +230,7 @@ def test_a_command_name_claimed_by_two_plugins_mounts_neither(runner):
 
 
 def test_core_commands_do_not_look_plugin_commands_up(runner, monkeypatch):
-    import mecha_core.cli.app as app_module
+    app_module = sys.modules["mecha_core.cli.app"]  # (mecha_core.cli.app is also the Typer object's name)
 
     def looked_up():
         raise AssertionError("plugin commands looked up")
