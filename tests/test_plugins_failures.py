@@ -179,3 +179,36 @@ def test_the_command_line_prints_one_line_and_debug_the_traceback(site, tmp_path
     assert debug.returncode != 0
     assert "Traceback" in debug.stderr and "in _plan" in debug.stderr  # the plugin's own frame
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_a_refusal_that_led_to_another_architecture_is_named_in_the_mismatch(tmp_path):
+    """A converter's ValueError means "not for this file"; when a bug raises one and another
+    converter reads the file as another architecture, the mismatch error says which refused."""
+    import mecha_methods.plugin
+    from mecha_core.errors import PlanError
+    from mecha_core.plugins import plugin_from_functions
+    from mecha_core.specs import Architecture, ConvertedKey, Converter, KeySpec, ModelType, TensorInfo
+    from mecha_core.testing import using
+
+    def arch(name):
+        return Architecture(name, {"w": KeySpec((2,), "float32", "body"), f"{name}.only": KeySpec((1,), "float32", "body")})
+
+    def buggy(header):
+        raise ValueError("bug: unexpected rank")
+
+    def to_tb(header):
+        return {"w": ConvertedKey(TensorInfo((2,), "float32"), ("w.lora",), compute=lambda t: t["w.lora"])}
+
+    plugin = plugin_from_functions(
+        "tiny", mecha_architectures=lambda: [arch("ta"), arch("tb")],
+        mecha_model_types=lambda: [ModelType("tl", "delta", detect=lambda keys: "w.lora" in keys)],
+        mecha_converters=lambda: [Converter("tl-to-ta", None, "tl", "ta", "delta", plan=buggy),
+                                  Converter("tl-to-tb", None, "tl", "tb", "delta", plan=to_tb)])
+    base = write_checkpoint(tmp_path / "base.safetensors", {"w": torch.ones(2), "ta.only": torch.ones(1)})
+    lora = write_checkpoint(tmp_path / "l.safetensors", {"w.lora": torch.ones(2)})
+    with using(mecha_methods.plugin, plugin):
+        with pytest.raises(PlanError) as err:
+            mecha_core.merge(mecha_core.add_difference(base, lora), output=tmp_path / "o.safetensors")
+    assert str(err.value).endswith(
+        "base.safetensors is ta, l.safetensors is tb; if one was detected wrongly, name it with "
+        "model(..., arch=...) (before that, converter 'tl-to-ta' of plugin 'tiny' does not apply: bug: unexpected rank)")

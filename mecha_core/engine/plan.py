@@ -250,9 +250,12 @@ def _one_architecture(node: CallNode, inputs: list[Step]) -> dict[str, str]:
             found.setdefault(arch, path)
     if len(found) > 1:
         (a, pa), (b, pb) = list(found.items())[:2]
+        # a converter that refused a file (ValueError) may be why it was read as the other one
+        refused = [r for s in inputs if s.source is not None for r in getattr(s.source, "refusals", ())]
         raise PlanError(f"{node.method.name}: its inputs are of different architectures: "
                         f"{os.path.basename(pa)} is {a}, {os.path.basename(pb)} is {b}; if one was "
-                        f"detected wrongly, name it with model(..., arch=...)")
+                        f"detected wrongly, name it with model(..., arch=...)"
+                        + (f" (before that, {refused[0]})" if refused else ""))
     return found
 
 

@@ -36,6 +36,7 @@ class Source:
     keys: Mapping[str, TensorInfo]
     direct: bool  # keys are stored tensors (they can be read in slices)
     metadata: Mapping[str, str] = {}  # the file's __metadata__ (training settings, recipes)
+    refusals: tuple[str, ...] = ()  # converters that refused the file before one applied (ValueError)
 
     def read(self, key: str) -> torch.Tensor:
         raise NotImplementedError
@@ -251,5 +252,6 @@ def _convert(source: Source, node: ModelNode, host: PluginHost, allow_missing: b
             why = f" ({refusals[0]})" if refusals else "; is the plugin that reads it installed? (`mecha plugins list`)"
             raise PlanError(f"{source.path}: no converter turns a '{source.type}' model into weights "
                             f"or a delta{' for ' + wanted_arch if wanted_arch else ''}{why}")
+        converted.refusals = source.refusals + tuple(refusals)
         source = converted
     raise PlanError(f"{source.path}: converters loop; check `mecha plugins check`")
