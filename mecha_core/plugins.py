@@ -135,9 +135,12 @@ def _env_list(name: str) -> set[str] | None:
     return {v.strip() for v in value.split(",") if v.strip()}
 
 
-def _describe(exc: BaseException) -> str:
-    text = " ".join(str(exc).splitlines())  # one line, whatever the plugin put in its message
+def describe_exception(exc: BaseException) -> str:
+    """``TYPE: MESSAGE`` on one line, whatever the plugin put in its message."""
+    text = " ".join(str(exc).splitlines())
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 
 
 def plugin_code(fn: Callable[[], _T], *, plugin: str | None, what: str, where: str = "") -> _T:
@@ -149,7 +152,7 @@ def plugin_code(fn: Callable[[], _T], *, plugin: str | None, what: str, where: s
     except MechaError:
         raise
     except PLUGIN_FAILURES as exc:
-        raise PluginCodeError(f"plugin '{plugin or '?'}': {what} raised {_describe(exc)}{where}",
+        raise PluginCodeError(f"plugin '{plugin or '?'}': {what} raised {describe_exception(exc)}{where}",
                               plugin=plugin) from exc
 
 
@@ -231,7 +234,7 @@ class PluginHost:
         try:
             module = load()
         except PLUGIN_FAILURES as exc:  # a broken plugin (even one calling sys.exit()) must not break the others
-            return self._fail(record, _describe(exc), exc)
+            return self._fail(record, describe_exception(exc), exc)
         if record.module is None:
             record.module = getattr(module, "__name__", None)
         api = getattr(module, "MECHA_PLUGIN_API", None)
@@ -247,14 +250,14 @@ class PluginHost:
             pm.register(module, name=record.name)
             pm.check_pending()
         except PLUGIN_FAILURES as exc:
-            return self._fail(record, _describe(exc), exc)
+            return self._fail(record, describe_exception(exc), exc)
         collected: list[tuple[str, str, Any]] = []
         for hook_name, (kind, cls) in _HOOKS.items():
             for impl in getattr(pm.hook, hook_name).get_hookimpls():
                 try:
                     result = impl.function()
                 except PLUGIN_FAILURES as exc:
-                    return self._fail(record, f"{hook_name}() raised {_describe(exc)}", exc)
+                    return self._fail(record, f"{hook_name}() raised {describe_exception(exc)}", exc)
                 if result is None:
                     continue
                 if not isinstance(result, (list, tuple)):

@@ -130,7 +130,7 @@ def test_a_method_raising_system_exit_is_one_line_and_writes_nothing(site, tmp_p
 
 
 def test_inspect_and_plugins_commands(site, tmp_path):
-    pa, _, a, _ = two_checkpoints(tmp_path)
+    pa, _, _, _ = two_checkpoints(tmp_path)
     lora = write_checkpoint(tmp_path / "l.safetensors", {"w.lora_down": torch.ones(1, 2)})
     runner = CliRunner()
     inspected = runner.invoke(app, ["inspect", pa, "--json"])
@@ -161,8 +161,8 @@ def test_inspect_and_plugins_commands(site, tmp_path):
 
 
 def test_the_command_line_prints_one_line_and_debug_the_traceback(site, tmp_path):
-    pa, _, _, _ = two_checkpoints(tmp_path)
-    lora = write_checkpoint(tmp_path / "l.safetensors", {"w.lora_down": torch.ones(1, 2)})
+    two_checkpoints(tmp_path)
+    write_checkpoint(tmp_path / "l.safetensors", {"w.lora_down": torch.ones(1, 2)})
     recipe = tmp_path / "r.mecha"
     recipe.write_text('mecha 1\na = model("a.safetensors")\nl = model("l.safetensors")\n'
                       'out = add_difference(a, l, alpha=1.0)\n')

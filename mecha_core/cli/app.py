@@ -8,15 +8,15 @@ every command: ``mecha merge ...`` never waits for them.
 from __future__ import annotations
 
 import os
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 import typer.core
 import typer.main
 
 from ..errors import MechaError, PluginCodeError, PluginError
-from .common import boundary, debug_enabled, printable
 from . import describe, merging
+from .common import boundary, debug_enabled, printable
 
 
 def _plugin_cli_commands() -> dict[str, tuple[str | None, Any]]:
@@ -52,8 +52,10 @@ def _mounted(plugin: str | None, spec: Any) -> Any:
         except Exception as exc:
             if type(exc).__module__.startswith(("typer.", "click.")):  # usage errors: typer prints them
                 raise
+            from ..plugins import describe_exception
+
             error = PluginCodeError(f"plugin '{plugin}': command 'mecha {spec.name}' raised "
-                                    f"{type(exc).__name__}: {' '.join(str(exc).splitlines())}", plugin=plugin)
+                                    f"{describe_exception(exc)}", plugin=plugin)
             error.__cause__ = exc
         if debug_enabled():
             raise error

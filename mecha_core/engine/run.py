@@ -214,11 +214,11 @@ class Evaluator:
             raise
         except (Exception, SystemExit) as exc:  # plugin code: even sys.exit() is one line naming it
             from ..errors import PluginCodeError
+            from ..plugins import describe_exception
 
             plugin = self.plan.host.merge_methods.provider(method.name)
-            text = " ".join(str(exc).splitlines())
-            raise PluginCodeError(f"plugin '{plugin}': method '{method.name}' raised {type(exc).__name__}: "
-                                  f"{text} (key '{key}')", plugin=plugin) from exc
+            raise PluginCodeError(f"plugin '{plugin}': method '{method.name}' raised {describe_exception(exc)} "
+                                  f"(key '{key}')", plugin=plugin) from exc
         if not isinstance(out, torch.Tensor):
             raise MergeError(f"key '{key}': {method.name} returned {type(out).__name__}, not a tensor")
         return out

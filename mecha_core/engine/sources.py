@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import MechaError, PlanError, PluginCodeError, RecipeError
-from ..plugins import PLUGIN_FAILURES, PluginHost, plugin_code
+from ..plugins import PLUGIN_FAILURES, PluginHost, describe_exception, plugin_code
 from ..recipe.nodes import ModelNode
 from ..specs import Architecture, ConvertedKey, Converter, TensorInfo
 from .safetensors_io import SafetensorsFile
@@ -150,8 +150,8 @@ def _detects(mt: Any, path: str, keys: frozenset[str], host: PluginHost) -> bool
         return bool(mt.detect(keys))
     except PLUGIN_FAILURES as exc:
         plugin = host.model_types.provider(mt.name)
-        host.warn_once(f"plugin '{plugin}': model type '{mt.name}': detect raised {type(exc).__name__}: "
-                       f"{' '.join(str(exc).splitlines())} while reading {os.path.basename(path)}; "
+        host.warn_once(f"plugin '{plugin}': model type '{mt.name}': detect raised {describe_exception(exc)} "
+                       f"while reading {os.path.basename(path)}; "
                        f"treating files as not of this type", exc, key=f"detect {plugin} {mt.name}")
         return False
 
@@ -190,8 +190,8 @@ def _apply(source: Source, conv: Converter, host: PluginHost, refusals: list[str
     except MechaError:
         raise
     except PLUGIN_FAILURES as exc:
-        raise PluginCodeError(f"plugin '{plugin}': converter '{conv.name}' raised {type(exc).__name__}: "
-                              f"{' '.join(str(exc).splitlines())} while reading {os.path.basename(source.path)}",
+        raise PluginCodeError(f"plugin '{plugin}': converter '{conv.name}' raised {describe_exception(exc)} "
+                              f"while reading {os.path.basename(source.path)}",
                               plugin=plugin) from exc
     if not isinstance(plan, Mapping) or not all(isinstance(ck, ConvertedKey) for ck in plan.values()):
         raise PluginCodeError(f"plugin '{plugin}': converter '{conv.name}' returned {type(plan).__name__} "

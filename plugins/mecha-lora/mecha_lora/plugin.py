@@ -26,6 +26,7 @@ def mecha_merge_methods():
 
 @hookimpl
 def mecha_cli_commands():
-    from .cli import HELP, app  # typer is needed only here, not by merges through the Python API
+    # typer is needed only here, not by merges through the Python API
+    from .cli import HELP, app
 
     return [CliCommand("lora", app=app, help=HELP)]
