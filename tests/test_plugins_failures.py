@@ -212,3 +212,23 @@ def test_a_refusal_that_led_to_another_architecture_is_named_in_the_mismatch(tmp
     assert str(err.value).endswith(
         "base.safetensors is ta, l.safetensors is tb; if one was detected wrongly, name it with "
         "model(..., arch=...) (before that, converter 'tl-to-ta' of plugin 'tiny' does not apply: bug: unexpected rank)")
+
+
+def test_keyboard_interrupt_from_plugin_code_always_propagates(tmp_path):
+    from mecha_core.engine.sources import detect_type
+    from mecha_core.plugins import plugin_from_functions
+    from mecha_core.specs import ModelType
+    from mecha_core.testing import host_with
+
+    def interrupted(keys):
+        raise KeyboardInterrupt
+
+    host = host_with(plugin_from_functions("ctrlc", mecha_model_types=lambda: [ModelType("t", "delta", interrupted)]))
+    with pytest.raises(KeyboardInterrupt):
+        detect_type("a.safetensors", frozenset({"w"}), host)
+
+    def hook():
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # not recorded as a broken plugin: the user asked to stop
+        host_with(plugin_from_functions("ctrlc", mecha_merge_methods=hook), strict=False)
