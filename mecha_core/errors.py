@@ -82,3 +82,14 @@ def mark_failed(exc: MechaError) -> MechaError:
     input truncated mid-merge raises a SafetensorsError, which before the merge means bad input)."""
     exc.exit_code = EXIT_FAILED
     return exc
+
+
+class PluginCodeError(MechaError):
+    """Code from a plugin (a detector, a converter, a merge method) raised while mecha ran it.
+
+    The message names the plugin, the hook or spec, and the file or key, in one line; the original
+    exception is the ``__cause__`` (``--debug`` shows its traceback)."""
+
+    def __init__(self, message: str, *, plugin: str | None = None):
+        self.plugin = plugin
+        super().__init__(message)

@@ -69,3 +69,18 @@ def mecha_merge_methods() -> list:
     Example:
         ``return [weighted_sum, add_difference]``
     """
+
+
+@hookspec
+def mecha_cli_commands() -> list:
+    """Return the commands this plugin adds to the ``mecha`` command line.
+
+    Returns:
+        A list of :class:`mecha_core.specs.CliCommand`: a name, a ``typer.Typer`` the core
+        mounts as ``mecha NAME ...``, and one line of help. The name may not
+        be a core command's (``merge``, ``info`` ...). ``mecha --help`` loads the module that
+        builds the app, so it imports heavy things (torch) inside the command functions.
+
+    Example:
+        ``return [CliCommand("lora", app=lora_app, help="Extract and merge LoRA files.")]``
+    """

@@ -8,7 +8,13 @@ Environment variables:
   the others are listed with status ``disabled``.
 - ``MECHA_DISABLE_PLUGINS``: comma-separated block list (status ``disabled``).
 - ``MECHA_STRICT_PLUGINS=1``: raise :class:`PluginError` on the first plugin problem (a failed
-  import, a raising hook, two plugins claiming one name) instead of recording it and going on.
+  import, a raising hook, an invalid spec, two plugins claiming one name) instead of recording it
+  and going on.
+
+Every spec a plugin returns is checked against the contract in :mod:`mecha_core.validate`; one
+that breaks it marks the plugin ``error`` (naming the spec and field) and none of its specs is
+registered. Plugin code that raises later (a detector, a converter, a merge method) becomes a
+one-line :class:`~mecha_core.errors.PluginCodeError` naming the plugin: see :func:`plugin_code`.
 
 A plugin module may declare ``MECHA_PLUGIN_API = <int>``; it must not be newer than
 :data:`PLUGIN_API_VERSION`. A plugin that declares nothing is accepted.
@@ -18,18 +24,20 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 import types
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import attrs
 import pluggy
 
 from . import hookspecs
 from .builtin_plugins import install_hint
-from .errors import PluginError, RecipeError
+from .errors import MechaError, PluginCodeError, PluginError, RecipeError
 from .method import MergeMethod
-from .specs import DELTA, WEIGHT, Architecture, Converter, ModelType
+from .specs import DELTA, WEIGHT, Architecture, CliCommand, Converter, ModelType
+from .validate import spec_errors
 
 #: The plugin API this core implements. Plugins built for a newer API are refused.
 PLUGIN_API_VERSION = 1
@@ -48,7 +56,14 @@ _HOOKS = {
     "mecha_model_types": ("model_types", ModelType),
     "mecha_converters": ("converters", Converter),
     "mecha_merge_methods": ("merge_methods", MergeMethod),
+    "mecha_cli_commands": ("cli_commands", CliCommand),
 }
+
+#: What plugin code may raise that the host turns into a one-line error: everything but
+#: KeyboardInterrupt (and GeneratorExit), including ``sys.exit()`` called by a plugin.
+PLUGIN_FAILURES = (Exception, SystemExit)
+
+_T = TypeVar("_T")
 
 
 @attrs.define
@@ -69,9 +84,12 @@ class PluginRecord:
     """Why it failed, for status ``error``."""
     provides: dict[str, list[str]] = attrs.field(factory=dict)
     """Names it provides, by kind (``merge_methods``, ``architectures`` ...)."""
+    specs: list[Any] = attrs.field(factory=list, repr=False)
+    """Every spec its hooks returned, also when they failed validation (``plugins check`` lists
+    each problem; the ``error`` field holds the first). Not part of :meth:`as_dict`."""
 
     def as_dict(self) -> dict[str, Any]:
-        return attrs.asdict(self)
+        return attrs.asdict(self, filter=lambda a, _: a.name != "specs")
 
 
 class Registry:
@@ -118,8 +136,25 @@ def _env_list(name: str) -> set[str] | None:
     return {v.strip() for v in value.split(",") if v.strip()}
 
 
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
+def describe_exception(exc: BaseException) -> str:
+    """``TYPE: MESSAGE`` on one line, whatever the plugin put in its message."""
+    text = " ".join(str(exc).splitlines())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+
+
+def plugin_code(fn: Callable[[], _T], *, plugin: str | None, what: str, where: str = "") -> _T:
+    """Run plugin code: a failure becomes a one-line :class:`PluginCodeError`
+    ``plugin 'P': WHAT raised TYPE: MESSAGE WHERE`` (a :class:`MechaError` it raises on purpose
+    passes through; KeyboardInterrupt always propagates)."""
+    try:
+        return fn()
+    except MechaError:
+        raise
+    except PLUGIN_FAILURES as exc:
+        raise PluginCodeError(f"plugin '{plugin or '?'}': {what} raised {describe_exception(exc)}{where}",
+                              plugin=plugin) from exc
 
 
 def _api_range() -> str:
@@ -145,11 +180,13 @@ class PluginHost:
         self.model_types = Registry("model type")
         self.converters = Registry("converter")
         self.merge_methods = Registry("merge method")
+        self.cli_commands = Registry("cli command")
         self._arch_aliases: dict[str, str] = {}
         for mt in CORE_MODEL_TYPES:
             self.model_types.add("mecha-core", mt.name, mt)
         self.warnings: list[str] = []
         """Problems that belong to no plugin (an allow list naming a plugin that is not installed)."""
+        self._warned: set[str] = set()
         if autoload:
             self._discover()
         for entry in plugins or []:
@@ -197,8 +234,8 @@ class PluginHost:
         self.records.append(record)
         try:
             module = load()
-        except Exception as exc:  # a broken plugin must not break the others
-            return self._fail(record, _describe(exc), exc)
+        except PLUGIN_FAILURES as exc:  # a broken plugin (even one calling sys.exit()) must not break the others
+            return self._fail(record, describe_exception(exc), exc)
         if record.module is None:
             record.module = getattr(module, "__name__", None)
         api = getattr(module, "MECHA_PLUGIN_API", None)
@@ -213,15 +250,15 @@ class PluginHost:
         try:
             pm.register(module, name=record.name)
             pm.check_pending()
-        except Exception as exc:
-            return self._fail(record, _describe(exc), exc)
+        except PLUGIN_FAILURES as exc:
+            return self._fail(record, describe_exception(exc), exc)
         collected: list[tuple[str, str, Any]] = []
         for hook_name, (kind, cls) in _HOOKS.items():
             for impl in getattr(pm.hook, hook_name).get_hookimpls():
                 try:
                     result = impl.function()
-                except Exception as exc:
-                    return self._fail(record, f"{hook_name}() raised {_describe(exc)}", exc)
+                except PLUGIN_FAILURES as exc:
+                    return self._fail(record, f"{hook_name}() raised {describe_exception(exc)}", exc)
                 if result is None:
                     continue
                 if not isinstance(result, (list, tuple)):
@@ -232,6 +269,11 @@ class PluginHost:
                         return self._fail(record, f"{hook_name}() returned {type(item).__name__}, "
                                                   f"expected {cls.__name__}")
                     collected.append((kind, item.name, item))
+        record.specs = [item for _, _, item in collected]
+        errors = [problem for _, _, item in collected for problem in spec_errors(item)]
+        if errors:
+            more = f" (and {len(errors) - 1} more; `mecha plugins check` lists them)" if len(errors) > 1 else ""
+            return self._fail(record, errors[0] + more)
         for kind, name, item in collected:
             getattr(self, kind).add(record.name, name, item)
             record.provides.setdefault(kind, []).append(name)
@@ -272,11 +314,53 @@ class PluginHost:
 
     def _duplicate_problems(self) -> list[str]:
         out = []
-        for reg in (self.architectures, self.model_types, self.converters, self.merge_methods):
+        for reg in (self.architectures, self.model_types, self.converters, self.merge_methods, self.cli_commands):
             for name, providers in reg.duplicates().items():
                 out.append(f"{reg.kind} '{name}' is provided by "
                            + " and ".join(f"plugin '{p}'" for p in providers))
         return out
+
+    def provider(self, kind: str, name: str) -> str | None:
+        """The plugin providing ``name`` in registry ``kind`` (``converters``, ``model_types`` ...)."""
+        return getattr(self, kind).provider(name)
+
+    def warn_once(self, message: str, exc: BaseException | None = None, *, key: str | None = None) -> None:
+        """Print ``warning: MESSAGE`` on stderr the first time ``key`` (default: the message) is
+        warned about in this host, with the traceback of ``exc`` under ``--debug``."""
+        key = message if key is None else key
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        print(f"warning: {message}", file=sys.stderr)
+        if exc is not None and os.environ.get("MECHA_DEBUG") == "1":
+            import traceback
+
+            traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+
+    def contract_problems(self, record: PluginRecord, public_names: Any = ()) -> tuple[list[str], list[str]]:
+        """``(errors, warnings)`` of a plugin's specs under :mod:`mecha_core.validate`: every
+        load-time error (the record's ``error`` shows only the first) and the check-only
+        warnings of the specs that passed. Runs the plugin's detectors on an empty key set."""
+        from .validate import spec_warnings
+
+        errors: list[str] = []
+        warnings: list[str] = []
+        for spec in record.specs:
+            problems = spec_errors(spec)
+            if problems:
+                errors += problems
+                continue
+            warnings += spec_warnings(spec, public_names, call=lambda fn: fn())
+        return errors, warnings
+
+    def reference_warnings(self) -> list[str]:
+        """Converters (of loaded plugins) naming a model type or architecture nobody provides."""
+        from .validate import reference_warnings
+
+        converters = [(r.name, c) for r in self.records if r.status == "ok"
+                      for c in r.specs if isinstance(c, Converter)]
+        known_archs = set(self.architectures.names())
+        return reference_warnings(converters, set(self.model_types.names()), known_archs)
 
     def problems(self) -> list[str]:
         """Every problem ``mecha plugins check`` reports: failed plugins, names claimed twice, ..."""

@@ -162,3 +162,17 @@ class MethodInput:
     """The parameter has a ``None`` default and may be left out."""
     variadic: bool = False
     """The parameter is ``*models``: any number of inputs."""
+
+
+@attrs.frozen
+class CliCommand:
+    """A command a plugin adds to the ``mecha`` command line, mounted as ``mecha NAME ...``."""
+
+    name: str
+    """The command name (lower-case letters, digits and ``-``); it may not be a core command's."""
+    app: Any = attrs.field(repr=False)
+    """A ``typer.Typer``: its commands become ``mecha NAME SUBCOMMAND`` (one command: ``mecha NAME``).
+    Build it in a light module: import heavy things (torch) inside the command functions, since
+    ``mecha --help`` loads it."""
+    help: str = ""
+    """One line shown by ``mecha --help`` (default: the app's own help)."""

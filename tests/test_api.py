@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import mecha_core
 from mecha_core import hookimpl, merge_method
-from mecha_core.errors import MergeError
+from mecha_core.errors import PluginCodeError
 from mecha_core.plugins import plugin_from_functions
 from mecha_core.recipe.nodes import CallNode, ModelNode
 from mecha_core.testing import host_with, using, write_checkpoint
@@ -156,7 +156,7 @@ def test_accepts_missing_passes_none_for_an_input_lacking_a_key(tmp_path):
     assert merged["only_b"].tolist() == [70.0]
 
 
-def test_a_raising_method_is_a_merge_error_naming_key_and_method_and_writes_nothing(tmp_path):
+def test_a_raising_method_is_a_plugin_code_error_naming_plugin_key_and_method_and_writes_nothing(tmp_path):
     @merge_method
     def explode(a):
         """Always fails."""
@@ -165,7 +165,8 @@ def test_a_raising_method_is_a_merge_error_naming_key_and_method_and_writes_noth
     pa = write_checkpoint(tmp_path / "a.safetensors", {"k": torch.ones(2)})
     out = tmp_path / "o.safetensors"
     with using(plugin_from_functions("explode", mecha_merge_methods=lambda: [explode])):
-        with pytest.raises(MergeError, match=r"key 'k': explode failed: ValueError: bad value"):
+        with pytest.raises(PluginCodeError, match=r"^plugin 'explode': method 'explode' raised ValueError: bad value "
+                                                  r"\(key 'k'\)$"):
             mecha_core.merge(mecha_core.explode(pa), output=out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]
 

@@ -7,13 +7,15 @@ import subprocess
 import sys
 
 import pytest
+import typer
 from importlib_metadata import version
 from typer.testing import CliRunner
 
 from mecha_core.cli import app
-from mecha_core.errors import RecipeError
+from mecha_core.errors import MechaError, PluginCodeError, RecipeError
 from mecha_core.method import merge_method
 from mecha_core.plugins import plugin_from_functions
+from mecha_core.specs import CliCommand
 from mecha_core.testing import host_with, using
 
 BUILTINS = {"methods": "mecha-methods", "sd1": "mecha-sd1", "sdxl": "mecha-sdxl", "sd3": "mecha-sd3",
@@ -152,3 +154,90 @@ def test_the_error_boundary_prints_one_line_and_exits_2(runner, monkeypatch):
     monkeypatch.setenv("MECHA_DEBUG", "1")  # a traceback instead, for whoever debugs
     debug = runner.invoke(app, ["methods", "weighted_summ"])
     assert isinstance(debug.exception, RecipeError)
+
+
+# -- commands from plugins (mecha_cli_commands) ------------------------------------------------------
+def greeter_app() -> typer.Typer:
+    greeter = typer.Typer(help="Say things.")
+
+    @greeter.command("greet")
+    def greet(name: str, times: int = 1) -> None:
+        """Greet NAME."""
+        typer.echo(" ".join([f"hello {name}"] * times))
+
+    @greeter.command("fail")
+    def fail(kind: str) -> None:
+        """Fail on purpose."""
+        if kind == "mecha":
+            raise MechaError("the greeting file is missing")
+        raise RuntimeError("greeter broke\nover two lines")
+
+    return greeter
+
+
+def command_plugin(name: str, *commands: CliCommand):
+    return plugin_from_functions(name, mecha_cli_commands=lambda: list(commands))
+
+
+def test_a_plugin_command_is_mounted_listed_and_runs(runner):
+    plugin = command_plugin("greeter", CliCommand("greeter", app=greeter_app(), help="Greet people."))
+    with using(host_with(plugin)):
+        ran = runner.invoke(app, ["greeter", "greet", "ada", "--times", "2"])
+        helped = runner.invoke(app, ["--help"])
+        listed = runner.invoke(app, ["plugins", "list", "--json"])
+    assert (ran.exit_code, ran.stdout) == (0, "hello ada hello ada\n"), ran.output
+    assert "Greet people." in helped.stdout and "merge" in helped.stdout
+    assert json.loads(listed.stdout)[0]["provides"] == {"cli_commands": ["greeter"]}
+
+
+def test_a_plugin_command_that_raises_prints_one_line_naming_the_plugin(runner, monkeypatch):
+    plugin = command_plugin("greeter", CliCommand("greeter", app=greeter_app(), help="Greet people."))
+    with using(host_with(plugin)):
+        broken = runner.invoke(app, ["greeter", "fail", "other"])
+        refused = runner.invoke(app, ["greeter", "fail", "mecha"])
+        monkeypatch.setenv("MECHA_DEBUG", "1")
+        debug = runner.invoke(app, ["greeter", "fail", "other"])
+    assert broken.exit_code == 2
+    assert broken.stderr == ("error: plugin 'greeter': command 'mecha greeter' raised RuntimeError: "
+                             "greeter broke over two lines\n")
+    assert (refused.exit_code, refused.stderr) == (2, "error: the greeting file is missing\n")
+    assert isinstance(debug.exception, PluginCodeError)
+    assert isinstance(debug.exception.__cause__, RuntimeError)
+
+
+def test_a_command_named_like_a_core_command_or_not_an_app_is_a_plugin_error(runner):
+    clash = command_plugin("clash", CliCommand("merge", app=greeter_app()))
+    junk = command_plugin("junk", CliCommand("junk", app=print))
+    with using(host_with(clash, junk, strict=False)):
+        listed = runner.invoke(app, ["plugins", "list", "--json"])
+        merged = runner.invoke(app, ["merge", "--help"])
+    rows = {r["name"]: r for r in json.loads(listed.stdout)}
+    assert (rows["clash"]["status"], rows["clash"]["error"]) == (
+        "error", "cli command 'merge' conflicts with the core command 'mecha merge'; choose another name")
+    assert (rows["junk"]["status"], rows["junk"]["error"]) == (
+        "error", "cli command 'junk': app must be a typer.Typer, got builtin_function_or_method")
+    assert merged.exit_code == 0 and "Run a recipe" in merged.stdout  # the core's merge, untouched
+
+
+def test_a_command_name_claimed_by_two_plugins_mounts_neither(runner):
+    first = command_plugin("first", CliCommand("greeter", app=greeter_app()))
+    second = command_plugin("second", CliCommand("greeter", app=greeter_app()))
+    with using(host_with(first, second, strict=False)):
+        ran = runner.invoke(app, ["greeter", "greet", "ada"])
+        checked = runner.invoke(app, ["plugins", "check"])
+    assert ran.exit_code == 2 and "No such command" in ran.output
+    assert "problem: cli command 'greeter' is provided by plugin 'first' and plugin 'second'" in checked.stderr
+
+
+def test_core_commands_do_not_look_plugin_commands_up(runner, monkeypatch):
+    app_module = sys.modules["mecha_core.cli.app"]  # (mecha_core.cli.app is also the Typer object's name)
+
+    def looked_up():
+        raise AssertionError("plugin commands looked up")
+
+    monkeypatch.setattr(app_module, "_plugin_cli_commands", looked_up)
+    with using(host_with(plugin_from_functions("mine", mecha_merge_methods=lambda: [blend]))):
+        assert runner.invoke(app, ["methods"]).exit_code == 0
+        assert runner.invoke(app, ["plugins", "list"]).exit_code == 0
+        helped = runner.invoke(app, ["--help"])  # the full help does list them
+    assert isinstance(helped.exception, AssertionError)

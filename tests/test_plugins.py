@@ -15,7 +15,7 @@ from mecha_core.errors import PluginError, RecipeError
 from mecha_core.method import merge_method
 from mecha_core.plugins import (PLUGIN_API_VERSION, PluginHost, get_host, plugin_from_functions, reset_host,
                                 use_host)
-from mecha_core.specs import Architecture, Converter, KeySpec, ModelType
+from mecha_core.specs import Architecture, CliCommand, Converter, KeySpec, ModelType
 from mecha_core.testing import host_with, using
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "plugins.md"
@@ -45,8 +45,9 @@ def tiny_arch(name: str = "tiny") -> Architecture:
 
 
 # -- hookspecs are documented -----------------------------------------------------------------------
-def test_the_four_collector_hooks_exist():
-    assert HOOK_NAMES == ["mecha_architectures", "mecha_converters", "mecha_merge_methods", "mecha_model_types"]
+def test_the_five_collector_hooks_exist():
+    assert HOOK_NAMES == ["mecha_architectures", "mecha_cli_commands", "mecha_converters", "mecha_merge_methods",
+                          "mecha_model_types"]
 
 
 @pytest.mark.parametrize("hook", HOOK_NAMES)
@@ -70,10 +71,16 @@ def test_the_host_collects_every_hook():
     arch = tiny_arch()
     mt = ModelType("tiny-lora", "delta", detect=lambda keys: "lora_up" in keys)
     conv = Converter("tiny-lora-to-delta", "tiny", "tiny-lora", "tiny", "delta", plan=lambda header: {})
+    import typer
+
+    command = CliCommand("tiny", app=typer.Typer(), help="Tiny things.")
     plugin = plugin_from_functions("all", mecha_architectures=lambda: [arch], mecha_model_types=lambda: [mt],
-                                   mecha_converters=lambda: [conv], mecha_merge_methods=lambda: [double])
+                                   mecha_converters=lambda: [conv], mecha_merge_methods=lambda: [double],
+                                   mecha_cli_commands=lambda: [command])
     host = host_with(plugin)
-    assert set(host.records[0].provides) == {"architectures", "model_types", "converters", "merge_methods"}
+    assert set(host.records[0].provides) == {"architectures", "model_types", "converters", "merge_methods",
+                                             "cli_commands"}
+    assert host.cli_commands.get("tiny") is command
     assert host.architecture("tiny") is arch
     assert host.model_types.get("tiny-lora") is mt
     assert host.converters.get("tiny-lora-to-delta") is conv

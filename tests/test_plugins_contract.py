@@ -76,7 +76,9 @@ def test_hyperparameters_must_be_documented_and_typed_defaults():
 
 def test_a_name_provided_twice_by_one_plugin_is_reported():
     twin = merge_method(name="good")(lambda a: a)
-    assert check_plugin(methods(good, twin)) == ["merge method 'good' is provided by plugin 'p' and plugin 'p'"]
+    # both copies are still checked: the second one has no docstring
+    assert check_plugin(methods(good, twin)) == ["merge method 'good' is provided by plugin 'p' and plugin 'p'",
+                                                 "merge method 'good' has no docstring"]
 
 
 def test_a_hook_returning_the_wrong_type_is_reported():
@@ -86,9 +88,9 @@ def test_a_hook_returning_the_wrong_type_is_reported():
 
 @pytest.mark.parametrize("make, problem", [
     (lambda: arch(keys={}), "architecture 'tiny' has no keys"),
-    (lambda: arch(blocks=("IN00", "IN00")), "architecture 'tiny': blocks are listed more than once"),
+    (lambda: arch(blocks=("IN00", "IN00")), "architecture 'tiny': blocks list ['IN00'] more than once"),
     (lambda: arch(classes=("proj", "attn-1")), "architecture 'tiny': classes ['attn-1'] are not names"),
-    (lambda: arch(min_match=0), "architecture 'tiny': min_match must be in (0, 1], got 0"),
+    (lambda: arch(min_match=0), "architecture 'tiny': min_match must be a number in (0, 1], got 0"),
     (lambda: arch(keys={"a.w": key(blocks=("OUT05",))}),
      "architecture 'tiny': key 'a.w' is in blocks ['OUT05'] that the architecture does not list"),
     (lambda: arch(keys={"a.w": key(klass="mlp")}),
@@ -98,7 +100,7 @@ def test_a_hook_returning_the_wrong_type_is_reported():
     (lambda: arch(keys={"a.w": KeySpec((2,), "F16", "unet")}),
      "architecture 'tiny': key 'a.w' has dtype 'F16', not a torch dtype name"),
     (lambda: arch(keys={"a.w": key(), "b.w": key(aliases=("a.w",))}),
-     "architecture 'tiny': alias 'a.w' is also a key of the architecture"),
+     "architecture 'tiny': alias 'a.w' of key 'b.w' is also a key of the architecture"),
 ])
 def test_architecture_contract(make, problem):
     problems = check_plugin(plugin_from_functions("p", mecha_architectures=lambda: [make()]))
@@ -126,4 +128,4 @@ def test_converter_contract():
         "converter 'loop' converts (tiny, base) to itself"]
     not_callable = Converter("nc", None, "a", None, "delta", plan="nope")
     assert check_plugin(plugin_from_functions("p", mecha_converters=lambda: [not_callable])) == [
-        "converter 'nc': plan is not callable"]
+        "converter 'nc': plan must be callable, got str"]

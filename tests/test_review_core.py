@@ -194,8 +194,8 @@ class _IntBlocksPlugin:
     def mecha_architectures():
         from mecha_core.specs import Architecture, KeySpec
 
-        keys = {"shared": KeySpec("shared", (2,), "float32", "net", blocks=("B0", "B1")),
-                "only_b1": KeySpec("only_b1", (2,), "float32", "net", blocks=("B1",))}
+        keys = {"shared": KeySpec((2,), "float32", "net", blocks=("B0", "B1")),
+                "only_b1": KeySpec((2,), "float32", "net", blocks=("B1",))}
         return [Architecture("toy-int", keys, blocks=("B0", "B1"))]
 
     @staticmethod

@@ -1,16 +1,86 @@
-"""The typer app: ``mecha merge | compose | info | inspect | methods | plugins | recipe``."""
+"""The typer app: ``mecha merge | compose | info | inspect | methods | plugins | recipe``, plus the
+commands plugins add through the ``mecha_cli_commands`` hook (``mecha lora ...``).
+
+Plugin commands are looked up only when a name is not a core command, or when the help lists
+every command: ``mecha merge ...`` never waits for them.
+"""
 
 from __future__ import annotations
 
 import os
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+import typer.core
+import typer.main
 
-from ..errors import EXIT_INTERRUPTED
+from ..errors import EXIT_INTERRUPTED, MechaError, PluginCodeError, PluginError
 from . import describe, merging
-from .common import boundary, debug_enabled, json_error
+from .common import boundary, debug_enabled, json_error, printable
+
+
+def _plugin_cli_commands() -> dict[str, tuple[str | None, Any]]:
+    """``name -> (plugin, CliCommand)`` of every plugin command nobody else claims. Under
+    MECHA_STRICT_PLUGINS=1 a broken plugin must not take the core commands' help down with it."""
+    from ..plugins import get_host
+
+    try:
+        host = get_host()
+    except PluginError:
+        return {}
+    registry = host.cli_commands
+    return {name: (registry.provider(name), registry.get(name)) for name in registry.names()
+            if name not in registry.duplicates()}
+
+
+def _mounted(plugin: str | None, spec: Any) -> Any:
+    """The plugin's typer app as a click command named ``spec.name``, whose failures are one line
+    naming the plugin (a MechaError: its message; anything else: a PluginCodeError)."""
+    command = typer.main.get_command(spec.app)
+    command.name = spec.name
+    if spec.help:
+        command.help = command.short_help = spec.help
+    invoke = command.invoke
+
+    def guarded(ctx: Any) -> Any:
+        try:
+            return invoke(ctx)
+        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+            raise
+        except MechaError as exc:
+            error: MechaError = exc
+        except Exception as exc:
+            if type(exc).__module__.startswith(("typer.", "click.")):  # usage errors: typer prints them
+                raise
+            from ..plugins import describe_exception
+
+            error = PluginCodeError(f"plugin '{plugin}': command 'mecha {spec.name}' raised "
+                                    f"{describe_exception(exc)}", plugin=plugin)
+            error.__cause__ = exc
+        if debug_enabled():
+            raise error
+        typer.echo(f"error: {printable(str(error))}", err=True)
+        raise typer.Exit(error.exit_code)
+
+    command.invoke = guarded
+    return command
+
+
+class MechaGroup(typer.core.TyperGroup):
+    """The root group: core commands, then the commands plugins provide."""
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        core = list(super().list_commands(ctx))
+        return core + sorted(n for n in _plugin_cli_commands() if n not in core)
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        found = super().get_command(ctx, cmd_name)
+        if found is not None:
+            return found
+        plugin_command = _plugin_cli_commands().get(cmd_name)
+        return _mounted(*plugin_command) if plugin_command else None
+
 
 EXIT_CODES = """\b
 Exit codes:
@@ -24,7 +94,7 @@ With --json, a failure also prints {"error", "kind", "file", "line"} on stdout."
 
 # plain help (rich_markup_mode=None): no boxes, no <bool> metavars on flags, and no rich import
 app = typer.Typer(
-    name="mecha", no_args_is_help=True, add_completion=False, rich_markup_mode=None,
+    name="mecha", cls=MechaGroup, no_args_is_help=True, add_completion=False, rich_markup_mode=None,
     pretty_exceptions_enable=False, epilog=EXIT_CODES,
     help="Merge model checkpoints from readable recipes, in bounded memory.",
     context_settings={"help_option_names": ["-h", "--help"]},

@@ -302,7 +302,7 @@ def plugins_list_command(
         line = f"{r['name']:<10} {r['distribution'] or '-':<16} {r['version'] or '-':<10} {r['status']:<8} {provides}"
         typer.echo(line)
         if r["error"]:
-            typer.echo(f"    error: {r['error']}")
+            typer.echo(f"    error: {printable(r['error'])}")
         if verbose:
             typer.echo(f"    module: {r['module'] or '-'}")
             for kind, names in r["provides"].items():
@@ -311,20 +311,47 @@ def plugins_list_command(
         typer.echo(f"warning: {warning}", err=True)
 
 
+def plugin_check_report(host: Any) -> tuple[list[str], list[str]]:
+    """``(problems, warnings)`` of ``mecha plugins check``: the same contract as
+    :func:`mecha_core.testing.check_plugin`, over every installed plugin.
+
+    Problems: plugins that failed to load (every contract error of their specs, not only the
+    first), names claimed twice, an allow list naming a plugin that is not installed. Warnings
+    (exit status 0): the check-only rules, and converters naming a model type or architecture
+    no loaded plugin provides."""
+    import mecha_core
+
+    problems = host.problems()
+    warnings: list[str] = []
+    for record in host.records:
+        if record.status == "disabled":
+            continue
+        errors, warned = host.contract_problems(record, mecha_core.__all__)
+        if record.status == "error":
+            problems += [f"plugin '{record.name}': {e}" for e in errors[1:]]  # the first is its error
+        warnings += [f"plugin '{record.name}': {w}" for w in warned]
+    return problems, warnings + host.reference_warnings()
+
+
 def plugins_check_command(
-    json_out: Annotated[bool, typer.Option("--json", help="Print {\"ok\", \"problems\"} as JSON on stdout.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print {\"ok\", \"problems\", \"warnings\"} as JSON on stdout.")] = False,
 ) -> None:
-    """Exit non-zero if any plugin failed to load or two plugins claim one name."""
-    problems = _diagnostic_host().problems()
+    """Exit non-zero if a plugin failed to load or breaks the spec contract, or two plugins claim
+    one name; also print the check-only warnings (docstrings, names recipes cannot write ...)."""
+    problems, warnings = plugin_check_report(_diagnostic_host())
     for p in problems:
-        typer.echo(f"problem: {p}", err=True)
+        typer.echo(f"problem: {printable(p)}", err=True)
+    for w in warnings:
+        typer.echo(f"warning: {printable(w)}", err=True)
     if json_out:
-        print_json({"ok": not problems, "problems": list(problems)})
+        print_json({"ok": not problems, "problems": list(problems), "warnings": list(warnings)})
     if problems:
-        summary = f"{len(problems)} plugin problem{'s' if len(problems) > 1 else ''}; `mecha plugins list` shows every plugin"
+        summary = (f"{len(problems)} plugin problem{'s' if len(problems) > 1 else ''}; "
+                   f"`mecha plugins list` shows every plugin")
         if json_out:  # the result above already says what failed: one JSON document on stdout
             typer.echo(f"error: {summary}", err=True)
             raise typer.Exit(MechaError.exit_code)
         raise MechaError(summary)
     if not json_out:
-        typer.echo("all plugins ok")
+        n = len(warnings)
+        typer.echo("all plugins ok" + (f" ({n} warning{'s' if n > 1 else ''})" if n else ""))

@@ -209,7 +209,8 @@ def make_plan(root: Node, options: MergeOptions | None = None, host: PluginHost 
                 except MechaError as exc:  # say which recipe line names the model
                     if node.where is None or getattr(exc, "line", None) is not None:
                         raise
-                    raise type(exc)(f"{node.where}: {exc}") from None
+                    # keep the cause: --debug shows the traceback of the plugin code that failed
+                    raise type(exc)(f"{node.where}: {exc}") from exc.__cause__
                 sources.append(step.source)
                 step.table = dict(step.source.keys)
                 step.space = step.source.space
@@ -249,9 +250,12 @@ def _one_architecture(node: CallNode, inputs: list[Step]) -> dict[str, str]:
             found.setdefault(arch, path)
     if len(found) > 1:
         (a, pa), (b, pb) = list(found.items())[:2]
+        # a converter that refused a file (ValueError) may be why it was read as the other one
+        refused = [r for s in inputs if s.source is not None for r in getattr(s.source, "refusals", ())]
         raise PlanError(f"{node.method.name}: its inputs are of different architectures: "
                         f"{os.path.basename(pa)} is {a}, {os.path.basename(pb)} is {b}; if one was "
-                        f"detected wrongly, name it with model(..., arch=...)")
+                        f"detected wrongly, name it with model(..., arch=...)"
+                        + (f" (before that, {refused[0]})" if refused else ""))
     return found
 
 

@@ -212,8 +212,13 @@ class Evaluator:
             out = method.function(*args, **kwargs)
         except MechaError:
             raise
-        except Exception as exc:
-            raise MergeError(f"key '{key}': {method.name} failed: {type(exc).__name__}: {exc}") from exc
+        except (Exception, SystemExit) as exc:  # plugin code: even sys.exit() is one line naming it
+            from ..errors import PluginCodeError
+            from ..plugins import describe_exception
+
+            plugin = self.plan.host.merge_methods.provider(method.name)
+            raise PluginCodeError(f"plugin '{plugin}': method '{method.name}' raised {describe_exception(exc)} "
+                                  f"(key '{key}')", plugin=plugin) from exc
         if not isinstance(out, torch.Tensor):
             raise MergeError(f"key '{key}': {method.name} returned {type(out).__name__}, not a tensor")
         return out

@@ -2,6 +2,11 @@
 
 A file is opened lazily (header only), its architecture and model type detected from key names,
 and converters applied until its values are plain weights or deltas in a canonical layout.
+
+Detectors and converters are plugin code: a detector that raises counts as "not this type" (with
+one warning per detector on stderr), so a broken plugin never stops files it does not read; a
+converter that raises anything but ``ValueError`` ("does not apply") is a one-line
+:class:`PluginCodeError` naming the plugin, the converter and the file.
 """
 
 from __future__ import annotations
@@ -13,8 +18,8 @@ from typing import Any, Mapping
 from ..lazy import torch
 
 from ..builtin_plugins import install_hint
-from ..errors import PlanError, RecipeError
-from ..plugins import PluginHost
+from ..errors import MechaError, PlanError, PluginCodeError, RecipeError
+from ..plugins import PLUGIN_FAILURES, PluginHost, describe_exception, plugin_code
 from ..recipe.nodes import ModelNode
 from ..specs import Architecture, ConvertedKey, Converter, TensorInfo
 from .safetensors_io import SafetensorsFile
@@ -32,6 +37,7 @@ class Source:
     keys: Mapping[str, TensorInfo]
     direct: bool  # keys are stored tensors (they can be read in slices)
     metadata: Mapping[str, str] = {}  # the file's __metadata__ (training settings, recipes)
+    refusals: tuple[str, ...] = ()  # converters that refused the file before one applied (ValueError)
 
     def read(self, key: str) -> torch.Tensor:
         raise NotImplementedError
@@ -74,18 +80,18 @@ class ConvertedSource(Source):
     direct = False
 
     def __init__(self, inner: Source, converter: Converter, plan: Mapping[str, ConvertedKey], arch: str | None,
-                 space: str):
-        self.inner, self.converter, self.plan = inner, converter, plan
+                 space: str, plugin: str | None = None):
+        self.inner, self.converter, self.plan, self.plugin = inner, converter, plan, plugin
         self.path, self.arch, self.type, self.space = inner.path, arch, converter.target_type, space
         self.metadata = inner.metadata
         self.keys = {k: ck.info for k, ck in plan.items()}
 
     def read(self, key: str) -> torch.Tensor:
         ck = self.plan[key]
-        try:
-            return ck.compute({s: self.inner.read(s) for s in ck.sources})
-        except Exception as exc:
-            raise PlanError(f"{self.path}: key '{key}': converter '{self.converter.name}' failed: {exc}") from exc
+        inputs = {s: self.inner.read(s) for s in ck.sources}  # a damaged file is not the plugin's fault
+        return plugin_code(lambda: ck.compute(inputs), plugin=self.plugin,
+                           what=f"converter '{self.converter.name}'",
+                           where=f" computing key '{key}' of {os.path.basename(self.path)}")
 
     def close(self) -> None:
         self.inner.close()
@@ -137,8 +143,22 @@ def detect_architecture(path: str, keys: frozenset[str], host: PluginHost) -> Ar
     return scored[0][2]
 
 
+def _detects(mt: Any, path: str, keys: frozenset[str], host: PluginHost) -> bool:
+    """Whether model type ``mt`` claims the file. A detector that raises does not: the file is
+    treated as not of that type, and a warning (once per detector) names the plugin, so one
+    broken plugin cannot stop merges and inspections of files it has nothing to do with."""
+    try:
+        return bool(mt.detect(keys))
+    except PLUGIN_FAILURES as exc:
+        plugin = host.model_types.provider(mt.name)
+        host.warn_once(f"plugin '{plugin}': model type '{mt.name}': detect raised {describe_exception(exc)} "
+                       f"while reading {os.path.basename(path)}; "
+                       f"treating files as not of this type", exc, key=f"detect {plugin} {mt.name}")
+        return False
+
+
 def detect_type(path: str, keys: frozenset[str], host: PluginHost) -> str:
-    found = [mt.name for mt in host.model_types.values() if mt.detect(keys)]
+    found = [mt.name for mt in host.model_types.values() if _detects(mt, path, keys, host)]
     if len(found) > 1:
         raise PlanError(f"{path}: the model type is ambiguous (candidates: {', '.join(found)}); "
                         f"name one with model(..., type=...)")
@@ -160,15 +180,27 @@ def _apply(source: Source, conv: Converter, host: PluginHost, refusals: list[str
         extra["metadata"] = dict(source.metadata)
     if "allow_missing" in wanted:  # e.g. a LoRA's modules that match no layer: skipped, not an error
         extra["allow_missing"] = allow_missing
+    plugin = host.converters.provider(conv.name)
     try:
         plan = conv.plan(source.keys, **extra)
-    except ValueError as exc:
-        if refusals is not None and str(exc):
-            refusals.append(f"{conv.name}: {exc}")
-        return None  # the converter does not apply to this file
+    except ValueError as exc:  # the documented "this converter does not apply to this file"
+        if refusals is not None:
+            refusals.append(f"converter '{conv.name}' of plugin '{plugin}' does not apply: "
+                            f"{' '.join(str(exc).splitlines()) or 'ValueError'}")
+        return None
+    except MechaError:
+        raise
+    except PLUGIN_FAILURES as exc:
+        raise PluginCodeError(f"plugin '{plugin}': converter '{conv.name}' raised {describe_exception(exc)} "
+                              f"while reading {os.path.basename(source.path)}",
+                              plugin=plugin) from exc
+    if not isinstance(plan, Mapping) or not all(isinstance(ck, ConvertedKey) for ck in plan.values()):
+        raise PluginCodeError(f"plugin '{plugin}': converter '{conv.name}' returned {type(plan).__name__} "
+                              f"while reading {os.path.basename(source.path)}; plan must return "
+                              f"{{key: ConvertedKey}}", plugin=plugin)
     target_arch = conv.target_arch or source.arch
     space = host.model_types.get(conv.target_type).space if conv.target_type in host.model_types else source.space
-    return ConvertedSource(source, conv, plan, target_arch, space)
+    return ConvertedSource(source, conv, plan, target_arch, space, plugin)
 
 
 def open_source(node: ModelNode, path: str, host: PluginHost, allow_missing: bool = False) -> Source:
@@ -221,5 +253,6 @@ def _convert(source: Source, node: ModelNode, host: PluginHost, allow_missing: b
             why = f" ({refusals[0]})" if refusals else "; is the plugin that reads it installed? (`mecha plugins list`)"
             raise PlanError(f"{source.path}: no converter turns a '{source.type}' model into weights "
                             f"or a delta{' for ' + wanted_arch if wanted_arch else ''}{why}")
+        converted.refusals = source.refusals + tuple(refusals)
         source = converted
     raise PlanError(f"{source.path}: converters loop; check `mecha plugins check`")

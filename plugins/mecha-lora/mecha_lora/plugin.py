@@ -1,6 +1,7 @@
 """Entry point of the mecha-lora plugin: only hook implementations live here."""
 
 from mecha_core import hookimpl
+from mecha_core.specs import CliCommand
 
 from .convert import CONVERTERS, MODEL_TYPES
 from .methods import METHODS
@@ -21,3 +22,11 @@ def mecha_converters():
 @hookimpl
 def mecha_merge_methods():
     return list(METHODS)
+
+
+@hookimpl
+def mecha_cli_commands():
+    # typer is needed only here, not by merges through the Python API
+    from .cli import HELP, app
+
+    return [CliCommand("lora", app=app, help=HELP)]

@@ -64,7 +64,8 @@ def test_naming_an_architecture_a_lora_does_not_fit_says_why(host, kit, tmp_path
     base_path, _ = kit.make_base(tmp_path, [])
     recipe = mecha_core.apply_lora(mecha_core.model(str(base_path), arch="sd1-ldm"),
                                    mecha_core.model(str(tmp_path / "xl.safetensors"), arch="sd1-ldm"))
-    with pytest.raises(PlanError, match="for sd1-ldm \\(kohya-lora->sd1-ldm: the file is for sdxl-sgm, not sd1-ldm\\)"):
+    with pytest.raises(PlanError, match="for sd1-ldm \\(converter 'kohya-lora->sd1-ldm' of plugin 'lora' does not apply: "
+                                           "the file is for sdxl-sgm, not sd1-ldm\\)"):
         kit.merge(recipe, tmp_path)
 
 

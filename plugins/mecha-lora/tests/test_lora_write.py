@@ -175,3 +175,52 @@ def test_command_line_writes_and_fails_in_one_line(host, kit, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "share no layer" in err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_mecha_lora_merge_and_extract_through_the_mecha_command(host, kit, tmp_path):
+    """The same writers mounted as ``mecha lora ...`` by the mecha_cli_commands hook."""
+    from typer.testing import CliRunner
+
+    from mecha_core.cli import app
+
+    runner = CliRunner()
+    gen = torch.Generator().manual_seed(26)
+    m = kit.module(SD1, NAMES[1])
+    a = lora_file(tmp_path / "a.safetensors", gen, [m], 4, 4.0)
+    b = lora_file(tmp_path / "b.safetensors", gen, [m], 4, 4.0)
+    merged = runner.invoke(app, ["lora", "merge", str(tmp_path / "m.safetensors"), str(tmp_path / "a.safetensors"),
+                                 str(tmp_path / "b.safetensors"), "--weights", "2,-1"])
+    assert merged.exit_code == 0, merged.output
+    assert merged.stdout == f"{tmp_path / 'm.safetensors'}\n"
+    got, _ = factors(load_file(str(tmp_path / "m.safetensors")), m.kohya_name)
+    expected = 2 * factors(a, m.kohya_name)[0] - factors(b, m.kohya_name)[0]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+    write_checkpoint(tmp_path / "plain.safetensors", {"some.weight": torch.zeros(2, 2)})
+    failed = runner.invoke(app, ["lora", "extract", str(tmp_path / "plain.safetensors"),
+                                 str(tmp_path / "plain.safetensors"), str(tmp_path / "x.safetensors")])
+    assert failed.exit_code == 2 and failed.stderr.count("\n") == 1 and "share no layer" in failed.stderr
+    assert not (tmp_path / "x.safetensors").exists()
+    bad_weight = runner.invoke(app, ["lora", "merge", str(tmp_path / "n.safetensors"), str(tmp_path / "a.safetensors"),
+                                     "--weights", "two"])
+    assert (bad_weight.exit_code, bad_weight.stderr) == (2, "error: --weights: 'two' is not a number\n")
+
+
+def test_the_command_module_imports_no_writer():
+    """``mecha --help`` imports mecha_lora.cli: the writers (and torch) load only when a command runs."""
+    import subprocess
+    import sys
+
+    script = ("import sys, mecha_core.errors\n"
+              "before = set(sys.modules)\n"
+              "import mecha_lora.cli\n"
+              "print(sorted(m for m in set(sys.modules) - before if m.startswith(('mecha_lora', 'torch'))))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "['mecha_lora', 'mecha_lora.cli']"
+
+
+def test_the_help_default_fallback_rank_is_the_writers():
+    from mecha_lora import cli, write
+
+    assert cli.FALLBACK_RANK == write.FALLBACK_RANK
