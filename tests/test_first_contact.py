@@ -186,7 +186,7 @@ def test_interrupt_during_a_command_prints_a_json_error(work, monkeypatch, capsy
 # -- --json on every command that prints results ------------------------------------------------
 def test_plugins_check_json(work, capsys):
     code, out, _ = _run(capsys, "plugins", "check", "--json")
-    assert (code, json.loads(out)) == (0, {"ok": True, "problems": []})
+    assert (code, json.loads(out)) == (0, {"ok": True, "problems": [], "warnings": []})
 
 
 def test_plugins_check_json_with_a_problem_prints_one_document(work, capsys):
@@ -196,7 +196,8 @@ def test_plugins_check_json_with_a_problem_prints_one_document(work, capsys):
     with using(host_with(plugin_from_functions("bad", mecha_merge_methods=boom), strict=False)):
         code, out, err = _run(capsys, "plugins", "check", "--json")
     assert code == EXIT_USAGE
-    assert json.loads(out) == {"ok": False, "problems": ["plugin 'bad': mecha_merge_methods() raised RuntimeError: boom"]}
+    assert json.loads(out) == {"ok": False, "problems": ["plugin 'bad': mecha_merge_methods() raised RuntimeError: boom"],
+                               "warnings": []}
     assert err.splitlines()[-1] == "error: 1 plugin problem; `mecha plugins list` shows every plugin"
 
 

@@ -158,7 +158,7 @@ def test_check_only_warnings_do_not_fail_loading_but_plugins_check_reports_them(
     with using(host):
         checked = CliRunner().invoke(app, ["plugins", "check"])
     assert checked.exit_code == 0, checked.output
-    assert checked.stdout == "all plugins ok (2 warning(s))\n"
+    assert checked.stdout == "all plugins ok (2 warnings)\n"
     assert checked.stderr.splitlines() == [
         "warning: plugin 'sloppy': merge method 'undocumented' has no docstring",
         "warning: plugin 'sloppy': converter 'c': source_type 'nobody-defines-this' is a model type no loaded "
