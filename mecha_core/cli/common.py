@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import sys
 from typing import Any, Callable
 
@@ -17,14 +18,44 @@ def debug_enabled() -> bool:
     return os.environ.get("MECHA_DEBUG") == "1"
 
 
+#: Longest quoted value ('...' or "...") an error message shows whole; longer ones are cut.
+QUOTED_LIMIT = 200
+#: Longest error message printed; longer ones keep their start and end around "...".
+MESSAGE_LIMIT = 1000
+
+_QUOTED = re.compile(r"'[^'\n]{%d,}'|\"[^\"\n]{%d,}\"" % (QUOTED_LIMIT + 1, QUOTED_LIMIT + 1))
+
+
+def escaped(text: str, *, keep_newlines: bool = False) -> str:
+    """``text`` with every control character written as an escape (``\\x1b``, ``\\n``): text
+    from files (key names, paths, plugin messages, recipes) must not move the cursor, recolour
+    or retitle the user's terminal. ``keep_newlines``: for multi-line text (``recipe show``)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or (keep_newlines and c == "\n") else ascii(c)[1:-1] for c in text)
+
+
+def _cut(text: str, limit: int, tail: int) -> str:
+    return text if len(text) <= limit else f"{text[:limit - tail - 5]} ... {text[-tail:]}"
+
+
 def printable(message: str) -> str:
-    """``message`` with control characters escaped: key names and paths come from files the user
-    did not write, and a key holding terminal escape codes must not rewrite their screen."""
-    return "".join(c if c.isprintable() or c == "\n" else ascii(c)[1:-1] for c in message)
+    """``message`` as ONE line a terminal shows safely: control characters (newlines too)
+    escaped, each quoted value cut to about :data:`QUOTED_LIMIT` characters and the whole to
+    about :data:`MESSAGE_LIMIT`, keeping the start and the end (which says what to do)."""
+    if len(message) > 50 * MESSAGE_LIMIT:  # bounded work for a message of megabytes
+        message = message[:25 * MESSAGE_LIMIT] + message[-25 * MESSAGE_LIMIT:]
+    line = escaped(message)
+    line = _QUOTED.sub(lambda m: _cut(m.group(), QUOTED_LIMIT, 41), line)  # 41: the end quote too
+    return _cut(line, MESSAGE_LIMIT, 200)
 
 
 def boundary(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn a MechaError into one line on stderr and exit code 2 (traceback with MECHA_DEBUG=1)."""
+    """Turn a MechaError into one line on stderr and exit code 2 (traceback with MECHA_DEBUG=1).
+
+    Ctrl-C exits 130; another signal that ends a merge (SIGTERM, SIGHUP, ...: see
+    :class:`mecha_core.output.Terminated`) exits 128 + its number, after one line.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -38,10 +69,23 @@ def boundary(fn: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt as exc:
             if debug_enabled():
                 raise
-            from ..engine.run import Terminated
+            from ..output import Terminated
 
+            if isinstance(exc, Terminated):
+                typer.echo(f"interrupted by {exc.args[0]}; nothing was written", err=True)
+                raise typer.Exit(exc.exit_code) from None
             typer.echo("interrupted; nothing was written", err=True)
-            raise typer.Exit(143 if isinstance(exc, Terminated) else 130) from None
+            raise typer.Exit(130) from None
+        except BrokenPipeError:
+            # stdout was closed (``mecha ... | head``): what was asked for is done; exit as a
+            # program killed by SIGPIPE would, without a traceback or Python's flush warning
+            if debug_enabled():
+                raise
+            try:
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            except (OSError, ValueError):
+                pass
+            raise typer.Exit(141) from None
 
     return wrapper
 
