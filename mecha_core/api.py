@@ -125,9 +125,16 @@ def _where_file(where: Any) -> str | None:
 
 def recipe_files(root: Node) -> list[str]:
     """The recipe files ``root`` was parsed from (its own, and those composed into it), as far
-    as its nodes' locations tell: each once, in the order found."""
-    files = (_where_file(getattr(node, "where", None)) for node in walk(root))
-    return list(dict.fromkeys(f for f in files if f))
+    as its nodes' locations tell: each once, in the order found. A relative location is taken
+    in the node's recipe folder (``base_dir``) when it has one."""
+    files = []
+    for node in walk(root):
+        file = _where_file(getattr(node, "where", None))
+        if file is None:
+            continue
+        base_dir = getattr(node, "base_dir", None)
+        files.append(os.path.join(base_dir, file) if base_dir and not os.path.isabs(file) else file)
+    return list(dict.fromkeys(files))
 
 
 def _check_count(value: int | None, what: str) -> None:
