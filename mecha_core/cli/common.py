@@ -23,7 +23,7 @@ QUOTED_LIMIT = 200
 #: Longest error message printed; longer ones keep their start and end around "...".
 MESSAGE_LIMIT = 1000
 
-_QUOTED = re.compile(r"'[^'\n]{%d,}'|\"[^\"\n]{%d,}\"" % (QUOTED_LIMIT + 1, QUOTED_LIMIT + 1))
+_QUOTED = re.compile(rf"'[^'\n]{{{QUOTED_LIMIT + 1},}}'|\"[^\"\n]{{{QUOTED_LIMIT + 1},}}\"")
 
 
 def escaped(text: str, *, keep_newlines: bool = False) -> str:

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..errors import MechaError, OutputError, RecipeError
+from ..errors import MechaError, RecipeError
 from .common import escaped, print_json
 
 
