@@ -76,16 +76,6 @@ def boundary(fn: Callable[..., Any]) -> Callable[..., Any]:
                 raise typer.Exit(exc.exit_code) from None
             typer.echo("interrupted; nothing was written", err=True)
             raise typer.Exit(130) from None
-        except BrokenPipeError:
-            # stdout was closed (``mecha ... | head``): what was asked for is done; exit as a
-            # program killed by SIGPIPE would, without a traceback or Python's flush warning
-            if debug_enabled():
-                raise
-            try:
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            except (OSError, ValueError):
-                pass
-            raise typer.Exit(141) from None
 
     return wrapper
 
