@@ -53,10 +53,18 @@ MAX_PATTERNS = 10_000
 MAX_PATTERN_CHARS = 1_000
 
 
-def _re2_options() -> Any:
-    import re2
+def _re2() -> Any:
+    """The RE2 module; a declared dependency, but an environment may still lack it."""
+    try:
+        import re2
+    except ImportError:
+        raise PlanError("this LoRA's alpha_pattern needs the google-re2 package (pip install google-re2), "
+                        "which matches patterns from files in linear time") from None
+    return re2
 
-    options = re2.Options()
+
+def _re2_options() -> Any:
+    options = _re2().Options()
     options.log_errors = False  # RE2 would print its own line on stderr for a bad pattern
     return options
 
@@ -68,7 +76,7 @@ def _peft_form(pattern: str) -> str:
 
 def pattern_error(pattern: str) -> str | None:
     """Why RE2 cannot run ``pattern`` (in PEFT's form), or ``None`` when it can."""
-    import re2
+    re2 = _re2()
 
     try:
         re2.compile(_peft_form(pattern), _re2_options())
@@ -82,7 +90,7 @@ def pattern_error(pattern: str) -> str | None:
 def _pattern_set(patterns: tuple[str, ...]) -> Any:
     """One RE2 set matching every pattern at once: ``Match(path)`` lists the indexes that match,
     in time linear in the path (a loop over compiled patterns would cost one call per pattern)."""
-    import re2
+    re2 = _re2()
 
     matcher = re2.Set.MatchSet(_re2_options())
     try:
