@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Mapping
 
 from .engine.plan import MergeOptions, Plan, make_plan
-from .engine.run import TerminateAsInterrupt, execute
+from .engine.run import execute
 from .engine.safetensors_io import check_float_dtype
+from .output import OutputFile, Protected, TerminateAsInterrupt
 from .plugins import PluginHost, get_host
 from .recipe import dump_recipe
 from .recipe.nodes import CallNode, Node, walk
@@ -57,24 +58,32 @@ def merge(recipe: Node | str | os.PathLike[str], output: str | os.PathLike[str],
           threads: int | None = None, memory_budget: int | None = None, work_dtype: str = "float32",
           output_dtype: str | None = None, device: str = "cpu", allow_missing: bool = False,
           allow_nonfinite: bool = False, models_dir: str | os.PathLike[str] | None = None,
-          progress: bool = False, host: PluginHost | None = None, **kwargs: Any) -> str:
+          progress: bool = False, host: PluginHost | None = None,
+          protect: Protected = (), **kwargs: Any) -> str:
     """Merge ``recipe`` (a node, .mecha text or a .mecha path) into ``output``; returns its path.
 
     The output is written to a temporary file beside it and renamed into place on success; on
-    any failure (or Ctrl-C) no file is left and an existing ``output`` is untouched.
+    any failure (or Ctrl-C) no file is left and an existing ``output`` is untouched. The output
+    may not be any file the merge reads: a model, the recipe file, a recipe composed into it
+    (found from the nodes' locations), or a path in ``protect`` (paths, or {path: how the
+    message names it}). These are checked, with the
+    output path itself (see :class:`~mecha_core.output.OutputFile`), before any work.
     """
     from .recipe import load_recipe
 
-    if not isinstance(recipe, Node):
-        _not_over_recipe(recipe, output)
     check_output_name(output)
     _check_device(device)
     check_work_dtype(work_dtype, device)
+    host = host or get_host()
+    protected = dict(protect) if isinstance(protect, Mapping) else {p: None for p in protect}
+    if not isinstance(recipe, Node):
+        if _is_recipe_path(recipe):
+            protected.setdefault(recipe, f"the recipe {os.fspath(recipe)}")
+        recipe = load_recipe(recipe, host=host)
+    for file in recipe_files(recipe):
+        protected.setdefault(file, f"the recipe {file}")
     if output_dtype is not None:
         check_float_dtype(output_dtype, "output_dtype")
-    host = host or get_host()
-    if not isinstance(recipe, Node):
-        recipe = load_recipe(recipe, host=host)
     _check_count(threads, "threads")
     if models_dir is not None and not os.path.isdir(models_dir):
         # a typo here would silently merge same-named files from the recipe's folder instead
@@ -87,8 +96,9 @@ def merge(recipe: Node | str | os.PathLike[str], output: str | os.PathLike[str],
         allow_missing=allow_missing, allow_nonfinite=allow_nonfinite,
         models_dir=os.fspath(models_dir) if models_dir is not None else None,
         **({"memory_budget": int(memory_budget)} if memory_budget else {}), **kwargs)
+    OutputFile(output, protect=protected)  # the output is checked before the inputs are opened
     with make_plan(recipe, options, host) as plan, TerminateAsInterrupt():
-        return execute(plan, output, merge_metadata(plan), progress=progress)
+        return execute(plan, output, merge_metadata(plan), progress=progress, protect=protected)
 
 
 #: the output formats merge writes, by file extension
@@ -107,16 +117,39 @@ def check_output_name(output: str | os.PathLike[str]) -> None:
                           f"end the output's name with {' or '.join(OUTPUT_FORMATS)}")
 
 
-def _not_over_recipe(recipe: str | os.PathLike[str], output: str | os.PathLike[str]) -> None:
-    """The output must not replace the recipe file being merged (the CLI checks the same)."""
-    from .errors import OutputError
-
+def _is_recipe_path(recipe: str | os.PathLike[str]) -> bool:
+    """Whether ``recipe`` names a file (rather than holding .mecha text)."""
+    if isinstance(recipe, os.PathLike):
+        return True
     try:
-        same = os.path.isfile(recipe) and os.path.exists(output) and os.path.samefile(recipe, output)
+        return "\n" not in recipe and os.path.lexists(recipe)
     except (OSError, ValueError):  # recipe text, not a path
-        same = False
-    if same:
-        raise OutputError(f"{output}: the output would overwrite the recipe {recipe}; choose another path")
+        return False
+
+
+def _where_file(where: Any) -> str | None:
+    """The recipe file of a node's location: a ``Location`` (``.file``) or ``"FILE:LINE:COL"``."""
+    if where is None:
+        return None
+    file = getattr(where, "file", None)
+    if file is None and isinstance(where, str):
+        parts = where.rsplit(":", 2)
+        file = parts[0] if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit() else None
+    return file if file and file != "<recipe>" else None
+
+
+def recipe_files(root: Node) -> list[str]:
+    """The recipe files ``root`` was parsed from (its own, and those composed into it), as far
+    as its nodes' locations tell: each once, in the order found. A relative location is taken
+    in the node's recipe folder (``base_dir``) when it has one."""
+    files = []
+    for node in walk(root):
+        file = _where_file(getattr(node, "where", None))
+        if file is None:
+            continue
+        base_dir = getattr(node, "base_dir", None)
+        files.append(os.path.join(base_dir, file) if base_dir and not os.path.isabs(file) else file)
+    return list(dict.fromkeys(files))
 
 
 def _check_count(value: int | None, what: str) -> None:

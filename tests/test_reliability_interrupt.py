@@ -86,7 +86,12 @@ def _wait_for_temp_file(proc: subprocess.Popen, folder, timeout: float = 60.0) -
     raise AssertionError("no temporary output appeared")
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+# SIGINT and SIGTERM, and signals whose default action would end the process without any
+# cleanup (the temporary file would stay): a closed terminal, a quit key, a user signal
+STOPPING = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1]
+
+
+@pytest.mark.parametrize("signum", STOPPING, ids=[signal.Signals(s).name for s in STOPPING])
 def test_interrupted_merge_leaves_no_file_and_keeps_the_old_one(slow_merge, signum):
     command, env, out, previous = slow_merge
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -106,6 +111,9 @@ def test_interrupted_merge_leaves_no_file_and_keeps_the_old_one(slow_merge, sign
     assert proc.returncode == 128 + signum, (proc.returncode, stderr)  # 130 for Ctrl-C, 143 for SIGTERM
     assert "Traceback" not in stderr, stderr
     assert "interrupted" in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
+    if signum != signal.SIGINT:
+        assert signal.Signals(signum).name in stderr, stderr
     # left alone it would run about KEYS * SLEEP / 2 = 10 s more; stopping takes one key plus exit
     assert stopped_after < KEYS * SLEEP / 2 * 0.8, "the merge ran on after the signal"
     assert sorted(os.listdir(out)) == ["merged.safetensors"]
@@ -140,3 +148,53 @@ def test_the_slow_merge_completes_when_left_alone(slow_merge, tmp_path, monkeypa
     finally:
         f.close()
     assert leftover_temp_files(out) == []
+
+
+def test_a_killed_merges_temporary_file_is_removed_by_the_next_merge(slow_merge, tmp_path):
+    """SIGKILL leaves the temporary file (nothing can run); its name says which process made it,
+    and the next merge into the folder removes it, once it is old enough, with one warning line."""
+    from mecha_core.output import STALE_AFTER_S, TEMP_PATTERN
+
+    command, env, out, previous = slow_merge
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        temp = _wait_for_temp_file(proc, out)
+        time.sleep(0.3)
+        proc.kill()
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    match = TEMP_PATTERN.fullmatch(temp)
+    assert match is not None and match.group("name") == "merged.safetensors", temp
+    assert int(match.group("pid")) == proc.pid
+    size = os.path.getsize(out / temp)
+    assert size > 0
+    # made old: the same name and size, last changed before the stale limit
+    old = time.time() - STALE_AFTER_S - 60
+    os.utime(out / temp, (old, old))
+    # and one that changed a moment ago (it may be another host's merge in progress): kept
+    recent = f".other.safetensors.mecha-{proc.pid}-0123456789ab.tmp"
+    (out / recent).write_bytes(b"x" * 1234)
+    # and one of a process that is running (this one): never touched, never mentioned
+    running = f".mine.safetensors.mecha-{os.getpid()}-0123456789ab.tmp"
+    (out / running).write_bytes(b"y")
+    os.utime(out / running, (old, old))
+
+    few = tmp_path / "few"
+    few.mkdir()
+    write_checkpoint(few / "a.safetensors", {f"k{i}": torch.full((8,), float(i)) for i in range(3)})
+    (few / "copy.mecha").write_text('mecha 1\na = model("a.safetensors")\nslow_copy(a, seconds=0.0)\n')
+    second = [*command[:4], str(few / "copy.mecha"), *command[5:]]
+    done = subprocess.run(second, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 2, done.stderr
+    removed = next(ln for ln in lines if temp in ln)
+    assert 1000 <= size < 1000 * 1000  # 400 keys of 8 float32 and a header: some kilobytes
+    assert removed.startswith("warning: removed") and f"({size / 1000:,.0f} kB)" in removed, removed
+    kept = next(ln for ln in lines if recent in ln)
+    assert kept.startswith("warning:") and "left alone" in kept and "(1 kB)" in kept, kept
+    assert sorted(os.listdir(out)) == sorted(["merged.safetensors", recent, running])
+    assert (out / "merged.safetensors").read_bytes() != previous  # the second merge did write

@@ -10,6 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 import mecha_core.engine.run as engine_run
+import mecha_core.output as mecha_output
 import mecha_methods.plugin
 from mecha_core.cli import app
 from mecha_core.engine.safetensors_io import SafetensorsFile
@@ -104,7 +105,7 @@ def test_unwritable_output_folder(work, monkeypatch):
             def refuse(*args, **kwargs):
                 raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
 
-            monkeypatch.setattr(engine_run.tempfile, "mkstemp", refuse)
+            monkeypatch.setattr(mecha_output, "_create_temp", refuse)
         before = snapshot(work)
         result = merge(work, locked / "merged.safetensors")
         monkeypatch.undo()
@@ -206,6 +207,7 @@ def test_output_equal_to_the_recipe_is_refused(work):
 TRUNCATE_MID_MERGE = """
 import os, sys
 import mecha_core.engine.run as engine_run
+import mecha_core.output as mecha_output
 from mecha_core.cli import app
 
 victim, keep = sys.argv[1], int(sys.argv[2])

@@ -11,7 +11,7 @@ import typer
 
 from ..errors import MechaError, OutputError, RecipeError
 from ..work_dtypes import WORK_DTYPES
-from .common import print_json
+from .common import escaped, print_json
 
 
 def _parse_size(text: str) -> int:
@@ -69,10 +69,9 @@ def merge_command(
     from .. import api
     from ..recipe import compose, load_recipe
 
-    if output.exists() and recipe.exists() and os.path.samefile(output, recipe):
-        raise OutputError(f"{output}: the output would overwrite the recipe {recipe}; choose another path")
     api.check_output_name(output)  # before the recipe is even read
     node = load_recipe(recipe)
+    protect = {recipe: f"the recipe {recipe}"}  # every file the merge reads; the engine adds the models
     if param:
         fills = {}
         for item in param:
@@ -82,16 +81,25 @@ def merge_command(
             if name.strip() in fills:  # the last one winning silently would hide a typo
                 raise MechaError(f"-p {name.strip()} is given twice")
             fills[name.strip()] = _fill_value(value, name.strip())
+            if isinstance(fills[name.strip()], str) and _names_file(value):
+                protect[value] = f"-p {name.strip()}'s file {value}"
         node = compose(node, **fills)
     progress = not quiet and not json_out and sys.stderr.isatty()
     path = api.merge(node, output, threads=threads, memory_budget=_parse_size(memory_budget) if memory_budget else None,
                      work_dtype=work_dtype, output_dtype=output_dtype, device=device,
                      allow_missing=allow_missing, allow_nonfinite=allow_nonfinite,
-                     models_dir=models_dir, progress=progress)
+                     models_dir=models_dir, progress=progress, protect=protect)
     if json_out:
         print_json({"output": path, "bytes": os.path.getsize(path)})
     elif not quiet:
         typer.echo(f"wrote {path}")
+
+
+def _names_file(value: str) -> bool:
+    try:
+        return os.path.lexists(value)
+    except (OSError, ValueError):
+        return False
 
 
 def _pairs(args: list[str]) -> list[tuple[str, str]]:
@@ -151,42 +159,30 @@ def compose_command(
     rewritten relative to the output's folder, so the composed recipe runs from anywhere.
     Without -p, the recipe is only rewritten: this turns an sd-mecha recipe into mecha's format.
     """
-    import tempfile
-
-    from ..engine.run import output_mode, resolve_output, temp_prefix
+    from ..api import recipe_files
+    from ..output import OutputFile, write_text_atomically
     from ..recipe import as_fill, compose, dump_recipe, load_recipe
     from ..recipe.nodes import relocate
 
-    if os.path.exists(output) and os.path.samefile(output, template):
-        raise MechaError(f"{output}: the composed recipe would overwrite its template; choose another -o")
     pairs = _pairs(list(ctx.args))
-    if os.path.exists(output):
-        for name, value in pairs:
-            if os.path.exists(value) and os.path.samefile(output, value):
-                raise MechaError(f"{output}: the composed recipe would overwrite -p {name}'s file; choose another -o")
-        if _is_safetensors(output):  # recipe text over a model would destroy the model
-            raise MechaError(f"{output}: is a safetensors model; a composed recipe goes to a .mecha file")
     if os.path.splitext(output)[1].lower() != ".mecha":
         raise OutputError(f"{output}: compose writes a recipe; end the output's name with .mecha "
                           "(mecha merge writes .safetensors models)")
+    # every file the composition reads; a model named by -p is not read, but a recipe text
+    # written over it would destroy it all the same
+    protect = {template: f"its template {template}"}
+    protect.update({value: f"-p {name}'s file {value}" for name, value in pairs if _names_file(value)})
+    out = OutputFile(output, protect=protect, what="composed recipe")
+    if os.path.exists(out.target) and _is_safetensors(out.target):  # recipe text over a model
+        raise MechaError(f"{output}: is a safetensors model; a composed recipe goes to a .mecha file")
     node = load_recipe(template)
     fills = {name: as_fill(value if os.path.exists(value) else _fill_value(value, name), base_dir=os.getcwd())
              for name, value in pairs}
     composed = relocate(compose(node, **fills), os.path.dirname(os.path.abspath(output)))
     text = dump_recipe(composed)
-    target = resolve_output(output)
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(target), suffix=".tmp", dir=os.path.dirname(target))
-        with open(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.chmod(tmp, output_mode(target))
-        os.replace(tmp, target)
-    except OSError as exc:
-        raise MechaError(f"{output}: cannot write: {exc.strerror or exc}") from None
-    finally:  # also on Ctrl-C: never leave the temporary file behind
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
+    # recipes composed into the -p recipes: known only now, from the nodes' locations
+    protect.update({f: f"the recipe {f}" for f in recipe_files(composed) if f not in protect})
+    target = write_text_atomically(output, text, protect=protect, what="composed recipe")
     if json_out:
         print_json({"output": target, "recipe": text})
     else:
@@ -208,11 +204,14 @@ def recipe_show_command(
     if text is None:
         raise RecipeError(f"{file}: holds no mecha recipe (it was not written by mecha)")
     if json_out:
+        from ..files import loads_bounded
+
         try:
-            plugins = json.loads(metadata.get("mecha_plugins", "{}"))
+            plugins = loads_bounded(metadata.get("mecha_plugins", "{}"))
         except ValueError:  # written by hand or damaged: show it as it is
             plugins = metadata.get("mecha_plugins")
         print_json({"file": str(file), "recipe": text, "mecha_version": metadata.get("mecha_version"),
                     "mecha_plugins": plugins})
         return
-    sys.stdout.write(text)
+    # the text comes from the file, not from mecha: no control character reaches the terminal
+    sys.stdout.write(escaped(text, keep_newlines=True))

@@ -10,17 +10,18 @@ from __future__ import annotations
 import concurrent.futures as cf
 import math
 import os
-import signal
 import sys
-import tempfile
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from ..lazy import torch
 
 from ..errors import MechaError, MergeError, OutputError, mark_failed
 from ..method import MergeContext
+# the output writer and the signal handling live in mecha_core.output; re-exported here for callers
+from ..output import (OutputFile, Protected, Terminated, TerminateAsInterrupt, output_mode, resolve_output,  # noqa: F401
+                      temp_prefix)
 from ..recipe.nodes import CallNode, LiteralNode
 from ..recipe.values import WeightMap
 from ..specs import DELTA
@@ -274,98 +275,51 @@ def _units(plan: Plan, evaluator: Evaluator) -> list[tuple[str, int, int | None]
     return units
 
 
-def _same_file(a: str, b: str) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return os.path.realpath(a) == os.path.realpath(b)
-
-
-def resolve_output(output: str | os.PathLike[str]) -> str:
-    """The absolute path a result is written to: through a symbolic link, as cp does, rather
-    than replacing the link."""
-    target = os.path.abspath(os.fspath(output))
-    return os.path.realpath(target) if os.path.islink(target) else target
-
-
-def temp_prefix(target: str) -> str:
-    """``.NAME.`` for the temporary file beside ``target``, NAME cut to 100 bytes: a legal long
-    output name (up to 255 bytes) must not make the temporary name too long to create."""
-    name = os.path.basename(target)
-    while len(os.fsencode(name)) > 100:
-        name = name[:-1]
-    return f".{name}."
-
-
-def output_mode(target: str) -> int:
-    """The permission bits for a new output: an existing file's own, else what the umask allows."""
-    try:
-        return os.stat(target).st_mode & 0o7777
-    except OSError:
-        mask = os.umask(0)
-        os.umask(mask)
-        return 0o666 & ~mask
-
-
 def execute(plan: Plan, output: str | os.PathLike[str], metadata: dict[str, str], *,
-            progress: bool = False, write_hook: Callable[[str], None] | None = None) -> str:
+            progress: bool = False, write_hook: Callable[[str], None] | None = None,
+            protect: Protected = ()) -> str:
     """Write the merge to ``output`` atomically; returns the absolute output path.
 
-    ``write_hook`` is called with each key before it is written (tests use it to simulate faults).
+    The output must not be one of the plan's inputs nor any path in ``protect`` (the recipe
+    files the merge was read from). ``write_hook`` is called with each key before it is
+    written (tests use it to simulate faults).
     """
-    target = resolve_output(output)
+    labels = dict(protect) if isinstance(protect, Mapping) else {p: None for p in protect}
     for path in plan.input_paths:
-        if _same_file(path, target):
-            raise OutputError(f"{output}: the output would overwrite the input {path}; choose another path")
-    folder = os.path.dirname(target)
-    if not os.path.isdir(folder):
-        raise OutputError(f"{output}: the folder {folder} does not exist")
-    if os.path.isdir(target):
-        raise OutputError(f"{output}: is a directory")
+        labels.setdefault(path, f"the input {path}")
+    out = OutputFile(output, protect=labels)
     header, offsets = build_header(plan.output, metadata)
     data_start = len(header)
     total = data_start + sum(i.numel * ITEMSIZE[i.dtype] for i in plan.output.values())
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(target), suffix=".tmp", dir=folder)
-    except OSError as exc:
-        raise OutputError(f"{output}: cannot write in {folder}: {exc.strerror}") from None
-    ok = False
     old_threads = torch.get_num_threads()
-    try:
+    with out:
         try:
-            if hasattr(os, "posix_fallocate"):
-                os.posix_fallocate(fd, 0, total)
-            else:
-                os.ftruncate(fd, total)
-        except OSError as exc:
-            if exc.errno in (28,):  # ENOSPC: fail before any work is done
-                raise mark_failed(OutputError(f"{output}: not enough disk space for {total / 1e6:,.0f} MB")) from None
-            os.ftruncate(fd, total)
-        os.pwrite(fd, header, 0)
-        # One intra-op thread per worker: results then never depend on how torch splits a
-        # reduction, so the bytes are the same for any thread count.
-        torch.set_num_threads(1)
-        try:
-            _run_units(plan, fd, offsets, data_start, progress, write_hook, output)
-        except MechaError as exc:  # tensors were read: a failed merge (exit 1), not bad usage
-            raise mark_failed(exc)
-        closing, fd = fd, -1  # never closed twice, even when close itself fails
-        os.close(closing)
-        os.chmod(tmp, output_mode(target))
-        os.replace(tmp, target)
-        ok = True
-        return target
-    except OSError as exc:  # the header write, the close or the rename: still the user's error
-        raise mark_failed(OutputError(f"{output}: writing failed: {exc.strerror or exc}")) from None
-    finally:
-        torch.set_num_threads(old_threads)
-        if fd >= 0:
-            os.close(fd)
-        if not ok:
             try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
+                if hasattr(os, "posix_fallocate"):
+                    os.posix_fallocate(out.fd, 0, total)
+                else:
+                    os.ftruncate(out.fd, total)
+            except OSError as exc:
+                if exc.errno in (28,):  # ENOSPC: fail before any work is done
+                    raise mark_failed(OutputError(f"{output}: not enough disk space for "
+                                                  f"{total / 1e6:,.0f} MB")) from None
+                os.ftruncate(out.fd, total)
+            os.pwrite(out.fd, header, 0)
+            # One intra-op thread per worker: results then never depend on how torch splits a
+            # reduction, so the bytes are the same for any thread count.
+            torch.set_num_threads(1)
+            try:
+                _run_units(plan, out.fd, offsets, data_start, progress, write_hook, output)
+            except MechaError as exc:  # tensors were read: a failed merge (exit 1), not bad usage
+                raise mark_failed(exc)
+        except OSError as exc:  # the header write: the merge had started
+            raise mark_failed(OutputError(f"{output}: writing failed: {exc.strerror or exc}")) from None
+        finally:
+            torch.set_num_threads(old_threads)
+        try:
+            return out.commit()
+        except MechaError as exc:  # the close or the rename, after the work: a failed merge
+            raise mark_failed(exc)
 
 
 def _run_units(plan: Plan, fd: int, offsets: dict[str, int], data_start: int, progress: bool,
@@ -468,24 +422,3 @@ def _drain(pool: cf.ThreadPoolExecutor, active: list[int], lock: threading.Lock)
                 time.sleep(0.005)
         except KeyboardInterrupt:
             continue
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM during a merge: handled like Ctrl-C (cleanup), reported with exit code 143."""
-
-
-class TerminateAsInterrupt:
-    """Turns SIGTERM into KeyboardInterrupt while a merge runs, so cleanup happens."""
-
-    def __enter__(self) -> "TerminateAsInterrupt":
-        self.previous = None
-        if threading.current_thread() is threading.main_thread():
-            def handler(signum: int, frame: Any) -> None:
-                raise Terminated("terminated")
-
-            self.previous = signal.signal(signal.SIGTERM, handler)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)

@@ -8,6 +8,7 @@ an input costs page cache, not private memory.
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import math
 import mmap
@@ -193,6 +194,8 @@ class SafetensorsFile:
         except IsADirectoryError:
             raise _bad(p, "is a directory, not a safetensors file") from None
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise _bad(p, "symbolic link loop") from None
             raise _bad(p, f"cannot open: {exc.strerror or exc}") from None
         except ValueError:  # a NUL byte in the path
             raise _bad(_short(p), "not a valid file name") from None

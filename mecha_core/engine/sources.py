@@ -11,6 +11,7 @@ converter that raises anything but ``ValueError`` ("does not apply") is a one-li
 
 from __future__ import annotations
 
+import errno
 import inspect
 import os
 from typing import Any, Mapping
@@ -97,6 +98,14 @@ class ConvertedSource(Source):
         self.inner.close()
 
 
+def _link_loop(path: str) -> bool:
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc.errno == errno.ELOOP
+    return False
+
+
 def resolve_path(node: ModelNode, models_dir: str | None) -> str:
     """Find the file a model node names: absolute, or under the models dir, the recipe's folder, cwd."""
     raw = os.path.expanduser(node.path)
@@ -109,6 +118,8 @@ def resolve_path(node: ModelNode, models_dir: str | None) -> str:
             tried.append(path)
             if os.path.exists(path) and not os.path.isdir(path):  # "sd15" may be a diffusers folder
                 return path
+            if os.path.islink(path) and _link_loop(path):  # not "not found": the file is there, broken
+                raise PlanError(f"model '{node.path}': {path}: symbolic link loop")
     folder = next((t for t in tried if os.path.isdir(t)), None)
     if folder is not None:
         raise PlanError(f"model '{node.path}': {folder} is a directory, not a safetensors file")

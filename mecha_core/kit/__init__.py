@@ -16,6 +16,8 @@ One module per job (see docs/plugins.md, "The plugin kit"):
   ``check_float_dtype``, ``torch_dtype``, ``dtype_name``.
 - :mod:`mecha_core.kit.synthetic` — synthetic checkpoints of any architecture for tests:
   ``key_table``, ``write_layout``, ``write_header_only``, ``layout_values``.
+- :mod:`mecha_core.kit.output` — the one output writer every file mecha writes goes through:
+  ``OutputFile``, ``write_text_atomically`` (see docs/engine.md, "Files").
 
 Names are imported on first use, so ``from mecha_core.kit import load_packed`` in a plugin's
 start-up path does not import torch.
@@ -36,6 +38,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     **{name: ("safetensors", name) for name in ("SafetensorsFile", "read_header", "save", "FLOAT_DTYPES",
                                                 "is_float", "check_float_dtype", "torch_dtype", "dtype_name")},
     **{name: ("synthetic", name) for name in ("key_table", "write_layout", "write_header_only", "layout_values")},
+    **{name: ("output", name) for name in ("OutputFile", "write_text_atomically")},
 }
 
 __all__ = sorted(_EXPORTS)

@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 from ..errors import RecipeError
+from ..files import read_text_file
 from .format import HEADER, dump, load_v1
 from .nodes import (CallNode, LiteralNode, ModelNode, Node, ParameterNode, check_parameters, parameters, relocate,
                     substitute, walk)
@@ -37,19 +38,8 @@ def load_recipe(text_or_path: str | os.PathLike[str], *, host: Any = None) -> No
     source, base_dir = "<recipe>", None
     if isinstance(text_or_path, os.PathLike) or not _looks_like_text(text_or_path):
         path = os.fspath(text_or_path)
-        try:
-            with open(path, encoding="utf-8", newline="") as f:  # lines end at LF only, as in text
-                text = f.read()
-        except FileNotFoundError:
-            raise RecipeError(f"{path}: no such recipe file") from None
-        except IsADirectoryError:
-            raise RecipeError(f"{path}: is a folder, not a recipe file") from None
-        except UnicodeDecodeError:
-            raise RecipeError(f"{path}: not a text recipe (it is not UTF-8; is it a model file?)") from None
-        except OSError as exc:
-            raise RecipeError(f"{path}: cannot read the recipe: {exc.strerror or exc}") from None
-        except ValueError:  # a NUL byte or a lone surrogate: no file can have this name
-            raise RecipeError(f"{ascii(path)[:80]}: not a valid recipe file name") from None
+        # checked before it is read: not a FIFO or device, at most 64 MiB, not a model file
+        text = read_text_file(path, what="recipe")
         source, base_dir = path, os.path.dirname(os.path.abspath(path))
     else:
         text = text_or_path

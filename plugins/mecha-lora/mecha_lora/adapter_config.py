@@ -1,4 +1,4 @@
-"""The strength (alpha / r) of PEFT/diffusers LoRA modules, from the file's ``__metadata__``.
+r"""The strength (alpha / r) of PEFT/diffusers LoRA modules, from the file's ``__metadata__``.
 
 PEFT-named files hold no ``.alpha`` tensors: the LoraConfig does. Recent diffusers write it as
 a JSON string under ``__metadata__["lora_adapter_metadata"]``, in one of two layouts:
@@ -15,18 +15,27 @@ The scale is ``lora_alpha / r`` (``lora_alpha / sqrt(r)`` with ``use_rslora``), 
 ``alpha_pattern`` may give a module its own alpha. r is the module's rank read from its tensors:
 PEFT builds each layer with its ``rank_pattern`` rank, so a file whose tensors disagree with the
 config could not be loaded there, and the tensors are what the layer actually computes with.
+
+The metadata is untrusted: its JSON is parsed with bounded size and depth
+(:func:`mecha_core.files.loads_bounded`), and the ``alpha_pattern`` regular expressions run
+on RE2 (``google-re2``), whose matching time is linear in the module path, so a pattern like
+``(\w+\.?)+!`` cannot stall a merge (Python's ``re`` took 43 s on a 38-character name).
+PEFT's semantics are kept: a pattern matches the whole module path or a dotted suffix of it,
+``re.match(rf"(.*\.)?({pattern})$", path)``, and the first pattern in the config's order
+wins. Patterns RE2 cannot run (backreferences, lookaround) are refused with an error naming
+them, as are more than :data:`MAX_PATTERNS` patterns or one over :data:`MAX_PATTERN_CHARS`.
 """
 
 from __future__ import annotations
 
-import json
+import functools
 import math
-import re
 from typing import Any, Mapping
 
 import attrs
 
 from mecha_core.errors import PlanError
+from mecha_core.files import loads_bounded
 
 #: The ``__metadata__`` entry diffusers stores the LoraConfig in (diffusers' LORA_ADAPTER_METADATA_KEY).
 METADATA_KEY = "lora_adapter_metadata"
@@ -36,6 +45,61 @@ PEFT_WRAPPER = "base_model.model."
 
 #: LoraConfig fields that decide the scale; the others (target_modules, dropout, ...) do not.
 _SCALE_FIELDS = ("lora_alpha", "use_rslora", "alpha_pattern")
+
+#: Most ``alpha_pattern`` entries one config may hold (real ones: a few, or one per layer).
+MAX_PATTERNS = 10_000
+
+#: Longest ``alpha_pattern`` regular expression accepted, in characters.
+MAX_PATTERN_CHARS = 1_000
+
+
+def _re2() -> Any:
+    """The RE2 module; a declared dependency, but an environment may still lack it."""
+    try:
+        import re2
+    except ImportError:
+        raise PlanError("this LoRA's alpha_pattern needs the google-re2 package (pip install google-re2), "
+                        "which matches patterns from files in linear time") from None
+    return re2
+
+
+def _re2_options() -> Any:
+    options = _re2().Options()
+    options.log_errors = False  # RE2 would print its own line on stderr for a bad pattern
+    return options
+
+
+def _peft_form(pattern: str) -> str:
+    """PEFT's get_pattern_key: the pattern matches the whole path or a dotted suffix of it."""
+    return rf"(?:.*\.)?(?:{pattern})$"
+
+
+def pattern_error(pattern: str) -> str | None:
+    """Why RE2 cannot run ``pattern`` (in PEFT's form), or ``None`` when it can."""
+    re2 = _re2()
+
+    try:
+        re2.compile(_peft_form(pattern), _re2_options())
+    except re2.error as exc:
+        reason = exc.args[0] if exc.args else exc
+        return reason.decode("utf-8", "replace") if isinstance(reason, bytes) else str(reason)
+    return None
+
+
+@functools.lru_cache(maxsize=64)
+def _pattern_set(patterns: tuple[str, ...]) -> Any:
+    """One RE2 set matching every pattern at once: ``Match(path)`` lists the indexes that match,
+    in time linear in the path (a loop over compiled patterns would cost one call per pattern)."""
+    re2 = _re2()
+
+    matcher = re2.Set.MatchSet(_re2_options())
+    try:
+        for pattern in patterns:
+            matcher.Add(_peft_form(pattern))
+        matcher.Compile()
+    except re2.error:
+        raise ValueError("the patterns together are too large for RE2's memory bound") from None
+    return matcher
 
 
 @attrs.frozen
@@ -50,11 +114,11 @@ class ComponentConfig:
 
     def scale(self, path: str, rank: int) -> float:
         alpha = self.lora_alpha
-        for pattern, value in self.alpha_pattern:
-            # PEFT's get_pattern_key: the pattern must match the whole path or a dotted suffix of it
-            if re.match(rf"(.*\.)?({pattern})$", path):
-                alpha = value
-                break
+        if self.alpha_pattern:
+            # PEFT's get_pattern_key: the first pattern matching the whole path or a dotted suffix
+            hits = _pattern_set(tuple(p for p, _ in self.alpha_pattern)).Match(path)
+            if hits:
+                alpha = self.alpha_pattern[min(hits)][1]
         if alpha is None:
             alpha = float(rank)
         return alpha / (math.sqrt(rank) if self.use_rslora else rank)
@@ -97,14 +161,25 @@ def _component(fields: Mapping[str, Any], prefix: str, what: str) -> ComponentCo
     if not isinstance(patterns, dict):
         raise PlanError(f"{what}: {METADATA_KEY} field '{name('alpha_pattern')}' must map module patterns "
                         f"to alphas, not {patterns!r}")
+    if len(patterns) > MAX_PATTERNS:
+        raise PlanError(f"{what}: {METADATA_KEY} field '{name('alpha_pattern')}' has {len(patterns):,} patterns; "
+                        f"at most {MAX_PATTERNS:,} are accepted")
     checked = []
     for pattern, value in patterns.items():
-        try:
-            re.compile(pattern)
-        except re.error as exc:
+        if len(pattern) > MAX_PATTERN_CHARS:
+            raise PlanError(f"{what}: {METADATA_KEY} field '{name('alpha_pattern')}' has a pattern of "
+                            f"{len(pattern):,} characters; at most {MAX_PATTERN_CHARS:,} are accepted")
+        problem = pattern_error(pattern)
+        if problem is not None:
             raise PlanError(f"{what}: {METADATA_KEY} field '{name('alpha_pattern')}' has the pattern "
-                            f"'{pattern}', which is not a valid regular expression ({exc})") from None
+                            f"'{pattern}', which is not a valid regular expression for a linear-time "
+                            f"matcher ({problem}; backreferences and lookaround are not supported)")
         checked.append((pattern, _number(value, f"{name('alpha_pattern')}[{pattern!r}]", what)))
+    if checked:
+        try:
+            _pattern_set(tuple(p for p, _ in checked))
+        except ValueError as exc:
+            raise PlanError(f"{what}: {METADATA_KEY} field '{name('alpha_pattern')}': {exc}") from None
     return ComponentConfig(alpha, rslora, tuple(checked))
 
 
@@ -118,8 +193,8 @@ def adapter_scales(metadata: Mapping[str, str] | None, what: str) -> AdapterScal
     if raw is None:
         return None
     try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as exc:
+        data = loads_bounded(raw)  # bounded size and nesting: the file is not trusted
+    except ValueError as exc:  # JSONDecodeError, JSONLimitError
         raise PlanError(f"{what}: __metadata__ entry '{METADATA_KEY}' is not valid JSON ({exc}); "
                         f"fix or remove it (without it alpha = r)") from None
     if not isinstance(data, dict):

@@ -1,21 +1,21 @@
 """Writing kohya-format LoRA files: extracted from two checkpoints, or merged from several LoRAs.
 
 Both stream their inputs key by key through memory-mapped :class:`SafetensorsFile` readers; the
-output (a LoRA is small) is collected and written to a temporary file beside the target, then
-renamed into place, so a failure never leaves a partial file.
+output (a LoRA is small) is collected and written through :class:`mecha_core.output.OutputFile`
+(a temporary file beside the target, renamed into place), so a failure never leaves a partial
+file, and the output is checked (not an input, not a folder or device) before any work.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Sequence
 
 from mecha_core.lazy import torch
 
 from mecha_core.errors import MechaError, OutputError, PlanError
-from mecha_core.kit import SafetensorsFile, check_float_dtype, is_float, save, torch_dtype
+from mecha_core.kit import OutputFile, SafetensorsFile, check_float_dtype, is_float, save, torch_dtype
 
 from . import keys as keynames
 from .adapter_config import adapter_scales
@@ -45,21 +45,14 @@ def _factor_tensors(module: Module, up: torch.Tensor, down: torch.Tensor, dtype:
     }
 
 
-def _write(tensors: dict[str, torch.Tensor], output: str | os.PathLike[str], metadata: dict[str, str]) -> str:
-    target = os.path.abspath(os.fspath(output))
-    folder = os.path.dirname(target)
-    if not os.path.isdir(folder):
-        raise OutputError(f"{output}: the folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(target) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        save(tensors, tmp, metadata)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return target
+def _write(tensors: dict[str, torch.Tensor], out: OutputFile, metadata: dict[str, str]) -> str:
+    """Write through mecha's one output writer (checked target, temporary file, rename)."""
+    with out:
+        try:
+            save(tensors, out.path, metadata)
+        except OSError as exc:
+            raise OutputError(f"{out.given}: writing failed: {exc.strerror or exc}") from None
+        return out.commit()
 
 
 def _metadata(arch: str, rank: str, extra: dict) -> dict[str, str]:
@@ -71,13 +64,6 @@ def _metadata(arch: str, rank: str, extra: dict) -> dict[str, str]:
         "modelspec.architecture": MODELSPEC_IDS[arch],
         "mecha_lora": json.dumps(extra, sort_keys=True),
     }
-
-
-def _check_same(a: str, b: str, output: str | os.PathLike[str]) -> None:
-    target = os.path.realpath(os.fspath(output))
-    for path in (a, b):
-        if os.path.realpath(path) == target:
-            raise OutputError(f"{output}: the output would overwrite the input {path}; choose another path")
 
 
 # -- extract ----------------------------------------------------------------------------------------
@@ -127,7 +113,7 @@ def extract_lora(tuned: str | os.PathLike[str], base: str | os.PathLike[str], ou
     Applying the result to ``base`` with strength 1 gives ≈ ``tuned``.
     """
     tuned, base = os.fspath(tuned), os.fspath(base)
-    _check_same(tuned, base, output)
+    out_file = OutputFile(output, protect=(tuned, base))  # checked before any work
     if ratio is not None and not 0 < ratio <= 1:
         raise MechaError(f"extract_lora: ratio must be in (0, 1]; got {ratio}")
     if ratio is None and rank < 1:
@@ -167,7 +153,7 @@ def extract_lora(tuned: str | os.PathLike[str], base: str | os.PathLike[str], ou
         extra = {"extracted_from": [os.path.basename(tuned), os.path.basename(base)],
                  "rank": rank if ratio is None else None, "ratio": ratio, "conv_rank": conv_rank}
         used = max(t.shape[0] for k, t in out.items() if k.endswith(".lora_down.weight"))
-        return _write(out, output, _metadata(arch, str(used), extra))
+        return _write(out, out_file, _metadata(arch, str(used), extra))
     finally:
         a.close()
         b.close()
@@ -225,8 +211,7 @@ def merge_loras(inputs: Sequence[str | os.PathLike[str]], output: str | os.PathL
         raise MechaError(f"merge_loras: rank must be at least 1; got {rank}")
     if dtype is not None:
         check_float_dtype(dtype, "merge_loras: dtype")
-    for p in paths:
-        _check_same(p, p, output)
+    out_file = OutputFile(output, protect=paths)  # checked before any work
     opened = []
     try:
         for p in paths:
@@ -279,7 +264,7 @@ def merge_loras(inputs: Sequence[str | os.PathLike[str]], output: str | os.PathL
         if not out:
             raise PlanError(f"{', '.join(paths)}: no module to merge")
         extra = {"merged_from": [os.path.basename(p) for p in paths], "weights": weights, "rank": rank}
-        return _write(out, output, _metadata(arch, str(max(ranks)), extra))
+        return _write(out, out_file, _metadata(arch, str(max(ranks)), extra))
     finally:
         for file, _, _ in opened:
             file.close()
