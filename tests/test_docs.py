@@ -55,7 +55,8 @@ PLUGINS_MD = DOCS / "plugins.md"
 SPEC_CLASSES = {"TensorInfo": specs.TensorInfo, "KeySpec": specs.KeySpec, "Architecture": specs.Architecture,
                 "ModelType": specs.ModelType, "ConvertedKey": specs.ConvertedKey, "Converter": specs.Converter,
                 "Hyperparameter": specs.Hyperparameter, "MethodInput": specs.MethodInput,
-                "MergeMethod": method.MergeMethod, "MergeContext": method.MergeContext}
+                "MergeMethod": method.MergeMethod, "MergeContext": method.MergeContext,
+                "CliCommand": specs.CliCommand}
 
 
 def test_the_spec_reference_is_generated_from_the_classes():

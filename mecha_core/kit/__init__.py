@@ -18,6 +18,8 @@ One module per job (see docs/plugins.md, "The plugin kit"):
   ``key_table``, ``write_layout``, ``write_header_only``, ``layout_values``.
 - :mod:`mecha_core.kit.output` — the one output writer every file mecha writes goes through:
   ``OutputFile``, ``write_text_atomically`` (see docs/engine.md, "Files").
+- :mod:`mecha_core.kit.untrusted` — JSON found inside files, parsed with bounded size and depth:
+  ``loads_bounded``, ``JSONLimitError``.
 
 Names are imported on first use, so ``from mecha_core.kit import load_packed`` in a plugin's
 start-up path does not import torch.
@@ -39,6 +41,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
                                                 "is_float", "check_float_dtype", "torch_dtype", "dtype_name")},
     **{name: ("synthetic", name) for name in ("key_table", "write_layout", "write_header_only", "layout_values")},
     **{name: ("output", name) for name in ("OutputFile", "write_text_atomically")},
+    **{name: ("untrusted", name) for name in ("loads_bounded", "JSONLimitError")},
 }
 
 __all__ = sorted(_EXPORTS)

@@ -17,7 +17,7 @@ PEFT builds each layer with its ``rank_pattern`` rank, so a file whose tensors d
 config could not be loaded there, and the tensors are what the layer actually computes with.
 
 The metadata is untrusted: its JSON is parsed with bounded size and depth
-(:func:`mecha_core.files.loads_bounded`), and the ``alpha_pattern`` regular expressions run
+(:func:`mecha_core.kit.loads_bounded`), and the ``alpha_pattern`` regular expressions run
 on RE2 (``google-re2``), whose matching time is linear in the module path, so a pattern like
 ``(\w+\.?)+!`` cannot stall a merge (Python's ``re`` took 43 s on a 38-character name).
 PEFT's semantics are kept: a pattern matches the whole module path or a dotted suffix of it,
@@ -35,7 +35,7 @@ from typing import Any, Mapping
 import attrs
 
 from mecha_core.errors import PlanError
-from mecha_core.files import loads_bounded
+from mecha_core.kit import loads_bounded
 
 #: The ``__metadata__`` entry diffusers stores the LoraConfig in (diffusers' LORA_ADAPTER_METADATA_KEY).
 METADATA_KEY = "lora_adapter_metadata"
