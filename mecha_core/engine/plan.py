@@ -24,6 +24,8 @@ from .safetensors_io import is_float
 from .sources import ConvertedSource, Source, open_source, resolve_path
 
 GiB = 1024 ** 3
+#: the provider name of what the core registers itself (the base and delta model types)
+CORE = "mecha-core"
 
 
 @attrs.frozen
@@ -125,7 +127,6 @@ class Plan:
         names: set[str] = set()
         for step in self.steps:
             names |= step.plugins
-        names.discard("mecha-core")
         versions = {r.name: r.version or "unknown" for r in self.host.records}
         return {n: versions.get(n, "unknown") for n in sorted(names)}
 
@@ -303,7 +304,7 @@ def _plan_call_step(step: Step, node: CallNode, steps: list[Step], by_node: dict
     step.method = node.method
     step.hyper = bind(node.method, node.kwargs, host, map_cache)
     step.provider = host.merge_methods.provider(node.method.name)
-    step.plugins = frozenset({step.provider} - {None})
+    step.plugins = _plugins(step.provider)
 
 
 def _source_plugins(source: Source, host: PluginHost) -> frozenset[str]:
@@ -315,7 +316,12 @@ def _source_plugins(source: Source, host: PluginHost) -> frozenset[str]:
     while isinstance(inner, ConvertedSource):
         names.add(host.converters.provider(inner.converter.name))
         inner = inner.inner
-    return frozenset(n for n in names if n)
+    return _plugins(*names)
+
+
+def _plugins(*providers: str | None) -> frozenset[str]:
+    """The plugin names among registry providers (the core's own registrations are not plugins)."""
+    return frozenset(p for p in providers if p and p != CORE)
 
 
 def _one_architecture(node: CallNode, inputs: list[Step]) -> dict[str, str]:
