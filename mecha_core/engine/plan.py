@@ -266,11 +266,21 @@ def make_plan(root: Node, options: MergeOptions | None = None, host: PluginHost 
             output[key] = TensorInfo(info.shape, dtype)
         # every call checked that its inputs share one architecture, and the root is above them all
         arch = next((s.arch for s in sources if s.arch is not None), None)
-        return Plan(root, steps, output, sources, options, host, host.architecture(arch) if arch else None)
+        return Plan(root, steps, output, sources, options, host, _known_architecture(host, arch))
     except BaseException:
         for s in sources:
             s.close()
         raise
+
+
+def _known_architecture(host: PluginHost, name: str | None) -> Architecture | None:
+    """The installed architecture ``name`` (a converter may name one no plugin provides)."""
+    if name is None:
+        return None
+    try:
+        return host.architecture(name)
+    except MechaError:
+        return None
 
 
 @contextlib.contextmanager
