@@ -117,7 +117,7 @@ class Evaluator:
             plugin = f"plugin '{step.provider}': " if step.provider else ""
             raise MergeError(f"{plugin}method '{method.name}' failed on key '{key}'{self._files(step, key)}: "
                              f"{type(exc).__name__}: {_one_line(str(exc))}") from exc
-        for position, (arg, version) in enumerate(zip(args, versions)):
+        for position, (arg, version) in enumerate(zip(args, versions, strict=True)):
             if version is not None and _version(arg) != version:
                 raise MergeError(f"key '{key}': method '{method.name}' modified its input "
                                  f"'{_input_name(step, position)}' in place; methods must return a new tensor")
