@@ -12,7 +12,7 @@ from .engine.safetensors_io import check_float_dtype
 from .output import OutputFile, Protected, TerminateAsInterrupt
 from .plugins import PluginHost, get_host
 from .recipe import dump_recipe
-from .recipe.nodes import CallNode, Node, walk
+from .recipe.nodes import Node, walk
 from .work_dtypes import check_work_dtype
 
 
@@ -23,26 +23,9 @@ def _version() -> str:
 
 
 def plugins_used(plan: Plan) -> dict[str, str]:
-    """Plugin name -> distribution version, for every plugin the merge relied on."""
-    host = plan.host
-    names: set[str] = set()
-    for node in walk(plan.root):
-        if isinstance(node, CallNode):
-            p = host.merge_methods.provider(node.method.name)
-            if p:
-                names.add(p)
-    for s in plan.sources:
-        for reg, name in ((host.architectures, s.arch), (host.model_types, s.type)):
-            if name and reg.provider(name):
-                names.add(reg.provider(name))
-        inner = s
-        while hasattr(inner, "converter"):
-            names.add(host.converters.provider(inner.converter.name) or "")
-            inner = inner.inner
-    names.discard("mecha-core")
-    names.discard("")
-    versions = {r.name: r.version or "unknown" for r in host.records}
-    return {n: versions.get(n, "unknown") for n in sorted(names)}
+    """Plugin name -> distribution version, for every plugin the merge relied on (recorded by
+    the plan as it was made)."""
+    return plan.plugins_used()
 
 
 def merge_metadata(plan: Plan) -> dict[str, str]:

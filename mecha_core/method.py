@@ -17,7 +17,7 @@ from typing import Any, Callable
 import attrs
 
 from .errors import MergeSpaceError, RecipeError
-from .specs import DELTA, MERGE_SPACES, PARAM, WEIGHT, Hyperparameter, MethodInput, TensorInfo
+from .specs import DELTA, MERGE_SPACES, PARAM, WEIGHT, Architecture, Hyperparameter, MethodInput, TensorInfo
 
 _SCALAR_KINDS = (bool, int, float, str)
 
@@ -30,8 +30,9 @@ class MergeContext:
     """The output key (state-dict name) being merged."""
     info: TensorInfo
     """Shape and output dtype of the key."""
-    architecture: str | None = None
-    """The architecture of the merge, when one was detected."""
+    architecture: Architecture | None = None
+    """The architecture of the merge's keys (its components, blocks and key specs), when one
+    was detected or named."""
     device: str = "cpu"
     """The device tensors are on."""
 

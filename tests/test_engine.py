@@ -272,7 +272,7 @@ def test_hyperparameter_of_the_wrong_kind_is_refused_before_writing(tmp_path, me
 
 
 def test_progress_line_reports_keys_bytes_rate_and_eta(capsys):
-    from mecha_core.engine.run import Progress
+    from mecha_core.engine.schedule import Progress
 
     p = Progress(total_keys=2, total_bytes=2_000_000, enabled=True)
     p.update(1_000_000, key_done=True)

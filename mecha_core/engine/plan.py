@@ -7,20 +7,25 @@ output file is created.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import attrs
 
-from ..errors import MechaError, MergeSpaceError, PlanError, RecipeError, UnfilledParameterError
+from ..errors import MechaError, PlanError, RecipeError, UnfilledParameterError
+from ..method import MergeMethod
 from ..plugins import PluginHost, get_host
 from ..recipe.nodes import CallNode, LiteralNode, ModelNode, Node, ParameterNode, origin, walk
 from ..recipe.values import WeightMap
-from ..specs import DELTA, TensorInfo
-from .safetensors_io import ITEMSIZE, is_float
-from .sources import Source, open_source, resolve_path
+from ..specs import DELTA, Architecture, TensorInfo
+from .hyper import BoundHyperparameters, PerKey, bind
+from .safetensors_io import is_float
+from .sources import ConvertedSource, Source, open_source, resolve_path
 
 GiB = 1024 ** 3
+#: the provider name of what the core registers itself (the base and delta model types)
+CORE = "mecha-core"
 
 
 @attrs.frozen
@@ -53,16 +58,34 @@ class MergeOptions:
 
 @attrs.define(eq=False)
 class Step:
-    """One node of the recipe graph, compiled for evaluation."""
+    """One node of the recipe graph, compiled for evaluation: a model input or a method call with
+    its inputs and hyperparameters bound (the runner reads these fields, never the node)."""
 
     index: int
+    """The step's position in :attr:`Plan.steps` (inputs always come first)."""
     node: Node
+    """The recipe node it was planned from (for planning and its messages only)."""
     inputs: list[int] = attrs.field(factory=list)
+    """The indices of the steps whose results the method takes, in argument order."""
     table: dict[str, TensorInfo] = attrs.field(factory=dict)
-    take: dict[str, int] = attrs.field(factory=dict)  # key -> input position to pass through
+    """The keys the step produces, with shapes and dtypes."""
+    take: dict[str, int] = attrs.field(factory=dict)
+    """Key -> the input position passed through unchanged (integer buffers, --allow-missing)."""
     source: Source | None = None
+    """The file a model step reads."""
     space: str | None = None
-    archs: dict[str, str] = attrs.field(factory=dict)  # architecture -> a file of it, below this step
+    """The merge space of the step's values."""
+    archs: dict[str, str] = attrs.field(factory=dict)
+    """Architecture name -> a file of it, among the inputs below this step (at most one name)."""
+    method: MergeMethod | None = None
+    """The method a call step runs."""
+    hyper: BoundHyperparameters | None = None
+    """A call's hyperparameters, bound for every key."""
+    provider: str | None = None
+    """The plugin that provides the method (named when the method fails)."""
+    plugins: frozenset[str] = frozenset()
+    """The plugins this step itself relies on: the method's provider; a model's architecture,
+    model type and converters (recorded in the output's metadata)."""
 
 
 @attrs.define(eq=False)
@@ -70,12 +93,19 @@ class Plan:
     """Everything known before the first tensor is read."""
 
     root: Node
+    """The recipe that was planned."""
     steps: list[Step]
+    """The compiled graph in topological order; the last step is the root."""
     output: dict[str, TensorInfo]
+    """The output's keys, with shapes and output dtypes."""
     sources: list[Source]
+    """Every opened input (closed by :meth:`close`)."""
     options: MergeOptions
+    """How the merge runs."""
     host: PluginHost
-    architecture: str | None
+    """The plugins the plan was made with."""
+    architecture: Architecture | None
+    """The architecture of the merge's keys, when one was detected or named."""
 
     def close(self) -> None:
         for s in self.sources:
@@ -90,6 +120,15 @@ class Plan:
     @property
     def input_paths(self) -> list[str]:
         return [s.path for s in self.sources]
+
+    def plugins_used(self) -> dict[str, str]:
+        """Plugin name -> distribution version, for every plugin the merge relies on (the core
+        itself is not listed)."""
+        names: set[str] = set()
+        for step in self.steps:
+            names |= step.plugins
+        versions = {r.name: r.version or "unknown" for r in self.host.records}
+        return {n: versions.get(n, "unknown") for n in sorted(names)}
 
 
 def _describe(node: Node, steps_by_node: dict[Node, Step]) -> str:
@@ -135,25 +174,25 @@ def _check_hyper(node: CallNode, name: str, value: Node, host: PluginHost) -> No
                                       f"'{entry}'" + (f"; did you mean '{hint[0]}'?" if hint else ""))
 
 
-def _check_maps_match(step: Step, host: PluginHost, model_archs: set[str]) -> None:
+def _check_map_matches(step: Step, host: PluginHost, name: str, value: Node) -> None:
     """A block/class map must name the architecture of the keys it weights: another one (SDXL's
     map on SD1 models) would silently give keys the method's default, or another layout's blocks."""
     node = step.node
     assert isinstance(node, CallNode)
-    for name, value in node.kwargs:
-        if not (isinstance(value, LiteralNode) and isinstance(value.value, WeightMap)) or not step.table:
-            continue
-        arch = host.architecture(value.value.arch)
-        if model_archs:
-            wrong = arch.name not in model_archs
-        else:  # files of no detected architecture: the map's must hold their keys best of all
-            covered = {a.name: sum(key in a.keys for key in step.table) for a in host.architectures.values()}
-            wrong = covered[arch.name] == 0 or covered[arch.name] < max(covered.values())
-        if wrong:
-            found = ", ".join(sorted(model_archs)) or "no known architecture"
-            raise PlanError(f"{node.method.name}({name}=...): the map names {arch.name}, but the keys of "
-                            f"this merge are not {arch.name}'s (its models: {found}); name the models' "
-                            f"architecture (`mecha inspect FILE` shows it)")
+    if not (isinstance(value, LiteralNode) and isinstance(value.value, WeightMap)) or not step.table:
+        return
+    model_archs = set(step.archs)
+    arch = host.architecture(value.value.arch)
+    if model_archs:
+        wrong = arch.name not in model_archs
+    else:  # files of no detected architecture: the map's must hold their keys best of all
+        covered = {a.name: sum(key in a.keys for key in step.table) for a in host.architectures.values()}
+        wrong = covered[arch.name] == 0 or covered[arch.name] < max(covered.values())
+    if wrong:
+        found = ", ".join(sorted(model_archs)) or "no known architecture"
+        raise PlanError(f"{node.method.name}({name}=...): the map names {arch.name}, but the keys of "
+                        f"this merge are not {arch.name}'s (its models: {found}); name the models' "
+                        f"architecture (`mecha inspect FILE` shows it)")
 
 
 def _check_one_file_per_model(root: Node, models_dir: str | None) -> None:
@@ -192,6 +231,7 @@ def make_plan(root: Node, options: MergeOptions | None = None, host: PluginHost 
     _check_one_file_per_model(root, options.models_dir)
     steps: list[Step] = []
     optional_cache: dict[str, frozenset[str]] = {}
+    map_cache: dict[tuple[Node, Any, str], PerKey] = {}
     by_node: dict[Node, Step] = {}
     sources: list[Source] = []
     try:
@@ -199,31 +239,22 @@ def make_plan(root: Node, options: MergeOptions | None = None, host: PluginHost 
             if isinstance(node, LiteralNode):
                 continue
             if isinstance(node, ParameterNode):
-                raise UnfilledParameterError(f"recipe parameter '{node.name}' is not filled; fill it "
-                                             f"with `mecha compose` (or `-p {node.name}=PATH`)")
+                with _located(node):
+                    raise UnfilledParameterError(f"recipe parameter '{node.name}' is not filled; fill it "
+                                                 f"with `mecha compose` (or `-p {node.name}=PATH`)")
             step = Step(len(steps), node)
             if isinstance(node, ModelNode):
-                try:
+                with _located(node):  # say which recipe line names the model
                     path = resolve_path(node, options.models_dir)
                     step.source = open_source(node, path, host, options.allow_missing)
-                except MechaError as exc:  # say which recipe line names the model
-                    if node.where is None or getattr(exc, "line", None) is not None:
-                        raise
-                    # keep the cause: --debug shows the traceback of the plugin code that failed
-                    raise type(exc)(f"{node.where}: {exc}") from exc.__cause__
                 sources.append(step.source)
                 step.table = dict(step.source.keys)
                 step.space = step.source.space
+                step.plugins = _source_plugins(step.source, host)
                 if step.source.arch is not None:
                     step.archs = {step.source.arch: path}
             elif isinstance(node, CallNode):
-                for name, value in node.kwargs:
-                    _check_hyper(node, name, value, host)
-                step.inputs = [by_node[a].index for a in node.args]
-                step.archs = _one_architecture(node, [steps[i] for i in step.inputs])
-                _plan_call(step, [steps[i] for i in step.inputs], options, by_node,
-                           _optional_keys(host, step.archs, optional_cache))
-                _check_maps_match(step, host, set(step.archs))
+                _plan_call_step(step, node, steps, by_node, options, host, optional_cache, map_cache)
             steps.append(step)
             by_node[node] = step
         root_step = by_node[root]
@@ -233,12 +264,75 @@ def make_plan(root: Node, options: MergeOptions | None = None, host: PluginHost 
             if options.output_dtype is not None and is_float(dtype):
                 dtype = options.output_dtype
             output[key] = TensorInfo(info.shape, dtype)
+        # every call checked that its inputs share one architecture, and the root is above them all
         arch = next((s.arch for s in sources if s.arch is not None), None)
-        return Plan(root, steps, output, sources, options, host, arch)
+        return Plan(root, steps, output, sources, options, host, _known_architecture(host, arch))
     except BaseException:
         for s in sources:
             s.close()
         raise
+
+
+def _known_architecture(host: PluginHost, name: str | None) -> Architecture | None:
+    """The installed architecture ``name`` (a converter may name one no plugin provides)."""
+    if name is None:
+        return None
+    try:
+        return host.architecture(name)
+    except MechaError:
+        return None
+
+
+@contextlib.contextmanager
+def _located(*nodes: Node) -> Iterator[None]:
+    """Prefix a MechaError raised about ``nodes`` with the recipe line of the first of them that
+    has one (``recipe.mecha:3:18: ...``); nodes built in Python have none."""
+    try:
+        yield
+    except MechaError as exc:
+        where = next((w for w in (getattr(n, "where", None) for n in nodes) if w is not None), None)
+        if where is None or getattr(exc, "line", None) is not None:
+            raise
+        # keep the cause: --debug shows the traceback of the plugin code that failed
+        raise type(exc)(f"{where}: {exc}") from exc.__cause__
+
+
+def _plan_call_step(step: Step, node: CallNode, steps: list[Step], by_node: dict[Node, Step],
+                    options: MergeOptions, host: PluginHost, optional_cache: dict[str, frozenset[str]],
+                    map_cache: dict[tuple[Node, Any, str], PerKey]) -> None:
+    """Check a call's hyperparameters and inputs, work out its keys, and bind what it runs with."""
+    for name, value in node.kwargs:
+        with _located(value, node):
+            _check_hyper(node, name, value, host)
+    inputs = [by_node[a] for a in node.args]
+    step.inputs = [s.index for s in inputs]
+    with _located(node):
+        step.archs = _one_architecture(node, inputs)
+        _plan_call(step, inputs, options, by_node, _optional_keys(host, step.archs, optional_cache))
+    for name, value in node.kwargs:
+        with _located(value, node):
+            _check_map_matches(step, host, name, value)
+    step.method = node.method
+    step.hyper = bind(node.method, node.kwargs, host, map_cache)
+    step.provider = host.merge_methods.provider(node.method.name)
+    step.plugins = _plugins(step.provider)
+
+
+def _source_plugins(source: Source, host: PluginHost) -> frozenset[str]:
+    """The plugins a model input relies on: its architecture's and model type's providers, and
+    every converter's along the way."""
+    names = {host.architectures.provider(source.arch) if source.arch else None,
+             host.model_types.provider(source.type) if source.type else None}
+    inner: Source | None = source
+    while isinstance(inner, ConvertedSource):
+        names.add(host.converters.provider(inner.converter.name))
+        inner = inner.inner
+    return _plugins(*names)
+
+
+def _plugins(*providers: str | None) -> frozenset[str]:
+    """The plugin names among registry providers (the core's own registrations are not plugins)."""
+    return frozenset(p for p in providers if p and p != CORE)
 
 
 def _one_architecture(node: CallNode, inputs: list[Step]) -> dict[str, str]:
@@ -323,22 +417,3 @@ def _plan_call(step: Step, inputs: list[Step], options: MergeOptions, by_node: d
         sample = "; ".join(f"'{k}' is missing from {_describe(node.args[i], by_node)}" for k, i in missing[:3])
         raise PlanError(f"{method.name}: {len(missing)} key(s) are not in every input ({sample}); "
                         f"use --allow-missing (the first input that has a key wins) or fallback()")
-
-
-def bytes_per_element(plan: Plan, key: str) -> int:
-    """Working bytes one output element of ``key`` costs: every input and intermediate, in the work dtype."""
-    nodes = sum(1 for s in plan.steps if key in s.table)
-    return ITEMSIZE.get(plan.options.work_dtype, 4) * (nodes + 1)
-
-
-def slice_elements(plan: Plan, key: str) -> int:
-    """How many elements of an element-wise key one unit of work takes."""
-    if plan.options.chunk_elements:
-        return max(1, plan.options.chunk_elements)
-    return max(1 << 16, plan.options.slice_bytes // bytes_per_element(plan, key))
-
-
-def unit_cost(plan: Plan, key: str, elements: int | None = None) -> int:
-    """Bytes a unit of work may hold at once (for the memory budget)."""
-    n = plan.output[key].numel if elements is None else elements
-    return max(1, n * bytes_per_element(plan, key))

@@ -3,6 +3,9 @@
 A header is validated completely (JSON object, known dtypes, shapes, offsets that tile the data
 area exactly) before any tensor is read; tensors are then read on demand from a memory map, so
 an input costs page cache, not private memory.
+
+The map is copy-on-write: a merge method that writes into an input tensor (a bug the engine
+reports) changes a private copy of that page, never the file, and never faults.
 """
 
 from __future__ import annotations
@@ -10,11 +13,12 @@ from __future__ import annotations
 import ctypes
 import errno
 import json
-import math
 import mmap
 import os
+import platform
 import stat
 import struct
+import sys
 import warnings
 from typing import Any, Mapping
 
@@ -42,6 +46,24 @@ def check_float_dtype(name: str, what: str) -> None:
     option in the message)."""
     if name not in FLOAT_DTYPES:
         raise MechaError(f"{what} must be one of {', '.join(sorted(FLOAT_DTYPES))}; got '{name}'")
+
+#: mmap's MAP_NORESERVE (in the module from Python 3.13): no swap is set aside for the pages of a
+#: copy-on-write map, which are only ever read; without it Linux refuses a map larger than RAM
+_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform.startswith("linux")
+                     and platform.machine() in ("x86_64", "aarch64") else 0)
+
+
+def _map_file(fd: int) -> tuple[mmap.mmap, bool]:
+    """The whole file mapped copy-on-write where the system allows it (else read-only), and
+    whether writes to it are possible."""
+    try:
+        if hasattr(mmap, "MAP_PRIVATE"):
+            return mmap.mmap(fd, 0, flags=mmap.MAP_PRIVATE | _NORESERVE,
+                             prot=mmap.PROT_READ | mmap.PROT_WRITE), True
+        return mmap.mmap(fd, 0, access=mmap.ACCESS_COPY), True
+    except OSError:  # strict overcommit accounting, say: a read-only map needs no reservation
+        return mmap.mmap(fd, 0, access=mmap.ACCESS_READ), False
+
 
 #: the largest dimension torch can allocate (int64 sizes)
 MAX_DIM = (1 << 63) - 1
@@ -139,11 +161,12 @@ def _parse_header(path: str, raw: bytes, data_size: int) -> tuple[dict[str, _Ent
             raise _bad(path, f"key {_name(key)}: data_offsets {_short(offsets)} outside the data area "
                              f"({data_size} bytes; is the file truncated?)")
         name, size = DTYPES[code]
-        expected = math.prod(shape) * size
+        info = TensorInfo(tuple(shape), name)
+        expected = info.numel * size
         if end - begin != expected:
             raise _bad(path, f"key {_name(key)}: shape {_short(shape)} of {code} needs "
                              f"{_short(expected)} bytes, data_offsets give {_short(end - begin)}")
-        entries[key] = _Entry(TensorInfo(tuple(shape), name), begin, end)
+        entries[key] = _Entry(info, begin, end)
     position = 0
     for key, entry in sorted(entries.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
         if entry.begin != position:
@@ -175,6 +198,7 @@ class SafetensorsFile:
     def __init__(self, path: str | os.PathLike[str]):
         self.path = os.fspath(path)
         self._map: mmap.mmap | None = None
+        self._writable = False
         p = self.path
         if p.lower().endswith(PICKLE_SUFFIXES):
             raise _bad(p, "pickle checkpoints are not loaded (unpickling can run code); convert it "
@@ -215,7 +239,7 @@ class SafetensorsFile:
             self.data_start = 8 + n
             self._entries, self.metadata = _parse_header(p, raw, size - self.data_start)
             if size > 0 and self._entries:
-                self._map = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+                self._map, self._writable = _map_file(fd)
         finally:
             os.close(fd)
         self.keys: dict[str, TensorInfo] = {k: e.info for k, e in self._entries.items()}
@@ -223,25 +247,27 @@ class SafetensorsFile:
     def __repr__(self) -> str:
         return f"SafetensorsFile({self.path!r}, {len(self.keys)} keys)"
 
-    def info(self, key: str) -> TensorInfo:
-        return self._entries[key].info
-
     def nbytes(self, key: str) -> int:
         e = self._entries[key]
         return e.end - e.begin
 
     def read(self, key: str) -> torch.Tensor:
-        """The tensor, viewing the memory map (no copy). Treat it as read-only."""
+        """The tensor, viewing the memory map (no copy). Writes to it would change this
+        process's copy of the page only, but nothing should write to it: a merge reads each
+        input's pages from every step that uses them."""
         entry = self._entries[key]
         info = entry.info
         if info.numel == 0:
             return torch.empty(info.shape, dtype=torch_dtype(info.dtype))
         assert self._map is not None
         self._check_still_there(entry.end)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the buffer is read-only; nobody writes to it
-            flat = torch.frombuffer(self._map, dtype=torch_dtype(info.dtype), count=info.numel,
-                                    offset=self.data_start + entry.begin)
+        dtype, offset = torch_dtype(info.dtype), self.data_start + entry.begin
+        if self._writable:
+            flat = torch.frombuffer(self._map, dtype=dtype, count=info.numel, offset=offset)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the buffer is read-only; nobody writes to it
+                flat = torch.frombuffer(self._map, dtype=dtype, count=info.numel, offset=offset)
         return flat.view(info.shape)
 
     def _check_still_there(self, end: int) -> None:
@@ -274,12 +300,11 @@ class SafetensorsFile:
                 pass
 
     def close(self) -> None:
-        if self._map is not None:
-            try:
-                self._map.close()
-            except BufferError:  # a tensor still views it; the map closes when that is freed
-                pass
-            self._map = None
+        # Not mmap.close(): torch.frombuffer keeps the map object alive but exports no buffer,
+        # so closing would unmap pages that a tensor still views (one kept by an exception's
+        # traceback, say) and touching it would crash. Dropped, the map is unmapped when the
+        # last tensor viewing it is freed: at once when there is none.
+        self._map = None
 
 
 def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorInfo], dict[str, str]]:

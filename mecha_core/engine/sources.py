@@ -65,9 +65,6 @@ class FileSource(Source):
     def read(self, key: str) -> torch.Tensor:
         return self.file.read(self._stored[key])
 
-    def nbytes(self, key: str) -> int:
-        return self.file.nbytes(self._stored[key])
-
     def prefetch(self, key: str, start: int = 0, stop: int | None = None) -> None:
         self.file.prefetch(self._stored[key], start, stop)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from mecha_core.lazy import torch
 
-from mecha_core import DELTA, get_host, merge_method
+from mecha_core import DELTA, merge_method
 from mecha_core.errors import MergeError
 
 
@@ -22,7 +22,7 @@ def _component_of(method: str, component, ctx) -> tuple[str, str | None]:
         raise MergeError(f"{method}(component={component!r}) needs to know which component each key "
                          f"is in, but no architecture was detected for the inputs; name it with "
                          f"model(\"file.safetensors\", arch=\"...\")")
-    arch = get_host().architecture(ctx.architecture)
+    arch = ctx.architecture
     wanted = arch.component_aliases.get(component, component)
     if wanted not in arch.components:
         raise MergeError(f"{method}: {arch.name} has no component {component!r}; it has "

@@ -1,0 +1,223 @@
+"""Scheduling a plan's work: units (a key, or a slice of an element-wise key), a byte budget that
+bounds memory, a pool of worker threads, and the progress line.
+
+What a unit does (evaluate it and write it) is the caller's job; here it is only decided what runs
+when. Units are numbered in output order, and when several fail the first one's error is raised,
+so what a failed merge reports does not depend on the thread count either.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import sys
+import threading
+import time
+from typing import Callable
+
+import attrs
+
+from .plan import Plan
+from .safetensors_io import ITEMSIZE, is_float, output_order
+
+
+@attrs.frozen
+class Unit:
+    """One piece of work: a whole key, or elements ``start:stop`` of a flattened one."""
+
+    index: int
+    """The unit's position in the schedule (errors are reported in this order)."""
+    key: str
+    """The output key."""
+    start: int
+    """The first element (0 for a whole key)."""
+    stop: int | None
+    """One past the last element; ``None`` for a whole key."""
+    cost: int
+    """Bytes the unit may hold at once, for the memory budget."""
+    last: bool
+    """The unit finishes its key (the progress line counts the key then)."""
+
+
+def bytes_per_element(plan: Plan, key: str) -> int:
+    """Working bytes one output element of ``key`` costs: every input and intermediate, in the work dtype."""
+    nodes = sum(1 for s in plan.steps if key in s.table)
+    return ITEMSIZE.get(plan.options.work_dtype, 4) * (nodes + 1)
+
+
+def slice_elements(plan: Plan, key: str) -> int:
+    """How many elements of an element-wise key one unit of work takes."""
+    if plan.options.chunk_elements:
+        return max(1, plan.options.chunk_elements)
+    return max(1 << 16, plan.options.slice_bytes // bytes_per_element(plan, key))
+
+
+def unit_cost(plan: Plan, key: str, elements: int | None = None) -> int:
+    """Bytes a unit of work may hold at once (for the memory budget)."""
+    n = plan.output[key].numel if elements is None else elements
+    return max(1, n * bytes_per_element(plan, key))
+
+
+def chunkable(plan: Plan, key: str) -> bool:
+    """Whether ``key`` may be evaluated in slices: every step it passes through is element-wise
+    and every file it comes from stores it as is (a converter computes whole tensors)."""
+    for step in plan.steps:
+        if key not in step.table:
+            continue
+        if step.source is not None and not step.source.direct:
+            return False
+        if step.method is not None and not step.method.elementwise:
+            return False
+    return True
+
+
+def units(plan: Plan) -> list[Unit]:
+    """Every unit of the merge, in output order; large element-wise keys are sliced."""
+    pieces: list[tuple[str, int, int | None]] = []
+    for key in output_order(plan.output):
+        n = plan.output[key].numel
+        chunk = slice_elements(plan, key)
+        if n > chunk and is_float(plan.output[key].dtype) and chunkable(plan, key):
+            pieces.extend((key, s, min(s + chunk, n)) for s in range(0, n, chunk))
+        else:
+            pieces.append((key, 0, None))
+    limit = max(1, plan.options.memory_budget)
+    out = []
+    for i, (key, start, stop) in enumerate(pieces):
+        cost = min(unit_cost(plan, key, None if stop is None else stop - start), limit)
+        last = i + 1 == len(pieces) or pieces[i + 1][0] != key
+        out.append(Unit(i, key, start, stop, cost, last))
+    return out
+
+
+class Budget:
+    """A byte budget: work is admitted while the bytes in flight stay under the limit."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+        self.cond = threading.Condition()
+
+    def acquire(self, n: int, stop: threading.Event) -> bool:
+        with self.cond:
+            while self.used > 0 and self.used + n > self.limit:
+                if stop.is_set():
+                    return False
+                self.cond.wait(0.1)
+            self.used += n
+            return True
+
+    def release(self, n: int) -> None:
+        with self.cond:
+            self.used -= n
+            self.cond.notify_all()
+
+
+def format_bytes(n: float) -> str:
+    """``512 B``, ``12 kB``, ``2.1 GB``: a byte count for people (powers of 1000)."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:,.0f} {unit}" if unit in ("B", "kB") else f"{n:,.1f} {unit}"
+        n /= 1000
+    return f"{n:,.1f} GB"
+
+
+class Progress:
+    """A one-line progress report on stderr: keys, bytes, rate and ETA."""
+
+    def __init__(self, total_keys: int, total_bytes: int, enabled: bool):
+        self.total_keys, self.total_bytes, self.enabled = total_keys, total_bytes, enabled
+        self.keys = self.bytes = 0
+        self.start = self.last = time.monotonic()
+        self.lock = threading.Lock()
+
+    def update(self, bytes_: int, key_done: bool) -> None:
+        with self.lock:
+            self.bytes += bytes_
+            self.keys += int(key_done)
+            now = time.monotonic()
+            if self.enabled and (now - self.last > 0.2 or self.keys == self.total_keys):
+                self.last = now
+                elapsed = max(now - self.start, 1e-6)
+                rate = self.bytes / elapsed
+                eta = (self.total_bytes - self.bytes) / rate if rate > 0 else 0
+                sys.stderr.write(f"\rmerging {self.keys}/{self.total_keys} keys, "
+                                 f"{format_bytes(self.bytes)}/{format_bytes(self.total_bytes)}, "
+                                 f"{format_bytes(rate)}/s, ETA {eta:,.0f}s ")
+                sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def run_units(plan: Plan, job: Callable[[Unit], int], progress: bool = False) -> None:
+    """Run ``job`` on every unit of ``plan`` in a thread pool, within the memory budget.
+
+    ``job`` returns the bytes it wrote (for the progress line). After the first failure no new
+    unit starts; once the running ones are done, the failure of the earliest unit is raised. On
+    Ctrl-C this returns only when no unit runs any more.
+    """
+    opts = plan.options
+    todo = units(plan)
+    threads = max(1, opts.threads or os.cpu_count() or 1)
+    budget = Budget(max(1, opts.memory_budget))
+    stop = threading.Event()
+    report = Progress(len(plan.output), sum(i.numel * ITEMSIZE[i.dtype] for i in plan.output.values()), progress)
+    errors: list[tuple[int, BaseException]] = []
+    lock = threading.Lock()
+    active = [0]  # units running now; inputs stay mapped until this is back to zero
+
+    def work(unit: Unit) -> None:
+        with lock:
+            active[0] += 1
+        try:
+            if not stop.is_set():
+                report.update(job(unit), unit.last)
+        except BaseException as exc:
+            with lock:
+                errors.append((unit.index, exc))
+            stop.set()
+        finally:
+            with lock:
+                active[0] -= 1
+            budget.release(unit.cost)
+
+    sources_by_key: dict[str, list] = {}
+    for step in plan.steps:
+        if step.source is not None and step.source.direct:
+            for key in step.table:
+                sources_by_key.setdefault(key, []).append(step.source)
+    pool = cf.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mecha")
+    try:
+        for unit in todo:
+            if stop.is_set() or not budget.acquire(unit.cost, stop):
+                break
+            for source in sources_by_key.get(unit.key, ()):  # overlap reading with the work in flight
+                source.prefetch(unit.key, unit.start, unit.stop)
+            pool.submit(work, unit)
+        pool.shutdown(wait=True)
+    except BaseException:
+        stop.set()
+        _drain(pool, active, lock)
+        raise
+    finally:
+        report.close()
+    if errors:
+        errors.sort(key=lambda e: e[0])
+        raise errors[0][1]
+
+
+def _drain(pool: cf.ThreadPoolExecutor, active: list[int], lock: threading.Lock) -> None:
+    """Wait until no unit runs any more, even through further Ctrl-Cs: the inputs' memory maps
+    are closed after this, and a worker still reading one would crash the process."""
+    while True:
+        try:
+            pool.shutdown(wait=True, cancel_futures=True)
+            # A join interrupted by a signal can return early; the counter is the real test.
+            while True:
+                with lock:
+                    if active[0] == 0:
+                        return
+                time.sleep(0.005)
+        except KeyboardInterrupt:
+            continue
