@@ -16,6 +16,9 @@ def _terminate(signum: int, frame: object) -> None:
     raise SystemExit(143)  # unwinds like an exception, so cleanups run; a merge installs its own
 
 
+_terminate.mecha_startup = True  # type: ignore[attr-defined]  # a merge's handler replaces it
+
+
 def main() -> int:
     """Run the command line; returns the exit code."""
     try:

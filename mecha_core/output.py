@@ -355,8 +355,8 @@ class TerminateAsInterrupt:
     """Turns the signals that would end the process without cleanup (:data:`FATAL_SIGNALS`)
     into :class:`Terminated` while the block runs, so ``finally`` blocks remove temporary files.
 
-    Only signals left at their default action are taken over (a program embedding mecha keeps
-    its own handlers), only in the main thread (Python allows no other), and the previous
+    Only signals left at their default action (or at the command line's start-up handler, which
+    only exits quietly) are taken over (a program embedding mecha keeps its own handlers), only in the main thread (Python allows no other), and the previous
     handlers come back on exit. Nested use is fine.
     """
 
@@ -370,7 +370,9 @@ class TerminateAsInterrupt:
 
         for signum in FATAL_SIGNALS:
             try:
-                if signal.getsignal(signum) is signal.SIG_DFL:
+                current = signal.getsignal(signum)
+                # the command line's start-up handler (mecha_core.__main__) stands for the default
+                if current is signal.SIG_DFL or getattr(current, "mecha_startup", False):
                     self.previous[signum] = signal.signal(signum, handler)
             except (OSError, ValueError):  # not catchable here
                 continue

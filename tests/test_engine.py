@@ -196,7 +196,7 @@ def test_failure_mid_merge_leaves_existing_output_untouched(tmp_path):
         pa = write_checkpoint(tmp_path / "a.safetensors", {"a": torch.ones(2), "b": torch.ones(2), "c": torch.ones(2)})
         target = tmp_path / "out.safetensors"
         target.write_bytes(b"previous result")
-        with pytest.raises(PluginCodeError, match=r"plugin 'p': method 'explode_on_b' raised ValueError: boom \(key 'b'\)"):
+        with pytest.raises(PluginCodeError, match=r"^plugin 'p': method 'explode_on_b' failed on key 'b' \(file a\.safetensors\): ValueError: boom$"):
             mecha.merge(explode_on_b(mecha.model(pa)), target)
     assert target.read_bytes() == b"previous result"
     assert sorted(os.listdir(tmp_path)) == ["a.safetensors", "out.safetensors"]

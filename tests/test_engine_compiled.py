@@ -28,7 +28,7 @@ import mecha_core as mecha
 import mecha_methods.plugin
 from mecha_core.engine.evaluate import Evaluator
 from mecha_core.engine.plan import make_plan
-from mecha_core.errors import MergeError, PlanError, RecipeError
+from mecha_core.errors import MergeError, PlanError, PluginCodeError, RecipeError
 from mecha_core.plugins import plugin_from_functions
 from mecha_core.recipe.nodes import CallNode, LiteralNode, call
 from mecha_core.recipe.values import WeightMap
@@ -281,7 +281,7 @@ def _failing_host():
 def test_system_exit_in_a_method_is_one_line_naming_plugin_method_key_and_file(tmp_path):
     pa = write_checkpoint(tmp_path / "a.safetensors", {"w": torch.ones(2)})
     with using(_failing_host()):
-        with pytest.raises(MergeError) as err:
+        with pytest.raises(PluginCodeError) as err:
             mecha.merge(exits(mecha.model(pa)), tmp_path / "o.safetensors")
     assert str(err.value) == "plugin 'flaky': method 'exits' failed on key 'w' (file a.safetensors): SystemExit: 3"
     assert sorted(os.listdir(tmp_path)) == ["a.safetensors"]
@@ -291,7 +291,7 @@ def test_a_multiline_exception_becomes_one_line_naming_both_files(tmp_path):
     pa = write_checkpoint(tmp_path / "a.safetensors", {"w": torch.ones(2)})
     pb = write_checkpoint(tmp_path / "b.safetensors", {"w": torch.ones(2)})
     with using(_failing_host()):
-        with pytest.raises(MergeError) as err:
+        with pytest.raises(PluginCodeError) as err:
             mecha.merge(raises_multiline(mecha.model(pa), mecha.model(pb)), tmp_path / "o.safetensors")
     assert str(err.value) == ("plugin 'flaky': method 'raises_multiline' failed on key 'w' "
                               "(files a.safetensors, b.safetensors): RuntimeError: first line second line")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -125,7 +126,8 @@ def test_a_method_raising_system_exit_is_one_line_and_writes_nothing(site, tmp_p
     pa, _, _, _ = two_checkpoints(tmp_path)
     with pytest.raises(PluginCodeError) as err:
         mecha_core.merge(mecha_core.exit_now(pa), output=tmp_path / "o.safetensors")
-    assert str(err.value).startswith("plugin 'exiting': method 'exit_now' raised SystemExit: 3 (key '")
+    assert re.fullmatch(r"plugin 'exiting': method 'exit_now' failed on key '[^']+' \(file a\.safetensors\): "
+                        r"SystemExit: 3", str(err.value))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors", "site"]
 
 
