@@ -13,15 +13,36 @@ no plugin: they are discovered on first use.
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from typing import Any, Mapping
 
+from . import operators  # noqa: F401  (hands the core's operators to the recipe nodes)
+from . import recipe as _recipe
 from .api import merge
 from .errors import MechaError
 from .method import MergeContext, MergeMethod, merge_method
-from .plugins import PLUGIN_API_VERSION, discovering, get_host, hookimpl
-from .recipe import blocks, classes, compose, dump_recipe, load_recipe
-from .recipe.nodes import literal, model, parameter
+from .plugins import PLUGIN_API_VERSION, PluginHost, discovering, get_host, hookimpl
+from .recipe import blocks, classes, dump_recipe
+from .recipe.nodes import Node, literal, model, parameter
 from .specs import DELTA, PARAM, WEIGHT
+
+
+def load_recipe(text_or_path: str | os.PathLike[str], *, host: PluginHost | None = None) -> Node:
+    """A recipe from ``.mecha`` text or a file path (mecha v1, or either sd-mecha generation).
+
+    Method names and architecture aliases are resolved through ``host`` (default: the
+    process-wide plugin host). Relative model paths in a file are also looked up in the file's
+    folder (after the models directory) when the recipe is merged.
+    """
+    return _recipe.load_recipe(text_or_path, host=host or get_host())
+
+
+def compose(template: Node | str | os.PathLike[str], fills: Mapping[str, Any] | None = None, /, *,
+            host: PluginHost | None = None, **more_fills: Any) -> Node:
+    """Fill a template's parameters by name (see :func:`mecha_core.recipe.compose`); ``.mecha``
+    files (the template's or a fill's) are read with ``host`` (default: the process-wide one)."""
+    return _recipe.compose(template, fills, host=host or get_host(), **more_fills)
+
 
 __all__ = [
     "DELTA", "MechaError", "MergeContext", "MergeMethod", "PARAM", "PLUGIN_API_VERSION", "WEIGHT",

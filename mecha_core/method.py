@@ -170,6 +170,19 @@ def _resolve_hints(fn: Callable[..., Any]) -> dict[str, Any]:
         return {}
 
 
+def _kind_and_choices(hint: Any) -> tuple[type | None, tuple | None]:
+    """A hyperparameter's kind from its annotation; ``Literal["sum", "count"]`` also gives its
+    choices (the kind is the choices' common type: ``str`` there)."""
+    if hint in _SCALAR_KINDS:
+        return hint, None
+    if typing.get_origin(hint) is typing.Literal:
+        choices = typing.get_args(hint)
+        kinds = {type(c) for c in choices}
+        kind = kinds.pop() if len(kinds) == 1 else None
+        return (kind if kind in _SCALAR_KINDS else None), tuple(choices)
+    return None, None
+
+
 def _build(fn: Callable[..., Any], *, name: str | None, spaces: Any, returns: str | None,
            accepts_missing: bool, check_spaces: Any, formula: str, elementwise: bool) -> MergeMethod:
     sig = inspect.signature(fn)
@@ -201,8 +214,11 @@ def _build(fn: Callable[..., Any], *, name: str | None, spaces: Any, returns: st
         elif p.kind == p.KEYWORD_ONLY:
             if p.default is p.empty:
                 raise TypeError(f"{method_name}: hyperparameter '{p.name}' needs a default")
-            kind = hints.get(p.name)
-            hypers.append(Hyperparameter(p.name, p.default, kind if kind in _SCALAR_KINDS else None))
+            kind, choices = _kind_and_choices(hints.get(p.name))
+            if choices is not None and p.default not in choices and p.default is not None:
+                raise TypeError(f"{method_name}: hyperparameter '{p.name}' defaults to {p.default!r}, "
+                                f"which is not one of its choices {choices!r}")
+            hypers.append(Hyperparameter(p.name, p.default, kind, choices))
         else:
             raise TypeError(f"{method_name}: **{p.name} is not supported")
     unknown = set(spaces) - {i.name for i in inputs}

@@ -28,6 +28,7 @@ import pluggy
 from . import hookspecs
 from .errors import PluginError, RecipeError
 from .method import MergeMethod
+from .operators import CORE_METHODS
 from .specs import DELTA, WEIGHT, Architecture, Converter, ModelType
 
 #: The plugin API this core implements. Plugins built for a newer API are refused.
@@ -147,6 +148,8 @@ class PluginHost:
         self._arch_aliases: dict[str, str] = {}
         for mt in CORE_MODEL_TYPES:
             self.model_types.add("mecha-core", mt.name, mt)
+        for method in CORE_METHODS:  # the operators -, +, * and | (mecha_core/operators.py)
+            self.merge_methods.add("mecha-core", method.name, method)
         self.warnings: list[str] = []
         """Problems that belong to no plugin (an allow list naming a plugin that is not installed)."""
         if autoload:

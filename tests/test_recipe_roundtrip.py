@@ -14,7 +14,8 @@ import mecha_methods.plugin
 from mecha_core import merge_method
 from mecha_core.errors import RecipeError
 from mecha_core.plugins import plugin_from_functions
-from mecha_core.recipe import CallNode, ModelNode, dump_recipe, load_recipe
+from mecha_core import load_recipe  # the plugin host's methods
+from mecha_core.recipe import CallNode, ModelNode, dump_recipe
 from mecha_core.recipe.nodes import ParameterNode, parameter, walk
 from mecha_core.recipe.values import blocks, classes
 from mecha_core.specs import Architecture, KeySpec

@@ -61,8 +61,7 @@ def merge_command(
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
 ) -> None:
     """Run a recipe and write the merged model."""
-    from .. import api
-    from ..recipe import compose, load_recipe
+    from .. import api, compose, load_recipe
 
     node = load_recipe(recipe)
     if param:
@@ -74,7 +73,7 @@ def merge_command(
             if name.strip() in fills:  # the last one winning silently would hide a typo
                 raise MechaError(f"-p {name.strip()} is given twice")
             fills[name.strip()] = _fill_value(value, name.strip())
-        node = compose(node, **fills)
+        node = compose(node, fills)
     if output.exists() and recipe.exists() and os.path.samefile(output, recipe):
         raise OutputError(f"{output}: the output would overwrite the recipe {recipe}; choose another path")
     progress = not quiet and not json_out and sys.stderr.isatty()
@@ -131,7 +130,8 @@ def compose_command(
     import tempfile
 
     from ..engine.run import output_mode, resolve_output, temp_prefix
-    from ..recipe import as_fill, compose, dump_recipe, load_recipe
+    from .. import compose, get_host, load_recipe
+    from ..recipe import as_fill, dump_recipe
     from ..recipe.nodes import relocate
 
     if os.path.exists(output) and os.path.samefile(output, template):
@@ -144,9 +144,10 @@ def compose_command(
         if _is_safetensors(output):  # recipe text over a model would destroy the model
             raise MechaError(f"{output}: is a safetensors model; a composed recipe goes to a .mecha file")
     node = load_recipe(template)
-    fills = {name: as_fill(value if os.path.exists(value) else _fill_value(value, name), base_dir=os.getcwd())
+    fills = {name: as_fill(value if os.path.exists(value) else _fill_value(value, name), base_dir=os.getcwd(),
+                           host=get_host())
              for name, value in pairs}
-    composed = relocate(compose(node, **fills), os.path.dirname(os.path.abspath(output)))
+    composed = relocate(compose(node, fills), os.path.dirname(os.path.abspath(output)))
     text = dump_recipe(composed)
     target = resolve_output(output)
     tmp = None
