@@ -12,12 +12,11 @@ Printing is deterministic (the same graph gives the same bytes) and ``load(dump(
 from __future__ import annotations
 
 import difflib
+import gc
 import json
 import os
 import re
-from typing import Any
-
-import attrs
+from typing import Any, NamedTuple
 
 from ..errors import MechaError, RecipeError
 from .host import CoreOnly, RecipeHost, canonical_arch, disabled_note, method_names
@@ -104,8 +103,7 @@ def _expr(node: Node, names: dict[Node, str]) -> str:
 
 
 # -- parsing ----------------------------------------------------------------------------------
-@attrs.frozen
-class Token:
+class Token(NamedTuple):  # a tuple: a 10^5-line recipe makes millions of tokens
     kind: str  # name, number, string, op, end
     text: str
     value: Any
@@ -130,36 +128,45 @@ def _is_unicode(text: str) -> bool:
     return True
 
 
+_FLOAT_MARK = re.compile(r"[.eEn]")
+_PLAIN_STRING = re.compile(r'"[^\\\x00-\x1f]*"')  # no escape, no control character: its own text
+
+
 def _tokenize(text: str, line: int, source: str) -> list[Token]:
-    tokens, pos = [], 0
-    while pos < len(text):
-        m = _TOKEN.match(text, pos)
+    tokens: list[Token] = []
+    append, match, end = tokens.append, _TOKEN.match, len(text)
+    pos = 0
+    while pos < end:
+        m = match(text, pos)
         if m is None:
             what = "an unterminated string" if text[pos] == '"' else f"unexpected character {text[pos]!r}"
             raise RecipeError(what, source=source, line=line, column=pos + 1)
         kind = m.lastgroup
         raw = m.group()
-        if kind == "number":
+        if kind == "name" or kind == "op":
+            append(Token(kind, raw, raw, pos + 1))
+        elif kind == "number":
             try:
-                value: Any = float(raw) if re.search(r"[.eEn]", raw) else int(raw)
+                value: Any = float(raw) if _FLOAT_MARK.search(raw) else int(raw)
             except ValueError:  # Python refuses to convert integers of over 4300 digits
                 raise RecipeError(f"number of {len(raw)} digits is too long", source=source, line=line,
                                   column=pos + 1) from None
-            tokens.append(Token("number", raw, value, pos + 1))
+            append(Token("number", raw, value, pos + 1))
         elif kind == "string":
-            try:
-                value = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise RecipeError(f"invalid string ({exc.msg})", source=source, line=line,
-                                  column=pos + 1 + exc.pos) from None
+            if _PLAIN_STRING.fullmatch(raw):
+                value = raw[1:-1]
+            else:
+                try:
+                    value = json.loads(raw)
+                except json.JSONDecodeError as exc:
+                    raise RecipeError(f"invalid string ({exc.msg})", source=source, line=line,
+                                      column=pos + 1 + exc.pos) from None
             if not _is_unicode(value):  # "\udc80": valid JSON, but no file or metadata can hold it
                 raise RecipeError("invalid string (a lone UTF-16 surrogate escape)", source=source,
                                   line=line, column=pos + 1)
-            tokens.append(Token("string", raw, value, pos + 1))
-        elif kind in ("name", "op"):
-            tokens.append(Token(kind, raw, raw, pos + 1))
+            append(Token("string", raw, value, pos + 1))
         pos = m.end()
-    tokens.append(Token("end", "", None, len(text) + 1))
+    append(Token("end", "", None, end + 1))
     return tokens
 
 
@@ -411,6 +418,18 @@ def load_v1(text: str, *, source: str = "<recipe>", base_dir: str | None = None,
     operators are known. Every node built remembers its :class:`Location`.
     """
     host = host or CoreOnly()
+    # Parsing builds many objects and no reference cycles: the cyclic collector would only
+    # rescan the growing graph again and again (a third of the time on a 10^5-line recipe).
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return _load_v1(text, source, base_dir, host)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _load_v1(text: str, source: str, base_dir: str | None, host: RecipeHost) -> Node:
     if text.startswith("\ufeff"):
         text = text[1:]  # a byte-order mark some editors add
     lines = _lines(text)

@@ -205,7 +205,8 @@ class CallNode(Node):
     def __hash__(self) -> int:
         h = self._hash_memo
         if h is None:
-            for node in _missing_below(self, lambda n: n._hash_memo is None):
+            ready = all(not isinstance(c, CallNode) or c._hash_memo is not None for c in self.args)
+            for node in [self] if ready else _missing_below(self, lambda n: n._hash_memo is None):
                 object.__setattr__(node, "_hash_memo", hash((
                     "CallNode", node.method, tuple(hash(a) for a in node.args),
                     tuple((k, hash(v)) for k, v in node.kwargs))))
@@ -235,7 +236,8 @@ class CallNode(Node):
         # input's space at every level, and recurse as deep as the chain.
         memo = self._space_memo
         if memo is None:
-            for node in _missing_below(self, lambda n: n._space_memo is None):
+            ready = all(not isinstance(c, CallNode) or c._space_memo is not None for c in self.args)
+            for node in [self] if ready else _missing_below(self, lambda n: n._space_memo is None):
                 object.__setattr__(node, "_space_memo", (node.method.result_space(
                     [a.space for a in node.args], origins=[origin(a) for a in node.args]),))
             memo = self._space_memo
@@ -385,6 +387,15 @@ def parameter(name: str, space: str | None = None, *, where: Location | None = N
 
 def walk(root: Node) -> Iterator[Node]:
     """Every node reachable from ``root``, each once, inputs before the nodes that use them."""
+    # deduplicate equal nodes (structurally identical sub-recipes are one node)
+    unique: dict[Node, None] = {}
+    for node in _reachable(root):
+        unique.setdefault(node, None)
+    return iter(unique)
+
+
+def _reachable(root: Node) -> list[Node]:
+    """Every node object reachable from ``root``, each once (by identity), inputs first."""
     seen: set[int] = set()
     order: list[Node] = []
     stack: list[tuple[Node, bool]] = [(root, False)]
@@ -402,11 +413,7 @@ def walk(root: Node) -> Iterator[Node]:
             for child in reversed(_children(node)):
                 if id(child) not in seen:
                     stack.append((child, False))
-    # deduplicate equal nodes (structurally identical sub-recipes are one node)
-    unique: dict[Node, None] = {}
-    for node in order:
-        unique.setdefault(node, None)
-    return iter(unique)
+    return order
 
 
 def parameters(root: Node) -> list[ParameterNode]:
@@ -428,7 +435,7 @@ def parameter_clash(root: Node) -> tuple[str, str] | None:
     spaces: dict[str, set[str | None]] = {}
     as_input: set[str] = set()
     as_hyper: set[str] = set()
-    for node in walk(root):
+    for node in _reachable(root):  # equal nodes need not be merged: the sets below do that
         if isinstance(node, ParameterNode):
             spaces.setdefault(node.name, set()).add(node.space)
         elif isinstance(node, CallNode):
