@@ -132,22 +132,29 @@ class MergeMethod:
         generic: str | None = None
         generic_from = ""
         named: dict[str, Any] = {}
+        fixed = [i for i in self.inputs if not i.variadic]
+        variadic = self.variadic
+
+        def got(pos: int, space: str) -> str:
+            return _SPACE_WORDS.get(space, space) + (f" from {origins[pos]}" if origins and origins[pos] else "")
+
         for pos, space in enumerate(spaces):
-            spec = self.input_for(pos)
+            spec = fixed[pos] if pos < len(fixed) else variadic
+            assert spec is not None
             label = spec.name if not spec.variadic else f"{spec.name}[{pos - len(self.inputs) + 1}]"
             named[label] = space
             if space is None:
                 continue
-            got = _SPACE_WORDS.get(space, space) + (f" from {origins[pos]}" if origins and origins[pos] else "")
             if spec.space is not None:
                 if space != spec.space:
-                    raise MergeSpaceError(f"{where}{self.name} expects {spec.name} in {spec.space} space; got {got}")
+                    raise MergeSpaceError(f"{where}{self.name} expects {spec.name} in {spec.space} space; "
+                                          f"got {got(pos, space)}")
             elif generic is None:
                 generic, generic_from = space, spec.name if not spec.variadic else label
             elif space != generic:
                 raise MergeSpaceError(
                     f"{where}{self.name} expects {spec.name} in the same space as {generic_from} "
-                    f"({generic}); got {got}")
+                    f"({generic}); got {got(pos, space)}")
         if self.check_spaces is not None:
             try:
                 self.check_spaces(named)
