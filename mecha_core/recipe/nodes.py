@@ -347,7 +347,11 @@ def check_hyper(method: "MergeMethod", name: str, node: Node) -> None:
     choices = getattr(hyper, "choices", None)
     if choices is not None and value not in choices:
         listed = ", ".join(format_value(c) for c in choices)
-        raise located(f"{method.name}({name}={format_value(value)[:80]}): use one of {listed}", node.where)
+        try:
+            shown = format_value(value)[:80]
+        except RecipeError:  # a string no recipe can hold (a lone surrogate)
+            shown = ascii(value)[:80]
+        raise located(f"{method.name}({name}={shown}): use one of {listed}", node.where)
 
 
 def call(method: "MergeMethod", args: tuple[Any, ...], kwargs: dict[str, Any], *,
