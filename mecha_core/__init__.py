@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 # torch warns at import when numpy is missing; numpy is not a dependency of mecha (nothing here
 # uses it), so the warning would only alarm users
@@ -28,10 +29,12 @@ _EXPORTS = {
     "merge": ".api", "MechaError": ".errors", "MergeContext": ".method", "MergeMethod": ".method",
     "merge_method": ".method", "PLUGIN_API_VERSION": ".plugins", "discovering": ".plugins",
     "get_host": ".plugins", "hookimpl": ".plugins", "blocks": ".recipe", "classes": ".recipe",
-    "compose": ".recipe", "dump_recipe": ".recipe", "load_recipe": ".recipe",
+    "dump_recipe": ".recipe",
     "literal": ".recipe.nodes", "model": ".recipe.nodes", "parameter": ".recipe.nodes",
     "DELTA": ".specs", "PARAM": ".specs", "WEIGHT": ".specs", "lazy_import": ".lazy",
 }
+
+from . import operators  # noqa: F401,E402  (hands the core's operators -, +, *, | to the recipe nodes)
 
 if TYPE_CHECKING:
     from .api import merge
@@ -39,9 +42,36 @@ if TYPE_CHECKING:
     from .lazy import lazy_import
     from .method import MergeContext, MergeMethod, merge_method
     from .plugins import PLUGIN_API_VERSION, get_host, hookimpl
-    from .recipe import blocks, classes, compose, dump_recipe, load_recipe
+    from .recipe import blocks, classes, dump_recipe
     from .recipe.nodes import literal, model, parameter
     from .specs import DELTA, PARAM, WEIGHT
+
+    from .plugins import PluginHost
+    from .recipe.nodes import Node
+
+
+def load_recipe(text_or_path: str | os.PathLike[str], *, host: PluginHost | None = None) -> Node:
+    """A recipe from ``.mecha`` text or a file path (mecha v1, or either sd-mecha generation).
+
+    Method names and architecture aliases are resolved through ``host`` (default: the
+    process-wide plugin host). Relative model paths in a file are also looked up in the file's
+    folder (after the models directory) when the recipe is merged.
+    """
+    from . import recipe
+    from .plugins import get_host
+
+    return recipe.load_recipe(text_or_path, host=host or get_host())
+
+
+def compose(template: Node | str | os.PathLike[str], fills: Mapping[str, Any] | None = None, /, *,
+            host: PluginHost | None = None, **more_fills: Any) -> Node:
+    """Fill a template's parameters by name (see :func:`mecha_core.recipe.compose`); ``.mecha``
+    files (the template's or a fill's) are read with ``host`` (default: the process-wide one)."""
+    from . import recipe
+    from .plugins import get_host
+
+    return recipe.compose(template, fills, host=host or get_host(), **more_fills)
+
 
 __all__ = [
     "DELTA", "MechaError", "MergeContext", "MergeMethod", "PARAM", "PLUGIN_API_VERSION", "WEIGHT",

@@ -134,22 +134,29 @@ class MergeMethod:
         generic: str | None = None
         generic_from = ""
         named: dict[str, Any] = {}
+        fixed = [i for i in self.inputs if not i.variadic]
+        variadic = self.variadic
+
+        def got(pos: int, space: str) -> str:
+            return _SPACE_WORDS.get(space, space) + (f" from {origins[pos]}" if origins and origins[pos] else "")
+
         for pos, space in enumerate(spaces):
-            spec = self.input_for(pos)
+            spec = fixed[pos] if pos < len(fixed) else variadic
+            assert spec is not None
             label = spec.name if not spec.variadic else f"{spec.name}[{pos - len(self.inputs) + 1}]"
             named[label] = space
             if space is None:
                 continue
-            got = _SPACE_WORDS.get(space, space) + (f" from {origins[pos]}" if origins and origins[pos] else "")
             if spec.space is not None:
                 if space != spec.space:
-                    raise MergeSpaceError(f"{where}{self.name} expects {spec.name} in {spec.space} space; got {got}")
+                    raise MergeSpaceError(f"{where}{self.name} expects {spec.name} in {spec.space} space; "
+                                          f"got {got(pos, space)}")
             elif generic is None:
                 generic, generic_from = space, spec.name if not spec.variadic else label
             elif space != generic:
                 raise MergeSpaceError(
                     f"{where}{self.name} expects {spec.name} in the same space as {generic_from} "
-                    f"({generic}); got {got}")
+                    f"({generic}); got {got(pos, space)}")
         if self.check_spaces is not None:
             try:
                 self.check_spaces(named)
@@ -177,6 +184,19 @@ def _resolve_hints(fn: Callable[..., Any]) -> dict[str, Any]:
         return typing.get_type_hints(subset)
     except Exception:  # unresolvable annotations only lose the type check
         return {}
+
+
+def _kind_and_choices(hint: Any) -> tuple[type | None, tuple | None]:
+    """A hyperparameter's kind from its annotation; ``Literal["sum", "count"]`` also gives its
+    choices (the kind is the choices' common type: ``str`` there)."""
+    if hint in _SCALAR_KINDS:
+        return hint, None
+    if typing.get_origin(hint) is typing.Literal:
+        choices = typing.get_args(hint)
+        kinds = {type(c) for c in choices}
+        kind = kinds.pop() if len(kinds) == 1 else None
+        return (kind if kind in _SCALAR_KINDS else None), tuple(choices)
+    return None, None
 
 
 def _build(fn: Callable[..., Any], *, name: str | None, spaces: Any, returns: str | None,
@@ -210,8 +230,11 @@ def _build(fn: Callable[..., Any], *, name: str | None, spaces: Any, returns: st
         elif p.kind == p.KEYWORD_ONLY:
             if p.default is p.empty:
                 raise TypeError(f"{method_name}: hyperparameter '{p.name}' needs a default")
-            kind = hints.get(p.name)
-            hypers.append(Hyperparameter(p.name, p.default, kind if kind in _SCALAR_KINDS else None))
+            kind, choices = _kind_and_choices(hints.get(p.name))
+            if choices is not None and p.default not in choices and p.default is not None:
+                raise TypeError(f"{method_name}: hyperparameter '{p.name}' defaults to {p.default!r}, "
+                                f"which is not one of its choices {choices!r}")
+            hypers.append(Hyperparameter(p.name, p.default, kind, choices))
         else:
             raise TypeError(f"{method_name}: **{p.name} is not supported")
     unknown = set(spaces) - {i.name for i in inputs}

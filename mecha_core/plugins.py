@@ -36,6 +36,7 @@ from . import hookspecs
 from .builtin_plugins import install_hint
 from .errors import MechaError, PluginCodeError, PluginError, RecipeError
 from .method import MergeMethod
+from .operators import CORE_METHODS
 from .specs import DELTA, WEIGHT, Architecture, CliCommand, Converter, ModelType
 from .validate import spec_errors
 
@@ -184,6 +185,8 @@ class PluginHost:
         self._arch_aliases: dict[str, str] = {}
         for mt in CORE_MODEL_TYPES:
             self.model_types.add("mecha-core", mt.name, mt)
+        for method in CORE_METHODS:  # the operators -, +, * and | (mecha_core/operators.py)
+            self.merge_methods.add("mecha-core", method.name, method)
         self.warnings: list[str] = []
         """Problems that belong to no plugin (an allow list naming a plugin that is not installed)."""
         self._warned: set[str] = set()

@@ -148,6 +148,9 @@ class Hyperparameter:
     """The value used when a recipe does not give one."""
     kind: type | None = None
     """``float``, ``int``, ``bool`` or ``str`` when annotated; ``None`` accepts any scalar."""
+    choices: tuple | None = None
+    """The only values accepted, when annotated ``typing.Literal["a", "b"]`` (checked when the
+    recipe is built, so a wrong one names its recipe line); ``None``: any value of ``kind``."""
 
 
 @attrs.frozen

@@ -66,7 +66,9 @@ def test_plugins_list_json_shows_the_installed_builtins(runner):
         assert {"name", "distribution", "version", "status", "error", "provides"} <= set(row)
         assert (row["distribution"], row["version"], row["status"], row["error"]) == (dist, version(dist), "ok", None)
         assert row["module"] == f"mecha_{name}.plugin"
-    assert {"weighted_sum", "add_difference", "subtract", "add"} <= set(by_name["methods"]["provides"]["merge_methods"])
+    provided = set(by_name["methods"]["provides"]["merge_methods"])
+    assert {"weighted_sum", "add_difference", "ties"} <= provided
+    assert not provided & {"subtract", "add", "scale", "fallback"}  # the core's own operators
 
 
 def test_plugins_list_text_and_verbose(runner):
@@ -98,7 +100,8 @@ def test_plugins_list_exits_0_with_a_broken_plugin_and_check_exits_non_zero(runn
     assert checked.stderr.splitlines() == [
         "problem: plugin 'bad': mecha_merge_methods() raised RuntimeError: boom",
         "error: 1 plugin problem; `mecha plugins list` shows every plugin"]
-    assert [m["name"] for m in json.loads(methods.stdout)] == ["blend"]  # the rest keep working
+    # the rest keep working (beside the core's own operators)
+    assert [m["name"] for m in json.loads(methods.stdout)] == ["add", "blend", "fallback", "scale", "subtract"]
 
 
 def test_plugins_check_passes_on_the_installed_builtins(runner):
@@ -125,8 +128,12 @@ def test_methods_lists_every_method_with_defaults(runner):
         one = runner.invoke(app, ["methods", "blend"])
         as_json = runner.invoke(app, ["methods", "blend", "--json"])
     assert listed.exit_code == one.exit_code == as_json.exit_code == 0
-    assert listed.stdout.splitlines() == ["blend(a, b, *, alpha=0.25, steps=3) -> same space as inputs",
-                                          "    Blend a and b by alpha, in steps."]
+    lines = listed.stdout.splitlines()
+    at = lines.index("blend(a, b, *, alpha=0.25, steps=3) -> same space as inputs")
+    assert lines[at + 1] == "    Blend a and b by alpha, in steps."
+    # the core's operators are listed too, by name: add, blend, fallback, scale, subtract
+    assert [ln.partition("(")[0] for ln in lines if not ln.startswith(" ")] == [
+        "add", "blend", "fallback", "scale", "subtract"]
     assert "  A second paragraph shown only in full." in one.stdout.splitlines()
     assert "  plugin: mine" in one.stdout.splitlines()
     data = json.loads(as_json.stdout)

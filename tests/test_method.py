@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import pytest
 import torch
 
@@ -211,3 +213,38 @@ def test_context_generator_depends_on_seed_and_key_only():
     c = torch.rand(4, generator=MergeContext("k1", info).generator(8))
     assert torch.equal(a1, a2)
     assert not torch.equal(a1, b) and not torch.equal(a1, c)
+
+
+Mode = Literal["fast", "exact"]
+
+
+@merge_method
+def choosy(a, *, mode: Mode = "fast", level: Literal[1, 2, 3] = 1, mixed: Literal["x", 2] = "x"):
+    """mode, level and mixed have fixed choices."""
+    return a
+
+
+def test_literal_annotations_give_a_kind_and_choices():
+    assert choosy.hyperparameters == (Hyperparameter("mode", "fast", str, ("fast", "exact")),
+                                      Hyperparameter("level", 1, int, (1, 2, 3)),
+                                      Hyperparameter("mixed", "x", None, ("x", 2)))
+
+
+def test_a_value_outside_the_choices_is_refused_when_the_call_is_built():
+    from mecha_core.recipe.nodes import LiteralNode, ModelNode
+
+    a = ModelNode("a.safetensors")
+    assert choosy(a, mode="exact", level=3).kwargs == (("level", LiteralNode(3)), ("mode", LiteralNode("exact")))
+    with pytest.raises(RecipeError, match=r'^choosy\(mode="Fast"\): use one of "fast", "exact"$'):
+        choosy(a, mode="Fast")
+    with pytest.raises(RecipeError, match=r"^choosy\(level=4\): use one of 1, 2, 3$"):
+        choosy(a, level=4)
+    with pytest.raises(RecipeError, match="expects an integer"):  # the kind is checked first
+        choosy(a, level="1")
+
+
+def test_a_default_outside_the_choices_is_a_declaration_error():
+    with pytest.raises(TypeError, match=r"bad: hyperparameter 'mode' defaults to 'slow', which is not one of"):
+        @merge_method
+        def bad(a, *, mode: Mode = "slow"):
+            return a

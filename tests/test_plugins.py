@@ -91,7 +91,10 @@ def test_the_host_collects_every_hook():
 def test_host_with_holds_exactly_the_given_plugins():
     host = host_with(methods_plugin("doubler", double))
     assert [(r.name, r.status) for r in host.records] == [("doubler", "ok")]
-    assert host.merge_methods.names() == ["double"]
+    # the plugin's method, beside the core's own operators (provided by mecha-core)
+    assert host.merge_methods.names() == ["add", "double", "fallback", "scale", "subtract"]
+    assert host.merge_methods.provider("double") == "doubler"
+    assert {host.merge_methods.provider(n) for n in ("add", "fallback", "scale", "subtract")} == {"mecha-core"}
     with pytest.raises(RecipeError, match="unknown merge method 'weighted_sum'"):
         host.method("weighted_sum")
     # the core's own model types are always there

@@ -15,7 +15,8 @@ import mecha_methods.plugin
 from mecha_core.cli import app
 from mecha_core.engine.safetensors_io import read_header
 from mecha_core.errors import RecipeError, UnfilledParameterError
-from mecha_core.recipe import ModelNode, ParameterNode, compose, dump_recipe, load_recipe, parameters
+from mecha_core import compose, load_recipe  # the plugin host's methods
+from mecha_core.recipe import ModelNode, ParameterNode, dump_recipe, parameters
 from mecha_core.testing import using, write_checkpoint
 
 runner = CliRunner()

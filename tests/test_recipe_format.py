@@ -11,7 +11,8 @@ import mecha_methods.plugin
 from mecha_core import merge_method
 from mecha_core.errors import MergeSpaceError, RecipeError
 from mecha_core.plugins import plugin_from_functions
-from mecha_core.recipe import CallNode, LiteralNode, ModelNode, ParameterNode, WeightMap, dump_recipe, load_recipe
+from mecha_core import load_recipe  # the plugin host's methods
+from mecha_core.recipe import CallNode, LiteralNode, ModelNode, ParameterNode, WeightMap, dump_recipe
 from mecha_core.testing import using
 
 

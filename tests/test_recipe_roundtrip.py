@@ -14,7 +14,8 @@ import mecha_methods.plugin
 from mecha_core import merge_method
 from mecha_core.errors import RecipeError
 from mecha_core.plugins import plugin_from_functions
-from mecha_core.recipe import CallNode, ModelNode, dump_recipe, load_recipe
+from mecha_core import load_recipe  # the plugin host's methods
+from mecha_core.recipe import CallNode, ModelNode, dump_recipe
 from mecha_core.recipe.nodes import ParameterNode, parameter, walk
 from mecha_core.recipe.values import blocks, classes
 from mecha_core.specs import Architecture, KeySpec
@@ -142,7 +143,8 @@ def every_method_call(host, method):
     n = len(fixed) + (2 if method.variadic else 0)
     args = [ModelNode(f"m{i}.safetensors") for i in range(n)]
     samples = {float: 0.25, int: 3, bool: True, str: "text", None: blocks(TOY.name, 0.5, IN00=1.0)}
-    kwargs = {h.name: samples.get(h.kind, 0.5) for h in method.hyperparameters}
+    # a hyperparameter with fixed choices takes its last one (not its default, so it is printed)
+    kwargs = {h.name: h.choices[-1] if h.choices else samples.get(h.kind, 0.5) for h in method.hyperparameters}
     return method(*args, **kwargs)
 
 

@@ -12,7 +12,8 @@ import mecha_methods.plugin
 import mecha_sd1.plugin
 from mecha_core.errors import RecipeError
 from mecha_core.plugins import get_host, plugin_from_functions
-from mecha_core.recipe import dump_recipe, load_recipe, parameters
+from mecha_core import load_recipe  # the plugin host's methods
+from mecha_core.recipe import dump_recipe, parameters
 from mecha_core.specs import Architecture, KeySpec
 from mecha_core.testing import using, write_checkpoint
 

@@ -169,8 +169,11 @@ def test_recipe_string_with_a_lone_surrogate_is_a_recipe_error_not_a_crash(tmp_p
     text = 'mecha 1\na = model("a.safetensors")\nb = cast(a, dtype="\\udc80")\n'
     with pytest.raises(mecha.errors.RecipeError, match=r"<recipe>:3:.*surrogate"):
         mecha.load_recipe(text)
-    # built in Python, the string fails when the recipe is printed (before any file is written)
-    recipe = mecha.cast(mecha.model(a), dtype="\udc80")
+    # built in Python, a free-form string fails when the recipe is printed (before any file is
+    # written); one with fixed choices (cast's dtype) already when the call is built
+    with pytest.raises(mecha.errors.RecipeError, match=r"^cast\(dtype='\\udc80'\): use one of"):
+        mecha.cast(mecha.model(a), dtype="\udc80")
+    recipe = mecha.pick_component(mecha.model(a), component="\udc80")
     with pytest.raises(mecha.errors.RecipeError, match="surrogate"):
         mecha.merge(recipe, tmp_path / "o.safetensors")
     assert not (tmp_path / "o.safetensors").exists()

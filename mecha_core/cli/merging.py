@@ -66,8 +66,7 @@ def merge_command(
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
 ) -> None:
     """Run a recipe and write the merged model."""
-    from .. import api
-    from ..recipe import compose, load_recipe
+    from .. import api, compose, load_recipe
 
     api.check_output_name(output)  # before the recipe is even read
     node = load_recipe(recipe)
@@ -83,7 +82,7 @@ def merge_command(
             fills[name.strip()] = _fill_value(value, name.strip())
             if isinstance(fills[name.strip()], str) and _names_file(value):
                 protect[value] = f"-p {name.strip()}'s file {value}"
-        node = compose(node, **fills)
+        node = compose(node, fills)
     progress = not quiet and not json_out and sys.stderr.isatty()
     path = api.merge(node, output, threads=threads, memory_budget=_parse_size(memory_budget) if memory_budget else None,
                      work_dtype=work_dtype, output_dtype=output_dtype, device=device,
@@ -159,9 +158,10 @@ def compose_command(
     rewritten relative to the output's folder, so the composed recipe runs from anywhere.
     Without -p, the recipe is only rewritten: this turns an sd-mecha recipe into mecha's format.
     """
+    from .. import compose, get_host, load_recipe
     from ..api import recipe_files
     from ..output import OutputFile, write_text_atomically
-    from ..recipe import as_fill, compose, dump_recipe, load_recipe
+    from ..recipe import as_fill, dump_recipe
     from ..recipe.nodes import relocate
 
     pairs = _pairs(list(ctx.args))
@@ -176,9 +176,10 @@ def compose_command(
     if os.path.exists(out.target) and _is_safetensors(out.target):  # recipe text over a model
         raise MechaError(f"{output}: is a safetensors model; a composed recipe goes to a .mecha file")
     node = load_recipe(template)
-    fills = {name: as_fill(value if os.path.exists(value) else _fill_value(value, name), base_dir=os.getcwd())
+    fills = {name: as_fill(value if os.path.exists(value) else _fill_value(value, name), base_dir=os.getcwd(),
+                           host=get_host())
              for name, value in pairs}
-    composed = relocate(compose(node, **fills), os.path.dirname(os.path.abspath(output)))
+    composed = relocate(compose(node, fills), os.path.dirname(os.path.abspath(output)))
     text = dump_recipe(composed)
     # recipes composed into the -p recipes: known only now, from the nodes' locations
     protect.update({f: f"the recipe {f}" for f in recipe_files(composed) if f not in protect})

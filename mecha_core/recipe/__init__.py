@@ -1,15 +1,22 @@
-"""Recipes: the graph (nodes), hyperparameter maps (values), the .mecha text format, compose."""
+"""Recipes: the graph (nodes), hyperparameter maps (values), the .mecha text format, compose.
+
+Recipes are plain data: nothing in this package consults the process-wide plugin host. The
+readers take a host (:class:`~.host.RecipeHost`) to resolve method names and architecture
+aliases; ``mecha_core.load_recipe`` and ``mecha_core.compose`` pass the process-wide one.
+"""
 
 from __future__ import annotations
 
+import difflib
 import os
-from typing import Any
+from typing import Any, Mapping
 
 from ..errors import RecipeError
 from ..files import read_text_file
 from .format import HEADER, dump, load_v1
-from .nodes import (CallNode, LiteralNode, ModelNode, Node, ParameterNode, check_parameters, parameters, relocate,
-                    substitute, walk)
+from .host import CoreOnly, RecipeHost
+from .nodes import (CallNode, LiteralNode, Location, ModelNode, Node, ParameterNode, as_literal, check_parameters,
+                    parameters, relocate, substitute, walk)
 from .values import WeightMap, blocks, classes
 
 
@@ -29,11 +36,13 @@ def _looks_like_text(value: str) -> bool:
     return value.lstrip("\ufeff \t").startswith(("mecha ", "version ", "#"))
 
 
-def load_recipe(text_or_path: str | os.PathLike[str], *, host: Any = None) -> Node:
+def load_recipe(text_or_path: str | os.PathLike[str], *, host: RecipeHost | None = None) -> Node:
     """A recipe from ``.mecha`` text or a file path (mecha v1, or either sd-mecha generation).
 
-    Relative model paths in a file are also looked up in the file's folder (after the models
-    directory) when the recipe is merged.
+    ``host`` resolves method names and architecture aliases (``mecha_core.load_recipe`` passes
+    the process-wide plugin host); without one only the core's operators are known. Relative
+    model paths in a file are also looked up in the file's folder (after the models directory)
+    when the recipe is merged.
     """
     source, base_dir = "<recipe>", None
     if isinstance(text_or_path, os.PathLike) or not _looks_like_text(text_or_path):
@@ -57,36 +66,39 @@ def load_recipe(text_or_path: str | os.PathLike[str], *, host: Any = None) -> No
 _SD_MECHA_ERA_A = ('model "', 'merge "', 'parameter "', 'lora "', 'call "')
 
 
-def as_fill(value: Any, base_dir: str | None = None) -> Node:
+def as_fill(value: Any, base_dir: str | None = None, *, host: RecipeHost | None = None) -> Node:
+    """A parameter's fill as a node: a node as it is, a value as a literal, a ``.mecha`` path
+    as the recipe in it (read with ``host``), any other path as a model."""
     if isinstance(value, Node):
         return value
     if isinstance(value, (bool, int, float, WeightMap, tuple)):
-        from .nodes import as_literal
-
         return as_literal(value)
     if not isinstance(value, (str, os.PathLike)):
         raise RecipeError(f"cannot fill a parameter with {value!r}; give a recipe, a model, a path or a value")
     path = os.fspath(value)
     if path.endswith(".mecha"):
-        return load_recipe(path)
+        return load_recipe(path, host=host)
     return ModelNode(path, base_dir=base_dir)  # base_dir: where a relative path was given
 
 
-def compose(template: Node | str | os.PathLike[str], **fills: Any) -> Node:
+def compose(template: Node | str | os.PathLike[str], fills: Mapping[str, Any] | None = None, /, *,
+            host: RecipeHost | None = None, **more_fills: Any) -> Node:
     """Fill a template's parameters by name; returns the new recipe (the template is unchanged).
 
-    A fill is a recipe (a node, or the path of a ``.mecha`` file), a model (a node, or a path;
+    Fills are given as keywords (``compose(t, alpha=0.5)``) or as a mapping (``compose(t,
+    {"host": "x.safetensors"})`` fills a parameter named like a keyword of this function). A
+    fill is a recipe (a node, or the path of a ``.mecha`` file), a model (a node, or a path;
     relative paths are resolved like any model path), or, for a parameter used as a
     hyperparameter, a value. Naming a parameter the template does not have is an error;
-    parameters not filled stay parameters.
+    parameters not filled stay parameters. ``host`` reads ``.mecha`` files (the template's, or a
+    fill's); building needs no host otherwise (``mecha_core.compose`` passes the plugin host).
     """
+    fills = {**(fills or {}), **more_fills}
     if not isinstance(template, Node):
-        template = load_recipe(template)
+        template = load_recipe(template, host=host)
     known = {p.name for p in parameters(template)}
     unknown = set(fills) - known
     if unknown:
-        import difflib
-
         name = sorted(unknown)[0]
         hint = difflib.get_close_matches(name, sorted(known), n=1)
         raise RecipeError(f"the template has no parameter '{name}'" +
@@ -95,12 +107,14 @@ def compose(template: Node | str | os.PathLike[str], **fills: Any) -> Node:
     # A relative path means a file beside the recipe it came from; fills from other folders are
     # rewritten relative to the template's folder, so equal paths in the result name one file.
     folder = next((n.base_dir for n in walk(template) if isinstance(n, ModelNode) and n.base_dir), None)
-    composed = substitute(template, {k: relocate(as_fill(v), folder or os.getcwd()) for k, v in fills.items()})
+    composed = substitute(template, {k: relocate(as_fill(v, host=host), folder or os.getcwd())
+                                     for k, v in fills.items()})
     check_parameters(composed)
     return composed
 
 
 __all__ = [
-    "CallNode", "LiteralNode", "ModelNode", "Node", "ParameterNode", "WeightMap", "as_fill", "blocks", "classes",
-    "compose", "dump_recipe", "load_recipe", "parameters", "relocate", "substitute", "walk", "HEADER",
+    "CallNode", "CoreOnly", "LiteralNode", "Location", "ModelNode", "Node", "ParameterNode", "RecipeHost", "WeightMap",
+    "as_fill", "blocks", "classes", "compose", "dump_recipe", "load_recipe", "parameters", "relocate", "substitute",
+    "walk", "HEADER",
 ]

@@ -12,21 +12,25 @@ Printing is deterministic (the same graph gives the same bytes) and ``load(dump(
 from __future__ import annotations
 
 import difflib
+import gc
 import json
 import os
 import re
-from typing import Any
-
-import attrs
+from typing import Any, NamedTuple
 
 from ..builtin_plugins import install_hint
 from ..errors import MechaError, RecipeError
-from .nodes import CallNode, LiteralNode, ModelNode, Node, ParameterNode, parameter_clash, walk
-from .values import WeightMap, format_string, format_value
+from .host import CoreOnly, RecipeHost, canonical_arch, disabled_note, method_names
+from .nodes import CallNode, LiteralNode, Location, ModelNode, Node, ParameterNode, call, parameter, parameter_clash, walk
+from .values import WeightMap, blocks, classes, format_string, format_value, join_maps
 
 HEADER = "mecha 1"
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _BUILTINS = ("model", "parameter", "blocks", "classes")
+
+#: Calls and lists nested in one line deeper than this are refused (the parser descends one
+#: level of Python's stack per level; results meant to nest deeper go on lines of their own).
+MAX_NESTING = 100
 
 
 # -- printing ---------------------------------------------------------------------------------
@@ -58,15 +62,21 @@ def dump(root: Node) -> str:
         raise RecipeError("a recipe must be a model, a parameter or a method call, not a bare value")
     names: dict[Node, str] = {}
     used: set[str] = set()
+    # The suffix each base name reached: names are only ever added to ``used``, so the next
+    # free one is never below it (the same names as trying _2, _3 ... from the start each
+    # time, in linear rather than quadratic time).
+    next_suffix: dict[str, int] = {}
     lines = [HEADER]
     for node in walk(root):
         if isinstance(node, LiteralNode):
             continue
         base = _base_name(node)
-        name, n = base, 1
+        n = next_suffix.get(base, 1)
+        name = base if n == 1 else f"{base}_{n}"
         while name in used:
             n += 1
             name = f"{base}_{n}"
+        next_suffix[base] = n
         used.add(name)
         names[node] = name
         lines.append(f"{name} = {_expr(node, names)}")
@@ -94,8 +104,7 @@ def _expr(node: Node, names: dict[Node, str]) -> str:
 
 
 # -- parsing ----------------------------------------------------------------------------------
-@attrs.frozen
-class Token:
+class Token(NamedTuple):  # a tuple: a 10^5-line recipe makes millions of tokens
     kind: str  # name, number, string, op, end
     text: str
     value: Any
@@ -120,45 +129,74 @@ def _is_unicode(text: str) -> bool:
     return True
 
 
+_FLOAT_MARK = re.compile(r"[.eEn]")
+_PLAIN_STRING = re.compile(r'"[^\\\x00-\x1f]*"')  # no escape, no control character: its own text
+
+
 def _tokenize(text: str, line: int, source: str) -> list[Token]:
-    tokens, pos = [], 0
-    while pos < len(text):
-        m = _TOKEN.match(text, pos)
+    tokens: list[Token] = []
+    append, match, end = tokens.append, _TOKEN.match, len(text)
+    pos = 0
+    while pos < end:
+        m = match(text, pos)
         if m is None:
             what = "an unterminated string" if text[pos] == '"' else f"unexpected character {text[pos]!r}"
             raise RecipeError(what, source=source, line=line, column=pos + 1)
         kind = m.lastgroup
         raw = m.group()
-        if kind == "number":
+        if kind == "name" or kind == "op":
+            append(Token(kind, raw, raw, pos + 1))
+        elif kind == "number":
             try:
-                value: Any = float(raw) if re.search(r"[.eEn]", raw) else int(raw)
+                value: Any = float(raw) if _FLOAT_MARK.search(raw) else int(raw)
             except ValueError:  # Python refuses to convert integers of over 4300 digits
                 raise RecipeError(f"number of {len(raw)} digits is too long", source=source, line=line,
                                   column=pos + 1) from None
-            tokens.append(Token("number", raw, value, pos + 1))
+            append(Token("number", raw, value, pos + 1))
         elif kind == "string":
-            try:
-                value = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise RecipeError(f"invalid string ({exc.msg})", source=source, line=line,
-                                  column=pos + 1 + exc.pos) from None
+            if _PLAIN_STRING.fullmatch(raw):
+                value = raw[1:-1]
+            else:
+                try:
+                    value = json.loads(raw)
+                except json.JSONDecodeError as exc:
+                    raise RecipeError(f"invalid string ({exc.msg})", source=source, line=line,
+                                      column=pos + 1 + exc.pos) from None
             if not _is_unicode(value):  # "\udc80": valid JSON, but no file or metadata can hold it
                 raise RecipeError("invalid string (a lone UTF-16 surrogate escape)", source=source,
                                   line=line, column=pos + 1)
-            tokens.append(Token("string", raw, value, pos + 1))
-        elif kind in ("name", "op"):
-            tokens.append(Token(kind, raw, raw, pos + 1))
+            append(Token("string", raw, value, pos + 1))
         pos = m.end()
-    tokens.append(Token("end", "", None, len(text) + 1))
+    append(Token("end", "", None, end + 1))
     return tokens
 
 
 _DEFINITION = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*=(?!=)")
 
 
+def _check_nesting(tokens: list[Token], source: str, line: int) -> None:
+    """Refuse a line nesting calls or lists deeper than :data:`MAX_NESTING`, in one line."""
+    depth, deepest, first_too_deep = 0, 0, None
+    for tok in tokens:
+        if tok.kind != "op":
+            continue
+        if tok.text in "([":
+            depth += 1
+            if depth > MAX_NESTING and first_too_deep is None:
+                first_too_deep = tok
+            deepest = max(deepest, depth)
+        elif tok.text in ")]":
+            depth -= 1
+    if first_too_deep is not None:
+        raise RecipeError(f"nested too deeply, {deepest} levels; at most {MAX_NESTING} (give inner results "
+                          f"names of their own, on lines before)", source=source, line=line,
+                          column=first_too_deep.column)
+
+
 class _Parser:
-    def __init__(self, source: str, base_dir: str | None, host: Any, defined_at: dict[str, int]):
+    def __init__(self, source: str, base_dir: str | None, host: RecipeHost, defined_at: dict[str, int]):
         self.source, self.base_dir, self.host = source, base_dir, host
+        self.file = None if source == "<recipe>" else source
         self.names: dict[str, tuple[Any, int]] = {}
         self.defined_at = defined_at  # name -> first line defining it (for forward references)
         self.line = 0
@@ -166,9 +204,13 @@ class _Parser:
     def fail(self, message: str, token: Token, cls: type[RecipeError] = RecipeError) -> RecipeError:
         return cls(message, source=self.source, line=self.line, column=token.column)
 
+    def at_token(self, token: Token) -> Location:
+        return Location(self.file, self.line, token.column)
+
     def parse_line(self, text: str, line: int) -> tuple[str | None, Any, Token]:
         self.line = line
         self.tokens = _tokenize(text, line, self.source)
+        _check_nesting(self.tokens, self.source, line)
         self.pos = 0
         name = None
         if len(self.tokens) > 2 and self.tokens[0].kind == "name" and self.tokens[1].text == "=":
@@ -207,21 +249,23 @@ class _Parser:
     def expr(self) -> Any:
         first_tok = self.peek()
         value = self.term()
+        maps = [value] if isinstance(value, WeightMap) else None  # joined once, at the end
         while self.at("|"):
             op = self.next()
             right_tok = self.peek()
             right = self.term()
-            if isinstance(value, WeightMap) and isinstance(right, WeightMap):
+            if maps is not None and isinstance(right, WeightMap):
                 try:
-                    value = value | right
+                    join_maps([maps[0], right])  # the architecture check, before the next term
                 except RecipeError as exc:
                     raise self.fail(str(exc), op) from None
+                maps.append(right)
             elif isinstance(value, Node) and isinstance(right, Node):
                 value = self._call_method("fallback", [value, right], {}, op)
             else:
                 bad = first_tok if not isinstance(value, (Node, WeightMap)) else right_tok
                 raise self.fail("'|' joins two block/class maps, or two models or results (fallback)", bad)
-        return value
+        return join_maps(maps) if maps is not None and len(maps) > 1 else value
 
     def term(self) -> Any:
         tok = self.next()
@@ -267,6 +311,7 @@ class _Parser:
         arg_tokens: list[Token] = []
         kwargs: dict[str, Any] = {}
         kw_tokens: dict[str, Token] = {}
+        value_tokens: dict[str, Token] = {}
         if not self.at(")"):
             while True:
                 tok = self.peek()
@@ -275,6 +320,7 @@ class _Parser:
                     self.pos += 2
                     if tok.text in kwargs:
                         raise self.fail(f"'{tok.text}' is given twice", tok)
+                    value_tokens[tok.text] = self.peek()
                     kwargs[tok.text] = self.expr()
                     kw_tokens[tok.text] = tok
                 else:
@@ -296,21 +342,23 @@ class _Parser:
             if name == "parameter":
                 if len(args) != 1 or not isinstance(args[0], str) or set(kwargs) - {"space"}:
                     raise self.fail('parameter takes a name: parameter("name", space="delta")', name_tok)
-                from .nodes import parameter
-
-                return parameter(args[0], kwargs.get("space"))
+                return parameter(args[0], kwargs.get("space"), where=self.at_token(name_tok))
             if name in ("blocks", "classes"):
                 if len(args) != 1 or not isinstance(args[0], str):
                     raise self.fail(f'{name} takes an architecture name first: '
                                     f'{name}("sd1-ldm", default=0.5, ...)', name_tok)
-                from .values import blocks, classes
-
-                return (blocks if name == "blocks" else classes)(args[0], **kwargs)
+                arch = canonical_arch(self.host, args[0])  # an alias and its name are one value
+                return (blocks if name == "blocks" else classes)(arch, **kwargs)
         except RecipeError as exc:
             if exc.line is not None:
                 raise
             bad = next((t for k, t in kw_tokens.items() if f"'{k}'" in str(exc)), name_tok)
             raise self.fail(str(exc), bad) from None
+        # a value parsed here remembers where it was written, so an error about the value
+        # itself (not in the choices, too large) points at it
+        for key, value in kwargs.items():
+            if isinstance(value, (bool, int, float, str, type(None), tuple, WeightMap)):
+                kwargs[key] = LiteralNode(value, where=self.at_token(value_tokens[key]))
         return self._call_method(name, args, kwargs, name_tok, kw_tokens, arg_tokens)
 
     def _model(self, args: list[Any], kwargs: dict[str, Any], tok: Token) -> ModelNode:
@@ -318,17 +366,19 @@ class _Parser:
                 or any(not isinstance(v, str) for v in kwargs.values()):
             raise self.fail('model takes a path: model("file.safetensors", arch="...", type="...")', tok)
         return ModelNode(args[0], kwargs.get("arch"), kwargs.get("type"), base_dir=self.base_dir,
-                         where=f"{os.path.basename(self.source)}:{self.line}:{tok.column}")
+                         where=self.at_token(tok))
 
     def _call_method(self, name: str, args: list[Any], kwargs: dict[str, Any], tok: Token,
                      kw_tokens: dict[str, Token] | None = None, arg_tokens: list[Token] | None = None) -> Node:
-        if name not in self.host.merge_methods:
-            hint = difflib.get_close_matches(name, [*self.host.merge_methods.names(), *_BUILTINS], n=1)
-            raise self.fail(f"unknown merge method '{name}'" + (install_hint("merge method", name) or (
-                            f"; did you mean '{hint[0]}'?" if hint else "; `mecha methods` lists them"))
-                            + self.host.disabled_note(), tok)
         try:
             found = self.host.method(name)
+        except RecipeError as exc:  # no such method
+            if getattr(self.host, "merge_methods", None) is None:
+                raise self.fail(str(exc), tok) from None
+            hint = difflib.get_close_matches(name, [*method_names(self.host), *_BUILTINS], n=1)
+            raise self.fail(f"unknown merge method '{name}'" + (install_hint("merge method", name) or (
+                            f"; did you mean '{hint[0]}'?" if hint else "; `mecha methods` lists them"))
+                            + disabled_note(self.host), tok) from None
         except MechaError as exc:  # two plugins claim the name
             raise self.fail(str(exc), tok) from None
         for i, a in enumerate(args):
@@ -337,8 +387,10 @@ class _Parser:
                 raise self.fail(f"{name}: input {i + 1} must be a model or a result, got {format_value(a)}",
                                 where)
         try:
-            return found(*args, **kwargs)
+            return call(found, tuple(args), kwargs, where=self.at_token(tok))
         except RecipeError as exc:
+            if exc.line is not None:  # already placed (at a value written on this line)
+                raise
             message = str(exc)
             bad = next((t for k, t in (kw_tokens or {}).items()
                         if f"'{k}'" in message or f"({k}=" in message), tok)
@@ -360,11 +412,26 @@ def _lines(text: str) -> list[tuple[int, str]]:
     return out
 
 
-def load_v1(text: str, *, source: str = "<recipe>", base_dir: str | None = None, host: Any = None) -> Node:
-    """Parse ``.mecha`` version 1 text; the last line is the recipe's result."""
-    from ..plugins import get_host
+def load_v1(text: str, *, source: str = "<recipe>", base_dir: str | None = None,
+            host: RecipeHost | None = None) -> Node:
+    """Parse ``.mecha`` version 1 text; the last line is the recipe's result.
 
-    host = host or get_host()
+    ``host`` resolves method names and architecture aliases; without one only the core's
+    operators are known. Every node built remembers its :class:`Location`.
+    """
+    host = host or CoreOnly()
+    # Parsing builds many objects and no reference cycles: the cyclic collector would only
+    # rescan the growing graph again and again (a third of the time on a 10^5-line recipe).
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return _load_v1(text, source, base_dir, host)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _load_v1(text: str, source: str, base_dir: str | None, host: RecipeHost) -> Node:
     if text.startswith("\ufeff"):
         text = text[1:]  # a byte-order mark some editors add
     lines = _lines(text)

@@ -1,16 +1,25 @@
-"""Recipe graph nodes. A recipe is a DAG of these; building one never touches the disk."""
+"""Recipe graph nodes. A recipe is a DAG of these; building one never touches the disk.
+
+Recipes are plain data: nothing here consults the plugin host. What needs plugin knowledge (a
+method's name, an architecture's aliases, a plugin model type's merge space) is resolved by the
+readers from the host they are given (``format.load_v1``, ``sdmecha.load_sd_mecha``) or left
+for the planner.
+
+Every graph operation here is iterative (hashing, equality, merge spaces, walks, rewrites), so
+a chain of 10^5 steps never hits Python's recursion limit.
+"""
 
 from __future__ import annotations
 
 import os
 import re
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import attrs
 
-from ..errors import RecipeError
+from ..errors import MergeSpaceError, RecipeError
 from ..specs import DELTA, MERGE_SPACES, WEIGHT
-from .values import WeightMap, format_value
+from .values import WeightMap, check_int64, format_value
 
 if TYPE_CHECKING:
     from ..method import MergeMethod
@@ -18,31 +27,75 @@ if TYPE_CHECKING:
 _SCALARS = (bool, int, float, str, type(None))
 
 
+@attrs.frozen
+class Location:
+    """Where a node was written in a recipe file, for errors found later (when planning)."""
+
+    file: str | None
+    """The recipe file as it was given; ``None`` for recipe text not read from a file."""
+    line: int
+    """The line, from 1."""
+    column: int
+    """The column, from 1."""
+
+    def __str__(self) -> str:
+        return f"{self.file or '<recipe>'}:{self.line}:{self.column}"
+
+
+def located(message: str, where: Location | None, cls: type[RecipeError] = RecipeError) -> RecipeError:
+    """A recipe error pointing at ``where`` (``FILE:LINE:COL: message``), or unplaced."""
+    if where is None:
+        return cls(message)
+    return cls(message, source=where.file, line=where.line, column=where.column)
+
+
+# -- the core's operators ---------------------------------------------------------------------
+# ``a - b``, ``a + b``, ``a * x`` and ``a | b`` build calls of the core's own methods, defined in
+# mecha_core/operators.py. That module imports method.py, which imports this one (a method call
+# builds a CallNode), so importing the operators here would be a cycle. Instead operators.py
+# hands them over when it is imported (mecha_core/__init__ imports it, so they are set before
+# any recipe can be built): the dependency stays one-way, and no plugin host is involved.
+_OPERATORS: dict[str, "MergeMethod"] = {}
+
+
+def set_core_operators(*methods: "MergeMethod") -> None:
+    """Called by mecha_core.operators: the methods ``-``, ``+``, ``*`` and ``|`` build."""
+    for m in methods:
+        _OPERATORS[m.name] = m
+
+
+def core_operators() -> dict[str, "MergeMethod"]:
+    """The core's operator methods by name (``subtract``, ``add``, ``scale``, ``fallback``)."""
+    return dict(_OPERATORS)
+
+
 class Node:
     """Base of every recipe node. Arithmetic builds method calls (see docs/recipe-format.md)."""
 
-    def _method(self, name: str) -> "MergeMethod":
-        from ..plugins import get_host
-
-        return get_host().method(name)
+    @staticmethod
+    def _method(name: str) -> "MergeMethod":
+        found = _OPERATORS.get(name)
+        if found is None:  # only when mecha_core.operators was never imported
+            raise RecipeError(f"the core operator '{name}' is not loaded; import mecha_core first")
+        return found
 
     def __sub__(self, other: Any) -> "CallNode":
         """``a - b`` is ``subtract(a, b)``: the delta from b to a."""
-        return self._method("subtract")(self, other)
+        return call(self._method("subtract"), (self, other), {})
 
     def __add__(self, other: Any) -> "CallNode":
         """``a + b`` is ``add(a, b)``: a delta added to weights (or two deltas summed)."""
-        return self._method("add")(self, other)
+        return call(self._method("add"), (self, other), {})
 
     def __mul__(self, alpha: Any) -> "CallNode":
         """``a * 0.5`` is ``scale(a, alpha=0.5)``."""
-        return self._method("scale")(self, alpha=alpha)
+        return call(self._method("scale"), (self,), {"alpha": alpha})
 
     __rmul__ = __mul__
 
     def __or__(self, other: Any) -> "CallNode":
         """``a | b`` is ``fallback(a, b)``: a's value where a has the key, else b's."""
-        return self._method("fallback")(self, other)
+        return call(self._method("fallback"), (self, other), {})
 
     @property
     def space(self) -> str | None:
@@ -59,25 +112,23 @@ class ModelNode(Node):
     path: str
     """As written: absolute, or relative to the models directory / the recipe's folder."""
     arch: str | None = None
-    """The architecture, when given; else detected from the header."""
+    """The architecture as written (an alias is resolved when the merge is planned), when given;
+    else detected from the header."""
     type: str | None = None
     """The model type (``base``, ``delta``, a LoRA type ...), when given; else detected."""
     base_dir: str | None = attrs.field(default=None, eq=False, repr=False)
     """The folder of the recipe file this came from (relative paths are also looked up there)."""
-    where: str | None = attrs.field(default=None, eq=False, repr=False)
-    """``recipe.mecha:LINE:COLUMN`` where it was written, for errors found when it is opened."""
+    where: Location | None = attrs.field(default=None, eq=False, hash=False, repr=False)
+    """Where it was written, for errors found when it is opened; ``None`` when built in Python."""
 
     @property
     def space(self) -> str | None:
+        """``weight`` for ``type="base"``, ``delta`` for ``type="delta"``; a plugin model type's
+        space is not known here (recipes do not consult plugins): ``None`` until planned."""
         if self.type == "base":
             return WEIGHT
         if self.type == "delta":
             return DELTA
-        if self.type is not None:
-            from ..plugins import get_host
-
-            mt = get_host().model_types.get(self.type)
-            return mt.space if mt is not None else None
         return None
 
 
@@ -93,6 +144,8 @@ class LiteralNode(Node):
 
     value: bool | int | float | str | None | WeightMap | tuple = attrs.field(eq=_literal_key)
     """The value (a tuple holds numbers, e.g. per-input weights)."""
+    where: Location | None = attrs.field(default=None, eq=False, hash=False, repr=False)
+    """Where the value was written; ``None`` when built in Python."""
 
 
 @attrs.frozen(eq=True, cache_hash=True)
@@ -103,9 +156,34 @@ class ParameterNode(Node):
     """The parameter's name."""
     space: str | None = None  # type: ignore[assignment]
     """The merge space a fill must be in, when declared."""
+    where: Location | None = attrs.field(default=None, eq=False, hash=False, repr=False)
+    """Where it was declared; ``None`` when built in Python."""
 
 
-@attrs.frozen(eq=True, cache_hash=True)
+def _children(node: "CallNode") -> list[Node]:
+    return [*node.args, *(v for _, v in node.kwargs)]
+
+
+def _missing_below(root: "CallNode", missing: Callable[["CallNode"], bool]) -> list["CallNode"]:
+    """The calls at or below ``root`` for which ``missing`` holds, inputs before their users,
+    found without recursion (a memo is then filled bottom-up, each step one level deep)."""
+    out: list[CallNode] = []
+    seen: set[int] = {id(root)}
+    stack: list[tuple[CallNode, bool]] = [(root, False)]
+    while stack:
+        node, expanded = stack.pop()
+        if expanded:
+            out.append(node)
+            continue
+        stack.append((node, True))
+        for child in reversed(_children(node)):
+            if isinstance(child, CallNode) and id(child) not in seen and missing(child):
+                seen.add(id(child))
+                stack.append((child, False))
+    return out
+
+
+@attrs.frozen(eq=False)
 class CallNode(Node):
     """A merge method applied to inputs, with hyperparameters."""
 
@@ -115,18 +193,77 @@ class CallNode(Node):
     """Input nodes, in order."""
     kwargs: tuple[tuple[str, Node], ...]
     """Hyperparameters given explicitly, sorted by name (each a literal or a parameter)."""
+    where: Location | None = attrs.field(default=None, kw_only=True, repr=False)
+    """Where the call was written (its method name); ``None`` when built in Python. Not part of
+    the node's identity: equal calls written on two lines are one node."""
 
-    _space_memo: tuple | None = attrs.field(default=None, init=False, eq=False, hash=False, repr=False)
+    _space_memo: tuple | None = attrs.field(default=None, init=False, repr=False)
+    _hash_memo: int | None = attrs.field(default=None, init=False, repr=False)
+
+    # Structural equality and hashing, computed bottom-up without recursion (attrs' generated
+    # ones recurse through the inputs: a deep chain would exceed Python's stack).
+    def __hash__(self) -> int:
+        h = self._hash_memo
+        if h is None:
+            ready = all(not isinstance(c, CallNode) or c._hash_memo is not None for c in self.args)
+            for node in [self] if ready else _missing_below(self, lambda n: n._hash_memo is None):
+                object.__setattr__(node, "_hash_memo", hash((
+                    "CallNode", node.method, tuple(hash(a) for a in node.args),
+                    tuple((k, hash(v)) for k, v in node.kwargs))))
+            h = self._hash_memo
+        return h  # type: ignore[return-value]
+
+    def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
+        if not isinstance(other, CallNode):
+            return NotImplemented
+        return _same_graph(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        result = self.__eq__(other)
+        return result if result is NotImplemented else not result
+
+    def __repr__(self) -> str:  # bounded: a deep chain prints its top only
+        args = ", ".join(f"CallNode({a.method.name!r}, ...)" if isinstance(a, CallNode) else repr(a)
+                         for a in self.args)
+        kwargs = ", ".join(f"{k}={v!r}" for k, v in self.kwargs)
+        return f"CallNode({self.method.name!r}, args=({args}), kwargs=({kwargs}))"
 
     @property
     def space(self) -> str | None:
-        # Remembered: a deep chain would otherwise recompute every input's space at every level.
+        # Remembered, and filled bottom-up: a deep chain would otherwise recompute every
+        # input's space at every level, and recurse as deep as the chain.
         memo = self._space_memo
         if memo is None:
-            memo = (self.method.result_space([a.space for a in self.args],
-                                             origins=[origin(a) for a in self.args]),)
-            object.__setattr__(self, "_space_memo", memo)
-        return memo[0]
+            ready = all(not isinstance(c, CallNode) or c._space_memo is not None for c in self.args)
+            for node in [self] if ready else _missing_below(self, lambda n: n._space_memo is None):
+                object.__setattr__(node, "_space_memo", (node.method.result_space(
+                    [a.space for a in node.args], origins=[origin(a) for a in node.args]),))
+            memo = self._space_memo
+        return memo[0]  # type: ignore[index]
+
+
+def _same_graph(left: CallNode, right: CallNode) -> bool:
+    """Structural equality of two recipe graphs, pair by pair without recursion; each pair of
+    nodes is compared once, so shared sub-results cost nothing more."""
+    compared: set[tuple[int, int]] = set()
+    stack: list[tuple[Node, Node]] = [(left, right)]
+    while stack:
+        a, b = stack.pop()
+        if a is b or (id(a), id(b)) in compared:
+            continue
+        compared.add((id(a), id(b)))
+        if not (isinstance(a, CallNode) and isinstance(b, CallNode)):
+            if isinstance(a, CallNode) or isinstance(b, CallNode) or a != b:
+                return False
+            continue
+        if hash(a) != hash(b) or a.method != b.method or len(a.args) != len(b.args) \
+                or [k for k, _ in a.kwargs] != [k for k, _ in b.kwargs]:
+            return False
+        stack.extend(zip(a.args, b.args))
+        stack.extend((v, w) for (_, v), (_, w) in zip(a.kwargs, b.kwargs))
+    return True
 
 
 def origin(node: Node) -> str:
@@ -140,59 +277,94 @@ def origin(node: Node) -> str:
     return ""
 
 
-def _as_input(value: Any, method: "MergeMethod", position: int) -> Node:
+def _as_input(value: Any, method: "MergeMethod", position: int, where: Location | None) -> Node:
     if isinstance(value, Node) and not isinstance(value, LiteralNode):
         return value
     if isinstance(value, (str, os.PathLike)):
         return ModelNode(os.fspath(value))
-    raise RecipeError(f"{method.name}: input {position + 1} must be a model or a recipe, got {value!r}")
+    raise located(f"{method.name}: input {position + 1} must be a model or a recipe, got {value!r}", where)
+
+
+def _check_literal(node: LiteralNode, prefix: str) -> None:
+    """Values every hyperparameter refuses: NaN, and integers beyond 64 bits (no tensor or
+    method argument can hold them; they would fail mid-merge)."""
+    value = node.value
+    if isinstance(value, float) and value != value:
+        raise located(f"{prefix}NaN is not a valid hyperparameter value", node.where)
+    numbers = value if isinstance(value, tuple) else (value,)
+    for v in numbers:
+        try:
+            check_int64(v, "an integer hyperparameter")
+        except RecipeError as exc:
+            raise located(f"{prefix}{exc}", node.where) from None
 
 
 def as_literal(value: Any, *, where: str = "") -> Node:
-    """Wrap a hyperparameter value as a node (scalars, strings, block maps, parameters)."""
-    if isinstance(value, (LiteralNode, ParameterNode)):
+    """Wrap a hyperparameter value as a node (scalars, strings, block maps, parameters).
+
+    ``where`` prefixes error messages (``method(name=...): ``). NaN and integers beyond int64
+    are refused; a literal parsed from text points at its own line and column.
+    """
+    if isinstance(value, ParameterNode):
         return value
-    if isinstance(value, float) and value != value:
-        raise RecipeError(f"{where}NaN is not a valid hyperparameter value")
+    if isinstance(value, LiteralNode):
+        _check_literal(value, where)
+        return value
     if isinstance(value, _SCALARS) or isinstance(value, WeightMap):
-        return LiteralNode(value)
-    if isinstance(value, (list, tuple)) and all(
+        node = LiteralNode(value)
+    elif isinstance(value, (list, tuple)) and all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-        return LiteralNode(tuple(value))  # per-input weights, e.g. multislerp(weights=[...])
-    raise RecipeError(f"{where}hyperparameter must be a number, string, bool or block map, got {value!r}")
+        node = LiteralNode(tuple(value))  # per-input weights, e.g. multislerp(weights=[...])
+    else:
+        raise RecipeError(f"{where}hyperparameter must be a number, string, bool or block map, got {value!r}")
+    _check_literal(node, where)
+    return node
 
 
 _KIND_WORDS = {float: "a number", int: "an integer", bool: "true or false", str: "a string"}
 
 
-def _check_kind(method: "MergeMethod", name: str, node: Node) -> None:
-    """A literal must suit the hyperparameter's annotated kind (``None`` kind: anything)."""
+def check_hyper(method: "MergeMethod", name: str, node: Node) -> None:
+    """A literal must suit the hyperparameter's annotated kind (``None`` kind: anything) and,
+    for a hyperparameter with fixed choices (``typing.Literal``), be one of them."""
     if not isinstance(node, LiteralNode):
         return  # a parameter: checked when it is filled
     hyper = method.hyperparameter(name)
     kind, value = hyper.kind, node.value
-    if kind is None or (value is None and hyper.default is None):
+    if value is None and hyper.default is None:
         return
-    if kind is float:
-        ok = isinstance(value, (int, float, WeightMap)) and not isinstance(value, bool)
-    elif kind is int:
-        ok = isinstance(value, (int, WeightMap)) and not isinstance(value, bool)
-    else:
-        ok = isinstance(value, kind)
-    if not ok:
-        what = _KIND_WORDS.get(kind, kind.__name__)
-        extra = " or a blocks()/classes() map" if kind in (float, int) else ""
-        raise RecipeError(f"{method.name}({name}=...) expects {what}{extra}, got {format_value(value)}")
+    if kind is not None:
+        if kind is float:
+            ok = isinstance(value, (int, float, WeightMap)) and not isinstance(value, bool)
+        elif kind is int:
+            ok = isinstance(value, (int, WeightMap)) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, kind)
+        if not ok:
+            what = _KIND_WORDS.get(kind, kind.__name__)
+            extra = " or a blocks()/classes() map" if kind in (float, int) else ""
+            raise RecipeError(f"{method.name}({name}=...) expects {what}{extra}, got {format_value(value)}")
+    choices = getattr(hyper, "choices", None)
+    if choices is not None and value not in choices:
+        listed = ", ".join(format_value(c) for c in choices)
+        try:
+            shown = format_value(value)[:80]
+        except RecipeError:  # a string no recipe can hold (a lone surrogate)
+            shown = ascii(value)[:80]
+        raise located(f"{method.name}({name}={shown}): use one of {listed}", node.where)
 
 
-def call(method: "MergeMethod", args: tuple[Any, ...], kwargs: dict[str, Any]) -> CallNode:
-    """Build a CallNode, checking arity, keyword names, hyperparameter kinds and known merge spaces."""
+def call(method: "MergeMethod", args: tuple[Any, ...], kwargs: dict[str, Any], *,
+         where: Location | None = None) -> CallNode:
+    """Build a CallNode, checking arity, keyword names, hyperparameter values and known merge
+    spaces. ``where``: the call's place in a recipe file (errors about a value parsed from
+    text point at the value itself)."""
     method.bind(len(args), list(kwargs))
-    inputs = tuple(_as_input(a, method, i) for i, a in enumerate(args))
+    inputs = tuple(_as_input(a, method, i, where) for i, a in enumerate(args))
     hypers = tuple(sorted((k, as_literal(v, where=f"{method.name}({k}=...): ")) for k, v in kwargs.items()))
     for k, v in hypers:
-        _check_kind(method, k, v)
-    node = CallNode(method, inputs, hypers)
+        check_hyper(method, k, v)
+    node = CallNode(method, inputs, hypers, where=where)
     node.space  # raises MergeSpaceError on known spaces that do not fit
     return node
 
@@ -207,18 +379,27 @@ def literal(value: Any) -> Node:
     return as_literal(value)
 
 
-def parameter(name: str, space: str | None = None) -> ParameterNode:
+def parameter(name: str, space: str | None = None, *, where: Location | None = None) -> ParameterNode:
     """A named hole in a template recipe; ``space`` optionally constrains what may fill it."""
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
         raise RecipeError(f"parameter name {name!r} must be a name (letters, digits and _, not "
                           f"starting with a digit)")
     if space is not None and space not in MERGE_SPACES:
         raise RecipeError(f"unknown merge space {space!r}; use one of {', '.join(MERGE_SPACES)}")
-    return ParameterNode(name, space)
+    return ParameterNode(name, space, where=where)
 
 
 def walk(root: Node) -> Iterator[Node]:
     """Every node reachable from ``root``, each once, inputs before the nodes that use them."""
+    # deduplicate equal nodes (structurally identical sub-recipes are one node)
+    unique: dict[Node, None] = {}
+    for node in _reachable(root):
+        unique.setdefault(node, None)
+    return iter(unique)
+
+
+def _reachable(root: Node) -> list[Node]:
+    """Every node object reachable from ``root``, each once (by identity), inputs first."""
     seen: set[int] = set()
     order: list[Node] = []
     stack: list[tuple[Node, bool]] = [(root, False)]
@@ -233,15 +414,10 @@ def walk(root: Node) -> Iterator[Node]:
             continue
         stack.append((node, True))
         if isinstance(node, CallNode):
-            children = [*node.args, *(v for _, v in node.kwargs)]
-            for child in reversed(children):
+            for child in reversed(_children(node)):
                 if id(child) not in seen:
                     stack.append((child, False))
-    # deduplicate equal nodes (structurally identical sub-recipes are one node)
-    unique: dict[Node, None] = {}
-    for node in order:
-        unique.setdefault(node, None)
-    return iter(unique)
+    return order
 
 
 def parameters(root: Node) -> list[ParameterNode]:
@@ -263,7 +439,7 @@ def parameter_clash(root: Node) -> tuple[str, str] | None:
     spaces: dict[str, set[str | None]] = {}
     as_input: set[str] = set()
     as_hyper: set[str] = set()
-    for node in walk(root):
+    for node in _reachable(root):  # equal nodes need not be merged: the sets below do that
         if isinstance(node, ParameterNode):
             spaces.setdefault(node.name, set()).add(node.space)
         elif isinstance(node, CallNode):
@@ -280,31 +456,53 @@ def parameter_clash(root: Node) -> tuple[str, str] | None:
     return None
 
 
+def _rebuild(root: Node, leaf: Callable[[Node], Node], rebuild_call: Callable[[CallNode, Callable[[Node], Node]], Node],
+             key: Callable[[Node], Any]) -> Node:
+    """Rewrite a graph bottom-up without recursion: ``leaf`` maps a non-call node, and
+    ``rebuild_call(node, done)`` a call whose inputs are rewritten already (``done(child)`` gives
+    a child's rewrite). Each node (by ``key``) is rewritten once; inputs are visited left to
+    right, depth first, so errors come in the order a recursive rewrite would raise them."""
+    memo: dict[Any, Node] = {}
+    stack: list[tuple[Node, bool]] = [(root, False)]
+    while stack:
+        node, expanded = stack.pop()
+        k = key(node)
+        if k in memo:
+            continue
+        if isinstance(node, CallNode):
+            if not expanded:
+                stack.append((node, True))
+                for child in reversed(_children(node)):
+                    if key(child) not in memo:
+                        stack.append((child, False))
+                continue
+            memo[k] = rebuild_call(node, lambda child: memo[key(child)])
+        else:
+            memo[k] = leaf(node)
+    return memo[key(root)]
+
+
 def substitute(root: Node, fills: dict[str, Node]) -> Node:
     """A copy of ``root`` with parameters replaced by ``fills`` (unknown names stay holes)."""
-    memo: dict[Node, Node] = {}
 
-    def visit(node: Node) -> Node:
-        if node in memo:
-            return memo[node]
-        if isinstance(node, ParameterNode) and node.name in fills:
-            out = fills[node.name]
-            if isinstance(out, LiteralNode):
-                raise RecipeError(f"parameter '{node.name}' is an input of a method; fill it with a "
-                                  f"model or a recipe, not {format_value(out.value)}")
-            if node.space is not None and out.space is not None and out.space != node.space:
-                from ..errors import MergeSpaceError
+    def leaf(node: Node) -> Node:
+        return fills[node.name] if isinstance(node, ParameterNode) and node.name in fills else node
 
-                raise MergeSpaceError(
-                    f"parameter '{node.name}' expects {node.space} space; the fill is {out.space}")
-        elif isinstance(node, CallNode):
-            args = tuple(visit(a) for a in node.args)
-            kwargs = tuple((k, hyper(node, k, v)) for k, v in node.kwargs)
-            out = CallNode(node.method, args, kwargs)
-            out.space
-        else:
-            out = node
-        memo[node] = out
+    def input_fill(param: Node, out: Node) -> Node:
+        if not isinstance(param, ParameterNode) or param.name not in fills:
+            return out
+        if isinstance(out, LiteralNode):
+            raise RecipeError(f"parameter '{param.name}' is an input of a method; fill it with a "
+                              f"model or a recipe, not {format_value(out.value)}")
+        if param.space is not None and out.space is not None and out.space != param.space:
+            raise MergeSpaceError(f"parameter '{param.name}' expects {param.space} space; the fill is {out.space}")
+        return out
+
+    def rebuild_call(node: CallNode, done: Callable[[Node], Node]) -> Node:
+        args = tuple(input_fill(a, done(a)) for a in node.args)
+        kwargs = tuple((k, hyper(node, k, v)) for k, v in node.kwargs)
+        out = attrs.evolve(node, args=args, kwargs=kwargs)
+        out.space
         return out
 
     def hyper(owner: CallNode, name: str, value: Node) -> Node:
@@ -315,29 +513,46 @@ def substitute(root: Node, fills: dict[str, Node]) -> Node:
             raise RecipeError(f"parameter '{value.name}' is {owner.method.name}'s hyperparameter "
                               f"'{name}'; fill it with a value (a number, string or block map), "
                               f"not a model or recipe")
-        _check_kind(owner.method, name, fill)
+        check_hyper(owner.method, name, fill)
         return fill
 
-    return visit(root)
+    return input_fill(root, _rebuild(root, leaf, rebuild_call, key=lambda n: n))
 
 
-def replace_models(root: Node, change: "Any") -> Node:
+def replace_models(root: Node, change: Callable[[ModelNode], Node]) -> Node:
     """A copy of ``root`` with every model node ``m`` replaced by ``change(m)``."""
-    memo: dict[int, Node] = {}
 
-    def visit(node: Node) -> Node:
-        if id(node) in memo:
-            return memo[id(node)]
-        if isinstance(node, ModelNode):
-            out = change(node)
-        elif isinstance(node, CallNode):
-            out = CallNode(node.method, tuple(visit(a) for a in node.args), node.kwargs)
-        else:
-            out = node
-        memo[id(node)] = out
-        return out
+    def leaf(node: Node) -> Node:
+        return change(node) if isinstance(node, ModelNode) else node
 
-    return visit(root)
+    def rebuild_call(node: CallNode, done: Callable[[Node], Node]) -> Node:
+        return attrs.evolve(node, args=tuple(done(a) for a in node.args))
+
+    return _rebuild(root, leaf, rebuild_call, key=id)
+
+
+def canonical_map_archs(root: Node, canonical: Callable[[str], str]) -> Node:
+    """A copy of ``root`` whose block/class maps name architectures by ``canonical(name)``.
+
+    Maps built in Python keep the architecture as written (``blocks("sd1", ...)``); the planner
+    passes ``lambda name: host.architecture(name).name`` so an alias and the architecture's own
+    name become one value (and print as the recipe format reader would read them back).
+    """
+
+    def fix(value: Node) -> Node:
+        if not (isinstance(value, LiteralNode) and isinstance(value.value, WeightMap)):
+            return value
+        renamed = value.value.with_archs(canonical)
+        return value if renamed == value.value else attrs.evolve(value, value=renamed)
+
+    def rebuild_call(node: CallNode, done: Callable[[Node], Node]) -> Node:
+        args = tuple(done(a) for a in node.args)
+        kwargs = tuple((k, fix(v)) for k, v in node.kwargs)
+        if all(x is y for x, y in zip(args, node.args)) and all(x[1] is y[1] for x, y in zip(kwargs, node.kwargs)):
+            return node
+        return attrs.evolve(node, args=args, kwargs=kwargs)
+
+    return _rebuild(root, lambda n: n, rebuild_call, key=id)
 
 
 def relocate(root: Node, folder: str) -> Node:

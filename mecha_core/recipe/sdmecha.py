@@ -21,7 +21,8 @@ import attrs
 
 from ..errors import RecipeError
 from ..specs import DELTA
-from .nodes import CallNode, ModelNode, Node, parameter
+from .host import CoreOnly, RecipeHost
+from .nodes import CallNode, Location, ModelNode, Node, call, parameter
 from .sdmecha_dicts import era_a_dict
 from .values import WeightMap, blocks
 
@@ -191,8 +192,9 @@ def _split(text: str, *, escapes: bool, fail: Callable[[str, int], RecipeError])
 
 
 class _Context:
-    def __init__(self, source: str, base_dir: str | None, host: Any, era: str):
+    def __init__(self, source: str, base_dir: str | None, host: RecipeHost, era: str):
         self.source, self.base_dir, self.host, self.era = source, base_dir, host, era
+        self.file = None if source == "<recipe>" else source
         self.values: list[Any] = []
         self.line = 0
         self.column = 1
@@ -226,12 +228,18 @@ class _Context:
                 raise self.fail(f"number of {len(word)} digits is too long", column) from None
         raise self.fail(f"cannot read {word!r} (expected &N, a \"string\", a number, true, false or null)", column)
 
+    def where(self, column: int | None = None) -> Location:
+        """The current instruction's place, for the nodes it builds."""
+        return Location(self.file, self.line, column or self.column)
+
     def call(self, name: str, args: list[Node], hypers: dict[str, Any]) -> Node:
-        if name not in self.host.merge_methods:
-            raise self.fail(f"needs mecha's '{name}' merge method, which no installed plugin provides "
-                            f"(`mecha methods` lists them)")
         try:
-            return self.host.method(name)(*args, **hypers)
+            method = self.host.method(name)
+        except RecipeError:
+            raise self.fail(f"needs mecha's '{name}' merge method, which no installed plugin provides "
+                            f"(`mecha methods` lists them)") from None
+        try:
+            return call(method, tuple(args), hypers, where=self.where())
         except RecipeError as exc:
             raise self.fail(f"{exc}") from None
 
@@ -313,7 +321,7 @@ def _model(ctx: _Context, positional: list[Any], keywords: dict[str, Any]) -> Mo
         arch = _arch(ctx, positional[1]) if len(positional) > 1 else None
         kind = positional[2] if len(positional) > 2 else None
         mtype = "base" if kind in ("base", None) else None  # others (lora): detected at merge time
-        return ModelNode(path, arch, mtype, base_dir=ctx.base_dir)
+        return ModelNode(path, arch, mtype, base_dir=ctx.base_dir, where=ctx.where())
     unknown = set(keywords) - {"model_config", "merge_space"}
     if unknown or len(positional) != 1:
         raise ctx.fail(f"model takes a path and model_config=/merge_space= (got {sorted(unknown) or positional})")
@@ -325,7 +333,7 @@ def _model(ctx: _Context, positional: list[Any], keywords: dict[str, Any]) -> Mo
     # A config mecha has no architecture for (a LoRA layout such as "sd1-kohya_kohya_lora") is a
     # file only a model-type plugin reads: its type is detected, not forced to a plain delta.
     mtype = {"weight": "base", "delta": "delta", None: None}[space] if config is None or arch else None
-    return ModelNode(path, arch, mtype, base_dir=ctx.base_dir)
+    return ModelNode(path, arch, mtype, base_dir=ctx.base_dir, where=ctx.where())
 
 
 def _merge(ctx: _Context, name: Any, positional: list[Any], keywords: dict[str, Any]) -> Any:
@@ -405,7 +413,7 @@ def _instruction(ctx: _Context, text: str) -> Any:
         if not positional or not isinstance(positional[0], str):
             raise ctx.fail('parameter takes a name: parameter "name" "BASE"')
         try:  # the space sd-mecha 0.0.x writes is always "BASE", whatever the real one: not kept
-            return parameter(positional[0])
+            return parameter(positional[0], where=ctx.where())
         except RecipeError as exc:
             raise ctx.fail(str(exc)) from None
     if op in ("lora", "call"):
@@ -415,11 +423,13 @@ def _instruction(ctx: _Context, text: str) -> Any:
     raise ctx.fail(f"unknown instruction '{op}' (sd-mecha {ctx.era} recipes use {known})", op_column)
 
 
-def load_sd_mecha(text: str, *, source: str = "<recipe>", base_dir: str | None = None, host: Any = None) -> Node:
-    """A mecha recipe graph from sd-mecha recipe text of either generation."""
-    from ..plugins import get_host
+def load_sd_mecha(text: str, *, source: str = "<recipe>", base_dir: str | None = None,
+                  host: RecipeHost | None = None) -> Node:
+    """A mecha recipe graph from sd-mecha recipe text of either generation.
 
-    host = host or get_host()
+    ``host`` resolves method names and architectures (without one only the core's operators
+    are known); every node built remembers its :class:`Location`."""
+    host = host or CoreOnly()
     lines = [(n, raw.removesuffix("\r")) for n, raw in enumerate(text.split("\n"), 1)]
     body = [(n, ln) for n, ln in lines if ln.strip() and not ln.strip().startswith("#")]
     if not body:

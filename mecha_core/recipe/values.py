@@ -24,11 +24,22 @@ Scalar = bool | int | float | str | None
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
+def check_int64(value: Any, what: str) -> None:
+    """Integers must fit int64 (what a tensor or a method argument can hold)."""
+    if isinstance(value, int) and not isinstance(value, bool) and not INT64_MIN <= value <= INT64_MAX:
+        text = str(value) if abs(value) < 10 ** 40 else f"an integer of {len(str(abs(value)))} digits"
+        raise RecipeError(f"{what} must fit in 64 bits (at most {INT64_MAX}), got {text}")
+
+
 def _number(value: Any, what: str) -> int | float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise RecipeError(f"{what} must be a number, got {value!r}")
     if isinstance(value, float) and math.isnan(value):
         raise RecipeError(f"{what} must be a number, got NaN")
+    check_int64(value, what)
     return value
 
 
@@ -41,7 +52,7 @@ def _entries(values: dict[str, Any]) -> tuple[tuple[str, float], ...]:
     return tuple(sorted(out))
 
 
-@attrs.frozen
+@attrs.frozen(eq=False, repr=False)
 class WeightMap:
     """A per-block or per-class hyperparameter value over one architecture."""
 
@@ -56,21 +67,41 @@ class WeightMap:
     then: "WeightMap | None" = None
     """The map consulted next (built by ``|``)."""
 
+    # Equality, hashing and printing walk the ``then`` chain in a loop (attrs' generated ones
+    # recurse through it, one level per map).
+    def _parts(self) -> tuple[tuple[str, str, tuple, float | None], ...]:
+        return tuple((m.arch, m.kind, m.entries, m.default) for m in self.chain())
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, WeightMap):
+            return NotImplemented
+        return self._parts() == other._parts()
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other if isinstance(other, WeightMap) else NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._parts())
+
+    def __repr__(self) -> str:
+        return f"WeightMap({format_value(self)})"
+
     def __or__(self, other: "WeightMap") -> "WeightMap":
         if not isinstance(other, WeightMap):
             return NotImplemented
-        if other.arch != self.arch:  # a key's blocks and class come from one architecture
-            raise RecipeError(f"'|' joins maps of one architecture; got '{self.arch}' and '{other.arch}'")
-        if self.then is None:
-            return attrs.evolve(self, then=other)
-        return attrs.evolve(self, then=self.then | other)
+        return join_maps([self, other])
 
     def chain(self) -> list["WeightMap"]:
+        """The maps of the chain, in order, each without its ``then``."""
         out, node = [], self
         while node is not None:
-            out.append(attrs.evolve(node, then=None))
+            out.append(attrs.evolve(node, then=None) if node.then is not None else node)
             node = node.then
         return out
+
+    def with_archs(self, canonical: Any) -> "WeightMap":
+        """The same chain with every architecture name replaced by ``canonical(name)``."""
+        return join_maps([attrs.evolve(m, arch=canonical(m.arch)) for m in self.chain()])
 
     def resolve(self, key_blocks: tuple[str, ...], key_class: str | None, method_default: Any) -> Any:
         """The value for one key, given the key's blocks and class."""
@@ -86,24 +117,27 @@ class WeightMap:
         return method_default
 
 
+def join_maps(maps: list[WeightMap]) -> WeightMap:
+    """``maps[0] | maps[1] | ...`` in one pass (a chain of n maps costs n, not n squared)."""
+    parts = [m for whole in maps for m in whole.chain()]
+    for m in parts[1:]:
+        if m.arch != parts[0].arch:  # a key's blocks and class come from one architecture
+            raise RecipeError(f"'|' joins maps of one architecture; got '{parts[0].arch}' and '{m.arch}'")
+    out = None
+    for m in reversed(parts):
+        out = attrs.evolve(m, then=out)
+    assert out is not None
+    return out
+
+
 def _make(kind: str, arch: Any, default: Any, values: dict[str, Any]) -> WeightMap:
+    """The architecture stays as written: the recipe readers resolve an alias through the
+    plugin host they are given, and the planner through its own (recipes consult no plugin)."""
     if not isinstance(arch, str) or not arch:
         raise RecipeError(f"{kind}() takes an architecture name first, got {arch!r}")
     if default is not None:
         default = _number(default, f"{kind}() default")
-    return WeightMap(_canonical_arch(arch), kind, _entries(values), default)
-
-
-def _canonical_arch(name: str) -> str:
-    """An installed architecture's own name for an alias (sd-mecha's ``sd1`` is ``sd1-ldm``), so
-    maps written with either spelling are one value; unknown names stay as written (checked when
-    the merge is planned)."""
-    from ..plugins import get_host
-
-    try:
-        return get_host().architecture(name).name
-    except RecipeError:
-        return name
+    return WeightMap(arch, kind, _entries(values), default)
 
 
 def blocks(arch: str, default: float | None = None, **values: float) -> WeightMap:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from mecha_core.lazy import torch
 
 from mecha_core import WEIGHT, merge_method
@@ -40,7 +42,7 @@ def _cosine(x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
 @merge_method(spaces=_SPACES, returns=WEIGHT, check_spaces=at_least(2, "models"),
               formula="t·mean(θᵢ) + (1 − t)·base,  t = N·cosθ / (1 + (N − 1)·cosθ)")
 @in_float32
-def model_stock(base, *models, pairs: str = "all", eps: float = 1e-6, clamp: bool = False):
+def model_stock(base, *models, pairs: Literal["all", "consecutive"] = "all", eps: float = 1e-6, clamp: bool = False):
     """Model Stock (Jang et al. 2024, arXiv 2403.19522), per tensor.
 
     cosθ is the mean cosine similarity of the flattened task vectors δᵢ = θᵢ − base, over all

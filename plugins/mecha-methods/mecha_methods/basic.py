@@ -1,4 +1,4 @@
-"""Linear methods: sums, differences, averages. All are element-wise and exact in the work dtype."""
+"""Linear methods: weighted sums, averages, added differences. All are element-wise and exact in the work dtype."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Any
 
 from mecha_core.lazy import torch
 
-from mecha_core import DELTA, WEIGHT, merge_method
+from mecha_core import WEIGHT, merge_method
 
 
 @merge_method(elementwise=True, formula="(1 - alpha) * a + alpha * b")
@@ -38,31 +38,6 @@ def add_difference(a, b, c=None, *, alpha: float = 1.0):
     return a + diff * alpha
 
 
-@merge_method(elementwise=True, spaces=WEIGHT, returns=DELTA, formula="a - b")
-def subtract(a, b):
-    """The delta from b to a (weights in, delta out)."""
-    return a - b
-
-
-@merge_method(elementwise=True, spaces={"b": DELTA}, formula="a + b")
-def add(a, b):
-    """Weights plus a delta (giving weights), or the sum of two deltas (giving a delta).
-
-    b must be a delta: adding two checkpoints is almost never meant (weighted_sum averages them).
-    """
-    return a + b
-
-
-@merge_method(elementwise=True, formula="alpha * a")
-def scale(a, *, alpha: float = 1.0):
-    """Multiply by alpha (most useful on deltas)."""
-    return a * alpha
-
-
-@merge_method(elementwise=True, accepts_missing=True, formula="a where a has the key, else b")
-def fallback(a, b):
-    """a's value for keys a has; b's for the rest (lets a recipe cover keys missing from a)."""
-    return a if a is not None else b
-
-
-BASIC = [weighted_sum, n_average, add_difference, subtract, add, scale, fallback]
+# subtract, add, scale and fallback (the operators -, +, * and |) are the core's own methods:
+# mecha_core/operators.py.
+BASIC = [weighted_sum, n_average, add_difference]

@@ -7,6 +7,8 @@ two inputs; with a single delta input the keys left out become a zero delta, whi
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 from mecha_core.lazy import torch
 
 from mecha_core import DELTA, merge_method
@@ -74,11 +76,12 @@ def omit_component(a, rest=None, *, component: str = "", ctx=None):
     return _rest_or_zero("omit_component", a, rest) if actual == wanted else a
 
 
-_ROUNDING = ("float64", "float32", "bfloat16", "float16", "float8_e4m3fn", "float8_e5m2")
+Rounding = Literal["float64", "float32", "bfloat16", "float16", "float8_e4m3fn", "float8_e5m2"]
+_ROUNDING = get_args(Rounding)
 
 
 @merge_method(elementwise=True, formula="a rounded to dtype and back")
-def cast(a, *, dtype: str = "float16"):
+def cast(a, *, dtype: Rounding = "float16"):
     """Round a's values through another dtype (the output dtype is set elsewhere).
 
     dtype: float16 (the default), bfloat16, float32, float64, float8_e4m3fn or float8_e5m2.

@@ -9,6 +9,8 @@ none of these is element-wise: the engine always gives them whole tensors.
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 from mecha_core.lazy import torch
 
 from mecha_core import WEIGHT, merge_method
@@ -17,8 +19,11 @@ from ._checks import at_least, choice, fraction, model_weights
 from ._precision import in_float32
 
 _SPACES = {"base": WEIGHT, "models": WEIGHT}
-_VOTES = ("sum", "count")
-_RESCALES = ("density", "l1", "none")
+# Literal annotations: the core checks the value when the recipe is built (naming its line)
+Vote = Literal["sum", "count"]
+Rescale = Literal["density", "l1", "none"]
+_VOTES = get_args(Vote)
+_RESCALES = get_args(Rescale)
 
 
 # -- building blocks -----------------------------------------------------------------------------
@@ -129,7 +134,7 @@ def _check_della(name: str, density: float, epsilon: float) -> tuple[float, floa
 @merge_method(spaces=_SPACES, returns=WEIGHT, check_spaces=at_least(1, "model"),
               formula="base + alpha * disjoint_mean(elect(top_k(δᵢ, int(density·numel))))")
 @in_float32
-def ties(base, *models, density: float = 0.2, alpha: float = 1.0, vote: str = "sum", weights: tuple = None):
+def ties(base, *models, density: float = 0.2, alpha: float = 1.0, vote: Vote = "sum", weights: tuple = None):
     """TIES-merging (Yadav et al. 2023): trim, elect sign, disjoint merge.
 
     Each model's delta δᵢ = θᵢ − base keeps only its int(density·numel) largest-magnitude entries
@@ -167,7 +172,7 @@ def _dare_deltas(name: str, base, models, density, seed, rescale, ctx) -> list[t
               formula="base + alpha * Σ mᵢ ⊙ δᵢ / density,  mᵢ ~ Bernoulli(density)")
 @in_float32
 def dare_linear(base, *models, density: float = 0.5, alpha: float = 1.0, seed: int = 0,
-                rescale: str = "density", weights: tuple = None, ctx=None):
+                rescale: Rescale = "density", weights: tuple = None, ctx=None):
     """DARE (Yu et al. 2023, "drop and rescale") with a plain sum of the task vectors.
 
     Each delta δᵢ = θᵢ − base keeps every entry with probability density (a Bernoulli mask mᵢ,
@@ -196,7 +201,7 @@ def dare_linear(base, *models, density: float = 0.5, alpha: float = 1.0, seed: i
               formula="base + alpha * disjoint_mean(elect(mᵢ ⊙ δᵢ / density))")
 @in_float32
 def dare_ties(base, *models, density: float = 0.5, alpha: float = 1.0, seed: int = 0,
-              rescale: str = "density", vote: str = "sum", weights: tuple = None, ctx=None):
+              rescale: Rescale = "density", vote: Vote = "sum", weights: tuple = None, ctx=None):
     """DARE's drop and rescale, then the TIES sign election and disjoint mean instead of a sum.
 
     The masks and rescaling are exactly dare_linear's (the same masks for the same seed).
@@ -229,7 +234,7 @@ def _della_deltas(name: str, base, models, density, epsilon, seed, ctx) -> list[
                       "pᵢ = density − epsilon + 2·epsilon·rank_norm(|δᵢ|)")
 @in_float32
 def della(base, *models, density: float = 0.5, epsilon: float = 0.1, alpha: float = 1.0,
-          seed: int = 0, vote: str = "sum", ctx=None):
+          seed: int = 0, vote: Vote = "sum", ctx=None):
     """DELLA (Deep et al. 2024): magnitude-aware drop and rescale, then TIES sign election.
 
     Within each row of a delta δᵢ = θᵢ − base (dim 0; other dims flattened; a 1-D tensor is one
@@ -290,7 +295,7 @@ def breadcrumbs(base, *models, density: float = 0.9, gamma: float = 0.01, alpha:
               formula="base + alpha * disjoint_mean(elect(band(δᵢ)))")
 @in_float32
 def breadcrumbs_ties(base, *models, density: float = 0.9, gamma: float = 0.01, alpha: float = 1.0,
-                     vote: str = "sum"):
+                     vote: Vote = "sum"):
     """Model Breadcrumbs' middle band of each task vector, then the TIES sign election.
 
     Each delta loses its top gamma fraction by magnitude and keeps the next density fraction;
