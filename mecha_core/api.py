@@ -54,7 +54,8 @@ def merge(recipe: Node | str | os.PathLike[str], output: str | os.PathLike[str],
     """
     from .recipe import load_recipe
 
-    check_output_name(output)
+    if not os.path.lexists(output):  # a new name: refused before the recipe is even read
+        check_output_name(output)
     _check_device(device)
     check_work_dtype(work_dtype, device)
     host = host or get_host()
@@ -79,7 +80,10 @@ def merge(recipe: Node | str | os.PathLike[str], output: str | os.PathLike[str],
         allow_missing=allow_missing, allow_nonfinite=allow_nonfinite,
         models_dir=os.fspath(models_dir) if models_dir is not None else None,
         **({"memory_budget": int(memory_budget)} if memory_budget else {}), **kwargs)
-    OutputFile(output, protect=protected)  # the output is checked before the inputs are opened
+    # the output is checked before the inputs are opened: what an existing one is (a device, a
+    # FIFO, a file the merge reads: the more specific refusal), then its name
+    OutputFile(output, protect=protected)
+    check_output_name(output)
     with make_plan(recipe, options, host) as plan, TerminateAsInterrupt():
         return execute(plan, output, merge_metadata(plan), progress=progress, protect=protected)
 

@@ -173,7 +173,7 @@ def test_the_command_line_prints_one_line_and_debug_the_traceback(site, tmp_path
                            capture_output=True, text=True, timeout=300)
     assert plain.returncode == 2, plain.stderr
     assert plain.stderr.splitlines()[-1] == (  # where the recipe names the file, then what failed
-        "error: r.mecha:3:5: plugin 'badconverter': converter 'bad-lora-to-delta' raised KeyError: 'w.lora_up' while "
+        f"error: {recipe}:3:5: plugin 'badconverter': converter 'bad-lora-to-delta' raised KeyError: 'w.lora_up' while "
         "reading l.safetensors")
     assert "Traceback" not in plain.stderr
     debug = subprocess.run([*cmd, "--debug", "merge", str(recipe), "-o", str(tmp_path / "o.safetensors")],

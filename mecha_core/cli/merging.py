@@ -68,7 +68,8 @@ def merge_command(
     """Run a recipe and write the merged model."""
     from .. import api, compose, load_recipe
 
-    api.check_output_name(output)  # before the recipe is even read
+    if not os.path.lexists(output):  # a new name: refused before the recipe is even read
+        api.check_output_name(output)
     node = load_recipe(recipe)
     protect = {recipe: f"the recipe {recipe}"}  # every file the merge reads; the engine adds the models
     if param:
@@ -165,9 +166,6 @@ def compose_command(
     from ..recipe.nodes import relocate
 
     pairs = _pairs(list(ctx.args))
-    if os.path.splitext(output)[1].lower() != ".mecha":
-        raise OutputError(f"{output}: compose writes a recipe; end the output's name with .mecha "
-                          "(mecha merge writes .safetensors models)")
     # every file the composition reads; a model named by -p is not read, but a recipe text
     # written over it would destroy it all the same
     protect = {template: f"its template {template}"}
@@ -175,6 +173,9 @@ def compose_command(
     out = OutputFile(output, protect=protect, what="composed recipe")
     if os.path.exists(out.target) and _is_safetensors(out.target):  # recipe text over a model
         raise MechaError(f"{output}: is a safetensors model; a composed recipe goes to a .mecha file")
+    if os.path.splitext(output)[1].lower() != ".mecha":
+        raise OutputError(f"{output}: compose writes a recipe; end the output's name with .mecha "
+                          "(mecha merge writes .safetensors models)")
     node = load_recipe(template)
     fills = {name: as_fill(value if os.path.exists(value) else _fill_value(value, name), base_dir=os.getcwd(),
                            host=get_host())
