@@ -191,8 +191,8 @@ def main() -> None:
             if os.path.exists(out):
                 os.unlink(out)
             print(f"{title:<22} {who:<9} {rows[-1][2]:>8} s {rows[-1][3]:>8} MB", file=sys.stderr)
-    print(f"| merge | tool | wall time (s) | peak private memory (MB) |")
-    print(f"|---|---|---:|---:|")
+    print("| merge | tool | wall time (s) | peak private memory (MB) |")
+    print("|---|---|---:|---:|")
     for r in rows:
         print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} |")
 

@@ -44,7 +44,7 @@ def main(sizes: list[int]) -> None:
             graph, parse_s = timed(load_recipe, text)
             dumped, dump_s = timed(dump_recipe, graph)
             again, reparse_s = timed(load_recipe, dumped)
-            same, eq_s = timed(lambda: again == graph)
+            same, eq_s = timed(lambda a=again, g=graph: a == g)
             assert same
             print(f"{name:<10} {n:>8} {parse_s:>9.3f} {dump_s:>9.3f} {reparse_s:>10.3f} {eq_s:>9.3f}")
 

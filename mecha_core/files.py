@@ -100,7 +100,8 @@ def read_text_file(path: str | os.PathLike[str], *, what: str = "recipe", limit:
         st = os.stat(p)
     except FileNotFoundError:
         broken = os.path.islink(p)
-        raise error(f"{name}: no such {what} file" + (" (a symbolic link to a missing file)" if broken else "")) from None
+        missing = " (a symbolic link to a missing file)" if broken else ""
+        raise error(f"{name}: no such {what} file{missing}") from None
     except OSError as exc:
         raise error(f"{name}: cannot read the {what}: {os_error_text(exc)}") from None
     except ValueError:  # a NUL byte or a lone surrogate: no file can have this name

@@ -230,7 +230,8 @@ class OutputFile:
                 self._signals = None
 
 
-def write_text_atomically(target: str | os.PathLike[str], text: str, *, protect: Protected = (), what: str = "output") -> str:
+def write_text_atomically(target: str | os.PathLike[str], text: str, *, protect: Protected = (),
+                          what: str = "output") -> str:
     """Write ``text`` (UTF-8, LF line ends) to ``target`` through :class:`OutputFile`; returns the path."""
     out = OutputFile(target, protect=protect, what=what)
     data = text.encode("utf-8")
@@ -356,7 +357,8 @@ class TerminateAsInterrupt:
     into :class:`Terminated` while the block runs, so ``finally`` blocks remove temporary files.
 
     Only signals left at their default action (or at the command line's start-up handler, which
-    only exits quietly) are taken over (a program embedding mecha keeps its own handlers), only in the main thread (Python allows no other), and the previous
+    only exits quietly) are taken over (a program embedding mecha keeps its own handlers), only
+    in the main thread (Python allows no other), and the previous
     handlers come back on exit. Nested use is fine.
     """
 

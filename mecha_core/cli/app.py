@@ -159,8 +159,7 @@ def run(args: list[str] | None = None) -> int:
 
 
 def main() -> None:
-    """Console-script entry point (kept for callers of ``mecha_core.cli.main``)."""
-    from ..__main__ import main as entry
-
-    raise SystemExit(entry())
+    """Run the command line and exit with its code (for callers of ``mecha_core.cli.main``; the
+    ``mecha`` script is :func:`mecha_core.__main__.main`, which also covers Ctrl-C while importing)."""
+    raise SystemExit(run())
 

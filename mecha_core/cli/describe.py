@@ -112,7 +112,8 @@ def _sized(table: dict[str, int]) -> str:
 def info_command(
     arch: Annotated[Optional[str], typer.Argument(metavar="ARCH",
                                                   help="An architecture to describe (its name or an alias).")] = None,
-    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="List the keys of each component, block and class.")] = False,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose",
+                                          help="List the keys of each component, block and class.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
 ) -> None:
     """List architectures, or describe one: components, blocks and classes (with -v, their keys).
@@ -334,7 +335,8 @@ def plugin_check_report(host: Any) -> tuple[list[str], list[str]]:
 
 
 def plugins_check_command(
-    json_out: Annotated[bool, typer.Option("--json", help="Print {\"ok\", \"problems\", \"warnings\"} as JSON on stdout.")] = False,
+    json_out: Annotated[bool, typer.Option(
+        "--json", help="Print {\"ok\", \"problems\", \"warnings\"} as JSON on stdout.")] = False,
 ) -> None:
     """Exit non-zero if a plugin failed to load or breaks the spec contract, or two plugins claim
     one name; also print the check-only warnings (docstrings, names recipes cannot write ...)."""

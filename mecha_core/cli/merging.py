@@ -44,7 +44,8 @@ def _fill_value(text: str, name: str):
 
 
 def merge_command(
-    recipe: Annotated[Path, typer.Argument(metavar="RECIPE", help="The .mecha recipe to run (mecha or sd-mecha format).")],
+    recipe: Annotated[Path, typer.Argument(metavar="RECIPE",
+                                           help="The .mecha recipe to run (mecha or sd-mecha format).")],
     output: Annotated[Path, typer.Option("-o", "--output", metavar="FILE",
                       help="Where to write the merged model (a .safetensors file).")],
     models_dir: Annotated[Optional[Path], typer.Option("--models-dir", "-m", metavar="FOLDER",
@@ -61,7 +62,8 @@ def merge_command(
     device: Annotated[str, typer.Option(metavar="DEVICE", help="cpu, or cuda when present.")] = "cpu",
     allow_missing: Annotated[bool, typer.Option("--allow-missing",
                              help="Keys missing from some inputs take the first input that has them.")] = False,
-    allow_nonfinite: Annotated[bool, typer.Option("--allow-nonfinite", help="Write NaN/Inf values instead of failing.")] = False,
+    allow_nonfinite: Annotated[bool, typer.Option("--allow-nonfinite",
+                                                  help="Write NaN/Inf values instead of failing.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
 ) -> None:
@@ -197,7 +199,6 @@ def recipe_show_command(
                                            "\"mecha_plugins\"} as JSON on stdout.")] = False,
 ) -> None:
     """Print the recipe stored in a merged file's metadata."""
-    import json
 
     from ..engine.safetensors_io import read_header
 

@@ -94,7 +94,7 @@ def execute(plan: Plan, output: str | os.PathLike[str], metadata: dict[str, str]
             try:
                 run_units(plan, _writer(plan, out.fd, offsets, data_start, write_hook, output), progress)
             except MechaError as exc:  # tensors were read: a failed merge (exit 1), not bad usage
-                raise mark_failed(exc)
+                raise mark_failed(exc)  # noqa: B904 (the same exception, re-raised with its traceback)
         except OSError as exc:  # the header write: the merge had started
             raise mark_failed(OutputError(f"{output}: writing failed: {exc.strerror or exc}")) from None
         finally:
@@ -102,7 +102,7 @@ def execute(plan: Plan, output: str | os.PathLike[str], metadata: dict[str, str]
         try:
             return out.commit()
         except MechaError as exc:  # the close or the rename, after the work: a failed merge
-            raise mark_failed(exc)
+            raise mark_failed(exc)  # noqa: B904 (the same exception, re-raised with its traceback)
 
 
 def _writer(plan: Plan, fd: int, offsets: dict[str, int], data_start: int,

@@ -21,7 +21,8 @@ from typing import Any, NamedTuple
 from ..builtin_plugins import install_hint
 from ..errors import MechaError, RecipeError
 from .host import CoreOnly, RecipeHost, canonical_arch, disabled_note, method_names
-from .nodes import CallNode, LiteralNode, Location, ModelNode, Node, ParameterNode, call, parameter, parameter_clash, walk
+from .nodes import (CallNode, LiteralNode, Location, ModelNode, Node, ParameterNode, call, parameter, parameter_clash,
+                    walk)
 from .values import WeightMap, blocks, classes, format_string, format_value, join_maps
 
 HEADER = "mecha 1"

@@ -365,7 +365,7 @@ def call(method: "MergeMethod", args: tuple[Any, ...], kwargs: dict[str, Any], *
     for k, v in hypers:
         check_hyper(method, k, v)
     node = CallNode(method, inputs, hypers, where=where)
-    node.space  # raises MergeSpaceError on known spaces that do not fit
+    _ = node.space  # raises MergeSpaceError on known spaces that do not fit
     return node
 
 
@@ -502,7 +502,7 @@ def substitute(root: Node, fills: dict[str, Node]) -> Node:
         args = tuple(input_fill(a, done(a)) for a in node.args)
         kwargs = tuple((k, hyper(node, k, v)) for k, v in node.kwargs)
         out = attrs.evolve(node, args=args, kwargs=kwargs)
-        out.space
+        _ = out.space  # raises MergeSpaceError when a fill's space does not fit
         return out
 
     def hyper(owner: CallNode, name: str, value: Node) -> Node:

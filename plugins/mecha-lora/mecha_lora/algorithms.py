@@ -246,7 +246,8 @@ def module_change(keys: ModuleKeys, module: Module, shapes: Mapping[str, tuple[i
     if algorithm in ("oft", "boft"):
         kohya_clamp = keys.style == "kohya-oft"
         if "rescale" in s and _numel(s["rescale"]) != module.out_features:
-            raise ShapeMismatch(f"{keys.name}: rescale has {_numel(s['rescale'])} values for {module.out_features} rows")
+            raise ShapeMismatch(f"{keys.name}: rescale has {_numel(s['rescale'])} values for "
+                                f"{module.out_features} rows")
         if algorithm == "boft":
             b = s["oft_blocks"][-1]
             if b % 2 or s["oft_blocks"][0] != int(math.log2(s["oft_blocks"][1])) + 1:
@@ -264,7 +265,8 @@ def module_change(keys: ModuleKeys, module: Module, shapes: Mapping[str, tuple[i
     if algorithm == "ia3":
         n = _numel(s["weight"])
         if n not in (module.out_features, module.shape[1] if len(module.shape) > 1 else -1):
-            raise ShapeMismatch(f"{keys.name}: {n} (IA)^3 scales fit neither the rows nor the columns of {list(module.shape)}")
+            raise ShapeMismatch(f"{keys.name}: {n} (IA)^3 scales fit neither the rows nor the columns of "
+                                f"{list(module.shape)}")
 
         def build(t: Tensors, key: str) -> torch.Tensor | WeightOperator:
             on_input = bool(int(t["on_input"].item()))

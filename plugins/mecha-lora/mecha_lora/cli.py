@@ -27,8 +27,10 @@ def extract_command(
     base: Annotated[str, typer.Argument(help="The checkpoint it was tuned from.")],
     output: Annotated[str, typer.Argument(help="The LoRA file to write.")],
     rank: Annotated[int, typer.Option(help="Rank of every layer.")] = 16,
-    ratio: Annotated[Optional[float], typer.Option(help="Fraction of each layer's full rank (overrides --rank).")] = None,
-    conv_rank: Annotated[Optional[int], typer.Option(help="Rank of 3x3 convs (default: --rank or --ratio; 0: none).")] = None,
+    ratio: Annotated[Optional[float],
+                     typer.Option(help="Fraction of each layer's full rank (overrides --rank).")] = None,
+    conv_rank: Annotated[Optional[int],
+                         typer.Option(help="Rank of 3x3 convs (default: --rank or --ratio; 0: none).")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="Output dtype (default: the tuned model's).")] = None,
 ) -> None:
     """Write a kohya LoRA approximating TUNED - BASE."""

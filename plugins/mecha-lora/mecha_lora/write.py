@@ -33,7 +33,8 @@ def _is_conv_kernel(module: Module) -> bool:
     return len(module.shape) == 4 and module.shape[2] * module.shape[3] > 1
 
 
-def _factor_tensors(module: Module, up: torch.Tensor, down: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _factor_tensors(module: Module, up: torch.Tensor, down: torch.Tensor,
+                    dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """kohya tensors for up [out, r] @ down [r, in·k·k] with alpha = r (scale 1)."""
     rank = down.shape[0]
     conv = len(module.shape) == 4
@@ -217,7 +218,7 @@ def merge_loras(inputs: Sequence[str | os.PathLike[str]], output: str | os.PathL
         for p in paths:
             opened.append(_open_lora(p))
         arch = opened[0][1].arch
-        for (file, res, _), p in zip(opened, paths):
+        for (_file, res, _), p in zip(opened, paths):
             if res.arch != arch:
                 raise PlanError(f"{p} is a LoRA for {res.arch}, {paths[0]} for {arch}; they cannot be merged")
         by_module: dict[Module, list[tuple[int, ModuleChange]]] = {}
@@ -233,7 +234,8 @@ def merge_loras(inputs: Sequence[str | os.PathLike[str]], output: str | os.PathL
         first_file = opened[0][0]
         first_key = next(iter(first_file.keys))
         out_dtype = torch_dtype(dtype) if dtype else (
-            torch_dtype(first_file.keys[first_key].dtype) if is_float(first_file.keys[first_key].dtype) else torch.float16)
+            torch_dtype(first_file.keys[first_key].dtype) if is_float(first_file.keys[first_key].dtype)
+            else torch.float16)
         out: dict[str, torch.Tensor] = {}
         ranks = []
         order = {m: n for n, m in enumerate(table(arch).modules)}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from mecha_core.lazy import torch
 
 from mecha_core import WEIGHT, merge_method
 

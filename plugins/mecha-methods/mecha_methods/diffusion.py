@@ -10,7 +10,7 @@ from mecha_core.lazy import torch
 
 from mecha_core import WEIGHT, merge_method
 
-from ._checks import at_least, fraction
+from ._checks import fraction
 from ._precision import in_float32
 
 
