@@ -17,15 +17,16 @@ from mecha_core.errors import MechaError
 HELP = "Extract a LoRA from two checkpoints, or merge LoRA files into one."
 FALLBACK_RANK = 32  # mecha_lora.write.FALLBACK_RANK, repeated here so --help needs no torch
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=HELP,
-                  context_settings={"help_option_names": ["-h", "--help"]})
+# plain help like the core's commands: no boxes, no <bool> metavars, no rich import
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=HELP, rich_markup_mode=None,
+                  pretty_exceptions_enable=False, context_settings={"help_option_names": ["-h", "--help"]})
 
 
 @app.command("extract")
 def extract_command(
-    tuned: Annotated[str, typer.Argument(help="The fine-tuned checkpoint.")],
-    base: Annotated[str, typer.Argument(help="The checkpoint it was tuned from.")],
-    output: Annotated[str, typer.Argument(help="The LoRA file to write.")],
+    tuned: Annotated[str, typer.Argument(metavar="TUNED", help="The fine-tuned checkpoint.")],
+    base: Annotated[str, typer.Argument(metavar="BASE", help="The checkpoint it was tuned from.")],
+    output: Annotated[str, typer.Argument(metavar="OUTPUT", help="The LoRA file to write.")],
     rank: Annotated[int, typer.Option(help="Rank of every layer.")] = 16,
     ratio: Annotated[Optional[float],
                      typer.Option(help="Fraction of each layer's full rank (overrides --rank).")] = None,
@@ -53,8 +54,8 @@ def _weights(values: Optional[List[str]]) -> Optional[List[float]]:
 
 @app.command("merge")
 def merge_command(
-    output: Annotated[str, typer.Argument(help="The LoRA file to write.")],
-    loras: Annotated[List[str], typer.Argument(help="The LoRA files to merge.")],
+    output: Annotated[str, typer.Argument(metavar="OUTPUT", help="The LoRA file to write.")],
+    loras: Annotated[List[str], typer.Argument(metavar="LORAS", help="The LoRA files to merge.")],
     weights: Annotated[Optional[List[str]], typer.Option(
         help="One weight per LoRA, comma-separated (--weights 1,0.5) or repeated (default: all 1).")] = None,
     rank: Annotated[Optional[int], typer.Option(
