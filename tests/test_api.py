@@ -165,7 +165,8 @@ def test_a_raising_method_is_a_plugin_code_error_naming_plugin_key_and_method_an
     pa = write_checkpoint(tmp_path / "a.safetensors", {"k": torch.ones(2)})
     out = tmp_path / "o.safetensors"
     with using(plugin_from_functions("explode", mecha_merge_methods=lambda: [explode])):
-        with pytest.raises(PluginCodeError, match=r"^plugin 'explode': method 'explode' failed on key 'k' \(file a\.safetensors\): ValueError: bad value$"):
+        with pytest.raises(PluginCodeError, match=r"^plugin 'explode': method 'explode' failed on key 'k' "
+                                                  r"\(file a\.safetensors\): ValueError: bad value$"):
             mecha_core.merge(mecha_core.explode(pa), output=out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]
 

@@ -110,7 +110,8 @@ def test_an_unknown_file_reports_its_closest_architecture(tmp_path, host):
     result = _inspect(path, "--json")
     report = json.loads(result.output)
     assert report["architecture"] is None
-    assert report["closest"] == {"architecture": "sdxl-sgm", "required_keys_present": round(len(half) / len(required), 4)}
+    assert report["closest"] == {"architecture": "sdxl-sgm",
+                                 "required_keys_present": round(len(half) / len(required), 4)}
     assert "closest: sdxl-sgm (50% of its required keys" in _inspect(path).output
 
 

@@ -22,12 +22,6 @@ from mecha_core.plugins import plugin_from_functions
 from mecha_core.testing import host_with, using, write_checkpoint
 
 
-@pytest.fixture
-def methods():
-    with using(mecha_methods.plugin) as host:
-        yield host
-
-
 def _rand(*shape, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=g).to(dtype)
@@ -73,7 +67,8 @@ def test_add_difference_three_models_and_n_average(tmp_path, methods):
     ms = [{"w": _rand(16, 8, seed=i), "v": _rand(3, seed=10 + i)} for i in range(4)]
     paths = [write_checkpoint(tmp_path / f"m{i}.safetensors", m) for i, m in enumerate(ms)]
     nodes = [mecha.model(p) for p in paths]
-    out = load_file(mecha.merge(mecha.add_difference(nodes[0], nodes[1], nodes[2], alpha=0.5), tmp_path / "ad.safetensors"))
+    out = load_file(mecha.merge(mecha.add_difference(nodes[0], nodes[1], nodes[2], alpha=0.5),
+                                tmp_path / "ad.safetensors"))
     for k in ("w", "v"):
         assert torch.allclose(out[k], ms[0][k] + 0.5 * (ms[1][k] - ms[2][k]), rtol=1e-6, atol=1e-7)
     out = load_file(mecha.merge(mecha.n_average(*nodes), tmp_path / "avg.safetensors"))
@@ -168,7 +163,8 @@ def test_output_file_layout_is_valid_safetensors(tmp_path, methods):
     assert n % 8 == 0
     header = json.loads(raw[8:8 + n])
     assert header["__metadata__"]["mecha_recipe"].startswith("mecha 1\n")
-    assert "time" not in json.dumps(header["__metadata__"]) and str(tmp_path) not in header["__metadata__"]["mecha_plugins"]
+    assert "time" not in json.dumps(header["__metadata__"])
+    assert str(tmp_path) not in header["__metadata__"]["mecha_plugins"]
     with safe_open(out, "pt") as f:
         assert torch.equal(f.get_tensor("z"), torch.full((3,), 2.0, dtype=torch.float16))
         assert set(f.keys()) == {"z", "a"}
@@ -196,7 +192,8 @@ def test_failure_mid_merge_leaves_existing_output_untouched(tmp_path):
         pa = write_checkpoint(tmp_path / "a.safetensors", {"a": torch.ones(2), "b": torch.ones(2), "c": torch.ones(2)})
         target = tmp_path / "out.safetensors"
         target.write_bytes(b"previous result")
-        with pytest.raises(PluginCodeError, match=r"^plugin 'p': method 'explode_on_b' failed on key 'b' \(file a\.safetensors\): ValueError: boom$"):
+        with pytest.raises(PluginCodeError, match=r"^plugin 'p': method 'explode_on_b' failed on key 'b' "
+                                                  r"\(file a\.safetensors\): ValueError: boom$"):
             mecha.merge(explode_on_b(mecha.model(pa)), target)
     assert target.read_bytes() == b"previous result"
     assert sorted(os.listdir(tmp_path)) == ["a.safetensors", "out.safetensors"]
@@ -319,13 +316,16 @@ def test_converter_plan_may_read_the_file_metadata(tmp_path, methods):
 
     plugin = plugin_from_functions(
         "scaled",
-        mecha_model_types=lambda: [ModelType("scaled", "delta", detect=lambda keys: all(k.startswith("scaled.") for k in keys) and bool(keys))],
+        mecha_model_types=lambda: [ModelType("scaled", "delta",
+                                             detect=lambda keys: all(k.startswith("scaled.") for k in keys)
+                                             and bool(keys))],
         mecha_converters=lambda: [Converter("scaled-to-delta", None, "scaled", None, "delta", plan)],
     )
     host = host_with(mecha_methods.plugin, plugin, names=["methods", "scaled"])
     with using(host):
         pb = write_checkpoint(tmp_path / "base.safetensors", {"w": torch.ones(3)})
-        pd = write_checkpoint(tmp_path / "d.safetensors", {"scaled.w": torch.full((3,), 2.0)}, metadata={"scale": "0.25"})
+        pd = write_checkpoint(tmp_path / "d.safetensors", {"scaled.w": torch.full((3,), 2.0)},
+                              metadata={"scale": "0.25"})
         out = load_file(mecha.merge(mecha.add_difference(mecha.model(pb), mecha.model(pd)), tmp_path / "o.safetensors"))
     assert torch.equal(out["w"], torch.full((3,), 1.5))
 
@@ -336,3 +336,161 @@ def test_nonfinite_in_a_sliced_key_says_which_elements(tmp_path, methods):
     pa = write_checkpoint(tmp_path / "a.safetensors", {"w": values})
     with pytest.raises(MergeError, match=r"key 'w': 1 NaN/Inf value\(s\) in the result \(elements 50\.\.74 of 100\)"):
         mecha.merge(mecha.scale(mecha.model(pa), alpha=2.0), tmp_path / "o.safetensors", chunk_elements=25, threads=1)
+
+
+# -- missing keys, output dtypes, block maps
+
+
+def test_allow_missing_difference_of_weights_lacking_a_key_is_zero_not_a_weight(tmp_path, methods):
+    # subtract(d, e) where e lacks "y": the difference must not be d's whole weight, or
+    # add(c, ...) doubles the weight: c.y + d.y instead of c.y.
+    c = write_checkpoint(tmp_path / "c.safetensors", {"x": torch.tensor([1.0, 2.0]), "y": torch.tensor([10.0])})
+    d = write_checkpoint(tmp_path / "d.safetensors", {"x": torch.tensor([5.0, 7.0]), "y": torch.tensor([20.0])})
+    e = write_checkpoint(tmp_path / "e.safetensors", {"x": torch.tensor([4.0, 4.0])})
+    recipe = mecha.add(mecha.model(c), mecha.subtract(mecha.model(d), mecha.model(e)))
+    out = load_file(mecha.merge(recipe, tmp_path / "o.safetensors", allow_missing=True))
+    assert out["x"].tolist() == [1.0 + 1.0, 2.0 + 3.0]
+    assert out["y"].tolist() == [10.0]
+
+
+def test_output_dtype_float8_e4m3fn_refuses_values_it_would_clamp(tmp_path, methods):
+    # float8_e4m3fn has no infinity: torch clamps 1000.0 to 448.0 silently, so the overflow
+    # check (which looks for Inf after the cast) must catch it before.
+    a = write_checkpoint(tmp_path / "a.safetensors", {"w": torch.tensor([1000.0, 1.0])})
+    b = write_checkpoint(tmp_path / "b.safetensors", {"w": torch.tensor([1000.0, 3.0])})
+    recipe = mecha.weighted_sum(mecha.model(a), mecha.model(b), alpha=0.5)
+    with pytest.raises(mecha.errors.MergeError, match="overflow float8_e4m3fn"):
+        mecha.merge(recipe, tmp_path / "o.safetensors", output_dtype="float8_e4m3fn")
+    assert not (tmp_path / "o.safetensors").exists()
+    # in range (450 rounds to 448, as float16 rounds 65519 to 65504): written
+    c = write_checkpoint(tmp_path / "c.safetensors", {"w": torch.tensor([450.0, 2.0])})
+    out = load_file(mecha.merge(mecha.weighted_sum(mecha.model(c), mecha.model(c), alpha=0.5),
+                                tmp_path / "o.safetensors", output_dtype="float8_e4m3fn"))
+    assert out["w"].float().tolist() == [448.0, 2.0]
+
+
+def test_float16_output_accepts_values_that_round_down_to_its_largest_and_refuses_inf(tmp_path, methods):
+    # 65510 is above float16's largest finite value (65504) but rounds down to it; 65520 rounds to Inf
+    a = write_checkpoint(tmp_path / "a.safetensors", {"w": torch.tensor([65510.0, -65510.0, 1.0])})
+    out = load_file(mecha.merge(mecha.weighted_sum(mecha.model(a), mecha.model(a), alpha=0.5),
+                                tmp_path / "o.safetensors", output_dtype="float16"))
+    assert out["w"].dtype == torch.float16 and out["w"].float().tolist() == [65504.0, -65504.0, 1.0]
+    b = write_checkpoint(tmp_path / "b.safetensors", {"w": torch.tensor([1.0, -65520.0, 65520.0, 2.0])})
+    with pytest.raises(mecha.errors.MergeError, match="2 value.*overflow float16"):
+        mecha.merge(mecha.weighted_sum(mecha.model(b), mecha.model(b), alpha=0.5),
+                    tmp_path / "p.safetensors", output_dtype="float16")
+    assert not (tmp_path / "p.safetensors").exists()
+    # a NaN anywhere in a long key is found (the check reduces; it must not miss one)
+    c = torch.randn(100_003)
+    c[77_777] = float("nan")
+    cpath = write_checkpoint(tmp_path / "c.safetensors", {"w": c})
+    with pytest.raises(mecha.errors.MergeError, match="1 NaN/Inf"):
+        mecha.merge(mecha.weighted_sum(mecha.model(cpath), mecha.model(cpath), alpha=0.5), tmp_path / "q.safetensors")
+
+
+def test_float64_key_copied_unchanged_keeps_its_bits(tmp_path, methods):
+    # a key taken from the first input (--allow-missing) or a recipe that is one model is a copy:
+    # it must not go through the float32 work dtype
+    value = torch.tensor([1.0 + 2.0 ** -40, 1e-300], dtype=torch.float64)
+    a = write_checkpoint(tmp_path / "a.safetensors", {"w": torch.ones(1), "only_a": value})
+    b = write_checkpoint(tmp_path / "b.safetensors", {"w": torch.ones(1)})
+    out = load_file(mecha.merge(mecha.weighted_sum(mecha.model(a), mecha.model(b), alpha=0.5),
+                                tmp_path / "o.safetensors", allow_missing=True))
+    assert torch.equal(out["only_a"], value)
+    out = load_file(mecha.merge(mecha.model(a), tmp_path / "o2.safetensors"))
+    assert torch.equal(out["only_a"], value)
+
+
+def test_block_map_of_another_architecture_is_refused_not_silently_the_default(tmp_path):
+    # blocks("sdxl-sgm", ...) on an sd1 merge matches no key: every key would silently take
+    # the method's default alpha
+    import mecha_sd1.plugin
+    import mecha_sdxl.plugin
+    from mecha_core.kit import synthetic
+    from mecha_sd1 import layout
+
+    arch = layout.architecture()
+    keys = [k for k, s in arch.keys.items() if not s.optional and len(s.shape) == 1]
+    table = synthetic.key_table(arch, keys, "float32")
+    synthetic.write_layout(tmp_path / "a.safetensors", table, seed=1)
+    synthetic.write_layout(tmp_path / "b.safetensors", table, seed=2)
+    with using(mecha_methods.plugin, mecha_sd1.plugin, mecha_sdxl.plugin):
+        a, b = mecha.model(tmp_path / "a.safetensors"), mecha.model(tmp_path / "b.safetensors")
+        with pytest.raises(mecha.errors.PlanError, match="sdxl-sgm"):
+            mecha.merge(mecha.weighted_sum(a, b, alpha=mecha.blocks("sdxl-sgm", IN04=0.9)),
+                        tmp_path / "o.safetensors")
+        assert not (tmp_path / "o.safetensors").exists()
+        # the architecture's own map still merges
+        out = load_file(mecha.merge(mecha.weighted_sum(a, b, alpha=mecha.blocks("sd1-ldm", default=1.0)),
+                                    tmp_path / "o.safetensors"))
+        assert torch.equal(out[keys[0]], load_file(tmp_path / "b.safetensors")[keys[0]])
+
+
+class _IntBlocksPlugin:
+    """A toy architecture with one key in two blocks, and a method whose hyperparameter is an int."""
+
+    @staticmethod
+    @mecha.hookimpl
+    def mecha_architectures():
+        from mecha_core.specs import Architecture, KeySpec
+
+        keys = {"shared": KeySpec((2,), "float32", "net", blocks=("B0", "B1")),
+                "only_b1": KeySpec((2,), "float32", "net", blocks=("B1",))}
+        return [Architecture("toy-int", keys, blocks=("B0", "B1"))]
+
+    @staticmethod
+    @mecha.hookimpl
+    def mecha_merge_methods():
+        @mecha.merge_method
+        def stamp_count(a, *, count: int = 0):
+            assert type(count) is int, f"count arrived as {type(count).__name__}"
+            return torch.full_like(a, float(count))
+
+        return [stamp_count]
+
+
+def test_int_hyperparameter_from_a_block_map_stays_an_int(tmp_path):
+    a = write_checkpoint(tmp_path / "a.safetensors", {"shared": torch.zeros(2), "only_b1": torch.zeros(2)})
+    with using(_IntBlocksPlugin):
+        # "shared" sits in B0 and B1: the mean of 2 and 5 is 3.5, which rounds half to even to 4
+        recipe = mecha.stamp_count(mecha.model(a), count=mecha.blocks("toy-int", B0=2, B1=5))
+        out = load_file(mecha.merge(recipe, tmp_path / "o.safetensors"))
+        assert out["shared"].tolist() == [4.0, 4.0] and out["only_b1"].tolist() == [5.0, 5.0]
+        # a non-whole value in a map for an int hyperparameter is refused before anything is written
+        bad = mecha.stamp_count(mecha.model(a), count=mecha.blocks("toy-int", B0=2.5))
+        with pytest.raises(mecha.errors.RecipeError, match="count.*must be int"):
+            mecha.merge(bad, tmp_path / "bad.safetensors")
+    assert not (tmp_path / "bad.safetensors").exists()
+
+
+class _OptionalKeyPlugin:
+    @staticmethod
+    @mecha.hookimpl
+    def mecha_architectures():
+        from mecha_core.specs import Architecture, KeySpec
+
+        keys = {"w": KeySpec((2,), "float32", "net"),
+                "last_layer": KeySpec((2,), "float32", "net", optional=True)}
+        return [Architecture("toy-opt", keys)]
+
+
+def test_a_delta_for_an_optional_key_the_weights_lack_is_dropped_not_an_error(tmp_path):
+    # exporters drop the last CLIP layer (optional in the layout); a LoRA trained with it must
+    # still apply. A delta key that is not optional still needs --allow-missing.
+    import mecha_methods.plugin as methods_plugin
+
+    a = write_checkpoint(tmp_path / "a.safetensors", {"w": torch.tensor([1.0, 2.0])})
+    b = write_checkpoint(tmp_path / "b.safetensors", {"w": torch.tensor([3.0, 3.0]), "last_layer": torch.ones(2)})
+    c = write_checkpoint(tmp_path / "c.safetensors", {"w": torch.tensor([1.0, 1.0]), "last_layer": torch.zeros(2)})
+    with using(methods_plugin, _OptionalKeyPlugin):
+        def recipe(arch):
+            return mecha.add(mecha.model(a, arch=arch),
+                             mecha.subtract(mecha.model(b, arch=arch), mecha.model(c, arch=arch)))
+
+        out = load_file(mecha.merge(recipe("toy-opt"), tmp_path / "o.safetensors"))
+        assert sorted(out) == ["w"] and out["w"].tolist() == [3.0, 4.0]
+        # a key the layout does not list at all
+        b = write_checkpoint(tmp_path / "b2.safetensors", {"w": torch.tensor([3.0, 3.0]), "stray": torch.ones(2)})
+        c = write_checkpoint(tmp_path / "c2.safetensors", {"w": torch.tensor([1.0, 1.0]), "stray": torch.zeros(2)})
+        with pytest.raises(mecha.errors.PlanError, match="a delta input has 1 key.*'stray'"):
+            mecha.merge(recipe("toy-opt"), tmp_path / "p.safetensors")

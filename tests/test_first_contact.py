@@ -196,7 +196,8 @@ def test_plugins_check_json_with_a_problem_prints_one_document(work, capsys):
     with using(host_with(plugin_from_functions("bad", mecha_merge_methods=boom), strict=False)):
         code, out, err = _run(capsys, "plugins", "check", "--json")
     assert code == EXIT_USAGE
-    assert json.loads(out) == {"ok": False, "problems": ["plugin 'bad': mecha_merge_methods() raised RuntimeError: boom"],
+    assert json.loads(out) == {"ok": False,
+                               "problems": ["plugin 'bad': mecha_merge_methods() raised RuntimeError: boom"],
                                "warnings": []}
     assert err.splitlines()[-1] == "error: 1 plugin problem; `mecha plugins list` shows every plugin"
 
@@ -213,7 +214,8 @@ def test_recipe_show_json(work, capsys):
 
 
 # -- -p: one form for merge and compose ---------------------------------------------------------
-TEMPLATE = 'mecha 1\nbase = parameter("base")\nk = parameter("k")\nweighted_sum(base, model("b.safetensors"), alpha=k)\n'
+TEMPLATE = ('mecha 1\nbase = parameter("base")\nk = parameter("k")\n'
+            'weighted_sum(base, model("b.safetensors"), alpha=k)\n')
 
 
 @pytest.mark.parametrize("fills", [
@@ -412,7 +414,8 @@ def test_help_documents_the_exit_codes():
 def test_counts_take_the_singular_for_one(work):
     from mecha_core.specs import Architecture, KeySpec
 
-    arch = Architecture(name="tiny", description="one key", keys={"w": KeySpec(shape=(2,), dtype="float32", component="main")})
+    arch = Architecture(name="tiny", description="one key",
+                        keys={"w": KeySpec(shape=(2,), dtype="float32", component="main")})
     with using(host_with(plugin_from_functions("tiny", mecha_architectures=lambda: [arch]))):
         listed = runner.invoke(app, ["plugins", "list"]).stdout
         described = runner.invoke(app, ["info", "tiny", "-v"]).stdout

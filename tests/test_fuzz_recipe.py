@@ -76,7 +76,8 @@ scalars = (st.integers(-3, 3) | st.floats(-2, 2, allow_nan=False) | st.sampled_f
 
 
 def _expression(depth: int) -> st.SearchStrategy[str]:
-    leaf = st.sampled_from(NAMES) | st.builds(lambda p, t: f'model("{p}"{t})', st.sampled_from(["a", "b.safetensors", ""]),
+    leaf = st.sampled_from(NAMES) | st.builds(lambda p, t: f'model("{p}"{t})',
+                                              st.sampled_from(["a", "b.safetensors", ""]),
                                               st.sampled_from(["", ', type="delta"', ', type="base"', ', arch="x"',
                                                                ', type="lora"']))
     if depth == 0:

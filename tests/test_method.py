@@ -208,7 +208,8 @@ def test_result_space_of_fixed_and_generic_methods():
 def test_context_generator_depends_on_seed_and_key_only():
     info = TensorInfo((4,), "float32")
     a1 = torch.rand(4, generator=MergeContext("k1", info).generator(7))
-    a2 = torch.rand(4, generator=MergeContext("k1", TensorInfo((8,), "float16"), Architecture("sd1-ldm", {})).generator(7))
+    ctx = MergeContext("k1", TensorInfo((8,), "float16"), Architecture("sd1-ldm", {}))
+    a2 = torch.rand(4, generator=ctx.generator(7))
     b = torch.rand(4, generator=MergeContext("k2", info).generator(7))
     c = torch.rand(4, generator=MergeContext("k1", info).generator(8))
     assert torch.equal(a1, a2)

@@ -112,7 +112,8 @@ def _raises(keys):
 
 
 @pytest.mark.parametrize("model_type, problem", [
-    (ModelType("t", "param", detect=lambda keys: False), "model type 't': space must be 'weight' or 'delta', got 'param'"),
+    (ModelType("t", "param", detect=lambda keys: False),
+     "model type 't': space must be 'weight' or 'delta', got 'param'"),
     (ModelType("t", "delta", detect=_raises), "model type 't': detect(frozenset()) raised KeyError: 'x'"),
     (ModelType("t", "delta", detect=lambda keys: True), "model type 't': detect(frozenset()) must be False"),
     (ModelType("t", "delta", detect=lambda keys: None), "model type 't': detect(frozenset()) must be False"),

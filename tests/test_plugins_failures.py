@@ -193,7 +193,8 @@ def test_a_refusal_that_led_to_another_architecture_is_named_in_the_mismatch(tmp
     from mecha_core.testing import using
 
     def arch(name):
-        return Architecture(name, {"w": KeySpec((2,), "float32", "body"), f"{name}.only": KeySpec((1,), "float32", "body")})
+        return Architecture(name, {"w": KeySpec((2,), "float32", "body"),
+                                   f"{name}.only": KeySpec((1,), "float32", "body")})
 
     def buggy(header):
         raise ValueError("bug: unexpected rank")
@@ -213,7 +214,8 @@ def test_a_refusal_that_led_to_another_architecture_is_named_in_the_mismatch(tmp
             mecha_core.merge(mecha_core.add_difference(base, lora), output=tmp_path / "o.safetensors")
     assert str(err.value).endswith(
         "base.safetensors is ta, l.safetensors is tb; if one was detected wrongly, name it with "
-        "model(..., arch=...) (before that, converter 'tl-to-ta' of plugin 'tiny' does not apply: bug: unexpected rank)")
+        "model(..., arch=...) (before that, converter 'tl-to-ta' of plugin 'tiny' does not apply: "
+        "bug: unexpected rank)")
 
 
 def test_keyboard_interrupt_from_plugin_code_always_propagates(tmp_path):

@@ -72,14 +72,17 @@ BAD_SPECS = [
     ("mecha_architectures", arch(keys={"w": key(aliases=("old", "old"))}),
      "architecture 'tiny': key 'w' lists alias 'old' twice"),
     ("mecha_architectures", arch(blocks=["IN00"]), "architecture 'tiny': blocks must be a tuple of str, got ['IN00']"),
-    ("mecha_architectures", arch(classes=("proj", "proj")), "architecture 'tiny': classes list ['proj'] more than once"),
+    ("mecha_architectures", arch(classes=("proj", "proj")),
+     "architecture 'tiny': classes list ['proj'] more than once"),
     ("mecha_architectures", arch(name=None), "architecture with name None: name must be a non-empty str, got None"),
-    ("mecha_architectures", arch(min_match="0.9"), "architecture 'tiny': min_match must be a number in (0, 1], got '0.9'"),
+    ("mecha_architectures", arch(min_match="0.9"),
+     "architecture 'tiny': min_match must be a number in (0, 1], got '0.9'"),
     ("mecha_architectures", arch(component_aliases={"txt": 1}),
      "architecture 'tiny': component_aliases must be a mapping of str to str, got {'txt': 1}"),
     ("mecha_model_types", ModelType("t", "param", detect=lambda keys: False),
      "model type 't': space must be 'weight' or 'delta', got 'param'"),
-    ("mecha_model_types", ModelType("t", "delta", detect=None), "model type 't': detect must be callable, got NoneType"),
+    ("mecha_model_types", ModelType("t", "delta", detect=None),
+     "model type 't': detect must be callable, got NoneType"),
     ("mecha_converters", Converter("c", None, "t", None, "weight", plan=plan),
      "converter 'c': target_type 'weight' is a merge space, not a model type"),
     ("mecha_converters", Converter("c", None, "", None, "delta", plan=plan),
@@ -109,7 +112,8 @@ def test_a_bad_spec_marks_its_plugin_error_and_the_others_load(hook, spec, probl
     assert records["bad"].error.startswith(problem), records["bad"].error
     assert "\n" not in records["bad"].error
     assert records["bad"].provides == {}
-    assert records["good"].status == "ok" and [n for n in host.merge_methods.names() if host.merge_methods.provider(n) != "mecha-core"] == ["keep"]
+    assert records["good"].status == "ok"
+    assert [n for n in host.merge_methods.names() if host.merge_methods.provider(n) != "mecha-core"] == ["keep"]
     for registry in (host.architectures, host.converters, host.cli_commands):
         assert registry.names() == []
     assert host.model_types.names() == ["base", "delta"]  # the core's own only

@@ -18,6 +18,7 @@ from mecha_core.errors import RecipeError, UnfilledParameterError
 from mecha_core import compose, load_recipe  # the plugin host's methods
 from mecha_core.recipe import ModelNode, ParameterNode, dump_recipe, parameters
 from mecha_core.testing import using, write_checkpoint
+from mecha_core.testing_corpus import check_clean_failure, snapshot
 
 runner = CliRunner()
 
@@ -238,3 +239,29 @@ def test_compose_refuses_to_overwrite_its_template(tmp_path):
     assert result.exit_code == 2
     assert "overwrite its template" in result.output
     assert template.read_text() == text
+
+
+# -- compose must never destroy a file, nor bring a clashing parameter (the `work` fixture: conftest.py)
+def compose_cli(*args: str):
+    return runner.invoke(app, ["compose", "template.mecha", *args])
+
+
+@pytest.mark.parametrize("base_fill,fragment", [
+    ("target.safetensors", "-p base"),       # -o is one of the fills
+    ("a.safetensors", "safetensors model"),  # -o is some other model
+])
+def test_compose_never_writes_recipe_text_over_a_model(work, base_fill, fragment):
+    write_checkpoint(work / "target.safetensors", {"w": torch.tensor([5.0, 5.0])})
+    before = snapshot(work)
+    result = compose_cli("-p", "base", base_fill, "-p", "tuned", "b.safetensors", "-p", "k", "0.5",
+                     "-o", "target.safetensors")
+    check_clean_failure(result.exit_code, result.stderr, folder=work, before=before,
+                        fragments=("target.safetensors", fragment))
+
+
+def test_compose_refuses_a_fill_that_brings_a_clashing_parameter(work):
+    (work / "fill.mecha").write_text('mecha 1\nk = parameter("k", space="weight")\nb = model("b.safetensors")\n'
+                                     "weighted_sum(k, b, alpha=0.5)\n")
+    before = snapshot(work)
+    result = compose_cli("-p", "base", "fill.mecha", "-p", "tuned", "b.safetensors", "-o", "out.mecha")
+    check_clean_failure(result.exit_code, result.stderr, folder=work, before=before, fragments=("parameter 'k'",))

@@ -5,15 +5,20 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
 
 import mecha_core as mecha
 import mecha_methods.plugin
 from mecha_core import merge_method
+from mecha_core.cli import app
 from mecha_core.errors import MergeSpaceError, RecipeError
 from mecha_core.plugins import plugin_from_functions
 from mecha_core import load_recipe  # the plugin host's methods
 from mecha_core.recipe import CallNode, LiteralNode, ModelNode, ParameterNode, WeightMap, dump_recipe
-from mecha_core.testing import using
+from mecha_core.testing import using, write_checkpoint
+from mecha_core.testing_corpus import check_clean_failure, snapshot
 
 
 @merge_method
@@ -197,7 +202,8 @@ def error(text: str) -> RecipeError:
     (HEAD + "m = weighted_sum(a, b, alpha=0.5 | 0.2)\n", 4, 30, ["'|' joins"]),
     (HEAD + 'm = weighted_sum(a, b, alpha=blocks("x") | blocks("y"))\n', 4, 42, ["maps of one architecture"]),
     (HEAD + 'p = parameter("p", space="weights")\n', 4, 5, ["unknown merge space 'weights'"]),
-    ('mecha 1\nb = model("b")\nd = subtract(b, b)\nm = subtract(d, b)\n', 4, 5, ["subtract expects a in weight space; got a delta from subtract"]),
+    ('mecha 1\nb = model("b")\nd = subtract(b, b)\nm = subtract(d, b)\n', 4, 5,
+     ["subtract expects a in weight space; got a delta from subtract"]),
     ("mecha 2\na = model(\"a\")\n", 1, 7, ["version 1", "version 2"]),
     ("mecha 1\n# nothing\n", 1, None, ["empty"]),
 ])
@@ -245,3 +251,85 @@ def test_a_method_two_plugins_claim_is_reported_at_its_line():
     with using(host_with(mecha_methods.plugin, LISTS, twin, strict=False)):
         err = error(HEAD + "m = weigh(a, b)\n")
     assert (err.line, err.column) == (4, 5) and "provided by both" in str(err)
+
+
+# -- recipes merged through the CLI (the `work` fixture: conftest.py)
+runner = CliRunner()
+
+
+def merge(folder, text: str, *options: str, output: str = "merged.safetensors"):
+    (folder / "recipe.mecha").write_bytes(text.encode())
+    before = snapshot(folder)
+    result = runner.invoke(app, ["merge", str(folder / "recipe.mecha"), "-o", output, "-q", *options])
+    return result, before
+
+
+def test_a_parameter_declared_with_two_spaces_is_refused_at_its_line(work):
+    text = ('mecha 1\nk = parameter("k")\nj = parameter("k", space="delta")\na = model("a.safetensors")\n'
+            'b = model("b.safetensors")\nc = add(a, j)\nweighted_sum(c, b, alpha=k)\n')
+    result, before = merge(work, text)
+    check_clean_failure(result.exit_code, result.stderr, folder=work, before=before,
+                        fragments=("recipe.mecha:3:5", "parameter 'k'", "different merge spaces"))
+
+
+def test_a_parameter_used_as_input_and_hyperparameter_is_refused(work):
+    text = 'mecha 1\nk = parameter("k")\na = model("a.safetensors")\nweighted_sum(a, k, alpha=k)\n'
+    result, before = merge(work, text)
+    check_clean_failure(result.exit_code, result.stderr, folder=work, before=before,
+                        fragments=("recipe.mecha:2:5", "both a method's input and a hyperparameter"))
+
+
+@pytest.mark.parametrize("header", ["mecha\t1", "mecha  1", "mecha 1 "])
+def test_header_with_any_spaces_or_tabs_is_read(work, header):
+    result, _ = merge(work, header + "\n" + HEAD.split("\n", 1)[1] + "weighted_sum(a, b, alpha=0.25)\n")
+    assert result.exit_code == 0, result.output
+    assert load_file(work / "merged.safetensors")["w"].tolist() == [1.5, 3.0]
+
+
+@pytest.mark.parametrize("text", [
+    HEAD + "weighted_sum(a, b, alpha=1" + "0" * 5000 + ")\n",
+    'version 0.1.0\nmodel "a.safetensors"\nmodel "b.safetensors"\nmerge "weighted_sum" &0 &1 alpha=1'
+    + "0" * 5000 + "\n",
+    'model "a.safetensors" "sd1" "base"\nmodel "b.safetensors" "sd1" "base"\nmerge "weighted_sum" &0 &1 alpha=1'
+    + "0" * 5000 + "\n",
+])
+def test_a_number_too_long_for_python_is_a_recipe_error(work, text):
+    result, before = merge(work, text)
+    check_clean_failure(result.exit_code, result.stderr, folder=work, before=before,
+                        fragments=("recipe.mecha:", "digits"))
+
+
+def test_a_lone_cr_in_a_comment_does_not_split_the_line(work):
+    # the format ends lines at LF only: reading the file must agree with reading its text
+    text = (HEAD.replace('b = model("b.safetensors")', 'b = model("b.safetensors")  # old\rnote')
+            + "weighted_sum(a, b)\n")
+    result, _ = merge(work, text)
+    assert result.exit_code == 0, result.output
+    assert load_file(work / "merged.safetensors")["w"].tolist() == [2.0, 4.0]
+
+
+@pytest.mark.parametrize("line,fragment", [
+    ('b = model("bb")', "model file 'bb' not found"),
+    ('b = model("b.safetensors", arch="sd9")', "unknown architecture 'sd9'"),
+    ('b = model("b.safetensors", type="lora")', "unknown model type 'lora'"),
+])
+def test_errors_found_when_a_model_is_opened_name_its_recipe_line(work, line, fragment):
+    text = f'mecha 1\na = model("a.safetensors")\n{line}\nweighted_sum(a, b)\n'
+    result, before = merge(work, text)
+    check_clean_failure(result.exit_code, result.stderr, folder=work, before=before,
+                        fragments=("recipe.mecha:3:5: ", fragment))
+
+
+def test_recipe_string_with_a_lone_surrogate_is_a_recipe_error_not_a_crash(tmp_path, methods):
+    a = write_checkpoint(tmp_path / "a.safetensors", {"w": torch.ones(1)})
+    text = 'mecha 1\na = model("a.safetensors")\nb = cast(a, dtype="\\udc80")\n'
+    with pytest.raises(mecha.errors.RecipeError, match=r"<recipe>:3:.*surrogate"):
+        mecha.load_recipe(text)
+    # built in Python, a free-form string fails when the recipe is printed (before any file is
+    # written); one with fixed choices (cast's dtype) already when the call is built
+    with pytest.raises(mecha.errors.RecipeError, match=r"^cast\(dtype='\\udc80'\): use one of"):
+        mecha.cast(mecha.model(a), dtype="\udc80")
+    recipe = mecha.pick_component(mecha.model(a), component="\udc80")
+    with pytest.raises(mecha.errors.RecipeError, match="surrogate"):
+        mecha.merge(recipe, tmp_path / "o.safetensors")
+    assert not (tmp_path / "o.safetensors").exists()

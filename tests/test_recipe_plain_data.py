@@ -234,7 +234,8 @@ def test_bad_values_point_at_the_value(text, column, fragments):
 def test_values_are_checked_in_python_too():
     host = host_with(mecha_methods.plugin)
     a, b = ModelNode("a"), ModelNode("b")
-    with pytest.raises(RecipeError, match=r"^geometric_median\(maxiter=\.\.\.\): an integer hyperparameter must fit in 64 bits"):
+    with pytest.raises(RecipeError, match=r"^geometric_median\(maxiter=\.\.\.\): "
+                                          r"an integer hyperparameter must fit in 64 bits"):
         host.method("geometric_median")(a, b, maxiter=2 ** 63)
     assert host.method("geometric_median")(a, b, maxiter=2 ** 63 - 1).kwargs[0][1].value == 2 ** 63 - 1
     with pytest.raises(RecipeError, match=r"block/class value for 'IN00' must fit in 64 bits"):

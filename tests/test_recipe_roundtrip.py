@@ -6,7 +6,6 @@ editing this file. Block maps name a small fake architecture registered by a tes
 
 from __future__ import annotations
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -182,7 +182,8 @@ def test_unversioned_dict_hyperparameter_maps_through_the_architecture(models):
             'merge "weighted_sum" &0 &1 alpha=&2\n')
     recipe = load_recipe(text)
     alpha = recipe.kwargs[0][1].value
-    assert alpha == (mecha.blocks("sd1-ldm", 0.33, IN02=0.75, M00=0.9) | mecha.classes("sd1-ldm", conv=0.1, mlp_fc1=0.6))
+    assert alpha == (mecha.blocks("sd1-ldm", 0.33, IN02=0.75, M00=0.9)
+                     | mecha.classes("sd1-ldm", conv=0.1, mlp_fc1=0.6))
     assert recipe.args[0] == mecha.model("a.safetensors", arch="sd1-ldm", type="base")
     got = run(folder, text)
     # sd-mecha's rule: the mean of the matching block and class entries, else the component's default
@@ -446,7 +447,8 @@ def test_unversioned_class_narrower_than_the_architectures_is_refused():
                 'dict sdxl_unet_class_transformer_blocks_0_attn1_to_k=1.0 sdxl_unet_default=0.0 '
                 'sdxl_txt_default=0.0 sdxl_txt2_default=0.0\n'
                 'merge "weighted_sum" &0 &1 alpha=&2\n')
-        with pytest.raises(RecipeError, match=r"^<recipe>:3:1: .*transformer_blocks\.[1-9]\d*\.attn1\.to_k\.weight' 0\.0, "
+        with pytest.raises(RecipeError, match=r"^<recipe>:3:1: "
+                                              r".*transformer_blocks\.[1-9]\d*\.attn1\.to_k\.weight' 0\.0, "
                                               r"the closest map gives 1\.0"):
             load_recipe(text)
 

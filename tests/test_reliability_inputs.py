@@ -6,8 +6,10 @@ import struct
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+import mecha_core as mecha
 import mecha_methods.plugin
 from mecha_core.cli import app
 from mecha_core.engine.safetensors_io import SafetensorsFile
@@ -190,3 +192,46 @@ def test_inspect_gives_small_files_a_readable_size(work):
     result = runner.invoke(app, ["inspect", str(work / "a.safetensors")])
     assert result.exit_code == 0, result.output
     assert "40 B" in result.stdout and "0.0 MB" not in result.stdout
+
+
+# -- model and recipe paths (the `methods` fixture: conftest.py)
+
+
+def test_recipe_path_that_starts_like_recipe_text_is_read_as_a_file(tmp_path, monkeypatch, methods):
+    # "mecha runs/mix.mecha" (a folder named "mecha runs") is a path, not .mecha text
+    folder = tmp_path / "mecha runs"
+    folder.mkdir()
+    write_checkpoint(folder / "a.safetensors", {"w": torch.tensor([2.0])})
+    (folder / "mix.mecha").write_text('mecha 1\na = model("a.safetensors")\nr = scale(a, alpha=3.0)\n')
+    monkeypatch.chdir(tmp_path)
+    out = load_file(mecha.merge("mecha runs/mix.mecha", tmp_path / "o.safetensors"))
+    assert out["w"].tolist() == [6.0]
+
+
+def test_bare_model_name_skips_a_folder_of_that_name(tmp_path, monkeypatch, methods):
+    # model("sd15") beside a folder "sd15" (a diffusers download) and the file "sd15.safetensors"
+    (tmp_path / "sd15").mkdir()
+    write_checkpoint(tmp_path / "sd15.safetensors", {"w": torch.tensor([2.0])})
+    monkeypatch.chdir(tmp_path)
+    out = load_file(mecha.merge(mecha.scale(mecha.model("sd15"), alpha=2.0), tmp_path / "o.safetensors"))
+    assert out["w"].tolist() == [4.0]
+    (tmp_path / "only_folder").mkdir()
+    with pytest.raises(mecha.errors.PlanError, match="only_folder is a directory"):
+        mecha.merge(mecha.model("only_folder"), tmp_path / "o.safetensors")
+
+
+def test_one_relative_model_path_naming_two_files_is_refused(tmp_path, monkeypatch, methods):
+    # two recipes from two folders both say model("m.safetensors") but mean different files;
+    # the nodes compare equal, so the merge silently read X's file twice
+    for folder, value in (("X", 0.0), ("Y", 10.0)):
+        (tmp_path / folder).mkdir()
+        write_checkpoint(tmp_path / folder / "m.safetensors", {"w": torch.tensor([value])})
+        (tmp_path / folder / "r.mecha").write_text('mecha 1\nm = model("m.safetensors")\nscale(m, alpha=1.0)\n')
+    monkeypatch.chdir(tmp_path)
+    recipe = mecha.weighted_sum(mecha.load_recipe("X/r.mecha"), mecha.load_recipe("Y/r.mecha"), alpha=0.5)
+    with pytest.raises(mecha.errors.PlanError, match="m.safetensors"):
+        mecha.merge(recipe, tmp_path / "o.safetensors")
+    assert not (tmp_path / "o.safetensors").exists()
+    # the same file reached from both recipes is fine
+    same = mecha.weighted_sum(mecha.load_recipe("X/r.mecha"), mecha.load_recipe("X/r.mecha"), alpha=0.5)
+    assert load_file(mecha.merge(same, tmp_path / "o.safetensors"))["w"].tolist() == [0.0]

@@ -40,8 +40,10 @@ def test_a_fifo_recipe_does_not_hang_the_cli(tmp_path):
     fifo = tmp_path / "recipe.mecha"
     os.mkfifo(fifo)
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "mecha_core", "merge", str(fifo), "-o", str(tmp_path / "o.safetensors")],
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "MECHA_DEBUG": ""}, check=False)
+    proc = subprocess.run([sys.executable, "-m", "mecha_core", "merge", str(fifo),
+                           "-o", str(tmp_path / "o.safetensors")],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "MECHA_DEBUG": ""},
+                          check=False)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "FIFO" in lines[0] and "recipe.mecha" in lines[0], proc.stderr

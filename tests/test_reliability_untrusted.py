@@ -12,6 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import mecha_core as mecha
 import mecha_methods.plugin
 from mecha_core.cli import app
 from mecha_core.cli.common import MESSAGE_LIMIT, printable
@@ -186,3 +187,28 @@ def test_recipe_show_escapes_the_stored_text(work):
     assert result.exit_code == 0, result.output
     assert not any(c in result.stdout for c in "\x1b\x07\x9b")
     assert result.stdout == 'mecha 1\n# \\x1b]0;owned\\x07 \\x9b31m\na = model("a.safetensors")\na\n'
+
+
+# -- safetensors headers (the `methods` fixture: conftest.py)
+
+
+def _raw_safetensors(path, header_json: str, data: bytes) -> None:
+    import struct
+
+    raw = header_json.encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+
+
+@pytest.mark.parametrize("header", [
+    '{"\\ud800x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
+    '{"__metadata__":{"note":"\\udfff"},"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
+])
+def test_header_with_a_lone_surrogate_is_a_one_line_error_not_a_crash(tmp_path, methods, header):
+    # JSON accepts "\ud800" escapes, but no UTF-8 text holds them: writing the output header
+    # crashed with UnicodeEncodeError after planning
+    path = tmp_path / "bad.safetensors"
+    _raw_safetensors(path, header, b"\x00\x00\x80\x3f")
+    with pytest.raises(mecha.errors.SafetensorsError, match="bad.safetensors"):
+        mecha.merge(mecha.scale(mecha.model(path), alpha=2.0), tmp_path / "o.safetensors")
+    assert not (tmp_path / "o.safetensors").exists()

@@ -71,3 +71,16 @@ def merge(recipe, tmp_path, name="out.safetensors", **kwargs):
 @pytest.fixture
 def kit():
     return types.SimpleNamespace(module=module, make_base=make_base, merge=merge, write=write_checkpoint)
+
+
+SHARED = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"  # same key and shape in SD1 and SDXL
+
+
+def rnd(gen, *shape, scale=0.05):
+    return torch.randn(*shape, generator=gen) * scale
+
+
+def module_lora_pair(gen, mod, rank=4):
+    """A kohya down/up pair of rank ``rank`` for a module of the table."""
+    return {f"{mod.kohya_name}.lora_down.weight": rnd(gen, rank, mod.shape[1]),
+            f"{mod.kohya_name}.lora_up.weight": rnd(gen, mod.shape[0], rank)}

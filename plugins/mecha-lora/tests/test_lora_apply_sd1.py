@@ -84,7 +84,8 @@ def test_locon_tucker_loha_lokr(host, kit, tmp_path):
 
     # LoCon with Tucker lora_mid on a 3x3 conv
     n, r = c1.kohya_name, 4
-    down, mid, up = rnd(gen, r, 320, 1, 1, scale=0.3), rnd(gen, r, r, 3, 3, scale=0.3), rnd(gen, 320, r, 1, 1, scale=0.3)
+    down, mid, up = (rnd(gen, r, 320, 1, 1, scale=0.3), rnd(gen, r, r, 3, 3, scale=0.3),
+                     rnd(gen, 320, r, 1, 1, scale=0.3))
     lora |= {f"{n}.lora_down.weight": down, f"{n}.lora_mid.weight": mid, f"{n}.lora_up.weight": up,
              f"{n}.alpha": torch.tensor(2.0)}
     inner = torch.einsum("abyx,bi->aiyx", mid, down[:, :, 0, 0])
@@ -92,7 +93,8 @@ def test_locon_tucker_loha_lokr(host, kit, tmp_path):
 
     # LoHa on a linear: (w1a w1b) ⊙ (w2a w2b) · alpha/r
     n, r = q.kohya_name, 4
-    w1a, w1b, w2a, w2b = rnd(gen, 768, r, scale=0.3), rnd(gen, r, 768, scale=0.3), rnd(gen, 768, r, scale=0.3), rnd(gen, r, 768, scale=0.3)
+    w1a, w1b, w2a, w2b = (rnd(gen, 768, r, scale=0.3), rnd(gen, r, 768, scale=0.3),
+                          rnd(gen, 768, r, scale=0.3), rnd(gen, r, 768, scale=0.3))
     lora |= {f"{n}.hada_w1_a": w1a, f"{n}.hada_w1_b": w1b, f"{n}.hada_w2_a": w2a, f"{n}.hada_w2_b": w2b,
              f"{n}.alpha": torch.tensor(1.0)}
     expected[q.key] = (1.0 / r) * (w1a @ w1b) * (w2a @ w2b)
@@ -284,7 +286,8 @@ def test_base_dependent_module_refused_as_plain_delta(host, kit, tmp_path):
     (q,) = mods(kit, Q_PROJ)
     base_path, _ = kit.make_base(tmp_path, [q])
     lora_path = tmp_path / "oft.safetensors"
-    kit.write(lora_path, {f"{q.kohya_name}.oft_blocks": rnd(gen, 24, 32, 32), f"{q.kohya_name}.alpha": torch.tensor(0.0)})
+    kit.write(lora_path, {f"{q.kohya_name}.oft_blocks": rnd(gen, 24, 32, 32),
+                          f"{q.kohya_name}.alpha": torch.tensor(0.0)})
     recipe = mecha_core.add_difference(mecha_core.model(str(base_path)), mecha_core.model(str(lora_path)), alpha=0.5)
     with pytest.raises(MechaError, match=r"OFT module depends on the base weight.*apply_lora"):
         mecha_core.merge(recipe, tmp_path / "out.safetensors")

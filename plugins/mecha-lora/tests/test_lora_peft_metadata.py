@@ -49,7 +49,7 @@ def product(a, b, shape):
 
 def write_peft(kit, path, mods_factors, names, metadata=None):
     tensors = {}
-    for (mod, (a, b)), name in zip(mods_factors, names):
+    for (_mod, (a, b)), name in zip(mods_factors, names):
         tensors[f"{name}.lora_A.weight"], tensors[f"{name}.lora_B.weight"] = a, b
     kit.write(path, tensors, metadata=None if metadata is None else {"lora_adapter_metadata": json.dumps(metadata)})
     return path
@@ -156,7 +156,8 @@ def test_kohya_alpha_tensors_and_peft_metadata_give_identical_bytes(host, kit, t
     kit.write(tmp_path / "kohya.safetensors", kohya)
     config = {"lora_alpha": 8, "r": RANK, "use_dora": True}
     kit.write(tmp_path / "peft.safetensors", peft, metadata={
-        "lora_adapter_metadata": json.dumps({f"{c}.{k}": v for c in ("unet", "text_encoder") for k, v in config.items()})})
+        "lora_adapter_metadata": json.dumps({f"{c}.{k}": v for c in ("unet", "text_encoder")
+                                             for k, v in config.items()})})
     results = []
     for name in ("kohya", "peft"):
         recipe = mecha_core.apply_lora(mecha_core.model(str(base_path)),
@@ -166,12 +167,14 @@ def test_kohya_alpha_tensors_and_peft_metadata_give_identical_bytes(host, kit, t
     for key in results[0]:
         assert torch.equal(results[0][key], results[1][key]), key
     # and the plain modules are really at scale 8/4 (not the alpha = r default)
-    check({k: v for k, v in results[1].items() if k != mods[0].key}, {k: v for k, v in base.items() if k != mods[0].key},
+    check({k: v for k, v in results[1].items() if k != mods[0].key},
+          {k: v for k, v in base.items() if k != mods[0].key},
           mf[1:], [2.0, 2.0], 0.6)
 
 
 @pytest.mark.parametrize("raw,message", [
-    ("{'r': 4, 'lora_alpha': 8}", r"PEFT/diffusers LoRA 'my style': __metadata__ entry 'lora_adapter_metadata' is not valid JSON"),
+    ("{'r': 4, 'lora_alpha': 8}",
+     r"PEFT/diffusers LoRA 'my style': __metadata__ entry 'lora_adapter_metadata' is not valid JSON"),
     ("[8]", r"'lora_adapter_metadata' must be a JSON object"),
     ('{"unet.lora_alpha": "eight"}', r"field 'unet.lora_alpha' must be a finite number, not 'eight'"),
     ('{"lora_alpha": 8, "alpha_pattern": {"to_k(": 2}}', r"pattern 'to_k\(', which is not a valid regular expression"),

@@ -13,6 +13,8 @@ from mecha_core.errors import PlanError
 from mecha_lora.resolve import ALLOW_UNKNOWN_ENV
 from mecha_lora.tables import table
 
+from .conftest import SHARED, module_lora_pair
+
 SDXL = "sdxl-sgm"
 TE2 = "lora_te2_text_model_encoder_layers_0_"
 IN_PROJ = "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"
@@ -61,8 +63,10 @@ def test_sdxl_lora_te2_qkv_and_both_unet_spellings(host, kit, tmp_path):
     out = kit.merge(recipe, tmp_path)
 
     w = base[IN_PROJ]
-    torch.testing.assert_close(out[IN_PROJ][:1280], w[:1280] + m * delta_of(lora, q.kohya_name, 4.0), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out[IN_PROJ][1280:2560], w[1280:2560] + m * delta_of(lora, k.kohya_name), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[IN_PROJ][:1280], w[:1280] + m * delta_of(lora, q.kohya_name, 4.0),
+                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[IN_PROJ][1280:2560], w[1280:2560] + m * delta_of(lora, k.kohya_name),
+                               rtol=1e-5, atol=1e-6)
     assert torch.equal(out[IN_PROJ][2560:], w[2560:])  # no v module: those rows untouched
     for mod, name, alpha in ((fc1, fc1.kohya_name, 2.0), (te1, te1.kohya_name, 1.0), (sgm, sgm.kohya_name, 1.0),
                              (diff_mod, diff_named, 2.0)):
@@ -124,7 +128,8 @@ def test_kohya_and_peft_naming_give_identical_results(host, kit, tmp_path, arch)
     for mod in mods:
         rank = 4
         kohya[f"{mod.kohya_name}.lora_down.weight"] = rnd(gen, rank, *mod.shape[1:])
-        kohya[f"{mod.kohya_name}.lora_up.weight"] = rnd(gen, mod.shape[0], rank, *([1, 1] if len(mod.shape) == 4 else []))
+        kohya[f"{mod.kohya_name}.lora_up.weight"] = rnd(gen, mod.shape[0], rank,
+                                                        *([1, 1] if len(mod.shape) == 4 else []))
     kohya[f"{mods[0].kohya_name}.dora_scale"] = 1 + rnd(gen, mods[0].shape[0], 1)
     peft = to_peft(kohya, arch)
     assert not any(k.startswith("lora_") for k in peft)
@@ -132,7 +137,8 @@ def test_kohya_and_peft_naming_give_identical_results(host, kit, tmp_path, arch)
     kit.write(tmp_path / "peft.safetensors", peft)
     results = []
     for name in ("kohya", "peft"):
-        recipe = mecha_core.apply_lora(mecha_core.model(str(base_path)), mecha_core.model(str(tmp_path / f"{name}.safetensors")),
+        recipe = mecha_core.apply_lora(mecha_core.model(str(base_path)),
+                                       mecha_core.model(str(tmp_path / f"{name}.safetensors")),
                                        strength=0.5)
         results.append(kit.merge(recipe, tmp_path, name=f"out_{name}.safetensors"))
     assert results[0].keys() == results[1].keys()
@@ -147,7 +153,8 @@ def test_kohya_names_resolve_to_hand_derived_keys():
     sd1 = table("sd1-ldm").kohya
     u = "model.diffusion_model."
     cases = {
-        "lora_unet_down_blocks_1_attentions_1_transformer_blocks_0_attn1_to_q": u + "input_blocks.5.1.transformer_blocks.0.attn1.to_q.weight",
+        "lora_unet_down_blocks_1_attentions_1_transformer_blocks_0_attn1_to_q":
+            u + "input_blocks.5.1.transformer_blocks.0.attn1.to_q.weight",
         "lora_unet_up_blocks_1_resnets_2_conv1": u + "output_blocks.5.0.in_layers.2.weight",
         "lora_unet_up_blocks_3_resnets_0_conv_shortcut": u + "output_blocks.9.0.skip_connection.weight",
         "lora_unet_mid_block_attentions_0_proj_out": u + "middle_block.1.proj_out.weight",
@@ -155,15 +162,18 @@ def test_kohya_names_resolve_to_hand_derived_keys():
         "lora_unet_down_blocks_2_downsamplers_0_conv": u + "input_blocks.9.0.op.weight",
         "lora_unet_up_blocks_0_upsamplers_0_conv": u + "output_blocks.2.1.conv.weight",
         "lora_unet_up_blocks_2_upsamplers_0_conv": u + "output_blocks.8.2.conv.weight",
-        "lycoris_down_blocks_0_attentions_0_transformer_blocks_0_ff_net_2": u + "input_blocks.1.1.transformer_blocks.0.ff.net.2.weight",
-        "lora_te_text_model_encoder_layers_11_self_attn_out_proj": "cond_stage_model.transformer.text_model.encoder.layers.11.self_attn.out_proj.weight",
+        "lycoris_down_blocks_0_attentions_0_transformer_blocks_0_ff_net_2":
+            u + "input_blocks.1.1.transformer_blocks.0.ff.net.2.weight",
+        "lora_te_text_model_encoder_layers_11_self_attn_out_proj":
+            "cond_stage_model.transformer.text_model.encoder.layers.11.self_attn.out_proj.weight",
     }
     for name, key in cases.items():
         assert sd1(name).key == key, name
     assert sd1("lora_unet_down_blocks_1_attentions_1_transformer_blocks_0_attn1_to.q") is None
     sdxl = table("sdxl-sgm")
     v = sdxl.kohya(TE2.replace("layers_0", "layers_31") + "self_attn_v_proj")
-    assert (v.key, v.rows) == ("conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight", (2560, 3840))
+    assert (v.key, v.rows) == ("conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight",
+                               (2560, 3840))
     assert sdxl.kohya("lora_unet_output_blocks_2_2_conv").key == u + "output_blocks.2.2.conv.weight"
     assert sdxl.kohya("lora_unet_up_blocks_0_upsamplers_0_conv").key == u + "output_blocks.2.2.conv.weight"
 
@@ -239,3 +249,82 @@ def test_every_table_module_resolves_from_a_header(arch, spelling):
         assert sum(1 for m in tab.modules if m.rows) == 96  # 32 CLIP-G layers x q/k/v
         fused = keys["conditioner.embedders.1.model.transformer.resblocks.5.attn.in_proj_weight"]
         assert len(fused.sources) == 6 and fused.info.shape == (3840, 1280)
+
+
+# -- which architecture a LoRA is for
+
+
+@pytest.mark.parametrize("allow_missing", [False, True])
+def test_an_sdxl_lora_on_sd1_weights_is_refused_naming_both_architectures(host, kit, tmp_path, allow_missing):
+    # the U-Net module exists in both with one key and shape: --allow-missing used to apply it to SD1
+    gen = torch.Generator().manual_seed(3)
+    sd1_mod = kit.module("sd1-ldm", SHARED.replace("input_blocks_4_1", "down_blocks_1_attentions_0"))
+    base_path, _ = kit.make_base(tmp_path, [sd1_mod])
+    xl = {**module_lora_pair(gen, kit.module("sdxl-sgm", SHARED)),
+          **module_lora_pair(gen, kit.module("sdxl-sgm", "lora_te2_text_model_encoder_layers_0_mlp_fc1"))}
+    kit.write(tmp_path / "xl.safetensors", xl)
+    recipe = mecha_core.apply_lora(mecha_core.model(str(base_path), arch="sd1-ldm"),
+                                   mecha_core.model(str(tmp_path / "xl.safetensors")))
+    with pytest.raises(PlanError, match="different architectures: base.safetensors is sd1-ldm, "
+                                        "xl.safetensors is sdxl-sgm"):
+        kit.merge(recipe, tmp_path, allow_missing=allow_missing)
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_a_lora_that_fits_two_architectures_follows_the_one_named(host, kit, tmp_path):
+    # PEFT LoRA of CLIP-L only: SD1's text encoder and SDXL's first one have the same layers
+    gen = torch.Generator().manual_seed(4)
+    mod = kit.module("sdxl-sgm", "lora_te1_text_model_encoder_layers_0_self_attn_q_proj")
+    down, up = rnd(gen, 4, 768), rnd(gen, 768, 4)
+    peft = {"text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": down,
+            "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": up}
+    kit.write(tmp_path / "te.safetensors", peft)
+    base_path, base = kit.make_base(tmp_path, [mod])
+    unnamed = mecha_core.apply_lora(mecha_core.model(str(base_path), arch="sdxl-sgm"),
+                                    mecha_core.model(str(tmp_path / "te.safetensors")))
+    with pytest.raises(PlanError, match="te.safetensors is sd1-ldm.*model\\(\\.\\.\\., arch=\\.\\.\\.\\)"):
+        kit.merge(unnamed, tmp_path)
+    named = mecha_core.apply_lora(mecha_core.model(str(base_path), arch="sdxl-sgm"),
+                                  mecha_core.model(str(tmp_path / "te.safetensors"), arch="sdxl-sgm"))
+    out = kit.merge(named, tmp_path)
+    # PEFT without a LoraConfig: scale 1, ΔW = B·A
+    torch.testing.assert_close(out[mod.key], base[mod.key] + up @ down, rtol=1e-5, atol=1e-6)
+
+
+def test_naming_an_architecture_a_lora_does_not_fit_says_why(host, kit, tmp_path):
+    gen = torch.Generator().manual_seed(5)
+    kit.write(tmp_path / "xl.safetensors",
+              module_lora_pair(gen, kit.module("sdxl-sgm", "lora_te2_text_model_encoder_layers_0_mlp_fc1")))
+    base_path, _ = kit.make_base(tmp_path, [])
+    recipe = mecha_core.apply_lora(mecha_core.model(str(base_path), arch="sd1-ldm"),
+                                   mecha_core.model(str(tmp_path / "xl.safetensors"), arch="sd1-ldm"))
+    with pytest.raises(PlanError, match="for sd1-ldm \\(converter 'kohya-lora->sd1-ldm' of plugin 'lora' "
+                                        "does not apply: "
+                                           "the file is for sdxl-sgm, not sd1-ldm\\)"):
+        kit.merge(recipe, tmp_path)
+
+
+def test_lycoris_full_preset_modules_of_a_diffusers_named_sdxl_lora_apply(host, kit, tmp_path):
+    # keys and shapes written out by hand from the sdxl-sgm layout, not taken from the table
+    targets = {"lora_unet_conv_in": ("model.diffusion_model.input_blocks.0.0.weight", (320, 4, 3, 3)),
+               "lora_unet_time_embedding_linear_1": ("model.diffusion_model.time_embed.0.weight", (1280, 320)),
+               "lora_unet_add_embedding_linear_1": ("model.diffusion_model.label_emb.0.0.weight", (1280, 2816)),
+               "lora_unet_conv_out": ("model.diffusion_model.out.2.weight", (4, 320, 3, 3))}
+    gen = torch.Generator().manual_seed(6)
+    base = {key: rnd(gen, *shape, scale=1.0) for key, shape in targets.values()}
+    kit.write(tmp_path / "base.safetensors", base)
+    lora, expected = {}, {}
+    for name, (key, shape) in targets.items():
+        rank = 2
+        down = rnd(gen, rank, *shape[1:])
+        up = rnd(gen, shape[0], rank, *([1, 1] if len(shape) == 4 else []))
+        lora[f"{name}.lora_down.weight"], lora[f"{name}.lora_up.weight"] = down, up
+        lora[f"{name}.alpha"] = torch.tensor(1.0)  # scale alpha / rank = 0.5
+        delta = up.reshape(shape[0], rank) @ down.reshape(rank, -1)
+        expected[key] = base[key] + 0.5 * delta.reshape(shape)
+    kit.write(tmp_path / "full.safetensors", lora)
+    recipe = mecha_core.apply_lora(mecha_core.model(str(tmp_path / "base.safetensors"), arch="sdxl-sgm"),
+                                   mecha_core.model(str(tmp_path / "full.safetensors"), arch="sdxl-sgm"))
+    out = kit.merge(recipe, tmp_path)
+    for key in expected:
+        torch.testing.assert_close(out[key], expected[key], rtol=1e-5, atol=1e-6)

@@ -12,6 +12,8 @@ import mecha_lora
 from mecha_core.errors import PlanError
 from mecha_core.testing import write_checkpoint
 
+from .conftest import SHARED, module_lora_pair, rnd
+
 SD1 = "sd1-ldm"
 NAMES = ["lora_te_text_model_encoder_layers_0_self_attn_q_proj",            # 768 x 768
          "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k",  # 320 x 768
@@ -69,7 +71,8 @@ def test_extract_lora_is_near_the_svd_optimum_and_loads_back(host, kit, tmp_path
         assert lora[f"{m.kohya_name}.lora_up.weight"].dtype == torch.float32  # the inputs' dtype
 
     # read back through mecha: base + LoRA is as close to tuned as the best rank-r approximation
-    merged = kit.merge(mecha_core.apply_lora(mecha_core.model(str(base_path)), mecha_core.model(str(out_path))), tmp_path)
+    merged = kit.merge(mecha_core.apply_lora(mecha_core.model(str(base_path)), mecha_core.model(str(out_path))),
+                       tmp_path)
     for m in mods:
         r = conv_rank if m.shape[-1] == 3 else rank
         error = float((merged[m.key] - tuned[m.key]).norm())
@@ -108,7 +111,8 @@ def lora_file(path, gen, mods, rank, alpha):
     for m in mods:
         conv = len(m.shape) == 4
         t[f"{m.kohya_name}.lora_down.weight"] = torch.randn(rank, *m.shape[1:], generator=gen) * 0.1
-        t[f"{m.kohya_name}.lora_up.weight"] = torch.randn(m.shape[0], rank, *([1, 1] if conv else []), generator=gen) * 0.1
+        t[f"{m.kohya_name}.lora_up.weight"] = torch.randn(m.shape[0], rank, *([1, 1] if conv else []),
+                                                          generator=gen) * 0.1
         t[f"{m.kohya_name}.alpha"] = torch.tensor(float(alpha))
     write_checkpoint(path, t)
     return t
@@ -153,7 +157,8 @@ def test_merge_loras_refactorises_loha_and_refuses_oft(host, kit, tmp_path):
     assert rank == 12
     assert float((total - got).norm()) <= 1.01 * optimum_error(total, 12)
 
-    write_checkpoint(tmp_path / "oft.safetensors", {f"{n}.oft_blocks": torch.zeros(4, 80, 80), f"{n}.alpha": torch.tensor(0.0)})
+    write_checkpoint(tmp_path / "oft.safetensors", {f"{n}.oft_blocks": torch.zeros(4, 80, 80),
+                                                    f"{n}.alpha": torch.tensor(0.0)})
     with pytest.raises(PlanError, match="OFT.*apply_lora"):
         mecha_lora.merge_loras([tmp_path / "a.safetensors", tmp_path / "oft.safetensors"], tmp_path / "bad.safetensors")
     assert not (tmp_path / "bad.safetensors").exists()
@@ -224,3 +229,43 @@ def test_the_help_default_fallback_rank_is_the_writers():
     from mecha_lora import cli, write
 
     assert cli.FALLBACK_RANK == write.FALLBACK_RANK
+
+
+# -- options of merge and extract
+
+
+@pytest.mark.parametrize("dtype", ["int8", "bogus"])
+def test_a_dtype_that_is_not_a_float_is_a_one_line_error(host, kit, tmp_path, capsys, dtype):
+    # int8 rounded every factor to 0 (a LoRA that does nothing); an unknown name gave a traceback
+    from mecha_lora.__main__ import main
+
+    gen = torch.Generator().manual_seed(7)
+    kit.write(tmp_path / "a.safetensors", module_lora_pair(gen, kit.module("sd1-ldm", SHARED.replace(
+        "input_blocks_4_1", "down_blocks_1_attentions_0"))))
+    code = main(["merge", str(tmp_path / "m.safetensors"), str(tmp_path / "a.safetensors"), "--dtype", dtype])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and f"got '{dtype}'" in err, err
+    assert not (tmp_path / "m.safetensors").exists()
+    code = main(["extract", str(tmp_path / "a.safetensors"), str(tmp_path / "a.safetensors"),
+                 str(tmp_path / "x.safetensors"), "--dtype", dtype])
+    assert code == 2 and f"got '{dtype}'" in capsys.readouterr().err
+
+
+def test_conv_rank_zero_leaves_convs_out_with_a_ratio_too(host, kit, tmp_path):
+    import mecha_lora
+
+    gen = torch.Generator().manual_seed(8)
+    conv = kit.module("sd1-ldm", "lora_unet_down_blocks_0_resnets_0_conv1")  # 320 x 320 x 3 x 3
+    lin = kit.module("sd1-ldm", "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k")
+    base_path, base = kit.make_base(tmp_path, [conv, lin])
+    tuned = {k: v + rnd(gen, *v.shape) if k in (conv.key, lin.key) else v for k, v in base.items()}
+    kit.write(tmp_path / "tuned.safetensors", tuned)
+    out = mecha_lora.extract_lora(tmp_path / "tuned.safetensors", base_path, tmp_path / "x.safetensors",
+                                  ratio=0.05, conv_rank=0)
+    from safetensors.torch import load_file
+
+    names = {k.split(".")[0] for k in load_file(out)}
+    assert names == {lin.kohya_name}
+    assert load_file(out)[f"{lin.kohya_name}.lora_down.weight"].shape[0] == round(0.05 * 320)
+    with pytest.raises(mecha_core.errors.MechaError, match="conv_rank must be 0"):
+        mecha_lora.extract_lora(tmp_path / "tuned.safetensors", base_path, tmp_path / "y.safetensors", conv_rank=-1)

@@ -122,7 +122,8 @@ def test_geometric_median_minimises_the_sum_of_distances(run):
             m = m - 0.02 / np.sqrt(1 + i / 50) * grad
         assert_close(out[k].ravel(), m, tol=1e-3, what=k)
         # and the outlier barely moves it, unlike the mean
-        assert np.linalg.norm(out[k].ravel() - pts[:4].mean(axis=0)) < np.linalg.norm(pts.mean(axis=0) - pts[:4].mean(axis=0))
+        assert (np.linalg.norm(out[k].ravel() - pts[:4].mean(axis=0))
+                < np.linalg.norm(pts.mean(axis=0) - pts[:4].mean(axis=0)))
 
 
 @pytest.mark.parametrize("pairs", ["all", "consecutive"])

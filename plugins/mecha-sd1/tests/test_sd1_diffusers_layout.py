@@ -63,8 +63,10 @@ def test_every_ldm_key_but_ema_and_scheduler_has_a_diffusers_name():
     assert len(set(n for n in names.values() if n)) == 1131  # one-to-one
     assert names["model.diffusion_model.output_blocks.2.1.conv.weight"] == "unet.up_blocks.0.upsamplers.0.conv.weight"
     assert names["model.diffusion_model.output_blocks.5.2.conv.bias"] == "unet.up_blocks.1.upsamplers.0.conv.bias"
-    assert names["first_stage_model.decoder.up.3.block.0.conv1.weight"] == "vae.decoder.up_blocks.0.resnets.0.conv1.weight"
-    assert names["first_stage_model.encoder.mid.attn_1.proj_out.weight"] == "vae.encoder.mid_block.attentions.0.to_out.0.weight"
+    assert (names["first_stage_model.decoder.up.3.block.0.conv1.weight"]
+            == "vae.decoder.up_blocks.0.resnets.0.conv1.weight")
+    assert (names["first_stage_model.encoder.mid.attn_1.proj_out.weight"]
+            == "vae.encoder.mid_block.attentions.0.to_out.0.weight")
 
 
 # ldm key -> diffusers key, including every kind of change: U-Net renames, a resnet inner name,
@@ -76,7 +78,8 @@ PAIRS = {
     "model.diffusion_model.out.2.bias": "unet.conv_out.bias",
     "first_stage_model.decoder.mid.attn_1.q.weight": "vae.decoder.mid_block.attentions.0.to_q.weight",
     "first_stage_model.decoder.up.0.block.2.norm1.bias": "vae.decoder.up_blocks.3.resnets.2.norm1.bias",
-    "cond_stage_model.transformer.text_model.encoder.layers.5.mlp.fc2.bias": "te.text_model.encoder.layers.5.mlp.fc2.bias",
+    "cond_stage_model.transformer.text_model.encoder.layers.5.mlp.fc2.bias":
+        "te.text_model.encoder.layers.5.mlp.fc2.bias",
 }
 
 
@@ -136,7 +139,8 @@ def test_a_unet_saved_alone_by_diffusers_is_detected_and_merges_into_an_ldm_chec
     from mecha_core.engine.sources import detect_architecture
     from mecha_core.kit import synthetic
 
-    bare = {k.removeprefix("unet."): v for k, v in synthetic.key_table(diffusers_layout.architecture(), dtype="float16").items()
+    table = synthetic.key_table(diffusers_layout.architecture(), dtype="float16")
+    bare = {k.removeprefix("unet."): v for k, v in table.items()
             if k.startswith("unet.")}
     header = synthetic.write_header_only(tmp_path / "header.safetensors", bare)
     with using(mecha_sd1.plugin) as host:
@@ -149,9 +153,10 @@ def test_a_unet_saved_alone_by_diffusers_is_detected_and_merges_into_an_ldm_chec
     write_checkpoint(tmp_path / "ldm.safetensors", ldm)
     write_checkpoint(tmp_path / "unet.safetensors", unet)
     with using(mecha_methods.plugin, mecha_sd1.plugin):
-        recipe = mecha_core.weighted_sum(mecha_core.model(str(tmp_path / "ldm.safetensors"), arch="sd1-ldm"),
-                                         mecha_core.model(str(tmp_path / "unet.safetensors"), arch="sd1-diffusers-unet"),
-                                         alpha=0.25)
+        recipe = mecha_core.weighted_sum(
+            mecha_core.model(str(tmp_path / "ldm.safetensors"), arch="sd1-ldm"),
+            mecha_core.model(str(tmp_path / "unet.safetensors"), arch="sd1-diffusers-unet"),
+            alpha=0.25)
         merged = load_file(mecha_core.merge(recipe, tmp_path / "out.safetensors", allow_missing=True))
     assert set(merged) == set(PAIRS)
     for k in PAIRS:  # the U-Net keys mixed, the others (text encoder, VAE) kept from the checkpoint

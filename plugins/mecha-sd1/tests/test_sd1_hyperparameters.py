@@ -51,7 +51,8 @@ def test_blocks_then_classes_then_default_in_a_mecha_file(inputs):
         "mecha 1\n"
         'a = model("a.safetensors")\n'
         'b = model("b.safetensors")\n'
-        'weighted_sum(a, b, alpha=blocks("sd1", IN04=0.75) | classes("sd1-ldm", default=0.2, proj_in=1.0, mlp_fc1=0.4))\n')
+        'weighted_sum(a, b, alpha=blocks("sd1", IN04=0.75)'
+        ' | classes("sd1-ldm", default=0.2, proj_in=1.0, mlp_fc1=0.4))\n')
     with using(mecha_methods.plugin, mecha_sd1.plugin):
         mecha_core.merge(str(recipe), inputs / "out.safetensors")
     a, b, merged = (load_file(inputs / n) for n in ("a.safetensors", "b.safetensors", "out.safetensors"))

@@ -1,4 +1,4 @@
-"""Edge cases found in review: methods with whole-tensor reductions under a half-precision work dtype.
+"""Methods with whole-tensor reductions under a half-precision work dtype.
 
 In float16 a norm product or a sum of squares of an ordinary layer overflows (max 65504) and eps
 guards underflow to 0, so these methods must reduce in float32. Each reference is a closed form
