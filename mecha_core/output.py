@@ -29,6 +29,7 @@ from typing import Any, Iterable, Mapping, Union
 
 from .errors import OutputError
 from .files import os_error_text, special_kind
+from .sizes import format_bytes
 
 #: A temporary output: ``.NAME.mecha-PID-RANDOM.tmp`` (NAME cut to 100 bytes).
 TEMP_PATTERN = re.compile(r"\.(?P<name>.*)\.mecha-(?P<pid>[0-9]{1,10})-(?P<token>[0-9a-f]{8,32})\.tmp", re.DOTALL)
@@ -265,14 +266,6 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _size_text(n: int) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:,.0f} {unit}" if unit in ("B", "kB") else f"{n:,.1f} {unit}"
-        n /= 1000
-    return f"{n:,.1f} GB"
-
-
 def sweep_stale(folder: str, *, now: float | None = None) -> list[str]:
     """Remove the temporary files of killed merges from ``folder``; returns the lines it printed.
 
@@ -311,10 +304,10 @@ def sweep_stale(folder: str, *, now: float | None = None) -> list[str]:
                 os.unlink(path)
             except OSError:
                 continue
-            line = (f"warning: removed {os.path.join(folder, shown)} ({_size_text(st.st_size)}), the "
+            line = (f"warning: removed {os.path.join(folder, shown)} ({format_bytes(st.st_size)}), the "
                     f"temporary file of a merge that was killed (process {pid})")
         else:
-            line = (f"warning: {os.path.join(folder, shown)} ({_size_text(st.st_size)}) looks like the "
+            line = (f"warning: {os.path.join(folder, shown)} ({format_bytes(st.st_size)}) looks like the "
                     f"temporary file of a killed merge (process {pid}); left alone, it changed "
                     f"{age:,.0f} s ago (removed once {STALE_AFTER_S // 60} minutes old)")
         lines.append(line)

@@ -82,6 +82,33 @@ def write_checkpoint(path: str | os.PathLike[str], tensors: Mapping[str, torch.T
 
 
 # -- contract checks ----------------------------------------------------------------------------
+def read_tensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, copied out of the file (tests compare merges with it)."""
+    from .engine.safetensors_io import SafetensorsFile
+
+    f = SafetensorsFile(path)
+    try:
+        return {k: f.read(k).clone() for k in f.keys}
+    finally:
+        f.close()
+
+
+def install_plugin(site: str | os.PathLike[str], module_file: str | os.PathLike[str], *, entry: str,
+                   dist: str, version: str = "0.1") -> None:
+    """Install a one-module plugin into the folder ``site`` as pip would: the module, and a
+    ``.dist-info`` declaring its ``mecha`` entry point ``entry``. With ``site`` on ``sys.path``
+    (and ``PYTHONPATH``, for subprocesses), discovery finds it like any installed plugin."""
+    import shutil
+    from pathlib import Path
+
+    module_file = Path(module_file)
+    shutil.copy(module_file, Path(site) / module_file.name)
+    info = Path(site) / f"{dist.replace('-', '_')}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+    (info / "entry_points.txt").write_text(f"[mecha]\n{entry} = {module_file.stem}\n")
+
+
 def check_plugin(plugin: Any) -> list[str]:
     """Contract problems of a plugin module, as one-line messages (empty when it is fine).
 

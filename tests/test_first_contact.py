@@ -21,11 +21,11 @@ import mecha_methods.plugin
 from mecha_core.builtin_plugins import BUILTIN_PROVIDERS, install_hint, provider_of
 from mecha_core.cli import app
 from mecha_core.cli.app import run
-from mecha_core.engine.safetensors_io import SafetensorsFile, tensor_bytes
+from mecha_core.engine.safetensors_io import tensor_bytes
 from mecha_core.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE
 from mecha_core.method import merge_method
 from mecha_core.plugins import PluginHost, plugin_from_functions
-from mecha_core.testing import host_with, using, write_checkpoint
+from mecha_core.testing import host_with, read_tensors, using, write_checkpoint
 from mecha_core.testing_corpus import check_clean_failure, snapshot
 
 runner = CliRunner()
@@ -45,14 +45,6 @@ def work(tmp_path, monkeypatch):
         monkeypatch.delenv(var, raising=False)
     with using(mecha_methods.plugin):
         yield tmp_path
-
-
-def read_all(path) -> dict[str, torch.Tensor]:
-    f = SafetensorsFile(path)
-    try:
-        return {k: f.read(k).clone() for k in f.keys}
-    finally:
-        f.close()
 
 
 # -- which distribution provides a name -----------------------------------------------------------
@@ -234,7 +226,7 @@ def test_compose_takes_the_same_p_form_as_merge(work, capsys, fills):
     assert run(["merge", "c.mecha", "-o", "composed.safetensors", "-q"]) == 0
     assert run(["merge", "t.mecha", "-p", "base=a.safetensors", "-p", "k=0.25", "-o", "direct.safetensors", "-q"]) == 0
     assert (work / "composed.safetensors").read_bytes() == (work / "direct.safetensors").read_bytes()
-    merged = read_all(work / "direct.safetensors")
+    merged = read_tensors(work / "direct.safetensors")
     assert merged["w"].tolist() == [0.75 * 1 + 0.25 * 5, 0.75 * 2 + 0.25 * 6, 0.75 * 4]
 
 
@@ -258,7 +250,7 @@ def test_the_api_refuses_the_extension_too(work):
 
 def test_an_uppercase_extension_is_a_safetensors_name(work):
     assert run(["merge", "recipe.mecha", "-o", "M.SAFETENSORS", "-q"]) == 0
-    assert read_all(work / "M.SAFETENSORS")["v"].tolist() == [6.0]
+    assert read_tensors(work / "M.SAFETENSORS")["v"].tolist() == [6.0]
 
 
 def test_compose_writes_mecha_files_only(work):
@@ -280,7 +272,7 @@ def test_a_work_dtype_that_cannot_compute_is_refused_in_one_line(work, dtype):
 
 def test_float8_stays_an_output_dtype(work):
     assert run(["merge", "recipe.mecha", "-o", "m.safetensors", "-q", "--output-dtype", "float8_e4m3fn"]) == 0
-    merged = read_all(work / "m.safetensors")
+    merged = read_tensors(work / "m.safetensors")
     assert merged["w"].dtype == torch.float8_e4m3fn
     # 0.75 a + 0.25 b, all exactly representable in float8 e4m3
     assert merged["w"].float().tolist() == [2.0, 3.0, 3.0]
@@ -289,7 +281,7 @@ def test_float8_stays_an_output_dtype(work):
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64"])
 def test_the_offered_work_dtypes_compute_on_cpu(work, dtype):
     assert run(["merge", "recipe.mecha", "-o", "m.safetensors", "-q", "--work-dtype", dtype]) == 0
-    assert read_all(work / "m.safetensors")["w"].tolist() == [2.0, 3.0, 3.0]
+    assert read_tensors(work / "m.safetensors")["w"].tolist() == [2.0, 3.0, 3.0]
 
 
 # -- numpy is not needed --------------------------------------------------------------------------
@@ -326,7 +318,7 @@ def test_a_merge_without_numpy_works_and_prints_no_numpy_warning(work):
                           capture_output=True, text=True, timeout=300, cwd=work)
     assert proc.returncode == 0, proc.stderr
     assert "NumPy" not in proc.stderr and "numpy" not in proc.stderr, proc.stderr
-    assert read_all(work / "m.safetensors")["w"].tolist() == [2.0, 3.0, 3.0]
+    assert read_tensors(work / "m.safetensors")["w"].tolist() == [2.0, 3.0, 3.0]
 
 
 # -- start-up: no torch for commands that read no tensors --------------------------------------

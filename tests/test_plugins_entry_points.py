@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,19 +22,10 @@ from safetensors.torch import load_file
 import mecha_core
 from mecha_core.errors import PluginError
 from mecha_core.plugins import PluginHost, get_host
-from mecha_core.testing import write_checkpoint
+from mecha_core.testing import install_plugin, write_checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures" / "plugins"
 FIXTURE_MODULES = sorted(p.stem for p in FIXTURES.glob("mecha_*.py"))
-
-
-def install(site: Path, module: str, *, entry: str, dist: str, version: str) -> None:
-    """Copy a fixture plugin module into ``site`` with a dist-info declaring its entry point."""
-    shutil.copy(FIXTURES / f"{module}.py", site / f"{module}.py")
-    info = site / f"{dist.replace('-', '_')}-{version}.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
-    (info / "entry_points.txt").write_text(f"[mecha]\n{entry} = {module}\n")
 
 
 @pytest.fixture
@@ -54,11 +44,13 @@ def site(tmp_path, monkeypatch):
 
 
 def install_fixture(site: Path) -> None:
-    install(site, "mecha_fixture_plugin", entry="fixture", dist="mecha-fixture-plugin", version="1.2.3")
+    install_plugin(site, FIXTURES / "mecha_fixture_plugin.py",
+                   entry="fixture", dist="mecha-fixture-plugin", version="1.2.3")
 
 
 def install_broken(site: Path) -> None:
-    install(site, "mecha_broken_plugin", entry="broken", dist="mecha-broken-plugin", version="0.0.1")
+    install_plugin(site, FIXTURES / "mecha_broken_plugin.py",
+                   entry="broken", dist="mecha-broken-plugin", version="0.0.1")
 
 
 def record(host: PluginHost, name: str):
@@ -123,7 +115,8 @@ def test_a_plugin_that_fails_to_import_is_an_error_and_the_rest_work(site, tmp_p
 
 
 def test_a_plugin_whose_hook_raises_is_an_error_naming_the_hook(site):
-    install(site, "mecha_raising_plugin", entry="raising", dist="mecha-raising-plugin", version="2.0")
+    install_plugin(site, FIXTURES / "mecha_raising_plugin.py",
+                   entry="raising", dist="mecha-raising-plugin", version="2.0")
     install_fixture(site)
     host = get_host()
     raising = record(host, "raising")
@@ -136,7 +129,8 @@ def test_a_plugin_whose_hook_raises_is_an_error_naming_the_hook(site):
 
 def test_two_plugins_with_one_method_name_are_reported_naming_both(site, tmp_path, monkeypatch):
     install_fixture(site)
-    install(site, "mecha_rival_plugin", entry="rival", dist="mecha-rival-plugin", version="0.3")
+    install_plugin(site, FIXTURES / "mecha_rival_plugin.py",
+                   entry="rival", dist="mecha-rival-plugin", version="0.3")
     host = get_host()
     assert record(host, "fixture").status == "ok" and record(host, "rival").status == "ok"
     assert "merge method 'scale_sum' is provided by plugin 'fixture' and plugin 'rival'" in host.problems()
@@ -196,14 +190,16 @@ def test_strict_mode_raises_on_a_broken_plugin(site, monkeypatch):
 
 def test_strict_mode_raises_on_two_plugins_claiming_a_name(site, monkeypatch):
     install_fixture(site)
-    install(site, "mecha_rival_plugin", entry="rival", dist="mecha-rival-plugin", version="0.3")
+    install_plugin(site, FIXTURES / "mecha_rival_plugin.py",
+                   entry="rival", dist="mecha-rival-plugin", version="0.3")
     monkeypatch.setenv("MECHA_STRICT_PLUGINS", "1")
     with pytest.raises(PluginError, match="'scale_sum' is provided by plugin 'fixture' and plugin 'rival'"):
         get_host()
 
 
 def test_a_plugin_for_a_newer_plugin_api_is_refused_clearly(site):
-    install(site, "mecha_future_plugin", entry="future", dist="mecha-future-plugin", version="9.0")
+    install_plugin(site, FIXTURES / "mecha_future_plugin.py",
+                   entry="future", dist="mecha-future-plugin", version="9.0")
     install_fixture(site)  # declares no MECHA_PLUGIN_API at all: accepted
     host = get_host()
     future = record(host, "future")
@@ -216,7 +212,8 @@ def test_a_plugin_for_a_newer_plugin_api_is_refused_clearly(site):
 
 def test_a_plugin_importing_a_name_mecha_core_lacks_fails_as_an_import_error(site):
     # Regression: this used to re-enter plugin discovery from inside it and deadlock.
-    install(site, "mecha_newer_core_plugin", entry="newer", dist="mecha-newer-core-plugin", version="1.0")
+    install_plugin(site, FIXTURES / "mecha_newer_core_plugin.py",
+                   entry="newer", dist="mecha-newer-core-plugin", version="1.0")
     newer = record(get_host(), "newer")
     assert newer.status == "error"
     assert newer.error.startswith("ImportError: cannot import name 'a_name_mecha_core_does_not_have'")
@@ -225,7 +222,8 @@ def test_a_plugin_importing_a_name_mecha_core_lacks_fails_as_an_import_error(sit
 def test_discovery_happens_once_per_process(site, tmp_path, monkeypatch):
     marker = tmp_path / "marker"
     monkeypatch.setenv("MECHA_TEST_IMPORT_MARKER", str(marker))
-    install(site, "mecha_marker_plugin", entry="marker", dist="mecha-marker-plugin", version="1.0")
+    install_plugin(site, FIXTURES / "mecha_marker_plugin.py",
+                   entry="marker", dist="mecha-marker-plugin", version="1.0")
     assert not marker.exists()
     host = get_host()
     assert mecha_core.weighted_sum.name == "weighted_sum"
@@ -237,7 +235,8 @@ def test_discovery_happens_once_per_process(site, tmp_path, monkeypatch):
 def test_importing_mecha_core_does_not_discover_plugins(site, tmp_path, monkeypatch):
     marker = tmp_path / "marker"
     monkeypatch.setenv("MECHA_TEST_IMPORT_MARKER", str(marker))
-    install(site, "mecha_marker_plugin", entry="marker", dist="mecha-marker-plugin", version="1.0")
+    install_plugin(site, FIXTURES / "mecha_marker_plugin.py",
+                   entry="marker", dist="mecha-marker-plugin", version="1.0")
     script = ("import os, mecha_core, mecha_core.cli, mecha_core.testing\n"
               "marker = os.environ['MECHA_TEST_IMPORT_MARKER']\n"
               "print('after import:', os.path.exists(marker))\n"
@@ -324,7 +323,8 @@ def test_strict_mode_stops_a_merge_but_not_the_plugin_listing(site, monkeypatch)
 
 def test_two_distributions_using_one_plugin_name_are_reported(site):
     install_fixture(site)
-    install(site, "mecha_rival_plugin", entry="fixture", dist="mecha-rival-plugin", version="0.3")
+    install_plugin(site, FIXTURES / "mecha_rival_plugin.py",
+                   entry="fixture", dist="mecha-rival-plugin", version="0.3")
     host = get_host()
     assert [r.name for r in host.records].count("fixture") == 2
     assert any(p.startswith("plugin name 'fixture' is used by ") and "mecha-rival-plugin" in p

@@ -12,7 +12,6 @@ import importlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +25,7 @@ import mecha_core
 from mecha_core.cli import app
 from mecha_core.errors import PluginCodeError
 from mecha_core.plugins import get_host
-from mecha_core.testing import write_checkpoint
+from mecha_core.testing import install_plugin, write_checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures" / "plugins"
 FIXTURE_MODULES = sorted(p.stem for p in FIXTURES.glob("mecha_*.py"))
@@ -39,22 +38,13 @@ BROKEN = {  # entry-point name -> fixture module
 }
 
 
-def install(site: Path, module: str, entry: str) -> None:
-    """The fixture module plus a dist-info declaring its entry point, as pip would install it."""
-    shutil.copy(FIXTURES / f"{module}.py", site / f"{module}.py")
-    info = site / f"mecha_{entry}-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: mecha-{entry}\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(f"[mecha]\n{entry} = {module}\n")
-
-
 @pytest.fixture
 def site(tmp_path, monkeypatch):
     """Every broken fixture installed beside the builtins (on sys.path and PYTHONPATH)."""
     folder = tmp_path / "site"
     folder.mkdir()
     for entry, module in BROKEN.items():
-        install(folder, module, entry)
+        install_plugin(folder, FIXTURES / f"{module}.py", entry=entry, dist=f"mecha-{entry}")
     monkeypatch.syspath_prepend(str(folder))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")]))
     for var in ("MECHA_LOAD_PLUGINS", "MECHA_DISABLE_PLUGINS", "MECHA_STRICT_PLUGINS", "MECHA_DEBUG"):

@@ -13,7 +13,7 @@ import mecha_core as mecha
 import mecha_methods.plugin
 from mecha_core.cli import app
 from mecha_core.engine.safetensors_io import SafetensorsFile
-from mecha_core.testing import using, write_checkpoint
+from mecha_core.testing import read_tensors, using, write_checkpoint
 from mecha_core.testing_corpus import check_clean_failure, snapshot
 
 runner = CliRunner()
@@ -36,14 +36,6 @@ def merge(folder, recipe: str, *options: str):
     result = runner.invoke(app, ["merge", str(path), "-o", str(folder / "merged.safetensors"), "--quiet",
                                  *options])
     return result, before
-
-
-def read_all(path) -> dict[str, torch.Tensor]:
-    f = SafetensorsFile(path)
-    try:
-        return {k: f.read(k).clone() for k in f.keys}
-    finally:
-        f.close()
 
 
 def raw_bytes(path, key: str) -> bytes:
@@ -84,7 +76,7 @@ def test_missing_key_is_named_and_allow_missing_takes_the_first_input(work):
 
     result, before = merge(work, recipe, "--allow-missing")
     assert result.exit_code == 0, result.output
-    out = read_all(work / "merged.safetensors")
+    out = read_tensors(work / "merged.safetensors")
     assert out["extra"].tolist() == [1.5, -2.25, 3.0]
     assert out["w"].tolist() == [[2.0, 2.0], [2.0, 2.0]]  # (1 + 3) / 2
 
@@ -112,7 +104,7 @@ def test_non_float_keys_are_copied_from_the_first_input(work):
     for key in ("ids", "flags", "small"):
         assert raw_bytes(out, key) == raw_bytes(work / "a.safetensors", key), key
     assert raw_bytes(out, "ids") == struct.pack("<3q", 7, -3, 2**40)
-    assert read_all(out)["w"].tolist() == [2.0, 3.0]  # 0.75 * a + 0.25 * b
+    assert read_tensors(out)["w"].tolist() == [2.0, 3.0]  # 0.75 * a + 0.25 * b
 
 
 def test_nan_in_an_input_is_reported_by_key(work):
@@ -126,7 +118,7 @@ def test_nan_in_an_input_is_reported_by_key(work):
 
     result, before = merge(work, recipe, "--allow-nonfinite")
     assert result.exit_code == 0, result.output
-    broken = read_all(work / "merged.safetensors")["broken"]
+    broken = read_tensors(work / "merged.safetensors")["broken"]
     assert broken[0].item() == 1.0 and torch.isnan(broken[1]) and broken[2].item() == 1.5
 
 
@@ -140,7 +132,7 @@ def test_inf_produced_by_a_method_is_reported_by_key(work):
 
     result, _ = merge(work, 'a = model("a.safetensors")\nscale(a, alpha=1e38)\n', "--allow-nonfinite")
     assert result.exit_code == 0, result.output
-    out = read_all(work / "merged.safetensors")
+    out = read_tensors(work / "merged.safetensors")
     assert out["w"].tolist() == [float("inf"), float("-inf")]
     assert out["z"].tolist() == [torch.tensor(1e38).item(), torch.tensor(2e38).item()]
 
@@ -154,7 +146,7 @@ def test_overflow_into_the_output_dtype_is_reported(work):
 
     result, before = merge(work, 'a = model("a.safetensors")\nscale(a, alpha=1000.0)\n', "--allow-nonfinite")
     assert result.exit_code == 0, result.output
-    assert read_all(work / "merged.safetensors")["w"].tolist() == [float("inf"), 1000.0]
+    assert read_tensors(work / "merged.safetensors")["w"].tolist() == [float("inf"), 1000.0]
 
 
 def test_hostile_key_names_cannot_reach_the_terminal(work):

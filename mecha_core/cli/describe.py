@@ -239,7 +239,7 @@ def inspect_command(
 ) -> None:
     """Detect a file's architecture and model type from its header; show dtypes, sizes, and the
     missing, unexpected and misshapen keys. No tensor data is read."""
-    from ..engine.schedule import format_bytes
+    from ..sizes import format_bytes
 
     result = inspect_summary(file, get_host())
     if json_out:

@@ -19,6 +19,7 @@ import attrs
 
 from .plan import Plan
 from .safetensors_io import ITEMSIZE, is_float, output_order
+from ..sizes import format_bytes
 
 
 @attrs.frozen
@@ -110,15 +111,6 @@ class Budget:
         with self.cond:
             self.used -= n
             self.cond.notify_all()
-
-
-def format_bytes(n: float) -> str:
-    """``512 B``, ``12 kB``, ``2.1 GB``: a byte count for people (powers of 1000)."""
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:,.0f} {unit}" if unit in ("B", "kB") else f"{n:,.1f} {unit}"
-        n /= 1000
-    return f"{n:,.1f} GB"
 
 
 class Progress:
