@@ -26,7 +26,7 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from .engine.safetensors_io import save
-from .plugins import PluginHost, PluginRecord, use_host
+from .plugins import PluginHost, PluginRecord, plugin_from_functions, use_host  # noqa: F401 (re-exported)
 
 
 def _record_for(plugin: Any, index: int, name: str | None) -> PluginRecord:
@@ -82,6 +82,26 @@ def write_checkpoint(path: str | os.PathLike[str], tensors: Mapping[str, torch.T
 
 
 # -- contract checks ----------------------------------------------------------------------------
+def detect_architecture(path: str, keys: frozenset[str], host: PluginHost) -> Any:
+    """The architecture ``host`` detects for a file holding ``keys`` (``None`` when none fits);
+    ``path`` only names the file in errors. The engine's own detection, for layout tests."""
+    from .engine.sources import detect_architecture as detect
+
+    return detect(path, keys, host)
+
+
+def open_model(path: str | os.PathLike[str], host: PluginHost, *, arch: str | None = None,
+               type: str | None = None) -> Any:
+    """A model file as the engine sees it once planned: its keys in the canonical layout
+    (``.keys``: name -> TensorInfo), ``.arch``, ``.type``, ``.read(key)``; close it with ``.close()``.
+    For tests of layouts and converters."""
+    from .engine.sources import open_source
+    from .recipe.nodes import ModelNode
+
+    path = os.fspath(path)
+    return open_source(ModelNode(path, arch, type), path, host)
+
+
 def read_tensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file, copied out of the file (tests compare merges with it)."""
     from .engine.safetensors_io import SafetensorsFile

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 import mecha_core
 import mecha_lora.plugin
-from mecha_core.plugins import plugin_from_functions
+from mecha_core.testing import plugin_from_functions
 from mecha_core.specs import Architecture, KeySpec
 from mecha_core.testing import using, write_checkpoint
 from mecha_lora.tables import table

@@ -8,7 +8,7 @@ import pytest
 
 import mecha_core
 from mecha_core.errors import MergeError, MergeSpaceError
-from mecha_core.plugins import plugin_from_functions
+from mecha_core.testing import plugin_from_functions
 from mecha_core.specs import Architecture, KeySpec
 from mecha_core.testing import using
 

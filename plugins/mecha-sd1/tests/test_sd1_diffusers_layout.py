@@ -113,8 +113,7 @@ def test_a_file_without_diffusers_keys_is_not_converted():
 
 
 def test_a_full_kohya_named_header_opens_as_sd1_ldm(tmp_path):
-    from mecha_core.engine.sources import open_source
-    from mecha_core.recipe.nodes import ModelNode
+    from mecha_core.testing import open_model
     from mecha_core.kit import synthetic
 
     diff = diffusers_layout.architecture()
@@ -123,7 +122,7 @@ def test_a_full_kohya_named_header_opens_as_sd1_ldm(tmp_path):
     table = {("te." + k[len("text_encoder."):] if k.startswith("text_encoder.") else k): v for k, v in table.items()}
     path = synthetic.write_header_only(tmp_path / "kohya.safetensors", table)
     with using(mecha_sd1.plugin) as host:
-        source = open_source(ModelNode(path), path, host)
+        source = open_model(path, host)
         try:
             ldm = layout.architecture()
             assert source.arch == "sd1-ldm"
@@ -136,7 +135,7 @@ def test_a_full_kohya_named_header_opens_as_sd1_ldm(tmp_path):
 
 def test_a_unet_saved_alone_by_diffusers_is_detected_and_merges_into_an_ldm_checkpoint(tmp_path):
     # unet/diffusion_pytorch_model.safetensors: the U-Net's diffusers names without "unet."
-    from mecha_core.engine.sources import detect_architecture
+    from mecha_core.testing import detect_architecture
     from mecha_core.kit import synthetic
 
     table = synthetic.key_table(diffusers_layout.architecture(), dtype="float16")

@@ -13,9 +13,8 @@ import torch
 
 import mecha_sd1.plugin
 from mecha_core.errors import PlanError
-from mecha_core.engine.sources import detect_architecture, open_source
+from mecha_core.testing import detect_architecture, open_model
 from mecha_core.kit import synthetic
-from mecha_core.recipe.nodes import ModelNode
 from mecha_core.testing import using
 from mecha_sd1 import diffusers_layout, layout
 
@@ -115,7 +114,7 @@ def test_old_clip_spellings_are_detected_and_renamed(tmp_path, arch):
     tables = {(old if k == new else k): v for k, v in tables.items()}
     path = synthetic.write_header_only(tmp_path / "old.safetensors", tables)
     with using(mecha_sd1.plugin) as host:
-        source = open_source(ModelNode(str(path)), str(path), host)
+        source = open_model(str(path), host)
         try:
             assert source.arch == "sd1-ldm"
             assert new in source.keys and old not in source.keys

@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 
 import mecha_sdxl.plugin
-from mecha_core.engine.sources import detect_architecture, open_source
+from mecha_core.testing import detect_architecture, open_model
 from mecha_core.kit import synthetic
-from mecha_core.recipe.nodes import ModelNode
 from mecha_core.testing import using
 from mecha_sdxl import layout
 
@@ -99,7 +98,7 @@ def test_each_layout_is_detected_and_opened_as_sgm(tmp_path, name):
         path = synthetic.write_header_only(tmp_path / f"{name}.safetensors", _required_table(arch))
         keys = frozenset(synthetic.key_table(arch))
         assert detect_architecture(path, keys, host).name == name
-        source = open_source(ModelNode(path), path, host)
+        source = open_model(path, host)
         try:
             assert source.arch == "sdxl-sgm"
             sgm = layout.architecture()
@@ -122,7 +121,7 @@ def test_a_unet_saved_alone_by_diffusers_opens_as_sdxl_sgm(tmp_path):
     path = synthetic.write_header_only(tmp_path / "unet.safetensors", bare)
     with using(mecha_sdxl.plugin) as host:
         assert detect_architecture(path, frozenset(bare), host).name == "sdxl-diffusers-unet"
-        source = open_source(ModelNode(path), path, host)
+        source = open_model(path, host)
         try:
             sgm = layout.architecture()
             unet_keys = {k for k in sgm.required_keys if k.startswith("model.diffusion_model.")}
