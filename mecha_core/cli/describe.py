@@ -309,7 +309,7 @@ def plugins_list_command(
             for kind, names in r["provides"].items():
                 typer.echo(f"    {kind.replace('_', ' ')}: {', '.join(names)}")
     for warning in host.warnings:
-        typer.echo(f"warning: {warning}", err=True)
+        typer.echo(f"warning: {printable(warning)}", err=True)
 
 
 def plugin_check_report(host: Any) -> tuple[list[str], list[str]]:
