@@ -472,7 +472,10 @@ def test_sd_mecha_pick_then_fallback_becomes_pick_with_a_rest(models, method):
     assert info.value.line == 6 and "a must be a delta" in str(info.value)
 
 
-@pytest.mark.parametrize("written,vote", [("", "count"), (" vote_sgn=0.0", "count"), (" vote_sgn=1.0", "sum")])
+# sd-mecha 0.0.21-0.0.29: torch.sum(deltas if vote_sgn <= 0.0 else signs), default 0.0; 1.x reversed
+# the switch (vote_sgn=True sums the values), which the v0.1.0 test above pins
+@pytest.mark.parametrize("written,vote", [("", "sum"), (" vote_sgn=0.0", "sum"), (" vote_sgn=-1.0", "sum"),
+                                          (" vote_sgn=1.0", "count"), (" vote_sgn=0.5", "count")])
 def test_unversioned_ties_sum_reads_its_float_vote_switch(models, written, vote):
     text = (ERA_A_HEAD + 'model "c.safetensors" "sd1" "base"\nmerge "subtract" &1 &0\nmerge "subtract" &2 &0\n'
             f'merge "ties_sum" &3 &4 k=0.5{written}\n')

@@ -49,7 +49,7 @@ other:
 
 - TIES sign election (`ties`, `dare_ties`, `della`, `breadcrumbs_ties`): `vote="sum"` (default,
   the sign of the summed deltas, mergekit's "sum") or `vote="count"` (the sign of the summed
-  signs: mergekit's "count", PEFT's "frequency", sd-mecha's default).
+  signs: mergekit's "count", PEFT's "frequency", sd-mecha 1.x's default).
 - DARE rescaling (`dare_linear`, `dare_ties`): `rescale="density"` (default, divide kept entries
   by density, as the paper and PEFT) or `"l1"` (keep the delta's L1 norm, mergekit) or `"none"`.
 - Model Stock's cosine: `pairs="all"` (default, mean over all pairs, the paper and mergekit) or

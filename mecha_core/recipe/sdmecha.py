@@ -63,14 +63,17 @@ def _from_deltas(ctx: "_Context", args: list[Node], what: str) -> tuple[Node, li
 def _ties_sum(ctx: "_Context", args: list[Node], hypers: dict[str, Any]) -> Node:
     """``ties_sum(*deltas, k, vote_sgn)`` -> ``subtract(ties(base, *models, density=k, vote=...), base)``.
 
-    sd-mecha elects signs by the count of signs unless ``vote_sgn`` is on, then by the sum of
-    values (``vote="count"`` / ``"sum"``). 1.x writes it as a bool; 0.0.x as a float, where
-    > 0 is on (its default 0.0: off).
+    The two generations read ``vote_sgn`` the opposite way round. 1.x (a bool) elects signs by
+    the sum of values when it is true and by the count of signs when false (its default). 0.0.x
+    (a float, since 0.0.21; before, there was no switch and the vote was by value) elects by the
+    sum of values when ``vote_sgn <= 0.0`` (its default 0.0) and by the count of signs otherwise:
+    ``torch.sum(deltas if vote_sgn <= 0.0 else signs)`` in 0.0.29's ``ties_sum_deltas``. So
+    0.0.29's ``vote_sgn=1.0`` is 1.1.8's ``vote_sgn=false`` (``vote="count"``).
     """
     base, models = _from_deltas(ctx, args, "ties_sum")
     vote_by_value = hypers.pop("vote_sgn", False)
     if ctx.era == ERA_A and isinstance(vote_by_value, (int, float)) and not isinstance(vote_by_value, bool):
-        vote_by_value = vote_by_value > 0  # 0.0.x's switches were floats
+        vote_by_value = vote_by_value <= 0  # 0.0.x: a float, and "on" meant the count of signs
     if not isinstance(vote_by_value, bool):
         raise ctx.fail(f"ties_sum: vote_sgn must be true or false, got {vote_by_value!r}")
     merged = {"density": hypers.pop("k"), "vote": "sum" if vote_by_value else "count", "alpha": 1.0, **hypers}

@@ -141,7 +141,7 @@ def ties(base, *models, density: float = 0.2, alpha: float = 1.0, vote: Vote = "
     (density = the fraction kept, per model). The elected sign per entry is sign(Σ trimmed δᵢ)
     with vote="sum" (the default; mergekit's "sum", magnitude-weighted), or sign(Σ sign(trimmed
     δᵢ)) with vote="count" (one vote per model: mergekit's "count", PEFT's "frequency",
-    sd-mecha's default). The merged delta is the sum of the trimmed entries that agree with the
+    sd-mecha 1.x's default). The merged delta is the sum of the trimmed entries that agree with the
     elected sign divided by how many non-zero entries agree (at least 1); the result is
     base + alpha · merged. weights: one per model after the base (a recipe list); the trimmed
     deltas are multiplied by them before the election, and the agreeing ones are divided by the
