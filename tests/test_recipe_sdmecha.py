@@ -103,12 +103,11 @@ def test_v010_block_dict_becomes_a_block_map(models):
 
 
 def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
-    keep = int(density * delta.numel())
-    flat = delta.flatten()
-    out = torch.zeros_like(flat)
-    idx = flat.abs().argsort(descending=True)[:keep]
-    out[idx] = flat[idx]
-    return out.reshape(delta.shape)
+    """sd-mecha's filter_top_k, by sorting: the threshold is the (max(int((1 - k)·n), 1))-th
+    smallest magnitude, and every entry at least that large is kept (ties included)."""
+    magnitudes = delta.flatten().abs().float().sort().values
+    threshold = magnitudes[max(int((1 - density) * delta.numel()), 1) - 1]
+    return torch.where(delta.abs() >= threshold, delta, torch.zeros_like(delta))
 
 
 def ties_delta(deltas: list[torch.Tensor], density: float, by_value: bool) -> torch.Tensor:
@@ -142,7 +141,7 @@ def test_v010_ties_sum_and_cast_map_to_ties_and_cast(models, vote_sgn):
     recipe = load_recipe(text)
     a, b = (mecha.model(f"{n}.safetensors", arch="sd1-ldm", type="base") for n in "ab")
     c = mecha.model("c.safetensors")
-    ties = mecha.ties(a, b, c, density=0.5, vote="sum" if vote_sgn else "count", alpha=1.0)
+    ties = mecha.ties(a, b, c, density=0.5, vote="sum" if vote_sgn else "count", alpha=1.0, trim="sd_mecha")
     equivalent = mecha.cast(mecha.add_difference(a, ties - a, alpha=0.8), dtype="bfloat16")
     assert recipe == equivalent
     got = run(folder, text)
@@ -480,7 +479,8 @@ def test_unversioned_ties_sum_reads_its_float_vote_switch(models, written, vote)
     text = (ERA_A_HEAD + 'model "c.safetensors" "sd1" "base"\nmerge "subtract" &1 &0\nmerge "subtract" &2 &0\n'
             f'merge "ties_sum" &3 &4 k=0.5{written}\n')
     a, b, c = (mecha.model(f"{n}.safetensors", arch="sd1-ldm", type="base") for n in "abc")
-    assert load_recipe(text) == mecha.subtract(mecha.ties(a, b, c, density=0.5, vote=vote, alpha=1.0), a)
+    assert load_recipe(text) == mecha.subtract(mecha.ties(a, b, c, density=0.5, vote=vote, alpha=1.0, trim="sd_mecha"),
+                                               a)
 
 
 def test_sd_mechas_unet_only_config_names_the_bare_diffusers_unet_layout():

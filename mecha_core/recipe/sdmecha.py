@@ -76,7 +76,8 @@ def _ties_sum(ctx: "_Context", args: list[Node], hypers: dict[str, Any]) -> Node
         vote_by_value = vote_by_value <= 0  # 0.0.x: a float, and "on" meant the count of signs
     if not isinstance(vote_by_value, bool):
         raise ctx.fail(f"ties_sum: vote_sgn must be true or false, got {vote_by_value!r}")
-    merged = {"density": hypers.pop("k"), "vote": "sum" if vote_by_value else "count", "alpha": 1.0, **hypers}
+    merged = {"density": hypers.pop("k"), "vote": "sum" if vote_by_value else "count", "alpha": 1.0,
+              "trim": "sd_mecha", **hypers}  # sd-mecha keeps every entry tied with its threshold
     return ctx.call("subtract", [ctx.call("ties", [base, *models], merged), base], {})
 
 

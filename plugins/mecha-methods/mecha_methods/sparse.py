@@ -22,7 +22,9 @@ _SPACES = {"base": WEIGHT, "models": WEIGHT}
 # Literal annotations: the core checks the value when the recipe is built (naming its line)
 Vote = Literal["sum", "count"]
 Rescale = Literal["density", "l1", "none"]
+Trim = Literal["top_k", "sd_mecha"]
 _VOTES = get_args(Vote)
+_TRIMS = get_args(Trim)
 _RESCALES = get_args(Rescale)
 
 
@@ -42,6 +44,19 @@ def keep_top_k(delta: torch.Tensor, k: int) -> torch.Tensor:
         idx = torch.topk(flat.abs(), k, sorted=False).indices
         kept[idx] = flat[idx]
     return kept.reshape(delta.shape)
+
+
+def keep_sd_mecha(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """sd-mecha's TIES trim (its ``filter_top_k``): keep every entry whose magnitude is at least
+    the ``max(int((1 - density) * numel), 1)``-th smallest magnitude (in float32). That keeps
+    ``int(density * numel)`` entries or one more, plus every entry equal to the threshold, which
+    in half-precision weights is often hundreds more."""
+    n = delta.numel()
+    if n == 0:
+        return delta.clone()
+    kth = max(int((1 - density) * n), 1)
+    threshold = delta.reshape(-1).abs().float().kthvalue(kth).values
+    return delta * (delta.abs() >= threshold)
 
 
 def elect_sign(deltas: list[torch.Tensor], vote: str) -> torch.Tensor:
@@ -134,7 +149,8 @@ def _check_della(name: str, density: float, epsilon: float) -> tuple[float, floa
 @merge_method(spaces=_SPACES, returns=WEIGHT, check_spaces=at_least(1, "model"),
               formula="base + alpha * disjoint_mean(elect(top_k(δᵢ, int(density·numel))))")
 @in_float32
-def ties(base, *models, density: float = 0.2, alpha: float = 1.0, vote: Vote = "sum", weights: tuple = None):
+def ties(base, *models, density: float = 0.2, alpha: float = 1.0, vote: Vote = "sum", weights: tuple = None,
+         trim: Trim = "top_k"):
     """TIES-merging (Yadav et al. 2023): trim, elect sign, disjoint merge.
 
     Each model's delta δᵢ = θᵢ − base keeps only its int(density·numel) largest-magnitude entries
@@ -146,13 +162,20 @@ def ties(base, *models, density: float = 0.2, alpha: float = 1.0, vote: Vote = "
     base + alpha · merged. weights: one per model after the base (a recipe list); the trimmed
     deltas are multiplied by them before the election, and the agreeing ones are divided by the
     sum of their weights instead of their count (mergekit's weighted TIES). Default (null): 1 each.
+    trim="sd_mecha" trims as sd-mecha does instead (recipes read from sd-mecha files use it): every
+    entry at least as large as the max(int((1 − density)·numel), 1)-th smallest magnitude is kept,
+    so one more entry than int(density·numel) and every entry tied with the threshold.
     """
     w = model_weights("ties", weights, len(models))
     vote = choice("ties", "vote", vote, _VOTES)
+    trim = choice("ties", "trim", trim, _TRIMS)
     density = fraction("ties", "density", density)
     deltas = deltas_of(base, models)
-    k = int(density * base.numel())
-    trimmed = [keep_top_k(d, k) for d in deltas]
+    if trim == "sd_mecha":
+        trimmed = [keep_sd_mecha(d, density) for d in deltas]
+    else:
+        k = int(density * base.numel())
+        trimmed = [keep_top_k(d, k) for d in deltas]
     return base + alpha * ties_merge(trimmed, vote, w)
 
 

@@ -55,6 +55,24 @@ def test_ties_sign_election_by_hand(run):
     assert run.call("ties", base, *models, density=1.0, vote="count")["w"].tolist() == [-1.0]
 
 
+def test_ties_sd_mecha_trim_keeps_every_entry_tied_with_the_threshold(run):
+    # Worked by hand. n = 6, density 0.5: sd-mecha's threshold is the max(int(0.5·6), 1) = 3rd
+    # smallest magnitude. m1's magnitudes sorted: .05 .1 .2 .2 .2 .5 -> threshold .2, so all three
+    # .2 entries and -.5 stay (4 kept; top_k keeps int(0.5·6) = 3). m2's sorted: 0 0 0 .1 .3 .4 ->
+    # threshold 0: everything stays. Count vote: signs of m1 [0 + + + - 0], of m2 [+ - 0 0 + 0]:
+    # sums [1 0 1 1 0 0]; entry 0 takes m2's .3, entries 2 and 3 m1's .2, the tied entries 1 and 4
+    # and the all-zero entry 5 give 0.
+    base = {"w": torch.zeros(6)}
+    m1 = {"w": torch.tensor([0.1, 0.2, 0.2, 0.2, -0.5, 0.05])}
+    m2 = {"w": torch.tensor([0.3, -0.1, 0.0, 0.0, 0.4, 0.0])}
+    out = run.call("ties", base, m1, m2, density=0.5, vote="count", trim="sd_mecha")["w"]
+    assert out.tolist() == pytest.approx([0.3, 0.0, 0.2, 0.2, 0.0, 0.0])
+    alone = run.call("ties", base, m1, density=0.5, trim="sd_mecha")["w"]
+    assert alone.tolist() == pytest.approx([0.0, 0.2, 0.2, 0.2, -0.5, 0.0])
+    # the default trim keeps exactly int(0.5·6) = 3 entries: -.5 and two of the tied .2s
+    assert int((run.call("ties", base, m1, density=0.5)["w"] != 0).sum()) == 3
+
+
 def test_ties_rejects_unknown_vote(run):
     # vote is a Literal: refused when the recipe is built, before any file is opened
     base, model = mecha_core.model("base.safetensors"), mecha_core.model("m.safetensors")
