@@ -44,7 +44,8 @@ def test_mecha_methods_name_prints_signature_formula_and_doc():
         result = CliRunner().invoke(app, ["methods", "ties"])
     assert result.exit_code == 0, result.output
     text = result.output
-    assert "ties(base: weight, *models: weight, *, density=0.2, alpha=1.0, vote='sum', weights=None, trim='top_k') -> weight" in text
+    assert ("ties(base: weight, *models: weight, *, density=0.2, alpha=1.0, vote='sum', weights=None, "
+            "trim='top_k') -> weight") in text
     assert mecha_methods.plugin.METHODS[0].name != "ties"  # sanity: not the first, a real lookup
     assert "elect(top_k(" in text
     assert 'vote="count"' in text
