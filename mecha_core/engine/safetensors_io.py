@@ -11,7 +11,6 @@ reports) changes a private copy of that page, never the file, and never faults.
 from __future__ import annotations
 
 import ctypes
-import errno
 import json
 import mmap
 import os
@@ -25,6 +24,7 @@ from typing import Any, Mapping
 from ..lazy import torch
 
 from ..errors import MechaError, SafetensorsError
+from ..files import os_error_text
 from ..specs import TensorInfo
 
 #: safetensors dtype code -> (torch dtype name, item size in bytes)
@@ -217,10 +217,8 @@ class SafetensorsFile:
             raise _bad(p, "permission denied") from None
         except IsADirectoryError:
             raise _bad(p, "is a directory, not a safetensors file") from None
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise _bad(p, "symbolic link loop") from None
-            raise _bad(p, f"cannot open: {exc.strerror or exc}") from None
+        except OSError as exc:  # a link loop, a name too long ...: in words
+            raise _bad(p, f"cannot open: {os_error_text(exc)}") from None
         except ValueError:  # a NUL byte in the path
             raise _bad(_short(p), "not a valid file name") from None
         try:
