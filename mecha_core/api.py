@@ -114,28 +114,21 @@ def _is_recipe_path(recipe: str | os.PathLike[str]) -> bool:
         return False
 
 
-def _where_file(where: Any) -> str | None:
-    """The recipe file of a node's location: a ``Location`` (``.file``) or ``"FILE:LINE:COL"``."""
-    if where is None:
-        return None
-    file = getattr(where, "file", None)
-    if file is None and isinstance(where, str):
-        parts = where.rsplit(":", 2)
-        file = parts[0] if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit() else None
-    return file if file and file != "<recipe>" else None
-
-
 def recipe_files(root: Node) -> list[str]:
     """The recipe files ``root`` was parsed from (its own, and those composed into it), as far
-    as its nodes' locations tell: each once, in the order found. A relative location is taken
-    in the node's recipe folder (``base_dir``) when it has one."""
+    as its nodes' locations tell: each once, in the order found. A location names the file as
+    it was given when read; a model node also knows that file's folder (``base_dir``), which
+    stays right when the working directory has changed since."""
     files = []
     for node in walk(root):
-        file = _where_file(getattr(node, "where", None))
-        if file is None:
+        where = node.where
+        if where is None or where.file is None:
             continue
         base_dir = getattr(node, "base_dir", None)
-        files.append(os.path.join(base_dir, file) if base_dir and not os.path.isabs(file) else file)
+        if base_dir and not os.path.isabs(where.file):
+            files.append(os.path.join(base_dir, os.path.basename(where.file)))
+        else:
+            files.append(os.path.abspath(where.file))
     return list(dict.fromkeys(files))
 
 

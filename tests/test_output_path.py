@@ -62,3 +62,14 @@ def test_api_merge_refuses_to_write_over_its_own_recipe_file(tmp_path, methods):
     with pytest.raises(mecha.errors.OutputError, match="recipe"):
         mecha.merge(str(recipe), recipe)
     assert recipe.read_text() == text
+
+
+def test_the_recipe_files_of_a_recipe_read_through_a_folder_are_named_once_and_rightly(tmp_path, monkeypatch):
+    # a recipe read as "sub/t.mecha": its model node knows the folder, its call node only the
+    # path as given; both name one file, which the output guard then protects
+    from mecha_core.api import recipe_files
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "t.mecha").write_text('mecha 1\na = model("a.safetensors")\nm = scale(a, alpha=2.0)\n')
+    assert recipe_files(mecha.load_recipe("sub/t.mecha")) == [str(tmp_path / "sub" / "t.mecha")]
