@@ -17,7 +17,7 @@ import typer.main
 
 from ..errors import EXIT_INTERRUPTED, MechaError, PluginCodeError, PluginError
 from . import describe, merging
-from .common import boundary, debug_enabled, json_error, printable
+from .common import boundary, debug_enabled, fail, json_error
 
 
 def _plugin_cli_commands() -> dict[str, tuple[str | None, Any]]:
@@ -58,10 +58,7 @@ def _mounted(plugin: str | None, spec: Any) -> Any:
             error = PluginCodeError(f"plugin '{plugin}': command 'mecha {spec.name}' raised "
                                     f"{describe_exception(exc)}", plugin=plugin)
             error.__cause__ = exc
-        if debug_enabled():
-            raise error
-        typer.echo(f"error: {printable(str(error))}", err=True)
-        raise typer.Exit(error.exit_code)
+        fail(error)
 
     command.invoke = guarded
     return command

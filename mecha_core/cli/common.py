@@ -7,7 +7,7 @@ import json
 import os
 import re
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import typer
 
@@ -57,10 +57,16 @@ def json_error(message: str, kind: str, file: str | None = None, line: int | Non
     print_json({"error": message, "kind": kind, "file": file, "line": line})
 
 
-def _report(exc: BaseException, message: str, as_json: bool) -> None:
+def fail(exc: MechaError, as_json: bool = False) -> NoReturn:
+    """End the command on ``exc``: one escaped line on stderr (and, with ``as_json``, the JSON
+    error object on stdout), exit with its code; with MECHA_DEBUG=1, raise it (traceback)."""
+    if debug_enabled():
+        raise exc
+    message = str(exc)
     if as_json:
         json_error(message, type(exc).__name__, getattr(exc, "source", None), getattr(exc, "line", None))
     typer.echo(f"error: {printable(message)}", err=True)
+    raise typer.Exit(exc.exit_code) from None
 
 
 def boundary(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -76,10 +82,7 @@ def boundary(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except MechaError as exc:
-            if debug_enabled():
-                raise
-            _report(exc, str(exc), as_json)
-            raise typer.Exit(exc.exit_code) from None
+            fail(exc, as_json)
         except KeyboardInterrupt as exc:
             if debug_enabled():
                 raise
