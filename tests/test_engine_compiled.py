@@ -18,7 +18,6 @@ import os
 import subprocess
 import sys
 
-import attrs
 import pytest
 import torch
 from safetensors import safe_open
@@ -30,7 +29,7 @@ from mecha_core.engine.evaluate import Evaluator
 from mecha_core.engine.plan import make_plan
 from mecha_core.errors import MergeError, PlanError, PluginCodeError, RecipeError
 from mecha_core.plugins import plugin_from_functions
-from mecha_core.recipe.nodes import CallNode, LiteralNode, call
+from mecha_core.recipe.nodes import CallNode, LiteralNode, Location, call
 from mecha_core.recipe.values import WeightMap
 from mecha_core.specs import Architecture, KeySpec
 from mecha_core.testing import host_with, using, write_checkpoint
@@ -123,20 +122,11 @@ def test_pick_component_reads_the_architecture_from_the_context(tmp_path):
 
 
 # -- plan-time errors point at the recipe line ------------------------------------------------
-@attrs.frozen(eq=True, cache_hash=True)
-class _LocatedCall(CallNode):
-    where: object = attrs.field(default=None, eq=False)
-
-
-@attrs.frozen(eq=True, cache_hash=True)
-class _LocatedLiteral(LiteralNode):
-    where: object = attrs.field(default=None, eq=False)
-
-
 def test_an_error_about_a_literal_names_its_recipe_line(tmp_path):
     pa, pb, _, _ = _toy_models(tmp_path)
-    bad = _LocatedLiteral(WeightMap("toy-arch", "blocks", (("NOPE", 0.7),)), where="recipe.mecha:3:18")
-    recipe = _LocatedCall(blend, (mecha.model(pa), mecha.model(pb)), (("alpha", bad),), where="recipe.mecha:3:1")
+    bad = LiteralNode(WeightMap("toy-arch", "blocks", (("NOPE", 0.7),)), where=Location("recipe.mecha", 3, 18))
+    recipe = CallNode(blend, (mecha.model(pa), mecha.model(pb)), (("alpha", bad),),
+                      where=Location("recipe.mecha", 3, 1))
     with using(_toy_host()):
         with pytest.raises(RecipeError) as err:
             mecha.merge(recipe, tmp_path / "o.safetensors")
@@ -149,12 +139,13 @@ def test_an_error_about_a_call_names_its_recipe_line(tmp_path):
     pb = write_checkpoint(tmp_path / "b.safetensors", {"w": torch.ones(3, 2)})
     with using(_toy_host()) as host:
         method = host.method("weighted_sum")
-        recipe = _LocatedCall(method, (mecha.model(pa), mecha.model(pb)), (), where="r.mecha:7:5")
+        recipe = CallNode(method, (mecha.model(pa), mecha.model(pb)), (), where=Location("r.mecha", 7, 5))
         with pytest.raises(PlanError, match=r"^r\.mecha:7:5: key 'w' has shape \[2, 3\]"):
             mecha.merge(recipe, tmp_path / "o.safetensors")
         # a map of an architecture the keys are not of, written as a literal without a line
-        other = _LocatedCall(method, (mecha.model(pa), mecha.model(pa)),
-                             (("alpha", LiteralNode(WeightMap("toy", "blocks", (), 0.5))),), where="r.mecha:2:1")
+        other = CallNode(method, (mecha.model(pa), mecha.model(pa)),
+                         (("alpha", LiteralNode(WeightMap("toy", "blocks", (), 0.5))),),
+                         where=Location("r.mecha", 2, 1))
         with pytest.raises(PlanError, match=r"^r\.mecha:2:1: weighted_sum\(alpha=\.\.\.\): the map names toy-arch"):
             mecha.merge(other, tmp_path / "o.safetensors")
     assert sorted(os.listdir(tmp_path)) == ["a.safetensors", "b.safetensors"]
