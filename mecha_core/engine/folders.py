@@ -243,7 +243,9 @@ def _open_pipeline(folder: str) -> FolderFile:
     try:
         for component in PIPELINE_COMPONENTS:
             sub = os.path.join(folder, component)
-            if component not in described and not os.path.isdir(sub):
+            entry = described.get(component)
+            listed = isinstance(entry, list) and bool(entry) and entry[0] is not None  # [null, null]: none
+            if not listed and not os.path.isdir(sub):
                 continue
             if not os.path.isdir(sub):
                 raise _bad(index, f"names the component '{component}', but {sub} is not a folder")
