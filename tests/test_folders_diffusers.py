@@ -6,6 +6,7 @@ is SD1's) with narrow widths, built by diffusers and transformers with random we
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -118,3 +119,19 @@ def test_a_pipeline_component_without_weights_is_named(pipelines, tmp_path):
             open_model(broken, host)
     text = str(info.value)
     assert "\n" not in text and str(broken / "vae") in text and "holds no diffusion_pytorch_model.safetensors" in text
+
+
+def test_inspect_shows_the_pipeline_as_sd1(pipelines):
+    from typer.testing import CliRunner
+
+    from mecha_core.cli import app
+
+    p0, _ = pipelines
+    with using(mecha_sd1.plugin):
+        result = CliRunner().invoke(app, ["inspect", str(p0), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["architecture"] == "sd1-diffusers" and data["converts_to"] == "sd1-ldm"
+    files = [s["file"] for s in data["shards"]]
+    assert "text_encoder/model.safetensors" in files and "vae/diffusion_pytorch_model.safetensors" in files
+    assert sum(s["keys"] for s in data["shards"]) == len(_flat(p0)) == data["keys"]
