@@ -1,13 +1,5 @@
-"""Writing a model as a Hugging Face folder: the shard layout, and a folder that appears whole.
-
-The layout is a value computed from the output's key table alone (:func:`plan_shards`): which key
-goes to which shard, every shard's header and each key's offset in it. So any process holding
-the plan can write any shard by itself, and the index is written last from the same value.
-
-The shards follow ``save_pretrained``: keys in order, a new shard when the next key would pass
-``max_shard_size`` (a key larger than that alone in its own shard), ``model-0000i-of-0000N``
-names (a single shard: ``model.safetensors`` and no index), an index with
-``metadata.total_size``/``total_parameters`` and a sorted ``weight_map``.
+"""Writing a model as a Hugging Face folder: a folder that appears whole, and what goes in it
+besides the shards (whose layout is :mod:`mecha_core.engine.shards`).
 
 :class:`OutputFolder` is :class:`~mecha_core.output.OutputFile` for a folder: the work goes to a
 temporary folder ``.NAME.mecha-PID-RANDOM.tmp`` beside the target, renamed over it only when
@@ -18,7 +10,6 @@ rename. Leaving the block without :meth:`OutputFolder.commit` removes the tempor
 from __future__ import annotations
 
 import errno
-import json
 import os
 import re
 import secrets
@@ -26,13 +17,9 @@ import shutil
 import stat
 from typing import Any, Mapping
 
-import attrs
-
-from .engine.safetensors_io import ITEMSIZE, build_header
 from .errors import MechaError, OutputError
 from .files import os_error_text
 from .output import _LIVE, NAME_MAX, Protected, TerminateAsInterrupt, sweep_stale, temp_prefix
-from .specs import TensorInfo
 
 #: ``save_pretrained``'s default ``max_shard_size`` in transformers 5.24.0 ("50GB", decimal units)
 DEFAULT_SHARD_SIZE = 50 * 10 ** 9
@@ -67,77 +54,6 @@ def is_folder_output(output: str | os.PathLike[str]) -> bool:
     """Whether ``output`` asks for a folder: a name ending with a slash, or an existing folder."""
     text = os.fspath(output)
     return text.endswith(("/", os.sep)) or os.path.isdir(text)
-
-
-@attrs.frozen
-class Shard:
-    """One file of the output folder, fully described before any tensor is computed."""
-
-    name: str
-    """The file name in the folder (``model-00001-of-00003.safetensors``)."""
-    keys: tuple[str, ...]
-    """The keys it holds, in the output's key order."""
-    header: bytes
-    """Its header bytes (length prefix included): the file's first ``len(header)`` bytes."""
-    offsets: Mapping[str, int] = attrs.field(eq=False)
-    """Each key's offset in the data area (after the header)."""
-    size: int
-    """The file's size in bytes."""
-
-
-@attrs.frozen
-class ShardLayout:
-    """The whole output folder's weights: the shards, and what the index says."""
-
-    shards: tuple[Shard, ...]
-    """The shards in order (one shard: named ``model.safetensors``)."""
-    total_size: int
-    """Bytes of tensor data over all shards (the index's ``metadata.total_size``)."""
-    total_parameters: int
-    """Elements over all keys (the index's ``metadata.total_parameters``)."""
-
-    @property
-    def weight_map(self) -> dict[str, str]:
-        """Key -> its shard's file name, sorted by key as ``save_pretrained`` writes it."""
-        return dict(sorted((k, s.name) for s in self.shards for k in s.keys))
-
-    def index_json(self) -> str | None:
-        """The text of ``model.safetensors.index.json``; ``None`` for a single shard (no index)."""
-        if len(self.shards) == 1:
-            return None
-        index = {"metadata": {"total_parameters": self.total_parameters, "total_size": self.total_size},
-                 "weight_map": self.weight_map}
-        return json.dumps(index, indent=2, sort_keys=True) + "\n"
-
-
-def plan_shards(output: Mapping[str, TensorInfo], max_shard_size: int, metadata: Mapping[str, str]) -> ShardLayout:
-    """Split ``output`` (in its order) into shards of at most ``max_shard_size`` bytes of tensor
-    data, as ``save_pretrained`` does; every shard's header carries ``metadata``."""
-    groups: list[list[str]] = []
-    current: list[str] = []
-    current_size = 0
-    for key, info in output.items():
-        size = info.numel * ITEMSIZE[info.dtype]
-        if size > max_shard_size:  # alone in its own shard; the one being filled goes on
-            groups.append([key])
-            continue
-        if current and current_size + size > max_shard_size:
-            groups.append(current)
-            current, current_size = [], 0
-        current.append(key)
-        current_size += size
-    if current or not groups:
-        groups.append(current)
-    n = len(groups)
-    shards = []
-    for i, keys in enumerate(groups):
-        name = SINGLE_NAME if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        infos = {k: output[k] for k in keys}
-        header, offsets = build_header(infos, metadata)
-        data = sum(info.numel * ITEMSIZE[info.dtype] for info in infos.values())
-        shards.append(Shard(name, tuple(keys), header, offsets, len(header) + data))
-    return ShardLayout(tuple(shards), sum(i.numel * ITEMSIZE[i.dtype] for i in output.values()),
-                       sum(i.numel for i in output.values()))
 
 
 def files_to_copy(folder: str) -> list[str]:

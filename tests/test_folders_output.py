@@ -18,7 +18,8 @@ from safetensors.torch import load_file, save_file
 
 import mecha_core as mecha
 from mecha_core.errors import MechaError, MergeError, OutputError, PlanError
-from mecha_core.output_folder import DEFAULT_SHARD_SIZE, parse_shard_size, plan_shards
+from mecha_core.engine.shards import plan_shards
+from mecha_core.output_folder import DEFAULT_SHARD_SIZE, parse_shard_size
 from mecha_core.specs import TensorInfo
 
 # 10 keys in this order (not sorted by name); float32 sizes in bytes: 400 each, "big" 4000
@@ -141,7 +142,8 @@ def test_files_copied_from_the_folder_of_a_file_beside_a_config(two):
 
 
 def test_copy_files_from_a_name_not_in_the_recipe(two):
-    with pytest.raises(PlanError, match=r"--copy-files-from c: no model of the recipe is named so \(its models: a, b\)"):
+    with pytest.raises(PlanError, match=r"--copy-files-from c: no model of the recipe is named so "
+                                        r"\(its models: a, b\)"):
         mecha.merge(_recipe(), "out/", copy_files_from="c")
     assert not os.path.exists("out")
 

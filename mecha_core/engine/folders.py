@@ -173,7 +173,11 @@ def _open_all(paths: Iterable[str]) -> list[SafetensorsFile]:
     return opened
 
 
-def _open_index(index_path: str, prefix: str = "") -> tuple[list[SafetensorsFile], dict[str, tuple[SafetensorsFile, str]]]:
+Entries = dict[str, tuple[SafetensorsFile, str]]
+"""Key -> the file that holds it and its name there."""
+
+
+def _open_index(index_path: str, prefix: str = "") -> tuple[list[SafetensorsFile], Entries]:
     """The shards of an index, checked against it; keys (with ``prefix``) in shard order, and
     within a shard in the index's order."""
     weight_map = read_index(index_path)
@@ -222,7 +226,7 @@ def _check_total_size(index_path: str, files: list[SafetensorsFile]) -> None:
                          f"{actual} bytes of tensors; reading the shards as they are\n")
 
 
-def _weights_of(folder: str, prefix: str = "") -> tuple[list[SafetensorsFile], dict[str, tuple[SafetensorsFile, str]]] | None:
+def _weights_of(folder: str, prefix: str = "") -> tuple[list[SafetensorsFile], Entries] | None:
     """A Hugging Face folder's weights (index first, then the single file); ``None`` if none."""
     for index, single in WEIGHT_NAMES:
         if os.path.isfile(os.path.join(folder, index)):

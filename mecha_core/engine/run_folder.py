@@ -1,6 +1,6 @@
 """Running a plan into a Hugging Face folder: shards written one by one, the index last.
 
-The shard layout (:func:`mecha_core.output_folder.plan_shards`) is fixed by the plan before any
+The shard layout (:func:`mecha_core.engine.shards.plan_shards`) is fixed by the plan before any
 tensor is computed, and :func:`write_shard` writes one shard from the plan and that layout
 alone, so shards can be written by separate workers; :func:`execute_folder` writes them all in
 this process, then the index, the recipe and the files copied from an input folder, into a
@@ -18,13 +18,13 @@ import attrs
 from ..errors import MechaError, OutputError, PlanError, mark_failed
 from ..lazy import torch
 from ..output import Protected
-from ..output_folder import (INDEX_NAME, RECIPE_NAME, OutputFolder, Shard, ShardLayout, copy_file, files_to_copy,
-                             plan_shards, write_bytes)
+from ..output_folder import INDEX_NAME, RECIPE_NAME, OutputFolder, copy_file, files_to_copy, write_bytes
 from ..recipe.nodes import ModelNode
 from .folders import is_pipeline_folder
 from .plan import Plan
 from .run import _writer
 from .schedule import run_units
+from .shards import Shard, ShardLayout, plan_shards
 
 #: Added to every shard's metadata: transformers refuses a safetensors file whose metadata
 #: lacks ``format`` (``save_pretrained`` writes ``pt``).
@@ -125,7 +125,7 @@ def copy_source(plan: Plan, name: str | os.PathLike[str] | None = None) -> str |
             folder = _folder_of(path)
             if folder is None:
                 why = ("is a diffusers pipeline" if os.path.isdir(path)
-                       else f"is a file whose folder has no config.json")
+                       else "is a file whose folder has no config.json")
                 raise PlanError(f"--copy-files-from {wanted}: the model {path} {why}; there are no "
                                 f"model files to copy from it")
             return folder
