@@ -57,3 +57,16 @@ def test_inspect_a_broken_index_is_one_line(tmp_path):
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and "model.safetensors.index.json" in lines[0] and "does not exist" in lines[0]
+
+
+def test_recipe_show_on_a_merged_folder(tmp_path, methods, monkeypatch):
+    import mecha_core as mecha
+
+    monkeypatch.chdir(tmp_path)
+    _folder(tmp_path / "m")
+    out = mecha.merge(mecha.weighted_sum(mecha.model("m"), mecha.model("m"), alpha=0.5), "out/", shard_size=100)
+    assert len([n for n in os.listdir(out) if n.startswith("model-")]) == 2
+    result = CliRunner().invoke(app, ["recipe", "show", out])
+    assert result.exit_code == 0, result.output
+    with open(os.path.join(out, "recipe.mecha")) as f:
+        assert result.stdout == f.read()

@@ -210,15 +210,17 @@ def compose_command(
 
 
 def recipe_show_command(
-    file: Annotated[Path, typer.Argument(metavar="FILE", help="A merged .safetensors file.")],
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="A merged .safetensors file or folder.")],
     json_out: Annotated[bool, typer.Option("--json", help="Print {\"file\", \"recipe\", \"mecha_version\", "
                                            "\"mecha_plugins\"} as JSON on stdout.")] = False,
 ) -> None:
     """Print the recipe stored in a merged file's metadata."""
 
-    from ..engine.safetensors_io import read_header
+    from ..engine.folders import open_weights
 
-    _, metadata = read_header(file)
+    weights = open_weights(str(file))  # a merged folder: its first shard's metadata
+    metadata = dict(weights.metadata)
+    weights.close()
     text = (metadata or {}).get("mecha_recipe")
     if text is None:
         raise RecipeError(f"{file}: holds no mecha recipe (it was not written by mecha)")
