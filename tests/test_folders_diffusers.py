@@ -135,3 +135,43 @@ def test_inspect_shows_the_pipeline_as_sd1(pipelines):
     files = [s["file"] for s in data["shards"]]
     assert "text_encoder/model.safetensors" in files and "vae/diffusion_pytorch_model.safetensors" in files
     assert sum(s["keys"] for s in data["shards"]) == len(_flat(p0)) == data["keys"]
+
+
+def _header_only_pipeline(folder: Path, arch, components: tuple[str, ...]) -> int:
+    """A pipeline folder of full-size component files whose data areas are holes (no disk used),
+    keys split by the layout's own prefixes; returns the number of keys written."""
+    from mecha_core.kit.synthetic import write_header_only
+
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({c: ["x", "y"] for c in components}))
+    written = 0
+    for component in components:
+        prefix = component + "."
+        table = {k[len(prefix):]: (spec.shape, "float16") for k, spec in arch.keys.items()
+                 if k.startswith(prefix) and not k.endswith("position_ids")}
+        (folder / component).mkdir()
+        name = "model.safetensors" if component.startswith("text") else "diffusion_pytorch_model.safetensors"
+        write_header_only(folder / component / name, table)
+        written += len(table)
+    return written
+
+
+def test_full_size_sdxl_and_sd1_pipelines_are_detected(tmp_path):
+    import mecha_sdxl.plugin
+    from mecha_sdxl import conversions
+
+    with using(mecha_sd1.plugin, mecha_sdxl.plugin) as host:
+        # SDXL's CLIP-G stores q, k, v (weight and bias) apart in diffusers and packed in sgm: 4 keys
+        # fewer per layer, 32 layers
+        cases = ((tmp_path / "sdxl", conversions.diffusers_architecture(),
+                  ("unet", "text_encoder", "text_encoder_2", "vae"), "sdxl-sgm", 4 * 32),
+                 (tmp_path / "sd1", diffusers_layout.architecture(), ("unet", "text_encoder", "vae"), "sd1-ldm", 0))
+        for folder, arch, components, expected, packed in cases:
+            n = _header_only_pipeline(folder, arch, components)
+            source = open_model(folder, host)
+            try:
+                assert source.arch == expected, folder
+                assert n > 1000 and len(source.keys) == n - packed
+                assert set(source.keys) <= set(host.architecture(expected).keys)
+            finally:
+                source.close()
