@@ -342,3 +342,21 @@ def test_sigterm_removes_the_temporary_folder_and_keeps_the_old_one(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["m", "out", "site", "slow.mecha"]
     assert os.listdir(out) == ["model.safetensors"]
     assert (out / "model.safetensors").read_bytes() == b"last week's merge"
+
+
+def test_write_shard_alone_gives_the_bytes_of_the_whole_folder(two):
+    """A worker holding only the plan and one shard of the layout writes that shard's bytes."""
+    from mecha_core.api import merge_metadata
+    from mecha_core.engine.plan import MergeOptions, make_plan
+    from mecha_core.engine.run_folder import shard_layout, write_shard
+
+    out = mecha.merge(_recipe(alpha=0.6), "out/", shard_size=1200, threads=2)
+    with make_plan(_recipe(alpha=0.6), MergeOptions(threads=3)) as plan:
+        layout = shard_layout(plan, 1200, merge_metadata(plan))
+        os.makedirs("alone")
+        for shard in reversed(layout.shards):  # any order, any process
+            write_shard(plan, shard, os.path.join("alone", shard.name))
+        with open(os.path.join(out, "model.safetensors.index.json")) as f:
+            assert layout.index_json() == f.read()
+    for shard in layout.shards:
+        assert _digest(os.path.join("alone", shard.name)) == _digest(os.path.join(out, shard.name))

@@ -36,18 +36,12 @@ def shard_layout(plan: Plan, max_shard_size: int, metadata: Mapping[str, str]) -
     return plan_shards(plan.output, max_shard_size, {**SHARD_FORMAT, **metadata})
 
 
-def write_shard(plan: Plan, shard: Shard, path: str, *, progress: bool = False,
-                write_hook: Callable[[str], None] | None = None) -> None:
-    """Compute the keys of ``shard`` and write the shard file at ``path`` (a new file).
-
-    Only the plan and the shard are needed: the bytes are the same whoever writes them, with
-    any thread count."""
-    part = attrs.evolve(plan, output={k: plan.output[k] for k in shard.keys})
+def _create_shard(shard: Shard, path: str) -> int:
+    """A new shard file at ``path``, allocated at its final size, its header written; its fd."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
     except OSError as exc:
         raise OutputError(f"{path}: cannot create: {exc.strerror or exc}") from None
-    old_threads = torch.get_num_threads()
     try:
         try:
             if hasattr(os, "posix_fallocate"):
@@ -59,16 +53,45 @@ def write_shard(plan: Plan, shard: Shard, path: str, *, progress: bool = False,
                 raise OutputError(f"{path}: not enough disk space for {shard.size / 1e6:,.0f} MB") from None
             os.ftruncate(fd, shard.size)
         os.pwrite(fd, shard.header, 0)
-        data_start = len(shard.header)
-        place = {key: (fd, data_start + offset) for key, offset in shard.offsets.items()}
+    except OSError as exc:
+        os.close(fd)
+        raise OutputError(f"{path}: writing failed: {exc.strerror or exc}") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _write_shards(plan: Plan, shards: list[tuple[Shard, str]], progress: bool,
+                  write_hook: Callable[[str], None] | None, label: str) -> None:
+    """Create the shard files and compute their keys in one run (one pool, one progress line);
+    ``label`` names the output in errors."""
+    keys = [k for shard, _ in shards for k in shard.keys]
+    part = plan if len(keys) == len(plan.output) else attrs.evolve(plan, output={k: plan.output[k] for k in keys})
+    fds: list[int] = []
+    old_threads = torch.get_num_threads()
+    try:
+        place: dict[str, tuple[int, int]] = {}
+        for shard, path in shards:
+            fd = _create_shard(shard, path)
+            fds.append(fd)
+            place.update({key: (fd, len(shard.header) + offset) for key, offset in shard.offsets.items()})
         # one intra-op thread per worker, as for a single file: bytes independent of the thread count
         torch.set_num_threads(1)
-        run_units(part, _writer(part, place, write_hook, path), progress)
-    except OSError as exc:
-        raise OutputError(f"{path}: writing failed: {exc.strerror or exc}") from None
+        run_units(part, _writer(part, place, write_hook, label), progress)
     finally:
         torch.set_num_threads(old_threads)
-        os.close(fd)
+        for fd in fds:
+            os.close(fd)
+
+
+def write_shard(plan: Plan, shard: Shard, path: str, *, progress: bool = False,
+                write_hook: Callable[[str], None] | None = None) -> None:
+    """Compute the keys of ``shard`` and write the shard file at ``path`` (a new file).
+
+    Only the plan and the shard are needed: the bytes are the same whoever writes them, with
+    any thread count (a worker of a distributed merge writes its shards with this)."""
+    _write_shards(plan, [(shard, path)], progress, write_hook, path)
 
 
 def execute_folder(plan: Plan, output: str | os.PathLike[str], metadata: dict[str, str], *,
@@ -86,8 +109,10 @@ def execute_folder(plan: Plan, output: str | os.PathLike[str], metadata: dict[st
     layout = shard_layout(plan, max_shard_size, metadata)
     with out:
         try:
-            for shard in layout.shards:
-                write_shard(plan, shard, out.file(shard.name), progress=progress, write_hook=write_hook)
+            # every shard in one run: the same bytes as write_shard one by one, without an idle
+            # pool at each shard's end
+            _write_shards(plan, [(shard, out.file(shard.name)) for shard in layout.shards], progress, write_hook,
+                          out.given)
             if copy_from is not None:
                 for name in files_to_copy(copy_from):
                     copy_file(os.path.join(copy_from, name), out.file(name))
@@ -98,7 +123,6 @@ def execute_folder(plan: Plan, output: str | os.PathLike[str], metadata: dict[st
             return out.commit()
         except MechaError as exc:  # tensors were read: a failed merge (exit 1), not bad usage
             raise mark_failed(exc)  # noqa: B904 (the same exception, re-raised with its traceback)
-
 
 
 def _folder_of(source_path: str) -> str | None:
