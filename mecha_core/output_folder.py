@@ -51,9 +51,12 @@ def parse_shard_size(value: int | str) -> int:
 
 
 def is_folder_output(output: str | os.PathLike[str]) -> bool:
-    """Whether ``output`` asks for a folder: a name ending with a slash, or an existing folder."""
+    """Whether ``output`` asks for a folder: a name ending with a slash, or an existing folder
+    (not one named ``*.safetensors``: that name asks for a file, and the folder is refused)."""
     text = os.fspath(output)
-    return text.endswith(("/", os.sep)) or os.path.isdir(text)
+    if text.endswith(("/", os.sep)):
+        return True
+    return os.path.isdir(text) and not text.lower().endswith(".safetensors")
 
 
 def files_to_copy(folder: str) -> list[str]:

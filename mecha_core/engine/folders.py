@@ -279,7 +279,8 @@ def open_folder(path: str) -> FolderFile:
         return _open_pipeline(path)
     found = _weights_of(path)
     if found is None:
-        raise _bad(path, "holds no model.safetensors, model.safetensors.index.json or model_index.json")
+        raise _bad(path, "is a directory, not a model folder (no model.safetensors, "
+                         "model.safetensors.index.json or model_index.json)")
     return FolderFile(path, *found)
 
 
