@@ -18,6 +18,9 @@ BUILTIN_PROVIDERS: dict[str, dict[str, frozenset[str]]] = {
     "mecha-sdxl": {"architecture": frozenset({
         "sdxl-sgm", "sdxl", "sdxl-kohya", "sdxl-diffusers", "sdxl-diffusers-unet"})},
     "mecha-sd3": {"architecture": frozenset({"sd3-comfyui", "sd3", "sd3-sgm"})},
+    "mecha-flux": {"architecture": frozenset({
+        "flux-dev", "flux", "flux-1-dev", "flux_dev", "flux-schnell", "flux-1-schnell", "flux_schnell",
+        "flux-dev-diffusers", "flux-schnell-diffusers"})},
     "mecha-lora": {"merge method": frozenset({"apply_lora"}),
                    "model type": frozenset({"kohya-lora", "peft-lora"})},
 }
