@@ -23,6 +23,7 @@ from ..errors import MechaError, PlanError, PluginCodeError, RecipeError
 from ..plugins import PLUGIN_FAILURES, PluginHost, describe_exception, plugin_code
 from ..recipe.nodes import ModelNode
 from ..specs import Architecture, ConvertedKey, Converter, TensorInfo
+from .quantized import DequantisedFile, dequantising
 from .safetensors_io import SafetensorsFile
 
 BASE_TYPES = ("base", "delta")
@@ -55,9 +56,10 @@ class FileSource(Source):
 
     direct = True
 
-    def __init__(self, path: str, file: SafetensorsFile, arch: str | None, type_: str, space: str,
+    def __init__(self, path: str, file: SafetensorsFile | DequantisedFile, arch: str | None, type_: str, space: str,
                  renames: Mapping[str, str]):
         self.path, self.file, self.arch, self.type, self.space = path, file, arch, type_, space
+        self.direct = getattr(file, "direct", True)  # a dequantised fp8 weight is computed whole
         self.metadata = file.metadata
         self._stored = {renames.get(k, k): k for k in file.keys}
         self.keys = {renames.get(k, k): info for k, info in file.keys.items()}
@@ -215,6 +217,7 @@ def open_source(node: ModelNode, path: str, host: PluginHost, allow_missing: boo
     """Open a model file and convert it to weights or a delta in its canonical layout."""
     file = SafetensorsFile(path)
     try:
+        file = dequantising(file)  # scaled fp8 weights read as real weights; their scales leave the table
         keys = frozenset(file.keys)
         type_ = node.type or detect_type(path, keys, host)
         if type_ not in host.model_types:
