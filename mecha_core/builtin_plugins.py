@@ -21,6 +21,7 @@ BUILTIN_PROVIDERS: dict[str, dict[str, frozenset[str]]] = {
     "mecha-flux": {"architecture": frozenset({
         "flux-dev", "flux", "flux-1-dev", "flux_dev", "flux-schnell", "flux-1-schnell", "flux_schnell",
         "flux-dev-diffusers", "flux-schnell-diffusers"})},
+    "mecha-gguf": {},  # a file format (.gguf), which a recipe never names
     "mecha-lora": {"merge method": frozenset({"apply_lora"}),
                    "model type": frozenset({"kohya-lora", "peft-lora"})},
 }
