@@ -131,3 +131,22 @@ def test_a_scale_that_fits_no_weight_is_refused(host, tmp_path):
     message = str(err.value)
     assert "bad.safetensors" in message and "'blocks.0.linear.scale_weight'" in message and "\n" not in message
     assert err.value.exit_code == 2 and not (tmp_path / "o.safetensors").exists()
+
+
+def test_the_command_line_flag(host, tmp_path):
+    from typer.testing import CliRunner
+
+    from mecha_core.cli import app
+
+    weights = _weights(6)
+    write_checkpoint(tmp_path / "w.safetensors", weights)
+    (tmp_path / "r.mecha").write_text(mecha_core.dump_recipe(mecha_core.model(str(tmp_path / "w.safetensors"))))
+    out = tmp_path / "o.safetensors"
+    result = CliRunner().invoke(app, ["merge", str(tmp_path / "r.mecha"), "-o", str(out), "-q",
+                                      "--output-dtype", "float8_e4m3fn", "--fp8-scaled"])
+    assert result.exit_code == 0, result.output
+    stored = load_file(str(out))
+    assert stored["blocks.0.linear.weight"].dtype == FP8 and "blocks.0.linear.scale_weight" in stored
+    result = CliRunner().invoke(app, ["merge", str(tmp_path / "r.mecha"), "-o", str(tmp_path / "p.safetensors"),
+                                      "-q", "--fp8-scaled"])
+    assert result.exit_code == 2 and "--fp8-scaled" in result.output
