@@ -45,7 +45,7 @@ def merge(recipe: Node | str | os.PathLike[str], output: str | os.PathLike[str],
           allow_nonfinite: bool = False, models_dir: str | os.PathLike[str] | None = None,
           progress: bool = False, host: PluginHost | None = None,
           protect: Protected = (), shard_size: int | str | None = None,
-          copy_files_from: str | os.PathLike[str] | None = None, **kwargs: Any) -> str:
+          copy_files_from: str | os.PathLike[str] | None = None, fp8_scaled: bool = False, **kwargs: Any) -> str:
     """Merge ``recipe`` (a node, .mecha text or a .mecha path) into ``output``; returns its path.
 
     An ``output`` that ends with a slash (a ``str``: a ``Path`` drops it) or is an existing
@@ -60,6 +60,10 @@ def merge(recipe: Node | str | os.PathLike[str], output: str | os.PathLike[str],
     (found from the nodes' locations), or a path in ``protect`` (paths, or {path: how the
     message names it}). These are checked, with the
     output path itself (see :class:`~mecha_core.output.OutputFile`), before any work.
+
+    ``fp8_scaled`` (with ``output_dtype`` ``float8_e4m3fn`` or ``float8_e5m2``): weight matrices are
+    written as fp8 with a per-tensor ``scale_weight``, other float keys in bfloat16 (ComfyUI's
+    fp8_scaled form, see :mod:`mecha_core.engine.quantized`).
     """
     from .recipe import load_recipe
 
@@ -84,6 +88,13 @@ def merge(recipe: Node | str | os.PathLike[str], output: str | os.PathLike[str],
         protected.setdefault(file, f"the recipe {file}")
     if output_dtype is not None:
         check_float_dtype(output_dtype, "output_dtype")
+    if fp8_scaled:
+        from .engine.quantized import FP8_DTYPES
+        from .errors import MechaError
+
+        if output_dtype not in FP8_DTYPES:
+            raise MechaError(f"--fp8-scaled writes fp8 weights: give --output-dtype {' or '.join(FP8_DTYPES)} "
+                             f"(got {output_dtype or 'none'})")
     _check_count(threads, "threads")
     if models_dir is not None and not os.path.isdir(models_dir):
         # a typo here would silently merge same-named files from the recipe's folder instead
@@ -91,14 +102,18 @@ def merge(recipe: Node | str | os.PathLike[str], output: str | os.PathLike[str],
 
         what = "is not a folder" if os.path.exists(models_dir) else "no such folder"
         raise MechaError(f"--models-dir {os.fspath(models_dir)}: {what}")
-    options = MergeOptions(
-        threads=threads, work_dtype=work_dtype, output_dtype=output_dtype, device=device,
+    options = MergeOptions(  # scaled fp8 is made from the float32 result (see _execute_fp8_scaled)
+        threads=threads, work_dtype=work_dtype, output_dtype="float32" if fp8_scaled else output_dtype, device=device,
         allow_missing=allow_missing, allow_nonfinite=allow_nonfinite,
         models_dir=os.fspath(models_dir) if models_dir is not None else None,
         **({"memory_budget": int(memory_budget)} if memory_budget else {}), **kwargs)
     # the output is checked before the inputs are opened: what an existing one is (a device, a
     # FIFO, a file the merge reads: the more specific refusal), then its name
     if folder:
+        if fp8_scaled:
+            from .errors import MechaError
+
+            raise MechaError("--fp8-scaled writes one file: give an output ending in .safetensors")
         OutputFolder(output, protect=protected)
         with make_plan(recipe, options, host) as plan, TerminateAsInterrupt():
             return execute_folder(plan, output, merge_metadata(plan), max_shard_size=max_shard_size,
@@ -107,7 +122,38 @@ def merge(recipe: Node | str | os.PathLike[str], output: str | os.PathLike[str],
     OutputFile(output, protect=protected)
     check_output_name(output)
     with make_plan(recipe, options, host) as plan, TerminateAsInterrupt():
+        if fp8_scaled:
+            return _execute_fp8_scaled(plan, output, merge_metadata(plan), progress, protected, str(output_dtype))
         return execute(plan, output, merge_metadata(plan), progress=progress, protect=protected)
+
+
+def _execute_fp8_scaled(plan: Plan, output: str | os.PathLike[str], metadata: dict[str, str], progress: bool,
+                        protected: Mapping[Any, Any], fp8: str) -> str:
+    """The merge in float32 to a hidden file beside the output, then rewritten as scaled fp8 into
+    the output (a per-tensor scale needs the whole tensor, which the merge may write in slices)."""
+    import secrets
+
+    from .engine.quantized import write_fp8_scaled
+    from .errors import MechaError, OutputError, mark_failed
+    from .output import resolve_output, temp_prefix
+
+    target = resolve_output(output)
+    middle = os.path.join(os.path.dirname(target),
+                          f"{temp_prefix(target)}mecha-{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    out = OutputFile(output, protect={**protected, **{p: f"the input {p}" for p in plan.input_paths}})
+    try:
+        execute(plan, middle, metadata, progress=progress, protect=protected)
+        with out:
+            try:
+                write_fp8_scaled(middle, out.fd, fp8)
+            except OSError as exc:
+                raise mark_failed(OutputError(f"{output}: writing failed: {exc.strerror or exc}")) from None
+            except MechaError as exc:
+                raise mark_failed(exc)  # noqa: B904 (the same exception, re-raised with its traceback)
+            return out.commit()
+    finally:
+        if os.path.lexists(middle):
+            os.unlink(middle)
 
 
 #: the output formats merge writes, by file extension

@@ -17,7 +17,12 @@ BUILTIN_PROVIDERS: dict[str, dict[str, frozenset[str]]] = {
         "sd1-ldm", "sd1", "sd1.5", "sd15", "sd1-diffusers", "sd1-kohya", "sd1-diffusers-unet"})},
     "mecha-sdxl": {"architecture": frozenset({
         "sdxl-sgm", "sdxl", "sdxl-kohya", "sdxl-diffusers", "sdxl-diffusers-unet"})},
-    "mecha-sd3": {"architecture": frozenset({"sd3-comfyui", "sd3", "sd3-sgm"})},
+    "mecha-sd3": {"architecture": frozenset({"sd3-comfyui", "sd3", "sd3-sgm", "sd3.5-medium", "sd35-medium",
+                                             "sd3.5m", "sd3.5-large", "sd35-large", "sd3.5l"})},
+    "mecha-flux": {"architecture": frozenset({
+        "flux-dev", "flux", "flux-1-dev", "flux_dev", "flux-schnell", "flux-1-schnell", "flux_schnell",
+        "flux-dev-diffusers", "flux-schnell-diffusers"})},
+    "mecha-gguf": {},  # a file format (.gguf), which a recipe never names
     "mecha-lora": {"merge method": frozenset({"apply_lora"}),
                    "model type": frozenset({"kohya-lora", "peft-lora"})},
 }

@@ -84,3 +84,18 @@ def mecha_cli_commands() -> list:
     Example:
         ``return [CliCommand("lora", app=lora_app, help="Extract and merge LoRA files.")]``
     """
+
+
+@hookspec
+def mecha_file_formats() -> list:
+    """Return the weight-file formats (other than safetensors) this plugin reads.
+
+    Returns:
+        A list of :class:`mecha_core.specs.FileFormat`: a name, the file-name endings it reads,
+        and an opener giving the file's key table (shapes and dtypes as read) and a per-key read.
+        The engine then treats the file like a safetensors one: architecture detection, aliases,
+        converters. Keys are read whole (a format may have to dequantise them).
+
+    Example:
+        ``return [FileFormat("gguf", (".gguf",), open=open_gguf)]``
+    """

@@ -179,3 +179,22 @@ class CliCommand:
     ``mecha --help`` loads it."""
     help: str = ""
     """One line shown by ``mecha --help`` (default: the app's own help)."""
+
+
+@attrs.frozen
+class FileFormat:
+    """A weight-file format other than safetensors (GGUF, ...), read as a key table plus reads."""
+
+    name: str
+    """The format's unique name (``gguf``)."""
+    suffixes: tuple[str, ...]
+    """The file-name endings it reads, lower case with the dot (``(".gguf",)``); a model path
+    ending in one of them is opened with :attr:`open`."""
+    open: Callable[[str], Any] = attrs.field(repr=False)
+    """Given a path, the opened file: an object with ``keys`` (key -> :class:`TensorInfo`, the
+    dtype being what a read returns), ``metadata`` (string -> string), ``read(key)`` (a torch
+    tensor of that shape and dtype, computed in bounded memory, e.g. from a memory map) and
+    ``close()``. Raise :class:`mecha_core.errors.MechaError` (or ``ValueError``) naming the file
+    when it cannot be read."""
+    description: str = ""
+    """One line shown by ``mecha plugins list -v``."""

@@ -27,7 +27,8 @@ from collections.abc import Mapping
 from typing import Any, Callable, Iterable
 
 from .method import MergeMethod
-from .specs import DELTA, MERGE_SPACES, WEIGHT, Architecture, CliCommand, Converter, KeySpec, ModelType
+from .specs import (DELTA, MERGE_SPACES, WEIGHT, Architecture, CliCommand, Converter, FileFormat, KeySpec,
+                    ModelType)
 
 #: The dtype names a safetensors file can store (``mecha_core.engine.safetensors_io.DTYPES``;
 #: a test keeps the two equal, this copy avoids importing torch while plugins load).
@@ -276,12 +277,30 @@ def cli_command_warnings(command: CliCommand) -> list[str]:
     return []
 
 
+# -- file formats -------------------------------------------------------------------------------
+def file_format_errors(fmt: FileFormat) -> list[str]:
+    where = _label("file format", fmt)
+    out = _name_errors(where, fmt)
+    if not _is_str_tuple(fmt.suffixes) or not fmt.suffixes:
+        out.append(f"{where}: suffixes must be a non-empty tuple of strings, got {_show(fmt.suffixes)}")
+    else:
+        for suffix in fmt.suffixes:
+            if not suffix.startswith(".") or suffix != suffix.lower() or suffix == ".safetensors":
+                out.append(f"{where}: suffix {_show(suffix)} must be lower case, start with '.', "
+                           f"and not be .safetensors")
+    if not callable(fmt.open):
+        out.append(f"{where}: open must be callable, got {_type(fmt.open)}")
+    out += _str_field(where, "description", fmt.description)
+    return out
+
+
 _ERRORS: dict[type, Callable[[Any], list[str]]] = {
     MergeMethod: method_errors,
     Architecture: architecture_errors,
     ModelType: model_type_errors,
     Converter: converter_errors,
     CliCommand: cli_command_errors,
+    FileFormat: file_format_errors,
 }
 
 

@@ -60,6 +60,9 @@ def merge_command(
                           help=f"Dtype methods compute in: {', '.join(WORK_DTYPES['cpu'])}.")] = "float32",
     output_dtype: Annotated[Optional[str], typer.Option(metavar="DTYPE",
                             help="Dtype of the output (default: the first input's).")] = None,
+    fp8_scaled: Annotated[bool, typer.Option("--fp8-scaled",
+                          help="With an fp8 --output-dtype: weight matrices as fp8 with a scale each "
+                               "(ComfyUI's fp8_scaled), other keys in bfloat16.")] = False,
     device: Annotated[str, typer.Option(metavar="DEVICE", help="cpu, or cuda when present.")] = "cpu",
     allow_missing: Annotated[bool, typer.Option("--allow-missing",
                              help="Keys missing from some inputs take the first input that has them.")] = False,
@@ -103,7 +106,7 @@ def merge_command(
     path = api.merge(node, output, threads=threads, memory_budget=_parse_size(memory_budget) if memory_budget else None,
                      work_dtype=work_dtype, output_dtype=output_dtype, device=device,
                      allow_missing=allow_missing, allow_nonfinite=allow_nonfinite,
-                     models_dir=models_dir, progress=progress, protect=protect,
+                     models_dir=models_dir, progress=progress, protect=protect, fp8_scaled=fp8_scaled,
                      **({"shard_size": shard_size, "copy_files_from": copy_files_from} if folder else {}))
     if json_out:
         size = (sum(e.stat().st_size for e in os.scandir(path) if e.is_file()) if os.path.isdir(path)

@@ -22,8 +22,10 @@ from ..builtin_plugins import install_hint
 from ..errors import MechaError, PlanError, PluginCodeError, RecipeError
 from ..plugins import PLUGIN_FAILURES, PluginHost, describe_exception, plugin_code
 from ..recipe.nodes import ModelNode
-from ..specs import Architecture, ConvertedKey, Converter, TensorInfo
-from .folders import is_model_folder, open_weights
+from ..specs import Architecture, ConvertedKey, Converter, FileFormat, TensorInfo
+from . import folders
+from .folders import is_model_folder
+from .quantized import DequantisedFile, dequantising
 from .safetensors_io import SafetensorsFile
 
 BASE_TYPES = ("base", "delta")
@@ -56,9 +58,10 @@ class FileSource(Source):
 
     direct = True
 
-    def __init__(self, path: str, file: SafetensorsFile, arch: str | None, type_: str, space: str,
-                 renames: Mapping[str, str]):
+    def __init__(self, path: str, file: SafetensorsFile | DequantisedFile | FormatFile, arch: str | None, type_: str,
+                 space: str, renames: Mapping[str, str]):
         self.path, self.file, self.arch, self.type, self.space = path, file, arch, type_, space
+        self.direct = getattr(file, "direct", True)  # a dequantised fp8 weight is computed whole
         self.metadata = file.metadata
         self._stored = {renames.get(k, k): k for k in file.keys}
         self.keys = {renames.get(k, k): info for k, info in file.keys.items()}
@@ -215,9 +218,58 @@ def _apply(source: Source, conv: Converter, host: PluginHost, refusals: list[str
     return ConvertedSource(source, conv, plan, target_arch, space, plugin)
 
 
+class FormatFile:
+    """A file of a plugin's format (:class:`~mecha_core.specs.FileFormat`) with the reader's
+    interface; its keys are read whole, through the plugin's code."""
+
+    direct = False
+
+    def __init__(self, path: str, opened: Any, fmt: FileFormat, plugin: str | None):
+        self.path, self.opened, self.fmt, self.plugin = path, opened, fmt, plugin
+        self.keys: Mapping[str, TensorInfo] = dict(opened.keys)
+        self.metadata: Mapping[str, str] = dict(getattr(opened, "metadata", None) or {})
+
+    def read(self, key: str) -> torch.Tensor:
+        return plugin_code(lambda: self.opened.read(key), plugin=self.plugin,
+                           what=f"file format '{self.fmt.name}'",
+                           where=f" reading key '{key}' of {os.path.basename(self.path)}")
+
+    def prefetch(self, key: str, start: int = 0, stop: int | None = None) -> None:
+        pass
+
+    def close(self) -> None:
+        self.opened.close()
+
+
+def open_weights(path: str, host: PluginHost) -> SafetensorsFile | DequantisedFile | FormatFile | folders.FolderFile:
+    """The weights file at ``path``: a plugin's format when its name ends in one of the format's
+    suffixes, a folder or an index as its shards (:mod:`.folders`), else safetensors (scaled fp8
+    weights dequantised, see :mod:`.quantized`)."""
+    if os.path.isdir(path) or folders.is_index_path(path):
+        return folders.open_folder(path)
+    lower = path.lower()
+    for fmt in host.file_formats.values():
+        if lower.endswith(tuple(fmt.suffixes)):
+            plugin = host.file_formats.provider(fmt.name)
+            try:
+                opened = plugin_code(lambda f=fmt: f.open(path), plugin=plugin, what=f"file format '{fmt.name}'",
+                                     where=f" opening {os.path.basename(path)}")
+            except PluginCodeError as exc:
+                if isinstance(exc.__cause__, ValueError):  # the documented "cannot read this file"
+                    raise PlanError(f"{path}: {' '.join(str(exc.__cause__).splitlines())}") from None
+                raise
+            return FormatFile(path, opened, fmt, plugin)
+    file = SafetensorsFile(path)
+    try:
+        return dequantising(file)  # scaled fp8 weights read as real weights; their scales leave the table
+    except BaseException:
+        file.close()
+        raise
+
+
 def open_source(node: ModelNode, path: str, host: PluginHost, allow_missing: bool = False) -> Source:
     """Open a model file (or folder) and convert it to weights or a delta in its canonical layout."""
-    file: SafetensorsFile | Any = open_weights(path)
+    file: SafetensorsFile | Any = open_weights(path, host)
     path = file.path  # a folder model's path is its folder, also when an index file was named
     try:
         keys = frozenset(file.keys)

@@ -13,7 +13,8 @@ from typing import Iterable
 import attrs
 
 #: Name prefixes of kohya (sd-scripts), standalone LyCORIS and kohya OFT module names.
-KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lycoris_", "oft_unet_", "oft_te")
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_transformer_", "lycoris_", "oft_unet_",
+                  "oft_te")
 
 _PEFT_PARAM = re.compile(r"^(?P<module>.+)\.(?:lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_]+)?\.weight"
                          r"|(?P<mag>lora_magnitude_vector)(?:\.[A-Za-z0-9_]+)?(?:\.weight)?"

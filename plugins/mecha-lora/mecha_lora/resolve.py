@@ -20,6 +20,7 @@ from mecha_core.lazy import torch
 from mecha_core.errors import PlanError
 from mecha_core.specs import ConvertedKey, TensorInfo
 
+from . import flux
 from . import keys as keynames
 from .adapter_config import AdapterScales
 from .algorithms import ModuleChange, ShapeMismatch, module_change
@@ -82,6 +83,12 @@ def _fit(r: Resolution) -> tuple[int, int]:
     return len(r.changes), -len(r.unknown)
 
 
+def _claims(r: Resolution) -> bool:
+    """Whether a resolution may win a tie for its architecture: a Flux file changes the
+    transformer (its CLIP-L modules alone fit SD1 and SDXL as well, and those come first)."""
+    return r.arch not in flux.SIZES or any(c.module.key.startswith(flux.PREFIX) for c in r.changes)
+
+
 def best_resolution(header: Mapping[str, TensorInfo], style: str,
                     scales: AdapterScales | None = None, prefer: str | None = None) -> Resolution | None:
     """The architecture the file fits best, or ``None`` when no module resolves anywhere. Ties
@@ -89,7 +96,7 @@ def best_resolution(header: Mapping[str, TensorInfo], style: str,
     alike), else to the earlier architecture."""
     found = [resolve(header, style, arch, scales) for arch in ARCHITECTURES]
     best = max(found, key=_fit)  # max keeps the first of ties
-    preferred = next((r for r in found if r.arch == prefer and _fit(r) == _fit(best)), None)
+    preferred = next((r for r in found if r.arch == prefer and _fit(r) == _fit(best) and _claims(r)), None)
     best = preferred or best
     return best if best.changes else None
 
@@ -135,10 +142,11 @@ def _assemble(key: str, shape: tuple[int, ...], parts: list[tuple[tuple[int, int
     if len(parts) == 1 and parts[0][0] is None:
         value = parts[0][1]
         return value if isinstance(value, WeightOperator) else value.reshape(shape)
+    parts = [((0, shape[0]) if rows is None else rows, value) for rows, value in parts]
     if all(isinstance(v, torch.Tensor) for _, v in parts):
         out = torch.zeros(shape, dtype=torch.float32)  # rows no module changes stay zero
-        for (start, end), value in parts:
-            out[start:end] = value.reshape(out[start:end].shape)
+        for (start, end), value in parts:  # added: a whole-weight module and a slice of it both count
+            out[start:end] += value.reshape(out[start:end].shape)
         return out
     slices = []
     for (start, end), value in parts:

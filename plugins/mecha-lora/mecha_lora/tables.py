@@ -15,13 +15,16 @@ from typing import Iterable
 
 import attrs
 
+from . import flux
+
 DATA = os.path.join(os.path.dirname(__file__), "data")
 
 #: The architectures LoRA files can target, in the order ties are broken when a file fits both.
-ARCHITECTURES = ("sd1-ldm", "sdxl-sgm")
+ARCHITECTURES = ("sd1-ldm", "sdxl-sgm", "flux-dev", "flux-schnell")
 
 #: SAI modelspec architecture ids written into LoRA files made here.
-MODELSPEC_IDS = {"sd1-ldm": "stable-diffusion-v1/lora", "sdxl-sgm": "stable-diffusion-xl-v1-base/lora"}
+MODELSPEC_IDS = {"sd1-ldm": "stable-diffusion-v1/lora", "sdxl-sgm": "stable-diffusion-xl-v1-base/lora",
+                 "flux-dev": "flux-1-dev/lora", "flux-schnell": "flux-1-schnell/lora"}
 
 
 @attrs.frozen
@@ -63,6 +66,13 @@ class ModuleTable:
     modules: tuple[Module, ...]
     by_kohya: dict[str, Module] = attrs.field(repr=False)
     by_peft: dict[str, Module] = attrs.field(repr=False)
+    spellings: tuple[Module, ...] = ()
+    """Modules that resolve but are not written by extraction: other namings of the same weights
+    (Flux's diffusers modules, some of them row slices of a fused BFL weight)."""
+
+    @property
+    def all_modules(self) -> tuple[Module, ...]:
+        return self.modules + self.spellings
 
     def kohya(self, name: str) -> Module | None:
         """Resolve a kohya/LyCORIS module name (any accepted prefix)."""
@@ -80,8 +90,8 @@ class ModuleTable:
         """Resolve a PEFT/diffusers module path (``unet.down_blocks...``, ``base_model.model...``)."""
         path = path.removeprefix("base_model.model.")
         found = self.by_peft.get(path)
-        if found is None:  # a bare component model (PEFT adapter of the U-Net or a text encoder)
-            for component in ("unet.", "text_encoder."):
+        if found is None:  # a bare component model (PEFT adapter of the U-Net, transformer or a text encoder)
+            for component in ("unet.", "text_encoder.", "transformer."):
                 found = found or self.by_peft.get(component + path)
         return found
 
@@ -96,16 +106,23 @@ def _peft_names(peft: str) -> Iterable[str]:
 
 @functools.lru_cache(maxsize=None)
 def table(arch: str) -> ModuleTable:
-    """The module table of ``arch`` (one of :data:`ARCHITECTURES`)."""
-    with gzip.open(os.path.join(DATA, f"{arch}-modules.json.gz"), "rt") as f:
-        raw = json.load(f)
-    modules, by_kohya, by_peft = [], {}, {}
-    for name, alt, peft, key, shape, rows, key_shape in raw["modules"]:
-        m = Module(name, key, tuple(shape), tuple(key_shape or shape), tuple(rows) if rows else None)
-        modules.append(m)
-        by_kohya[name] = m
-        if alt:
-            by_kohya.setdefault(alt, m)
-        for p in _peft_names(peft):
-            by_peft.setdefault(p, m)
-    return ModuleTable(arch, tuple(modules), by_kohya, by_peft)
+    """The module table of ``arch`` (one of :data:`ARCHITECTURES`): packed for SD1/SDXL, computed
+    from the sizes for Flux (:mod:`mecha_lora.flux`)."""
+    if arch in flux.SIZES:
+        canonical, other = flux.rows(arch)
+    else:
+        with gzip.open(os.path.join(DATA, f"{arch}-modules.json.gz"), "rt") as f:
+            canonical, other = json.load(f)["modules"], []
+    by_kohya: dict[str, Module] = {}
+    by_peft: dict[str, Module] = {}
+    built: tuple[list[Module], list[Module]] = ([], [])
+    for rows_of, modules in zip((canonical, other), built):
+        for name, alt, peft, key, shape, rows, key_shape in rows_of:
+            m = Module(name, key, tuple(shape), tuple(key_shape or shape), tuple(rows) if rows else None)
+            modules.append(m)
+            by_kohya.setdefault(name, m)
+            if alt:
+                by_kohya.setdefault(alt, m)
+            for p in _peft_names(peft):
+                by_peft.setdefault(p, m)
+    return ModuleTable(arch, tuple(built[0]), by_kohya, by_peft, tuple(built[1]))

@@ -17,6 +17,7 @@ from mecha_core.lazy import torch
 from mecha_core.errors import MechaError, OutputError, PlanError
 from mecha_core.kit import OutputFile, SafetensorsFile, check_float_dtype, is_float, save, torch_dtype
 
+from . import flux
 from . import keys as keynames
 from .adapter_config import adapter_scales
 from .algorithms import ModuleChange
@@ -73,7 +74,8 @@ def _stored_key(file: SafetensorsFile, key: str) -> str | None:
     if key in file.keys:
         return key
     legacy = key.replace(".transformer.text_model.", ".transformer.", 1)  # old SD1 text encoder names
-    return legacy if legacy in file.keys else None
+    bfl = key.removeprefix(flux.PREFIX)  # a Flux transformer saved alone by Black Forest Labs: no prefix
+    return next((k for k in (legacy, bfl) if k in file.keys), None)
 
 
 def _detect_arch(tuned: SafetensorsFile, base: SafetensorsFile) -> str:
@@ -238,7 +240,7 @@ def merge_loras(inputs: Sequence[str | os.PathLike[str]], output: str | os.PathL
             else torch.float16)
         out: dict[str, torch.Tensor] = {}
         ranks = []
-        order = {m: n for n, m in enumerate(table(arch).modules)}
+        order = {m: n for n, m in enumerate(table(arch).all_modules)}
         for module in sorted(by_module, key=order.__getitem__):
             changes = by_module[module]
             if rank is None and all(_plain(c) for _, c in changes):

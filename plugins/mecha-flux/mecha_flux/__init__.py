@@ -1,0 +1,1 @@
+"""mecha-flux plugin: Flux.1 dev and schnell."""

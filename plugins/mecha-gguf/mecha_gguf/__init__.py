@@ -1,0 +1,1 @@
+"""mecha-gguf plugin: GGUF weight files, dequantised on read."""
