@@ -37,7 +37,7 @@ from .builtin_plugins import install_hint
 from .errors import MechaError, PluginCodeError, PluginError, RecipeError
 from .method import MergeMethod
 from .operators import CORE_METHODS
-from .specs import DELTA, WEIGHT, Architecture, CliCommand, Converter, ModelType
+from .specs import DELTA, WEIGHT, Architecture, ArchitectureFamily, CliCommand, Converter, ModelType
 from .validate import spec_errors
 
 #: The plugin API this core implements. Plugins built for a newer API are refused.
@@ -54,6 +54,7 @@ CORE_MODEL_TYPES = (
 
 _HOOKS = {
     "mecha_architectures": ("architectures", Architecture),
+    "mecha_architecture_families": ("architecture_families", ArchitectureFamily),
     "mecha_model_types": ("model_types", ModelType),
     "mecha_converters": ("converters", Converter),
     "mecha_merge_methods": ("merge_methods", MergeMethod),
@@ -178,6 +179,8 @@ class PluginHost:
         self.strict = os.environ.get("MECHA_STRICT_PLUGINS") == "1" if strict is None else strict
         self.records: list[PluginRecord] = []
         self.architectures = Registry("architecture")
+        self.architecture_families = Registry("architecture family")
+        self._family_members: dict[str, tuple[str, Architecture]] = {}
         self.model_types = Registry("model type")
         self.converters = Registry("converter")
         self.merge_methods = Registry("merge method")
@@ -306,6 +309,8 @@ class PluginHost:
 
     def architecture(self, name: str) -> Architecture:
         found = self.architectures.get(self._arch_aliases.get(name, name))
+        if found is None and name in self._family_members:
+            found = self._family_members[name][1]
         if found is None:
             import difflib
 
@@ -315,9 +320,40 @@ class PluginHost:
             raise RecipeError(f"unknown architecture '{name}'{suffix}")
         return found
 
+    def add_family_member(self, family: str, arch: Architecture) -> Architecture:
+        """Register the concrete architecture a family computed for a file, so the rest of a
+        plan (block maps, optional keys, merge contexts) finds it by name. The first file of a
+        name registers it; a later one with the same key names reuses it (widths may differ:
+        the plan reports those as shape mismatches)."""
+        known = self._family_members.get(arch.name)
+        if known is None:
+            if arch.name in self.architectures:
+                raise PluginError(f"architecture family '{family}' named a file's layout "
+                                  f"'{arch.name}', which is a fixed architecture's name")
+            self._family_members[arch.name] = (family, arch)
+            return arch
+        owner, first = known
+        if owner != family or set(first.keys) != set(arch.keys) or first.blocks != arch.blocks \
+                or first.classes != arch.classes:
+            raise PluginError(f"architecture family '{family}' gave two different layouts the "
+                              f"name '{arch.name}' (a layout's name must follow from its key names)")
+        return first
+
+    def family_of(self, name: str) -> str | None:
+        """The family whose member ``name`` is (a concrete architecture computed for a file)."""
+        known = self._family_members.get(name)
+        return known[0] if known else None
+
+    def architecture_provider(self, name: str) -> str | None:
+        """The plugin providing architecture ``name``: a fixed one's, or its family's."""
+        family = self.family_of(name)
+        if family is not None:
+            return self.architecture_families.provider(family)
+        return self.architectures.provider(name)
+
     def _duplicate_problems(self) -> list[str]:
         out = []
-        for reg in (self.architectures, self.model_types, self.converters, self.merge_methods, self.cli_commands):
+        for reg in (self.architectures, self.architecture_families, self.model_types, self.converters, self.merge_methods, self.cli_commands):
             for name, providers in reg.duplicates().items():
                 out.append(f"{reg.kind} '{name}' is provided by "
                            + " and ".join(f"plugin '{p}'" for p in providers))

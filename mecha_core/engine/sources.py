@@ -16,6 +16,8 @@ import inspect
 import os
 from typing import Any, Mapping
 
+import attrs
+
 from ..lazy import torch
 
 from ..builtin_plugins import install_hint
@@ -23,6 +25,7 @@ from ..errors import MechaError, PlanError, PluginCodeError, RecipeError
 from ..plugins import PLUGIN_FAILURES, PluginHost, describe_exception, plugin_code
 from ..recipe.nodes import ModelNode
 from ..specs import Architecture, ConvertedKey, Converter, TensorInfo
+from .families import detect_family, family_architecture
 from .safetensors_io import SafetensorsFile
 
 BASE_TYPES = ("base", "delta")
@@ -221,9 +224,11 @@ def open_source(node: ModelNode, path: str, host: PluginHost, allow_missing: boo
             raise RecipeError(f"{path}: unknown model type '{type_}'{install_hint('model type', type_)}")
         arch: Architecture | None = None
         if node.arch is not None:
-            arch = host.architecture(node.arch)
+            arch = family_architecture(node.arch, path, file.keys, host) or host.architecture(node.arch)
+            node = attrs.evolve(node, arch=arch.name)  # a family's name stands for this file's layout
         elif type_ in BASE_TYPES:
-            arch = detect_architecture(path, keys, host)
+            # fixed layouts first; a file none of them claims may be a family's member
+            arch = detect_architecture(path, keys, host) or detect_family(path, file.keys, host)
         renames = _alias_map(arch) if arch is not None and type_ in BASE_TYPES else {}
         renames = {k: v for k, v in renames.items() if k in keys and v not in keys}
         space = host.model_types.get(type_).space
