@@ -1,0 +1,209 @@
+"""mecha-llm: families detected from tiny transformers models, layer-gradient merges checked
+against plain torch, merged files loaded back with transformers and their logits compared."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+import mecha_core
+from mecha_core.errors import MechaError
+from mecha_core.plugins import get_host
+from mecha_core.testing import open_model
+
+FAMILIES = ["gemma2", "gemma3", "llama", "mistral", "mixtral", "phi3", "qwen2", "qwen3"]  # conftest.CONFIGS
+INPUT_IDS = torch.tensor([[1, 5, 17, 33, 60, 7, 90, 2]])
+
+
+def _arch(path: str):
+    source = open_model(path, get_host())
+    try:
+        return get_host().architecture(source.arch)
+    finally:
+        source.close()
+
+
+def _gradient(anchors, t):
+    """mergekit's gradient, written independently: anchors evenly spaced on [0, 1], interpolated."""
+    return float(np.interp(t, np.linspace(0.0, 1.0, len(anchors)), anchors))
+
+
+def _position(key: str, layers: int) -> float:
+    parts = key.split(".")
+    if "layers" not in parts:
+        return 0.0  # embeddings, final norm, head: the gradient's start (mergekit's t = 0)
+    index = int(parts[parts.index("layers") + 1])
+    return index / (layers - 1) if layers > 1 else 1.0
+
+
+def _logits(folder: str) -> torch.Tensor:
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+    with torch.no_grad():
+        return model(INPUT_IDS).logits
+
+
+def _reference_logits(template_folder: str, tensors: dict) -> torch.Tensor:
+    """Logits of the model in ``template_folder`` with ``tensors`` loaded into it by plain torch."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(template_folder, local_files_only=True)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    with torch.no_grad():
+        return model(INPUT_IDS).logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_family_is_detected_with_its_layer_count(tiny, family):
+    arch = _arch(tiny("a", family))
+    experts = "-4e" if family == "mixtral" else ""
+    assert arch.name == f"{family}-2l{experts}"
+    assert arch.layers == ("layer_0", "layer_1")
+    assert arch.blocks == ("embed", "layer_0", "layer_1", "final_norm", "lm_head", "other")
+    assert f"{family} family: 2 layers, hidden size 32, vocabulary 96" in arch.description
+    assert arch.keys["model.layers.1.input_layernorm.weight"].blocks == ("layer_1",)
+    assert arch.keys["model.embed_tokens.weight"].klass == "embed_tokens"
+
+
+def test_six_layers_and_twice_as_wide_are_members_with_their_own_blocks(tiny):
+    six = _arch(tiny("six", num_hidden_layers=6))
+    assert six.name == "llama-6l" and len(six.layers) == 6 and six.layers[-1] == "layer_5"
+    wide = _arch(tiny("wide", hidden_size=64, intermediate_size=96, num_attention_heads=8, num_key_value_heads=4))
+    assert "hidden size 64" in wide.description
+    assert wide.keys["model.layers.0.mlp.gate_proj.weight"].shape == (96, 64)
+    eleven = _arch(tiny("eleven", num_hidden_layers=11))  # zero-padded to the count's width
+    assert eleven.layers[0] == "layer_00" and eleven.layers[-1] == "layer_10"
+
+
+def test_classes_name_sub_modules_and_experts(tiny):
+    mixtral = _arch(tiny("m", "mixtral"))
+    assert "mixtral family: 2 layers, hidden size 32, vocabulary 96, 4 experts" in mixtral.description
+    assert mixtral.keys["model.layers.0.block_sparse_moe.experts.3.w1.weight"].klass == "block_sparse_moe_experts_w1"
+    assert {"self_attn_q_proj", "block_sparse_moe_gate", "input_layernorm", "lm_head"} <= set(mixtral.classes)
+    qwen2 = _arch(tiny("q", "qwen2"))
+    assert qwen2.keys["model.layers.1.self_attn.q_proj.bias"].klass == "self_attn_q_proj"
+
+
+def test_generic_decoder_family_needs_no_config(tiny, tmp_path):
+    path = tiny("a", "llama", num_hidden_layers=3)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(path, bare / "model.safetensors")
+    arch = _arch(str(bare / "model.safetensors"))
+    assert arch.name == "decoder-3l" and len(arch.layers) == 3
+
+
+def _gradient_reference(a: dict, b: dict, layers: int, attn, mlp, default) -> dict:
+    out = {}
+    for key in a:
+        sub = key.split(".")
+        filt = attn if "self_attn" in sub else mlp if "mlp" in sub else default
+        alpha = _gradient(filt, _position(key, layers)) if isinstance(filt, list) else filt
+        out[key] = a[key] * (1 - alpha) + b[key] * alpha
+    return out
+
+
+@pytest.mark.parametrize("family,layers", [("llama", 4), ("qwen3", 3), ("gemma2", 2)])
+def test_layer_gradient_with_class_filters_matches_plain_torch_and_loads(tiny, tmp_path, family, layers):
+    a = tiny("a", family, 1, num_hidden_layers=layers)
+    b = tiny("b", family, 2, num_hidden_layers=layers)
+    attn, mlp, default = [0.0, 0.5, 0.25, 1.0], [1.0, 0.2], 0.3
+    alpha = mecha_core.layers(family, self_attn=attn, mlp=mlp, default=default)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    mecha_core.merge(mecha_core.weighted_sum(mecha_core.model(a), mecha_core.model(b), alpha=alpha),
+                     out_dir / "model.safetensors", threads=2)
+    merged = load_file(out_dir / "model.safetensors")
+    ta, tb = load_file(a), load_file(b)
+    reference = _gradient_reference(ta, tb, layers, attn, mlp, default)
+    assert set(merged) == set(reference)
+    for key, value in reference.items():
+        torch.testing.assert_close(merged[key], value, rtol=1e-6, atol=1e-6, msg=key)
+    # one key's value spelled out: the last layer's attention takes the gradient's last anchor
+    last = f"model.layers.{layers - 1}.self_attn.q_proj.weight"
+    torch.testing.assert_close(merged[last], tb[last])
+    shutil.copy(os.path.join(os.path.dirname(a), "config.json"), out_dir / "config.json")
+    torch.testing.assert_close(_logits(str(out_dir)), _reference_logits(os.path.dirname(a), reference),
+                               rtol=1e-5, atol=1e-5)
+    if family == "gemma2":  # tied embeddings: no head in the inputs, none in the output
+        assert "lm_head.weight" not in merged
+
+
+def test_layer_gradient_in_mecha_text_round_trips_and_merges(tiny, tmp_path):
+    a = tiny("a", "mixtral", 1, num_hidden_layers=3)
+    b = tiny("b", "mixtral", 2, num_hidden_layers=3)
+    text = (f'mecha 1\nmerged = weighted_sum(model("{a}"), model("{b}"), '
+            f'alpha=layers("mixtral", [0, 1], block_sparse_moe_experts=[1, 0]))\n')
+    recipe = mecha_core.load_recipe(text)
+    assert mecha_core.load_recipe(mecha_core.dump_recipe(recipe)) == recipe
+    assert 'layers("mixtral", [0, 1], block_sparse_moe_experts=[1, 0])' in mecha_core.dump_recipe(recipe)
+    out = tmp_path / "out.safetensors"
+    mecha_core.merge(recipe, out, threads=1)
+    merged, ta, tb = load_file(out), load_file(a), load_file(b)
+    for key in ta:
+        anchors = [1, 0] if ".experts." in key else [0, 1]
+        alpha = _gradient(anchors, _position(key, 3))
+        torch.testing.assert_close(merged[key], ta[key] * (1 - alpha) + tb[key] * alpha, msg=key)
+
+
+def test_a_filter_no_class_matches_is_refused(tiny, tmp_path):
+    a, b = tiny("a"), tiny("b", seed=1)
+    recipe = mecha_core.weighted_sum(mecha_core.model(a), mecha_core.model(b),
+                                     alpha=mecha_core.layers("llama", [0, 1], self_atn=0.5))
+    with pytest.raises(MechaError, match="llama-2l has no class 'self_atn'; did you mean 'self_attn"):
+        mecha_core.merge(recipe, tmp_path / "o.safetensors")
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_a_map_naming_another_family_is_refused(tiny, tmp_path):
+    a, b = tiny("a"), tiny("b", seed=1)
+    recipe = mecha_core.weighted_sum(mecha_core.model(a), mecha_core.model(b),
+                                     alpha=mecha_core.blocks("qwen2", layer_0=1.0))
+    with pytest.raises(MechaError, match="names the qwen2 family, but the models of this merge are not qwen2"):
+        mecha_core.merge(recipe, tmp_path / "o.safetensors")
+
+
+def test_block_maps_name_the_family_and_reach_each_layer(tiny, tmp_path):
+    a, b = tiny("a", num_hidden_layers=6), tiny("b", seed=1, num_hidden_layers=6)
+    recipe = mecha_core.weighted_sum(mecha_core.model(a), mecha_core.model(b),
+                                     alpha=mecha_core.blocks("llama", default=0.0, layer_4=1.0, embed=0.5))
+    mecha_core.merge(recipe, tmp_path / "o.safetensors", threads=1)
+    merged, ta, tb = load_file(tmp_path / "o.safetensors"), load_file(a), load_file(b)
+    for key in ta:
+        alpha = 1.0 if ".layers.4." in key else 0.5 if "embed_tokens" in key else 0.0
+        torch.testing.assert_close(merged[key], ta[key] * (1 - alpha) + tb[key] * alpha, msg=key)
+
+
+def test_inputs_of_different_vocabularies_are_refused_naming_key_and_sizes(tiny, tmp_path):
+    a, b = tiny("a"), tiny("b", seed=1, vocab_size=120)
+    recipe = mecha_core.weighted_sum(mecha_core.model(a), mecha_core.model(b), alpha=0.5)
+    with pytest.raises(MechaError, match=r"key 'lm_head.weight' has a vocabulary of 96 rows in "
+                                         r"model.safetensors but 120 in model.safetensors.*keep_vocab=true"):
+        mecha_core.merge(recipe, tmp_path / "o.safetensors")
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize("keep", ["small", "large"])
+def test_keep_vocab_takes_rows_from_the_models_that_have_them(tiny, tmp_path, keep):
+    small, large = tiny("small"), tiny("large", seed=1, vocab_size=120)
+    kept = small if keep == "small" else large
+    recipe = mecha_core.weighted_sum(mecha_core.model(small, keep_vocab=keep == "small"),
+                                     mecha_core.model(large, keep_vocab=keep == "large"), alpha=0.25)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    mecha_core.merge(recipe, out_dir / "model.safetensors", threads=2)
+    merged, ts, tl = load_file(out_dir / "model.safetensors"), load_file(small), load_file(large)
+    rows = 96 if keep == "small" else 120
+    for key in ts:
+        if key in ("model.embed_tokens.weight", "lm_head.weight"):
+            expected = tl[key][:rows].clone()  # rows only the large model has are its own
+            expected[:96] = ts[key] * 0.75 + tl[key][:96] * 0.25
+        else:
+            expected = ts[key] * 0.75 + tl[key] * 0.25
+        torch.testing.assert_close(merged[key], expected, msg=key)
+    shutil.copy(os.path.join(os.path.dirname(kept), "config.json"), out_dir / "config.json")
+    assert _logits(str(out_dir)).shape[-1] == rows
