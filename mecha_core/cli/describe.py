@@ -134,6 +134,19 @@ def info_command(
         for a in archs:
             also = f"  (also: {', '.join(a.aliases)})" if a.aliases else ""
             typer.echo(f"{a.name:<16} {len(a.keys):>5} {'key ' if len(a.keys) == 1 else 'keys'}  {a.description}{also}")
+        for f in host.architecture_families.values():  # layouts computed per file (`mecha inspect FILE`)
+            typer.echo(f"{f.name:<16} family  {f.description}")
+        return
+    family = host.architecture_families.get(arch) if arch not in host.architectures else None
+    if family is not None:
+        found = {"name": family.name, "family": True, "description": family.description,
+                 "plugin": host.architecture_families.provider(family.name)}
+        if json_out:
+            print_json(found)
+            return
+        typer.echo(f"{family.name}: architecture family: {family.description}")
+        typer.echo(f"  plugin: {found['plugin']}; its blocks and classes depend on the file: "
+                   f"`mecha inspect FILE` shows a member's")
         return
     summary = architecture_summary(host.architecture(arch), verbose, host)
     if json_out:
@@ -177,6 +190,7 @@ def _closest(keys: frozenset[str], host: Any) -> tuple[str, float] | None:
 def inspect_summary(path: Path, host: Any) -> dict[str, Any]:
     """What ``mecha inspect`` reports, from the header alone (no tensor is read)."""
     from ..engine.safetensors_io import SafetensorsFile
+    from ..engine.families import detect_family
     from ..engine.sources import detect_architecture, detect_type
 
     f = SafetensorsFile(path)
@@ -184,6 +198,8 @@ def inspect_summary(path: Path, host: Any) -> dict[str, Any]:
         keys = frozenset(f.keys)
         type_ = detect_type(str(path), keys, host)
         arch = detect_architecture(str(path), keys, host) if type_ in ("base", "delta") else None
+        if arch is None and type_ in ("base", "delta"):  # a family member (llama-32l ...)
+            arch = detect_family(str(path), f.keys, host)
         dtypes: dict[str, int] = {}
         for info in f.keys.values():
             dtypes[info.dtype] = dtypes.get(info.dtype, 0) + 1
@@ -193,6 +209,8 @@ def inspect_summary(path: Path, host: Any) -> dict[str, Any]:
             "keys": len(keys), "dtypes": dict(sorted(dtypes.items())), "bytes": sum(sizes.values()),
             "has_recipe": "mecha_recipe" in f.metadata,
         }
+        if arch is not None and host.family_of(arch.name) is not None:
+            result.update({"family": host.family_of(arch.name), "description": arch.description})
         if arch is None:
             closest = _closest(keys, host) if type_ in ("base", "delta") else None
             result["closest"] = ({"architecture": closest[0], "required_keys_present": round(closest[1], 4)}
@@ -251,6 +269,8 @@ def inspect_command(
         described += f" (read as {result['converts_to']})"
     typer.echo(f"{printable(str(file))}: {described}, type {result['type']}, {result['keys']} keys, "
                f"{format_bytes(result['bytes'])}")
+    if result.get("family"):
+        typer.echo(f"  {result['description']}")
     typer.echo("  dtypes: " + ", ".join(f"{d} ({n})" for d, n in result["dtypes"].items()))
     if arch is None:
         if result.get("closest"):
