@@ -131,6 +131,12 @@ class Registry:
         return [self.get(n) for n in self.names() if len(self._items[n]) == 1]
 
 
+def _same_layout(known: tuple[str, Architecture], family: str, arch: Architecture) -> bool:
+    owner, first = known
+    return (owner == family and first.keys.keys() == arch.keys.keys() and first.blocks == arch.blocks
+            and first.classes == arch.classes and first.layers == arch.layers)
+
+
 def _env_list(name: str) -> set[str] | None:
     value = os.environ.get(name)
     if value is None:
@@ -322,22 +328,26 @@ class PluginHost:
 
     def add_family_member(self, family: str, arch: Architecture) -> Architecture:
         """Register the concrete architecture a family computed for a file, so the rest of a
-        plan (block maps, optional keys, merge contexts) finds it by name. The first file of a
-        name registers it; a later one with the same key names reuses it (widths may differ:
-        the plan reports those as shape mismatches)."""
+        plan (block maps, optional keys, merge contexts) finds it by name; returns it as
+        registered. The first file of a name registers it; a later one with the same key names,
+        blocks and classes is the same layout (widths may differ: the plan reports those as shape
+        mismatches). A layout the family gave a name already taken by another layout is
+        registered as ``NAME~DIGEST`` (a digest of its key names), so it never borrows the other's
+        blocks."""
+        if arch.name in self.architectures:
+            raise PluginError(f"architecture family '{family}' named a file's layout "
+                              f"'{arch.name}', which is a fixed architecture's name")
         known = self._family_members.get(arch.name)
+        if known is not None and not _same_layout(known, family, arch):
+            import hashlib
+
+            text = "\n".join([*sorted(arch.keys), "", *arch.blocks, "", *arch.classes, "", family])
+            arch = attrs.evolve(arch, name=f"{arch.name}~{hashlib.sha1(text.encode()).hexdigest()[:8]}")
+            known = self._family_members.get(arch.name)
         if known is None:
-            if arch.name in self.architectures:
-                raise PluginError(f"architecture family '{family}' named a file's layout "
-                                  f"'{arch.name}', which is a fixed architecture's name")
             self._family_members[arch.name] = (family, arch)
             return arch
-        owner, first = known
-        if owner != family or set(first.keys) != set(arch.keys) or first.blocks != arch.blocks \
-                or first.classes != arch.classes:
-            raise PluginError(f"architecture family '{family}' gave two different layouts the "
-                              f"name '{arch.name}' (a layout's name must follow from its key names)")
-        return first
+        return known[1]
 
     def family_of(self, name: str) -> str | None:
         """The family whose member ``name`` is (a concrete architecture computed for a file)."""
@@ -353,7 +363,8 @@ class PluginHost:
 
     def _duplicate_problems(self) -> list[str]:
         out = []
-        for reg in (self.architectures, self.architecture_families, self.model_types, self.converters, self.merge_methods, self.cli_commands):
+        for reg in (self.architectures, self.architecture_families, self.model_types, self.converters,
+                    self.merge_methods, self.cli_commands):
             for name, providers in reg.duplicates().items():
                 out.append(f"{reg.kind} '{name}' is provided by "
                            + " and ".join(f"plugin '{p}'" for p in providers))

@@ -166,12 +166,23 @@ def test_plugins_check_runs_a_family_on_an_empty_file():
     assert not check_plugin(toy_plugin())
 
 
-def test_two_layouts_given_one_name_are_refused(tmp_path):
+def test_two_layouts_given_one_name_stay_apart(tmp_path):
     sloppy = ArchitectureFamily("toy", detect=lambda h, c: attrs_renamed(toy_layout(h, c), "toy"))
     host = host_with(toy_plugin(sloppy))
-    open_model(write_toy(tmp_path / "a", layers=2), host).close()
-    with pytest.raises(PluginError, match="gave two different layouts the name 'toy'"):
-        open_model(write_toy(tmp_path / "b", layers=3), host)
+    first = open_model(write_toy(tmp_path / "a", layers=2), host)
+    second = open_model(write_toy(tmp_path / "b", layers=3), host)
+    again = open_model(write_toy(tmp_path / "c", layers=3, seed=4), host)
+    assert first.arch == "toy" and re.fullmatch(r"toy~[0-9a-f]{8}", second.arch) and again.arch == second.arch
+    assert len(host.architecture(second.arch).layers) == 3 and len(host.architecture("toy").layers) == 2
+    for s in (first, second, again):
+        s.close()
+
+
+def test_a_layout_may_not_take_a_fixed_architectures_name(tmp_path):
+    fixed = Architecture("toy-3l", {"other": KeySpec((1,), "float32", "x")})
+    host = host_with(plugin_from_functions("fix", mecha_architectures=lambda: [fixed]), toy_plugin())
+    with pytest.raises(PluginError, match="named a file's layout 'toy-3l', which is a fixed architecture's name"):
+        open_model(write_toy(tmp_path / "a"), host)
 
 
 # -- maps and layer gradients --------------------------------------------------------------------

@@ -91,8 +91,7 @@ def detect_family(path: str, header: Mapping[str, TensorInfo], host: PluginHost,
     if not found:
         return None
     family, arch = found[0]
-    host.add_family_member(family, arch)
-    return arch
+    return host.add_family_member(family, arch)
 
 
 def family_architecture(name: str, path: str, header: Mapping[str, TensorInfo],
@@ -106,8 +105,7 @@ def family_architecture(name: str, path: str, header: Mapping[str, TensorInfo],
     if arch is None:
         raise PlanError(f"{path}: model(..., arch=\"{name}\") names the {name} family, but the file "
                         f"is not one of its members (`mecha inspect` shows what it is)")
-    host.add_family_member(name, arch)
-    return arch
+    return host.add_family_member(name, arch)
 
 
 def concrete_map(value: WeightMap, archs: Mapping[str, str], host: PluginHost, what: str) -> WeightMap:

@@ -115,6 +115,6 @@ def compose(template: Node | str | os.PathLike[str], fills: Mapping[str, Any] | 
 
 __all__ = [
     "CallNode", "CoreOnly", "LiteralNode", "Location", "ModelNode", "Node", "ParameterNode", "RecipeHost", "WeightMap",
-    "as_fill", "blocks", "classes", "compose", "layers", "dump_recipe", "load_recipe", "parameters", "relocate", "substitute",
-    "walk", "HEADER",
+    "as_fill", "blocks", "classes", "compose", "dump_recipe", "layers", "load_recipe", "parameters", "relocate",
+    "substitute", "walk", "HEADER",
 ]

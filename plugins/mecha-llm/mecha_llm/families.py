@@ -6,7 +6,8 @@ multimodal checkpoints) holding ``embed_tokens``, ``layers.N.*`` and ``norm``, p
 (absent when the embeddings are tied).
 
 Blocks, in order: ``embed``, one per layer (``layer_00`` ... zero-padded to the layer count's
-width), ``final_norm``, ``lm_head``, ``other`` (every key outside the text stack: a vision tower). Classes name the sub-module with dots as underscores and expert numbers dropped:
+width), ``final_norm``, ``lm_head``, ``other`` (every key outside the text stack: a vision
+tower). Classes name the sub-module with dots as underscores and expert numbers dropped:
 ``embed_tokens``, ``self_attn_q_proj``, ``self_attn_k_norm``, ``mlp_gate_proj``,
 ``input_layernorm``, ``post_attention_layernorm``, ``block_sparse_moe_gate``,
 ``block_sparse_moe_experts_w1`` ..., ``norm``, ``lm_head`` (a bias is in its weight's class). A
