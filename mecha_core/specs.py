@@ -107,7 +107,7 @@ class ArchitectureFamily:
     name: str
     """The family's unique name; recipes write it in maps (``blocks("llama", ...)``,
     ``layers("llama", [0, 1])``) and ``model(..., arch="llama")``."""
-    detect: Callable[[Mapping[str, TensorInfo], "dict | None"], "Architecture | None"] = attrs.field(repr=False)
+    detect: Callable[[Mapping[str, TensorInfo], dict | None], Architecture | None] = attrs.field(repr=False)
     """Given a file's header (key -> :class:`TensorInfo`) and its ``config.json`` (a dict, or
     ``None`` when the model's folder has none), the concrete :class:`Architecture` of this file
     (its keys, blocks and classes computed from the header), or ``None`` when the file is not a
