@@ -3,8 +3,11 @@ against plain torch, merged files loaded back with transformers and their logits
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -207,3 +210,19 @@ def test_keep_vocab_takes_rows_from_the_models_that_have_them(tiny, tmp_path, ke
         torch.testing.assert_close(merged[key], expected, msg=key)
     shutil.copy(os.path.join(os.path.dirname(kept), "config.json"), out_dir / "config.json")
     assert _logits(str(out_dir)).shape[-1] == rows
+
+
+def test_inspect_and_info_show_the_family(tiny):
+    path = tiny("m", "mixtral", num_hidden_layers=3)
+    run = subprocess.run([sys.executable, "-m", "mecha_core", "inspect", path, "--json"], capture_output=True,
+                         text=True, check=True)
+    found = json.loads(run.stdout)
+    assert (found["architecture"], found["family"]) == ("mixtral-3l-4e", "mixtral")
+    assert found["description"] == "mixtral family: 3 layers, hidden size 32, vocabulary 96, 4 experts, separate LM head"
+    assert found["missing"] == [] and found["unexpected"] == []
+    text = subprocess.run([sys.executable, "-m", "mecha_core", "inspect", path], capture_output=True, text=True,
+                          check=True).stdout
+    assert "mixtral-3l-4e" in text and "3 layers, hidden size 32" in text
+    info = subprocess.run([sys.executable, "-m", "mecha_core", "info", "gemma3"], capture_output=True, text=True,
+                          check=True).stdout
+    assert info.startswith("gemma3: architecture family: ") and "gemma3_text" in info
