@@ -218,7 +218,8 @@ def test_inspect_and_info_show_the_family(tiny):
                          text=True, check=True)
     found = json.loads(run.stdout)
     assert (found["architecture"], found["family"]) == ("mixtral-3l-4e", "mixtral")
-    assert found["description"] == "mixtral family: 3 layers, hidden size 32, vocabulary 96, 4 experts, separate LM head"
+    assert found["description"] == ("mixtral family: 3 layers, hidden size 32, vocabulary 96, 4 experts, "
+                                    "separate LM head")
     assert found["missing"] == [] and found["unexpected"] == []
     text = subprocess.run([sys.executable, "-m", "mecha_core", "inspect", path], capture_output=True, text=True,
                           check=True).stdout
@@ -226,3 +227,17 @@ def test_inspect_and_info_show_the_family(tiny):
     info = subprocess.run([sys.executable, "-m", "mecha_core", "info", "gemma3"], capture_output=True, text=True,
                           check=True).stdout
     assert info.startswith("gemma3: architecture family: ") and "gemma3_text" in info
+
+
+def test_members_of_other_layouts_do_not_merge(tiny, tmp_path):
+    a = tiny("a")
+    deeper = tiny("deeper", seed=1, num_hidden_layers=3)
+    wider = tiny("wider", seed=2, hidden_size=64, intermediate_size=96, num_attention_heads=8, num_key_value_heads=4)
+    with pytest.raises(MechaError, match="inputs are of different architectures: model.safetensors is llama-2l, "
+                                         "model.safetensors is llama-3l"):
+        mecha_core.merge(mecha_core.weighted_sum(mecha_core.model(a), mecha_core.model(deeper)),
+                         tmp_path / "o.safetensors")
+    with pytest.raises(MechaError, match=r"key '.*' has shape \[\d+(, \d+)?\] in model.safetensors but"):
+        mecha_core.merge(mecha_core.weighted_sum(mecha_core.model(a), mecha_core.model(wider)),
+                         tmp_path / "o.safetensors")
+    assert not (tmp_path / "o.safetensors").exists()
