@@ -319,3 +319,16 @@ def test_keep_vocab_text_round_trips():
     assert dump(load_v1(text)) == text
     with pytest.raises(RecipeError, match="model takes a path"):
         load_v1('mecha 1\nm = model("m.safetensors", keep_vocab=1)\n')
+
+
+def test_filters_name_whole_parts_of_classes_and_the_longest_wins():
+    from mecha_core.recipe.values import layers
+
+    m = layers("x", self_attn=1.0, q_proj=2.0, self_attn_q_proj=3.0, mlp=[4.0, 6.0], default=0.0)
+    assert m.resolve((), "self_attn_q_proj", None) == 3.0
+    assert m.resolve((), "self_attn_k_proj", None) == 1.0
+    assert m.resolve((), "cross_q_proj", None) == 2.0
+    assert m.resolve((), "mlp_up_proj", None, 0.5) == 5.0
+    assert m.resolve((), "mlpx", None) == 0.0  # a part, not a prefix of one
+    tie = layers("x", ab=1.0, cd=2.0)
+    assert tie.resolve((), "ab_cd", None) == 1.0

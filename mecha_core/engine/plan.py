@@ -175,7 +175,7 @@ def _check_hyper(node: CallNode, name: str, value: Node, host: PluginHost) -> No
                 if not arch.layers:
                     raise RecipeError(f"{node.method.name}({name}=...): {m.arch} has no layers for a "
                                       f"layer gradient; use blocks() or classes()")
-                # a filter names a class or the classes it starts (self_attn: self_attn_q_proj ...)
+                # a filter names whole _-separated parts of classes (self_attn, q_proj: self_attn_q_proj)
                 known = [e for e, _ in m.entries if any(class_matches(e, c) for c in arch.classes)]
             for entry, _ in m.entries:
                 if entry not in known:

@@ -87,9 +87,10 @@ def layer_position(index: int | None, count: int) -> float:
 
 
 def class_matches(entry: str, key_class: str | None) -> bool:
-    """Whether a layers() filter names a key's class: the class itself, or the classes it starts
-    (``self_attn`` covers ``self_attn_q_proj``)."""
-    return key_class is not None and (key_class == entry or key_class.startswith(entry + "_"))
+    """Whether a layers() filter names a key's class: whole ``_``-separated parts of it, as
+    mergekit's filters are parts of a tensor name (``self_attn`` and ``q_proj`` both cover
+    ``self_attn_q_proj``; ``attn`` does not)."""
+    return key_class is not None and f"_{entry}_" in f"_{key_class}_"
 
 
 @attrs.frozen(eq=False, repr=False)
@@ -152,9 +153,9 @@ class WeightMap:
         chain = self.chain()
         for m in chain:
             if m.kind == "layers":  # the most specific filter wins (mlp_gate_proj over mlp)
-                named = [(len(name), v) for name, v in m.entries if class_matches(name, key_class)]
-                if named:
-                    return gradient_at(max(named, key=lambda e: e[0])[1], position)
+                named = [(len(name), name, v) for name, v in m.entries if class_matches(name, key_class)]
+                if named:  # the longest; of equal lengths, the first by name (entries are sorted)
+                    return gradient_at(max(named, key=lambda e: (e[0], [-ord(c) for c in e[1]]))[2], position)
                 continue
             wanted = key_blocks if m.kind == "blocks" else ((key_class,) if key_class else ())
             values = [v for name, v in m.entries if name in wanted]
@@ -204,9 +205,10 @@ def layers(arch: str, default: Any = None, **filters: Any) -> WeightMap:
     filter ``layers("llama", self_attn=[0, 0.5, 0.3, 0.7, 1], mlp=[1, 0.5, 0.7, 0.3, 0], default=0.5)``.
 
     A list's anchors are spread evenly over the architecture's layers (layer ``i`` of ``n`` sits at
-    ``i / (n - 1)``) and linearly interpolated; a number is constant. A filter names a class or
-    the classes it starts (``self_attn`` covers ``self_attn_q_proj``); the most specific one that
-    matches a key wins, ``default`` covers the rest. Keys outside the layers (embeddings, final
+    ``i / (n - 1)``) and linearly interpolated; a number is constant. A filter names whole
+    ``_``-separated parts of classes (``self_attn`` and ``q_proj`` both cover ``self_attn_q_proj``);
+    the longest one that matches a key wins (of equal lengths, the first by name), ``default``
+    covers the rest. Keys outside the layers (embeddings, final
     norm, LM head) take the value at the gradient's start, as in mergekit."""
     if not isinstance(arch, str) or not arch:
         raise RecipeError(f"layers() takes an architecture name first, got {arch!r}")

@@ -11,8 +11,8 @@ tower). Classes name the sub-module with dots as underscores and expert numbers 
 ``embed_tokens``, ``self_attn_q_proj``, ``self_attn_k_norm``, ``mlp_gate_proj``,
 ``input_layernorm``, ``post_attention_layernorm``, ``block_sparse_moe_gate``,
 ``block_sparse_moe_experts_w1`` ..., ``norm``, ``lm_head`` (a bias is in its weight's class). A
-layer gradient's filter names a class or the classes it starts: ``self_attn``, ``mlp``,
-``block_sparse_moe``.
+layer gradient's filter names ``_``-separated parts of classes: ``self_attn``, ``mlp``,
+``q_proj``, ``block_sparse_moe``, ``experts``.
 
 A member's name is the family, its layer count and its expert count (``llama-32l``,
 ``mixtral-32l-8e``): files of one name merge as one layout. ``lm_head.weight`` is always listed
