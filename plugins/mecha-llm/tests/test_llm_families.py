@@ -241,3 +241,21 @@ def test_members_of_other_layouts_do_not_merge(tiny, tmp_path):
         mecha_core.merge(mecha_core.weighted_sum(mecha_core.model(a), mecha_core.model(wider)),
                          tmp_path / "o.safetensors")
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_the_text_part_of_a_multimodal_gemma3_is_a_member(tmp_path):
+    text = dict(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                       image_token_index=299, boi_token_index=297, eoi_token_index=298)
+    torch.manual_seed(0)
+    transformers.Gemma3ForConditionalGeneration(config).save_pretrained(str(tmp_path / "g"))
+    arch = _arch(str(tmp_path / "g" / "model.safetensors"))
+    assert arch.name == "gemma3-3l" and "vocabulary 300, tied embeddings" in arch.description
+    stack = [k for k in arch.keys if ".layers." in k and not k.startswith("vision_tower")]
+    assert stack and all(arch.keys[k].blocks[0].startswith("layer_") for k in stack)
+    vision_keys = [k for k in arch.keys if k.startswith("vision_tower.")]
+    assert vision_keys and all(arch.keys[k].blocks == ("other",) for k in vision_keys)
+    assert arch.vocab_keys[0].endswith("embed_tokens.weight")
