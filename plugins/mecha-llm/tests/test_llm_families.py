@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 import mecha_core
 from mecha_core.errors import MechaError
 from mecha_core.plugins import get_host
-from mecha_core.testing import open_model
+from mecha_core.testing import check_plugin, open_model
 
 FAMILIES = ["gemma2", "gemma3", "llama", "mistral", "mixtral", "phi3", "qwen2", "qwen3"]  # conftest.CONFIGS
 INPUT_IDS = torch.tensor([[1, 5, 17, 33, 60, 7, 90, 2]])
@@ -259,3 +259,9 @@ def test_the_text_part_of_a_multimodal_gemma3_is_a_member(tmp_path):
     vision_keys = [k for k in arch.keys if k.startswith("vision_tower.")]
     assert vision_keys and all(arch.keys[k].blocks == ("other",) for k in vision_keys)
     assert arch.vocab_keys[0].endswith("embed_tokens.weight")
+
+
+def test_the_plugin_keeps_the_contract():
+    import mecha_llm.plugin
+
+    assert check_plugin(mecha_llm.plugin) == []
