@@ -233,14 +233,15 @@ def test_layers_text_round_trips():
     recipe = load_v1(text)
     assert dump(recipe) == text
     assert load_v1(dump(recipe)) == recipe
-    keyword = load_v1(text.replace('[0, 0.5, 1], attn', 'default=[0, 0.5, 1], attn'))
-    assert keyword == recipe
+    both = text.replace('[0, 0.5, 1], attn', '[0, 0.5, 1], default=0.5, attn')
+    assert dump(load_v1(both)) == both
+    assert load_v1(both) != recipe
 
 
 @pytest.mark.parametrize("text,message", [
     ('layers([0, 1])', "layers takes an architecture"),
     ('layers("toy", [])', "must be a number or a non-empty list of numbers"),
-    ('layers("toy", [0, 1], default=1)', "layers takes an architecture"),
+    ('layers("toy", [0, 1], [1, 0])', "layers takes an architecture"),
     ('layers("toy", attn="x")', "must be a number"),
 ])
 def test_bad_layers_are_recipe_errors(text, message):
@@ -332,3 +333,28 @@ def test_filters_name_whole_parts_of_classes_and_the_longest_wins():
     assert m.resolve((), "mlpx", None) == 0.0  # a part, not a prefix of one
     tie = layers("x", ab=1.0, cd=2.0)
     assert tie.resolve((), "ab_cd", None) == 1.0
+
+
+def test_a_gradient_and_a_default_cover_the_layers_and_the_rest(tmp_path):
+    # the gradient covers the layers' keys no filter matches; default the keys outside the layers
+    source, out = _scaled(tmp_path, mecha_core.layers("toy", [1.0, 3.0], default=10.0, attn=5.0), layers=3)
+    for i, t in enumerate((0.0, 0.5, 1.0)):
+        torch.testing.assert_close(out[f"stack.{i}.ff.w"], source[f"stack.{i}.ff.w"] * (1.0 + 2.0 * t))
+        torch.testing.assert_close(out[f"stack.{i}.attn.w"], source[f"stack.{i}.attn.w"] * 5.0)
+    torch.testing.assert_close(out["embed.w"], source["embed.w"] * 10.0)
+    torch.testing.assert_close(out["head.w"], source["head.w"] * 10.0)
+
+
+def test_an_int_hyperparameter_refuses_a_fractional_gradient(tmp_path):
+    from mecha_core.method import merge_method
+
+    @merge_method(elementwise=True)
+    def repeat(a, *, times: int = 1):
+        """Scale a by times."""
+        return a * times
+
+    path = write_toy(tmp_path / "m")
+    with using(toy_plugin(), plugin_from_functions("rep", mecha_merge_methods=lambda: [repeat])):
+        with pytest.raises(RecipeError, match="hyperparameter 'times' must be int"):
+            mecha_core.merge(repeat(mecha_core.model(path), times=mecha_core.layers("toy", [1, 2.5])),
+                             tmp_path / "o.safetensors")

@@ -50,7 +50,7 @@ class BoundHyperparameters:
 
 
 def _resolve(value: WeightMap, key_blocks: tuple[str, ...], key_class: str | None, default: Any,
-             kind: type | None, position: float = 0.0) -> Any:
+             kind: type | None, position: float | None = None) -> Any:
     resolved = value.resolve(key_blocks, key_class, default, position)
     if kind is int and isinstance(resolved, float):
         # a key in several blocks takes the mean of their values; an int hyperparameter (a seed,
@@ -64,9 +64,9 @@ def per_key(value: WeightMap, default: Any, kind: type | None, host: PluginHost)
     arch = host.architecture(value.arch)
     layer_index = {block: i for i, block in enumerate(arch.layers)}  # a layer gradient's positions
 
-    def position(key_blocks: tuple[str, ...]) -> float:
+    def position(key_blocks: tuple[str, ...]) -> float | None:
         index = next((layer_index[b] for b in key_blocks if b in layer_index), None)
-        return layer_position(index, len(arch.layers))
+        return None if index is None else layer_position(index, len(arch.layers))
 
     values = {key: _resolve(value, spec.blocks, spec.klass, default, kind, position(spec.blocks))
               for key, spec in arch.keys.items()}

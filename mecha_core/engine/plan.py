@@ -153,7 +153,7 @@ def _fits(value: Any, kind: type) -> bool:
     if kind is int:
         if isinstance(value, WeightMap):  # every number the map can give must be whole
             return all(_fits(v, int) for m in value.chain()
-                       for v in (*(v for _, v in m.entries), *(() if m.default is None else (m.default,))))
+                       for v in (*(v for _, v in m.entries), *(x for x in (m.default, m.gradient) if x is not None)))
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, kind)
 

@@ -353,12 +353,10 @@ class _Parser:
                 arch = canonical_arch(self.host, args[0])  # an alias and its name are one value
                 return (blocks if name == "blocks" else classes)(arch, **kwargs)
             if name == "layers":
-                if not 1 <= len(args) <= 2 or not isinstance(args[0], str) or (len(args) == 2 and "default" in kwargs):
+                if not 1 <= len(args) <= 2 or not isinstance(args[0], str):
                     raise self.fail('layers takes an architecture (or family) name, then a gradient: '
                                     'layers("llama", [0, 0.5, 1], self_attn=[0, 1], mlp=0.5)', name_tok)
-                if len(args) == 2:
-                    kwargs["default"] = args[1]
-                return layers(canonical_arch(self.host, args[0]), **kwargs)
+                return layers(canonical_arch(self.host, args[0]), *args[1:], **kwargs)
         except RecipeError as exc:
             if exc.line is not None:
                 raise

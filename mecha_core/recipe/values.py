@@ -107,13 +107,17 @@ class WeightMap:
     default: Any = None
     """The value for keys no entry matches (a ``layers`` map's may be a gradient); ``None``: the
     method's default."""
+    gradient: Any = None
+    """A ``layers`` map's own gradient (its positional argument): the value of the layers' keys no
+    filter matches, and, when the map has no ``default``, of every other key (at the gradient's
+    start, as in mergekit); ``None`` for the other kinds."""
     then: "WeightMap | None" = None
     """The map consulted next (built by ``|``)."""
 
     # Equality, hashing and printing walk the ``then`` chain in a loop (attrs' generated ones
     # recurse through it, one level per map).
     def _parts(self) -> tuple[tuple[str, str, tuple, float | None], ...]:
-        return tuple((m.arch, m.kind, m.entries, m.default) for m in self.chain())
+        return tuple((m.arch, m.kind, m.entries, m.default, m.gradient) for m in self.chain())
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, WeightMap):
@@ -147,23 +151,27 @@ class WeightMap:
         return join_maps([attrs.evolve(m, arch=canonical(m.arch)) for m in self.chain()])
 
     def resolve(self, key_blocks: tuple[str, ...], key_class: str | None, method_default: Any,
-                position: float = 0.0) -> Any:
+                position: float | None = None) -> Any:
         """The value for one key, given the key's blocks and class (and, for ``layers`` maps,
-        its place on the gradient: :func:`layer_position`)."""
+        its place on the gradient, :func:`layer_position`; ``None`` for a key in no layer)."""
         chain = self.chain()
+        at = 0.0 if position is None else position  # keys outside the layers: the gradient's start
         for m in chain:
             if m.kind == "layers":  # the most specific filter wins (mlp_gate_proj over mlp)
                 named = [(len(name), name, v) for name, v in m.entries if class_matches(name, key_class)]
                 if named:  # the longest; of equal lengths, the first by name (entries are sorted)
-                    return gradient_at(max(named, key=lambda e: (e[0], [-ord(c) for c in e[1]]))[2], position)
+                    return gradient_at(max(named, key=lambda e: (e[0], [-ord(c) for c in e[1]]))[2], at)
+                if m.gradient is not None and position is not None:
+                    return gradient_at(m.gradient, at)
                 continue
             wanted = key_blocks if m.kind == "blocks" else ((key_class,) if key_class else ())
             values = [v for name, v in m.entries if name in wanted]
             if values:
                 return values[0] if len(values) == 1 else sum(values) / len(values)
         for m in chain:
-            if m.default is not None:
-                return gradient_at(m.default, position)
+            fallback = m.default if m.default is not None else m.gradient
+            if fallback is not None:
+                return gradient_at(fallback, at)
         return method_default
 
 
@@ -200,9 +208,13 @@ def classes(arch: str, default: float | None = None, **values: float) -> WeightM
     return _make("classes", arch, default, values)
 
 
-def layers(arch: str, default: Any = None, **filters: Any) -> WeightMap:
+def layers(arch: str, gradient: Any = None, /, default: Any = None, **filters: Any) -> WeightMap:
     """A layer gradient, as mergekit writes one: ``layers("llama", [0, 0.5, 1])``, or per class
     filter ``layers("llama", self_attn=[0, 0.5, 0.3, 0.7, 1], mlp=[1, 0.5, 0.7, 0.3, 0], default=0.5)``.
+
+    ``gradient`` (positional) covers the layers' keys no filter matches; ``default`` every key
+    nothing else covers (``layers("llama", [0, 1], default=0.5)``: the embeddings, final norm and
+    head get 0.5). Without ``default``, the gradient covers those keys too, at its start.
 
     A list's anchors are spread evenly over the architecture's layers (layer ``i`` of ``n`` sits at
     ``i / (n - 1)``) and linearly interpolated; a number is constant. A filter names whole
@@ -214,7 +226,9 @@ def layers(arch: str, default: Any = None, **filters: Any) -> WeightMap:
         raise RecipeError(f"layers() takes an architecture name first, got {arch!r}")
     if default is not None:
         default = _gradient(default, "layers() default")
-    return WeightMap(arch, "layers", _entries(filters, gradients=True), default)
+    if gradient is not None:
+        gradient = _gradient(gradient, "layers() gradient")
+    return WeightMap(arch, "layers", _entries(filters, gradients=True), default, gradient=gradient)
 
 
 # -- canonical text of a value (the .mecha printer, and literal equality, use it) --------------
@@ -262,8 +276,10 @@ def format_value(value: Any) -> str:
         parts = []
         for m in value.chain():
             args = [format_string(m.arch)]
+            if m.gradient is not None:
+                args.append(format_value(m.gradient))
             if m.default is not None:
-                args.append(("" if m.kind == "layers" else "default=") + format_value(m.default))
+                args.append(f"default={format_value(m.default)}")
             args += [f"{name}={format_value(v)}" for name, v in m.entries]
             parts.append(f"{m.kind}({', '.join(args)})")
         return " | ".join(parts)
