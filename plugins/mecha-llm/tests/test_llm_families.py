@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import mecha_core
 from mecha_core.errors import MechaError
@@ -51,13 +51,14 @@ def _logits(folder: str) -> torch.Tensor:
         return model(INPUT_IDS).logits
 
 
-def _reference_logits(template_folder: str, tensors: dict) -> torch.Tensor:
-    """Logits of the model in ``template_folder`` with ``tensors`` loaded into it by plain torch."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(template_folder, local_files_only=True)
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}
-    with torch.no_grad():
-        return model(INPUT_IDS).logits
+def _reference_logits(template_folder: str, tensors: dict, folder) -> torch.Tensor:
+    """Logits of the model of ``template_folder``'s config with ``tensors`` (computed by plain
+    torch), saved by safetensors itself into ``folder`` and loaded by transformers."""
+    os.makedirs(folder)
+    shutil.copy(os.path.join(template_folder, "config.json"), os.path.join(folder, "config.json"))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(folder, "model.safetensors"),
+              metadata={"format": "pt"})
+    return _logits(str(folder))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -100,39 +101,42 @@ def test_generic_decoder_family_needs_no_config(tiny, tmp_path):
     assert arch.name == "decoder-3l" and len(arch.layers) == 3
 
 
-def _gradient_reference(a: dict, b: dict, layers: int, attn, mlp, default) -> dict:
+def _gradient_reference(a: dict, b: dict, layers: int, ffn: str, attn, mlp, default) -> dict:
     out = {}
     for key in a:
         sub = key.split(".")
-        filt = attn if "self_attn" in sub else mlp if "mlp" in sub else default
+        filt = attn if "self_attn" in sub else mlp if ffn in sub else default
         alpha = _gradient(filt, _position(key, layers)) if isinstance(filt, list) else filt
         out[key] = a[key] * (1 - alpha) + b[key] * alpha
     return out
 
 
-@pytest.mark.parametrize("family,layers", [("llama", 4), ("qwen3", 3), ("gemma2", 2)])
+@pytest.mark.parametrize("family,layers", [("llama", 4), ("mistral", 2), ("qwen2", 3), ("qwen3", 3), ("gemma2", 2),
+                                           ("gemma3", 3), ("phi3", 2), ("mixtral", 2)])
 def test_layer_gradient_with_class_filters_matches_plain_torch_and_loads(tiny, tmp_path, family, layers):
     a = tiny("a", family, 1, num_hidden_layers=layers)
     b = tiny("b", family, 2, num_hidden_layers=layers)
     attn, mlp, default = [0.0, 0.5, 0.25, 1.0], [1.0, 0.2], 0.3
-    alpha = mecha_core.layers(family, self_attn=attn, mlp=mlp, default=default)
+    ffn = "block_sparse_moe" if family == "mixtral" else "mlp"  # mixtral's feed-forward is its experts
+    alpha = mecha_core.layers(family, self_attn=attn, default=default, **{ffn: mlp})
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     mecha_core.merge(mecha_core.weighted_sum(mecha_core.model(a), mecha_core.model(b), alpha=alpha),
                      out_dir / "model.safetensors", threads=2)
     merged = load_file(out_dir / "model.safetensors")
     ta, tb = load_file(a), load_file(b)
-    reference = _gradient_reference(ta, tb, layers, attn, mlp, default)
+    reference = _gradient_reference(ta, tb, layers, ffn, attn, mlp, default)
     assert set(merged) == set(reference)
     for key, value in reference.items():
         torch.testing.assert_close(merged[key], value, rtol=1e-6, atol=1e-6, msg=key)
     # one key's value spelled out: the last layer's attention takes the gradient's last anchor
-    last = f"model.layers.{layers - 1}.self_attn.q_proj.weight"
+    last = f"model.layers.{layers - 1}.self_attn.o_proj.weight"
     torch.testing.assert_close(merged[last], tb[last])
     shutil.copy(os.path.join(os.path.dirname(a), "config.json"), out_dir / "config.json")
-    torch.testing.assert_close(_logits(str(out_dir)), _reference_logits(os.path.dirname(a), reference),
+    torch.testing.assert_close(_logits(str(out_dir)), _reference_logits(os.path.dirname(a), reference,
+                                                                         tmp_path / "reference"),
                                rtol=1e-5, atol=1e-5)
-    if family == "gemma2":  # tied embeddings: no head in the inputs, none in the output
+    if family in ("gemma2", "gemma3"):  # tied embeddings: no head in the inputs, none in the output
         assert "lm_head.weight" not in merged
 
 
