@@ -222,8 +222,8 @@ def test_inspect_and_info_show_the_family(tiny):
                          text=True, check=True)
     found = json.loads(run.stdout)
     assert (found["architecture"], found["family"]) == ("mixtral-3l-4e", "mixtral")
-    assert found["description"] == ("mixtral family: 3 layers, hidden size 32, vocabulary 96, 4 experts, "
-                                    "separate LM head")
+    assert found["architecture_description"] == ("mixtral family: 3 layers, hidden size 32, vocabulary 96, 4 experts, "
+                                                 "separate LM head")
     assert found["missing"] == [] and found["unexpected"] == []
     text = subprocess.run([sys.executable, "-m", "mecha_core", "inspect", path], capture_output=True, text=True,
                           check=True).stdout
