@@ -269,3 +269,23 @@ def test_the_plugin_keeps_the_contract():
     import mecha_llm.plugin
 
     assert check_plugin(mecha_llm.plugin) == []
+
+
+def test_a_folder_output_keeping_a_vocabulary_takes_that_models_config_and_loads(tiny, tmp_path):
+    small, large = tiny("small"), tiny("large", seed=1, vocab_size=120)
+    (tmp_path / "large" / "tokenizer.json").write_text('{"marker": "large"}')
+    (tmp_path / "small" / "tokenizer.json").write_text('{"marker": "small"}')
+    recipe = mecha_core.weighted_sum(mecha_core.model(str(tmp_path / "small")),
+                                     mecha_core.model(str(tmp_path / "large"), keep_vocab=True), alpha=0.5)
+    out = tmp_path / "merged"
+    mecha_core.merge(recipe, str(out) + os.sep, threads=2)
+    assert json.loads((out / "tokenizer.json").read_text()) == {"marker": "large"}
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 120
+    ts, tl = load_file(small), load_file(large)
+    reference = {}
+    for key in ts:
+        reference[key] = ts[key] * 0.5 + tl[key][:ts[key].shape[0]] * 0.5
+        if key in ("model.embed_tokens.weight", "lm_head.weight"):
+            reference[key] = torch.cat([reference[key], tl[key][96:]])
+    torch.testing.assert_close(_logits(str(out)), _reference_logits(str(tmp_path / "large"), reference,
+                                                                    tmp_path / "reference"), rtol=1e-5, atol=1e-5)
