@@ -12,7 +12,7 @@ weights 1; mergekit ``ties`` with its default ``normalize: true``, the disjoint 
 ``ties(base, a, b, density=0.5)``).
 ``--7b`` adds a 7B-shaped merge (the Llama-2-7B layout: hidden 4096, 32 layers, intermediate
 11008; two bf16 models written as 5 GB shards with model.safetensors.index.json, ~13.5 GB each,
-~45 GB of disk with the output). Reading a sharded folder needs mecha's folder inputs.
+~45 GB of disk with the output). Both tools read the model folders and write a sharded folder.
 
 mergekit lives in its own virtual environment (it pins its own dependencies), made once so pip
 never resolves torch (a plain ``pip install mergekit`` pulls gigabytes of CUDA wheels):
@@ -125,12 +125,6 @@ def build_model(folder: str, shape: str, seed: int) -> str:
     return folder
 
 
-def model_path(folder: str) -> str:
-    """What mecha reads: the single file, or the folder of a sharded model."""
-    single = os.path.join(folder, "model.safetensors")
-    return single if os.path.exists(single) else folder
-
-
 MECHA = """
 import sys, mecha_core as m
 kind, out, paths = sys.argv[1], sys.argv[2], sys.argv[3:]
@@ -139,7 +133,7 @@ if kind == "linear":
     r = m.n_average(*models)
 else:
     r = m.ties(models[0], *models[1:], density=0.5, alpha=1.0, vote="sum")
-m.merge(r, out)
+m.merge(r, out + "/")  # a folder: shards, index, and the first model's config files
 """
 
 
@@ -237,9 +231,8 @@ def main() -> None:
             out = os.path.join(args.work, f"out_{who}_{kind}_{shape}")
             shutil.rmtree(out, ignore_errors=True)
             if who == "mecha":
-                os.makedirs(out)
-                inputs = [model_path(f) for f in folders]
-                command = [sys.executable, "-c", MECHA, kind, os.path.join(out, "model.safetensors"), *inputs]
+                inputs = folders
+                command = [sys.executable, "-c", MECHA, kind, out, *inputs]
             else:
                 config = tempfile.NamedTemporaryFile("w", suffix=".yml", delete=False, dir=args.work)
                 config.write(mergekit_config(kind, folders))
