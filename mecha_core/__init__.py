@@ -29,7 +29,7 @@ _EXPORTS = {
     "merge": ".api", "MechaError": ".errors", "MergeContext": ".method", "MergeMethod": ".method",
     "merge_method": ".method", "PLUGIN_API_VERSION": ".plugins", "discovering": ".plugins",
     "get_host": ".plugins", "hookimpl": ".plugins", "blocks": ".recipe", "classes": ".recipe",
-    "dump_recipe": ".recipe",
+    "dump_recipe": ".recipe", "layers": ".recipe",
     "literal": ".recipe.nodes", "model": ".recipe.nodes", "parameter": ".recipe.nodes",
     "DELTA": ".specs", "PARAM": ".specs", "WEIGHT": ".specs", "lazy_import": ".lazy",
 }
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from .lazy import lazy_import
     from .method import MergeContext, MergeMethod, merge_method
     from .plugins import PLUGIN_API_VERSION, get_host, hookimpl
-    from .recipe import blocks, classes, dump_recipe
+    from .recipe import blocks, classes, dump_recipe, layers
     from .recipe.nodes import literal, model, parameter
     from .specs import DELTA, PARAM, WEIGHT
 
@@ -75,8 +75,8 @@ def compose(template: Node | str | os.PathLike[str], fills: Mapping[str, Any] | 
 
 __all__ = [
     "DELTA", "MechaError", "MergeContext", "MergeMethod", "PARAM", "PLUGIN_API_VERSION", "WEIGHT",
-    "blocks", "classes", "compose", "dump_recipe", "get_host", "hookimpl", "lazy_import", "literal",
-    "load_recipe", "merge", "merge_method", "model", "parameter",
+    "blocks", "classes", "compose", "dump_recipe", "get_host", "hookimpl", "layers", "lazy_import",
+    "literal", "load_recipe", "merge", "merge_method", "model", "parameter",
 ]
 
 

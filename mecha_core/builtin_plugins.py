@@ -4,7 +4,7 @@ this table against what the installed builtins really provide, so it cannot drif
 
 from __future__ import annotations
 
-#: distribution -> kind -> names (architectures with their aliases). subtract, add, scale and
+#: distribution -> kind -> names (architectures with their aliases, and architecture families). subtract, add, scale and
 #: fallback are left out: they are moving into the core, which serves ``a - b`` on its own.
 BUILTIN_PROVIDERS: dict[str, dict[str, frozenset[str]]] = {
     "mecha-methods": {"merge method": frozenset({
@@ -25,6 +25,9 @@ BUILTIN_PROVIDERS: dict[str, dict[str, frozenset[str]]] = {
     "mecha-gguf": {},  # a file format (.gguf), which a recipe never names
     "mecha-lora": {"merge method": frozenset({"apply_lora"}),
                    "model type": frozenset({"kohya-lora", "peft-lora"})},
+    # architecture families: recipes name them where they name architectures (maps, arch=)
+    "mecha-llm": {"architecture": frozenset({
+        "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "mixtral", "decoder"})},
 }
 
 #: the kinds of names the table knows

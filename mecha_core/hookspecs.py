@@ -31,6 +31,22 @@ def mecha_architectures() -> list:
 
 
 @hookspec
+def mecha_architecture_families() -> list:
+    """Return the architecture families (layouts computed from a file) this plugin defines.
+
+    Returns:
+        A list of :class:`mecha_core.specs.ArchitectureFamily`: a name, and a function that,
+        given a file's header and its ``config.json`` (or ``None``), returns the file's concrete
+        :class:`mecha_core.specs.Architecture` (blocks and classes computed from the layer count,
+        widths, tied embeddings, experts) or ``None`` when the file is not a member. Families are
+        tried after the fixed architectures, on files none of those claims.
+
+    Example:
+        ``return [ArchitectureFamily("llama", detect=lambda header, config: ...)]``
+    """
+
+
+@hookspec
 def mecha_model_types() -> list:
     """Return the model types (ways of storing weights other than a checkpoint) this plugin defines.
 

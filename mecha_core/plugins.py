@@ -37,7 +37,7 @@ from .builtin_plugins import install_hint
 from .errors import MechaError, PluginCodeError, PluginError, RecipeError
 from .method import MergeMethod
 from .operators import CORE_METHODS
-from .specs import DELTA, WEIGHT, Architecture, CliCommand, Converter, FileFormat, ModelType
+from .specs import DELTA, WEIGHT, Architecture, ArchitectureFamily, CliCommand, Converter, FileFormat, ModelType
 from .validate import spec_errors
 
 #: The plugin API this core implements. Plugins built for a newer API are refused.
@@ -54,6 +54,7 @@ CORE_MODEL_TYPES = (
 
 _HOOKS = {
     "mecha_architectures": ("architectures", Architecture),
+    "mecha_architecture_families": ("architecture_families", ArchitectureFamily),
     "mecha_model_types": ("model_types", ModelType),
     "mecha_converters": ("converters", Converter),
     "mecha_merge_methods": ("merge_methods", MergeMethod),
@@ -131,6 +132,12 @@ class Registry:
         return [self.get(n) for n in self.names() if len(self._items[n]) == 1]
 
 
+def _same_layout(known: tuple[str, Architecture], family: str, arch: Architecture) -> bool:
+    owner, first = known
+    return (owner == family and first.keys.keys() == arch.keys.keys() and first.blocks == arch.blocks
+            and first.classes == arch.classes and first.layers == arch.layers)
+
+
 def _env_list(name: str) -> set[str] | None:
     value = os.environ.get(name)
     if value is None:
@@ -179,6 +186,8 @@ class PluginHost:
         self.strict = os.environ.get("MECHA_STRICT_PLUGINS") == "1" if strict is None else strict
         self.records: list[PluginRecord] = []
         self.architectures = Registry("architecture")
+        self.architecture_families = Registry("architecture family")
+        self._family_members: dict[str, tuple[str, Architecture]] = {}
         self.model_types = Registry("model type")
         self.converters = Registry("converter")
         self.merge_methods = Registry("merge method")
@@ -308,6 +317,8 @@ class PluginHost:
 
     def architecture(self, name: str) -> Architecture:
         found = self.architectures.get(self._arch_aliases.get(name, name))
+        if found is None and name in self._family_members:
+            found = self._family_members[name][1]
         if found is None:
             import difflib
 
@@ -317,10 +328,45 @@ class PluginHost:
             raise RecipeError(f"unknown architecture '{name}'{suffix}")
         return found
 
+    def add_family_member(self, family: str, arch: Architecture) -> Architecture:
+        """Register the concrete architecture a family computed for a file, so the rest of a
+        plan (block maps, optional keys, merge contexts) finds it by name; returns it as
+        registered. The first file of a name registers it; a later one with the same key names,
+        blocks and classes is the same layout (widths may differ: the plan reports those as shape
+        mismatches). A layout the family gave a name already taken by another layout is
+        registered as ``NAME~DIGEST`` (a digest of its key names), so it never borrows the other's
+        blocks."""
+        if arch.name in self.architectures:
+            raise PluginError(f"architecture family '{family}' named a file's layout "
+                              f"'{arch.name}', which is a fixed architecture's name")
+        known = self._family_members.get(arch.name)
+        if known is not None and not _same_layout(known, family, arch):
+            import hashlib
+
+            text = "\n".join([*sorted(arch.keys), "", *arch.blocks, "", *arch.classes, "", family])
+            arch = attrs.evolve(arch, name=f"{arch.name}~{hashlib.sha1(text.encode()).hexdigest()[:8]}")
+            known = self._family_members.get(arch.name)
+        if known is None:
+            self._family_members[arch.name] = (family, arch)
+            return arch
+        return known[1]
+
+    def family_of(self, name: str) -> str | None:
+        """The family whose member ``name`` is (a concrete architecture computed for a file)."""
+        known = self._family_members.get(name)
+        return known[0] if known else None
+
+    def architecture_provider(self, name: str) -> str | None:
+        """The plugin providing architecture ``name``: a fixed one's, or its family's."""
+        family = self.family_of(name)
+        if family is not None:
+            return self.architecture_families.provider(family)
+        return self.architectures.provider(name)
+
     def _duplicate_problems(self) -> list[str]:
         out = []
-        for reg in (self.architectures, self.model_types, self.converters, self.merge_methods, self.cli_commands,
-                    self.file_formats):
+        for reg in (self.architectures, self.architecture_families, self.model_types, self.converters,
+                    self.merge_methods, self.cli_commands, self.file_formats):
             for name, providers in reg.duplicates().items():
                 out.append(f"{reg.kind} '{name}' is provided by "
                            + " and ".join(f"plugin '{p}'" for p in providers))

@@ -75,6 +75,14 @@ class Architecture:
     """Other names for components (sd-mecha's ``txt`` for ``clip_l``)."""
     min_match: float = 0.9
     """Fraction of the required keys a file must hold to be detected as this architecture."""
+    layers: tuple[str, ...] = ()
+    """The blocks that are the model's repeated layers, first to last (a subset of ``blocks``):
+    a layer gradient (``layers("llama", [0, 1])``) spreads its anchors over them. Empty when the
+    architecture has no such stack."""
+    vocab_keys: tuple[str, ...] = ()
+    """The keys whose first dimension is the vocabulary (token embeddings, the LM head): inputs
+    whose vocabularies differ are refused on these keys unless the recipe names the model whose
+    vocabulary the output keeps (``model(..., keep_vocab=true)``)."""
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -86,6 +94,29 @@ class Architecture:
     @property
     def required_keys(self) -> frozenset[str]:
         return frozenset(k for k, s in self.keys.items() if not s.optional)
+
+
+@attrs.frozen
+class ArchitectureFamily:
+    """Architectures computed from a file rather than listed: a transformer family (llama,
+    mixtral ...) whose members differ in layer count, widths, tied embeddings or experts.
+
+    Files are matched against the fixed architectures first; only a file none of them claims is
+    offered to the families. Two families claiming one file is an ambiguity error."""
+
+    name: str
+    """The family's unique name; recipes write it in maps (``blocks("llama", ...)``,
+    ``layers("llama", [0, 1])``) and ``model(..., arch="llama")``."""
+    detect: Callable[[Mapping[str, TensorInfo], dict | None], Architecture | None] = attrs.field(repr=False)
+    """Given a file's header (key -> :class:`TensorInfo`) and its ``config.json`` (a dict, or
+    ``None`` when the model's folder has none), the concrete :class:`Architecture` of this file
+    (its keys, blocks and classes computed from the header), or ``None`` when the file is not a
+    member. The architecture's name must depend only on its key names (the family name and the
+    layer count, say ``llama-32l``): files of one name merge as one layout, and different widths
+    are reported as shape mismatches. Put what ``mecha inspect`` should show (family, layers,
+    hidden size, experts) in its ``description``."""
+    description: str = ""
+    """One line shown by ``mecha plugins list -v`` and ``mecha info``."""
 
 
 @attrs.frozen

@@ -27,8 +27,8 @@ from collections.abc import Mapping
 from typing import Any, Callable, Iterable
 
 from .method import MergeMethod
-from .specs import (DELTA, MERGE_SPACES, WEIGHT, Architecture, CliCommand, Converter, FileFormat, KeySpec,
-                    ModelType)
+from .specs import (DELTA, MERGE_SPACES, WEIGHT, Architecture, ArchitectureFamily, CliCommand, Converter, FileFormat,
+                    KeySpec, ModelType)
 
 #: The dtype names a safetensors file can store (``mecha_core.engine.safetensors_io.DTYPES``;
 #: a test keeps the two equal, this copy avoids importing torch while plugins load).
@@ -131,12 +131,21 @@ def architecture_errors(arch: Architecture) -> list[str]:
     mm = arch.min_match
     if not isinstance(mm, numbers.Real) or isinstance(mm, bool) or not 0 < mm <= 1:
         out.append(f"{where}: min_match must be a number in (0, 1], got {_show(mm)}")
+    for field in ("layers", "vocab_keys"):
+        if not _is_str_tuple(getattr(arch, field)):
+            out.append(f"{where}: {field} must be a tuple of str, got {_show(getattr(arch, field))}")
     if not isinstance(arch.keys, Mapping):
         out.append(f"{where}: keys must be a mapping of key name to KeySpec, got {_type(arch.keys)}")
         return out
     if out:  # the key checks below read blocks and classes as tuples of str
         return out
     blocks, classes = set(arch.blocks), set(arch.classes)
+    stray = [b for b in arch.layers if b not in blocks]
+    if stray:
+        return [f"{where}: layers {stray[:3]} are not in its blocks"]
+    unlisted = [k for k in arch.vocab_keys if k not in arch.keys]
+    if unlisted:
+        return [f"{where}: vocab_keys {unlisted[:3]} are not keys of the architecture"]
     for key, spec in arch.keys.items():
         problems = _key_errors(where, key, spec, blocks, classes)
         if problems:
@@ -163,6 +172,30 @@ def architecture_warnings(arch: Architecture) -> list[str]:
         bad = [n for n in names if not _NAME.fullmatch(n)]
         if bad:
             out.append(f"{where}: {what} {bad[:3]} are not names a recipe can write (letters, digits, _)")
+    return out
+
+
+# -- architecture families ----------------------------------------------------------------------
+def family_errors(family: ArchitectureFamily) -> list[str]:
+    where = _label("architecture family", family)
+    out = _name_errors(where, family)
+    if not callable(family.detect):
+        out.append(f"{where}: detect must be callable, got {_type(family.detect)}")
+    out += _str_field(where, "description", family.description)
+    return out
+
+
+def family_warnings(family: ArchitectureFamily, call: Callable[[Callable[[], Any]], Any]) -> list[str]:
+    where = f"architecture family '{family.name}'"
+    out = []
+    if not _NAME.fullmatch(family.name):
+        out.append(f"{where}: the name is not one a recipe can write in a map (letters, digits, _)")
+    try:
+        empty = call(lambda: family.detect({}, None))
+    except (Exception, SystemExit) as exc:  # detect runs on every file no fixed layout claims
+        return out + [f"{where}: detect({{}}, None) raised {type(exc).__name__}: {exc}"]
+    if empty is not None:
+        out.append(f"{where}: detect({{}}, None) must be None (an empty file is no member), got {_show(empty)}")
     return out
 
 
@@ -297,6 +330,7 @@ def file_format_errors(fmt: FileFormat) -> list[str]:
 _ERRORS: dict[type, Callable[[Any], list[str]]] = {
     MergeMethod: method_errors,
     Architecture: architecture_errors,
+    ArchitectureFamily: family_errors,
     ModelType: model_type_errors,
     Converter: converter_errors,
     CliCommand: cli_command_errors,
@@ -328,6 +362,8 @@ def spec_warnings(spec: Any, public_names: Iterable[str] = (),
         return architecture_warnings(spec)
     if isinstance(spec, ModelType):
         return model_type_warnings(spec, call)
+    if isinstance(spec, ArchitectureFamily):
+        return family_warnings(spec, call)
     if isinstance(spec, CliCommand):
         return cli_command_warnings(spec)
     return []

@@ -14,7 +14,7 @@ from packaging.utils import canonicalize_name
 
 from mecha_core.testing import check_plugin, host_with
 
-BUILTINS = ["methods", "sd1", "sdxl", "sd3", "lora", "flux", "gguf"]
+BUILTINS = ["methods", "sd1", "sdxl", "sd3", "lora", "flux", "gguf", "llm"]
 ROOT = Path(__file__).resolve().parents[1]
 #: the core modules a plugin may import (its tests also mecha_core.testing)
 PUBLIC_CORE = {"mecha_core", "mecha_core.specs", "mecha_core.errors", "mecha_core.kit", "mecha_core.lazy"}

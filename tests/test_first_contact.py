@@ -60,6 +60,8 @@ def test_the_builtin_table_matches_what_the_installed_builtins_provide():
                 kinds.setdefault("merge method", set()).add(name)
         for name in record.provides.get("architectures", []):
             kinds.setdefault("architecture", set()).update({name, *host.architecture(name).aliases})
+        for name in record.provides.get("architecture_families", []):
+            kinds.setdefault("architecture", set()).add(name)
         for name in record.provides.get("model_types", []):
             kinds.setdefault("model type", set()).add(name)
     assert provided == {dist: {kind: set(names) for kind, names in table.items()}

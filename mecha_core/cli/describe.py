@@ -135,6 +135,19 @@ def info_command(
         for a in archs:
             also = f"  (also: {', '.join(a.aliases)})" if a.aliases else ""
             typer.echo(f"{a.name:<16} {len(a.keys):>5} {'key ' if len(a.keys) == 1 else 'keys'}  {a.description}{also}")
+        for f in host.architecture_families.values():  # layouts computed per file (`mecha inspect FILE`)
+            typer.echo(f"{f.name:<16} family  {f.description}")
+        return
+    family = host.architecture_families.get(arch) if arch not in host.architectures else None
+    if family is not None:
+        found = {"name": family.name, "family": True, "description": family.description,
+                 "plugin": host.architecture_families.provider(family.name)}
+        if json_out:
+            print_json(found)
+            return
+        typer.echo(f"{family.name}: architecture family: {family.description}")
+        typer.echo(f"  plugin: {found['plugin']}; its blocks and classes depend on the file: "
+                   f"`mecha inspect FILE` shows a member's")
         return
     summary = architecture_summary(host.architecture(arch), verbose, host)
     if json_out:
@@ -177,6 +190,7 @@ def _closest(keys: frozenset[str], host: Any) -> tuple[str, float] | None:
 
 def inspect_summary(path: Path, host: Any) -> dict[str, Any]:
     """What ``mecha inspect`` reports, from the header alone (no tensor is read)."""
+    from ..engine.families import detect_family
     from ..engine.folders import FolderFile, open_weights
     from ..engine.sources import detect_architecture, detect_type
 
@@ -185,6 +199,8 @@ def inspect_summary(path: Path, host: Any) -> dict[str, Any]:
         keys = frozenset(f.keys)
         type_ = detect_type(str(path), keys, host)
         arch = detect_architecture(str(path), keys, host) if type_ in ("base", "delta") else None
+        if arch is None and type_ in ("base", "delta"):  # a family member (llama-32l ...)
+            arch = detect_family(str(path), f.keys, host)
         dtypes: dict[str, int] = {}
         for info in f.keys.values():
             dtypes[info.dtype] = dtypes.get(info.dtype, 0) + 1
@@ -207,6 +223,8 @@ def inspect_summary(path: Path, host: Any) -> dict[str, Any]:
         if arch is not None:
             result["architecture_description"] = arch.description
             result["blocks"] = len(arch.blocks)
+        if arch is not None and host.family_of(arch.name) is not None:  # a layout computed for this file
+            result["family"] = host.family_of(arch.name)
         if arch is None:
             closest = _closest(keys, host) if type_ in ("base", "delta") else None
             result["closest"] = ({"architecture": closest[0], "required_keys_present": round(closest[1], 4)}

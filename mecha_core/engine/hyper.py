@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import attrs
 
 from ..recipe.nodes import LiteralNode, Node
-from ..recipe.values import WeightMap
+from ..recipe.values import WeightMap, layer_position
 
 if TYPE_CHECKING:
     from ..method import MergeMethod
@@ -50,8 +50,8 @@ class BoundHyperparameters:
 
 
 def _resolve(value: WeightMap, key_blocks: tuple[str, ...], key_class: str | None, default: Any,
-             kind: type | None) -> Any:
-    resolved = value.resolve(key_blocks, key_class, default)
+             kind: type | None, position: float | None = None) -> Any:
+    resolved = value.resolve(key_blocks, key_class, default, position)
     if kind is int and isinstance(resolved, float):
         # a key in several blocks takes the mean of their values; an int hyperparameter (a seed,
         # an iteration count) gets it rounded, half to even
@@ -62,7 +62,14 @@ def _resolve(value: WeightMap, key_blocks: tuple[str, ...], key_class: str | Non
 def per_key(value: WeightMap, default: Any, kind: type | None, host: PluginHost) -> PerKey:
     """``value`` resolved for every key of its architecture (named by its name or an alias)."""
     arch = host.architecture(value.arch)
-    values = {key: _resolve(value, spec.blocks, spec.klass, default, kind) for key, spec in arch.keys.items()}
+    layer_index = {block: i for i, block in enumerate(arch.layers)}  # a layer gradient's positions
+
+    def position(key_blocks: tuple[str, ...]) -> float | None:
+        index = next((layer_index[b] for b in key_blocks if b in layer_index), None)
+        return None if index is None else layer_position(index, len(arch.layers))
+
+    values = {key: _resolve(value, spec.blocks, spec.klass, default, kind, position(spec.blocks))
+              for key, spec in arch.keys.items()}
     return PerKey(values, _resolve(value, (), None, default, kind))
 
 

@@ -17,11 +17,13 @@ from ..errors import MechaError, PlanError, RecipeError, UnfilledParameterError
 from ..method import MergeMethod
 from ..plugins import PluginHost, get_host
 from ..recipe.nodes import CallNode, LiteralNode, ModelNode, Node, ParameterNode, origin, walk
-from ..recipe.values import WeightMap
+from ..recipe.values import WeightMap, class_matches
 from ..specs import DELTA, Architecture, TensorInfo
 from .hyper import BoundHyperparameters, PerKey, bind
 from .safetensors_io import is_float
+from .families import concrete_map
 from .sources import ConvertedSource, Source, open_source, resolve_path
+from .vocab import fit_vocabularies, vocab_keeper, vocabulary_mismatch
 
 GiB = 1024 ** 3
 #: the provider name of what the core registers itself (the base and delta model types)
@@ -106,6 +108,10 @@ class Plan:
     """The plugins the plan was made with."""
     architecture: Architecture | None
     """The architecture of the merge's keys, when one was detected or named."""
+    vocab_from: str | None = None
+    """The path of the model whose vocabulary the output keeps (``model(..., keep_vocab=true)``):
+    the tokenizer files to copy beside a folder output are that model's; ``None`` when the recipe
+    names none."""
 
     def close(self) -> None:
         for s in self.sources:
@@ -147,7 +153,7 @@ def _fits(value: Any, kind: type) -> bool:
     if kind is int:
         if isinstance(value, WeightMap):  # every number the map can give must be whole
             return all(_fits(v, int) for m in value.chain()
-                       for v in (*(v for _, v in m.entries), *(() if m.default is None else (m.default,))))
+                       for v in (*(v for _, v in m.entries), *(x for x in (m.default, m.gradient) if x is not None)))
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, kind)
 
@@ -165,12 +171,19 @@ def _check_hyper(node: CallNode, name: str, value: Node, host: PluginHost) -> No
         for m in value.value.chain():
             arch = host.architecture(m.arch)
             known = arch.blocks if m.kind == "blocks" else arch.classes
+            if m.kind == "layers":
+                if not arch.layers:
+                    raise RecipeError(f"{node.method.name}({name}=...): {m.arch} has no layers for a "
+                                      f"layer gradient; use blocks() or classes()")
+                # a filter names whole _-separated parts of classes (self_attn, q_proj: self_attn_q_proj)
+                known = [e for e, _ in m.entries if any(class_matches(e, c) for c in arch.classes)]
             for entry, _ in m.entries:
                 if entry not in known:
                     import difflib
 
-                    hint = difflib.get_close_matches(entry, known, n=1)
-                    raise RecipeError(f"{node.method.name}({name}=...): {m.arch} has no {m.kind[:-1]} "
+                    hint = difflib.get_close_matches(entry, arch.classes if m.kind == "layers" else known, n=1)
+                    raise RecipeError(f"{node.method.name}({name}=...): {m.arch} has no "
+                                      f"{'block' if m.kind == 'blocks' else 'class'} "
                                       f"'{entry}'" + (f"; did you mean '{hint[0]}'?" if hint else ""))
 
 
@@ -234,7 +247,19 @@ def make_plan(root: Node, options: MergeOptions | None = None, host: PluginHost 
     map_cache: dict[tuple[Node, Any, str], PerKey] = {}
     by_node: dict[Node, Step] = {}
     sources: list[Source] = []
+    opened: dict[Node, Source] = {}
     try:
+        keeper = vocab_keeper(root)
+        if keeper is not None:  # every input is opened first: the others are fitted to its vocabulary
+            for node in walk(root):
+                if isinstance(node, ModelNode):
+                    with _located(node):
+                        opened[node] = open_source(node, resolve_path(node, options.models_dir), host,
+                                                   options.allow_missing)
+                    sources.append(opened[node])
+            with _located(keeper):
+                opened = fit_vocabularies(opened, keeper, host)
+            sources[:] = list(opened.values())
         for node in walk(root):
             if isinstance(node, LiteralNode):
                 continue
@@ -244,10 +269,14 @@ def make_plan(root: Node, options: MergeOptions | None = None, host: PluginHost 
                                                  f"with `mecha compose` (or `-p {node.name}=PATH`)")
             step = Step(len(steps), node)
             if isinstance(node, ModelNode):
-                with _located(node):  # say which recipe line names the model
-                    path = resolve_path(node, options.models_dir)
-                    step.source = open_source(node, path, host, options.allow_missing)
-                sources.append(step.source)
+                if node in opened:
+                    step.source = opened[node]
+                    path = step.source.path
+                else:
+                    with _located(node):  # say which recipe line names the model
+                        path = resolve_path(node, options.models_dir)
+                        step.source = open_source(node, path, host, options.allow_missing)
+                    sources.append(step.source)
                 step.table = dict(step.source.keys)
                 step.space = step.source.space
                 step.plugins = _source_plugins(step.source, host)
@@ -266,7 +295,8 @@ def make_plan(root: Node, options: MergeOptions | None = None, host: PluginHost 
             output[key] = TensorInfo(info.shape, dtype)
         # every call checked that its inputs share one architecture, and the root is above them all
         arch = next((s.arch for s in sources if s.arch is not None), None)
-        return Plan(root, steps, output, sources, options, host, _known_architecture(host, arch))
+        return Plan(root, steps, output, sources, options, host, _known_architecture(host, arch),
+                    opened[keeper].path if keeper is not None else None)
     except BaseException:
         for s in sources:
             s.close()
@@ -301,27 +331,54 @@ def _plan_call_step(step: Step, node: CallNode, steps: list[Step], by_node: dict
                     options: MergeOptions, host: PluginHost, optional_cache: dict[str, frozenset[str]],
                     map_cache: dict[tuple[Node, Any, str], PerKey]) -> None:
     """Check a call's hyperparameters and inputs, work out its keys, and bind what it runs with."""
-    for name, value in node.kwargs:
+    inputs = [by_node[a] for a in node.args]
+    kwargs = node.kwargs
+    below = {arch: path for s in inputs for arch, path in s.archs.items()}
+    if any(isinstance(v, LiteralNode) and isinstance(v.value, WeightMap) for _, v in kwargs):
+        # a map naming a family (blocks("llama", ...)) names the layout of this call's inputs
+        concrete = []
+        for name, value in kwargs:
+            with _located(value, node):
+                concrete.append((name, _concrete(value, below, host, f"{node.method.name}({name}=...)")))
+        kwargs = tuple(concrete)
+    for name, value in kwargs:
         with _located(value, node):
             _check_hyper(node, name, value, host)
-    inputs = [by_node[a] for a in node.args]
     step.inputs = [s.index for s in inputs]
     with _located(node):
         step.archs = _one_architecture(node, inputs)
-        _plan_call(step, inputs, options, by_node, _optional_keys(host, step.archs, optional_cache))
-    for name, value in node.kwargs:
+        _plan_call(step, inputs, options, by_node, _optional_keys(host, step.archs, optional_cache),
+                   _vocab_keys(host, step.archs))
+    for name, value in kwargs:
         with _located(value, node):
             _check_map_matches(step, host, name, value)
     step.method = node.method
-    step.hyper = bind(node.method, node.kwargs, host, map_cache)
+    step.hyper = bind(node.method, kwargs, host, map_cache)
     step.provider = host.merge_methods.provider(node.method.name)
     step.plugins = _plugins(step.provider)
+
+
+def _concrete(value: Node, archs: dict[str, str], host: PluginHost, what: str) -> Node:
+    if not (isinstance(value, LiteralNode) and isinstance(value.value, WeightMap)):
+        return value
+    concrete = concrete_map(value.value, archs, host, what)
+    return value if concrete is value.value else attrs.evolve(value, value=concrete)
+
+
+def _vocab_keys(host: PluginHost, archs: dict[str, str]) -> frozenset[str]:
+    """The keys the (one) architecture under a call has vocabulary rows in."""
+    if len(archs) != 1:
+        return frozenset()
+    try:
+        return frozenset(host.architecture(next(iter(archs))).vocab_keys)
+    except MechaError:
+        return frozenset()
 
 
 def _source_plugins(source: Source, host: PluginHost) -> frozenset[str]:
     """The plugins a model input relies on: its architecture's and model type's providers, and
     every converter's along the way."""
-    names = {host.architectures.provider(source.arch) if source.arch else None,
+    names = {host.architecture_provider(source.arch) if source.arch else None,
              host.model_types.provider(source.type) if source.type else None}
     inner: Source | None = source
     while isinstance(inner, ConvertedSource):
@@ -368,7 +425,7 @@ def _optional_keys(host: PluginHost, archs: dict[str, str], cache: dict[str, fro
 
 
 def _plan_call(step: Step, inputs: list[Step], options: MergeOptions, by_node: dict[Node, Step],
-               optional: frozenset[str] = frozenset()) -> None:
+               optional: frozenset[str] = frozenset(), vocab: frozenset[str] = frozenset()) -> None:
     node = step.node
     assert isinstance(node, CallNode)
     method = node.method
@@ -386,6 +443,9 @@ def _plan_call(step: Step, inputs: list[Step], options: MergeOptions, by_node: d
         for i in having[1:]:
             other = inputs[i].table[key]
             if other.shape != first.shape:
+                if key in vocab:
+                    raise PlanError(vocabulary_mismatch(key, first, _describe(node.args[having[0]], by_node),
+                                                        other, _describe(node.args[i], by_node)))
                 raise PlanError(f"key '{key}' has shape {list(first.shape)} in "
                                 f"{_describe(node.args[having[0]], by_node)} but {list(other.shape)} in "
                                 f"{_describe(node.args[i], by_node)}")

@@ -137,10 +137,13 @@ def _folder_of(source_path: str) -> str | None:
 
 def copy_source(plan: Plan, name: str | os.PathLike[str] | None = None) -> str | None:
     """The input folder whose non-weight files a folder output copies: the model the recipe
-    names ``name`` (as the recipe writes it, or its path), else the recipe's first model that
-    has such a folder; ``None`` when no model has one."""
+    names ``name`` (as the recipe writes it, or its path), else the one whose vocabulary the
+    output keeps (``model(..., keep_vocab=true)``), else the recipe's first model that has such a
+    folder; ``None`` when no model has one."""
     models = [(step.node.path, step.source.path) for step in plan.steps
               if isinstance(step.node, ModelNode) and step.source is not None]
+    if name is None and plan.vocab_from is not None and _folder_of(plan.vocab_from) is not None:
+        return _folder_of(plan.vocab_from)  # the model whose vocabulary the output keeps: its tokenizer
     if name is None:
         return next((f for f in (_folder_of(path) for _, path in models) if f is not None), None)
     wanted = os.fspath(name)

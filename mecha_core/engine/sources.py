@@ -16,6 +16,8 @@ import inspect
 import os
 from typing import Any, Mapping
 
+import attrs
+
 from ..lazy import torch
 
 from ..builtin_plugins import install_hint
@@ -24,6 +26,7 @@ from ..plugins import PLUGIN_FAILURES, PluginHost, describe_exception, plugin_co
 from ..recipe.nodes import ModelNode
 from ..specs import Architecture, ConvertedKey, Converter, FileFormat, TensorInfo
 from . import folders
+from .families import detect_family, family_architecture
 from .folders import is_model_folder
 from .quantized import DequantisedFile, dequantising
 from .safetensors_io import SafetensorsFile
@@ -278,9 +281,11 @@ def open_source(node: ModelNode, path: str, host: PluginHost, allow_missing: boo
             raise RecipeError(f"{path}: unknown model type '{type_}'{install_hint('model type', type_)}")
         arch: Architecture | None = None
         if node.arch is not None:
-            arch = host.architecture(node.arch)
+            arch = family_architecture(node.arch, path, file.keys, host) or host.architecture(node.arch)
+            node = attrs.evolve(node, arch=arch.name)  # a family's name stands for this file's layout
         elif type_ in BASE_TYPES:
-            arch = detect_architecture(path, keys, host)
+            # fixed layouts first; a file none of them claims may be a family's member
+            arch = detect_architecture(path, keys, host) or detect_family(path, file.keys, host)
         renames = _alias_map(arch) if arch is not None and type_ in BASE_TYPES else {}
         renames = {k: v for k, v in renames.items() if k in keys and v not in keys}
         space = host.model_types.get(type_).space

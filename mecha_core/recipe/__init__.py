@@ -17,7 +17,7 @@ from .format import HEADER, dump, load_v1
 from .host import CoreOnly, RecipeHost
 from .nodes import (CallNode, LiteralNode, Location, ModelNode, Node, ParameterNode, as_literal, check_parameters,
                     parameters, relocate, substitute, walk)
-from .values import WeightMap, blocks, classes
+from .values import WeightMap, blocks, classes, layers
 
 
 def dump_recipe(recipe: Node) -> str:
@@ -115,6 +115,6 @@ def compose(template: Node | str | os.PathLike[str], fills: Mapping[str, Any] | 
 
 __all__ = [
     "CallNode", "CoreOnly", "LiteralNode", "Location", "ModelNode", "Node", "ParameterNode", "RecipeHost", "WeightMap",
-    "as_fill", "blocks", "classes", "compose", "dump_recipe", "load_recipe", "parameters", "relocate", "substitute",
-    "walk", "HEADER",
+    "as_fill", "blocks", "classes", "compose", "dump_recipe", "layers", "load_recipe", "parameters", "relocate",
+    "substitute", "walk", "HEADER",
 ]

@@ -23,11 +23,11 @@ from ..errors import MechaError, RecipeError
 from .host import CoreOnly, RecipeHost, canonical_arch, disabled_note, method_names
 from .nodes import (CallNode, LiteralNode, Location, ModelNode, Node, ParameterNode, call, parameter, parameter_clash,
                     walk)
-from .values import WeightMap, blocks, classes, format_string, format_value, join_maps
+from .values import WeightMap, blocks, classes, format_string, format_value, join_maps, layers
 
 HEADER = "mecha 1"
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_BUILTINS = ("model", "parameter", "blocks", "classes")
+_BUILTINS = ("model", "parameter", "blocks", "classes", "layers")
 
 #: Calls and lists nested in one line deeper than this are refused (the parser descends one
 #: level of Python's stack per level; results meant to nest deeper go on lines of their own).
@@ -91,6 +91,8 @@ def _expr(node: Node, names: dict[Node, str]) -> str:
             args.append(f"arch={format_string(node.arch)}")
         if node.type is not None:
             args.append(f"type={format_string(node.type)}")
+        if node.keep_vocab:
+            args.append("keep_vocab=true")
         return f"model({', '.join(args)})"
     if isinstance(node, ParameterNode):
         args = [format_string(node.name)]
@@ -350,6 +352,11 @@ class _Parser:
                                     f'{name}("sd1-ldm", default=0.5, ...)', name_tok)
                 arch = canonical_arch(self.host, args[0])  # an alias and its name are one value
                 return (blocks if name == "blocks" else classes)(arch, **kwargs)
+            if name == "layers":
+                if not 1 <= len(args) <= 2 or not isinstance(args[0], str):
+                    raise self.fail('layers takes an architecture (or family) name, then a gradient: '
+                                    'layers("llama", [0, 0.5, 1], self_attn=[0, 1], mlp=0.5)', name_tok)
+                return layers(canonical_arch(self.host, args[0]), *args[1:], **kwargs)
         except RecipeError as exc:
             if exc.line is not None:
                 raise
@@ -363,10 +370,12 @@ class _Parser:
         return self._call_method(name, args, kwargs, name_tok, kw_tokens, arg_tokens)
 
     def _model(self, args: list[Any], kwargs: dict[str, Any], tok: Token) -> ModelNode:
+        keep_vocab = kwargs.pop("keep_vocab", False)
         if len(args) != 1 or not isinstance(args[0], str) or set(kwargs) - {"arch", "type"} \
-                or any(not isinstance(v, str) for v in kwargs.values()):
-            raise self.fail('model takes a path: model("file.safetensors", arch="...", type="...")', tok)
-        return ModelNode(args[0], kwargs.get("arch"), kwargs.get("type"), base_dir=self.base_dir,
+                or any(not isinstance(v, str) for v in kwargs.values()) or not isinstance(keep_vocab, bool):
+            raise self.fail('model takes a path: model("file.safetensors", arch="...", type="...", '
+                            'keep_vocab=true)', tok)
+        return ModelNode(args[0], kwargs.get("arch"), kwargs.get("type"), keep_vocab, base_dir=self.base_dir,
                          where=self.at_token(tok))
 
     def _call_method(self, name: str, args: list[Any], kwargs: dict[str, Any], tok: Token,

@@ -116,6 +116,9 @@ class ModelNode(Node):
     else detected from the header."""
     type: str | None = None
     """The model type (``base``, ``delta``, a LoRA type ...), when given; else detected."""
+    keep_vocab: bool = False
+    """The output keeps this model's vocabulary (its rows of the token embeddings and LM head,
+    and its tokenizer files): inputs with other vocabulary sizes are cut or filled to it."""
     base_dir: str | None = attrs.field(default=None, eq=False, repr=False)
     """The folder of the recipe file this came from (relative paths are also looked up there)."""
     where: Location | None = attrs.field(default=None, eq=False, hash=False, repr=False)
@@ -369,9 +372,13 @@ def call(method: "MergeMethod", args: tuple[Any, ...], kwargs: dict[str, Any], *
     return node
 
 
-def model(path: str | os.PathLike[str], arch: str | None = None, type: str | None = None) -> ModelNode:
-    """A model input. Nothing is read until the merge is planned."""
-    return ModelNode(os.fspath(path), arch, type)
+def model(path: str | os.PathLike[str], arch: str | None = None, type: str | None = None, *,
+          keep_vocab: bool = False) -> ModelNode:
+    """A model input. Nothing is read until the merge is planned. ``keep_vocab=True``: the output
+    keeps this model's vocabulary (and tokenizer) when the inputs' vocabularies differ."""
+    if not isinstance(keep_vocab, bool):
+        raise RecipeError(f"model(..., keep_vocab=...) must be true or false, got {keep_vocab!r}")
+    return ModelNode(os.fspath(path), arch, type, keep_vocab)
 
 
 def literal(value: Any) -> Node:

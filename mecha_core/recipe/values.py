@@ -1,7 +1,10 @@
-"""Hyperparameter values that vary over an architecture's blocks or classes.
+"""Hyperparameter values that vary over an architecture's blocks, classes or layers.
 
 ``blocks("sd1-ldm", default=0.3, IN02=0.75)`` gives every key of block IN02 the value 0.75 and
-every other key 0.3. ``classes(...)`` does the same by layer type. Maps of one architecture
+every other key 0.3. ``classes(...)`` does the same by layer type. ``layers("llama", [0, 0.5, 1],
+self_attn=[0, 1], mlp=0.3)`` is a layer gradient as mergekit writes it: a list of anchors spread
+evenly over the layers and linearly interpolated, per class filter, keys outside the layers taking
+the first anchor. Maps of one architecture
 combine with ``|``: for a key, the left map's entries win when one matches the key, then the
 right map's entries, then the left map's default (or, where the left has none, the right's),
 then the method's default. A key that an architecture lists in several blocks takes the mean of
@@ -43,13 +46,51 @@ def _number(value: Any, what: str) -> int | float:
     return value
 
 
-def _entries(values: dict[str, Any]) -> tuple[tuple[str, float], ...]:
+def _entries(values: dict[str, Any], gradients: bool = False) -> tuple[tuple[str, Any], ...]:
     out = []
     for name, value in values.items():
         if not _IDENT.fullmatch(name):
             raise RecipeError(f"block/class name {name!r} must be a name (letters, digits, _)")
-        out.append((name, _number(value, f"block/class value for '{name}'")))
+        what = f"block/class value for '{name}'"
+        out.append((name, _gradient(value, what) if gradients else _number(value, what)))
     return tuple(sorted(out))
+
+
+def _gradient(value: Any, what: str) -> int | float | tuple[int | float, ...]:
+    """A number, or a list of anchor numbers (a gradient over the layers)."""
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise RecipeError(f"{what} must be a number or a non-empty list of numbers, got []")
+        return tuple(_number(v, what) for v in value)
+    return _number(value, what)
+
+
+def gradient_at(value: Any, t: float) -> Any:
+    """A gradient's value at ``t`` in [0, 1], as mergekit computes it: the anchors sit at
+    ``i / (len - 1)`` and ``t`` falls between two of them, linearly interpolated. A number is the
+    same everywhere."""
+    if not isinstance(value, tuple):
+        return value
+    scaled = t * (len(value) - 1)
+    i0 = int(scaled)
+    i1 = min(len(value) - 1, i0 + 1)
+    frac = scaled - i0
+    return (1 - frac) * value[i0] + frac * value[i1]
+
+
+def layer_position(index: int | None, count: int) -> float:
+    """Where layer ``index`` of ``count`` sits on a gradient (mergekit: ``index / (count - 1)``, a
+    single layer at 1); keys outside the layers (embeddings, final norm, head) sit at 0."""
+    if index is None:
+        return 0.0
+    return index / (count - 1) if count > 1 else 1.0
+
+
+def class_matches(entry: str, key_class: str | None) -> bool:
+    """Whether a layers() filter names a key's class: whole ``_``-separated parts of it, as
+    mergekit's filters are parts of a tensor name (``self_attn`` and ``q_proj`` both cover
+    ``self_attn_q_proj``; ``attn`` does not)."""
+    return key_class is not None and f"_{entry}_" in f"_{key_class}_"
 
 
 @attrs.frozen(eq=False, repr=False)
@@ -59,18 +100,24 @@ class WeightMap:
     arch: str
     """The architecture whose blocks or classes are named."""
     kind: str
-    """``blocks`` or ``classes``."""
-    entries: tuple[tuple[str, float], ...]
-    """``(name, value)`` pairs, sorted by name."""
-    default: float | None = None
-    """The value for keys no entry matches; ``None``: the method's default."""
+    """``blocks``, ``classes`` or ``layers`` (a gradient over the architecture's layers)."""
+    entries: tuple[tuple[str, Any], ...]
+    """``(name, value)`` pairs, sorted by name; in a ``layers`` map, a name is a class filter and
+    a value a number or a tuple of gradient anchors."""
+    default: Any = None
+    """The value for keys no entry matches (a ``layers`` map's may be a gradient); ``None``: the
+    method's default."""
+    gradient: Any = None
+    """A ``layers`` map's own gradient (its positional argument): the value of the layers' keys no
+    filter matches, and, when the map has no ``default``, of every other key (at the gradient's
+    start, as in mergekit); ``None`` for the other kinds."""
     then: "WeightMap | None" = None
     """The map consulted next (built by ``|``)."""
 
     # Equality, hashing and printing walk the ``then`` chain in a loop (attrs' generated ones
     # recurse through it, one level per map).
     def _parts(self) -> tuple[tuple[str, str, tuple, float | None], ...]:
-        return tuple((m.arch, m.kind, m.entries, m.default) for m in self.chain())
+        return tuple((m.arch, m.kind, m.entries, m.default, m.gradient) for m in self.chain())
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, WeightMap):
@@ -103,17 +150,28 @@ class WeightMap:
         """The same chain with every architecture name replaced by ``canonical(name)``."""
         return join_maps([attrs.evolve(m, arch=canonical(m.arch)) for m in self.chain()])
 
-    def resolve(self, key_blocks: tuple[str, ...], key_class: str | None, method_default: Any) -> Any:
-        """The value for one key, given the key's blocks and class."""
+    def resolve(self, key_blocks: tuple[str, ...], key_class: str | None, method_default: Any,
+                position: float | None = None) -> Any:
+        """The value for one key, given the key's blocks and class (and, for ``layers`` maps,
+        its place on the gradient, :func:`layer_position`; ``None`` for a key in no layer)."""
         chain = self.chain()
+        at = 0.0 if position is None else position  # keys outside the layers: the gradient's start
         for m in chain:
+            if m.kind == "layers":  # the most specific filter wins (mlp_gate_proj over mlp)
+                named = [(len(name), name, v) for name, v in m.entries if class_matches(name, key_class)]
+                if named:  # the longest; of equal lengths, the first by name (entries are sorted)
+                    return gradient_at(max(named, key=lambda e: (e[0], [-ord(c) for c in e[1]]))[2], at)
+                if m.gradient is not None and position is not None:
+                    return gradient_at(m.gradient, at)
+                continue
             wanted = key_blocks if m.kind == "blocks" else ((key_class,) if key_class else ())
             values = [v for name, v in m.entries if name in wanted]
             if values:
                 return values[0] if len(values) == 1 else sum(values) / len(values)
         for m in chain:
-            if m.default is not None:
-                return m.default
+            fallback = m.default if m.default is not None else m.gradient
+            if fallback is not None:
+                return gradient_at(fallback, at)
         return method_default
 
 
@@ -148,6 +206,29 @@ def blocks(arch: str, default: float | None = None, **values: float) -> WeightMa
 def classes(arch: str, default: float | None = None, **values: float) -> WeightMap:
     """A class-wise hyperparameter: ``classes("sd1-ldm", default=0.5, attn1_to_k=1.0)``."""
     return _make("classes", arch, default, values)
+
+
+def layers(arch: str, gradient: Any = None, /, default: Any = None, **filters: Any) -> WeightMap:
+    """A layer gradient, as mergekit writes one: ``layers("llama", [0, 0.5, 1])``, or per class
+    filter ``layers("llama", self_attn=[0, 0.5, 0.3, 0.7, 1], mlp=[1, 0.5, 0.7, 0.3, 0], default=0.5)``.
+
+    ``gradient`` (positional) covers the layers' keys no filter matches; ``default`` every key
+    nothing else covers (``layers("llama", [0, 1], default=0.5)``: the embeddings, final norm and
+    head get 0.5). Without ``default``, the gradient covers those keys too, at its start.
+
+    A list's anchors are spread evenly over the architecture's layers (layer ``i`` of ``n`` sits at
+    ``i / (n - 1)``) and linearly interpolated; a number is constant. A filter names whole
+    ``_``-separated parts of classes (``self_attn`` and ``q_proj`` both cover ``self_attn_q_proj``);
+    the longest one that matches a key wins (of equal lengths, the first by name), ``default``
+    covers the rest. Keys outside the layers (embeddings, final
+    norm, LM head) take the value at the gradient's start, as in mergekit."""
+    if not isinstance(arch, str) or not arch:
+        raise RecipeError(f"layers() takes an architecture name first, got {arch!r}")
+    if default is not None:
+        default = _gradient(default, "layers() default")
+    if gradient is not None:
+        gradient = _gradient(gradient, "layers() gradient")
+    return WeightMap(arch, "layers", _entries(filters, gradients=True), default, gradient=gradient)
 
 
 # -- canonical text of a value (the .mecha printer, and literal equality, use it) --------------
@@ -195,9 +276,11 @@ def format_value(value: Any) -> str:
         parts = []
         for m in value.chain():
             args = [format_string(m.arch)]
+            if m.gradient is not None:
+                args.append(format_value(m.gradient))
             if m.default is not None:
-                args.append(f"default={format_number(m.default)}")
-            args += [f"{name}={format_number(v)}" for name, v in m.entries]
+                args.append(f"default={format_value(m.default)}")
+            args += [f"{name}={format_value(v)}" for name, v in m.entries]
             parts.append(f"{m.kind}({', '.join(args)})")
         return " | ".join(parts)
     raise RecipeError(f"cannot write {value!r} in a recipe")
