@@ -1,0 +1,300 @@
+"""``diff``: stream the compared models through their compiled plans, one pass, bounded memory.
+
+Each input (a model file, a LoRA as its converter makes it, a recipe computed on the fly) is
+planned like a merge (:func:`~mecha_core.engine.plan.make_plan`) and evaluated key by key with
+the merge's :class:`~mecha_core.engine.evaluate.Evaluator`; nothing is written. Large keys are
+read in flat slices (when every input can be: stored tensors and element-wise methods), so
+memory holds a few slices per worker thread, never a whole model.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import sys
+import threading
+import time
+from itertools import combinations
+from typing import Any, Sequence
+
+import attrs
+
+from ..errors import MechaError, mark_failed
+from ..lazy import torch
+from ..plugins import PluginHost, get_host
+from ..recipe.nodes import CallNode, ModelNode, Node
+from ..sizes import format_bytes
+from ..specs import Architecture, TensorInfo
+from ..engine.evaluate import Evaluator
+from ..engine.plan import MergeOptions, Plan, make_plan
+from ..engine.safetensors_io import ITEMSIZE, is_float
+from ..engine.schedule import Budget, chunkable
+from . import grouping, measure
+from .result import DiffResult, PairDiff
+
+#: What one flat slice of a key may use (rows in float64, differences, task vectors, signs).
+SLICE_BYTES = 16 << 20
+
+
+@attrs.frozen
+class _KeyWork:
+    """One key to compare: which models take part (same shape) and how it is cut."""
+
+    key: str
+    """The key."""
+    members: tuple[int, ...]
+    """The models holding the key in the shape of the first of them, in argument order."""
+    with_base: bool
+    """The base holds the key in that shape too."""
+    numel: int
+    """Elements of the key."""
+    chunk: int | None
+    """Elements per slice, or ``None`` to compare the key whole."""
+
+
+def _as_node(value: Any, host: PluginHost) -> Node:
+    if isinstance(value, Node):
+        return value
+    from ..recipe import as_fill
+
+    if not isinstance(value, (str, os.PathLike)):
+        raise MechaError(f"diff: cannot compare {value!r}; give a model path, a .mecha recipe or a recipe node")
+    return as_fill(value, host=host)
+
+
+def _label(value: Any) -> str:
+    if isinstance(value, (str, os.PathLike)):
+        return os.fspath(value)
+    if isinstance(value, ModelNode):
+        return value.path
+    if isinstance(value, CallNode):
+        return f"{value.method.name}(...)"
+    return repr(value)
+
+
+def diff(*models: Any, base: Any = None, keys: bool = False, pairs: Sequence[tuple[int, int]] | None = None,
+         labels: Sequence[str] | None = None, threads: int | None = None, memory_budget: int | None = None,
+         models_dir: str | os.PathLike[str] | None = None, progress: bool = False,
+         host: PluginHost | None = None) -> DiffResult:
+    """Compare ``models`` (paths of model files or ``.mecha`` recipes, or recipe nodes) block by
+    block; returns a :class:`~mecha_core.difference.result.DiffResult`.
+
+    ``base``: also compare the task vectors ``model - base``. ``keys``: one group per key instead
+    of per block. ``pairs``: which (index, index) pairs to compare (default: every pair, in
+    order). ``labels``: how the models are named (default: as given). Errors found from the
+    headers (a missing file, no key in common) are raised before any tensor is read; a failure
+    while reading is marked as failed (exit code 1).
+    """
+    host = host or get_host()
+    if len(models) < 2:
+        raise MechaError("diff needs at least two models to compare")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise MechaError(f"threads must be a whole number of at least 1; got {threads!r}")
+    chosen = list(pairs) if pairs is not None else list(combinations(range(len(models)), 2))
+    for i, j in chosen:
+        if not (0 <= i < len(models) and 0 <= j < len(models)) or i == j:
+            raise MechaError(f"diff: pair ({i}, {j}) does not name two of the {len(models)} models")
+    names = list(labels) if labels is not None else [_label(m) for m in models]
+    nodes = [_as_node(m, host) for m in models]
+    base_node = _as_node(base, host) if base is not None else None
+    options = MergeOptions(threads=threads, models_dir=os.fspath(models_dir) if models_dir is not None else None,
+                           **({"memory_budget": int(memory_budget)} if memory_budget else {}))
+    plans: list[Plan] = []
+    try:
+        for node in [*nodes, *([base_node] if base_node is not None else [])]:
+            plans.append(make_plan(node, options, host))
+        return _run(plans, names, _label(base) if base is not None else None, chosen, keys, options, progress)
+    finally:
+        for plan in plans:
+            plan.close()
+
+
+def _architecture(plans: Sequence[Plan]) -> Architecture | None:
+    return next((p.architecture for p in plans if p.architecture is not None), None)
+
+
+def _plan_keys(plans: list[Plan], model_count: int, pairs: list[tuple[int, int]], names: list[str],
+               has_base: bool, arch: Architecture | None) -> tuple[list[_KeyWork], list[int]]:
+    """The keys to compare, and for each pair the number of keys it cannot compare."""
+    tables: list[dict[str, TensorInfo]] = [p.output for p in plans]
+    seen: dict[str, None] = {}
+    for table in tables[:model_count]:
+        seen.update(dict.fromkeys(k for k, info in table.items() if is_float(info.dtype)))
+    work: list[_KeyWork] = []
+    unmatched = [0] * len(pairs)
+    for key in grouping.key_order(seen, arch):
+        holders = [i for i in range(model_count) if key in tables[i] and is_float(tables[i][key].dtype)]
+        shape = tables[holders[0]][key].shape
+        members = tuple(i for i in holders if tables[i][key].shape == shape)
+        for n, (i, j) in enumerate(pairs):
+            if (i in members) != (j in members) or (i in holders) != (j in holders):
+                unmatched[n] += 1
+        if not any(i in members and j in members for i, j in pairs):
+            continue
+        base_table = tables[model_count] if has_base else {}
+        with_base = key in base_table and base_table[key].shape == shape and is_float(base_table[key].dtype)
+        involved = [plans[i] for i in members] + ([plans[model_count]] if with_base else [])
+        numel = tables[members[0]][key].numel
+        per_element = 8 * (len(members) + 2) + (9 * len(members) + 8 if with_base else 0) \
+            + 4 * sum(len(p.steps) for p in involved)
+        chunk = max(1 << 16, SLICE_BYTES // per_element)
+        sliceable = numel > chunk and all(chunkable(p, key) for p in involved)
+        work.append(_KeyWork(key, members, with_base, numel, chunk if sliceable else None))
+    if not work:
+        sample = ", ".join(f"{names[i]} and {names[j]}" for i, j in pairs[:2])
+        raise MechaError(f"diff: {sample} have no floating-point key of the same shape in common; "
+                         f"are they models of one architecture? (`mecha inspect FILE` shows one's keys)")
+    return work, unmatched
+
+
+class _Progress:
+    """``diffing K/N keys, read/total, rate, ETA`` on stderr (like a merge's progress line)."""
+
+    def __init__(self, total_keys: int, total_bytes: int, enabled: bool):
+        self.total_keys, self.total_bytes, self.enabled = total_keys, total_bytes, enabled
+        self.keys = self.bytes = 0
+        self.start = self.last = time.monotonic()
+        self.lock = threading.Lock()
+
+    def update(self, bytes_: int, key_done: bool) -> None:
+        with self.lock:
+            self.bytes += bytes_
+            self.keys += int(key_done)
+            now = time.monotonic()
+            if self.enabled and (now - self.last > 0.2 or self.keys == self.total_keys):
+                self.last = now
+                rate = self.bytes / max(now - self.start, 1e-6)
+                eta = (self.total_bytes - self.bytes) / rate if rate > 0 else 0
+                sys.stderr.write(f"\rdiffing {self.keys}/{self.total_keys} keys, {format_bytes(self.bytes)}/"
+                                 f"{format_bytes(self.total_bytes)}, {format_bytes(rate)}/s, ETA {eta:,.0f}s ")
+                sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def _run(plans: list[Plan], names: list[str], base_name: str | None, pairs: list[tuple[int, int]],
+         per_key: bool, options: MergeOptions, progress: bool) -> DiffResult:
+    model_count = len(names)
+    has_base = base_name is not None
+    arch = _architecture(plans)
+    work, unmatched = _plan_keys(plans, model_count, pairs, names, has_base, arch)
+    evaluators = [Evaluator(p) for p in plans]
+    units: list[tuple[_KeyWork, int, int | None]] = []
+    for item in work:
+        if item.chunk is None:
+            units.append((item, 0, None))
+        else:
+            units.extend((item, s, min(s + item.chunk, item.numel)) for s in range(0, item.numel, item.chunk))
+
+    def read_bytes(item: _KeyWork, start: int, stop: int | None) -> int:
+        n = (stop - start) if stop is not None else item.numel
+        readers = list(item.members) + ([model_count] if item.with_base else [])
+        return sum(n * ITEMSIZE[plans[i].output[item.key].dtype] for i in readers)
+
+    def job(unit: tuple[_KeyWork, int, int | None]) -> list[list[float]]:
+        item, start, stop = unit
+        rows = torch.stack([evaluators[i].evaluate(item.key, start, stop).reshape(-1).to(torch.float64)
+                            for i in item.members])
+        base = evaluators[model_count].evaluate(item.key, start, stop).reshape(-1).to(torch.float64) \
+            if item.with_base else None
+        position = {m: r for r, m in enumerate(item.members)}
+        local = [(position[i], position[j]) for i, j in pairs if i in position and j in position]
+        sums = iter(measure.unit_sums(rows, local, base, first_slice=start == 0))
+        return [next(sums) if i in position and j in position else measure.zero() for i, j in pairs]
+
+    results: list[list[list[float]] | None] = [None] * len(units)
+    report = _Progress(len(work), sum(read_bytes(*u) for u in units), progress)
+    _schedule(units, job, results, report, read_bytes, options, plans)
+
+    # fold in a fixed order: keys as planned, slices in order
+    with_base = has_base
+    group_names: list[str] = []
+    group_sums: dict[str, list[list[float]]] = {}
+    totals = [measure.zero() for _ in pairs]
+    key_sums: dict[str, list[list[float]]] = {}
+    for (item, _, _), sums in zip(units, results):
+        assert sums is not None
+        into = key_sums.setdefault(item.key, [measure.zero() for _ in pairs])
+        for n, part in enumerate(sums):
+            measure.add(into[n], part)
+    for item in work:
+        for n, part in enumerate(key_sums[item.key]):
+            measure.add(totals[n], part)
+        for name in ((item.key,) if per_key else grouping.key_groups(item.key, arch)):
+            if name not in group_sums:
+                group_sums[name] = [measure.zero() for _ in pairs]
+                group_names.append(name)
+            for n, part in enumerate(key_sums[item.key]):
+                measure.add(group_sums[name][n], part)
+    order = group_names if per_key else grouping.group_order(arch, group_names)
+    return DiffResult(
+        models=tuple(names), base=base_name, architecture=arch.name if arch is not None else None,
+        grouping="key" if per_key else "block", groups=tuple(order),
+        pairs=tuple(PairDiff(first=i, second=j,
+                             groups=tuple(measure.measures(group_sums[g][n], with_base) for g in order),
+                             total=measure.measures(totals[n], with_base), unmatched_keys=unmatched[n])
+                    for n, (i, j) in enumerate(pairs)))
+
+
+def _schedule(units: list, job: Any, results: list, report: _Progress, read_bytes: Any,
+              options: MergeOptions, plans: list[Plan]) -> None:
+    """Run ``job`` on every unit in a thread pool within the memory budget (like a merge); the
+    first failing unit's error is raised, marked as a failure after reading began (exit 1)."""
+    threads = max(1, options.threads or os.cpu_count() or 1)
+    budget = Budget(max(1, options.memory_budget))
+    stop = threading.Event()
+    errors: list[tuple[int, BaseException]] = []
+    lock = threading.Lock()
+    sources: dict[str, list] = {}
+    for plan in plans:
+        for step in plan.steps:
+            if step.source is not None and step.source.direct:
+                for key in step.table:
+                    sources.setdefault(key, []).append(step.source)
+
+    def cost(unit: tuple) -> int:
+        item, start, stop_ = unit
+        n = (stop_ - start) if stop_ is not None else item.numel
+        return min(max(1, n * 8 * (len(item.members) + 3)), budget.limit)
+
+    def work(index: int) -> None:
+        unit = units[index]
+        try:
+            if not stop.is_set():
+                results[index] = job(unit)
+                report.update(read_bytes(*unit), unit[2] is None or unit[2] >= unit[0].numel)
+        except BaseException as exc:
+            with lock:
+                errors.append((index, exc))
+            stop.set()
+        finally:
+            budget.release(cost(unit))
+
+    # one intra-op thread per worker: a reduction's rounding then never depends on how torch
+    # splits it, so the numbers are the same for any thread count
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    pool = cf.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mecha-diff")
+    try:
+        for index, unit in enumerate(units):
+            if stop.is_set() or not budget.acquire(cost(unit), stop):
+                break
+            for source in sources.get(unit[0].key, ()):
+                source.prefetch(unit[0].key, unit[1], unit[2])
+            pool.submit(work, index)
+        pool.shutdown(wait=True)
+    except BaseException:
+        stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    finally:
+        torch.set_num_threads(old_threads)
+        report.close()
+    if errors:
+        errors.sort(key=lambda e: e[0])
+        exc = errors[0][1]
+        if isinstance(exc, MechaError):
+            raise mark_failed(exc)
+        raise exc
