@@ -59,3 +59,43 @@ def diff_command(
     sys.stdout.write(escaped(render(result), keep_newlines=True))
     if plot is not None:
         typer.echo(f"wrote {plot}")
+
+
+#: ``--report`` file types: a plot, or the diff's JSON
+REPORT_JSON = ".json"
+
+
+def check_report(report: Path | None) -> None:
+    """Refuse a ``--report`` file mecha cannot write, before the merge starts (exit 2)."""
+    if report is None or os.path.splitext(report)[1].lower() == REPORT_JSON:
+        return
+    from ..difference.plot import PLOT_FORMATS, require_matplotlib
+    from ..errors import MechaError
+
+    if os.path.splitext(report)[1].lower() not in PLOT_FORMATS:
+        raise MechaError(f"--report {report}: a report is written as {', '.join(PLOT_FORMATS)} (a plot) or "
+                         f"{REPORT_JSON} (the numbers); end the file name with one of them")
+    require_matplotlib("--report")
+
+
+def write_report(recipe, output: str, report: Path, models_dir: Path | None, threads: int | None,
+                 progress: bool, protect: dict) -> str:
+    """After a merge: diff each weight input against the written output, into ``report``."""
+    import json
+
+    from ..difference import merge_report
+    from ..errors import MechaError, mark_failed
+    from ..output import write_text_atomically
+
+    try:
+        result = merge_report(recipe, output, models_dir=models_dir, threads=threads, progress=progress)
+        guarded = {**protect, output: f"the merged output {output}"}
+        if os.path.splitext(report)[1].lower() == REPORT_JSON:
+            return write_text_atomically(report, json.dumps(result.as_json(), indent=2) + "\n",
+                                         protect=guarded, what="report")
+        from ..difference.plot import write_plot
+
+        write_plot(result, report, protect=guarded)
+        return os.path.abspath(report)
+    except MechaError as exc:  # the merge itself succeeded and stays; the report failed
+        raise mark_failed(MechaError(f"the merge was written to {output}, but its report failed: {exc}")) from exc

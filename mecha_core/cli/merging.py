@@ -66,9 +66,15 @@ def merge_command(
                                                   help="Write NaN/Inf values instead of failing.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+    report: Annotated[Optional[Path], typer.Option("--report", metavar="FILE",
+                      help="After the merge, how far the result moved from each input, per block: a plot "
+                           "(.png, .svg) or the numbers (.json); see mecha diff.")] = None,
 ) -> None:
     """Run a recipe and write the merged model."""
     from .. import api, compose, load_recipe
+    from .diffing import check_report, write_report
+
+    check_report(report)
 
     if not os.path.lexists(output):  # a new name: refused before the recipe is even read
         api.check_output_name(output)
@@ -91,10 +97,11 @@ def merge_command(
                      work_dtype=work_dtype, output_dtype=output_dtype, device=device,
                      allow_missing=allow_missing, allow_nonfinite=allow_nonfinite,
                      models_dir=models_dir, progress=progress, protect=protect)
+    written = write_report(node, path, report, models_dir, threads, progress, protect) if report else None
     if json_out:
-        print_json({"output": path, "bytes": os.path.getsize(path)})
+        print_json({"output": path, "bytes": os.path.getsize(path), **({"report": written} if report else {})})
     elif not quiet:
-        typer.echo(f"wrote {path}")
+        typer.echo(f"wrote {path}" + (f" and {written}" if report else ""))
 
 
 def _names_file(value: str) -> bool:

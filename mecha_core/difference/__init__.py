@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from .compute import diff
+from .compute import diff, merge_report
 from .result import SCHEMA, DiffResult, Measures, PairDiff
 
-__all__ = ["SCHEMA", "DiffResult", "Measures", "PairDiff", "diff"]
+__all__ = ["SCHEMA", "DiffResult", "Measures", "PairDiff", "diff", "merge_report"]

@@ -298,3 +298,32 @@ def _schedule(units: list, job: Any, results: list, report: _Progress, read_byte
         if isinstance(exc, MechaError):
             raise mark_failed(exc)
         raise exc
+
+
+def merge_report(recipe: Node, output: str | os.PathLike[str], *, models_dir: str | os.PathLike[str] | None = None,
+                 threads: int | None = None, progress: bool = False, host: PluginHost | None = None) -> DiffResult:
+    """How far a merge's written ``output`` moved from each of the recipe's model inputs, per
+    block: a diff of every weight-space input (A) against the output (B). Delta inputs (LoRAs,
+    differences) are left out: a weight is not comparable with a change. The output is read back
+    from disk, so this costs one more pass over the inputs and the output."""
+    from ..specs import DELTA
+
+    host = host or get_host()
+    options = MergeOptions(models_dir=os.fspath(models_dir) if models_dir is not None else None)
+    inputs: list[ModelNode] = []
+    for node in dict.fromkeys(n for n in _walk_models(recipe)):
+        with make_plan(node, options, host) as plan:
+            if plan.steps[-1].space != DELTA:
+                inputs.append(node)
+    if not inputs:
+        raise MechaError("--report: the recipe has no weight-space model input to compare the output with")
+    out = ModelNode(os.path.abspath(os.fspath(output)))
+    return diff(*inputs, out, pairs=[(i, len(inputs)) for i in range(len(inputs))],
+                labels=[*(n.path for n in inputs), os.fspath(output)], threads=threads, models_dir=models_dir,
+                progress=progress, host=host)
+
+
+def _walk_models(root: Node) -> list[ModelNode]:
+    from ..recipe.nodes import walk
+
+    return [n for n in walk(root) if isinstance(n, ModelNode)]
