@@ -109,6 +109,13 @@ def diff(*models: Any, base: Any = None, keys: bool = False, pairs: Sequence[tup
             plan.close()
 
 
+def _widened(value: torch.Tensor) -> torch.Tensor:
+    """``value`` flat, half-precision widened to float32 first: torch's float16 -> float64 cast
+    is about 3x slower than float16 -> float32 -> float64."""
+    flat = value.reshape(-1)
+    return flat.float() if flat.dtype in (torch.float16, torch.bfloat16) else flat
+
+
 def _architecture(plans: Sequence[Plan]) -> Architecture | None:
     return next((p.architecture for p in plans if p.architecture is not None), None)
 
@@ -195,9 +202,11 @@ def _run(plans: list[Plan], names: list[str], base_name: str | None, pairs: list
 
     def job(unit: tuple[_KeyWork, int, int | None]) -> list[list[float]]:
         item, start, stop = unit
-        rows = torch.stack([evaluators[i].evaluate(item.key, start, stop).reshape(-1).to(torch.float64)
-                            for i in item.members])
-        base = evaluators[model_count].evaluate(item.key, start, stop).reshape(-1).to(torch.float64) \
+        n = (stop - start) if stop is not None else item.numel
+        rows = torch.empty((len(item.members), n), dtype=torch.float64)
+        for r, i in enumerate(item.members):
+            rows[r].copy_(_widened(evaluators[i].evaluate(item.key, start, stop)))
+        base = _widened(evaluators[model_count].evaluate(item.key, start, stop)).to(torch.float64) \
             if item.with_base else None
         position = {m: r for r, m in enumerate(item.members)}
         local = [(position[i], position[j]) for i, j in pairs if i in position and j in position]
