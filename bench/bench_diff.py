@@ -2,8 +2,8 @@
 two (a diff reads the same bytes, so it should cost about the same).
 
 Builds the checkpoints with mecha_core.kit.synthetic (the 1130 required keys of the sd1-ldm layout
-of the mecha-sd1 plugin, fp16, ~2.1 GB each; reused when present), then runs each case in a fresh process with a warm page cache and samples
-its private memory (RssAnon + RssShmem). Prints a table.
+of the mecha-sd1 plugin, fp16, ~2.1 GB each; reused when present), then runs each case in a fresh
+process with a warm page cache and samples its private memory (RssAnon + RssShmem). Prints a table.
 
     python bench/bench_diff.py [--work DIR] [--repeat 1]
 """

@@ -50,7 +50,7 @@ def test_full_size_sd1_diff_streams_in_bounded_memory(tmp_path):
     proc = subprocess.run([sys.executable, "-c", SCRIPT, a, b], capture_output=True, text=True, check=True)
     stats = json.loads(proc.stdout.strip().splitlines()[-1])
     grown = stats["peak"] - stats["baseline"]
-    print(f"private memory grew by {grown / 1e6:.0f} MB for inputs of {input_bytes / 1e9:.1f} GB")
+    print(f"private memory grew by {grown / 1e6:.0f} MB for two inputs of {input_bytes / 1e9:.1f} GB each")
     assert grown < input_bytes / 4, f"private memory grew by {grown / 1e6:.0f} MB"
 
     result = stats["result"]
