@@ -183,3 +183,25 @@ def test_models_without_a_common_key_are_refused_before_reading(tmp_path):
     with pytest.raises(mecha_core.MechaError, match=r"have no floating-point key of the same shape in common") as err:
         mecha_core.diff(str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"))
     assert err.value.exit_code == 2
+
+
+def test_loras_are_compared_as_the_deltas_they_convert_to(tmp_path):
+    import mecha_lora.plugin
+    from mecha_lora.tables import table
+
+    module = table("sd1-ldm").by_kohya["unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"]
+    g = torch.Generator().manual_seed(7)
+    deltas = []
+    for name in ("one", "two"):
+        down, up = torch.randn(4, module.shape[1], generator=g), torch.randn(module.shape[0], 4, generator=g)
+        save_file({f"{module.kohya_name}.lora_down.weight": down, f"{module.kohya_name}.lora_up.weight": up,
+                   f"{module.kohya_name}.alpha": torch.tensor(2.0)}, tmp_path / f"{name}.safetensors")
+        deltas.append((2.0 / 4 * up.double() @ down.double()).reshape(-1))
+    with using(mecha_methods.plugin, mecha_sd1.plugin, mecha_lora.plugin):
+        result = mecha_core.diff(str(tmp_path / "one.safetensors"), str(tmp_path / "two.safetensors"), keys=True)
+    assert result.groups == (module.key,)
+    measures = result.pairs[0].total
+    x, y = deltas
+    assert measures.elements == x.numel()
+    for name, value in _expected(x, y).items():  # the converter computes in float32
+        assert getattr(measures, name) == pytest.approx(value, rel=1e-5), name
