@@ -205,3 +205,16 @@ def test_loras_are_compared_as_the_deltas_they_convert_to(tmp_path):
     assert measures.elements == x.numel()
     for name, value in _expected(x, y).items():  # the converter computes in float32
         assert getattr(measures, name) == pytest.approx(value, rel=1e-5), name
+
+
+def test_nan_in_an_input_is_null_in_json_not_invalid_json(tmp_path):
+    import json
+
+    save_file({"w": torch.tensor([1.0, float("nan")]), "v": torch.ones(2)}, tmp_path / "a.safetensors")
+    save_file({"w": torch.tensor([1.0, 2.0]), "v": torch.full((2,), 2.0)}, tmp_path / "b.safetensors")
+    result = mecha_core.diff(str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), keys=True)
+    data = json.loads(json.dumps(result.as_json(), allow_nan=False))
+    groups = {g["name"]: g for g in data["pairs"][0]["groups"]}
+    assert groups["w"]["cosine"] is None and groups["w"]["relative_l2"] is None
+    assert groups["v"]["cosine"] == pytest.approx(1.0) and groups["v"]["relative_l2"] == pytest.approx(1.0)
+    assert math.isnan(result.pairs[0].groups[result.groups.index("w")].cosine)  # the value object keeps it

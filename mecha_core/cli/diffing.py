@@ -13,7 +13,7 @@ from .common import escaped, print_json
 
 
 def diff_command(
-    models: Annotated[list[str], typer.Argument(metavar="MODEL...", show_default=False,
+    models: Annotated[list[str], typer.Argument(metavar="MODEL", show_default=False,
                       help="Two or more models to compare: model files, LoRAs, .mecha recipes "
                            "(computed on the fly, not written).")],
     base: Annotated[Optional[str], typer.Option("--base", metavar="BASE",

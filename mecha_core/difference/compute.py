@@ -28,7 +28,7 @@ from ..specs import Architecture, TensorInfo
 from ..engine.evaluate import Evaluator
 from ..engine.plan import MergeOptions, Plan, make_plan
 from ..engine.safetensors_io import ITEMSIZE, is_float
-from ..engine.schedule import Budget, chunkable
+from ..engine.schedule import Budget, _drain, chunkable
 from . import grouping, measure
 from .result import DiffResult, PairDiff
 
@@ -268,8 +268,12 @@ def _schedule(units: list, job: Any, results: list, report: _Progress, read_byte
         n = (stop_ - start) if stop_ is not None else item.numel
         return min(max(1, n * 8 * (len(item.members) + 3)), budget.limit)
 
+    active = [0]  # units running now: the inputs stay open until this is back to zero
+
     def work(index: int) -> None:
         unit = units[index]
+        with lock:
+            active[0] += 1
         try:
             if not stop.is_set():
                 results[index] = job(unit)
@@ -279,6 +283,8 @@ def _schedule(units: list, job: Any, results: list, report: _Progress, read_byte
                 errors.append((index, exc))
             stop.set()
         finally:
+            with lock:
+                active[0] -= 1
             budget.release(cost(unit))
 
     # one intra-op thread per worker: a reduction's rounding then never depends on how torch
@@ -294,9 +300,9 @@ def _schedule(units: list, job: Any, results: list, report: _Progress, read_byte
                 source.prefetch(unit[0].key, unit[1], unit[2])
             pool.submit(work, index)
         pool.shutdown(wait=True)
-    except BaseException:
+    except BaseException:  # Ctrl-C: no worker may still read an input when the plans close
         stop.set()
-        pool.shutdown(wait=True, cancel_futures=True)
+        _drain(pool, active, lock)
         raise
     finally:
         torch.set_num_threads(old_threads)

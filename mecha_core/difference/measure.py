@@ -66,7 +66,8 @@ def unit_sums(rows: torch.Tensor, pairs: Sequence[tuple[int, int]], base: torch.
 def _cosine(dot: float, a: float, b: float) -> float | None:
     if a <= 0.0 or b <= 0.0:
         return None
-    return max(-1.0, min(1.0, dot / math.sqrt(a * b)))  # rounding may step past +-1
+    value = dot / math.sqrt(a * b)
+    return value if math.isnan(value) else max(-1.0, min(1.0, value))  # rounding may step past +-1
 
 
 def measures(sums: Sequence[float], with_base: bool) -> Measures:

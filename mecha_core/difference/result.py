@@ -6,6 +6,7 @@ a key, or all keys); :mod:`mecha_core.difference.measure` says how.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import attrs
@@ -39,9 +40,15 @@ class Measures:
     ``None`` without a base or when no element has both non-zero."""
 
     def as_json(self) -> dict[str, Any]:
-        return {"keys": self.keys, "elements": self.elements, "cosine": self.cosine,
-                "relative_l2": self.relative_l2, "max_abs_change": self.max_abs_change,
-                "task_cosine": self.task_cosine, "sign_agreement": self.sign_agreement}
+        """The JSON form; a non-finite value (inputs holding NaN or Inf) is ``null``, since JSON
+        has no NaN."""
+        return {"keys": self.keys, "elements": self.elements, "cosine": _finite(self.cosine),
+                "relative_l2": _finite(self.relative_l2), "max_abs_change": _finite(self.max_abs_change),
+                "task_cosine": _finite(self.task_cosine), "sign_agreement": _finite(self.sign_agreement)}
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is None or math.isfinite(value) else None
 
 
 @attrs.frozen
