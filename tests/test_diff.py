@@ -218,3 +218,18 @@ def test_nan_in_an_input_is_null_in_json_not_invalid_json(tmp_path):
     assert groups["w"]["cosine"] is None and groups["w"]["relative_l2"] is None
     assert groups["v"]["cosine"] == pytest.approx(1.0) and groups["v"]["relative_l2"] == pytest.approx(1.0)
     assert math.isnan(result.pairs[0].groups[result.groups.index("w")].cosine)  # the value object keeps it
+
+
+def test_two_models_sharing_a_shape_the_first_lacks_are_still_compared(tmp_path, capsys):
+    save_file({"w": torch.ones(4), "v": torch.ones(3)}, tmp_path / "a.safetensors")
+    save_file({"w": torch.ones(5), "v": torch.full((3,), 2.0)}, tmp_path / "b.safetensors")
+    save_file({"w": torch.arange(5.0), "v": torch.full((3,), 3.0)}, tmp_path / "c.safetensors")
+    result = mecha_core.diff(*(str(tmp_path / f"{n}.safetensors") for n in "abc"), keys=True, progress=True)
+    ab, ac, bc = result.pairs
+    assert (ab.unmatched_keys, ac.unmatched_keys, bc.unmatched_keys) == (1, 1, 0)
+    assert (ab.total.keys, ac.total.keys, bc.total.keys) == (1, 1, 2)
+    w = result.groups.index("w")
+    # ones(5) vs 0..4: cos = 10 / (sqrt(5) sqrt(30))
+    assert bc.groups[w].cosine == pytest.approx(10 / math.sqrt(5 * 30), rel=1e-12)
+    assert ab.groups[w].keys == 0 and ab.groups[w].cosine is None
+    assert "diffing 2/2 keys" in capsys.readouterr().err  # the progress line, on stderr

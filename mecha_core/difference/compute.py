@@ -9,27 +9,23 @@ memory holds a few slices per worker thread, never a whole model.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import os
-import sys
-import threading
-import time
 from itertools import combinations
 from typing import Any, Sequence
 
 import attrs
 
-from ..errors import MechaError, mark_failed
+from ..errors import MechaError
 from ..lazy import torch
 from ..plugins import PluginHost, get_host
 from ..recipe.nodes import CallNode, ModelNode, Node
-from ..sizes import format_bytes
 from ..specs import Architecture, TensorInfo
 from ..engine.evaluate import Evaluator
 from ..engine.plan import MergeOptions, Plan, make_plan
 from ..engine.safetensors_io import ITEMSIZE, is_float
-from ..engine.schedule import Budget, _drain, chunkable
+from ..engine.schedule import chunkable
 from . import grouping, measure
+from .stream import Progress, run_units
 from .result import DiffResult, PairDiff
 
 #: What one flat slice of a key may use (rows in float64, differences, task vectors, signs).
@@ -120,6 +116,20 @@ def _architecture(plans: Sequence[Plan]) -> Architecture | None:
     return next((p.architecture for p in plans if p.architecture is not None), None)
 
 
+def _key_work(key: str, members: tuple[int, ...], shape: tuple[int, ...], plans: list[Plan], model_count: int,
+              has_base: bool) -> _KeyWork:
+    """How ``key`` is compared among ``members``: with the base or not, whole or in slices."""
+    base_info = plans[model_count].output.get(key) if has_base else None
+    with_base = base_info is not None and base_info.shape == shape and is_float(base_info.dtype)
+    involved = [plans[i] for i in members] + ([plans[model_count]] if with_base else [])
+    numel = plans[members[0]].output[key].numel
+    per_element = 8 * (len(members) + 2) + (9 * len(members) + 8 if with_base else 0) \
+        + 4 * sum(len(p.steps) for p in involved)
+    chunk = max(1 << 16, SLICE_BYTES // per_element)
+    sliceable = numel > chunk and all(chunkable(p, key) for p in involved)
+    return _KeyWork(key, members, with_base, numel, chunk if sliceable else None)
+
+
 def _plan_keys(plans: list[Plan], model_count: int, pairs: list[tuple[int, int]], names: list[str],
                has_base: bool, arch: Architecture | None) -> tuple[list[_KeyWork], list[int]]:
     """The keys to compare, and for each pair the number of keys it cannot compare."""
@@ -131,54 +141,20 @@ def _plan_keys(plans: list[Plan], model_count: int, pairs: list[tuple[int, int]]
     unmatched = [0] * len(pairs)
     for key in grouping.key_order(seen, arch):
         holders = [i for i in range(model_count) if key in tables[i] and is_float(tables[i][key].dtype)]
-        shape = tables[holders[0]][key].shape
-        members = tuple(i for i in holders if tables[i][key].shape == shape)
         for n, (i, j) in enumerate(pairs):
-            if (i in members) != (j in members) or (i in holders) != (j in holders):
+            if (i in holders or j in holders) and not (
+                    i in holders and j in holders and tables[i][key].shape == tables[j][key].shape):
                 unmatched[n] += 1
-        if not any(i in members and j in members for i, j in pairs):
-            continue
-        base_table = tables[model_count] if has_base else {}
-        with_base = key in base_table and base_table[key].shape == shape and is_float(base_table[key].dtype)
-        involved = [plans[i] for i in members] + ([plans[model_count]] if with_base else [])
-        numel = tables[members[0]][key].numel
-        per_element = 8 * (len(members) + 2) + (9 * len(members) + 8 if with_base else 0) \
-            + 4 * sum(len(p.steps) for p in involved)
-        chunk = max(1 << 16, SLICE_BYTES // per_element)
-        sliceable = numel > chunk and all(chunkable(p, key) for p in involved)
-        work.append(_KeyWork(key, members, with_base, numel, chunk if sliceable else None))
+        # models holding the key in one shape are compared with each other (usually all of them)
+        for shape in dict.fromkeys(tables[i][key].shape for i in holders):
+            members = tuple(i for i in holders if tables[i][key].shape == shape)
+            if any(i in members and j in members for i, j in pairs):
+                work.append(_key_work(key, members, shape, plans, model_count, has_base))
     if not work:
         sample = ", ".join(f"{names[i]} and {names[j]}" for i, j in pairs[:2])
         raise MechaError(f"diff: {sample} have no floating-point key of the same shape in common; "
                          f"are they models of one architecture? (`mecha inspect FILE` shows one's keys)")
     return work, unmatched
-
-
-class _Progress:
-    """``diffing K/N keys, read/total, rate, ETA`` on stderr (like a merge's progress line)."""
-
-    def __init__(self, total_keys: int, total_bytes: int, enabled: bool):
-        self.total_keys, self.total_bytes, self.enabled = total_keys, total_bytes, enabled
-        self.keys = self.bytes = 0
-        self.start = self.last = time.monotonic()
-        self.lock = threading.Lock()
-
-    def update(self, bytes_: int, key_done: bool) -> None:
-        with self.lock:
-            self.bytes += bytes_
-            self.keys += int(key_done)
-            now = time.monotonic()
-            if self.enabled and (now - self.last > 0.2 or self.keys == self.total_keys):
-                self.last = now
-                rate = self.bytes / max(now - self.start, 1e-6)
-                eta = (self.total_bytes - self.bytes) / rate if rate > 0 else 0
-                sys.stderr.write(f"\rdiffing {self.keys}/{self.total_keys} keys, {format_bytes(self.bytes)}/"
-                                 f"{format_bytes(self.total_bytes)}, {format_bytes(rate)}/s, ETA {eta:,.0f}s ")
-                sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
 
 
 def _run(plans: list[Plan], names: list[str], base_name: str | None, pairs: list[tuple[int, int]],
@@ -214,8 +190,8 @@ def _run(plans: list[Plan], names: list[str], base_name: str | None, pairs: list
         return [next(sums) if i in position and j in position else measure.zero() for i, j in pairs]
 
     results: list[list[list[float]] | None] = [None] * len(units)
-    report = _Progress(len(work), sum(read_bytes(*u) for u in units), progress)
-    _schedule(units, job, results, report, read_bytes, options, plans)
+    report = Progress(len({item.key for item in work}), sum(read_bytes(*u) for u in units), progress)
+    run_units(units, job, results, report, read_bytes, options, plans)
 
     # fold in a fixed order: keys as planned, slices in order
     with_base = has_base
@@ -228,14 +204,14 @@ def _run(plans: list[Plan], names: list[str], base_name: str | None, pairs: list
         into = key_sums.setdefault(item.key, [measure.zero() for _ in pairs])
         for n, part in enumerate(sums):
             measure.add(into[n], part)
-    for item in work:
-        for n, part in enumerate(key_sums[item.key]):
+    for key in key_sums:  # each key once, in planned order
+        for n, part in enumerate(key_sums[key]):
             measure.add(totals[n], part)
-        for name in ((item.key,) if per_key else grouping.key_groups(item.key, arch)):
+        for name in ((key,) if per_key else grouping.key_groups(key, arch)):
             if name not in group_sums:
                 group_sums[name] = [measure.zero() for _ in pairs]
                 group_names.append(name)
-            for n, part in enumerate(key_sums[item.key]):
+            for n, part in enumerate(key_sums[key]):
                 measure.add(group_sums[name][n], part)
     order = group_names if per_key else grouping.group_order(arch, group_names)
     return DiffResult(
@@ -245,74 +221,6 @@ def _run(plans: list[Plan], names: list[str], base_name: str | None, pairs: list
                              groups=tuple(measure.measures(group_sums[g][n], with_base) for g in order),
                              total=measure.measures(totals[n], with_base), unmatched_keys=unmatched[n])
                     for n, (i, j) in enumerate(pairs)))
-
-
-def _schedule(units: list, job: Any, results: list, report: _Progress, read_bytes: Any,
-              options: MergeOptions, plans: list[Plan]) -> None:
-    """Run ``job`` on every unit in a thread pool within the memory budget (like a merge); the
-    first failing unit's error is raised, marked as a failure after reading began (exit 1)."""
-    threads = max(1, options.threads or os.cpu_count() or 1)
-    budget = Budget(max(1, options.memory_budget))
-    stop = threading.Event()
-    errors: list[tuple[int, BaseException]] = []
-    lock = threading.Lock()
-    sources: dict[str, list] = {}
-    for plan in plans:
-        for step in plan.steps:
-            if step.source is not None and step.source.direct:
-                for key in step.table:
-                    sources.setdefault(key, []).append(step.source)
-
-    def cost(unit: tuple) -> int:
-        item, start, stop_ = unit
-        n = (stop_ - start) if stop_ is not None else item.numel
-        return min(max(1, n * 8 * (len(item.members) + 3)), budget.limit)
-
-    active = [0]  # units running now: the inputs stay open until this is back to zero
-
-    def work(index: int) -> None:
-        unit = units[index]
-        with lock:
-            active[0] += 1
-        try:
-            if not stop.is_set():
-                results[index] = job(unit)
-                report.update(read_bytes(*unit), unit[2] is None or unit[2] >= unit[0].numel)
-        except BaseException as exc:
-            with lock:
-                errors.append((index, exc))
-            stop.set()
-        finally:
-            with lock:
-                active[0] -= 1
-            budget.release(cost(unit))
-
-    # one intra-op thread per worker: a reduction's rounding then never depends on how torch
-    # splits it, so the numbers are the same for any thread count
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    pool = cf.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mecha-diff")
-    try:
-        for index, unit in enumerate(units):
-            if stop.is_set() or not budget.acquire(cost(unit), stop):
-                break
-            for source in sources.get(unit[0].key, ()):
-                source.prefetch(unit[0].key, unit[1], unit[2])
-            pool.submit(work, index)
-        pool.shutdown(wait=True)
-    except BaseException:  # Ctrl-C: no worker may still read an input when the plans close
-        stop.set()
-        _drain(pool, active, lock)
-        raise
-    finally:
-        torch.set_num_threads(old_threads)
-        report.close()
-    if errors:
-        errors.sort(key=lambda e: e[0])
-        exc = errors[0][1]
-        if isinstance(exc, MechaError):
-            raise mark_failed(exc)
-        raise exc
 
 
 def merge_report(recipe: Node, output: str | os.PathLike[str], *, models_dir: str | os.PathLike[str] | None = None,
