@@ -191,3 +191,31 @@ def test_merge_report_of_an_unknown_kind_is_refused_before_merging(work):
     result = runner.invoke(app, ["merge", "r.mecha", "-o", "m.safetensors", "--report", "report.txt"])
     check_clean_failure(result.exit_code, result.stderr, folder=work, before=before, max_lines=1,
                         fragments=("--report report.txt", ".json"))
+
+
+def test_a_sharded_folder_is_compared_like_a_file_and_a_folder_output_reported(work):
+    """Folders go through the same planning code: a folder diffs like the file of its keys."""
+    import os
+
+    g = torch.Generator().manual_seed(3)
+    tensors = {"w": torch.randn(64, generator=g), "v": torch.randn(8, 8, generator=g)}
+    os.makedirs("sharded")
+    save_file({"w": tensors["w"]}, "sharded/model-00001-of-00002.safetensors")
+    save_file({"v": tensors["v"]}, "sharded/model-00002-of-00002.safetensors")
+    (work / "sharded" / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"w": "model-00001-of-00002.safetensors",
+                                        "v": "model-00002-of-00002.safetensors"}}))
+    result = runner.invoke(app, ["diff", "a.safetensors", "sharded", "--json"])
+    assert result.exit_code == 0, result.stderr
+    total = json.loads(result.stdout)["pairs"][0]["total"]
+    x, y = _flat(_values("a")), _flat({k: v.double() for k, v in tensors.items()})
+    assert total["cosine"] == pytest.approx(torch.nn.functional.cosine_similarity(x, y, dim=0).item(), rel=1e-9)
+    (work / "r.mecha").write_text('mecha 1\nweighted_sum(model("a.safetensors"), model("sharded"), alpha=0.5)\n')
+    result = runner.invoke(app, ["merge", "r.mecha", "-o", "out/", "--report", "report.json", "-q"])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((work / "report.json").read_text())
+    assert report["models"][:2] == ["a.safetensors", "sharded"] and len(report["pairs"]) == 2
+    half = (x + y) / 2  # the output is the midpoint: it moved as far from each input
+    for pair, source in zip(report["pairs"], (x, y)):
+        expected = (torch.linalg.vector_norm(half - source) / torch.linalg.vector_norm(source)).item()
+        assert pair["total"]["relative_l2"] == pytest.approx(expected, rel=1e-6)
