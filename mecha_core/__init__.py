@@ -32,12 +32,14 @@ _EXPORTS = {
     "dump_recipe": ".recipe", "layers": ".recipe",
     "literal": ".recipe.nodes", "model": ".recipe.nodes", "parameter": ".recipe.nodes",
     "DELTA": ".specs", "PARAM": ".specs", "WEIGHT": ".specs", "lazy_import": ".lazy",
+    "diff": ".difference", "DiffResult": ".difference",
 }
 
 from . import operators  # noqa: F401,E402  (hands the core's operators -, +, *, | to the recipe nodes)
 
 if TYPE_CHECKING:
     from .api import merge
+    from .difference import DiffResult, diff
     from .errors import MechaError
     from .lazy import lazy_import
     from .method import MergeContext, MergeMethod, merge_method
@@ -74,8 +76,8 @@ def compose(template: Node | str | os.PathLike[str], fills: Mapping[str, Any] | 
 
 
 __all__ = [
-    "DELTA", "MechaError", "MergeContext", "MergeMethod", "PARAM", "PLUGIN_API_VERSION", "WEIGHT",
-    "blocks", "classes", "compose", "dump_recipe", "get_host", "hookimpl", "layers", "lazy_import",
+    "DELTA", "DiffResult", "MechaError", "MergeContext", "MergeMethod", "PARAM", "PLUGIN_API_VERSION", "WEIGHT",
+    "blocks", "classes", "compose", "diff", "dump_recipe", "get_host", "hookimpl", "layers", "lazy_import",
     "literal", "load_recipe", "merge", "merge_method", "model", "parameter",
 ]
 

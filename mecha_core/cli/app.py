@@ -1,4 +1,4 @@
-"""The typer app: ``mecha merge | compose | info | inspect | methods | plugins | recipe``, plus the
+"""The typer app: ``mecha merge | compose | diff | info | inspect | methods | plugins | recipe``, plus the
 commands plugins add through the ``mecha_cli_commands`` hook (``mecha lora ...``).
 
 Plugin commands are looked up only when a name is not a core command, or when the help lists
@@ -16,7 +16,7 @@ import typer.core
 import typer.main
 
 from ..errors import EXIT_INTERRUPTED, MechaError, PluginCodeError, PluginError
-from . import describe, merging
+from . import describe, diffing, merging
 from .common import boundary, debug_enabled, fail, json_error
 
 
@@ -124,6 +124,7 @@ def root(
 app.command("merge", epilog=EXIT_CODES)(boundary(merging.merge_command))
 app.command("compose", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(
     boundary(merging.compose_command))
+app.command("diff")(boundary(diffing.diff_command))
 app.command("methods")(boundary(describe.methods_command))
 app.command("info")(boundary(describe.info_command))
 app.command("inspect")(boundary(describe.inspect_command))

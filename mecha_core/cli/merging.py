@@ -77,10 +77,16 @@ def merge_command(
         "--copy-files-from", metavar="MODEL",
         help="Folder output: the model (as the recipe names it) whose config and tokenizer files are "
              "copied (default: the first model in a folder).")] = None,
+    report: Annotated[Optional[Path], typer.Option("--report", metavar="FILE",
+                      help="After the merge, how far the result moved from each input, per block: a plot "
+                           "(.png, .svg) or the numbers (.json); see mecha diff.")] = None,
 ) -> None:
     """Run a recipe and write the merged model."""
     from .. import api, compose, load_recipe
     from ..output_folder import is_folder_output
+    from .diffing import check_report, write_report
+
+    check_report(report)
 
     folder = is_folder_output(output)
     if not folder and (shard_size is not None or copy_files_from is not None):
@@ -108,12 +114,13 @@ def merge_command(
                      allow_missing=allow_missing, allow_nonfinite=allow_nonfinite,
                      models_dir=models_dir, progress=progress, protect=protect, fp8_scaled=fp8_scaled,
                      **({"shard_size": shard_size, "copy_files_from": copy_files_from} if folder else {}))
+    written = write_report(node, path, report, models_dir, threads, progress, protect) if report else None
     if json_out:
         size = (sum(e.stat().st_size for e in os.scandir(path) if e.is_file()) if os.path.isdir(path)
                 else os.path.getsize(path))
-        print_json({"output": path, "bytes": size})
+        print_json({"output": path, "bytes": size, **({"report": written} if report else {})})
     elif not quiet:
-        typer.echo(f"wrote {path}")
+        typer.echo(f"wrote {path}" + (f" and {written}" if report else ""))
 
 
 def _names_file(value: str) -> bool:
