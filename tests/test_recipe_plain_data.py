@@ -200,14 +200,6 @@ def test_every_parsed_node_knows_its_file_line_and_column(tmp_path):
     assert all(n.where is None for n in walk(mecha_core.weighted_sum(ModelNode("a"), ModelNode("b"), alpha=1)))
 
 
-def test_sd_mecha_readers_set_locations():
-    r = mecha_core.load_recipe('version 0.1.0\nmodel "a.safetensors" model_config="sd1-ldm" merge_space="weight"\n'
-                               'model "b.safetensors" model_config="sd1-ldm" merge_space="weight"\n'
-                               'merge "subtract" &0 &1\n')
-    assert str(r.where) == "<recipe>:4:7" and str(r.args[0].where) == "<recipe>:2:1"
-    assert str(r.args[1].where) == "<recipe>:3:1"
-
-
 # -- values checked when the call is built ------------------------------------------------------
 HEAD = 'mecha 1\na = model("a")\nb = model("b")\n'
 
