@@ -206,7 +206,7 @@ def della_dropout(delta: Any, probability: float, della_eps: float, generator: A
 def sdmecha_ties_sum_with_dropout(*deltas, probability: float = 0.9, della_eps: float = 0.0, rescale: bool = True,
                                   k: float = 0.2, vote_sgn: bool = False, apply_stock: bool = False,
                                   cos_eps: float = 1e-6, apply_median: bool = False, eps: float = 1e-6,
-                                  maxiter: int = 100, ftol: float = 1e-20, seed: int = None, ctx=None):
+                                  maxiter: int = 100, ftol: float = 1e-20, seed=None, ctx=None):
     """sd-mecha's ``ties_sum_with_dropout`` (DARE/DELLA then extended TIES) on deltas.
 
     Each delta is multiplied by a keep-mask drawn as sd-mecha draws it: one ``torch.Generator``
