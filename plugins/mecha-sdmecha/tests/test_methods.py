@@ -302,7 +302,8 @@ def test_ties_keeps_every_entry_tied_with_the_threshold_in_half_precision(tmp_pa
     d1, d2 = r.add('merge "subtract" &1 &0'), r.add('merge "subtract" &2 &0')
     ties = r.add(f'merge "ties_sum" {d1} {d2} k={r.value("0.3")} vote_sgn={r.value("false")}')
     r.add(f'merge "add_difference" &0 {ties} {r.value("1.0")}')
-    with using(mecha_methods.plugin, mecha_sdmecha.plugin, plugin_from_functions("x", mecha_architectures=lambda: [arch])):
+    fp16_plugin = plugin_from_functions("fp16_sd1", mecha_architectures=lambda: [arch])
+    with using(mecha_methods.plugin, mecha_sdmecha.plugin, fp16_plugin):
         got = merged(tmp_path, r.text)[key]
     deltas = [w.float() - base.float() for w in tuned]
     kept = [int((trim(d, 0.3) != 0).sum()) for d in deltas]
