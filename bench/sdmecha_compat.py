@@ -60,19 +60,22 @@ RECIPES_1 = {
     "n_model_stock": "s.n_model_stock(a, b, c, d)",
     "crossover": "s.crossover(a, b, alpha=0.4, tilt=0.3)",
     "crossover_sharp": "s.crossover(a, b, alpha=0.4, tilt=0.0)",
-    "ties": "s.add_difference_ties(a, b, c, d, k=0.3)",
-    "ties_vote_sum": "s.add_difference(a, s.ties_sum(s.subtract(b, a), s.subtract(c, a), s.subtract(d, a), k=0.5, "
+    "ties": "L.add_difference(a, T.ties_sum(L.subtract(b, a), L.subtract(c, a), L.subtract(d, a), k=0.3))",
+    "ties_vote_sum": "L.add_difference(a, T.ties_sum(L.subtract(b, a), L.subtract(c, a), L.subtract(d, a), k=0.5, "
                      "vote_sgn=True))",
-    "ties_extended": "s.add_difference_ties_extended(a, b, c, d, k=0.4)",
-    "ties_extended_stock": "s.add_difference_ties_extended(a, b, c, d, k=0.4, apply_stock=True)",
-    "ties_extended_median": "s.add_difference_ties_extended(a, b, c, d, k=0.4, apply_median=True)",
+    "ties_extended": "L.add_difference(a, T.ties_sum_extended(L.subtract(b, a), L.subtract(c, a), L.subtract(d, a), "
+                     "k=0.4))",
+    "ties_extended_stock": "L.add_difference(a, T.ties_sum_extended(L.subtract(b, a), L.subtract(c, a), "
+                           "L.subtract(d, a), k=0.4, apply_stock=True))",
+    "ties_extended_median": "L.add_difference(a, T.ties_sum_extended(L.subtract(b, a), L.subtract(c, a), "
+                            "L.subtract(d, a), k=0.4, apply_median=True))",
     "ties_with_dare": "s.add_ties_with_dare(a, b, c, d, probability=0.3, k=0.5, seed=7)",
     "ties_with_della": "s.add_ties_with_dare(a, b, c, d, probability=0.3, della_eps=0.1, k=0.5, seed=7)",
     "dropout": "s.dropout(a, b, c, probability=0.5, alpha=0.5, seed=42)",
     "tensor_sum": "s.tensor_sum(a, b, width=0.4, offset=0.3)",
     "top_k_tensor_sum": "s.copy_region(a, b, width=0.5, offset=0.2, top_k=True)",
-    "rotate": "s.rotate(a, b, alignment=1.0, alpha=0.3)",
-    "rotate_fractional": "s.rotate(a, b, alignment=0.6, alpha=0.2)",
+    "rotate": "SVD.rotate(a, b, alignment=1.0, alpha=0.3)",
+    "rotate_fractional": "SVD.rotate(a, b, alignment=0.6, alpha=0.2)",
 }
 
 #: name -> sd-mecha 0.0.29 expression.
@@ -81,10 +84,11 @@ RECIPES_0 = {
     "add_difference": "s.add_difference(a, b, c, alpha=0.7)",
     "train_difference": "s.train_difference(a, b, c, alpha=1.0)",
     "add_perpendicular": "s.add_perpendicular(a, b, c, alpha=0.8)",
-    "geometric_sum": "s.geometric_sum(a, b, alpha=0.4)",
-    "ties_vote_value": "s.add_difference_ties(a, b, c, d, k=0.3, vote_sgn=0.0)",
-    "ties_vote_count": "s.add_difference_ties(a, b, c, d, k=0.3, vote_sgn=1.0)",
-    "rotate": "s.rotate(a, b, alignment=1.0, alpha=0.3)",
+    "geometric_sum": "s.add_difference(c, s.geometric_sum(s.subtract(a, c), s.subtract(b, c), alpha=0.4), alpha=1.0)",
+    "ties_vote_value": "s.add_difference(a, s.ties_sum(s.subtract(b, a), s.subtract(c, a), s.subtract(d, a), k=0.3, "
+                       "vote_sgn=0.0), alpha=1.0)",
+    "ties_vote_count": "s.add_difference(a, s.ties_sum(s.subtract(b, a), s.subtract(c, a), s.subtract(d, a), k=0.3, "
+                       "vote_sgn=1.0), alpha=1.0)",
 }
 
 SDMECHA_1 = """
@@ -115,6 +119,11 @@ class Quiet:
         pass
 
 
+# the methods themselves: 1.1.8's top-level wrappers of the same names (add_difference, rotate)
+# fail on variadic methods' results ('NoneType' has no 'identifier') and on set_cache
+L = s.extensions.builtin.merge_methods.linear
+T = s.extensions.builtin.merge_methods.ties
+SVD = s.extensions.builtin.merge_methods.svd
 a, b, c, d = (s.model(f"{work}/{n}.safetensors", "sd1-ldm") for n in "abcd")
 for name, expr in recipes.items():
     try:

@@ -189,9 +189,10 @@ def della_dropout(delta: Any, probability: float, della_eps: float, generator: A
     order of position), drawn from ``generator``."""
     if not math.isclose(della_eps, 0.0):
         flat = delta.abs().flatten()
-        ranks = torch.empty_like(flat, dtype=torch.float64)
-        ranks[torch.argsort(flat, stable=True)] = torch.arange(1, flat.numel() + 1, dtype=torch.float64,
-                                                               device=flat.device)
+        # integer ranks, as scipy's rankdata gives them: divided by an int they become float32
+        # (torch's default dtype), so the probabilities — and the bernoulli draws — are sd-mecha's
+        ranks = torch.empty_like(flat, dtype=torch.int64)
+        ranks[torch.argsort(flat, stable=True)] = torch.arange(1, flat.numel() + 1, device=flat.device)
         ne = delta.numel()
         delta_i = (ranks.reshape(delta.shape) / ne - (ne + 1) / (ne * 2)) * della_eps
         delta_i = delta_i.nan_to_num(nan=0, posinf=0, neginf=0)

@@ -382,10 +382,11 @@ def test_ties_sum_with_dropout_draws_sd_mechas_masks(models, della_eps, seed):
             d = t[n][key] - t["a"][key]
             p = torch.full_like(d, 0.7)
             if della_eps != "0.0":
-                order = torch.argsort(d.abs().flatten(), stable=True)
-                rank = torch.empty(d.numel(), dtype=torch.float64)
-                rank[order] = torch.arange(1, d.numel() + 1, dtype=torch.float64)
-                p = p + ((rank / d.numel() - (d.numel() + 1) / (2 * d.numel())) * float(della_eps)).reshape(d.shape)
+                # scipy.stats.rankdata(|d|, method="ordinal"): 1..n, ties in position order; float32 after /n
+                rank = torch.tensor(np.argsort(np.argsort(d.abs().flatten().numpy(), kind="stable"), kind="stable") + 1)
+                shift = (rank / d.numel() - (d.numel() + 1) / (2 * d.numel())) * float(della_eps)
+                assert shift.dtype == torch.float32
+                p = p + shift.reshape(d.shape)
             masked.append(d * torch.bernoulli(p.clamp(0, 1), generator=gen))
         filtered, counts = ties_parts(masked, 0.6, by_value=False)
         out = torch.nan_to_num(filtered.double().sum(0) / counts, nan=0, posinf=0, neginf=0)
