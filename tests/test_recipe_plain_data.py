@@ -79,7 +79,7 @@ def _module_graph() -> dict[str, set[str]]:
 def test_the_recipe_package_imports_no_host_engine_cli_api_or_operators():
     graph = _module_graph()
     recipe_modules = [m for m in graph if m.startswith("mecha_core.recipe")]
-    assert "mecha_core.recipe.nodes" in recipe_modules and len(recipe_modules) >= 5  # sdmecha*.py moved to mecha-sdmecha
+    assert "mecha_core.recipe.nodes" in recipe_modules and len(recipe_modules) >= 5
     forbidden = ("mecha_core.plugins", "mecha_core.engine", "mecha_core.cli", "mecha_core.api",
                  "mecha_core.operators", "mecha_core.method")
     bad = {m: sorted(t for t in graph[m] if t.startswith(forbidden) or t == "mecha_core")
