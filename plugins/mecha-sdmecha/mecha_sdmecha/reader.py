@@ -120,16 +120,6 @@ def _dropout(ctx: "_Context", args: list[Node], hypers: dict[str, Any]) -> Node:
     return ctx.call("sdmecha_dropout", args, hypers)
 
 
-def _rotate(ctx: "_Context", args: list[Node], hypers: dict[str, Any]) -> Node:
-    """``rotate``: with an integer alignment mecha's rotate is sd-mecha's (the Stiefel settings
-    only tune sd-mecha's fractional path); a fractional alignment (or one from a block map) takes
-    sd-mecha's own eigendecomposition and Stiefel geodesic, which mecha's rotate does not."""
-    alignment = hypers.get("alignment", 1.0)
-    if isinstance(alignment, (int, float)) and float(alignment).is_integer():
-        return ctx.call("rotate", args, {k: v for k, v in hypers.items() if not k.startswith("stiefel_")})
-    return ctx.call("sdmecha_rotate", args, hypers)
-
-
 _TIES_EXTENDED = {"k": 0.2, "vote_sgn": False, "apply_stock": False, "apply_median": False, "cos_eps": 1e-6,
                   "eps": 1e-6, "maxiter": 100, "ftol": 1e-20}
 _ROTATE = {"alignment": 1.0, "alpha": 0.0, "centralization": 1.0, "stiefel_eps": 1e-8, "stiefel_max_iters": 100}
@@ -152,8 +142,9 @@ METHODS: dict[str, MethodMap] = {
     "add_cosine_b": MethodMap("add_cosine_b", ("alpha",), {ERA_A: {"alpha": 1.0}, ERA_B: {"alpha": 1.0}}),
     # 1.x writes all five positionally: sd-mecha's own definition (fractional powers through its
     # eigendecomposition, its Stiefel iteration on wide keys)
+    # mecha's own rotate differs from sd-mecha's even at integer alignments (bench/sdmecha_compat.py)
     "rotate": MethodMap("sdmecha_rotate", tuple(_ROTATE), {ERA_B: {"alignment": 1.0, "alpha": 0.0}},
-                        ignore={"cache": "*"}, build=_rotate),
+                        ignore={"cache": "*"}),
     "geometric_median": MethodMap("geometric_median"),
     "pick_component": MethodMap("pick_component", ("component",)),
     "omit_component": MethodMap("omit_component", ("component",)),

@@ -330,11 +330,10 @@ def test_errors_name_the_line(models, text, line, fragments):
 
 
 def test_v010_positional_values_go_to_sd_mechas_parameter_order(models):
-    # a fractional alignment is read with sd-mecha's own rotate (issue 19), an integer one with mecha's
+    # 1.x's rotate is read with sd-mecha's own definition (issue 19)
     recipe = load_recipe(V010_HEAD + 'merge "rotate" &0 &1 0.5 0.25\n')
     a, b = mecha.model("a.safetensors"), mecha.model("b.safetensors")
     assert recipe == mecha.sdmecha_rotate(a, b, alignment=0.5, alpha=0.25)
-    assert load_recipe(V010_HEAD + 'merge "rotate" &0 &1 2 0.25\n') == mecha.rotate(a, b, alignment=2, alpha=0.25)
     recipe = load_recipe(V010_HEAD + 'merge "subtract" &1 &0\nmerge "add_difference" &0 &2\n')
     assert recipe == mecha.add_difference(a, b - a, alpha=1.0)  # sd-mecha 1.x's default, written out
 
@@ -431,15 +430,12 @@ def test_unversioned_per_component_defaults_merge_to_sd_mechas_values(models):
 
 
 def test_sd_mecha_1x_rotate_with_all_five_positionals_and_its_defaults(models):
-    # sd-mecha 1.x serialises every hyperparameter positionally; with an integer alignment the
-    # Stiefel settings are dropped (mecha's rotate), with a fractional one sd-mecha's rotate keeps them
+    # sd-mecha 1.x serialises every hyperparameter positionally; sd-mecha's own rotate keeps them all
     recipe = load_recipe(V010_HEAD + 'merge "rotate" &0 &1 0.5 0.25 0.75 1e-08 100\n')
     a, b = mecha.model("a.safetensors"), mecha.model("b.safetensors")
     assert recipe == mecha.sdmecha_rotate(a, b, alignment=0.5, alpha=0.25, centralization=0.75, stiefel_eps=1e-8,
                                           stiefel_max_iters=100)
-    assert load_recipe(V010_HEAD + 'merge "rotate" &0 &1 1.0 0.25 0.75 1e-08 100\n') == mecha.rotate(
-        a, b, alignment=1.0, alpha=0.25, centralization=0.75)
-    assert load_recipe(V010_HEAD + 'merge "rotate" &0 &1\n') == mecha.rotate(a, b, alignment=1.0, alpha=0.0)
+    assert load_recipe(V010_HEAD + 'merge "rotate" &0 &1\n') == mecha.sdmecha_rotate(a, b, alignment=1.0, alpha=0.0)
 
 
 @pytest.mark.parametrize("head", ["V010", "ERA_A"])
