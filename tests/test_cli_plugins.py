@@ -19,7 +19,8 @@ from mecha_core.specs import CliCommand
 from mecha_core.testing import host_with, using
 
 BUILTINS = {"methods": "mecha-methods", "sd1": "mecha-sd1", "sdxl": "mecha-sdxl", "sd3": "mecha-sd3",
-            "flux": "mecha-flux", "gguf": "mecha-gguf", "lora": "mecha-lora", "llm": "mecha-llm"}
+            "flux": "mecha-flux", "gguf": "mecha-gguf", "lora": "mecha-lora", "llm": "mecha-llm",
+            "sdmecha": "mecha-sdmecha"}
 
 
 @pytest.fixture

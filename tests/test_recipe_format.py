@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 import mecha_core as mecha
 import mecha_methods.plugin
+import mecha_sdmecha.plugin
 from mecha_core import merge_method
 from mecha_core.cli import app
 from mecha_core.errors import MergeSpaceError, RecipeError
@@ -294,7 +295,8 @@ def test_header_with_any_spaces_or_tabs_is_read(work, header):
     + "0" * 5000 + "\n",
 ])
 def test_a_number_too_long_for_python_is_a_recipe_error(work, text):
-    result, before = merge(work, text)
+    with using(mecha_methods.plugin, mecha_sdmecha.plugin):  # the sd-mecha texts need its reader
+        result, before = merge(work, text)
     check_clean_failure(result.exit_code, result.stderr, folder=work, before=before,
                         fragments=("recipe.mecha:", "digits"))
 
