@@ -113,9 +113,14 @@ def _writer(plan: Plan, fd: int, offsets: dict[str, int], data_start: int,
     opts = plan.options
 
     def job(unit: Unit) -> int:
-        key, start, end = unit.key, unit.start, unit.stop
+        if unit.pieces:  # whole-key statistics first, then the key slice by slice
+            stats = evaluator.statistics(unit.key, list(unit.pieces))
+            return sum(piece(unit.key, a, b, stats) for a, b in unit.pieces)
+        return piece(unit.key, unit.start, unit.stop, None)
+
+    def piece(key: str, start: int, end: int | None, stats: Any) -> int:
         info = plan.output[key]
-        value = evaluator.evaluate(key, start, end)
+        value = evaluator.evaluate(key, start, end, stats)
         # a sliced key is checked slice by slice: say which elements the count covers
         where = f" (elements {start}..{end - 1} of {info.numel})" if end is not None else ""
         if is_float(info.dtype):

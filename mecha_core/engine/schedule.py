@@ -38,6 +38,10 @@ class Unit:
     """Bytes the unit may hold at once, for the memory budget."""
     last: bool
     """The unit finishes its key (the progress line counts the key then)."""
+    pieces: tuple[tuple[int, int], ...] = ()
+    """For a whole key whose methods need whole-key statistics but are otherwise element-wise:
+    the slices it is evaluated in, one after the other (statistics first, then each slice is
+    written), so it never holds more than one slice."""
 
 
 def bytes_per_element(plan: Plan, key: str) -> int:
@@ -72,22 +76,37 @@ def chunkable(plan: Plan, key: str) -> bool:
     return True
 
 
+def needs_statistics(plan: Plan, key: str) -> bool:
+    """Whether a step ``key`` goes through declares whole-key statistics."""
+    return any(s.method is not None and s.method.statistics is not None and key in s.table and key not in s.take
+               for s in plan.steps)
+
+
 def units(plan: Plan) -> list[Unit]:
-    """Every unit of the merge, in output order; large element-wise keys are sliced."""
-    pieces: list[tuple[str, int, int | None]] = []
+    """Every unit of the merge, in output order; large element-wise keys are sliced, and large
+    keys whose methods need statistics become one unit that works through its slices."""
+    pieces: list[tuple[str, int, int | None, tuple[tuple[int, int], ...]]] = []
     for key in output_order(plan.output):
         n = plan.output[key].numel
         chunk = slice_elements(plan, key)
         if n > chunk and is_float(plan.output[key].dtype) and chunkable(plan, key):
-            pieces.extend((key, s, min(s + chunk, n)) for s in range(0, n, chunk))
+            ranges = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+            if needs_statistics(plan, key):
+                pieces.append((key, 0, None, tuple(ranges)))
+            else:
+                pieces.extend((key, a, b, ()) for a, b in ranges)
         else:
-            pieces.append((key, 0, None))
+            pieces.append((key, 0, None, ()))
     limit = max(1, plan.options.memory_budget)
     out = []
-    for i, (key, start, stop) in enumerate(pieces):
-        cost = min(unit_cost(plan, key, None if stop is None else stop - start), limit)
+    for i, (key, start, stop, ranges) in enumerate(pieces):
+        if ranges:  # one slice at a time, plus the selection's bit patterns (int64) of one input
+            elements = max(b - a for a, b in ranges)
+            cost = unit_cost(plan, key, elements) + 16 * elements
+        else:
+            cost = unit_cost(plan, key, None if stop is None else stop - start)
         last = i + 1 == len(pieces) or pieces[i + 1][0] != key
-        out.append(Unit(i, key, start, stop, cost, last))
+        out.append(Unit(i, key, start, stop, min(cost, limit), last, ranges))
     return out
 
 

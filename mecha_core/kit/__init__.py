@@ -20,6 +20,8 @@ One module per job (see docs/plugins.md, "The plugin kit"):
   ``OutputFile``, ``write_text_atomically`` (see docs/engine.md, "Files").
 - :mod:`mecha_core.kit.untrusted` — JSON found inside files, parsed with bounded size and depth:
   ``loads_bounded``, ``JSONLimitError``.
+- :mod:`mecha_core.kit.reductions` — whole-tensor sums, dot products and norms accumulated in
+  float64 in bounded memory: ``sum64``, ``dot64``, ``abs_sum64``, ``norm64``.
 
 Names are imported on first use, so ``from mecha_core.kit import load_packed`` in a plugin's
 start-up path does not import torch.
@@ -42,6 +44,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     **{name: ("synthetic", name) for name in ("key_table", "write_layout", "write_header_only", "layout_values")},
     **{name: ("output", name) for name in ("OutputFile", "write_text_atomically")},
     **{name: ("untrusted", name) for name in ("loads_bounded", "JSONLimitError")},
+    **{name: ("reductions", name) for name in ("sum64", "dot64", "abs_sum64", "norm64")},
 }
 
 __all__ = sorted(_EXPORTS)

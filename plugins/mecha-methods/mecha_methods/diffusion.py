@@ -9,6 +9,7 @@ import functools
 from mecha_core.lazy import torch
 
 from mecha_core import WEIGHT, merge_method
+from mecha_core.kit.reductions import dot64, norm64
 
 from ._checks import fraction
 from ._precision import in_float32
@@ -60,7 +61,7 @@ def add_cosine_b(a, b, *, alpha: float = 0.0):
     """
     a1, b1 = _as_columns(a), _as_columns(b)
     sim = torch.nn.functional.cosine_similarity(a1, b1, dim=0)
-    whole = (a1 * b1).sum() / torch.clamp(a1.norm() * b1.norm(), min=1e-8)
+    whole = (dot64(a1, b1) / torch.clamp(norm64(a1) * norm64(b1), min=1e-8)).to(a1.dtype)
     return _cosine_lerp(a1, b1, (sim + whole) / 2, alpha).reshape(a.shape)
 
 
@@ -94,8 +95,8 @@ def add_perpendicular(a, b, c, *, alpha: float = 1.0):
     adds nothing in that case).
     """
     da, db = (a - c).reshape(-1), (b - c).reshape(-1)
-    norm2 = (da * da).sum()
-    perp = db - da * ((da * db).sum() / norm2) if norm2 > 0 else db
+    norm2 = float(dot64(da, da))  # float64: float32 sums drift with the tensor's size
+    perp = db - da * (float(dot64(da, db)) / norm2) if norm2 > 0 else db
     return a + alpha * perp.reshape(a.shape)
 
 
