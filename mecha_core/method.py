@@ -183,6 +183,11 @@ class MergeMethod:
     the method needs over the whole key (``inputs``: how many tensors it is given); the function
     then receives their results as ``stats={name: value}``. With ``elementwise``, the engine
     computes them in passes over slices and calls the function on slices."""
+    working_set: Callable[[TensorInfo, int, int], int] | None = attrs.field(default=None, repr=False)
+    """``working_set(info, inputs, itemsize)`` -> bytes one call holds at its peak for a key
+    of ``info``'s shape (``inputs`` tensors of ``itemsize`` bytes per element), for a method
+    that cannot be sliced and needs more than its inputs and result (an SVD's factors). The
+    scheduler admits the key only within the memory budget (alone when it needs all of it)."""
     check_spaces: Callable[[dict[str, Any]], None] | None = attrs.field(default=None, repr=False)
     """Optional extra check of the inputs' merge spaces; raises ``ValueError`` with a reason."""
     formula: str = ""
@@ -317,7 +322,8 @@ def _kind_and_choices(hint: Any) -> tuple[type | None, tuple | None]:
 
 def _build(fn: Callable[..., Any], *, name: str | None, spaces: Any, returns: str | None,
            accepts_missing: bool, check_spaces: Any, formula: str, elementwise: bool,
-           statistics: Callable[..., Sequence[Any]] | None = None) -> MergeMethod:
+           statistics: Callable[..., Sequence[Any]] | None = None,
+           working_set: Callable[[TensorInfo, int, int], int] | None = None) -> MergeMethod:
     sig = inspect.signature(fn)
     hints = _resolve_hints(fn)
     if isinstance(spaces, str):  # one space for every input (not for hyperparameters or ctx)
@@ -366,7 +372,7 @@ def _build(fn: Callable[..., Any], *, name: str | None, spaces: Any, returns: st
     return MergeMethod(
         name=method_name, function=fn, inputs=tuple(inputs), hyperparameters=tuple(hypers),
         returns=returns, accepts_missing=accepts_missing, wants_context=wants_context,
-        elementwise=elementwise, statistics=statistics,
+        elementwise=elementwise, statistics=statistics, working_set=working_set,
         check_spaces=check_spaces, formula=formula, doc=inspect.cleandoc(fn.__doc__ or ""),
     )
 
@@ -375,7 +381,8 @@ def merge_method(fn: Callable[..., Any] | None = None, *, name: str | None = Non
                  spaces: dict[str, str] | str | None = None, returns: str | None = None,
                  accepts_missing: bool = False, check_spaces: Callable[[dict[str, Any]], None] | None = None,
                  formula: str = "", elementwise: bool = False,
-                 statistics: Callable[..., Sequence[Any]] | None = None) -> Any:
+                 statistics: Callable[..., Sequence[Any]] | None = None,
+                 working_set: Callable[[TensorInfo, int, int], int] | None = None) -> Any:
     """Declare a merge method; use bare (``@merge_method``) or with options.
 
     Options: ``name`` (default: the function's name); ``spaces``, a merge space for every input
@@ -386,13 +393,15 @@ def merge_method(fn: Callable[..., Any] | None = None, *, name: str | None = Non
     ``elementwise``, each output element depends only on the same element of each input (lets
     the engine work on slices of large tensors); ``statistics``, a function giving the
     whole-key statistics (:class:`Total`, :class:`TopK`) the method receives as ``stats`` (with
-    ``elementwise``: element-wise given them, so large keys still run in slices).
+    ``elementwise``: element-wise given them, so large keys still run in slices);
+    ``working_set``, ``(info, inputs, itemsize) -> bytes`` a call holds at its peak, for a
+    method that cannot be sliced (the scheduler admits it within the memory budget).
     """
 
     def wrap(f: Callable[..., Any]) -> MergeMethod:
         return _build(f, name=name, spaces=spaces, returns=returns, accepts_missing=accepts_missing,
                       check_spaces=check_spaces, formula=formula, elementwise=elementwise,
-                      statistics=statistics)
+                      statistics=statistics, working_set=working_set)
 
     if fn is not None:
         return wrap(fn)

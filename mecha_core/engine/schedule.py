@@ -58,9 +58,26 @@ def slice_elements(plan: Plan, key: str) -> int:
 
 
 def unit_cost(plan: Plan, key: str, elements: int | None = None) -> int:
-    """Bytes a unit of work may hold at once (for the memory budget)."""
+    """Bytes a unit of work may hold at once (for the memory budget): every input and
+    intermediate, and for a whole key also what its methods declare they hold besides
+    (``working_set``: an SVD's factors)."""
     n = plan.output[key].numel if elements is None else elements
-    return max(1, n * bytes_per_element(plan, key))
+    cost = n * bytes_per_element(plan, key)
+    if elements is None:
+        cost += declared_working_set(plan, key)
+    return max(1, cost)
+
+
+def declared_working_set(plan: Plan, key: str) -> int:
+    """The largest ``working_set`` a method ``key`` goes through declares (its calls run one
+    after the other), 0 when none does."""
+    itemsize = ITEMSIZE.get(plan.options.work_dtype, 4)
+    found = 0
+    for step in plan.steps:
+        method = step.method
+        if method is not None and method.working_set is not None and key in step.table and key not in step.take:
+            found = max(found, int(method.working_set(plan.output[key], len(step.inputs), itemsize)))
+    return found
 
 
 def chunkable(plan: Plan, key: str) -> bool:

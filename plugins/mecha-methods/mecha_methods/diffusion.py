@@ -188,7 +188,28 @@ def _orthogonal_power(q: torch.Tensor, power: float) -> torch.Tensor:
     return powered.real.to(q.dtype)
 
 
-@merge_method(formula="lerp(a_c, b_c·Qᵀ, alpha)·Q^alignment + lerp(mean_a, mean_b, alignment),  "
+def _rotate_working_set(info, inputs: int, itemsize: int) -> int:
+    """rotate's peak: about eight copies of the matrix (inputs, centred rows, the rotated
+    neurons, the result, in float32 at least) and a dozen d×d matrices (the SVD's factors, the
+    completion and the float64/complex fractional power), d the matrix's columns."""
+    shape = tuple(info.shape)
+    if len(shape) < 2:
+        return 0
+    columns = 1
+    for d in (shape[2:] if len(shape) > 2 and _kernel(shape) != 1 else shape[1:]):
+        columns *= d
+    return 8 * info.numel * max(itemsize, 4) + 12 * columns * columns * 16
+
+
+def _kernel(shape: tuple[int, ...]) -> int:
+    size = 1
+    for d in shape[2:]:
+        size *= d
+    return size
+
+
+@merge_method(working_set=_rotate_working_set,
+              formula="lerp(a_c, b_c·Qᵀ, alpha)·Q^alignment + lerp(mean_a, mean_b, alignment),  "
                       "Q = argmin_orthogonal ‖a_c·Q − b_c‖")
 @in_float32
 def rotate(a, b, *, alignment: float = 1.0, alpha: float = 0.0, centralization: float = 1.0):
