@@ -170,6 +170,8 @@ class Evaluator:
         try:
             if method.statistics is not None:
                 if stats is None:  # a whole key: its statistics come from the tensors at hand
+                    # (a slice's would be wrong: the scheduler computes them first for sliced keys)
+                    assert stop is None, f"{method.name}: statistics of key '{key}' were not computed"
                     requests = method.statistics(ctx, len(args), **kwargs)
                     stats = statistics.compute(requests, lambda: [(ctx, args)], self.plan.output[key].numel)
                 kwargs["stats"] = stats
