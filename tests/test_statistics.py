@@ -70,9 +70,12 @@ def test_top_k_selection_over_slices_equals_a_stable_sort(dtype, k):
     # few distinct magnitudes: most of them tied, signs mixed, zeros included
     values = (torch.randint(-6, 7, (1000,), generator=gen).to(dtype)) / 4
     request = TopK("t", lambda ctx, v: v, k)
+    ctx = MergeContext("k", TensorInfo((1000,), "float32"))
+    whole = statistics.compute_whole([request], ctx, [values])["t"]
+    assert torch.equal(whole.mask(values.abs(), ctx), _stable_top_k(values, k))
     for size in (1000, 64, 7):
         sel = statistics.compute([request], _pieces([values], size), values.numel())["t"]
-        ctx = MergeContext("k", TensorInfo((1000,), "float32"))
+        assert sel == whole, size
         assert torch.equal(sel.mask(values.abs(), ctx), _stable_top_k(values, k)), size
 
 

@@ -173,7 +173,7 @@ class Evaluator:
                     # (a slice's would be wrong: the scheduler computes them first for sliced keys)
                     assert stop is None, f"{method.name}: statistics of key '{key}' were not computed"
                     requests = method.statistics(ctx, len(args), **kwargs)
-                    stats = statistics.compute(requests, lambda: [(ctx, args)], self.plan.output[key].numel)
+                    stats = statistics.compute_whole(requests, ctx, args)
                 kwargs["stats"] = stats
             if method.wants_context:
                 kwargs["ctx"] = ctx

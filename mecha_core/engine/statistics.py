@@ -31,9 +31,10 @@ def upcast(args: Sequence[Any]) -> list[Any]:
 
 
 def _bits(magnitudes: torch.Tensor) -> torch.Tensor:
-    """The bit patterns of non-negative floats as int64 (ordered like the floats), flattened."""
+    """The bit patterns of non-negative floats as integers of their size (ordered like the
+    floats: the sign bit is 0), flattened."""
     flat = magnitudes.reshape(-1).contiguous()
-    return flat.view(getattr(torch, _INT_OF_SIZE[flat.element_size()])).to(torch.int64)
+    return flat.view(getattr(torch, _INT_OF_SIZE[flat.element_size()]))
 
 
 class _Select:
@@ -60,7 +61,10 @@ class _Select:
         shift = self.width - 16 * (digit + 1)
         if digit > 0:
             bits = bits[(bits >> (shift + 16)) == self.prefix]
-        hist += torch.bincount(((bits >> shift) & 0xFFFF).cpu(), minlength=_DIGITS)
+        digits = bits >> shift
+        if digit > 0:  # the top digit has no higher bits to clear (the sign bit is 0)
+            digits = digits & 0xFFFF
+        hist += torch.bincount(digits.cpu(), minlength=_DIGITS)
 
     def choose(self, hist: torch.Tensor, last_digit: bool) -> None:
         """Find the bucket holding the rank-th largest; on the last digit, the threshold."""
@@ -85,16 +89,49 @@ class _Select:
         return Selection(self.request.k, self.numel, self.threshold(), self.last_tie)
 
 
-def compute(requests: Sequence[Total | TopK], pieces: Pieces, numel: int) -> dict[str, Any]:
-    """The results of ``requests`` over every piece ``pieces()`` yields (called once per pass)."""
-    totals = [r for r in requests if isinstance(r, Total)]
-    selects = [_Select(r, numel) for r in requests if isinstance(r, TopK)]
+def _check(requests: Sequence[Any]) -> None:
     unknown = [r for r in requests if not isinstance(r, (Total, TopK))]
     if unknown:
         raise TypeError(f"unknown statistic {unknown[0]!r}; use mecha_core.Total or mecha_core.TopK")
     names = [r.name for r in requests]
     if len(set(names)) != len(names):
         raise ValueError(f"statistics named twice: {sorted({n for n in names if names.count(n) > 1})}")
+
+
+def compute_whole(requests: Sequence[Total | TopK], ctx: MergeContext, inputs: Sequence[Any]) -> dict[str, Any]:
+    """The results of ``requests`` for a key held whole: the same values as :func:`compute`
+    (a selection is exact either way), found with one ``kthvalue`` per selection instead of
+    passes."""
+    _check(requests)
+    inputs = upcast(inputs)
+    numel = ctx.info.numel
+    out: dict[str, Any] = {}
+    for r in requests:
+        if isinstance(r, Total):
+            out[r.name] = float(torch.sum(r.of(ctx, *inputs), dtype=torch.float64))
+            continue
+        if r.k <= 0 or r.k >= numel:
+            out[r.name] = Selection(r.k, numel, None, numel)
+            continue
+        magnitudes = r.of(ctx, *inputs).abs().reshape(-1)
+        # the k-th largest is the (n − k + 1)-th smallest; compared by bit pattern, as the
+        # selection over slices does (NaN above every number, -0 and 0 equal after abs)
+        bits = _bits(magnitudes)
+        kth = torch.kthvalue(bits.cpu(), numel - r.k + 1).values
+        threshold = bits.new_tensor([int(kth)]).view(magnitudes.dtype)
+        above = int((bits > kth).sum())
+        equal = bits == kth
+        kept, ties = r.k - above, int(equal.sum())
+        last = numel if kept >= ties else int(torch.nonzero(equal).reshape(-1)[kept - 1])
+        out[r.name] = Selection(r.k, numel, float(threshold[0]), last)
+    return out
+
+
+def compute(requests: Sequence[Total | TopK], pieces: Pieces, numel: int) -> dict[str, Any]:
+    """The results of ``requests`` over every piece ``pieces()`` yields (called once per pass)."""
+    _check(requests)
+    totals = [r for r in requests if isinstance(r, Total)]
+    selects = [_Select(r, numel) for r in requests if isinstance(r, TopK)]
     sums = {r.name: 0.0 for r in totals}
     active = [s for s in selects if not s.done]
     digit = 0
