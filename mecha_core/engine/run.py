@@ -16,6 +16,7 @@ from ..lazy import torch
 # the output writer and the signal handling live in mecha_core.output; re-exported here for callers
 from ..output import (OutputFile, Protected, Terminated, TerminateAsInterrupt, output_mode, resolve_output,  # noqa: F401
                       temp_prefix)
+from .allocator import reuse_freed_memory
 from .evaluate import Evaluator
 from .plan import Plan
 from .safetensors_io import ITEMSIZE, build_header, is_float, tensor_bytes, torch_dtype
@@ -92,7 +93,8 @@ def execute(plan: Plan, output: str | os.PathLike[str], metadata: dict[str, str]
             # reduction, so the bytes are the same for any thread count.
             torch.set_num_threads(1)
             try:
-                run_units(plan, _writer(plan, out.fd, offsets, data_start, write_hook, output), progress)
+                with reuse_freed_memory(plan.options.memory_budget):  # fewer page faults (engine/allocator.py)
+                    run_units(plan, _writer(plan, out.fd, offsets, data_start, write_hook, output), progress)
             except MechaError as exc:  # tensors were read: a failed merge (exit 1), not bad usage
                 raise mark_failed(exc)  # noqa: B904 (the same exception, re-raised with its traceback)
         except OSError as exc:  # the header write: the merge had started
