@@ -18,6 +18,7 @@ from ..output import (OutputFile, Protected, Terminated, TerminateAsInterrupt, o
                       temp_prefix)
 from .allocator import reuse_freed_memory
 from .evaluate import Evaluator
+from .passthrough import PassThrough
 from .plan import Plan
 from .safetensors_io import ITEMSIZE, build_header, is_float, tensor_bytes, torch_dtype
 from .schedule import Unit, run_units
@@ -112,6 +113,7 @@ def _writer(plan: Plan, fd: int, offsets: dict[str, int], data_start: int,
     """The job of one unit: evaluate it, check and cast it to the output dtype, and write its
     bytes where the plan put them; returns the number of bytes written."""
     evaluator = Evaluator(plan)
+    passthrough = PassThrough(plan)
     opts = plan.options
 
     def job(unit: Unit) -> int:
@@ -122,9 +124,21 @@ def _writer(plan: Plan, fd: int, offsets: dict[str, int], data_start: int,
 
     def piece(key: str, start: int, end: int | None, stats: Any) -> int:
         info = plan.output[key]
-        value = evaluator.evaluate(key, start, end, stats)
         # a sliced key is checked slice by slice: say which elements the count covers
         where = f" (elements {start}..{end - 1} of {info.numel})" if end is not None else ""
+        hooked = False
+        if key in passthrough:  # an input tensor as stored: copied file to file (engine/passthrough.py)
+            if is_float(info.dtype) and not opts.allow_nonfinite:  # the NaN/Inf check, on the mapped input
+                _to_output(passthrough.tensor(key).reshape(-1)[start:end], info.dtype, key, where, False)
+            try:
+                if write_hook is not None:
+                    write_hook(key)
+                hooked = True
+                if passthrough.copy(key, fd, data_start + offsets[key] + start * ITEMSIZE[info.dtype], start, end):
+                    return ((info.numel if end is None else end) - start) * ITEMSIZE[info.dtype]
+            except OSError as exc:
+                raise OutputError(f"{output}: writing failed: {exc.strerror or exc}") from None
+        value = evaluator.evaluate(key, start, end, stats)
         if is_float(info.dtype):
             value = _to_output(value, info.dtype, key, where, opts.allow_nonfinite)
         elif value.dtype != torch_dtype(info.dtype):
@@ -136,7 +150,7 @@ def _writer(plan: Plan, fd: int, offsets: dict[str, int], data_start: int,
         data = tensor_bytes(value)
         del value
         try:
-            if write_hook is not None:
+            if write_hook is not None and not hooked:
                 write_hook(key)
             position = data_start + offsets[key] + start * ITEMSIZE[info.dtype]
             view = data
