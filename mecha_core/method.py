@@ -178,6 +178,10 @@ class MergeMethod:
     elementwise: bool = False
     """Each output element depends only on the same element of the inputs, so the engine may
     evaluate a large key in slices (bounded memory, more parallelism)."""
+    rowwise: bool = False
+    """Each output row (an index along dim 0; a tensor of fewer than 2 dims is one row) depends
+    only on the same row of the inputs, so the engine may evaluate a large key in slices of
+    whole rows (the method is given them flattened; ``ctx.info.shape`` says the row length)."""
     statistics: Callable[..., Sequence[Any]] | None = attrs.field(default=None, repr=False)
     """``statistics(ctx, inputs, **hyperparameters)`` -> the :class:`Total` and :class:`TopK`
     the method needs over the whole key (``inputs``: how many tensors it is given); the function
@@ -323,7 +327,7 @@ def _kind_and_choices(hint: Any) -> tuple[type | None, tuple | None]:
 def _build(fn: Callable[..., Any], *, name: str | None, spaces: Any, returns: str | None,
            accepts_missing: bool, check_spaces: Any, formula: str, elementwise: bool,
            statistics: Callable[..., Sequence[Any]] | None = None,
-           working_set: Callable[[TensorInfo, int, int], int] | None = None) -> MergeMethod:
+           working_set: Callable[[TensorInfo, int, int], int] | None = None, rowwise: bool = False) -> MergeMethod:
     sig = inspect.signature(fn)
     hints = _resolve_hints(fn)
     if isinstance(spaces, str):  # one space for every input (not for hyperparameters or ctx)
@@ -372,7 +376,7 @@ def _build(fn: Callable[..., Any], *, name: str | None, spaces: Any, returns: st
     return MergeMethod(
         name=method_name, function=fn, inputs=tuple(inputs), hyperparameters=tuple(hypers),
         returns=returns, accepts_missing=accepts_missing, wants_context=wants_context,
-        elementwise=elementwise, statistics=statistics, working_set=working_set,
+        elementwise=elementwise, rowwise=rowwise, statistics=statistics, working_set=working_set,
         check_spaces=check_spaces, formula=formula, doc=inspect.cleandoc(fn.__doc__ or ""),
     )
 
@@ -382,7 +386,7 @@ def merge_method(fn: Callable[..., Any] | None = None, *, name: str | None = Non
                  accepts_missing: bool = False, check_spaces: Callable[[dict[str, Any]], None] | None = None,
                  formula: str = "", elementwise: bool = False,
                  statistics: Callable[..., Sequence[Any]] | None = None,
-                 working_set: Callable[[TensorInfo, int, int], int] | None = None) -> Any:
+                 working_set: Callable[[TensorInfo, int, int], int] | None = None, rowwise: bool = False) -> Any:
     """Declare a merge method; use bare (``@merge_method``) or with options.
 
     Options: ``name`` (default: the function's name); ``spaces``, a merge space for every input
@@ -395,13 +399,15 @@ def merge_method(fn: Callable[..., Any] | None = None, *, name: str | None = Non
     whole-key statistics (:class:`Total`, :class:`TopK`) the method receives as ``stats`` (with
     ``elementwise``: element-wise given them, so large keys still run in slices);
     ``working_set``, ``(info, inputs, itemsize) -> bytes`` a call holds at its peak, for a
-    method that cannot be sliced (the scheduler admits it within the memory budget).
+    method that cannot be sliced (the scheduler admits it within the memory budget);
+    ``rowwise``, each output row depends only on the same row of the inputs (slices of whole
+    rows, given flattened).
     """
 
     def wrap(f: Callable[..., Any]) -> MergeMethod:
         return _build(f, name=name, spaces=spaces, returns=returns, accepts_missing=accepts_missing,
                       check_spaces=check_spaces, formula=formula, elementwise=elementwise,
-                      statistics=statistics, working_set=working_set)
+                      statistics=statistics, working_set=working_set, rowwise=rowwise)
 
     if fn is not None:
         return wrap(fn)

@@ -225,3 +225,23 @@ def test_a_statistics_method_runs_as_one_unit_of_slices(tmp_path):
         mecha_core.merge(mecha_core.minus_mean(mecha_core.model(str(path))), out, chunk_elements=1000)
     assert torch.equal(load_file(out)["w"], x - float(x.double().mean()))
     assert seen and all(s == (1000,) for s in seen)
+
+
+def test_della_runs_on_slices_of_whole_rows_with_the_whole_tensor_bytes(tmp_path):
+    """DELLA ranks within rows: slices of whole rows (any slice size) give the whole key's bytes,
+    and the keep probabilities are the per-row ranks of the whole tensor."""
+    gen = torch.Generator().manual_seed(6)
+    base = torch.zeros(64, 3, 10)
+    model = torch.randn(64, 3, 10, generator=gen)
+    outs = []
+    for i, chunk in enumerate((1 << 20, 95, 7)):  # whole; 3 rows of 30; a row at a time (7 < 30)
+        (tmp_path / str(i)).mkdir()
+        outs.append(_merge(tmp_path / str(i), lambda *n: mecha_core.della_linear(*n, density=0.5, epsilon=0.2,
+                                                                                  seed=3),
+                           [{"w": base}, {"w": model}], chunk_elements=chunk)["w"])
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    rows = model.reshape(64, 30)
+    ranks = torch.argsort(torch.argsort(rows.abs(), dim=1, stable=True), dim=1).double()
+    p = (0.5 - 0.2 + 0.4 * ranks / 29).reshape(64, 3, 10)
+    kept = outs[1] != 0
+    torch.testing.assert_close(outs[1][kept].double(), (model.double() / p)[kept], rtol=1e-6, atol=1e-6)

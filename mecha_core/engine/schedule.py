@@ -51,10 +51,17 @@ def bytes_per_element(plan: Plan, key: str) -> int:
 
 
 def slice_elements(plan: Plan, key: str) -> int:
-    """How many elements of an element-wise key one unit of work takes."""
+    """How many elements of an element-wise key one unit of work takes (whole rows when a
+    method it goes through is row-wise)."""
     if plan.options.chunk_elements:
-        return max(1, plan.options.chunk_elements)
-    return max(1 << 16, plan.options.slice_bytes // bytes_per_element(plan, key))
+        chunk = max(1, plan.options.chunk_elements)
+    else:
+        chunk = max(1 << 16, plan.options.slice_bytes // bytes_per_element(plan, key))
+    if any(s.method is not None and s.method.rowwise and key in s.table and key not in s.take for s in plan.steps):
+        info = plan.output[key]
+        row = info.numel // info.shape[0] if len(info.shape) >= 2 and info.shape[0] else info.numel
+        chunk = max(row, chunk - chunk % row) if row else chunk
+    return chunk
 
 
 def unit_cost(plan: Plan, key: str, elements: int | None = None) -> int:
@@ -82,13 +89,14 @@ def declared_working_set(plan: Plan, key: str) -> int:
 
 def chunkable(plan: Plan, key: str) -> bool:
     """Whether ``key`` may be evaluated in slices: every step it passes through is element-wise
-    and every file it comes from stores it as is (a converter computes whole tensors)."""
+    (or row-wise: the slices are then whole rows) and every file it comes from stores it as is
+    (a converter computes whole tensors)."""
     for step in plan.steps:
         if key not in step.table:
             continue
         if step.source is not None and not step.source.direct:
             return False
-        if step.method is not None and not step.method.elementwise:
+        if step.method is not None and not (step.method.elementwise or step.method.rowwise):
             return False
     return True
 

@@ -8,8 +8,8 @@ passes over slices (``statistics=``): the k largest magnitudes (an exact selecti
 the lower flat index, as a stable descending sort orders them) and L1 norms. The random masks
 are drawn per element position (``MergeContext.uniform``), so they are the same however the key
 is sliced. Given those, TIES, DARE, DARE-TIES and Breadcrumbs are element-wise and run on
-slices of a large key in bounded memory. DELLA ranks magnitudes within each row and still takes
-whole tensors.
+slices of a large key in bounded memory. DELLA ranks magnitudes within each row: it is row-wise,
+and runs on slices of whole rows.
 """
 
 from __future__ import annotations
@@ -104,10 +104,14 @@ def dare_mask(ctx, seed: int, model: int, density: float) -> torch.Tensor:
     return ctx.uniform(seed, model) < density
 
 
-def della_keep_prob(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+def della_keep_prob(delta: torch.Tensor, density: float, epsilon: float, row: int | None = None) -> torch.Tensor:
     """DELLA's keep probability: within each row (dim 0 of the tensor, the rest flattened) entries
-    are ranked by magnitude, rank 0 the smallest; p = density - epsilon + 2·epsilon·rank/(n - 1)."""
-    rows = delta.reshape(delta.shape[0], -1) if delta.dim() >= 2 else delta.reshape(1, -1)
+    are ranked by magnitude, rank 0 the smallest; p = density - epsilon + 2·epsilon·rank/(n - 1).
+    ``row``: the row length, for a flattened slice of whole rows."""
+    if row is not None:
+        rows = delta.reshape(-1, row)
+    else:
+        rows = delta.reshape(delta.shape[0], -1) if delta.dim() >= 2 else delta.reshape(1, -1)
     n = rows.shape[1]
     order = torch.argsort(rows.abs(), dim=1, stable=True)
     ranks = torch.empty_like(order)
@@ -267,14 +271,16 @@ def dare_ties(base, *models, density: float = 0.5, alpha: float = 1.0, seed: int
 def _della_deltas(name: str, base, models, density, epsilon, seed, ctx) -> list[torch.Tensor]:
     density, epsilon = _check_della(name, density, epsilon)
     out = []
+    shape = tuple(ctx.info.shape)
+    row = ctx.info.numel // shape[0] if len(shape) >= 2 and shape[0] else ctx.info.numel
     for i, d in enumerate(deltas_of(base, models)):
-        p = della_keep_prob(d, density, epsilon)
+        p = della_keep_prob(d, density, epsilon, row)
         mask = ctx.uniform(seed, i) < p
         out.append(torch.where(mask, d / p, torch.zeros_like(d)))
     return out
 
 
-@merge_method(spaces=_SPACES, returns=WEIGHT, check_spaces=at_least(1, "model"),
+@merge_method(spaces=_SPACES, returns=WEIGHT, check_spaces=at_least(1, "model"), rowwise=True,
               formula="base + alpha * disjoint_mean(elect(mᵢ ⊙ δᵢ / pᵢ)),  mᵢ ~ Bernoulli(pᵢ), "
                       "pᵢ = density − epsilon + 2·epsilon·rank_norm(|δᵢ|)")
 @in_float32
@@ -295,7 +301,7 @@ def della(base, *models, density: float = 0.5, epsilon: float = 0.1, alpha: floa
     return base + alpha * ties_merge(deltas, vote)
 
 
-@merge_method(spaces=_SPACES, returns=WEIGHT, check_spaces=at_least(1, "model"),
+@merge_method(spaces=_SPACES, returns=WEIGHT, check_spaces=at_least(1, "model"), rowwise=True,
               formula="base + alpha * Σ mᵢ ⊙ δᵢ / pᵢ  (pᵢ as in della)")
 @in_float32
 def della_linear(base, *models, density: float = 0.5, epsilon: float = 0.1, alpha: float = 1.0,
