@@ -6,7 +6,12 @@ a fresh process and samples its private memory (RssAnon + RssShmem from /proc/PI
 pages mapped from the page cache are not counted, the kernel can drop them). Each run is preceded
 by a read of its inputs, so the page cache is warm for every contender alike. Prints a table.
 
-    python bench/bench_merge.py [--work DIR] [--models 8] [--repeat 1] [--only ws2,avg4]
+    python bench/bench_merge.py [--work DIR] [--only ws2,ties4] [--sdmecha-python PY]
+
+Beside every row the machine's floor for that merge, measured in the same run just before it:
+starting Python and importing torch, reading every input from the page cache, and writing the
+output's bytes to the page cache with ``dd``. sd-mecha runs with ``--sdmecha-python`` (a venv
+where sd-mecha 1.1.8 is installed) or, without it, when the bench's own Python can import it.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 LAYOUT_CANDIDATES = [
     os.path.join(ROOT, "..", "shared", "data", "architectures", "sd1-ldm.json"),
+    os.path.join(ROOT, "shared", "data", "architectures", "sd1-ldm.json"),
+    os.path.join(ROOT, "..", "..", "shared", "data", "architectures", "sd1-ldm.json"),  # a worktree in wt/NAME
 ]
 
 
@@ -72,6 +79,8 @@ elif kind == "avg":
     r = m.n_average(*models)
 elif kind == "addiff":
     r = m.add_difference(models[0], models[1], models[2], alpha=1.0)
+elif kind == "ties":
+    r = m.ties(*models, density=0.2)
 m.merge(r, out)
 """
 
@@ -90,6 +99,18 @@ for k, first in sds[0].items():
         v = xs[0] * 0.5 + xs[1] * 0.5
     elif kind == "avg":
         v = sum(xs[1:], xs[0].clone()) / len(xs)
+    elif kind == "ties":
+        deltas = []
+        for x in xs[1:]:
+            d = (x - xs[0]).reshape(-1)
+            kept = torch.zeros_like(d)
+            idx = torch.topk(d.abs(), int(0.2 * d.numel()), sorted=False).indices
+            kept[idx] = d[idx]
+            deltas.append(kept)
+        sign = torch.sign(sum(deltas))
+        agree = [(torch.sign(d) == sign) & (d != 0) for d in deltas]
+        total = sum(torch.where(a, d, 0) for a, d in zip(agree, deltas))
+        v = xs[0] + (total / sum(a.float() for a in agree).clamp(min=1)).reshape(xs[0].shape)
     else:
         v = xs[0] + (xs[1] - xs[2]) * 1.0
     result[k] = v.to(first.dtype)
@@ -104,6 +125,8 @@ if kind == "ws":
     r = s.weighted_sum(models[0], models[1], alpha=0.5)
 elif kind == "avg":
     r = s.n_average(*models)
+elif kind == "ties":
+    r = s.add_difference_ties(models[0], *models[1:], alpha=1.0, k=0.2)
 else:
     r = s.add_difference(models[0], models[1], models[2], alpha=1.0)
 s.merge(r, output=out)
@@ -122,7 +145,25 @@ def private_kb(pid: int) -> int:
     return total
 
 
-def run(script: str, kind: str, out: str, paths: list[str]) -> tuple[float, float]:
+def floor(paths: list[str], out_bytes: int, work: str) -> float:
+    """Seconds the machine needs at least: start Python and import torch, read every input from
+    the page cache, write the output's bytes to the page cache."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import torch"], check=True)
+    for p in paths:
+        with open(p, "rb") as f:
+            while f.read(1 << 24):
+                pass
+    target = os.path.join(work, "floor.bin")
+    block = 1 << 24
+    subprocess.run(["dd", "if=/dev/zero", f"of={target}", f"bs={block}", f"count={-(-out_bytes // block)}",
+                    "status=none"], check=True)
+    wall = time.perf_counter() - start
+    os.unlink(target)
+    return wall
+
+
+def run(script: str, kind: str, out: str, paths: list[str], python: str = sys.executable) -> tuple[float, float]:
     for p in paths:  # warm the page cache for every contender alike
         with open(p, "rb") as f:
             while f.read(1 << 24):
@@ -130,7 +171,7 @@ def run(script: str, kind: str, out: str, paths: list[str]) -> tuple[float, floa
     if os.path.exists(out):
         os.unlink(out)
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", script, kind, out, *paths],
+    proc = subprocess.Popen([python, "-W", "ignore", "-c", script, kind, out, *paths],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     peak = 0
     done = threading.Event()
@@ -158,6 +199,7 @@ CASES = {
     "avg4": ("n-average of 4", "avg", 4),
     "avg8": ("n-average of 8", "avg", 8),
     "addiff3": ("add-difference of 3", "addiff", 3),
+    "ties4": ("TIES k=0.2, base + 3", "ties", 4),
 }
 
 
@@ -166,6 +208,7 @@ def main() -> None:
     parser.add_argument("--work", default=os.path.join(HERE, "out"))
     parser.add_argument("--only", default=",".join(CASES))
     parser.add_argument("--contenders", default="mecha,naive,sd-mecha")
+    parser.add_argument("--sdmecha-python", default=None, help="a Python where sd-mecha 1.1.8 is installed")
     args = parser.parse_args()
     os.makedirs(args.work, exist_ok=True)
     cases = [c for c in args.only.split(",") if c]
@@ -173,7 +216,7 @@ def main() -> None:
     paths = build_models(args.work, n_models)
     contenders = {"mecha": MECHA, "naive": NAIVE, "sd-mecha": SDMECHA}
     wanted = [c for c in args.contenders.split(",") if c in contenders]
-    if "sd-mecha" in wanted:
+    if "sd-mecha" in wanted and args.sdmecha_python is None:
         try:
             import sd_mecha  # noqa: F401
         except ImportError:
@@ -183,18 +226,20 @@ def main() -> None:
         title, kind, n = CASES[case]
         for who in wanted:
             out = os.path.join(args.work, f"out_{who}_{case}.safetensors")
+            python = args.sdmecha_python if who == "sd-mecha" and args.sdmecha_python else sys.executable
+            base = floor(paths[:n], os.path.getsize(paths[0]), args.work)
             try:
-                wall, peak = run(contenders[who], kind, out, paths[:n])
-                rows.append((title, who, f"{wall:.1f}", f"{peak * 1024:.0f}"))
+                wall, peak = run(contenders[who], kind, out, paths[:n], python)
+                rows.append((title, who, f"{wall:.1f}", f"{wall / base:.2f}", f"{base:.1f}", f"{peak * 1024:.0f}"))
             except RuntimeError as exc:
-                rows.append((title, who, "failed", textwrap.shorten(str(exc), 60)))
+                rows.append((title, who, "failed", "", f"{base:.1f}", textwrap.shorten(str(exc), 60)))
             if os.path.exists(out):
                 os.unlink(out)
-            print(f"{title:<22} {who:<9} {rows[-1][2]:>8} s {rows[-1][3]:>8} MB", file=sys.stderr)
-    print("| merge | tool | wall time (s) | peak private memory (MB) |")
-    print("|---|---|---:|---:|")
+            print(" | ".join(rows[-1]), file=sys.stderr)
+    print("| merge | tool | wall time (s) | × floor | floor (s) | peak private memory (MB) |")
+    print("|---|---|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} |")
+        print("| " + " | ".join(r) + " |")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,12 @@
 Positional parameters are inputs (the same key's tensor from each input model), keyword-only
 parameters with defaults are hyperparameters. A parameter named ``ctx`` receives a
 :class:`MergeContext` (the key being merged, a seeded random generator, ...).
+
+A method that needs whole-tensor statistics (norms, dot products, the k-th largest magnitude)
+but is otherwise element-wise declares them with ``statistics=``: the engine computes them in
+passes over slices of the key (:class:`Total` accumulated in float64, :class:`TopK` by an exact
+radix selection) and then calls the method on slices with a ``stats`` keyword holding the
+results, so such a method runs in bounded memory however large the tensor.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import hashlib
 import inspect
 import types
 import typing
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import attrs
 
@@ -35,6 +41,50 @@ class MergeContext:
     was detected or named."""
     device: str = "cpu"
     """The device tensors are on."""
+    start: int = 0
+    """The flat index (in the key, flattened) of the first element of the tensors the method is
+    given: 0 for a whole key."""
+    stop: int | None = None
+    """One past the flat index of the last element given; ``None``: the whole key, in its shape."""
+
+    @property
+    def piece_shape(self) -> tuple[int, ...]:
+        """The shape of the tensors the method is given: the key's, or ``(stop - start,)``."""
+        return tuple(self.info.shape) if self.stop is None else (self.stop - self.start,)
+
+    def indices(self) -> "Any":
+        """The flat index in the key of every element given, shaped like the tensors (int64)."""
+        import torch
+
+        n = 1
+        for d in self.piece_shape:
+            n *= d
+        return torch.arange(self.start, self.start + n, device=self.device).reshape(self.piece_shape)
+
+    def uniform(self, seed: int, stream: int = 0) -> "Any":
+        """Uniform float32 draws in [0, 1), one per element given, from ``seed``, the key and
+        ``stream`` (e.g. the model's position). Element ``i`` of the key always gets the same
+        draw, however the key is sliced: the key is drawn in fixed blocks of
+        :data:`RANDOM_BLOCK` elements, each from its own seeded generator."""
+        import torch
+
+        shape = self.piece_shape
+        n = 1
+        for d in shape:
+            n *= d
+        first, last = self.start // RANDOM_BLOCK, (self.start + n + RANDOM_BLOCK - 1) // RANDOM_BLOCK
+        total = self.info.numel
+        parts = []
+        for block in range(first, last):
+            lo = block * RANDOM_BLOCK
+            length = min(RANDOM_BLOCK, total - lo)
+            digest = hashlib.sha256(f"{int(seed)}\0{self.key}\0{int(stream)}\0{block}".encode()).digest()
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+            parts.append(torch.rand(length, generator=gen, device=self.device, dtype=torch.float32))
+        draws = parts[0] if len(parts) == 1 else torch.cat(parts)
+        offset = self.start - first * RANDOM_BLOCK
+        return draws[offset:offset + n].reshape(shape)
 
     def generator(self, seed: int) -> "Any":
         """A torch generator seeded from ``seed`` and the key, so results never depend on key order."""
@@ -44,6 +94,67 @@ class MergeContext:
         gen = torch.Generator(device=self.device)
         gen.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
         return gen
+
+
+#: Elements per independently seeded block of :meth:`MergeContext.uniform`.
+RANDOM_BLOCK = 1 << 16
+
+
+@attrs.frozen
+class Total:
+    """A statistic: the sum over every element of the key of ``of(ctx, *inputs)``, accumulated
+    in float64 (one float in ``stats[name]``)."""
+
+    name: str
+    """The key of the result in the method's ``stats``."""
+    of: Callable[..., Any] = attrs.field(repr=False)
+    """``of(ctx, *inputs)``: an element-wise function of the method's inputs (a piece of the
+    key, half-precision inputs already upcast to float32), returning a tensor of their shape."""
+
+
+@attrs.frozen
+class TopK:
+    """A statistic: which elements of the key are among the ``k`` largest of
+    ``|of(ctx, *inputs)|``, ties broken by the lower flat index (the first ``k`` of a stable
+    descending sort). ``stats[name]`` is a :class:`Selection`."""
+
+    name: str
+    """The key of the result in the method's ``stats``."""
+    of: Callable[..., Any] = attrs.field(repr=False)
+    """``of(ctx, *inputs)``: an element-wise function of the inputs; its magnitudes are ranked."""
+    k: int
+    """How many elements are selected (0: none; the key's size or more: all)."""
+
+
+@attrs.frozen
+class Selection:
+    """The exact result of a :class:`TopK`: element ``i`` is selected when ``|v_i| > threshold``,
+    or ``|v_i| == threshold`` and ``i <= last_tie``."""
+
+    k: int
+    """How many elements were asked for."""
+    numel: int
+    """The number of elements of the key."""
+    threshold: float | None
+    """The k-th largest magnitude (exactly, as stored in the values' dtype); ``None`` when
+    ``k <= 0`` (nothing selected) or ``k >= numel`` (everything)."""
+    last_tie: int
+    """The flat index of the last element equal to the threshold that is selected (the key's
+    size when every tied element is)."""
+
+    def mask(self, magnitudes: Any, ctx: MergeContext) -> Any:
+        """The selected elements among ``magnitudes`` (``|of(ctx, *inputs)|`` for ``ctx``'s piece)."""
+        import torch
+
+        if self.threshold is None:
+            return torch.full_like(magnitudes, self.k >= self.numel, dtype=torch.bool)
+        above = magnitudes > self.threshold
+        if self.last_tie >= self.numel:
+            return above | (magnitudes == self.threshold)
+        return above | ((magnitudes == self.threshold) & (ctx.indices() <= self.last_tie))
+
+
+Statistic = Total | TopK
 
 
 @attrs.frozen(eq=False)
@@ -67,6 +178,20 @@ class MergeMethod:
     elementwise: bool = False
     """Each output element depends only on the same element of the inputs, so the engine may
     evaluate a large key in slices (bounded memory, more parallelism)."""
+    rowwise: bool = False
+    """Each output row (an index along dim 0; a tensor of fewer than 2 dims is one row) depends
+    only on the same row of the inputs, so the engine may evaluate a large key in slices of
+    whole rows (the method is given them flattened; ``ctx.info.shape`` says the row length)."""
+    statistics: Callable[..., Sequence[Any]] | None = attrs.field(default=None, repr=False)
+    """``statistics(ctx, inputs, **hyperparameters)`` -> the :class:`Total` and :class:`TopK`
+    the method needs over the whole key (``inputs``: how many tensors it is given); the function
+    then receives their results as ``stats={name: value}``. With ``elementwise``, the engine
+    computes them in passes over slices and calls the function on slices."""
+    working_set: Callable[[TensorInfo, int, int], int] | None = attrs.field(default=None, repr=False)
+    """``working_set(info, inputs, itemsize)`` -> bytes one call holds at its peak for a key
+    of ``info``'s shape (``inputs`` tensors of ``itemsize`` bytes per element), for a method
+    that cannot be sliced and needs more than its inputs and result (an SVD's factors). The
+    scheduler admits the key only within the memory budget (alone when it needs all of it)."""
     check_spaces: Callable[[dict[str, Any]], None] | None = attrs.field(default=None, repr=False)
     """Optional extra check of the inputs' merge spaces; raises ``ValueError`` with a reason."""
     formula: str = ""
@@ -200,7 +325,9 @@ def _kind_and_choices(hint: Any) -> tuple[type | None, tuple | None]:
 
 
 def _build(fn: Callable[..., Any], *, name: str | None, spaces: Any, returns: str | None,
-           accepts_missing: bool, check_spaces: Any, formula: str, elementwise: bool) -> MergeMethod:
+           accepts_missing: bool, check_spaces: Any, formula: str, elementwise: bool,
+           statistics: Callable[..., Sequence[Any]] | None = None,
+           working_set: Callable[[TensorInfo, int, int], int] | None = None, rowwise: bool = False) -> MergeMethod:
     sig = inspect.signature(fn)
     hints = _resolve_hints(fn)
     if isinstance(spaces, str):  # one space for every input (not for hyperparameters or ctx)
@@ -214,7 +341,13 @@ def _build(fn: Callable[..., Any], *, name: str | None, spaces: Any, returns: st
     hypers: list[Hyperparameter] = []
     wants_context = False
     method_name = name or fn.__name__
+    if statistics is not None and "stats" not in sig.parameters:
+        raise TypeError(f"{method_name}: a method with statistics takes them as a keyword-only 'stats'")
     for p in sig.parameters.values():
+        if p.name == "stats" and statistics is not None:
+            if p.kind != p.KEYWORD_ONLY:
+                raise TypeError(f"{method_name}: make 'stats' keyword-only (after *)")
+            continue
         if p.name == "ctx":
             if p.kind != p.KEYWORD_ONLY:  # the engine passes it by keyword, after the tensors
                 raise TypeError(f"{method_name}: make 'ctx' keyword-only (after *)")
@@ -243,7 +376,7 @@ def _build(fn: Callable[..., Any], *, name: str | None, spaces: Any, returns: st
     return MergeMethod(
         name=method_name, function=fn, inputs=tuple(inputs), hyperparameters=tuple(hypers),
         returns=returns, accepts_missing=accepts_missing, wants_context=wants_context,
-        elementwise=elementwise,
+        elementwise=elementwise, rowwise=rowwise, statistics=statistics, working_set=working_set,
         check_spaces=check_spaces, formula=formula, doc=inspect.cleandoc(fn.__doc__ or ""),
     )
 
@@ -251,7 +384,9 @@ def _build(fn: Callable[..., Any], *, name: str | None, spaces: Any, returns: st
 def merge_method(fn: Callable[..., Any] | None = None, *, name: str | None = None,
                  spaces: dict[str, str] | str | None = None, returns: str | None = None,
                  accepts_missing: bool = False, check_spaces: Callable[[dict[str, Any]], None] | None = None,
-                 formula: str = "", elementwise: bool = False) -> Any:
+                 formula: str = "", elementwise: bool = False,
+                 statistics: Callable[..., Sequence[Any]] | None = None,
+                 working_set: Callable[[TensorInfo, int, int], int] | None = None, rowwise: bool = False) -> Any:
     """Declare a merge method; use bare (``@merge_method``) or with options.
 
     Options: ``name`` (default: the function's name); ``spaces``, a merge space for every input
@@ -260,16 +395,24 @@ def merge_method(fn: Callable[..., Any] | None = None, *, name: str | None = Non
     ``accepts_missing``, pass ``None`` for inputs lacking a key instead of failing;
     ``check_spaces``, an extra check of the input spaces; ``formula``, a one-line definition;
     ``elementwise``, each output element depends only on the same element of each input (lets
-    the engine work on slices of large tensors).
+    the engine work on slices of large tensors); ``statistics``, a function giving the
+    whole-key statistics (:class:`Total`, :class:`TopK`) the method receives as ``stats`` (with
+    ``elementwise``: element-wise given them, so large keys still run in slices);
+    ``working_set``, ``(info, inputs, itemsize) -> bytes`` a call holds at its peak, for a
+    method that cannot be sliced (the scheduler admits it within the memory budget);
+    ``rowwise``, each output row depends only on the same row of the inputs (slices of whole
+    rows, given flattened).
     """
 
     def wrap(f: Callable[..., Any]) -> MergeMethod:
         return _build(f, name=name, spaces=spaces, returns=returns, accepts_missing=accepts_missing,
-                      check_spaces=check_spaces, formula=formula, elementwise=elementwise)
+                      check_spaces=check_spaces, formula=formula, elementwise=elementwise,
+                      statistics=statistics, working_set=working_set, rowwise=rowwise)
 
     if fn is not None:
         return wrap(fn)
     return wrap
 
 
-__all__ = ["MergeContext", "MergeMethod", "merge_method", "WEIGHT", "DELTA", "PARAM"]
+__all__ = ["MergeContext", "MergeMethod", "merge_method", "Total", "TopK", "Selection", "RANDOM_BLOCK",
+           "WEIGHT", "DELTA", "PARAM"]

@@ -29,8 +29,8 @@ SPEC_TYPES: tuple[tuple[Any, str], ...] = (
     (specs, "TensorInfo"), (specs, "KeySpec"), (specs, "Architecture"), (specs, "ArchitectureFamily"),
     (specs, "ModelType"),
     (specs, "ConvertedKey"), (specs, "Converter"), (specs, "Hyperparameter"), (specs, "MethodInput"),
-    (method, "MergeMethod"), (method, "MergeContext"), (specs, "CliCommand"), (specs, "FileFormat"),
-    (specs, "RecipeFormat"),
+    (method, "MergeMethod"), (method, "MergeContext"), (method, "Total"), (method, "TopK"),
+    (method, "Selection"), (specs, "CliCommand"), (specs, "FileFormat"), (specs, "RecipeFormat"),
 )
 #: the module a plugin imports each class from (the public name, not where it is defined)
 _PUBLIC = {specs: "mecha_core.specs", method: "mecha_core"}

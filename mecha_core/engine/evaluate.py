@@ -15,6 +15,7 @@ from ..lazy import torch
 
 from ..errors import MechaError, MergeError, PluginCodeError
 from ..method import MergeContext
+from . import statistics
 from .plan import Plan, Step
 from .safetensors_io import is_float, torch_dtype
 
@@ -28,17 +29,59 @@ class Evaluator:
         self.device = torch.device(plan.options.device)
         self.work_dtype = torch_dtype(plan.options.work_dtype)
 
-    def evaluate(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    def evaluate(self, key: str, start: int = 0, stop: int | None = None,
+                 stats: dict[int, dict[str, Any]] | None = None) -> torch.Tensor:
         """The value of the recipe's root for ``key`` (elements ``start:stop`` of it, flattened).
 
         Steps run in topological order, iteratively (a recipe may be thousands of steps deep);
-        each intermediate is dropped as soon as its last consumer has run.
+        each intermediate is dropped as soon as its last consumer has run. ``stats`` holds the
+        whole-key statistics of the steps that declare some (step index -> results), computed
+        by :meth:`statistics` when the key is evaluated in slices; without them a step computes
+        its own from the tensors it is given.
         """
+        return self._run(key, start, stop, stats, None)
+
+    def statistics_steps(self, key: str) -> list[Step]:
+        """The steps ``key`` goes through whose method declares statistics, in order."""
+        return [s for s in self.steps if s.method is not None and s.method.statistics is not None
+                and key in s.table and key not in s.take]
+
+    def statistics(self, key: str, ranges: list[tuple[int, int]]) -> dict[int, dict[str, Any]]:
+        """The statistics of every step of ``key`` that declares some, over the slices ``ranges``
+        (in passes: each pass evaluates the step's inputs slice by slice)."""
+        info = self.plan.output[key]
+        found: dict[int, dict[str, Any]] = {}
+        for step in self.statistics_steps(key):
+            assert step.method is not None and step.method.statistics is not None and step.hyper is not None
+            hyper = step.hyper.for_key(key)
+            whole = self._context(key)
+            n_inputs = len(step.inputs)
+
+            def pieces(step: Step = step) -> Any:
+                for a, b in ranges:
+                    ctx = self._context(key, a, b)
+                    yield ctx, self._run(key, a, b, found, step)
+
+            try:
+                requests = step.method.statistics(whole, n_inputs, **hyper)
+                found[step.index] = statistics.compute(requests, pieces, info.numel)
+            except MechaError:
+                raise
+            except (Exception, SystemExit) as exc:
+                raise self._plugin_error(step, key, exc) from exc
+        return found
+
+    def _context(self, key: str, start: int = 0, stop: int | None = None) -> MergeContext:
+        return MergeContext(key, self.plan.output[key], self.plan.architecture, str(self.device), start, stop)
+
+    def _run(self, key: str, start: int, stop: int | None, stats: dict[int, dict[str, Any]] | None,
+             target: Step | None) -> Any:
+        """The root's value, or with ``target`` the arguments of that step (in the work dtype)."""
         steps = self.steps
         sliced = stop is not None
         # which steps this key needs: pass-through steps need only the input they pass on
         needed = [False] * len(steps)
-        needed[-1] = True
+        needed[-1 if target is None else target.index] = True
         for step in reversed(steps):
             if not needed[step.index] or step.source is not None:
                 continue
@@ -57,6 +100,8 @@ class Evaluator:
         shape = (stop - start,) if sliced else self.plan.output[key].shape
         values: list[Any] = [None] * len(steps)
         for step in steps:
+            if target is not None and step.index == target.index:
+                return self._arguments(step, values, needed, shape)
             if not needed[step.index]:
                 continue
             if step.source is not None:
@@ -68,15 +113,9 @@ class Evaluator:
             else:
                 assert step.method is not None
                 consumed = step.inputs
-                args = []
-                for j in step.inputs:
-                    if needed[j]:
-                        args.append(self._work(values[j]))
-                    elif step.method.accepts_missing:
-                        args.append(None)
-                    else:  # a delta that does not touch this key: zero difference
-                        args.append(torch.zeros(shape, dtype=self.work_dtype, device=self.device))
-                out = self._call(step, args, key, shape)
+                args = self._arguments(step, values, needed, shape)
+                out = self._call(step, args, key, shape, start, stop,
+                                 None if stats is None else stats.get(step.index))
             values[step.index] = out
             for j in consumed:
                 if needed[j]:
@@ -102,21 +141,47 @@ class Evaluator:
             return value.to(dtype=self.work_dtype)
         return value
 
-    def _call(self, step: Step, args: list[Any], key: str, shape: tuple[int, ...]) -> torch.Tensor:
+    def _arguments(self, step: Step, values: list[Any], needed: list[bool], shape: tuple[int, ...]) -> list[Any]:
+        assert step.method is not None
+        args = []
+        for j in step.inputs:
+            if needed[j]:
+                args.append(self._work(values[j]))
+            elif step.method.accepts_missing:
+                args.append(None)
+            else:  # a delta that does not touch this key: zero difference
+                args.append(torch.zeros(shape, dtype=self.work_dtype, device=self.device))
+        return args
+
+    def _plugin_error(self, step: Step, key: str, exc: BaseException) -> PluginCodeError:
+        """A plugin's exception as one line naming the plugin, the method, the key and the files."""
+        assert step.method is not None
+        plugin = f"plugin '{step.provider}': " if step.provider else ""
+        return PluginCodeError(f"{plugin}method '{step.method.name}' failed on key '{key}'{self._files(step, key)}: "
+                               f"{type(exc).__name__}: {_one_line(str(exc))}", plugin=step.provider)
+
+    def _call(self, step: Step, args: list[Any], key: str, shape: tuple[int, ...], start: int = 0,
+              stop: int | None = None, stats: dict[str, Any] | None = None) -> torch.Tensor:
         method = step.method
         assert method is not None and step.hyper is not None
         kwargs = step.hyper.for_key(key)
-        if method.wants_context:
-            kwargs["ctx"] = MergeContext(key, self.plan.output[key], self.plan.architecture, str(self.device))
+        ctx = self._context(key, start, stop)
         versions = [_version(a) for a in args]
         try:
+            if method.statistics is not None:
+                if stats is None:  # a whole key: its statistics come from the tensors at hand
+                    # (a slice's would be wrong: the scheduler computes them first for sliced keys)
+                    assert stop is None, f"{method.name}: statistics of key '{key}' were not computed"
+                    requests = method.statistics(ctx, len(args), **kwargs)
+                    stats = statistics.compute_whole(requests, ctx, args)
+                kwargs["stats"] = stats
+            if method.wants_context:
+                kwargs["ctx"] = ctx
             out = method.function(*args, **kwargs)
         except MechaError:
             raise
         except (Exception, SystemExit) as exc:  # plugin code: one line, never a traceback
-            plugin = f"plugin '{step.provider}': " if step.provider else ""
-            raise PluginCodeError(f"{plugin}method '{method.name}' failed on key '{key}'{self._files(step, key)}: "
-                             f"{type(exc).__name__}: {_one_line(str(exc))}", plugin=step.provider) from exc
+            raise self._plugin_error(step, key, exc) from exc
         for position, (arg, version) in enumerate(zip(args, versions, strict=True)):
             if version is not None and _version(arg) != version:
                 raise MergeError(f"key '{key}': method '{method.name}' modified its input "

@@ -16,8 +16,10 @@ from ..lazy import torch
 # the output writer and the signal handling live in mecha_core.output; re-exported here for callers
 from ..output import (OutputFile, Protected, Terminated, TerminateAsInterrupt, output_mode, resolve_output,  # noqa: F401
                       temp_prefix)
+from .allocator import reuse_freed_memory
 from .evaluate import Evaluator
 from .folders import source_files
+from .passthrough import PassThrough
 from .plan import Plan
 from .safetensors_io import ITEMSIZE, build_header, is_float, tensor_bytes, torch_dtype
 from .schedule import Unit, run_units
@@ -95,7 +97,8 @@ def execute(plan: Plan, output: str | os.PathLike[str], metadata: dict[str, str]
             torch.set_num_threads(1)
             try:
                 place = {key: (out.fd, data_start + offset) for key, offset in offsets.items()}
-                run_units(plan, _writer(plan, place, write_hook, output), progress)
+                with reuse_freed_memory(plan.options.memory_budget):  # fewer page faults (engine/allocator.py)
+                    run_units(plan, _writer(plan, place, write_hook, output), progress)
             except MechaError as exc:  # tensors were read: a failed merge (exit 1), not bad usage
                 raise mark_failed(exc)  # noqa: B904 (the same exception, re-raised with its traceback)
         except OSError as exc:  # the header write: the merge had started
@@ -114,14 +117,33 @@ def _writer(plan: Plan, place: Mapping[str, tuple[int, int]],
     bytes where the plan put them (``place``: key -> the file descriptor and the position of
     the key's first byte); returns the number of bytes written."""
     evaluator = Evaluator(plan)
+    passthrough = PassThrough(plan)
     opts = plan.options
 
     def job(unit: Unit) -> int:
-        key, start, end = unit.key, unit.start, unit.stop
+        if unit.pieces:  # whole-key statistics first, then the key slice by slice
+            stats = evaluator.statistics(unit.key, list(unit.pieces))
+            return sum(piece(unit.key, a, b, stats) for a, b in unit.pieces)
+        return piece(unit.key, unit.start, unit.stop, None)
+
+    def piece(key: str, start: int, end: int | None, stats: Any) -> int:
         info = plan.output[key]
-        value = evaluator.evaluate(key, start, end)
         # a sliced key is checked slice by slice: say which elements the count covers
         where = f" (elements {start}..{end - 1} of {info.numel})" if end is not None else ""
+        hooked = False
+        if key in passthrough:  # an input tensor as stored: copied file to file (engine/passthrough.py)
+            if is_float(info.dtype) and not opts.allow_nonfinite:  # the NaN/Inf check, on the mapped input
+                _to_output(passthrough.tensor(key).reshape(-1)[start:end], info.dtype, key, where, False)
+            try:
+                if write_hook is not None:
+                    write_hook(key)
+                hooked = True
+                fd, base = place[key]
+                if passthrough.copy(key, fd, base + start * ITEMSIZE[info.dtype], start, end):
+                    return ((info.numel if end is None else end) - start) * ITEMSIZE[info.dtype]
+            except OSError as exc:
+                raise OutputError(f"{output}: writing failed: {exc.strerror or exc}") from None
+        value = evaluator.evaluate(key, start, end, stats)
         if is_float(info.dtype):
             value = _to_output(value, info.dtype, key, where, opts.allow_nonfinite)
         elif value.dtype != torch_dtype(info.dtype):
@@ -133,7 +155,7 @@ def _writer(plan: Plan, place: Mapping[str, tuple[int, int]],
         data = tensor_bytes(value)
         del value
         try:
-            if write_hook is not None:
+            if write_hook is not None and not hooked:
                 write_hook(key)
             fd, base = place[key]
             position = base + start * ITEMSIZE[info.dtype]

@@ -20,6 +20,7 @@ from ..lazy import torch
 from ..output import Protected
 from ..output_folder import INDEX_NAME, RECIPE_NAME, OutputFolder, copy_file, files_to_copy, write_bytes
 from ..recipe.nodes import ModelNode
+from .allocator import reuse_freed_memory
 from .folders import is_pipeline_folder
 from .plan import Plan
 from .run import _writer
@@ -78,7 +79,8 @@ def _write_shards(plan: Plan, shards: list[tuple[Shard, str]], progress: bool,
             place.update({key: (fd, len(shard.header) + offset) for key, offset in shard.offsets.items()})
         # one intra-op thread per worker, as for a single file: bytes independent of the thread count
         torch.set_num_threads(1)
-        run_units(part, _writer(part, place, write_hook, label), progress)
+        with reuse_freed_memory(plan.options.memory_budget):  # fewer page faults (engine/allocator.py)
+            run_units(part, _writer(part, place, write_hook, label), progress)
     finally:
         torch.set_num_threads(old_threads)
         for fd in fds:

@@ -11,6 +11,7 @@ reports) changes a private copy of that page, never the file, and never faults.
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import mmap
 import os
@@ -296,6 +297,39 @@ class SafetensorsFile:
                 self._map.madvise(mmap.MADV_WILLNEED, aligned, end - aligned)
             except (OSError, ValueError):  # advice only; reading still works without it
                 pass
+
+    def copy_to(self, key: str, fd: int, position: int, start: int = 0, stop: int | None = None) -> bool:
+        """Copy the stored bytes of elements ``start:stop`` of ``key`` to ``fd`` at ``position``
+        file to file (``copy_file_range``: the bytes never enter this process; a reflink or a
+        page-cache copy in the kernel). ``False`` when that cannot be done here (the file was
+        replaced or truncated, or the kernel or filesystem refuses): the caller writes the bytes
+        itself then."""
+        if not hasattr(os, "copy_file_range"):
+            return False
+        entry = self._entries[key]
+        size = ITEMSIZE[entry.info.dtype]
+        begin = self.data_start + entry.begin + start * size
+        end = self.data_start + (entry.end if stop is None else entry.begin + stop * size)
+        try:
+            src = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            opened = os.fstat(src)
+            if (opened.st_dev, opened.st_ino) != self._identity or opened.st_size < end:
+                return False
+            while begin < end:
+                done = os.copy_file_range(src, fd, end - begin, begin, position)
+                if done <= 0:
+                    return False
+                begin, position = begin + done, position + done
+            return True
+        except OSError as exc:
+            if exc.errno in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF):
+                return False
+            raise
+        finally:
+            os.close(src)
 
     def close(self) -> None:
         # Not mmap.close(): torch.frombuffer keeps the map object alive but exports no buffer,

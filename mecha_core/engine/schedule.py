@@ -38,6 +38,10 @@ class Unit:
     """Bytes the unit may hold at once, for the memory budget."""
     last: bool
     """The unit finishes its key (the progress line counts the key then)."""
+    pieces: tuple[tuple[int, int], ...] = ()
+    """For a whole key whose methods need whole-key statistics but are otherwise element-wise:
+    the slices it is evaluated in, one after the other (statistics first, then each slice is
+    written), so it never holds more than one slice."""
 
 
 def bytes_per_element(plan: Plan, key: str) -> int:
@@ -47,47 +51,87 @@ def bytes_per_element(plan: Plan, key: str) -> int:
 
 
 def slice_elements(plan: Plan, key: str) -> int:
-    """How many elements of an element-wise key one unit of work takes."""
+    """How many elements of an element-wise key one unit of work takes (whole rows when a
+    method it goes through is row-wise)."""
     if plan.options.chunk_elements:
-        return max(1, plan.options.chunk_elements)
-    return max(1 << 16, plan.options.slice_bytes // bytes_per_element(plan, key))
+        chunk = max(1, plan.options.chunk_elements)
+    else:
+        chunk = max(1 << 16, plan.options.slice_bytes // bytes_per_element(plan, key))
+    if any(s.method is not None and s.method.rowwise and key in s.table and key not in s.take for s in plan.steps):
+        info = plan.output[key]
+        row = info.numel // info.shape[0] if len(info.shape) >= 2 and info.shape[0] else info.numel
+        chunk = max(row, chunk - chunk % row) if row else chunk
+    return chunk
 
 
 def unit_cost(plan: Plan, key: str, elements: int | None = None) -> int:
-    """Bytes a unit of work may hold at once (for the memory budget)."""
+    """Bytes a unit of work may hold at once (for the memory budget): every input and
+    intermediate, and for a whole key also what its methods declare they hold besides
+    (``working_set``: an SVD's factors)."""
     n = plan.output[key].numel if elements is None else elements
-    return max(1, n * bytes_per_element(plan, key))
+    cost = n * bytes_per_element(plan, key)
+    if elements is None:
+        cost += declared_working_set(plan, key)
+    return max(1, cost)
+
+
+def declared_working_set(plan: Plan, key: str) -> int:
+    """The largest ``working_set`` a method ``key`` goes through declares (its calls run one
+    after the other), 0 when none does."""
+    itemsize = ITEMSIZE.get(plan.options.work_dtype, 4)
+    found = 0
+    for step in plan.steps:
+        method = step.method
+        if method is not None and method.working_set is not None and key in step.table and key not in step.take:
+            found = max(found, int(method.working_set(plan.output[key], len(step.inputs), itemsize)))
+    return found
 
 
 def chunkable(plan: Plan, key: str) -> bool:
     """Whether ``key`` may be evaluated in slices: every step it passes through is element-wise
-    and every file it comes from stores it as is (a converter computes whole tensors)."""
+    (or row-wise: the slices are then whole rows) and every file it comes from stores it as is
+    (a converter computes whole tensors)."""
     for step in plan.steps:
         if key not in step.table:
             continue
         if step.source is not None and not step.source.direct:
             return False
-        if step.method is not None and not step.method.elementwise:
+        if step.method is not None and not (step.method.elementwise or step.method.rowwise):
             return False
     return True
 
 
+def needs_statistics(plan: Plan, key: str) -> bool:
+    """Whether a step ``key`` goes through declares whole-key statistics."""
+    return any(s.method is not None and s.method.statistics is not None and key in s.table and key not in s.take
+               for s in plan.steps)
+
+
 def units(plan: Plan) -> list[Unit]:
-    """Every unit of the merge, in output order; large element-wise keys are sliced."""
-    pieces: list[tuple[str, int, int | None]] = []
+    """Every unit of the merge, in output order; large element-wise keys are sliced, and large
+    keys whose methods need statistics become one unit that works through its slices."""
+    pieces: list[tuple[str, int, int | None, tuple[tuple[int, int], ...]]] = []
     for key in output_order(plan.output):
         n = plan.output[key].numel
         chunk = slice_elements(plan, key)
         if n > chunk and is_float(plan.output[key].dtype) and chunkable(plan, key):
-            pieces.extend((key, s, min(s + chunk, n)) for s in range(0, n, chunk))
+            ranges = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+            if needs_statistics(plan, key):
+                pieces.append((key, 0, None, tuple(ranges)))
+            else:
+                pieces.extend((key, a, b, ()) for a, b in ranges)
         else:
-            pieces.append((key, 0, None))
+            pieces.append((key, 0, None, ()))
     limit = max(1, plan.options.memory_budget)
     out = []
-    for i, (key, start, stop) in enumerate(pieces):
-        cost = min(unit_cost(plan, key, None if stop is None else stop - start), limit)
+    for i, (key, start, stop, ranges) in enumerate(pieces):
+        if ranges:  # one slice at a time, plus the selection's bit patterns (int64) of one input
+            elements = max(b - a for a, b in ranges)
+            cost = unit_cost(plan, key, elements) + 16 * elements
+        else:
+            cost = unit_cost(plan, key, None if stop is None else stop - start)
         last = i + 1 == len(pieces) or pieces[i + 1][0] != key
-        out.append(Unit(i, key, start, stop, cost, last))
+        out.append(Unit(i, key, start, stop, min(cost, limit), last, ranges))
     return out
 
 

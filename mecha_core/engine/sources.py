@@ -72,6 +72,10 @@ class FileSource(Source):
     def read(self, key: str) -> torch.Tensor:
         return self.file.read(self._stored[key])
 
+    def stored(self, key: str) -> tuple[SafetensorsFile, str]:
+        """The file holding ``key`` and its name there (to copy its bytes as they are)."""
+        return self.file, self._stored[key]
+
     def prefetch(self, key: str, start: int = 0, stop: int | None = None) -> None:
         self.file.prefetch(self._stored[key], start, stop)
 

@@ -23,6 +23,8 @@ One module per job (see docs/plugins.md, "The plugin kit"):
 - :mod:`mecha_core.kit.recipes` — recipe nodes for readers of other recipe formats (the
   ``mecha_recipe_formats`` hook): ``Node``, ``ModelNode``, ``CallNode``, ``Location``, ``call``,
   ``parameter``, ``WeightMap``, ``blocks``, ``classes``, ``CoreOnly``, ``RecipeHost``.
+- :mod:`mecha_core.kit.reductions` — whole-tensor sums, dot products and norms accumulated in
+  float64 in bounded memory: ``sum64``, ``dot64``, ``abs_sum64``, ``norm64``.
 
 Names are imported on first use, so ``from mecha_core.kit import load_packed`` in a plugin's
 start-up path does not import torch.
@@ -47,6 +49,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     **{name: ("untrusted", name) for name in ("loads_bounded", "JSONLimitError")},
     **{name: ("recipes", name) for name in ("CallNode", "CoreOnly", "Location", "ModelNode", "Node", "RecipeHost",
                                             "WeightMap", "blocks", "call", "classes", "parameter")},
+    **{name: ("reductions", name) for name in ("sum64", "dot64", "abs_sum64", "norm64")},
 }
 
 __all__ = sorted(_EXPORTS)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from mecha_core.lazy import torch
 
-from mecha_core import WEIGHT, merge_method
+from mecha_core import WEIGHT, Total, merge_method
 from mecha_core.errors import MergeError
+
+from mecha_core.kit.reductions import norm64
 
 from ._checks import at_least, choice, model_weights, positive_int
 from ._precision import in_float32
@@ -35,14 +38,26 @@ def task_arithmetic(base, *models, alpha: float = 1.0, weights: tuple = None):
     return base + alpha * total
 
 
-def _cosine(x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
-    return (x * y).sum() / torch.clamp(x.norm() * y.norm(), min=eps)
+def _stock_pairs(pairs: str, n: int) -> list[tuple[int, int]]:
+    pairs = choice("model_stock", "pairs", pairs, ("all", "consecutive"))
+    if pairs == "all":
+        return [(i, j) for i in range(n) for j in range(i + 1, n)]
+    return [(i, i + 1) for i in range(n - 1)]
 
 
-@merge_method(spaces=_SPACES, returns=WEIGHT, check_spaces=at_least(2, "models"),
+def _stock_statistics(ctx, inputs, *, pairs="all", **_):
+    """The dot products of the task vectors model_stock's cosines need (norms included)."""
+    wanted = sorted({p for i, j in _stock_pairs(pairs, inputs - 1) for p in ((i, i), (j, j), (i, j))})
+    return [Total(f"{i},{j}", lambda ctx, base, *models, i=i, j=j: (models[i] - base) * (models[j] - base))
+            for i, j in wanted]
+
+
+@merge_method(spaces=_SPACES, returns=WEIGHT, check_spaces=at_least(2, "models"), elementwise=True,
+              statistics=_stock_statistics,
               formula="t·mean(θᵢ) + (1 − t)·base,  t = N·cosθ / (1 + (N − 1)·cosθ)")
 @in_float32
-def model_stock(base, *models, pairs: Literal["all", "consecutive"] = "all", eps: float = 1e-6, clamp: bool = False):
+def model_stock(base, *models, pairs: Literal["all", "consecutive"] = "all", eps: float = 1e-6, clamp: bool = False,
+                stats=None):
     """Model Stock (Jang et al. 2024, arXiv 2403.19522), per tensor.
 
     cosθ is the mean cosine similarity of the flattened task vectors δᵢ = θᵢ − base, over all
@@ -53,23 +68,21 @@ def model_stock(base, *models, pairs: Literal["all", "consecutive"] = "all", eps
     gives a negative t, as in the paper and mergekit (the default); clamp=true keeps t in [0, 1]
     instead (the base is kept). Where 1 + (N − 1)·cosθ is within eps of 0, t is unbounded: an
     error without clamp. eps also guards the cosines' denominators (a zero task vector has
-    cosine 0). Needs at least 2 models.
+    cosine 0). Needs at least 2 models. The dot products are summed in float64 over slices of
+    the key, so the result is element-wise given them (bounded memory for any size).
     """
-    pairs = choice("model_stock", "pairs", pairs, ("all", "consecutive"))
     if not isinstance(clamp, bool):
         raise MergeError(f"model_stock(clamp={clamp!r}): must be true or false")
-    deltas = [m - base for m in models]
-    n = len(deltas)
-    if pairs == "all":
-        index = [(i, j) for i in range(n) for j in range(i + 1, n)]
-    else:
-        index = [(i, i + 1) for i in range(n - 1)]
-    cos = sum(_cosine(deltas[i], deltas[j], eps) for i, j in index) / len(index)
+    n = len(models)
+    index = _stock_pairs(pairs, n)
+    # the dot products and norms were summed in float64 over the whole key (slice by slice)
+    cos = sum(stats[f"{i},{j}"] / max(math.sqrt(stats[f"{i},{i}"] * stats[f"{j},{j}"]), eps)
+              for i, j in index) / len(index)
     denominator = 1 + (n - 1) * cos
     if clamp:  # the denominator is only ever ≤ 0 where the clamped t is 0 or 1 anyway
-        t = torch.clamp(n * cos / torch.clamp(denominator, min=eps), 0.0, 1.0)
-    elif abs(float(denominator)) < eps:
-        raise MergeError(f"model_stock: the task vectors' mean cosine is {float(cos):.4g}, where t is "
+        t = min(max(n * cos / max(denominator, eps), 0.0), 1.0)
+    elif abs(denominator) < eps:
+        raise MergeError(f"model_stock: the task vectors' mean cosine is {cos:.4g}, where t is "
                          f"unbounded; use clamp=true")
     else:
         t = n * cos / denominator
@@ -93,16 +106,21 @@ def geometric_median(*models, eps: float = 1e-6, maxiter: int = 100, ftol: float
         raise MergeError(f"geometric_median(eps={eps!r}): must be greater than 0")
     stack = torch.stack([m.reshape(-1) for m in models])
     median = stack.mean(dim=0)
-    distances = (stack - median).norm(dim=1)
+    distances = _distances(stack, median)
     objective = distances.sum()
     for _ in range(maxiter):
         weights = 1 / torch.clamp(distances, min=eps)
         median = (weights[:, None] * stack).sum(dim=0) / weights.sum()
-        distances = (stack - median).norm(dim=1)
+        distances = _distances(stack, median)
         previous, objective = objective, distances.sum()
         if abs(previous - objective) <= ftol * objective:
             break
     return median.reshape(models[0].shape)
+
+
+def _distances(stack: torch.Tensor, median: torch.Tensor) -> torch.Tensor:
+    """‖xᵢ − median‖ for each row of ``stack``, accumulated in float64 (in the rows' dtype)."""
+    return torch.stack([norm64(row - median) for row in stack]).to(stack.dtype)
 
 
 AVERAGING = [task_arithmetic, model_stock, geometric_median]

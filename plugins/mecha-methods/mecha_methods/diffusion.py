@@ -9,6 +9,7 @@ import functools
 from mecha_core.lazy import torch
 
 from mecha_core import WEIGHT, merge_method
+from mecha_core.kit.reductions import dot64, norm64
 
 from ._checks import fraction
 from ._precision import in_float32
@@ -60,7 +61,7 @@ def add_cosine_b(a, b, *, alpha: float = 0.0):
     """
     a1, b1 = _as_columns(a), _as_columns(b)
     sim = torch.nn.functional.cosine_similarity(a1, b1, dim=0)
-    whole = (a1 * b1).sum() / torch.clamp(a1.norm() * b1.norm(), min=1e-8)
+    whole = (dot64(a1, b1) / torch.clamp(norm64(a1) * norm64(b1), min=1e-8)).to(a1.dtype)
     return _cosine_lerp(a1, b1, (sim + whole) / 2, alpha).reshape(a.shape)
 
 
@@ -94,8 +95,8 @@ def add_perpendicular(a, b, c, *, alpha: float = 1.0):
     adds nothing in that case).
     """
     da, db = (a - c).reshape(-1), (b - c).reshape(-1)
-    norm2 = (da * da).sum()
-    perp = db - da * ((da * db).sum() / norm2) if norm2 > 0 else db
+    norm2 = float(dot64(da, da))  # float64: float32 sums drift with the tensor's size
+    perp = db - da * (float(dot64(da, db)) / norm2) if norm2 > 0 else db
     return a + alpha * perp.reshape(a.shape)
 
 
@@ -187,7 +188,28 @@ def _orthogonal_power(q: torch.Tensor, power: float) -> torch.Tensor:
     return powered.real.to(q.dtype)
 
 
-@merge_method(formula="lerp(a_c, b_c·Qᵀ, alpha)·Q^alignment + lerp(mean_a, mean_b, alignment),  "
+def _rotate_working_set(info, inputs: int, itemsize: int) -> int:
+    """rotate's peak: about eight copies of the matrix (inputs, centred rows, the rotated
+    neurons, the result, in float32 at least) and a dozen d×d matrices (the SVD's factors, the
+    completion and the float64/complex fractional power), d the matrix's columns."""
+    shape = tuple(info.shape)
+    if len(shape) < 2:
+        return 0
+    columns = 1
+    for d in (shape[2:] if len(shape) > 2 and _kernel(shape) != 1 else shape[1:]):
+        columns *= d
+    return 8 * info.numel * max(itemsize, 4) + 12 * columns * columns * 16
+
+
+def _kernel(shape: tuple[int, ...]) -> int:
+    size = 1
+    for d in shape[2:]:
+        size *= d
+    return size
+
+
+@merge_method(working_set=_rotate_working_set,
+              formula="lerp(a_c, b_c·Qᵀ, alpha)·Q^alignment + lerp(mean_a, mean_b, alignment),  "
                       "Q = argmin_orthogonal ‖a_c·Q − b_c‖")
 @in_float32
 def rotate(a, b, *, alignment: float = 1.0, alpha: float = 0.0, centralization: float = 1.0):

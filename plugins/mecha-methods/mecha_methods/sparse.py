@@ -3,8 +3,13 @@ Model Breadcrumbs.
 
 Every method here takes a base and fine-tunes in weight space, works on the deltas
 δᵢ = θᵢ − θ₀ of one key at a time, and returns weights θ₀ + alpha · combined(δ).
-Sparsification looks at the whole tensor (top-k, ranks, random masks drawn for the whole key), so
-none of these is element-wise: the engine always gives them whole tensors.
+Sparsification looks at the whole tensor, but only through statistics the engine computes in
+passes over slices (``statistics=``): the k largest magnitudes (an exact selection, ties going to
+the lower flat index, as a stable descending sort orders them) and L1 norms. The random masks
+are drawn per element position (``MergeContext.uniform``), so they are the same however the key
+is sliced. Given those, TIES, DARE, DARE-TIES and Breadcrumbs are element-wise and run on
+slices of a large key in bounded memory. DELLA ranks magnitudes within each row: it is row-wise,
+and runs on slices of whole rows.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from typing import Literal, get_args
 
 from mecha_core.lazy import torch
 
-from mecha_core import WEIGHT, merge_method
+from mecha_core import WEIGHT, TopK, Total, merge_method
 
 from ._checks import at_least, choice, fraction, model_weights
 from ._precision import in_float32
@@ -33,31 +38,30 @@ def deltas_of(base: torch.Tensor, models: tuple[torch.Tensor, ...]) -> list[torc
     return [m - base for m in models]
 
 
-def keep_top_k(delta: torch.Tensor, k: int) -> torch.Tensor:
-    """``delta`` with all but its ``k`` largest-magnitude entries set to zero (exactly k kept)."""
-    n = delta.numel()
-    if k >= n:
-        return delta.clone()
-    flat = delta.reshape(-1)
-    kept = torch.zeros_like(flat)
-    if k > 0:
-        idx = torch.topk(flat.abs(), k, sorted=False).indices
-        kept[idx] = flat[idx]
-    return kept.reshape(delta.shape)
+def keep_selected(delta: torch.Tensor, selection, ctx) -> torch.Tensor:
+    """``delta`` with every entry the ``TopK`` selection of its magnitudes left out set to zero."""
+    return torch.where(selection.mask(delta.abs(), ctx), delta, torch.zeros_like(delta))
 
 
-def keep_sd_mecha(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """sd-mecha's TIES trim (its ``filter_top_k``): keep every entry whose magnitude is at least
-    the ``max(int((1 - density) * numel), 1)``-th smallest magnitude (in float32). That keeps
-    ``numel − max(int((1 − density)·numel), 1) + 1`` entries — one more than ``int(density·numel)``
-    when density·numel is a whole number, two more otherwise (the other rounding) — plus every
-    entry equal to the threshold, which in half-precision weights is often hundreds more."""
-    n = delta.numel()
-    if n == 0:
-        return delta.clone()
-    kth = max(int((1 - density) * n), 1)
-    threshold = delta.reshape(-1).abs().float().kthvalue(kth).values
-    return delta * (delta.abs() >= threshold)
+def keep_at_least(delta: torch.Tensor, selection) -> torch.Tensor:
+    """sd-mecha's TIES trim (its ``filter_top_k``) given the selection of its threshold: keep
+    every entry whose magnitude is at least the ``max(int((1 - density) * numel), 1)``-th
+    smallest magnitude (in float32), ties included."""
+    if selection.threshold is None:
+        return delta.clone() if selection.k >= selection.numel else torch.zeros_like(delta)
+    return delta * (delta.abs() >= selection.threshold)
+
+
+def _model_delta(i: int):
+    """``of`` for a statistic of model i's delta (the base is input 0)."""
+    def of(ctx, base, *models):
+        return models[i] - base
+    return of
+
+
+def _sd_mecha_rank(density: float, n: int) -> int:
+    """The position from the top of sd-mecha's threshold, the max(int((1-d)·n), 1)-th smallest."""
+    return n - max(int((1 - density) * n), 1) + 1
 
 
 def elect_sign(deltas: list[torch.Tensor], vote: str) -> torch.Tensor:
@@ -93,46 +97,27 @@ def ties_merge(deltas: list[torch.Tensor], vote: str, weights: list[float] | Non
     return disjoint_mean(deltas, elect_sign(deltas, vote), weights)
 
 
-def bernoulli_mask(shape: torch.Size, keep_prob: torch.Tensor | float, gen: torch.Generator,
-                   device: torch.device) -> torch.Tensor:
-    """A keep mask drawn from ``gen``. Always one full draw per model, whatever the values, so the
-    masks of model i are the same whatever the other models are."""
-    draw = torch.rand(shape, generator=gen, device=device, dtype=torch.float32)
-    return draw < keep_prob
+def dare_mask(ctx, seed: int, model: int, density: float) -> torch.Tensor:
+    """DARE's keep mask of model ``model``: each entry kept with probability density, drawn per
+    element position from seed and the key (the same however the key is sliced, and the masks of
+    model i are the same whatever the other models are)."""
+    return ctx.uniform(seed, model) < density
 
 
-def rescaled(delta: torch.Tensor, mask: torch.Tensor, density: float, rescale: str) -> torch.Tensor:
-    kept = torch.where(mask, delta, torch.zeros_like(delta))
-    if rescale == "density":
-        return kept / density
-    if rescale == "l1":
-        kept_l1 = kept.abs().sum()
-        return kept * (delta.abs().sum() / kept_l1) if kept_l1 > 0 else kept
-    return kept
-
-
-def della_keep_prob(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+def della_keep_prob(delta: torch.Tensor, density: float, epsilon: float, row: int | None = None) -> torch.Tensor:
     """DELLA's keep probability: within each row (dim 0 of the tensor, the rest flattened) entries
-    are ranked by magnitude, rank 0 the smallest; p = density - epsilon + 2·epsilon·rank/(n - 1)."""
-    rows = delta.reshape(delta.shape[0], -1) if delta.dim() >= 2 else delta.reshape(1, -1)
+    are ranked by magnitude, rank 0 the smallest; p = density - epsilon + 2·epsilon·rank/(n - 1).
+    ``row``: the row length, for a flattened slice of whole rows."""
+    if row is not None:
+        rows = delta.reshape(-1, row)
+    else:
+        rows = delta.reshape(delta.shape[0], -1) if delta.dim() >= 2 else delta.reshape(1, -1)
     n = rows.shape[1]
     order = torch.argsort(rows.abs(), dim=1, stable=True)
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(n, device=delta.device).expand_as(order))
     rank_norm = ranks.to(delta.dtype) / (n - 1) if n > 1 else torch.full_like(rows, 0.5)
     return (density - epsilon + 2 * epsilon * rank_norm).reshape(delta.shape)
-
-
-def middle_band(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
-    """Breadcrumbs mask: drop the int(gamma·n) largest magnitudes, keep the next int(density·n)."""
-    n = delta.numel()
-    flat = delta.reshape(-1)
-    order = torch.argsort(flat.abs(), descending=True, stable=True)
-    top = int(gamma * n)
-    keep = order[top:top + int(density * n)]
-    out = torch.zeros_like(flat)
-    out[keep] = flat[keep]
-    return out.reshape(delta.shape)
 
 
 def _check_della(name: str, density: float, epsilon: float) -> tuple[float, float]:
@@ -147,15 +132,26 @@ def _check_della(name: str, density: float, epsilon: float) -> tuple[float, floa
 
 
 # -- TIES ----------------------------------------------------------------------------------------
-@merge_method(spaces=_SPACES, returns=WEIGHT, check_spaces=at_least(1, "model"),
+def _ties_statistics(ctx, inputs, *, density=0.2, trim="top_k", **_):
+    density = fraction("ties", "density", density)
+    trim = choice("ties", "trim", trim, _TRIMS)
+    n = ctx.info.numel
+    k = _sd_mecha_rank(density, n) if trim == "sd_mecha" else int(density * n)
+    return [TopK(f"trim{i}", _model_delta(i), k) for i in range(inputs - 1)]
+
+
+@merge_method(spaces=_SPACES, returns=WEIGHT, check_spaces=at_least(1, "model"), elementwise=True,
+              statistics=_ties_statistics,
               formula="base + alpha * disjoint_mean(elect(top_k(δᵢ, int(density·numel))))")
 @in_float32
 def ties(base, *models, density: float = 0.2, alpha: float = 1.0, vote: Vote = "sum", weights: tuple = None,
-         trim: Trim = "top_k"):
+         trim: Trim = "top_k", stats=None, ctx=None):
     """TIES-merging (Yadav et al. 2023): trim, elect sign, disjoint merge.
 
     Each model's delta δᵢ = θᵢ − base keeps only its int(density·numel) largest-magnitude entries
-    (density = the fraction kept, per model). The elected sign per entry is sign(Σ trimmed δᵢ)
+    (density = the fraction kept, per model; among equal magnitudes at the threshold the entries
+    of lower flat index are kept, as a stable descending sort orders them). The elected sign per
+    entry is sign(Σ trimmed δᵢ)
     with vote="sum" (the default; mergekit's "sum", magnitude-weighted), or sign(Σ sign(trimmed
     δᵢ)) with vote="count" (one vote per model: mergekit's "count", PEFT's "frequency",
     sd-mecha 1.x's default). The merged delta is the sum of the trimmed entries that agree with the
@@ -165,38 +161,66 @@ def ties(base, *models, density: float = 0.2, alpha: float = 1.0, vote: Vote = "
     sum of their weights instead of their count (mergekit's weighted TIES). Default (null): 1 each.
     trim="sd_mecha" trims as sd-mecha does instead (recipes read from sd-mecha files use it): every
     entry at least as large as the max(int((1 − density)·numel), 1)-th smallest magnitude is kept:
-    one or two entries more than int(density·numel), plus every entry tied with the threshold.
+    one or two entries more than int(density·numel), plus every entry tied with the threshold. The
+    selection is exact and computed over slices, so large keys run in bounded memory.
     """
     w = model_weights("ties", weights, len(models))
     vote = choice("ties", "vote", vote, _VOTES)
     trim = choice("ties", "trim", trim, _TRIMS)
-    density = fraction("ties", "density", density)
     deltas = deltas_of(base, models)
     if trim == "sd_mecha":
-        trimmed = [keep_sd_mecha(d, density) for d in deltas]
+        trimmed = [keep_at_least(d, stats[f"trim{i}"]) for i, d in enumerate(deltas)]
     else:
-        k = int(density * base.numel())
-        trimmed = [keep_top_k(d, k) for d in deltas]
+        trimmed = [keep_selected(d, stats[f"trim{i}"], ctx) for i, d in enumerate(deltas)]
     return base + alpha * ties_merge(trimmed, vote, w)
 
 
 # -- DARE ----------------------------------------------------------------------------------------
-def _dare_deltas(name: str, base, models, density, seed, rescale, ctx) -> list[torch.Tensor]:
-    density = fraction(name, "density", density, zero_ok=False)
-    rescale = choice(name, "rescale", rescale, _RESCALES)
-    gen = ctx.generator(seed)
+def _dare_statistics(name: str):
+    """The statistics of DARE method ``name``: the L1 norms of rescale="l1", else none."""
+
+    def statistics(ctx, inputs, *, density=0.5, seed=0, rescale="density", **_):
+        density = fraction(name, "density", density, zero_ok=False)
+        rescale = choice(name, "rescale", rescale, _RESCALES)
+        return _dare_l1(inputs, density, seed) if rescale == "l1" else []
+
+    return statistics
+
+
+def _dare_l1(inputs: int, density: float, seed: int) -> list:
     out = []
-    for d in deltas_of(base, models):
-        mask = bernoulli_mask(d.shape, density, gen, d.device)
-        out.append(rescaled(d, mask, density, rescale))
+    for i in range(inputs - 1):
+        delta = _model_delta(i)
+
+        def kept(ctx, *inputs, i=i, delta=delta):
+            d = delta(ctx, *inputs).abs()
+            return torch.where(dare_mask(ctx, seed, i, density), d, torch.zeros_like(d))
+
+        out += [Total(f"l1_{i}", lambda ctx, *inputs, delta=delta: delta(ctx, *inputs).abs()),
+                Total(f"kept_l1_{i}", kept)]
     return out
 
 
-@merge_method(spaces=_SPACES, returns=WEIGHT, check_spaces=at_least(1, "model"),
+def _dare_deltas(name: str, base, models, density, seed, rescale, ctx, stats) -> list[torch.Tensor]:
+    density = fraction(name, "density", density, zero_ok=False)
+    rescale = choice(name, "rescale", rescale, _RESCALES)
+    out = []
+    for i, d in enumerate(deltas_of(base, models)):
+        kept = torch.where(dare_mask(ctx, seed, i, density), d, torch.zeros_like(d))
+        if rescale == "density":
+            kept = kept / density
+        elif rescale == "l1" and stats[f"kept_l1_{i}"] > 0:
+            kept = kept * (stats[f"l1_{i}"] / stats[f"kept_l1_{i}"])
+        out.append(kept)
+    return out
+
+
+@merge_method(spaces=_SPACES, returns=WEIGHT, check_spaces=at_least(1, "model"), elementwise=True,
+              statistics=_dare_statistics("dare_linear"),
               formula="base + alpha * Σ mᵢ ⊙ δᵢ / density,  mᵢ ~ Bernoulli(density)")
 @in_float32
 def dare_linear(base, *models, density: float = 0.5, alpha: float = 1.0, seed: int = 0,
-                rescale: Rescale = "density", weights: tuple = None, ctx=None):
+                rescale: Rescale = "density", weights: tuple = None, stats=None, ctx=None):
     """DARE (Yu et al. 2023, "drop and rescale") with a plain sum of the task vectors.
 
     Each delta δᵢ = θᵢ − base keeps every entry with probability density (a Bernoulli mask mᵢ,
@@ -206,26 +230,27 @@ def dare_linear(base, *models, density: float = 0.5, alpha: float = 1.0, seed: i
     rescale="none" keeps them as they are. The result is base + alpha · Σ wᵢ · masked δᵢ, with
     weights one per model after the base (a recipe list; default null: 1 each, not normalised).
 
-    The masks come from seed, the key name and the model's position only, so the same seed gives
-    the same bytes whatever the thread count or key order (on one kind of device: CPU and CUDA
-    draw different random numbers); a different seed gives different masks. Two DARE steps in one
-    recipe with the same seed therefore draw the same masks (dare_linear(base, a) and
-    dare_linear(base, b) keep the same entries): give steps that should be independent their own
-    seeds. The masks are drawn for the whole
-    tensor, so the engine does not split DARE keys into slices.
+    The masks come from seed, the key name, the model's position and each entry's position
+    only, so the same seed gives the same bytes whatever the thread count, key order or slice
+    size (on one kind of device: CPU and CUDA draw different random numbers); a different seed
+    gives different masks. Two DARE steps in one recipe with the same seed therefore draw the
+    same masks (dare_linear(base, a) and dare_linear(base, b) keep the same entries): give steps
+    that should be independent their own seeds. The L1 norms of rescale="l1" are summed over
+    slices in float64, so large keys run in bounded memory.
     """
     w = model_weights("dare_linear", weights, len(models))
-    deltas = _dare_deltas("dare_linear", base, models, density, seed, rescale, ctx)
+    deltas = _dare_deltas("dare_linear", base, models, density, seed, rescale, ctx, stats)
     if w is not None:
         deltas = [wi * d for wi, d in zip(w, deltas)]
     return base + alpha * sum(deltas)
 
 
-@merge_method(spaces=_SPACES, returns=WEIGHT, check_spaces=at_least(1, "model"),
+@merge_method(spaces=_SPACES, returns=WEIGHT, check_spaces=at_least(1, "model"), elementwise=True,
+              statistics=_dare_statistics("dare_ties"),
               formula="base + alpha * disjoint_mean(elect(mᵢ ⊙ δᵢ / density))")
 @in_float32
 def dare_ties(base, *models, density: float = 0.5, alpha: float = 1.0, seed: int = 0,
-              rescale: Rescale = "density", vote: Vote = "sum", weights: tuple = None, ctx=None):
+              rescale: Rescale = "density", vote: Vote = "sum", weights: tuple = None, stats=None, ctx=None):
     """DARE's drop and rescale, then the TIES sign election and disjoint mean instead of a sum.
 
     The masks and rescaling are exactly dare_linear's (the same masks for the same seed).
@@ -233,27 +258,29 @@ def dare_ties(base, *models, density: float = 0.5, alpha: float = 1.0, seed: int
     density: keep probability of each delta entry. rescale: "density" (default, divide by
     density), "l1" (keep each delta's L1 norm) or "none". vote: "sum" (default, sign of the
     summed deltas) or "count" (sign of the summed signs), as in ties. seed: fixes the masks
-    (per key, independent of threads). weights: per model, as in ties. Result: base + alpha · merged.
+    (per key and entry, independent of threads and slicing). weights: per model, as in ties.
+    Result: base + alpha · merged.
     """
     w = model_weights("dare_ties", weights, len(models))
     vote = choice("dare_ties", "vote", vote, _VOTES)
-    deltas = _dare_deltas("dare_ties", base, models, density, seed, rescale, ctx)
+    deltas = _dare_deltas("dare_ties", base, models, density, seed, rescale, ctx, stats)
     return base + alpha * ties_merge(deltas, vote, w)
 
 
 # -- DELLA ---------------------------------------------------------------------------------------
 def _della_deltas(name: str, base, models, density, epsilon, seed, ctx) -> list[torch.Tensor]:
     density, epsilon = _check_della(name, density, epsilon)
-    gen = ctx.generator(seed)
     out = []
-    for d in deltas_of(base, models):
-        p = della_keep_prob(d, density, epsilon)
-        mask = bernoulli_mask(d.shape, p, gen, d.device)
+    shape = tuple(ctx.info.shape)
+    row = ctx.info.numel // shape[0] if len(shape) >= 2 and shape[0] else ctx.info.numel
+    for i, d in enumerate(deltas_of(base, models)):
+        p = della_keep_prob(d, density, epsilon, row)
+        mask = ctx.uniform(seed, i) < p
         out.append(torch.where(mask, d / p, torch.zeros_like(d)))
     return out
 
 
-@merge_method(spaces=_SPACES, returns=WEIGHT, check_spaces=at_least(1, "model"),
+@merge_method(spaces=_SPACES, returns=WEIGHT, check_spaces=at_least(1, "model"), rowwise=True,
               formula="base + alpha * disjoint_mean(elect(mᵢ ⊙ δᵢ / pᵢ)),  mᵢ ~ Bernoulli(pᵢ), "
                       "pᵢ = density − epsilon + 2·epsilon·rank_norm(|δᵢ|)")
 @in_float32
@@ -274,7 +301,7 @@ def della(base, *models, density: float = 0.5, epsilon: float = 0.1, alpha: floa
     return base + alpha * ties_merge(deltas, vote)
 
 
-@merge_method(spaces=_SPACES, returns=WEIGHT, check_spaces=at_least(1, "model"),
+@merge_method(spaces=_SPACES, returns=WEIGHT, check_spaces=at_least(1, "model"), rowwise=True,
               formula="base + alpha * Σ mᵢ ⊙ δᵢ / pᵢ  (pᵢ as in della)")
 @in_float32
 def della_linear(base, *models, density: float = 0.5, epsilon: float = 0.1, alpha: float = 1.0,
@@ -291,35 +318,65 @@ def della_linear(base, *models, density: float = 0.5, epsilon: float = 0.1, alph
 
 
 # -- Model Breadcrumbs ---------------------------------------------------------------------------
-def _crumbs(name: str, base, models, density, gamma) -> list[torch.Tensor]:
+def _crumbs_check(name: str, density, gamma) -> tuple[float, float]:
     density = fraction(name, "density", density)
     gamma = fraction(name, "gamma", gamma)
     if density + gamma > 1:
         from mecha_core.errors import MergeError
 
         raise MergeError(f"{name}(density={density}, gamma={gamma}): density + gamma must be ≤ 1")
-    return [middle_band(d, density, gamma) for d in deltas_of(base, models)]
+    return density, gamma
 
 
-@merge_method(spaces=_SPACES, returns=WEIGHT, check_spaces=at_least(1, "model"),
+def _crumbs_statistics(name: str):
+    """The statistics of Breadcrumbs method ``name``: two selections per model, the band's bounds."""
+
+    def statistics(ctx, inputs, *, density=0.9, gamma=0.01, **_):
+        density, gamma = _crumbs_check(name, density, gamma)
+        n = ctx.info.numel
+        top = int(gamma * n)
+        out = []
+        for i in range(inputs - 1):
+            out += [TopK(f"top{i}", _model_delta(i), top),
+                    TopK(f"upto{i}", _model_delta(i), top + int(density * n))]
+        return out
+
+    return statistics
+
+
+def _crumbs(name: str, base, models, density, gamma, stats, ctx) -> list[torch.Tensor]:
+    _crumbs_check(name, density, gamma)
+    out = []
+    for i, d in enumerate(deltas_of(base, models)):
+        magnitude = d.abs()
+        band = stats[f"upto{i}"].mask(magnitude, ctx) & ~stats[f"top{i}"].mask(magnitude, ctx)
+        out.append(torch.where(band, d, torch.zeros_like(d)))
+    return out
+
+
+@merge_method(spaces=_SPACES, returns=WEIGHT, check_spaces=at_least(1, "model"), elementwise=True,
+              statistics=_crumbs_statistics("breadcrumbs"),
               formula="base + alpha * Σ band(δᵢ)  (drop the top gamma and the bottom 1 − density − gamma by |δᵢ|)")
 @in_float32
-def breadcrumbs(base, *models, density: float = 0.9, gamma: float = 0.01, alpha: float = 1.0):
+def breadcrumbs(base, *models, density: float = 0.9, gamma: float = 0.01, alpha: float = 1.0, stats=None,
+                ctx=None):
     """Model Breadcrumbs (Davari & Belilovsky 2023): keep the middle band of each task vector.
 
-    Each delta δᵢ = θᵢ − base, ordered by magnitude, loses its int(gamma·numel) largest entries
-    (outliers) and keeps the next int(density·numel); the smallest 1 − density − gamma are
-    dropped too (density + gamma ≤ 1). The result is base + alpha · Σ kept δᵢ. breadcrumbs_ties
-    fuses the kept deltas with the TIES election instead.
+    Each delta δᵢ = θᵢ − base, ordered by magnitude (a stable sort: equal magnitudes by flat
+    index), loses its int(gamma·numel) largest entries (outliers) and keeps the next
+    int(density·numel); the smallest 1 − density − gamma are dropped too (density + gamma ≤ 1).
+    The result is base + alpha · Σ kept δᵢ. breadcrumbs_ties fuses the kept deltas with the TIES
+    election instead. The band's bounds are exact selections computed over slices.
     """
-    return base + alpha * sum(_crumbs("breadcrumbs", base, models, density, gamma))
+    return base + alpha * sum(_crumbs("breadcrumbs", base, models, density, gamma, stats, ctx))
 
 
-@merge_method(spaces=_SPACES, returns=WEIGHT, check_spaces=at_least(1, "model"),
+@merge_method(spaces=_SPACES, returns=WEIGHT, check_spaces=at_least(1, "model"), elementwise=True,
+              statistics=_crumbs_statistics("breadcrumbs_ties"),
               formula="base + alpha * disjoint_mean(elect(band(δᵢ)))")
 @in_float32
 def breadcrumbs_ties(base, *models, density: float = 0.9, gamma: float = 0.01, alpha: float = 1.0,
-                     vote: Vote = "sum"):
+                     vote: Vote = "sum", stats=None, ctx=None):
     """Model Breadcrumbs' middle band of each task vector, then the TIES sign election.
 
     Each delta loses its top gamma fraction by magnitude and keeps the next density fraction;
@@ -327,7 +384,7 @@ def breadcrumbs_ties(base, *models, density: float = 0.9, gamma: float = 0.01, a
     disjoint mean: base + alpha · merged.
     """
     vote = choice("breadcrumbs_ties", "vote", vote, _VOTES)
-    return base + alpha * ties_merge(_crumbs("breadcrumbs_ties", base, models, density, gamma), vote)
+    return base + alpha * ties_merge(_crumbs("breadcrumbs_ties", base, models, density, gamma, stats, ctx), vote)
 
 
 SPARSE = [ties, dare_linear, dare_ties, della, della_linear, breadcrumbs, breadcrumbs_ties]

@@ -6,42 +6,54 @@ norm separately (linearly), so a merge of two similar models keeps their scale.
 
 from __future__ import annotations
 
+import math
 
 from mecha_core.lazy import torch
 
-from mecha_core import merge_method
+from mecha_core import Total, merge_method
 from mecha_core.errors import MergeError
+from mecha_core.kit.reductions import dot64, norm64
 
 from ._checks import at_least, per_model_weights, positive_int
 from ._precision import in_float32
 
 
 def _unit(x: torch.Tensor, eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
-    norm = x.norm()
-    return x / torch.clamp(norm, min=eps), norm
+    # the norm accumulates in float64: torch's float32 norm drifts with the tensor's size
+    norm = norm64(x)
+    return x / torch.clamp(norm, min=eps).to(x.dtype), norm.to(x.dtype)
 
 
-@merge_method(formula="(sin((1−α)Ω)·â + sin(αΩ)·b̂) / sin Ω · ((1−α)‖a‖ + α‖b‖),  Ω = arccos(â·b̂)")
+def _slerp_statistics(ctx, inputs, **_):
+    return [Total("aa", lambda ctx, a, b: a * a), Total("bb", lambda ctx, a, b: b * b),
+            Total("ab", lambda ctx, a, b: a * b)]
+
+
+@merge_method(elementwise=True, statistics=_slerp_statistics,
+              formula="(sin((1−α)Ω)·â + sin(αΩ)·b̂) / sin Ω · ((1−α)‖a‖ + α‖b‖),  Ω = arccos(â·b̂)")
 @in_float32
-def slerp(a, b, *, alpha: float = 0.5, parallel: float = 0.9995):
+def slerp(a, b, *, alpha: float = 0.5, parallel: float = 0.9995, stats=None):
     """Spherical linear interpolation of the flattened tensors.
 
     The unit directions â, b̂ are interpolated along the great circle through them (Ω the angle
     between them) and the result is given the norm (1 − alpha)·‖a‖ + alpha·‖b‖. When the
     directions are nearly parallel or opposite (|cos Ω| > parallel) or a tensor is zero, the
     circle is ill-defined and the result is the plain weighted_sum (1 − alpha)·a + alpha·b.
+    The norms and the dot product are summed in float64 over slices of the key, so the result
+    is c_a·a + c_b·b computed element-wise, in bounded memory for any size.
     """
     if not 0 <= parallel < 1:  # 1 or more would divide by sin 0 for (anti)parallel inputs
         raise MergeError(f"slerp(parallel={parallel!r}): must be in [0, 1)")
-    ua, na = _unit(a.reshape(-1))
-    ub, nb = _unit(b.reshape(-1))
-    cos = torch.clamp((ua * ub).sum(), -1.0, 1.0)
-    if na == 0 or nb == 0 or abs(float(cos)) > parallel:
+    na, nb = math.sqrt(stats["aa"]), math.sqrt(stats["bb"])
+    if na == 0 or nb == 0:
         return (1 - alpha) * a + alpha * b
-    omega = torch.arccos(cos)
-    sin = torch.sin(omega)
-    direction = (torch.sin((1 - alpha) * omega) * ua + torch.sin(alpha * omega) * ub) / sin
-    return (direction * ((1 - alpha) * na + alpha * nb)).reshape(a.shape)
+    cos = min(max(stats["ab"] / (na * nb), -1.0), 1.0)
+    if abs(cos) > parallel:
+        return (1 - alpha) * a + alpha * b
+    omega = math.acos(cos)
+    sin = math.sin(omega)
+    scale = (1 - alpha) * na + alpha * nb
+    return a * (math.sin((1 - alpha) * omega) / sin / na * scale) + b * (math.sin(alpha * omega) / sin / nb * scale)
 
 
 #: Below this length of the weighted mean of the unit directions they cancel out (x and −x),
@@ -71,8 +83,8 @@ def multislerp(*models, weights: tuple = None, eps: float = 1e-8):
     mu, spread = _unit(sum(wi * u for wi, u in zip(w, units)), eps)
     if spread < _OPPOSED:  # the directions cancel (x and −x): no mean direction, as in slerp
         return sum(wi * m for wi, m in zip(w, models))
-    tau = sum(wi * (u - (u * mu).sum() * mu) for wi, u in zip(w, units))
-    tn = tau.norm()
+    tau = sum(wi * (u - dot64(u, mu).to(u.dtype) * mu) for wi, u in zip(w, units))
+    tn = norm64(tau).to(tau.dtype)
     direction = mu if tn < eps else mu * torch.cos(tn) + tau * (torch.sin(tn) / tn)
     direction, _ = _unit(direction, eps)
     scale = sum(wi * n for wi, n in zip(w, norms))
@@ -102,11 +114,11 @@ def karcher(*models, weights: tuple = None, maxiter: int = 10, tol: float = 1e-5
     for _ in range(maxiter):
         tangent = torch.zeros_like(mu)
         for wi, u in zip(w, units):
-            cos = torch.clamp((u * mu).sum(), -1.0, 1.0)
+            cos = torch.clamp(dot64(u, mu), -1.0, 1.0).to(u.dtype)
             theta = torch.arccos(cos)
             if theta > 1e-7:
                 tangent += wi * (theta / torch.sin(theta)) * (u - cos * mu)
-        step = tangent.norm()
+        step = norm64(tangent).to(tangent.dtype)
         if step < tol:
             break
         mu, _ = _unit(mu * torch.cos(step) + tangent * (torch.sin(step) / step))

@@ -1,0 +1,247 @@
+"""Whole-key statistics over slices: float64 sums, exact top-k selection, and methods that use
+them run on many small slices with the bytes of the whole-tensor definition."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import mecha_core
+from mecha_core import TopK, Total, merge_method
+from mecha_core.engine import statistics
+from mecha_core.kit.reductions import dot64, norm64, sum64
+from mecha_core.method import MergeContext
+from mecha_core.specs import TensorInfo
+from mecha_core.testing import plugin_from_functions, using, write_checkpoint
+
+
+def _pieces(tensors: list[torch.Tensor], size: int):
+    """``statistics.compute``'s pieces: slices of ``size`` elements of the flattened tensors."""
+    n = tensors[0].numel()
+    info = TensorInfo(tuple(tensors[0].shape), "float32")
+
+    def pieces():
+        for a in range(0, n, size):
+            b = min(a + size, n)
+            yield MergeContext("k", info, start=a, stop=b), [t.reshape(-1)[a:b] for t in tensors]
+
+    return pieces
+
+
+def _stable_top_k(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The reference: the first k of a stable descending sort of |values| (ties: lower index)."""
+    flat = values.reshape(-1).abs()
+    order = torch.sort(flat, descending=True, stable=True).indices
+    mask = torch.zeros(flat.numel(), dtype=torch.bool)
+    mask[order[:max(k, 0)]] = True
+    return mask
+
+
+# -- float64 reductions ------------------------------------------------------------------------
+def test_float64_reductions_hold_at_16m_elements_where_float32_drifts():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(1 << 24, generator=gen) + 1.0  # all positive: rounding errors do not cancel
+    y = torch.rand(1 << 24, generator=gen)
+    ref_norm = float(x.double().norm())
+    ref_dot = float((x.double() * y.double()).sum())
+    ref_sum = float(x.double().sum())
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the engine runs
+    try:
+        drift = abs(float(x.norm()) - ref_norm) / ref_norm
+        # the assertion below can fail: float32 is measurably worse than the tolerance here
+        assert drift > 1e-6, drift
+        assert abs(float(norm64(x)) - ref_norm) / ref_norm < 1e-9
+        assert abs(float(dot64(x, y)) - ref_dot) / ref_dot < 1e-9
+        assert abs(float(sum64(x)) - ref_sum) / ref_sum < 1e-9
+        # the engine's Total over 1M-element slices
+        got = statistics.compute([Total("xx", lambda ctx, a: a * a)], _pieces([x], 1 << 20), x.numel())
+        assert abs(got["xx"] ** 0.5 - ref_norm) / ref_norm < 1e-9
+    finally:
+        torch.set_num_threads(old)
+
+
+# -- exact selection -----------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("k", [0, 1, 37, 500, 999, 1000, 1200])
+def test_top_k_selection_over_slices_equals_a_stable_sort(dtype, k):
+    gen = torch.Generator().manual_seed(k)
+    # few distinct magnitudes: most of them tied, signs mixed, zeros included
+    values = (torch.randint(-6, 7, (1000,), generator=gen).to(dtype)) / 4
+    request = TopK("t", lambda ctx, v: v, k)
+    ctx = MergeContext("k", TensorInfo((1000,), "float32"))
+    whole = statistics.compute_whole([request], ctx, [values])["t"]
+    assert torch.equal(whole.mask(values.abs(), ctx), _stable_top_k(values, k))
+    for size in (1000, 64, 7):
+        sel = statistics.compute([request], _pieces([values], size), values.numel())["t"]
+        assert sel == whole, size
+        assert torch.equal(sel.mask(values.abs(), ctx), _stable_top_k(values, k)), size
+
+
+def test_top_k_of_continuous_values_needs_every_digit():
+    gen = torch.Generator().manual_seed(3)
+    values = torch.randn(5000, generator=gen, dtype=torch.float64)
+    for k in (1, 2500, 4999):
+        sel = statistics.compute([TopK("t", lambda ctx, v: v, k)], _pieces([values], 333), 5000)["t"]
+        ctx = MergeContext("k", TensorInfo((5000,), "float64"))
+        assert torch.equal(sel.mask(values.abs(), ctx), _stable_top_k(values, k))
+        assert sel.threshold == float(values.abs().sort(descending=True).values[k - 1])
+
+
+# -- methods through the engine, many slices -----------------------------------------------------
+def _merge(tmp_path, recipe_of, models: list[dict], **options) -> dict[str, torch.Tensor]:
+    import mecha_methods.plugin
+
+    with using(mecha_methods.plugin):
+        nodes = []
+        for i, m in enumerate(models):
+            path = tmp_path / f"in{i}.safetensors"
+            write_checkpoint(path, m)
+            nodes.append(mecha_core.model(str(path)))
+        out = tmp_path / "out.safetensors"
+        mecha_core.merge(recipe_of(*nodes), out, **options)
+        return load_file(out)
+
+
+def _tied_models(n_models: int, shape=(64, 40), seed=0, dtype=torch.float16) -> list[dict]:
+    """Models whose deltas take few values: many ties at any threshold."""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randint(-8, 8, shape, generator=gen).to(dtype)
+    models = [{"w": base}]
+    for _ in range(n_models):
+        models.append({"w": base + torch.randint(-3, 4, shape, generator=gen).to(dtype) / 2})
+    return models
+
+
+def test_ties_sliced_equals_the_whole_tensor_definition_byte_for_byte(tmp_path):
+    models = _tied_models(1)
+    base, m = (x["w"].float() for x in models)
+    out = _merge(tmp_path, lambda *n: mecha_core.ties(*n, density=0.3), models, chunk_elements=100)["w"]
+    delta = m - base
+    keep = _stable_top_k(delta, int(0.3 * delta.numel())).reshape(delta.shape)
+    ref = torch.where(keep, m, base).to(torch.float16)  # one model: every kept delta agrees with itself
+    assert torch.equal(out, ref)
+
+
+def test_ties_three_models_sliced_and_whole_give_the_same_bytes(tmp_path):
+    models = _tied_models(3, seed=1)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    whole = _merge(tmp_path / "a", lambda *n: mecha_core.ties(*n, density=0.2), models, chunk_elements=1 << 20)
+    sliced = _merge(tmp_path / "b", lambda *n: mecha_core.ties(*n, density=0.2), models, chunk_elements=37)
+    base = models[0]["w"].float()
+    deltas = [x["w"].float() - base for x in models[1:]]
+    trimmed = [torch.where(_stable_top_k(d, int(0.2 * d.numel())).reshape(d.shape), d, 0) for d in deltas]
+    sign = torch.sign(sum(trimmed))
+    agree = [(torch.sign(t) == sign) & (t != 0) for t in trimmed]
+    total = sum(torch.where(a, t, 0) for a, t in zip(agree, trimmed))
+    count = sum(a.float() for a in agree).clamp(min=1)
+    ref = (base + total / count).to(torch.float16)
+    assert torch.equal(whole["w"], sliced["w"])
+    assert torch.equal(sliced["w"], ref)
+
+
+def test_breadcrumbs_band_over_slices_is_the_stable_sort_band(tmp_path):
+    models = _tied_models(1, seed=2)
+    base, m = (x["w"].float() for x in models)
+    out = _merge(tmp_path, lambda *n: mecha_core.breadcrumbs(*n, density=0.5, gamma=0.1), models,
+                 chunk_elements=51)["w"]
+    delta = (m - base).reshape(-1)
+    n = delta.numel()
+    order = torch.sort(delta.abs(), descending=True, stable=True).indices
+    band = torch.zeros(n, dtype=torch.bool)
+    band[order[int(0.1 * n):int(0.1 * n) + int(0.5 * n)]] = True
+    ref = torch.where(band.reshape(base.shape), m, base).to(torch.float16)
+    assert torch.equal(out, ref)
+
+
+def test_dare_masks_do_not_depend_on_the_slice_size(tmp_path):
+    models = _tied_models(2, shape=(300, 700), seed=3, dtype=torch.float32)
+    outs = []
+    for i, chunk in enumerate((1 << 22, 1000, 65536 + 17)):
+        (tmp_path / str(i)).mkdir()
+        outs.append(_merge(tmp_path / str(i), lambda *n: mecha_core.dare_ties(*n, density=0.4, seed=2,
+                                                                                 rescale="l1"),
+                           models, chunk_elements=chunk)["w"])
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def test_dare_l1_rescale_uses_whole_key_norms(tmp_path):
+    models = _tied_models(1, shape=(200, 50), seed=4, dtype=torch.float32)
+    out = _merge(tmp_path, lambda *n: mecha_core.dare_linear(*n, density=0.3, seed=1, rescale="l1"), models,
+                 chunk_elements=333)["w"]
+    base, m = models[0]["w"], models[1]["w"]
+    delta = (m - base).double()
+    got = out.double() - base.double()
+    kept = got != 0
+    assert 0.2 < kept.double().mean() < 0.4
+    # the kept entries are the delta scaled by one factor: ‖δ‖₁ / ‖kept δ‖₁ over the whole key
+    factor = delta.abs().sum() / delta[kept].abs().sum()
+    torch.testing.assert_close(got[kept], delta[kept] * factor, rtol=1e-5, atol=1e-5)
+
+
+def test_slerp_and_model_stock_sliced_match_float64_references(tmp_path):
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randn(300, 200, generator=gen)
+    b = 0.6 * a + torch.randn(300, 200, generator=gen)
+    c = 0.5 * a + torch.randn(300, 200, generator=gen)
+    out = _merge(tmp_path, lambda x, y: mecha_core.slerp(x, y, alpha=0.3), [{"w": a}, {"w": b}],
+                 chunk_elements=999)["w"]
+    a64, b64 = a.double().reshape(-1), b.double().reshape(-1)
+    na, nb = a64.norm(), b64.norm()
+    omega = torch.arccos(a64 @ b64 / (na * nb))
+    ref = (torch.sin(0.7 * omega) * a64 / na + torch.sin(0.3 * omega) * b64 / nb) / torch.sin(omega)
+    ref = ref * (0.7 * na + 0.3 * nb)
+    torch.testing.assert_close(out.double().reshape(-1), ref, rtol=1e-5, atol=1e-5)
+    (tmp_path / "s").mkdir()
+    base = torch.zeros(300, 200)
+    stock = _merge(tmp_path / "s", lambda *n: mecha_core.model_stock(*n), [{"w": base}, {"w": b}, {"w": c}],
+                   chunk_elements=777)["w"]
+    d1, d2 = b.double().reshape(-1), c.double().reshape(-1)
+    cos = d1 @ d2 / (d1.norm() * d2.norm())
+    t = 2 * cos / (1 + cos)
+    torch.testing.assert_close(stock.double().reshape(-1), t * (d1 + d2) / 2, rtol=1e-5, atol=1e-5)
+
+
+def test_a_statistics_method_runs_as_one_unit_of_slices(tmp_path):
+    """The unit of a large key holds one slice at a time: the method is only ever given
+    slices, and its statistics are of the whole key."""
+    seen: list[tuple[int, ...]] = []
+
+    def stats_of(ctx, inputs):
+        return [Total("sum", lambda ctx, a: a)]
+
+    @merge_method(elementwise=True, statistics=stats_of)
+    def minus_mean(a, *, stats=None, ctx=None):
+        seen.append(tuple(a.shape))
+        return a - stats["sum"] / ctx.info.numel
+
+    x = torch.arange(10000, dtype=torch.float32).reshape(100, 100)
+    with using(plugin_from_functions("stats", mecha_merge_methods=lambda: [minus_mean])):
+        path = tmp_path / "x.safetensors"
+        write_checkpoint(path, {"w": x})
+        out = tmp_path / "o.safetensors"
+        mecha_core.merge(mecha_core.minus_mean(mecha_core.model(str(path))), out, chunk_elements=1000)
+    assert torch.equal(load_file(out)["w"], x - float(x.double().mean()))
+    assert seen and all(s == (1000,) for s in seen)
+
+
+def test_della_runs_on_slices_of_whole_rows_with_the_whole_tensor_bytes(tmp_path):
+    """DELLA ranks within rows: slices of whole rows (any slice size) give the whole key's bytes,
+    and the keep probabilities are the per-row ranks of the whole tensor."""
+    gen = torch.Generator().manual_seed(6)
+    base = torch.zeros(64, 3, 10)
+    model = torch.randn(64, 3, 10, generator=gen)
+    outs = []
+    for i, chunk in enumerate((1 << 20, 95, 7)):  # whole; 3 rows of 30; a row at a time (7 < 30)
+        (tmp_path / str(i)).mkdir()
+        outs.append(_merge(tmp_path / str(i), lambda *n: mecha_core.della_linear(*n, density=0.5, epsilon=0.2,
+                                                                                  seed=3),
+                           [{"w": base}, {"w": model}], chunk_elements=chunk)["w"])
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    rows = model.reshape(64, 30)
+    ranks = torch.argsort(torch.argsort(rows.abs(), dim=1, stable=True), dim=1).double()
+    p = (0.5 - 0.2 + 0.4 * ranks / 29).reshape(64, 3, 10)
+    kept = outs[1] != 0
+    torch.testing.assert_close(outs[1][kept].double(), (model.double() / p)[kept], rtol=1e-6, atol=1e-6)
