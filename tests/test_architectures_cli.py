@@ -130,7 +130,7 @@ def test_info_lists_every_architecture(host):
     result = runner.invoke(app, ["info", "--json"])
     assert result.exit_code == 0
     listed = {a["name"]: a for a in json.loads(result.output)}
-    assert set(listed) == set(LAYOUTS)
+    assert set(listed) == set(LAYOUTS) | {"sd3.5-medium", "sd3.5-large"}  # SD3.5: computed layouts, no table
     assert listed["sd1-ldm"]["plugin"] == "sd1" and listed["sd1-ldm"]["blocks"] == 26
     assert listed["sdxl-sgm"]["blocks"] == 21 and listed["sd3-comfyui"]["blocks"] == 30
     text = runner.invoke(app, ["info"]).output

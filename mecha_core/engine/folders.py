@@ -156,6 +156,12 @@ class FolderFile:
         f, stored = self._entries[key]
         f.prefetch(stored, start, stop)
 
+    def copy_to(self, key: str, fd: int, position: int, start: int = 0, stop: int | None = None) -> bool:
+        """Copy the stored bytes of ``key`` (elements ``start:stop``) file to file from its shard
+        (:meth:`SafetensorsFile.copy_to`)."""
+        f, stored = self._entries[key]
+        return f.copy_to(stored, fd, position, start, stop)
+
     def close(self) -> None:
         for f in self.files:
             f.close()
