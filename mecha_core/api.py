@@ -8,8 +8,10 @@ from typing import Any, Mapping
 
 from .engine.plan import MergeOptions, Plan, make_plan
 from .engine.run import execute
+from .engine.run_folder import copy_source, execute_folder
 from .engine.safetensors_io import check_float_dtype
 from .output import OutputFile, Protected, TerminateAsInterrupt
+from .output_folder import DEFAULT_SHARD_SIZE, OutputFolder, is_folder_output, parse_shard_size
 from .plugins import PluginHost, get_host
 from .recipe import dump_recipe
 from .recipe.nodes import Node, walk
@@ -42,8 +44,15 @@ def merge(recipe: Node | str | os.PathLike[str], output: str | os.PathLike[str],
           output_dtype: str | None = None, device: str = "cpu", allow_missing: bool = False,
           allow_nonfinite: bool = False, models_dir: str | os.PathLike[str] | None = None,
           progress: bool = False, host: PluginHost | None = None,
-          protect: Protected = (), **kwargs: Any) -> str:
+          protect: Protected = (), shard_size: int | str | None = None,
+          copy_files_from: str | os.PathLike[str] | None = None, **kwargs: Any) -> str:
     """Merge ``recipe`` (a node, .mecha text or a .mecha path) into ``output``; returns its path.
+
+    An ``output`` that ends with a slash (a ``str``: a ``Path`` drops it) or is an existing
+    folder gets a Hugging Face folder: shards of at most ``shard_size`` bytes (``"5GB"``,
+    ``"500MB"`` or a number; default as ``save_pretrained``), their index, ``recipe.mecha``, and
+    the non-weight files (config, tokenizer ...) of the model ``copy_files_from`` (as the recipe
+    names it; default: the first model that is a folder or sits beside a config.json).
 
     The output is written to a temporary file beside it and renamed into place on success; on
     any failure (or Ctrl-C) no file is left and an existing ``output`` is untouched. The output
@@ -54,7 +63,14 @@ def merge(recipe: Node | str | os.PathLike[str], output: str | os.PathLike[str],
     """
     from .recipe import load_recipe
 
-    if not os.path.lexists(output):  # a new name: refused before the recipe is even read
+    folder = is_folder_output(output)
+    if not folder and (shard_size is not None or copy_files_from is not None):
+        from .errors import OutputError
+
+        raise OutputError(f"{os.fspath(output)}: shard_size and copy_files_from are for folder outputs; "
+                          f"end the output's name with / to write a folder")
+    max_shard_size = parse_shard_size(shard_size) if shard_size is not None else DEFAULT_SHARD_SIZE
+    if not folder and not os.path.lexists(output):  # a new name: refused before the recipe is even read
         check_output_name(output)
     _check_device(device)
     check_work_dtype(work_dtype, device)
@@ -82,6 +98,12 @@ def merge(recipe: Node | str | os.PathLike[str], output: str | os.PathLike[str],
         **({"memory_budget": int(memory_budget)} if memory_budget else {}), **kwargs)
     # the output is checked before the inputs are opened: what an existing one is (a device, a
     # FIFO, a file the merge reads: the more specific refusal), then its name
+    if folder:
+        OutputFolder(output, protect=protected)
+        with make_plan(recipe, options, host) as plan, TerminateAsInterrupt():
+            return execute_folder(plan, output, merge_metadata(plan), max_shard_size=max_shard_size,
+                                  copy_from=copy_source(plan, copy_files_from), progress=progress,
+                                  protect=protected)
     OutputFile(output, protect=protected)
     check_output_name(output)
     with make_plan(recipe, options, host) as plan, TerminateAsInterrupt():
@@ -101,7 +123,8 @@ def check_output_name(output: str | os.PathLike[str]) -> None:
     if ext.lower() not in OUTPUT_FORMATS:
         formats = " or ".join(f"{fmt} ({e})" for e, fmt in OUTPUT_FORMATS.items())
         raise OutputError(f"{os.fspath(output)}: mecha writes {formats} files only; "
-                          f"end the output's name with {' or '.join(OUTPUT_FORMATS)}")
+                          f"end the output's name with {' or '.join(OUTPUT_FORMATS)}, or with / for a "
+                          f"Hugging Face folder")
 
 
 def _is_recipe_path(recipe: str | os.PathLike[str]) -> bool:

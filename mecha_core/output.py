@@ -11,7 +11,8 @@ through :class:`OutputFile`::
 
 The temporary file is ``.NAME.mecha-PID-RANDOM.tmp`` beside the target, so a merge killed
 where no cleanup can run (SIGKILL, power loss) leaves a file the next merge into that folder
-recognises: see :func:`sweep_stale`.
+recognises: see :func:`sweep_stale` (which removes the temporary folders of folder outputs,
+:mod:`mecha_core.output_folder`, the same way).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import errno
 import os
 import re
 import secrets
+import shutil
 import signal
 import stat
 import sys
@@ -269,7 +271,7 @@ def _alive(pid: int) -> bool:
 def sweep_stale(folder: str, *, now: float | None = None) -> list[str]:
     """Remove the temporary files of killed merges from ``folder``; returns the lines it printed.
 
-    A file named like a temporary output (:data:`TEMP_PATTERN`) whose process is not running on
+    A file (or folder) named like a temporary output (:data:`TEMP_PATTERN`) whose process is not running on
     this host and that was not modified for :data:`STALE_AFTER_S` is removed, with one warning
     line on stderr (its name and size). One whose process is gone but that changed recently is
     left alone with a warning (it may be another host's merge into a shared folder). Files of
@@ -295,19 +297,24 @@ def sweep_stale(folder: str, *, now: float | None = None) -> list[str]:
             st = os.lstat(path)
         except OSError:
             continue
-        if not stat.S_ISREG(st.st_mode):
+        folder_output = stat.S_ISDIR(st.st_mode)  # the temporary folder of a folder output
+        if not (stat.S_ISREG(st.st_mode) or folder_output):
             continue
         shown = ascii(name)[1:-1] if not name.isprintable() else name
-        age = now - st.st_mtime
+        size, mtime = _folder_size(path, st) if folder_output else (st.st_size, st.st_mtime)
+        age = now - mtime
         if age >= STALE_AFTER_S:
             try:
-                os.unlink(path)
+                if folder_output:
+                    shutil.rmtree(path)
+                else:
+                    os.unlink(path)
             except OSError:
                 continue
-            line = (f"warning: removed {os.path.join(folder, shown)} ({format_bytes(st.st_size)}), the "
+            line = (f"warning: removed {os.path.join(folder, shown)} ({format_bytes(size)}), the "
                     f"temporary file of a merge that was killed (process {pid})")
         else:
-            line = (f"warning: {os.path.join(folder, shown)} ({format_bytes(st.st_size)}) looks like the "
+            line = (f"warning: {os.path.join(folder, shown)} ({format_bytes(size)}) looks like the "
                     f"temporary file of a killed merge (process {pid}); left alone, it changed "
                     f"{age:,.0f} s ago (removed once {STALE_AFTER_S // 60} minutes old)")
         lines.append(line)
@@ -317,6 +324,19 @@ def sweep_stale(folder: str, *, now: float | None = None) -> list[str]:
         except (OSError, ValueError):
             pass
     return lines
+
+
+def _folder_size(path: str, st: os.stat_result) -> tuple[int, float]:
+    """A temporary folder's size (its files') and latest change (its own or a file's)."""
+    size, mtime = 0, st.st_mtime
+    try:
+        with os.scandir(path) as entries:
+            for entry in entries:
+                est = entry.stat(follow_symlinks=False)
+                size, mtime = size + est.st_size, max(mtime, est.st_mtime)
+    except OSError:
+        pass
+    return size, mtime
 
 
 # -- signals -------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -189,11 +190,11 @@ def _closest(keys: frozenset[str], host: Any) -> tuple[str, float] | None:
 
 def inspect_summary(path: Path, host: Any) -> dict[str, Any]:
     """What ``mecha inspect`` reports, from the header alone (no tensor is read)."""
-    from ..engine.safetensors_io import SafetensorsFile
     from ..engine.families import detect_family
+    from ..engine.folders import FolderFile, open_weights
     from ..engine.sources import detect_architecture, detect_type
 
-    f = SafetensorsFile(path)
+    f = open_weights(str(path))
     try:
         keys = frozenset(f.keys)
         type_ = detect_type(str(path), keys, host)
@@ -208,9 +209,22 @@ def inspect_summary(path: Path, host: Any) -> dict[str, Any]:
             "file": str(path), "architecture": arch.name if arch else None, "type": type_,
             "keys": len(keys), "dtypes": dict(sorted(dtypes.items())), "bytes": sum(sizes.values()),
             "has_recipe": "mecha_recipe" in f.metadata,
+            "parameters": sum(info.numel for info in f.keys.values()),
         }
         if arch is not None and host.family_of(arch.name) is not None:
             result.update({"family": host.family_of(arch.name), "description": arch.description})
+        if isinstance(f, FolderFile):  # a folder or an index: which files hold the keys
+            result["folder"] = f.path
+            per_file: dict[str, dict[str, Any]] = {p: {"keys": 0, "bytes": 0, "dtypes": {}} for p in f.paths}
+            for key, info in f.keys.items():
+                entry = per_file[f.file_of(key)]
+                entry["keys"] += 1
+                entry["bytes"] += sizes[key]
+                entry["dtypes"][info.dtype] = entry["dtypes"].get(info.dtype, 0) + 1
+            result["shards"] = [{"file": os.path.relpath(p, f.path), **v} for p, v in per_file.items()]
+        if arch is not None:
+            result["architecture_description"] = arch.description
+            result["blocks"] = len(arch.blocks)
         if arch is None:
             closest = _closest(keys, host) if type_ in ("base", "delta") else None
             result["closest"] = ({"architecture": closest[0], "required_keys_present": round(closest[1], 4)}
@@ -252,11 +266,11 @@ def _conversion_target(arch_name: str, type_: str, host: Any) -> str | None:
 
 
 def inspect_command(
-    file: Annotated[Path, typer.Argument(metavar="FILE", help="A .safetensors file.")],
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="A .safetensors file, a model folder or an index.")],
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
 ) -> None:
-    """Detect a file's architecture and model type from its header; show dtypes, sizes, and the
-    missing, unexpected and misshapen keys. No tensor data is read."""
+    """Detect a file's architecture and model type from its header; show dtypes, sizes, parameters,
+    the shards of a folder, and the missing, unexpected and misshapen keys. No tensor data is read."""
     from ..sizes import format_bytes
 
     result = inspect_summary(file, get_host())
@@ -272,6 +286,13 @@ def inspect_command(
     if result.get("family"):
         typer.echo(f"  {result['description']}")
     typer.echo("  dtypes: " + ", ".join(f"{d} ({n})" for d, n in result["dtypes"].items()))
+    typer.echo(f"  parameters: {result['parameters']:,}")
+    if arch is not None:
+        typer.echo(f"  architecture: {printable(result['architecture_description'])}; "
+                   f"{counted(result['blocks'], 'blocks')}")
+    for shard in result.get("shards", ()):
+        typer.echo(f"  {printable(shard['file'])}: {counted(shard['keys'], 'keys')}, {format_bytes(shard['bytes'])}, "
+                   + ", ".join(f"{d} ({n})" for d, n in shard["dtypes"].items()))
     if arch is None:
         if result.get("closest"):
             c = result["closest"]

@@ -46,8 +46,9 @@ def _fill_value(text: str, name: str):
 def merge_command(
     recipe: Annotated[Path, typer.Argument(metavar="RECIPE",
                                            help="The .mecha recipe to run (mecha or sd-mecha format).")],
-    output: Annotated[Path, typer.Option("-o", "--output", metavar="FILE",
-                      help="Where to write the merged model (a .safetensors file).")],
+    output: Annotated[str, typer.Option("-o", "--output", metavar="FILE",
+                      help="Where to write the merged model: a .safetensors file, or a folder (a name "
+                           "ending with /, or an existing folder) for Hugging Face shards.")],
     models_dir: Annotated[Optional[Path], typer.Option("--models-dir", "-m", metavar="FOLDER",
                           help="Folder where relative model paths are looked up first.")] = None,
     param: Annotated[Optional[list[str]], typer.Option("-p", "--param", metavar="NAME=VALUE",
@@ -66,11 +67,23 @@ def merge_command(
                                                   help="Write NaN/Inf values instead of failing.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+    shard_size: Annotated[Optional[str], typer.Option(
+        "--shard-size", metavar="SIZE",
+        help="Folder output: largest shard, e.g. 5GB, 500MB or bytes (default 50GB, as save_pretrained).")] = None,
+    copy_files_from: Annotated[Optional[str], typer.Option(
+        "--copy-files-from", metavar="MODEL",
+        help="Folder output: the model (as the recipe names it) whose config and tokenizer files are "
+             "copied (default: the first model in a folder).")] = None,
 ) -> None:
     """Run a recipe and write the merged model."""
     from .. import api, compose, load_recipe
+    from ..output_folder import is_folder_output
 
-    if not os.path.lexists(output):  # a new name: refused before the recipe is even read
+    folder = is_folder_output(output)
+    if not folder and (shard_size is not None or copy_files_from is not None):
+        raise OutputError(f"{output}: --shard-size and --copy-files-from are for folder outputs; end "
+                          f"the output's name with / to write a folder")
+    if not folder and not os.path.lexists(output):  # a new name: refused before the recipe is even read
         api.check_output_name(output)
     node = load_recipe(recipe)
     protect = {recipe: f"the recipe {recipe}"}  # every file the merge reads; the engine adds the models
@@ -90,9 +103,12 @@ def merge_command(
     path = api.merge(node, output, threads=threads, memory_budget=_parse_size(memory_budget) if memory_budget else None,
                      work_dtype=work_dtype, output_dtype=output_dtype, device=device,
                      allow_missing=allow_missing, allow_nonfinite=allow_nonfinite,
-                     models_dir=models_dir, progress=progress, protect=protect)
+                     models_dir=models_dir, progress=progress, protect=protect,
+                     **({"shard_size": shard_size, "copy_files_from": copy_files_from} if folder else {}))
     if json_out:
-        print_json({"output": path, "bytes": os.path.getsize(path)})
+        size = (sum(e.stat().st_size for e in os.scandir(path) if e.is_file()) if os.path.isdir(path)
+                else os.path.getsize(path))
+        print_json({"output": path, "bytes": size})
     elif not quiet:
         typer.echo(f"wrote {path}")
 
@@ -194,15 +210,17 @@ def compose_command(
 
 
 def recipe_show_command(
-    file: Annotated[Path, typer.Argument(metavar="FILE", help="A merged .safetensors file.")],
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="A merged .safetensors file or folder.")],
     json_out: Annotated[bool, typer.Option("--json", help="Print {\"file\", \"recipe\", \"mecha_version\", "
                                            "\"mecha_plugins\"} as JSON on stdout.")] = False,
 ) -> None:
     """Print the recipe stored in a merged file's metadata."""
 
-    from ..engine.safetensors_io import read_header
+    from ..engine.folders import open_weights
 
-    _, metadata = read_header(file)
+    weights = open_weights(str(file))  # a merged folder: its first shard's metadata
+    metadata = dict(weights.metadata)
+    weights.close()
     text = (metadata or {}).get("mecha_recipe")
     if text is None:
         raise RecipeError(f"{file}: holds no mecha recipe (it was not written by mecha)")

@@ -17,6 +17,7 @@ from ..lazy import torch
 from ..output import (OutputFile, Protected, Terminated, TerminateAsInterrupt, output_mode, resolve_output,  # noqa: F401
                       temp_prefix)
 from .evaluate import Evaluator
+from .folders import source_files
 from .plan import Plan
 from .safetensors_io import ITEMSIZE, build_header, is_float, tensor_bytes, torch_dtype
 from .schedule import Unit, run_units
@@ -68,8 +69,9 @@ def execute(plan: Plan, output: str | os.PathLike[str], metadata: dict[str, str]
     marked as a failed merge (exit code 1), see :func:`mecha_core.errors.mark_failed`.
     """
     labels = dict(protect) if isinstance(protect, Mapping) else {p: None for p in protect}
-    for path in plan.input_paths:
-        labels.setdefault(path, f"the input {path}")
+    for source in plan.sources:  # a folder input: each of its shards too
+        for path in dict.fromkeys([source.path, *source_files(source)]):
+            labels.setdefault(path, f"the input {path}")
     out = OutputFile(output, protect=labels)
     header, offsets = build_header(plan.output, metadata)
     data_start = len(header)
@@ -92,7 +94,8 @@ def execute(plan: Plan, output: str | os.PathLike[str], metadata: dict[str, str]
             # reduction, so the bytes are the same for any thread count.
             torch.set_num_threads(1)
             try:
-                run_units(plan, _writer(plan, out.fd, offsets, data_start, write_hook, output), progress)
+                place = {key: (out.fd, data_start + offset) for key, offset in offsets.items()}
+                run_units(plan, _writer(plan, place, write_hook, output), progress)
             except MechaError as exc:  # tensors were read: a failed merge (exit 1), not bad usage
                 raise mark_failed(exc)  # noqa: B904 (the same exception, re-raised with its traceback)
         except OSError as exc:  # the header write: the merge had started
@@ -105,10 +108,11 @@ def execute(plan: Plan, output: str | os.PathLike[str], metadata: dict[str, str]
             raise mark_failed(exc)  # noqa: B904 (the same exception, re-raised with its traceback)
 
 
-def _writer(plan: Plan, fd: int, offsets: dict[str, int], data_start: int,
+def _writer(plan: Plan, place: Mapping[str, tuple[int, int]],
             write_hook: Callable[[str], None] | None, output: Any) -> Callable[[Unit], int]:
     """The job of one unit: evaluate it, check and cast it to the output dtype, and write its
-    bytes where the plan put them; returns the number of bytes written."""
+    bytes where the plan put them (``place``: key -> the file descriptor and the position of
+    the key's first byte); returns the number of bytes written."""
     evaluator = Evaluator(plan)
     opts = plan.options
 
@@ -131,7 +135,8 @@ def _writer(plan: Plan, fd: int, offsets: dict[str, int], data_start: int,
         try:
             if write_hook is not None:
                 write_hook(key)
-            position = data_start + offsets[key] + start * ITEMSIZE[info.dtype]
+            fd, base = place[key]
+            position = base + start * ITEMSIZE[info.dtype]
             view = data
             while len(view):
                 written = os.pwrite(fd, view, position)

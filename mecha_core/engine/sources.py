@@ -26,6 +26,7 @@ from ..plugins import PLUGIN_FAILURES, PluginHost, describe_exception, plugin_co
 from ..recipe.nodes import ModelNode
 from ..specs import Architecture, ConvertedKey, Converter, TensorInfo
 from .families import detect_family, family_architecture
+from .folders import is_model_folder, open_weights
 from .safetensors_io import SafetensorsFile
 
 BASE_TYPES = ("base", "delta")
@@ -121,8 +122,11 @@ def resolve_path(node: ModelNode, models_dir: str | None) -> str:
             if os.path.islink(path) and _link_loop(path):  # not "not found": the file is there, broken
                 raise PlanError(f"model '{node.path}': {path}: symbolic link loop")
     folder = next((t for t in tried if os.path.isdir(t)), None)
+    if folder is not None and is_model_folder(folder):  # a Hugging Face or diffusers folder
+        return os.path.abspath(folder)
     if folder is not None:
-        raise PlanError(f"model '{node.path}': {folder} is a directory, not a safetensors file")
+        raise PlanError(f"model '{node.path}': {folder} is a directory, not a safetensors file (nor a model "
+                        f"folder: no model.safetensors, model.safetensors.index.json or model_index.json)")
     where = ", ".join(dict.fromkeys(os.path.dirname(t) or "." for t in tried))
     raise PlanError(f"model file '{node.path}' not found (looked in {where}); pass --models-dir")
 
@@ -215,8 +219,9 @@ def _apply(source: Source, conv: Converter, host: PluginHost, refusals: list[str
 
 
 def open_source(node: ModelNode, path: str, host: PluginHost, allow_missing: bool = False) -> Source:
-    """Open a model file and convert it to weights or a delta in its canonical layout."""
-    file = SafetensorsFile(path)
+    """Open a model file (or folder) and convert it to weights or a delta in its canonical layout."""
+    file: SafetensorsFile | Any = open_weights(path)
+    path = file.path  # a folder model's path is its folder, also when an index file was named
     try:
         keys = frozenset(file.keys)
         type_ = node.type or detect_type(path, keys, host)
