@@ -51,9 +51,10 @@ if TYPE_CHECKING:
 
 
 def load_recipe(text_or_path: str | os.PathLike[str], *, host: PluginHost | None = None) -> Node:
-    """A recipe from ``.mecha`` text or a file path (mecha v1, or either sd-mecha generation).
+    """A recipe from ``.mecha`` text or a file path: mecha's own format, or one an installed
+    plugin's recipe format reads (sd-mecha's, with mecha-sdmecha).
 
-    Method names and architecture aliases are resolved through ``host`` (default: the
+    Method names, architecture aliases and recipe formats come from ``host`` (default: the
     process-wide plugin host). Relative model paths in a file are also looked up in the file's
     folder (after the models directory) when the recipe is merged.
     """

@@ -23,10 +23,16 @@ BUILTIN_PROVIDERS: dict[str, dict[str, frozenset[str]]] = {
     # architecture families: recipes name them where they name architectures (maps, arch=)
     "mecha-llm": {"architecture": frozenset({
         "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "mixtral", "decoder"})},
+    "mecha-sdmecha": {"recipe format": frozenset({"sd-mecha"}), "merge method": frozenset({
+        "sdmecha_train_difference_mask", "sdmecha_add_opposite_mask", "sdmecha_add_strict_opposite_mask",
+        "sdmecha_add_difference_masked", "sdmecha_perpendicular_component", "sdmecha_geometric_sum",
+        "sdmecha_multiply_quotient", "sdmecha_scale", "sdmecha_model_stock", "sdmecha_ties_sum_extended",
+        "sdmecha_ties_sum_with_dropout", "sdmecha_dropout", "sdmecha_crossover", "sdmecha_tensor_sum",
+        "sdmecha_top_k_tensor_sum", "sdmecha_rotate"})},
 }
 
 #: the kinds of names the table knows
-KINDS = ("merge method", "architecture", "model type")
+KINDS = ("merge method", "architecture", "model type", "recipe format")
 
 
 def provider_of(kind: str, name: str) -> str | None:

@@ -88,6 +88,22 @@ def mecha_merge_methods() -> list:
 
 
 @hookspec
+def mecha_recipe_formats() -> list:
+    """Return the recipe formats (other than mecha's own ``.mecha`` text) this plugin reads.
+
+    Returns:
+        A list of :class:`mecha_core.specs.RecipeFormat`: a name, a detector over a recipe's
+        text and file path, and a reader that builds the recipe's nodes. ``mecha merge``,
+        ``mecha_core.load_recipe`` and ``compose`` give a recipe to the format that detects it
+        (two formats detecting one text is an error naming both); mecha's own format (first
+        line ``mecha 1``) is read by the core.
+
+    Example:
+        ``return [RecipeFormat("sd-mecha", detect=lambda text, path: ..., read=load_sd_mecha)]``
+    """
+
+
+@hookspec
 def mecha_cli_commands() -> list:
     """Return the commands this plugin adds to the ``mecha`` command line.
 

@@ -37,7 +37,7 @@ from .builtin_plugins import install_hint
 from .errors import MechaError, PluginCodeError, PluginError, RecipeError
 from .method import MergeMethod
 from .operators import CORE_METHODS
-from .specs import DELTA, WEIGHT, Architecture, ArchitectureFamily, CliCommand, Converter, ModelType
+from .specs import DELTA, WEIGHT, Architecture, ArchitectureFamily, CliCommand, Converter, ModelType, RecipeFormat
 from .validate import spec_errors
 
 #: The plugin API this core implements. Plugins built for a newer API are refused.
@@ -59,6 +59,7 @@ _HOOKS = {
     "mecha_converters": ("converters", Converter),
     "mecha_merge_methods": ("merge_methods", MergeMethod),
     "mecha_cli_commands": ("cli_commands", CliCommand),
+    "mecha_recipe_formats": ("recipe_formats", RecipeFormat),
 }
 
 #: What plugin code may raise that the host turns into a one-line error: everything but
@@ -191,6 +192,7 @@ class PluginHost:
         self.converters = Registry("converter")
         self.merge_methods = Registry("merge method")
         self.cli_commands = Registry("cli command")
+        self.recipe_formats = Registry("recipe format")
         self._arch_aliases: dict[str, str] = {}
         for mt in CORE_MODEL_TYPES:
             self.model_types.add("mecha-core", mt.name, mt)
@@ -364,7 +366,7 @@ class PluginHost:
     def _duplicate_problems(self) -> list[str]:
         out = []
         for reg in (self.architectures, self.architecture_families, self.model_types, self.converters,
-                    self.merge_methods, self.cli_commands):
+                    self.merge_methods, self.cli_commands, self.recipe_formats):
             for name, providers in reg.duplicates().items():
                 out.append(f"{reg.kind} '{name}' is provided by "
                            + " and ".join(f"plugin '{p}'" for p in providers))

@@ -210,3 +210,26 @@ class CliCommand:
     ``mecha --help`` loads it."""
     help: str = ""
     """One line shown by ``mecha --help`` (default: the app's own help)."""
+
+
+@attrs.frozen
+class RecipeFormat:
+    """A recipe text format other than mecha's own ``.mecha`` (sd-mecha's, mergekit's YAML ...),
+    read into mecha recipe nodes by a plugin."""
+
+    name: str
+    """The format's unique name (``sd-mecha``), shown by ``mecha plugins list -v`` and in errors."""
+    detect: Callable[[str, str | None], bool] = attrs.field(repr=False)
+    """Given a recipe's text (without a byte-order mark) and its file path (``None`` for text
+    given directly), whether this format reads it. Runs on every recipe loaded, so it looks at
+    little (the first instruction, a file name ending) and never raises; mecha's own format
+    (a first line ``mecha 1``) is never offered to it."""
+    read: Callable[..., Any] = attrs.field(repr=False)
+    """Called as ``read(text, source=..., base_dir=..., host=...)``: ``source`` is the file path
+    (or ``"<recipe>"``), ``base_dir`` the file's folder (``None`` for text), ``host`` the plugin
+    host that resolves method and architecture names (``host.method(name)``,
+    ``host.architecture(name)``). Returns the recipe's root node, built with the public
+    constructors (``mecha_core.kit.recipes``); bad input raises a one-line
+    :class:`~mecha_core.errors.RecipeError` naming the line."""
+    description: str = ""
+    """One line shown by ``mecha plugins list -v``."""

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable
 
 from .method import MergeMethod
 from .specs import (DELTA, MERGE_SPACES, WEIGHT, Architecture, ArchitectureFamily, CliCommand, Converter, KeySpec,
-                    ModelType)
+                    ModelType, RecipeFormat)
 
 #: The dtype names a safetensors file can store (``mecha_core.engine.safetensors_io.DTYPES``;
 #: a test keeps the two equal, this copy avoids importing torch while plugins load).
@@ -310,6 +310,33 @@ def cli_command_warnings(command: CliCommand) -> list[str]:
     return []
 
 
+# -- recipe formats -----------------------------------------------------------------------------
+def recipe_format_errors(recipe_format: RecipeFormat) -> list[str]:
+    where = _label("recipe format", recipe_format)
+    out = _name_errors(where, recipe_format)
+    for field in ("detect", "read"):
+        if not callable(getattr(recipe_format, field)):
+            out.append(f"{where}: {field} must be callable, got {_type(getattr(recipe_format, field))}")
+    out += _str_field(where, "description", recipe_format.description)
+    return out
+
+
+def recipe_format_warnings(recipe_format: RecipeFormat, call: Callable[[Callable[[], Any]], Any]) -> list[str]:
+    where = f"recipe format '{recipe_format.name}'"
+    out = []
+    for text in ("", "mecha 1\nmodel a = \"a.safetensors\"\n"):
+        try:  # a detector runs on every recipe loaded: it must never raise, nor claim mecha's own format
+            claimed = call(lambda t=text: recipe_format.detect(t, None))
+        except (Exception, SystemExit) as exc:
+            return [f"{where}: detect({text[:8]!r}, None) raised {type(exc).__name__}: {exc}"]
+        if claimed is not False:
+            out.append(f"{where}: detect({text[:8]!r}, None) must be False (empty text and mecha's own "
+                       f"format are never another format's), got {claimed!r}")
+    if not recipe_format.description.strip():
+        out.append(f"{where} has no description (`mecha plugins list -v` shows it)")
+    return out
+
+
 _ERRORS: dict[type, Callable[[Any], list[str]]] = {
     MergeMethod: method_errors,
     Architecture: architecture_errors,
@@ -317,6 +344,7 @@ _ERRORS: dict[type, Callable[[Any], list[str]]] = {
     ModelType: model_type_errors,
     Converter: converter_errors,
     CliCommand: cli_command_errors,
+    RecipeFormat: recipe_format_errors,
 }
 
 
@@ -348,6 +376,8 @@ def spec_warnings(spec: Any, public_names: Iterable[str] = (),
         return family_warnings(spec, call)
     if isinstance(spec, CliCommand):
         return cli_command_warnings(spec)
+    if isinstance(spec, RecipeFormat):
+        return recipe_format_warnings(spec, call)
     return []
 
 

@@ -19,7 +19,7 @@ from mecha_core.specs import CliCommand
 from mecha_core.testing import host_with, using
 
 BUILTINS = {"methods": "mecha-methods", "sd1": "mecha-sd1", "sdxl": "mecha-sdxl", "sd3": "mecha-sd3",
-            "lora": "mecha-lora", "llm": "mecha-llm"}
+            "lora": "mecha-lora", "llm": "mecha-llm", "sdmecha": "mecha-sdmecha"}
 
 
 @pytest.fixture

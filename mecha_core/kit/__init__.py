@@ -20,6 +20,9 @@ One module per job (see docs/plugins.md, "The plugin kit"):
   ``OutputFile``, ``write_text_atomically`` (see docs/engine.md, "Files").
 - :mod:`mecha_core.kit.untrusted` — JSON found inside files, parsed with bounded size and depth:
   ``loads_bounded``, ``JSONLimitError``.
+- :mod:`mecha_core.kit.recipes` — recipe nodes for readers of other recipe formats (the
+  ``mecha_recipe_formats`` hook): ``Node``, ``ModelNode``, ``CallNode``, ``Location``, ``call``,
+  ``parameter``, ``WeightMap``, ``blocks``, ``classes``, ``CoreOnly``, ``RecipeHost``.
 
 Names are imported on first use, so ``from mecha_core.kit import load_packed`` in a plugin's
 start-up path does not import torch.
@@ -42,6 +45,8 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     **{name: ("synthetic", name) for name in ("key_table", "write_layout", "write_header_only", "layout_values")},
     **{name: ("output", name) for name in ("OutputFile", "write_text_atomically")},
     **{name: ("untrusted", name) for name in ("loads_bounded", "JSONLimitError")},
+    **{name: ("recipes", name) for name in ("CallNode", "CoreOnly", "Location", "ModelNode", "Node", "RecipeHost",
+                                            "WeightMap", "blocks", "call", "classes", "parameter")},
 }
 
 __all__ = sorted(_EXPORTS)

@@ -14,7 +14,8 @@ from typing import Any, Mapping
 from ..errors import RecipeError
 from ..files import read_text_file
 from .format import HEADER, dump, load_v1
-from .host import CoreOnly, RecipeHost
+from ..builtin_plugins import install_hint
+from .host import CoreOnly, RecipeHost, disabled_note
 from .nodes import (CallNode, LiteralNode, Location, ModelNode, Node, ParameterNode, as_literal, check_parameters,
                     parameters, relocate, substitute, walk)
 from .values import WeightMap, blocks, classes, layers
@@ -37,14 +38,15 @@ def _looks_like_text(value: str) -> bool:
 
 
 def load_recipe(text_or_path: str | os.PathLike[str], *, host: RecipeHost | None = None) -> Node:
-    """A recipe from ``.mecha`` text or a file path (mecha v1, or either sd-mecha generation).
+    """A recipe from ``.mecha`` text or a file path: mecha's own format, or one a plugin's
+    recipe format reads (sd-mecha's, through mecha-sdmecha).
 
-    ``host`` resolves method names and architecture aliases (``mecha_core.load_recipe`` passes
-    the process-wide plugin host); without one only the core's operators are known. Relative
-    model paths in a file are also looked up in the file's folder (after the models directory)
-    when the recipe is merged.
+    ``host`` resolves method names and architecture aliases and holds the installed recipe
+    formats (``mecha_core.load_recipe`` passes the process-wide plugin host); without one only
+    the core's operators and format are known. Relative model paths in a file are also looked up
+    in the file's folder (after the models directory) when the recipe is merged.
     """
-    source, base_dir = "<recipe>", None
+    source, base_dir, path = "<recipe>", None, None
     if isinstance(text_or_path, os.PathLike) or not _looks_like_text(text_or_path):
         path = os.fspath(text_or_path)
         # checked before it is read: not a FIFO or device, at most 64 MiB, not a model file
@@ -53,17 +55,53 @@ def load_recipe(text_or_path: str | os.PathLike[str], *, host: RecipeHost | None
     else:
         text = text_or_path
     text = text.removeprefix("\ufeff")
-    first = next((ln.strip() for ln in text.split("\n") if ln.strip() and not ln.strip().startswith("#")), "")
-    if first.startswith("version ") or first.startswith(_SD_MECHA_ERA_A) or first in ("dict",) \
-            or first.startswith(("dict ", "dict\t")):
-        from .sdmecha import load_sd_mecha
-
-        return load_sd_mecha(text, source=source, base_dir=base_dir, host=host)
+    if _first_instruction(text).split(None, 1)[:1] != [HEADER.split()[0]]:
+        fmt = _other_format(text, path, host)
+        if fmt is not None:
+            return fmt.read(text, source=source, base_dir=base_dir, host=host or CoreOnly())
+        if _looks_like_sd_mecha(text):
+            raise RecipeError("this is an sd-mecha recipe; reading it needs the recipe format 'sd-mecha'"
+                              + (install_hint("recipe format", "sd-mecha") or
+                                 " (from the mecha-sdmecha plugin, which is not loaded)") + disabled_note(host)
+                              if host is not None else
+                              "this is an sd-mecha recipe; reading it needs the mecha-sdmecha plugin's "
+                              "recipe format (give a plugin host: mecha_core.load_recipe does)",
+                              source=source, line=1)
     return load_v1(text, source=source, base_dir=base_dir, host=host)
 
 
-# The first instruction of an unversioned sd-mecha recipe (its 0.0.x releases).
-_SD_MECHA_ERA_A = ('model "', 'merge "', 'parameter "', 'lora "', 'call "')
+def _first_instruction(text: str) -> str:
+    return next((ln.strip() for ln in text.split("\n") if ln.strip() and not ln.strip().startswith("#")), "")
+
+
+def _other_format(text: str, path: str | None, host: RecipeHost | None) -> Any:
+    """The installed recipe format that detects ``text`` (None when none does; an error naming
+    both when two do). A detector that raises is skipped: it must not break other formats."""
+    registry = getattr(host, "recipe_formats", None)
+    if registry is None:
+        return None
+    claimed = []
+    for fmt in registry.values():
+        try:
+            if fmt.detect(text, path) is True:
+                claimed.append(fmt)
+        except (Exception, SystemExit):  # noqa: S112 (plugins check reports a raising detector)
+            continue
+    if len(claimed) > 1:
+        names = " and ".join(f"'{f.name}'" for f in claimed)
+        raise RecipeError(f"recipe formats {names} both claim this recipe; disable one plugin with "
+                          f"MECHA_DISABLE_PLUGINS", source=path or "<recipe>", line=1)
+    return claimed[0] if claimed else None
+
+
+# The first instruction of an sd-mecha recipe: 1.x writes a version line, 0.0.x starts with one
+# of these (only used for the hint when no installed format reads it)
+_SD_MECHA_STARTS = ('version ', 'model "', 'merge "', 'parameter "', 'lora "', 'call "', 'dict ', 'dict\t')
+
+
+def _looks_like_sd_mecha(text: str) -> bool:
+    first = _first_instruction(text)
+    return first == "dict" or first.startswith(_SD_MECHA_STARTS)
 
 
 def as_fill(value: Any, base_dir: str | None = None, *, host: RecipeHost | None = None) -> Node:

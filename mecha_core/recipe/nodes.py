@@ -2,7 +2,7 @@
 
 Recipes are plain data: nothing here consults the plugin host. What needs plugin knowledge (a
 method's name, an architecture's aliases, a plugin model type's merge space) is resolved by the
-readers from the host they are given (``format.load_v1``, ``sdmecha.load_sd_mecha``) or left
+readers from the host they are given (``format.load_v1``, a plugin recipe format's reader) or left
 for the planner.
 
 Every graph operation here is iterative (hashing, equality, merge spaces, walks, rewrites), so

@@ -49,8 +49,9 @@ def keep_top_k(delta: torch.Tensor, k: int) -> torch.Tensor:
 def keep_sd_mecha(delta: torch.Tensor, density: float) -> torch.Tensor:
     """sd-mecha's TIES trim (its ``filter_top_k``): keep every entry whose magnitude is at least
     the ``max(int((1 - density) * numel), 1)``-th smallest magnitude (in float32). That keeps
-    ``int(density * numel)`` entries or one more, plus every entry equal to the threshold, which
-    in half-precision weights is often hundreds more."""
+    ``numel − max(int((1 − density)·numel), 1) + 1`` entries — one more than ``int(density·numel)``
+    when density·numel is a whole number, two more otherwise (the other rounding) — plus every
+    entry equal to the threshold, which in half-precision weights is often hundreds more."""
     n = delta.numel()
     if n == 0:
         return delta.clone()
@@ -163,8 +164,8 @@ def ties(base, *models, density: float = 0.2, alpha: float = 1.0, vote: Vote = "
     deltas are multiplied by them before the election, and the agreeing ones are divided by the
     sum of their weights instead of their count (mergekit's weighted TIES). Default (null): 1 each.
     trim="sd_mecha" trims as sd-mecha does instead (recipes read from sd-mecha files use it): every
-    entry at least as large as the max(int((1 − density)·numel), 1)-th smallest magnitude is kept,
-    so one more entry than int(density·numel) and every entry tied with the threshold.
+    entry at least as large as the max(int((1 − density)·numel), 1)-th smallest magnitude is kept:
+    one or two entries more than int(density·numel), plus every entry tied with the threshold.
     """
     w = model_weights("ties", weights, len(models))
     vote = choice("ties", "vote", vote, _VOTES)

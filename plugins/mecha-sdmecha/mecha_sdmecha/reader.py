@@ -19,12 +19,11 @@ from typing import Any, Callable
 
 import attrs
 
-from ..errors import RecipeError
-from ..specs import DELTA
-from .host import CoreOnly, RecipeHost
-from .nodes import CallNode, Location, ModelNode, Node, call, parameter
-from .sdmecha_dicts import era_a_dict
-from .values import WeightMap, blocks
+from mecha_core.errors import RecipeError
+from mecha_core.kit import CallNode, CoreOnly, Location, ModelNode, Node, RecipeHost, WeightMap, blocks, call, parameter
+from mecha_core.specs import DELTA
+
+from .dicts import era_a_dict
 
 ERA_A, ERA_B = "unversioned", "0.1.0"
 
@@ -44,6 +43,10 @@ class MethodMap:
     """sd-mecha-only hyperparameters, dropped when they hold this neutral value (else an error)."""
     build: Callable[..., Node] | None = None
     """A custom builder, for methods whose shape differs (``ties_sum``)."""
+    node_hypers: tuple[str, ...] = ()
+    """1.x hyperparameters that may be a merge result (a param-space tensor), passed to ``build``."""
+    inputs: int | None = None
+    """How many tensor inputs the 1.x method has, when ``node_hypers`` follow them positionally."""
 
 
 def _from_deltas(ctx: "_Context", args: list[Node], what: str) -> tuple[Node, list[Node]]:
@@ -92,11 +95,53 @@ def _cast(ctx: "_Context", args: list[Node], hypers: dict[str, Any]) -> Node:
     return ctx.call("cast", args, {"dtype": dtype})
 
 
+def _add_difference(ctx: "_Context", args: list[Node], hypers: dict[str, Any]) -> Node:
+    """``add_difference(a, b, alpha)``; an alpha computed by a mask method (how sd-mecha 1.x
+    writes train difference: ``alpha=train_difference_mask(a, b, c)``) multiplies b entry by
+    entry, as sd-mecha's ``a.addcmul(b, alpha)`` does."""
+    alpha = hypers.get("alpha")
+    if isinstance(alpha, Node):
+        if len(args) != 2 or set(hypers) != {"alpha"}:
+            raise ctx.fail("add_difference with a computed alpha takes a and a delta b")
+        return ctx.call("sdmecha_add_difference_masked", [*args, alpha], {})
+    return ctx.call("add_difference", args, hypers)
+
+
+def _dropout(ctx: "_Context", args: list[Node], hypers: dict[str, Any]) -> Node:
+    """sd-mecha's ``dropout``: a null seed draws from fresh entropy in sd-mecha (no two runs
+    agree), which mecha's reproducible merges cannot give."""
+    if hypers.get("seed") is None:
+        raise ctx.fail("dropout with seed=null draws new random masks on every sd-mecha run; no "
+                       "merge can reproduce it: give the recipe a seed")
+    overlap = hypers.get("overlap", 1.0)
+    if not isinstance(overlap, (int, float)) or overlap % 2 != 1:
+        raise ctx.fail(f"dropout with overlap={overlap!r} fails in sd-mecha 1.1.8 itself (torch.lerp on "
+                       f"numpy arrays); only odd integer overlaps are read")
+    return ctx.call("sdmecha_dropout", args, hypers)
+
+
+def _rotate(ctx: "_Context", args: list[Node], hypers: dict[str, Any]) -> Node:
+    """``rotate``: with an integer alignment mecha's rotate is sd-mecha's (the Stiefel settings
+    only tune sd-mecha's fractional path); a fractional alignment (or one from a block map) takes
+    sd-mecha's own eigendecomposition and Stiefel geodesic, which mecha's rotate does not."""
+    alignment = hypers.get("alignment", 1.0)
+    if isinstance(alignment, (int, float)) and float(alignment).is_integer():
+        return ctx.call("rotate", args, {k: v for k, v in hypers.items() if not k.startswith("stiefel_")})
+    return ctx.call("sdmecha_rotate", args, hypers)
+
+
+_TIES_EXTENDED = {"k": 0.2, "vote_sgn": False, "apply_stock": False, "apply_median": False, "cos_eps": 1e-6,
+                  "eps": 1e-6, "maxiter": 100, "ftol": 1e-20}
+_ROTATE = {"alignment": 1.0, "alpha": 0.0, "centralization": 1.0, "stiefel_eps": 1e-8, "stiefel_max_iters": 100}
+
 #: sd-mecha method name -> how to build it in mecha. A name not listed has no counterpart.
+#: Targets starting with ``sdmecha_`` are this plugin's own methods, written from sd-mecha 1.1.8's
+#: definitions where mecha's differ (docs/recipe-format.md has the table).
 METHODS: dict[str, MethodMap] = {
     "weighted_sum": MethodMap("weighted_sum", ("alpha",), {ERA_A: {"alpha": 0.5}, ERA_B: {"alpha": 0.5}}),
     "slerp": MethodMap("slerp", ("alpha",), {ERA_A: {"alpha": 0.5}, ERA_B: {"alpha": 0.5}}),
-    "add_difference": MethodMap("add_difference", ("alpha",), {ERA_A: {"alpha": 0.5}, ERA_B: {"alpha": 1.0}}),
+    "add_difference": MethodMap("add_difference", ("alpha",), {ERA_A: {"alpha": 0.5}, ERA_B: {"alpha": 1.0}},
+                                build=_add_difference, node_hypers=("alpha",), inputs=2),
     "subtract": MethodMap("subtract"),
     "n_average": MethodMap("n_average"),
     "fallback": MethodMap("fallback"),
@@ -105,24 +150,61 @@ METHODS: dict[str, MethodMap] = {
     "train_difference": MethodMap("train_difference", ("alpha",), {ERA_A: {"alpha": 1.0}}),
     "add_cosine_a": MethodMap("add_cosine_a", ("alpha",), {ERA_A: {"alpha": 1.0}, ERA_B: {"alpha": 1.0}}),
     "add_cosine_b": MethodMap("add_cosine_b", ("alpha",), {ERA_A: {"alpha": 1.0}, ERA_B: {"alpha": 1.0}}),
-    # 1.x writes all five positionally; the Stiefel settings tune sd-mecha's iterative path for
-    # wide matrices, which mecha replaces by a full SVD (docs/recipe-format.md)
-    "rotate": MethodMap("rotate", ("alignment", "alpha", "centralization", "stiefel_eps", "stiefel_max_iters"),
-                        {ERA_A: {"alignment": 1.0, "alpha": 0.0}, ERA_B: {"alignment": 1.0, "alpha": 0.0}},
-                        ignore={"cache": "*", "stiefel_eps": "*", "stiefel_max_iters": "*"}),
+    # 1.x writes all five positionally: sd-mecha's own definition (fractional powers through its
+    # eigendecomposition, its Stiefel iteration on wide keys)
+    "rotate": MethodMap("sdmecha_rotate", tuple(_ROTATE), {ERA_B: {"alignment": 1.0, "alpha": 0.0}},
+                        ignore={"cache": "*"}, build=_rotate),
     "geometric_median": MethodMap("geometric_median"),
     "pick_component": MethodMap("pick_component", ("component",)),
     "omit_component": MethodMap("omit_component", ("component",)),
     "ties_sum": MethodMap("ties", (), {ERA_A: {"k": 0.2, "vote_sgn": 0.0}, ERA_B: {"k": 1.0, "vote_sgn": False}},
                           build=_ties_sum),
+    # sd-mecha 1.1.8's own definitions (1.x names and parameter orders)
+    "train_difference_mask": MethodMap("sdmecha_train_difference_mask", ("alpha",), {ERA_B: {"alpha": 1.0}}),
+    "add_opposite_mask": MethodMap("sdmecha_add_opposite_mask", ("alpha",), {ERA_B: {"alpha": 1.0}}),
+    "add_strict_opposite_mask": MethodMap("sdmecha_add_strict_opposite_mask", ("alpha",), {ERA_B: {"alpha": 1.0}}),
+    "perpendicular_component": MethodMap("sdmecha_perpendicular_component"),
+    "geometric_sum": MethodMap("sdmecha_geometric_sum", ("alpha",), {ERA_A: {"alpha": 0.5}, ERA_B: {"alpha": 0.5}}),
+    "multiply_quotient": MethodMap("sdmecha_multiply_quotient", ("alpha",), {ERA_B: {"alpha": 1.0}}),
+    "scale": MethodMap("sdmecha_scale", ("alpha",), {ERA_B: {"alpha": 1.0}}),
+    "model_stock": MethodMap("sdmecha_model_stock", (), {ERA_B: {"cos_eps": 1e-6}}),
+    "crossover": MethodMap("sdmecha_crossover", ("alpha", "tilt"), {ERA_B: {"alpha": 0.5, "tilt": 0.0}}),
+    "dropout": MethodMap("sdmecha_dropout", (), {ERA_B: {"probability": 0.9, "rescale": 1.0, "overlap": 1.0,
+                                                        "overlap_emphasis": 0.0, "seed": None}}, build=_dropout),
+    "ties_sum_extended": MethodMap("sdmecha_ties_sum_extended", (), {ERA_B: dict(_TIES_EXTENDED)}),
+    "ties_sum_with_dropout": MethodMap("sdmecha_ties_sum_with_dropout", (), {ERA_B: {
+        **_TIES_EXTENDED, "probability": 0.9, "della_eps": 0.0, "rescale": True, "seed": None}}),
+    "tensor_sum": MethodMap("sdmecha_tensor_sum", ("width", "offset"), {ERA_B: {"width": 0.5, "offset": 0.0}}),
+    "top_k_tensor_sum": MethodMap("sdmecha_top_k_tensor_sum", ("width", "offset"),
+                                  {ERA_B: {"width": 1.0, "offset": 0.0}}),
 }
 
-#: sd-mecha methods that share a name or a purpose with a mecha method but compute something
-#: else; mapping them would silently change the result.
-DIFFERENT = {
-    "crossover": "mecha's crossover cuts frequencies sharply, sd-mecha's uses a smooth filter",
-    "model_stock": "sd-mecha's model_stock takes the cosine per row and does not clamp t; mecha's "
-                   "takes it over the whole tensor (the paper's)",
+#: Where an unversioned (0.0.x) method of that name is not 1.1.8's: read as before (mecha's own).
+METHODS_ERA_A: dict[str, MethodMap] = {
+    "rotate": MethodMap("rotate", ("alignment", "alpha"), {ERA_A: {"alignment": 1.0, "alpha": 0.0}},
+                        ignore={"cache": "*"}),
+}
+
+#: Methods read for 1.x files only: 0.0.29's method of that name computes something else (or,
+#: for the masks, does not exist). perpendicular_component and geometric_sum are the same in both.
+ERA_B_ONLY = frozenset(name for name, spec in METHODS.items() if spec.target.startswith("sdmecha_")) - {
+    "rotate", "perpendicular_component", "geometric_sum"}
+
+#: sd-mecha 1.1.8 builtin methods a recipe can name but mecha does not read, and why.
+REFUSED = {
+    "exchange_ema": "it swaps a checkpoint's EMA keys for its model keys, which mecha's per-key methods "
+                    "cannot do",
+    "get_dtype": "it returns a dtype name, not a tensor",
+    "get_device": "it returns a device name, not a tensor",
+    "stack": "it changes every key's shape, which no merged checkpoint keeps",
+    "omit_non_finite": "it drops keys whose values are not finite; mecha refuses non-finite outputs instead",
+    "truncate_rank": "its SVD truncation (a randomised basis by default) has no mecha counterpart yet",
+    "get_rank_from_ratio": "it computes an integer hyperparameter from a tensor, which mecha's hyperparameters "
+                           "cannot be",
+    "truncate_kronecker": "its Kronecker-factor truncation has no mecha counterpart",
+    "rebasin": "its permutation alignment (git re-basin) needs sd-mecha's per-architecture permutation graphs",
+    "randperm": "its random permutations need sd-mecha's per-architecture permutation graphs",
+    "balance_attention": "it needs sd-mecha's per-architecture attention tables",
 }
 
 #: sd-mecha 1.x block-map conversions: the block naming is the supermerger/MBW one mecha uses.
@@ -358,15 +440,27 @@ def _merge(ctx: _Context, name: Any, positional: list[Any], keywords: dict[str, 
         pending = positional[0]
         return ctx.call(pending.target, [pending.input, positional[1]], pending.hypers)
     positional = [p.build(ctx) if isinstance(p, _PendingPick) else p for p in positional]
-    spec = METHODS.get(name)
+    spec = (METHODS_ERA_A.get(name) if ctx.era == ERA_A else None) or METHODS.get(name)
+    if ctx.era == ERA_A and name in ERA_B_ONLY:
+        raise ctx.fail(f"sd-mecha method '{name}' is read from 1.x recipes only: its 0.0.x definition differs "
+                       f"from 1.1.8's, which mecha reproduces; re-save the recipe with sd-mecha 1.x or write "
+                       f"this step as a mecha recipe")
     if spec is None:
-        why = DIFFERENT.get(name)
+        why = REFUSED.get(name)
+        if why is None and name.startswith("exchange_ema_"):
+            why = REFUSED["exchange_ema"]
+        readable = {*METHODS, "convert_singleton", *BLOCK_CONVERSIONS} - (ERA_B_ONLY if ctx.era == ERA_A else set())
+        generation = "unversioned (0.0.x)" if ctx.era == ERA_A else "1.x"
         raise ctx.fail(f"sd-mecha method '{name}' has no mecha counterpart" + (
-            f" ({why}); write this step as a mecha recipe" if why else
-            f" (mapped: {', '.join(sorted([*METHODS, 'convert_singleton', *BLOCK_CONVERSIONS]))})"))
+            f": {why}; write this step as a mecha recipe" if why else
+            f" in {generation} recipes (read: {', '.join(sorted(readable))})"))
     inputs = [p for p in positional if isinstance(p, Node)]
+    if ctx.era == ERA_B and spec.node_hypers:  # a result written where a hyperparameter goes
+        inputs = inputs[:spec.inputs]
     extra = positional[len(inputs):]
-    if any(isinstance(p, Node) for p in extra):
+    result_allowed = [ctx.era == ERA_B and i < len(spec.positional) and spec.positional[i] in spec.node_hypers
+                      for i in range(len(extra))]
+    if any(isinstance(p, Node) and not ok for p, ok in zip(extra, result_allowed)):
         raise ctx.fail("models and results must come before hyperparameter values")
     if len(extra) > len(spec.positional):
         raise ctx.fail(f"{name} takes {len(spec.positional)} hyperparameter(s) after its inputs, got {len(extra)}")
@@ -377,7 +471,8 @@ def _merge(ctx: _Context, name: Any, positional: list[Any], keywords: dict[str, 
         given[key] = value
     hypers = dict(spec.defaults.get(ctx.era, {}))
     for key, value in given.items():
-        hypers[key] = _hyper(ctx, f"{name}({key}=...)", value)
+        keep = ctx.era == ERA_B and key in spec.node_hypers and isinstance(value, Node)
+        hypers[key] = value if keep else _hyper(ctx, f"{name}({key}=...)", value)
     for key, neutral in spec.ignore.items():
         if key in hypers:
             value = hypers.pop(key)
@@ -462,4 +557,14 @@ def load_sd_mecha(text: str, *, source: str = "<recipe>", base_dir: str | None =
     return root
 
 
-__all__ = ["METHODS", "BLOCK_CONVERSIONS", "CONFIGS", "DIFFERENT", "MethodMap", "load_sd_mecha"]
+def detect(text: str, path: str | None) -> bool:
+    """Whether ``text`` is an sd-mecha recipe: 1.x files start with ``version``, unversioned ones
+    with a ``model "``/``merge "``/``parameter "``/``dict`` instruction (or the 0.0.2 ``lora "``/
+    ``call "`` lines, read only to say they are too old)."""
+    first = next((ln.strip() for ln in text.split("\n") if ln.strip() and not ln.strip().startswith("#")), "")
+    return first == "dict" or first.startswith(("version ", 'model "', 'merge "', 'parameter "', 'lora "', 'call "',
+                                                 "dict ", "dict\t"))
+
+
+__all__ = ["METHODS", "METHODS_ERA_A", "BLOCK_CONVERSIONS", "CONFIGS", "REFUSED", "MethodMap", "detect",
+           "load_sd_mecha"]

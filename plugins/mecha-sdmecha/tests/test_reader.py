@@ -10,12 +10,12 @@ from safetensors.torch import load_file
 import mecha_core as mecha
 import mecha_methods.plugin
 import mecha_sd1.plugin
+import mecha_sdmecha.plugin
+from mecha_core import dump_recipe, get_host, load_recipe  # load_recipe: the plugin host's methods and formats
 from mecha_core.errors import RecipeError
-from mecha_core.plugins import get_host, plugin_from_functions
-from mecha_core import load_recipe  # the plugin host's methods
-from mecha_core.recipe import dump_recipe, parameters
+from mecha_core.kit import CallNode, Node
 from mecha_core.specs import Architecture, KeySpec
-from mecha_core.testing import using, write_checkpoint
+from mecha_core.testing import plugin_from_functions, using, write_checkpoint
 
 # A small stand-in for sd1-ldm (named like it, so sd-mecha's sd1 names resolve to it): a text
 # encoder and a U-Net, each key with a block and a class.
@@ -33,6 +33,21 @@ FAKE_SD1 = Architecture("sd1-ldm", KEYS, blocks=("BASE", "IN01", "IN02", "M00", 
 FAKE_PLUGIN = plugin_from_functions("fake_sd1", mecha_architectures=lambda: [FAKE_SD1])
 
 
+def parameters(root: Node) -> list:
+    """The template's parameter nodes, first use first (each once)."""
+    found: dict = {}
+
+    def visit(node: Node) -> None:
+        if isinstance(node, CallNode):
+            for child in [*node.args, *(v for _, v in node.kwargs)]:
+                visit(child)
+        elif type(node).__name__ == "ParameterNode":
+            found.setdefault(node.name, node)
+
+    visit(root)
+    return list(found.values())
+
+
 def tensors(seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {k: torch.randn(spec.shape, generator=g) for k, spec in KEYS.items()}
@@ -43,7 +58,7 @@ def models(tmp_path):
     t = {name: tensors(i) for i, name in enumerate("abc")}
     for name, sd in t.items():
         write_checkpoint(tmp_path / f"{name}.safetensors", sd)
-    with using(mecha_methods.plugin, FAKE_PLUGIN):
+    with using(mecha_methods.plugin, mecha_sdmecha.plugin, FAKE_PLUGIN):
         yield tmp_path, t
 
 
@@ -161,7 +176,7 @@ def test_v010_escaped_strings_and_relative_model_paths(tmp_path):
     recipe_file = tmp_path / "r.mecha"
     recipe_file.write_text('version 0.1.0\nmodel "we\\"ird/a b.safetensors"\n' + singleton(1, "2.0")
                            + 'merge "weighted_sum" &0 &0 &3\n')
-    with using(mecha_methods.plugin, FAKE_PLUGIN):
+    with using(mecha_methods.plugin, mecha_sdmecha.plugin, FAKE_PLUGIN):
         recipe = load_recipe(recipe_file)
         assert recipe.args[0].path == 'we"ird/a b.safetensors'
         out = tmp_path / "o.safetensors"
@@ -237,7 +252,7 @@ def test_unversioned_defaults_are_sd_mechas(models):
 
 
 def test_unversioned_dict_with_the_real_sd1_architecture():
-    with using(mecha_methods.plugin, mecha_sd1.plugin):
+    with using(mecha_methods.plugin, mecha_sdmecha.plugin, mecha_sd1.plugin):
         text = ('model "a.safetensors" "sd1" "base"\nmodel "b.safetensors" "sd1" "base"\n'
                 'dict sd1_txt_default=0.3 sd1_unet_default=0.3 sd1_unet_block_in2=0.75 sd1_unet_block_mid=0.5 '
                 'sd1_unet_block_out11=0.2\n'
@@ -276,9 +291,9 @@ V010_HEAD = 'version 0.1.0\nmodel "a.safetensors"\nmodel "b.safetensors"\n'
 
 
 @pytest.mark.parametrize("text, line, fragments", [
-    (ERA_A_HEAD + 'merge "crossover" &0 &1 alpha=0.5\n', 3, ["'crossover' has no mecha counterpart", "smooth filter"]),
-    (ERA_A_HEAD + 'merge "perpendicular_component" &0 &1\n', 3, ["'perpendicular_component' has no mecha counterpart",
-                                                                   "mapped: "]),
+    (ERA_A_HEAD + 'merge "crossover" &0 &1 alpha=0.5\n', 3, ["is read from 1.x recipes only"]),
+    (ERA_A_HEAD + 'merge "rebasin" &0 &1\n', 3, ["'rebasin' has no mecha counterpart", "permutation graphs"]),
+    (V010_HEAD + 'merge "no_such_method" &0 &1\n', 4, ["'no_such_method' has no mecha counterpart", "(read: "]),
     (ERA_A_HEAD + 'merge "weighted_sum" &0 &5\n', 3, ["&5 refers to instruction 5", "not defined before"]),
     (ERA_A_HEAD + 'merge "weighted_sum" &0 &1 alpah=0.5\n', 3, ["no hyperparameter 'alpah'", "did you mean 'alpha'"]),
     (ERA_A_HEAD + 'merge "weighted_sum" &0\n', 3, ["weighted_sum takes 2 input(s), got 1"]),
@@ -315,9 +330,11 @@ def test_errors_name_the_line(models, text, line, fragments):
 
 
 def test_v010_positional_values_go_to_sd_mechas_parameter_order(models):
+    # a fractional alignment is read with sd-mecha's own rotate (issue 19), an integer one with mecha's
     recipe = load_recipe(V010_HEAD + 'merge "rotate" &0 &1 0.5 0.25\n')
     a, b = mecha.model("a.safetensors"), mecha.model("b.safetensors")
-    assert recipe == mecha.rotate(a, b, alignment=0.5, alpha=0.25)
+    assert recipe == mecha.sdmecha_rotate(a, b, alignment=0.5, alpha=0.25)
+    assert load_recipe(V010_HEAD + 'merge "rotate" &0 &1 2 0.25\n') == mecha.rotate(a, b, alignment=2, alpha=0.25)
     recipe = load_recipe(V010_HEAD + 'merge "subtract" &1 &0\nmerge "add_difference" &0 &2\n')
     assert recipe == mecha.add_difference(a, b - a, alpha=1.0)  # sd-mecha 1.x's default, written out
 
@@ -345,11 +362,11 @@ def test_mecha_merge_cli_runs_sd_mecha_files(models):
     for k in KEYS:
         torch.testing.assert_close(got[k], 0.75 * t["a"][k] + 0.25 * t["b"][k])
     bad = recipe_dir / "bad.mecha"
-    bad.write_text(ERA_A_HEAD + 'merge "geometric_sum" &0 &1 alpha=0.25\n')
+    bad.write_text(ERA_A_HEAD + 'merge "balance_attention" &0 &1\n')
     out.unlink()
     r = CliRunner().invoke(app, ["merge", str(bad), "-o", str(out), "-q", "--models-dir", str(folder)])
     assert r.exit_code == 2
-    assert f"{bad}:3:7: sd-mecha recipe: sd-mecha method 'geometric_sum' has no mecha counterpart" in r.output
+    assert f"{bad}:3:7: sd-mecha recipe: sd-mecha method 'balance_attention' has no mecha counterpart" in r.output
     assert not out.exists()
 
 
@@ -414,10 +431,14 @@ def test_unversioned_per_component_defaults_merge_to_sd_mechas_values(models):
 
 
 def test_sd_mecha_1x_rotate_with_all_five_positionals_and_its_defaults(models):
-    # sd-mecha 1.x serialises every hyperparameter positionally; the Stiefel settings are dropped
+    # sd-mecha 1.x serialises every hyperparameter positionally; with an integer alignment the
+    # Stiefel settings are dropped (mecha's rotate), with a fractional one sd-mecha's rotate keeps them
     recipe = load_recipe(V010_HEAD + 'merge "rotate" &0 &1 0.5 0.25 0.75 1e-08 100\n')
     a, b = mecha.model("a.safetensors"), mecha.model("b.safetensors")
-    assert recipe == mecha.rotate(a, b, alignment=0.5, alpha=0.25, centralization=0.75)
+    assert recipe == mecha.sdmecha_rotate(a, b, alignment=0.5, alpha=0.25, centralization=0.75, stiefel_eps=1e-8,
+                                          stiefel_max_iters=100)
+    assert load_recipe(V010_HEAD + 'merge "rotate" &0 &1 1.0 0.25 0.75 1e-08 100\n') == mecha.rotate(
+        a, b, alignment=1.0, alpha=0.25, centralization=0.75)
     assert load_recipe(V010_HEAD + 'merge "rotate" &0 &1\n') == mecha.rotate(a, b, alignment=1.0, alpha=0.0)
 
 
@@ -428,12 +449,12 @@ def test_add_cosine_takes_sd_mechas_default_alpha_of_one(models, head):
     assert load_recipe(text) == mecha.add_cosine_a(a, b, alpha=1.0)
 
 
-def test_sd_mecha_model_stock_is_refused_naming_the_difference(models):
+def test_sd_mecha_model_stock_is_read_as_sd_mechas_own(models):
+    # sd-mecha's model_stock (cosine per row, t unclamped) is not mecha's: the plugin's own method
     text = (V010_HEAD + 'model "c.safetensors"\nmerge "subtract" &1 &0\nmerge "subtract" &2 &0\n'
             'merge "model_stock" &3 &4 cos_eps=1e-06\n')
-    with pytest.raises(RecipeError, match="model_stock.*per row") as info:
-        load_recipe(text)
-    assert info.value.line == 7
+    recipe = load_recipe(text)
+    assert recipe.method.name == "sdmecha_model_stock" and recipe.where.line == 7
 
 
 def test_unversioned_class_narrower_than_the_architectures_is_refused():
@@ -441,7 +462,7 @@ def test_unversioned_class_narrower_than_the_architectures_is_refused():
     # is only the first transformer block of each SDXL attention; mecha's attn1_to_k is every one
     import mecha_sdxl.plugin
 
-    with using(mecha_methods.plugin, mecha_sd1.plugin, mecha_sdxl.plugin):
+    with using(mecha_methods.plugin, mecha_sdmecha.plugin, mecha_sd1.plugin, mecha_sdxl.plugin):
         text = ('model "a.safetensors" "sdxl" "base"\nmodel "b.safetensors" "sdxl" "base"\n'
                 'dict sdxl_unet_class_transformer_blocks_0_attn1_to_k=1.0 sdxl_unet_default=0.0 '
                 'sdxl_txt_default=0.0 sdxl_txt2_default=0.0\n'
@@ -486,7 +507,15 @@ def test_unversioned_ties_sum_reads_its_float_vote_switch(models, written, vote)
 def test_sd_mechas_unet_only_config_names_the_bare_diffusers_unet_layout():
     import mecha_sdxl.plugin
 
-    with using(mecha_methods.plugin, mecha_sd1.plugin, mecha_sdxl.plugin):
+    with using(mecha_methods.plugin, mecha_sdmecha.plugin, mecha_sd1.plugin, mecha_sdxl.plugin):
         recipe = load_recipe('version 0.1.0\nmodel "unet.safetensors" model_config="sdxl-diffusers_unet_only" '
                              'merge_space="weight"\n')
         assert recipe == mecha.model("unet.safetensors", arch="sdxl-diffusers-unet", type="base")
+
+
+def test_sd_mecha_readers_set_locations():
+    r = load_recipe('version 0.1.0\nmodel "a.safetensors" model_config="sd1-ldm" merge_space="weight"\n'
+                               'model "b.safetensors" model_config="sd1-ldm" merge_space="weight"\n'
+                               'merge "subtract" &0 &1\n')
+    assert str(r.where) == "<recipe>:4:7" and str(r.args[0].where) == "<recipe>:2:1"
+    assert str(r.args[1].where) == "<recipe>:3:1"

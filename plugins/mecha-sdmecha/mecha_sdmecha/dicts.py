@@ -13,8 +13,8 @@ from typing import Any, Callable
 
 import attrs
 
-from ..errors import RecipeError
-from .values import WeightMap, blocks, classes
+from mecha_core.errors import RecipeError
+from mecha_core.kit import WeightMap, blocks, classes
 
 
 def era_a_dict(entries: dict[str, Any], host: Any, fail: Callable[[str], RecipeError]) -> WeightMap:
