@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-LAYERS = 3
+LAYERS = 3  # test_mergekit.LAYERS
 _CONFIG = dict(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=LAYERS, num_attention_heads=4,
                num_key_value_heads=2, head_dim=4, max_position_embeddings=32, pad_token_id=0, bos_token_id=1,
                eos_token_id=2)
@@ -35,7 +35,3 @@ def llamas(tmp_path_factory):
         save_file(tuned, str(root / name / "model.safetensors"), metadata={"format": "pt"})
         folders[name] = str(root / name)
     return folders
-
-
-def tensors(folder: str) -> dict[str, torch.Tensor]:
-    return load_file(os.path.join(folder, "model.safetensors"))
