@@ -292,5 +292,131 @@ def mergekit_passthrough(model, *, settings: str = "{}", ctx=None):
     return model
 
 
+@merge_method(spaces=WEIGHT, formula="exp_μ(Σ wᵢ(uᵢ − (uᵢ·μ)μ))·Σ wᵢ‖xᵢ‖ (+ base),  uᵢ = xᵢ/‖xᵢ‖, xᵢ = θᵢ (− base)")
+def mergekit_multislerp(*models, with_base: bool = False, settings: str = "{}", ctx=None):
+    """mergekit's ``multislerp``: barycentric interpolation on the hypersphere of the models (their
+    deltas from the first input when ``with_base``) with ``weight`` per model (normalised to sum 1
+    unless ``normalize_weights: false``; ``eps`` 1e-8)."""
+    cfg = Settings(settings, getattr(ctx, "key", ""), ctx)
+    base, models = (models[0], models[1:]) if with_base else (None, models)
+    eps = cfg.shared("eps", as_float, 1e-8)
+    if len(models) == 1:
+        return models[0]
+    xs = torch.stack(_work(models))
+    shape = xs.shape[1:]
+    if base is not None:
+        xs = xs - base.to(xs.dtype)
+    flat = xs.reshape(xs.shape[0], -1)
+    weights = torch.tensor([cfg.per_input(i, "weight", as_float) for i in range(len(models))], dtype=xs.dtype)
+    if cfg.shared("normalize_weights", as_bool, True):
+        weights = weights / weights.sum()
+    norms = torch.norm(flat, dim=-1, keepdim=True)
+    units = flat / (norms + eps)
+    mean = (units * weights.view(-1, 1)).sum(0)
+    mean_norm = torch.norm(mean)
+    if mean_norm < eps:
+        if xs.shape[0] != 2:
+            raise ValueError("multislerp: the weighted sum of the inputs is zero")
+        result = (xs[0] * weights[0] + xs[1] * weights[1]).reshape(shape)
+        return result + base.to(xs.dtype) if base is not None else result
+    mean = mean / mean_norm
+    tangents = units - (units * mean).sum(-1, keepdim=True) * mean
+    tangent = (tangents * weights.view(-1, 1)).sum(0)
+    tangent_norm = torch.norm(tangent) + eps
+    result = mean * torch.cos(tangent_norm) + tangent * (torch.sin(tangent_norm) / tangent_norm)
+    result = (result * (norms.squeeze(-1) * weights).sum()).reshape(shape)
+    return result + base.to(xs.dtype) if base is not None else result
+
+
+@merge_method(spaces=WEIGHT, formula="the Fréchet mean of θᵢ/‖θᵢ‖ on the sphere (equal weights), times mean ‖θᵢ‖")
+def mergekit_karcher(*models, settings: str = "{}", ctx=None):
+    """mergekit's ``karcher``: the equal-weight Karcher mean of every input (the base too) on the
+    unit sphere, at most ``max_iter`` (10) steps until the tangent is below ``tol`` (1e-5),
+    scaled by the mean norm."""
+    cfg = Settings(settings, getattr(ctx, "key", ""), ctx)
+    max_iter = int(cfg.shared("max_iter", as_float, 10))
+    tol = cfg.shared("tol", as_float, 1e-5)
+    xs = _work(models)
+    if len(xs) == 1:
+        return xs[0]
+    alphas = [1.0 / len(xs)] * len(xs)
+    norms = [torch.linalg.vector_norm(x) for x in xs]
+    units = [torch.zeros_like(x) if float(n) == 0.0 else x / n for x, n in zip(xs, norms)]
+    valid = [i for i, n in enumerate(norms) if float(n) > tol]
+    if not valid:
+        return sum(x * 0 for x in xs)
+    total = sum(alphas[i] for i in valid)
+    weights = [alphas[i] / total for i in valid]
+    vunits = [units[i] for i in valid]
+    mean = torch.zeros_like(vunits[0])
+    for w, u in zip(weights, vunits):
+        mean = mean + w * u
+    mean_norm = torch.linalg.vector_norm(mean)
+    mean = vunits[0].clone() if float(mean_norm) < tol else mean / mean_norm
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for w, u in zip(weights, vunits):
+            dot = torch.clamp(torch.dot(mean.flatten(), u.flatten()), -1.0, 1.0)
+            theta = torch.arccos(dot)
+            if float(theta) < tol:
+                continue
+            tangent = tangent + w * (theta / torch.sin(theta)) * (u - dot * mean)
+        tangent_norm = torch.linalg.vector_norm(tangent)
+        if float(tangent_norm) < tol:
+            break
+        mean = torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)
+        unit_norm = torch.linalg.vector_norm(mean)
+        if float(unit_norm) > tol:
+            mean = mean / unit_norm
+    return sum(a * n for a, n in zip(alphas, norms)) * mean
+
+
+@merge_method(spaces=WEIGHT, formula="base + Σ eᵢsᵢτᵢ / max(Σ eᵢsᵢ, 1e-6),  τᵢ top-variance entries, sᵢ ∝ mean τᵢ², eᵢ sign election")
+def mergekit_sce(base, *models, settings: str = "{}", ctx=None):
+    """mergekit's ``sce``: the deltas kept where their variance across models is in the top
+    ``select_topk`` fraction, weighted by their mean square (normalised), sign-elected (sum)."""
+    cfg = Settings(settings, getattr(ctx, "key", ""), ctx)
+    base, *models = _work((base, *models))
+    if not models:
+        return base
+    tvs = torch.stack([m - base for m in models])
+    topk = cfg.shared("select_topk", as_float, 1.0)
+    if topk < 1:
+        if topk <= 0:
+            mask = torch.zeros_like(tvs[0])
+        else:
+            var = torch.var(tvs, dim=0, unbiased=False)
+            k = int(torch.count_nonzero(var) * topk)
+            mask = torch.zeros_like(var)
+            if k > 0:
+                mask.view(-1)[torch.topk(var.abs().reshape(-1), k=k, largest=True).indices] = 1
+        tvs = tvs * mask.unsqueeze(0)
+    majority = (tvs.sum(dim=0) >= 0).to(tvs.dtype) * 2 - 1
+    erase = (tvs.sign() == majority).to(tvs.dtype)
+    weights = tvs.square().reshape(tvs.shape[0], -1).mean(dim=1)
+    total = float(weights.sum())
+    weights = torch.ones_like(weights) / weights.shape[0] if abs(total) < 1e-6 else weights / total
+    erased = weights.reshape(-1, *([1] * base.dim())) * erase
+    return base + (tvs * erased).sum(dim=0) / erased.sum(dim=0).clamp(min=1e-6)
+
+
+@merge_method(spaces=WEIGHT, formula="base + (θ − base)·[|θ − base|·KL_row(softmax θ ‖ softmax base) ≥ median + 1.5·IQR]")
+def mergekit_arcee_fusion(base, other, *, settings: str = "{}", ctx=None):
+    """mergekit's ``arcee_fusion``: the other model's changes where their importance (|change|
+    times the row's KL divergence of the softmaxes) reaches median + 1.5 × the interquartile
+    range; quantiles over every entry (mergekit samples a million entries of larger tensors)."""
+    base, other = _work((base, other))
+    eps = 1e-8
+    p = torch.softmax(other, dim=-1) + eps
+    q = torch.softmax(base, dim=-1) + eps
+    importance = (other - base).abs() * torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+    ordered = torch.sort(importance.reshape(-1)).values
+    at = (torch.tensor([0.25, 0.5, 0.75]) * (ordered.numel() - 1)).long()
+    q1, median, q3 = ordered[at]
+    mask = (importance >= median + 1.5 * (q3 - q1)).to(base.dtype)
+    return base + (other - base) * mask
+
+
 MERGEKIT_METHODS = [*GTA_METHODS, mergekit_linear, mergekit_slerp, mergekit_nuslerp, mergekit_nearswap,
-                    mergekit_model_stock, mergekit_passthrough]
+                    mergekit_model_stock, mergekit_passthrough, mergekit_multislerp,
+                    mergekit_karcher, mergekit_sce, mergekit_arcee_fusion]

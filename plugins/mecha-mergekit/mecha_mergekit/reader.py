@@ -49,8 +49,12 @@ METHODS: dict[str, tuple[frozenset[str], str]] = {
     "nuslerp": (frozenset({"weight", "nuslerp_row_wise", "nuslerp_flatten"}), "optional"),
     "model_stock": (frozenset({"filter_wise"}), "required"),
     "passthrough": (frozenset({"scale"}), "none"),
+    "multislerp": (frozenset({"weight", "normalize_weights", "eps"}), "optional"),
+    "karcher": (frozenset({"max_iter", "tol"}), "none"),
+    "sce": (frozenset({"select_topk", "int8_mask"}), "required"),
+    "arcee_fusion": (frozenset(), "required"),
 }
-_NOT_YET = ("multislerp", "karcher", "sce", "arcee_fusion", "ram", "ramplus_tl")
+_NOT_YET = ("ram", "ramplus_tl")
 
 
 class _Map(dict):
@@ -239,7 +243,7 @@ class _Reader:
             base = self.model(base_ref, base_line, dtype) if base_ref is not None else None
             args = [self.model(ref, line, dtype) for ref, _, line in others]
             settings_inputs = [params for _, params, _ in others]
-            if method in ("slerp", "nearswap") and len(args) != 1:
+            if method in ("slerp", "nearswap", "arcee_fusion") and len(args) != 1:
                 raise self.fail(f"{method} takes the base_model and exactly one other model", models_line)
             if method == "nuslerp" and len(args) != 2:
                 raise self.fail("nuslerp takes exactly two models besides the base_model", models_line)
@@ -247,11 +251,16 @@ class _Reader:
                 raise self.fail("model_stock takes the base_model and at least two other models", models_line)
             if method == "nuslerp":
                 args = args + ([base] if base is not None else [])
+            elif method == "multislerp":
+                args = ([base] if base is not None else []) + args
             else:
                 args = [base, *args]
         settings = json.dumps({"global": global_params, "inputs": settings_inputs}, sort_keys=True,
                               separators=(",", ":"))
-        root = self.call(f"mergekit_{method}", args, {"settings": settings}, method_line)
+        kwargs: dict[str, Any] = {"settings": settings}
+        if method == "multislerp" and base_ref is not None:
+            kwargs["with_base"] = True
+        root = self.call(f"mergekit_{method}", args, kwargs, method_line)
         final = out_dtype or dtype
         if final is not None:
             root = self.call("cast", [root], {"dtype": final},

@@ -360,7 +360,8 @@ def test_an_id_not_found_names_where_it_looked(tmp_path, monkeypatch):
      "parameter 'densty'"),
     ("merge_method: passthrough\nslices:\n  - sources: []\n", 2, "slices"),
     ("merge_method: linear\nmodels:\n  - model: y+lora\n", 3, "base+lora"),
-    ("merge_method: sce\nbase_model: x\nmodels:\n  - model: y\n", 1, "sce"),
+    ("merge_method: ram\nbase_model: x\nmodels:\n  - model: y\n", 1, "ram"),
+    ("merge_method: frankenmerge\nmodels:\n  - model: y\n", 1, "unknown merge_method"),
     ("merge_method: linear\nmodels:\n  - model: y\n    parameters: {weight: [{filtr: mlp, value: 1}]}\n", 4,
      "'filter' and 'value'"),
     ("merge_method: linear\nmodels:\n  - model: y\ntokenizer_source: union\n", 4, "tokenizer_source"),
@@ -382,3 +383,95 @@ def test_detection_needs_a_yaml_name_and_a_top_level_key():
     assert detect("merge_method: linear\n", "c.yml") and detect("models:\n  - model: a\n", "c.YAML")
     assert not detect("merge_method: linear\n", "c.mecha")
     assert not detect("name: x\n  merge_method: linear\n", "c.yml")
+
+
+def test_multislerp_with_base(tmp_path, llamas):
+    text = (f"merge_method: multislerp\nbase_model: {llamas['base']}\nmodels:\n"
+            f"  - model: {llamas['a']}\n    parameters: {{weight: 1}}\n  - model: {llamas['b']}\n"
+            f"    parameters: {{weight: 2}}\n  - model: {llamas['c']}\n    parameters: {{weight: 1}}\n")
+    result = merge(tmp_path, text)
+    base, xs = tensors(llamas["base"]), [tensors(llamas[n]) for n in "abc"]
+    w = torch.tensor([0.25, 0.5, 0.25], dtype=torch.float64)
+
+    def ref(k):
+        ds = [(x[k].double() - base[k].double()).flatten() for x in xs]
+        norms = torch.stack([d.norm() for d in ds])
+        units = [d / (n + 1e-8) for d, n in zip(ds, norms)]
+        mu = sum(wi * u for wi, u in zip(w, units))
+        mu = mu / mu.norm()
+        tangent = sum(wi * (u - (u @ mu) * mu) for wi, u in zip(w, units))
+        tn = tangent.norm() + 1e-8
+        point = mu * torch.cos(tn) + tangent * torch.sin(tn) / tn
+        return (base[k].double() + (point * (norms * w).sum()).reshape(base[k].shape)).float()
+    check_all(result, ref, base)
+
+
+def test_karcher_of_the_base_and_two_models(tmp_path, llamas):
+    text = (f"merge_method: karcher\nbase_model: {llamas['base']}\nparameters: {{max_iter: 50, tol: 1e-9}}\n"
+            f"models:\n  - model: {llamas['a']}\n  - model: {llamas['c']}\n")
+    result = merge(tmp_path, text)
+    xs = [tensors(llamas[n]) for n in ("a", "c", "base")]
+
+    def ref(k):
+        """The Fréchet mean on the sphere by many Riemannian gradient steps (converged)."""
+        vs = [x[k].double().flatten() for x in xs]
+        us = [v / v.norm() for v in vs]
+        mean = sum(us) / 3
+        mean = mean / mean.norm()
+        for _ in range(200):
+            logs = []
+            for u in us:
+                cos = torch.clamp(mean @ u, -1, 1)
+                theta = torch.arccos(cos)
+                logs.append(torch.zeros_like(u) if theta < 1e-12 else theta / torch.sin(theta) * (u - cos * mean))
+            step = sum(logs) / 3
+            n = step.norm()
+            if n < 1e-14:
+                break
+            mean = torch.cos(n) * mean + torch.sin(n) * step / n
+            mean = mean / mean.norm()
+        return (mean * sum(v.norm() for v in vs) / 3).reshape(x_shape(k)).float()
+
+    def x_shape(k):
+        return xs[0][k].shape
+    check_all(result, ref, xs[0])
+
+
+def test_sce(tmp_path, llamas):
+    text = (f"merge_method: sce\nbase_model: {llamas['base']}\nparameters: {{select_topk: 0.5}}\nmodels:\n"
+            f"  - model: {llamas['a']}\n  - model: {llamas['b']}\n  - model: {llamas['c']}\n")
+    result = merge(tmp_path, text)
+    base, xs = tensors(llamas["base"]), [tensors(llamas[n]) for n in "abc"]
+
+    def ref(k):
+        ds = [x[k] - base[k] for x in xs]
+        mean = sum(ds) / 3
+        var = sum((d - mean) ** 2 for d in ds) / 3
+        keep = torch.zeros(var.numel())
+        keep[var.flatten().topk(int(torch.count_nonzero(var) * 0.5)).indices] = 1
+        ds = [d * keep.reshape(var.shape) for d in ds]
+        sign = torch.where(sum(ds) >= 0, 1.0, -1.0)
+        ms = [(torch.sign(d) == sign).float() for d in ds]
+        energy = torch.tensor([float((d ** 2).mean()) for d in ds])
+        energy = energy / energy.sum()
+        num = sum(e * m * d for e, m, d in zip(energy, ms, ds))
+        den = torch.clamp(sum(e * m for e, m in zip(energy, ms)), min=1e-6)
+        return base[k] + num / den
+    check_all(result, ref, base)
+
+
+def test_arcee_fusion(tmp_path, llamas):
+    text = (f"merge_method: arcee_fusion\nbase_model: {llamas['base']}\nmodels:\n  - model: {llamas['base']}\n"
+            f"  - model: {llamas['b']}\n")
+    result = merge(tmp_path, text)
+    base, b = tensors(llamas["base"]), tensors(llamas["b"])
+
+    def ref(k):
+        p = torch.softmax(b[k], dim=-1) + 1e-8
+        q = torch.softmax(base[k], dim=-1) + 1e-8
+        score = (b[k] - base[k]).abs() * (p * (p / q).log()).sum(-1, keepdim=True)
+        flat = score.flatten().sort().values
+        n = flat.numel() - 1
+        q1, med, q3 = flat[int(0.25 * n)], flat[int(0.5 * n)], flat[int(0.75 * n)]
+        return torch.where(score >= med + 1.5 * (q3 - q1), b[k], base[k])
+    check_all(result, ref, base)
