@@ -97,7 +97,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 plugins_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="The installed plugins.")
-recipe_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Recipes stored in merged files, or written in another format.")
+recipe_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                         help="Recipes stored in merged files, or written in another format.")
 app.add_typer(plugins_app, name="plugins")
 app.add_typer(recipe_app, name="recipe")
 

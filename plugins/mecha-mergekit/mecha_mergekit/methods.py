@@ -274,7 +274,8 @@ def mergekit_model_stock(base, *models, settings: str = "{}", ctx=None):
     n = len(ws)
     denominator = 1 + (n - 1) * cos
     singular = denominator.abs() < 1e-6
-    t = torch.where(singular, torch.zeros_like(cos), n * cos / torch.where(singular, torch.ones_like(denominator), denominator))
+    safe = torch.where(singular, torch.ones_like(denominator), denominator)
+    t = torch.where(singular, torch.zeros_like(cos), n * cos / safe)
     return (t * (sum(ws) / n) + (1 - t) * w0).reshape(shape)
 
 
@@ -371,7 +372,8 @@ def mergekit_karcher(*models, settings: str = "{}", ctx=None):
     return sum(a * n for a, n in zip(alphas, norms)) * mean
 
 
-@merge_method(spaces=WEIGHT, formula="base + Σ eᵢsᵢτᵢ / max(Σ eᵢsᵢ, 1e-6),  τᵢ top-variance entries, sᵢ ∝ mean τᵢ², eᵢ sign election")
+@merge_method(spaces=WEIGHT,
+              formula="base + Σ eᵢsᵢτᵢ / max(Σ eᵢsᵢ, 1e-6),  τᵢ top-variance entries, sᵢ ∝ mean τᵢ², eᵢ sign election")
 def mergekit_sce(base, *models, settings: str = "{}", ctx=None):
     """mergekit's ``sce``: the deltas kept where their variance across models is in the top
     ``select_topk`` fraction, weighted by their mean square (normalised), sign-elected (sum)."""
@@ -400,7 +402,8 @@ def mergekit_sce(base, *models, settings: str = "{}", ctx=None):
     return base + (tvs * erased).sum(dim=0) / erased.sum(dim=0).clamp(min=1e-6)
 
 
-@merge_method(spaces=WEIGHT, formula="base + (θ − base)·[|θ − base|·KL_row(softmax θ ‖ softmax base) ≥ median + 1.5·IQR]")
+@merge_method(spaces=WEIGHT,
+              formula="base + (θ − base)·[|θ − base|·KL_row(softmax θ ‖ softmax base) ≥ median + 1.5·IQR]")
 def mergekit_arcee_fusion(base, other, *, settings: str = "{}", ctx=None):
     """mergekit's ``arcee_fusion``: the other model's changes where their importance (|change|
     times the row's KL divergence of the softmaxes) reaches median + 1.5 × the interquartile

@@ -220,8 +220,8 @@ class _Reader:
                     raise self.fail(f"unknown key '{key}' in a models entry (model, parameters)",
                                     item.line_of(key) if isinstance(item, _Map) else at)
             line = item.line_of("model") if isinstance(item, _Map) else at
-            params = self.parameters(item.get("parameters"), item.line_of("parameters") if isinstance(item, _Map) else at,
-                                     allowed, method)
+            params_line = item.line_of("parameters") if isinstance(item, _Map) else at
+            params = self.parameters(item.get("parameters"), params_line, allowed, method)
             entries.append((item["model"], params, line))
 
         base_ref = config.get("base_model")
