@@ -212,11 +212,10 @@ def load_folder(folder: str) -> dict:
 
 
 def compare(case: str, work: str, mk_out: str, mecha_out: str) -> str:
-    import torch
-
     mk, me = load_folder(mk_out), load_folder(mecha_out)
     if set(mk) != set(me):
-        return f"key sets differ: only mergekit {sorted(set(mk) - set(me))[:3]}, only mecha {sorted(set(me) - set(mk))[:3]}"
+        only_mk, only_me = sorted(set(mk) - set(me))[:3], sorted(set(me) - set(mk))[:3]
+        return f"key sets differ: only mergekit {only_mk}, only mecha {only_me}"
     if case in RANDOM:
         base = load_folder(os.path.join(work, "base"))
         stats = []
