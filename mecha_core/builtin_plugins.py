@@ -34,6 +34,11 @@ BUILTIN_PROVIDERS: dict[str, dict[str, frozenset[str]]] = {
         "sdmecha_multiply_quotient", "sdmecha_scale", "sdmecha_model_stock", "sdmecha_ties_sum_extended",
         "sdmecha_ties_sum_with_dropout", "sdmecha_dropout", "sdmecha_crossover", "sdmecha_tensor_sum",
         "sdmecha_top_k_tensor_sum", "sdmecha_rotate"})},
+    "mecha-mergekit": {"recipe format": frozenset({"mergekit"}), "merge method": frozenset({
+        "mergekit_task_arithmetic", "mergekit_ties", "mergekit_dare_ties", "mergekit_dare_linear",
+        "mergekit_breadcrumbs", "mergekit_breadcrumbs_ties", "mergekit_della", "mergekit_della_linear",
+        "mergekit_linear", "mergekit_slerp", "mergekit_nuslerp", "mergekit_nearswap", "mergekit_model_stock",
+        "mergekit_passthrough", "mergekit_multislerp", "mergekit_karcher", "mergekit_sce", "mergekit_arcee_fusion"})},
 }
 
 #: the kinds of names the table knows

@@ -24,7 +24,8 @@ with using(mecha_methods.plugin):
     for path in sys.argv[3:5]:
         open(path, "rb").read()
     # a first merge imports and caches what any merge needs: those faults are not the allocator's
-    mecha_core.merge(mecha_core.weighted_sum(a, b, alpha=0.3), sys.argv[2].replace(".safetensors", "-warm.safetensors"), threads=2)
+    warm = sys.argv[2].replace(".safetensors", "-warm.safetensors")
+    mecha_core.merge(mecha_core.weighted_sum(a, b, alpha=0.3), warm, threads=2)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     mecha_core.merge(mecha_core.weighted_sum(a, b, alpha=0.3), sys.argv[2], threads=2)
     print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before))

@@ -20,7 +20,7 @@ from mecha_core.testing import host_with, using
 
 BUILTINS = {"methods": "mecha-methods", "sd1": "mecha-sd1", "sdxl": "mecha-sdxl", "sd3": "mecha-sd3",
             "flux": "mecha-flux", "gguf": "mecha-gguf", "lora": "mecha-lora", "llm": "mecha-llm",
-            "sdmecha": "mecha-sdmecha"}
+            "sdmecha": "mecha-sdmecha", "mergekit": "mecha-mergekit"}
 
 
 @pytest.fixture

@@ -20,9 +20,13 @@ import torch
 from safetensors.torch import load_file
 
 import mecha_core
+from mecha_core.builtin_plugins import BUILTIN_PROVIDERS
 from mecha_core.errors import PluginError
 from mecha_core.plugins import PluginHost, get_host
 from mecha_core.testing import install_plugin, write_checkpoint
+
+#: the entry-point names of the builtin distributions (mecha-sd1 -> sd1)
+BUILTIN_ENTRY_POINTS = {dist.removeprefix("mecha-") for dist in BUILTIN_PROVIDERS}
 
 FIXTURES = Path(__file__).parent / "fixtures" / "plugins"
 FIXTURE_MODULES = sorted(p.stem for p in FIXTURES.glob("mecha_*.py"))
@@ -153,8 +157,7 @@ def test_load_and_disable_lists_mark_plugins_disabled(site, monkeypatch):
     monkeypatch.setenv("MECHA_LOAD_PLUGINS", "fixture, methods")
     host = get_host()
     assert {r.name: r.status for r in host.records} == {
-        "fixture": "ok", "methods": "ok", "sd1": "disabled", "sdxl": "disabled", "sd3": "disabled",
-        "lora": "disabled", "flux": "disabled", "gguf": "disabled", "llm": "disabled", "sdmecha": "disabled"}
+        "fixture": "ok", "methods": "ok", **{name: "disabled" for name in BUILTIN_ENTRY_POINTS - {"methods"}}}
     assert record(host, "sd1").version is not None  # a disabled plugin still shows its version
 
     mecha_core.plugins.reset_host()
@@ -254,7 +257,7 @@ def test_cli_lists_a_third_party_plugin_and_a_broken_one(site, tmp_path):
     listed = run_python("-m", "mecha_core", "plugins", "list", "--json", cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr  # always 0, even with a broken plugin
     rows = {row["name"]: row for row in json.loads(listed.stdout)}
-    assert set(rows) == {"methods", "sd1", "sdxl", "sd3", "lora", "flux", "gguf", "llm", "sdmecha", "fixture", "broken"}
+    assert set(rows) == BUILTIN_ENTRY_POINTS | {"fixture", "broken"}
     for row in rows.values():
         assert {"name", "distribution", "version", "status", "error", "provides"} <= set(row)
     assert rows["fixture"]["distribution"] in ("mecha-fixture-plugin", "mecha_fixture_plugin")

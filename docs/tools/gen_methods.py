@@ -56,6 +56,11 @@ other:
   `"consecutive"` (sd-mecha).
 - Randomised methods (`dare_*`, `della*`) draw their masks from `seed` and the key name, so a
   merge gives the same bytes whatever the thread count or key order.
+
+mergekit configs read by the `mecha-mergekit` plugin run with mergekit's own definitions
+(`mergekit_ties` ...: TIES electing + where deltas cancel, `dare_ties`/`breadcrumbs_ties` summing,
+DELLA's L1 rescale and epsilon 0.15, SLERP's coefficients on the raw tensors, per-model density):
+docs/mergekit.md lists how each differs from the methods here.
 """
 
 

@@ -97,7 +97,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 plugins_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="The installed plugins.")
-recipe_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Recipes stored in merged files.")
+recipe_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                         help="Recipes stored in merged files, or written in another format.")
 app.add_typer(plugins_app, name="plugins")
 app.add_typer(recipe_app, name="recipe")
 
@@ -131,6 +132,7 @@ app.command("inspect")(boundary(describe.inspect_command))
 plugins_app.command("list")(boundary(describe.plugins_list_command))
 plugins_app.command("check")(boundary(describe.plugins_check_command))
 recipe_app.command("show")(boundary(merging.recipe_show_command))
+recipe_app.command("import")(boundary(merging.recipe_import_command))
 
 
 def run(args: list[str] | None = None) -> int:

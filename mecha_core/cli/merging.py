@@ -219,6 +219,26 @@ def compose_command(
         typer.echo(f"wrote {output}")
 
 
+def recipe_import_command(
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="A recipe in any installed format "
+                                         "(sd-mecha .mecha, mergekit .yml ...).")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print {\"file\", \"recipe\"} as JSON on stdout.")] = False,
+) -> None:
+    """Print a recipe of another format (a recipe-format plugin reads it) as mecha's .mecha text.
+
+    Model paths found relative to FILE are rewritten relative to the current folder, so the
+    printed recipe runs from here (redirect it to a .mecha file)."""
+    from .. import load_recipe
+    from ..recipe import dump_recipe
+    from ..recipe.nodes import relocate
+
+    text = dump_recipe(relocate(load_recipe(str(file)), os.getcwd()))
+    if json_out:
+        print_json({"file": str(file), "recipe": text})
+        return
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+
+
 def recipe_show_command(
     file: Annotated[Path, typer.Argument(metavar="FILE", help="A merged .safetensors file or folder.")],
     json_out: Annotated[bool, typer.Option("--json", help="Print {\"file\", \"recipe\", \"mecha_version\", "

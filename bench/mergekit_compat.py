@@ -1,0 +1,271 @@
+"""Compatibility bench: mergekit 0.1.5 and mecha (mecha-mergekit) run the same mergekit configs on
+the same small Llama-shaped models, and the outputs are compared tensor by tensor.
+
+Per case it prints the max absolute and relative difference over every tensor (deterministic
+methods; target ≤ 1e-6 relative, both computing in float32: every config says ``dtype: float32``)
+or, for the random methods (dare_*, della*: mergekit draws from torch's global generator, mecha
+from a per-key seed), the kept fraction of the change and its L2 norm for each tool (target:
+equal within 1 %), plus each tool's wall time and peak private memory (RssAnon + RssShmem
+sampled from /proc/PID/status).
+
+mergekit lives in its own virtual environment, made so pip never resolves torch: the venv sees
+the system site-packages (torch 2.13.0, transformers, pydantic, accelerate ...) and mergekit
+and its two missing pure-Python dependencies are installed with --no-deps:
+
+    python -m venv --system-site-packages /tmp/mergekit-venv
+    /tmp/mergekit-venv/bin/pip install --no-deps mergekit==0.1.5 "immutables>=0.21,<1" "peft>=0.18"
+
+Then, from the repository root:
+
+    .venv/bin/python bench/mergekit_compat.py [--mergekit /tmp/mergekit-venv/bin/mergekit-yaml]
+                                              [--work DIR] [--only ties,slerp]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+LAYERS = 4
+RANDOM = ("dare_ties", "dare_linear", "della", "della_linear")
+
+CASES = {
+    "linear": """merge_method: linear
+models:
+  - {model: a, parameters: {weight: [1, 0.2]}}
+  - {model: b, parameters: {weight: [{filter: mlp, value: 0.3}, {value: 1}]}}""",
+    "linear_base": """merge_method: linear
+base_model: base
+parameters: {weight: 0.5, normalize: false}
+models:
+  - {model: a, parameters: {weight: 0.7}}""",
+    "task_arithmetic": """merge_method: task_arithmetic
+base_model: base
+parameters: {lambda: 1.2}
+models:
+  - {model: a, parameters: {weight: 0.6}}
+  - {model: b, parameters: {weight: [0.2, 0.8]}}""",
+    "ties": """merge_method: ties
+base_model: base
+parameters: {density: 0.5}
+models:
+  - {model: a, parameters: {weight: 1, density: [0.3, 0.9]}}
+  - {model: b, parameters: {weight: 0.5}}
+  - {model: c, parameters: {weight: -0.3, density: [{filter: self_attn, value: 0.2}, {value: 0.6}]}}""",
+    "breadcrumbs": """merge_method: breadcrumbs
+base_model: base
+models:
+  - {model: a, parameters: {weight: 1, density: 0.8, gamma: 0.05}}
+  - {model: b, parameters: {weight: 0.5, density: 0.7}}""",
+    "breadcrumbs_ties": """merge_method: breadcrumbs_ties
+base_model: base
+models:
+  - {model: a, parameters: {weight: 1, density: 0.8, gamma: 0.05}}
+  - {model: b, parameters: {weight: 0.5, density: 0.7}}""",
+    "slerp": """merge_method: slerp
+base_model: a
+parameters:
+  t:
+    - {filter: self_attn, value: [0, 0.5, 0.3, 0.7, 1]}
+    - {filter: mlp, value: [1, 0.5, 0.7, 0.3, 0]}
+    - {value: 0.5}
+models:
+  - {model: a}
+  - {model: b}""",
+    "nuslerp": """merge_method: nuslerp
+base_model: base
+models:
+  - {model: a, parameters: {weight: 1}}
+  - {model: b, parameters: {weight: 3}}""",
+    "multislerp": """merge_method: multislerp
+base_model: base
+models:
+  - {model: a, parameters: {weight: 1}}
+  - {model: b, parameters: {weight: 2}}
+  - {model: c, parameters: {weight: 1}}""",
+    "karcher": """merge_method: karcher
+models:
+  - {model: a}
+  - {model: b}
+  - {model: c}""",
+    "model_stock": """merge_method: model_stock
+base_model: base
+models:
+  - {model: a}
+  - {model: b}
+  - {model: c}""",
+    "sce": """merge_method: sce
+base_model: base
+parameters: {select_topk: 0.5}
+models:
+  - {model: a}
+  - {model: b}
+  - {model: c}""",
+    "nearswap": """merge_method: nearswap
+base_model: base
+parameters: {t: 0.02}
+models:
+  - {model: b}""",
+    "arcee_fusion": """merge_method: arcee_fusion
+base_model: base
+models:
+  - {model: base}
+  - {model: b}""",
+    "passthrough": """merge_method: passthrough
+models:
+  - {model: a, parameters: {scale: [{filter: o_proj, value: 0.5}, {value: 1}]}}""",
+    "dare_ties": """merge_method: dare_ties
+base_model: base
+models:
+  - {model: a, parameters: {weight: 1, density: 0.5}}
+  - {model: b, parameters: {weight: 0.5, density: 0.3}}""",
+    "dare_linear": """merge_method: dare_linear
+base_model: base
+models:
+  - {model: a, parameters: {weight: 1, density: 0.5}}
+  - {model: b, parameters: {weight: 0.5, density: 0.3}}""",
+    "della": """merge_method: della
+base_model: base
+models:
+  - {model: a, parameters: {weight: 1, density: 0.5}}
+  - {model: b, parameters: {weight: 0.5, density: 0.4}}""",
+    "della_linear": """merge_method: della_linear
+base_model: base
+models:
+  - {model: a, parameters: {weight: 1, density: 0.5, epsilon: 0.1}}
+  - {model: b, parameters: {weight: 0.5, density: 0.4}}""",
+}
+
+
+def build_models(work: str) -> None:
+    """A base and three fine-tunes (the base plus random deltas), float32 Hugging Face folders."""
+    import torch
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    if os.path.exists(os.path.join(work, "c", "model.safetensors")):
+        return
+    config = transformers.LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256,
+                                      num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=64, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(os.path.join(work, "base"))
+    base = load_file(os.path.join(work, "base", "model.safetensors"))
+    for i, name in enumerate("abc"):
+        folder = os.path.join(work, name)
+        shutil.copytree(os.path.join(work, "base"), folder)
+        gen = torch.Generator().manual_seed(10 + i)
+        save_file({k: (v + torch.randn(v.shape, generator=gen) * 0.01 * (i + 1)).contiguous() for k, v in base.items()},
+                  os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+
+
+def private_peak(cmd: list[str], cwd: str) -> tuple[float, int, int]:
+    """(seconds, peak RssAnon + RssShmem in bytes, exit code) of ``cmd``."""
+    start = time.perf_counter()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak = [0]
+
+    def sample() -> None:
+        while proc.poll() is None:
+            try:
+                with open(f"/proc/{proc.pid}/status") as fh:
+                    fields = dict(line.split(":", 1) for line in fh if ":" in line)
+                kb = sum(int(fields.get(f, "0 kB").split()[0]) for f in ("RssAnon", "RssShmem"))
+                peak[0] = max(peak[0], kb * 1024)
+            except (FileNotFoundError, ProcessLookupError, ValueError):
+                pass
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=sample)
+    thread.start()
+    _, err = proc.communicate()
+    thread.join()
+    if proc.returncode:
+        sys.stderr.write(err.decode(errors="replace")[-2000:])
+    return time.perf_counter() - start, peak[0], proc.returncode
+
+
+def load_folder(folder: str) -> dict:
+    import json
+
+    from safetensors.torch import load_file
+
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as fh:
+            files = sorted(set(json.load(fh)["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    out = {}
+    for name in files:
+        out.update(load_file(os.path.join(folder, name)))
+    return out
+
+
+def compare(case: str, work: str, mk_out: str, mecha_out: str) -> str:
+    mk, me = load_folder(mk_out), load_folder(mecha_out)
+    if set(mk) != set(me):
+        only_mk, only_me = sorted(set(mk) - set(me))[:3], sorted(set(me) - set(mk))[:3]
+        return f"key sets differ: only mergekit {only_mk}, only mecha {only_me}"
+    if case in RANDOM:
+        base = load_folder(os.path.join(work, "base"))
+        stats = []
+        for out in (mk, me):
+            kept = sum(int((out[k].float() != base[k].float()).sum()) for k in base)
+            total = sum(base[k].numel() for k in base)
+            l2 = sum(float(((out[k].float() - base[k].float()) ** 2).sum()) for k in base) ** 0.5
+            stats.append((kept / total, l2))
+        (fk, lk), (fm, lm) = stats
+        return (f"kept mergekit {fk:.4f} mecha {fm:.4f} ({abs(fm - fk) / fk:.2%}); "
+                f"L2 mergekit {lk:.4f} mecha {lm:.4f} ({abs(lm - lk) / lk:.2%})")
+    abs_diff = rel_diff = 0.0
+    for key in mk:
+        a, b = mk[key].double(), me[key].double()
+        diff = (a - b).abs()
+        abs_diff = max(abs_diff, float(diff.max()))
+        rel_diff = max(rel_diff, float(diff.max() / a.abs().max().clamp(min=1e-12)))
+    return f"max abs {abs_diff:.3g}, max rel {rel_diff:.3g}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mergekit", default="/tmp/mergekit-venv/bin/mergekit-yaml")
+    parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "mecha-mergekit-compat"))
+    parser.add_argument("--only", default="")
+    args = parser.parse_args()
+    os.makedirs(args.work, exist_ok=True)
+    build_models(args.work)
+    mecha = os.path.join(os.path.dirname(sys.executable), "mecha")
+    cases = [c for c in CASES if not args.only or c in args.only.split(",")]
+    print(f"{'case':18} {'mergekit s':>10} {'MB':>6} {'mecha s':>8} {'MB':>6}  difference")
+    for case in cases:
+        config = os.path.join(args.work, f"{case}.yml")
+        with open(config, "w") as fh:
+            # absolute folders: mergekit takes a name it cannot open as a hub id
+            text = re.sub(r"(model: )(base|a|b|c)\b", lambda m: m.group(1) + os.path.join(args.work, m.group(2)),
+                          CASES[case])
+            fh.write(text + "\ndtype: float32\n")
+        mk_out, mecha_out = os.path.join(args.work, f"out-mk-{case}"), os.path.join(args.work, f"out-mecha-{case}")
+        for out in (mk_out, mecha_out):
+            shutil.rmtree(out, ignore_errors=True)
+        mk_time, mk_mem, mk_rc = private_peak([args.mergekit, config, mk_out, "--random-seed", "0"], args.work)
+        me_time, me_mem, me_rc = private_peak([mecha, "merge", config, "-o", mecha_out + "/", "-q"], args.work)
+        if mk_rc or me_rc:
+            print(f"{case:18} failed (mergekit rc {mk_rc}, mecha rc {me_rc})")
+            continue
+        print(f"{case:18} {mk_time:10.2f} {mk_mem / 2**20:6.0f} {me_time:8.2f} {me_mem / 2**20:6.0f}  "
+              f"{compare(case, args.work, mk_out, mecha_out)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
