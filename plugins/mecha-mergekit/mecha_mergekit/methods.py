@@ -140,13 +140,18 @@ def _gta(name: str, base, models, settings: str, seed: int, ctx) -> Any:
     return base + mixed
 
 
+_SETTINGS_NOTE = ("``settings``: the config's parameters (global and per model) as JSON, resolved per key as "
+                  "mergekit does.")
+
+
 def _gta_method(name: str, formula: str):
     def method(base, *models, settings: str = "{}", seed: int = 0, ctx=None):
         return _gta(name, base, models, settings, seed, ctx)
 
     method.__doc__ = (f"mergekit's ``{name}`` (generalized task arithmetic): deltas from the base, "
                       f"sparsified per model, weighted, {'sign-elected (sum; ties elect +), ' if _GTA[name][0] else ''}"
-                      f"summed, normalised when ``normalize`` (default {_GTA[name][2]}), times ``lambda``.")
+                      f"summed, normalised when ``normalize`` (default {_GTA[name][2]}), times ``lambda``.\n\n"
+                      f"{_SETTINGS_NOTE} ``seed``: the seed of the random draws (combined with the key).")
     method.__name__ = f"mergekit_{name}"
     return merge_method(method, name=f"mergekit_{name}", spaces=WEIGHT, formula=formula)
 
@@ -167,7 +172,10 @@ GTA_METHODS = [
 @merge_method(spaces=WEIGHT, formula="Σ wᵢθᵢ / Σ wᵢ  (no division without normalize)")
 def mergekit_linear(*models, settings: str = "{}", ctx=None):
     """mergekit's ``linear``: every input weighted by its ``weight`` (required), divided by the
-    sum of the weights when ``normalize`` (default true); float32 compute."""
+    sum of the weights when ``normalize`` (default true); float32 compute.
+
+    ``settings``: the config's parameters (global and per model) as JSON, resolved per key as mergekit does.
+    """
     cfg = Settings(settings, getattr(ctx, "key", ""), ctx)
     tensors = _work(models)
     weights = [cfg.per_input(i, "weight", as_float) for i in range(len(tensors))]
@@ -182,7 +190,10 @@ def mergekit_linear(*models, settings: str = "{}", ctx=None):
 @merge_method(spaces=WEIGHT, formula="(sin((1−t)Ω)·a + sin(tΩ)·b) / sin Ω on the raw tensors,  cos Ω = â·b̂")
 def mergekit_slerp(base, other, *, settings: str = "{}", ctx=None):
     """mergekit's ``slerp``: the sine coefficients computed from the normalised, flattened
-    tensors and applied to the raw ones (no norm interpolation); linear when |cos Ω| > 0.9995."""
+    tensors and applied to the raw ones (no norm interpolation); linear when |cos Ω| > 0.9995.
+
+    ``settings``: the config's parameters (global and per model) as JSON, resolved per key as mergekit does.
+    """
     cfg = Settings(settings, getattr(ctx, "key", ""), ctx)
     t = cfg.shared("t", as_float)
     a, b = _work((base, other))
@@ -226,7 +237,10 @@ def _nuslerp(t: float, v0, v1, row_wise: bool, flatten: bool):
 def mergekit_nuslerp(first, second, base=None, *, settings: str = "{}", ctx=None):
     """mergekit's ``nuslerp``: two models weighted ``weight``; with a base, their deltas are
     slerped and added to it. ``nuslerp_flatten`` (default true) treats the tensor as one vector,
-    else rows (``nuslerp_row_wise``: columns of dim 0) are slerped separately."""
+    else rows (``nuslerp_row_wise``: columns of dim 0) are slerped separately.
+
+    ``settings``: the config's parameters (global and per model) as JSON, resolved per key as mergekit does.
+    """
     cfg = Settings(settings, getattr(ctx, "key", ""), ctx)
     w0, w1 = cfg.per_input(0, "weight", as_float), cfg.per_input(1, "weight", as_float)
     total = w0 + w1
@@ -243,7 +257,10 @@ def mergekit_nuslerp(first, second, base=None, *, settings: str = "{}", ctx=None
 @merge_method(spaces=WEIGHT, formula="w·b + (1 − w)·a,  w = clamp(t / max(|a − b|, 1e-6), 0, 1)")
 def mergekit_nearswap(base, other, *, settings: str = "{}", ctx=None):
     """mergekit's ``nearswap``: entries where the base and the other model are close take the
-    other's value, far ones keep the base's."""
+    other's value, far ones keep the base's.
+
+    ``settings``: the config's parameters (global and per model) as JSON, resolved per key as mergekit does.
+    """
     cfg = Settings(settings, getattr(ctx, "key", ""), ctx)
     t = cfg.shared("t", as_float)
     a, b = _work((base, other))
@@ -254,7 +271,10 @@ def mergekit_nearswap(base, other, *, settings: str = "{}", ctx=None):
 @merge_method(spaces=WEIGHT, formula="t·mean(θᵢ) + (1 − t)·base,  t = N·cos / (1 + (N − 1)·cos), cos the mean pairwise")
 def mergekit_model_stock(base, *models, settings: str = "{}", ctx=None):
     """mergekit's ``model_stock``: the mean pairwise cosine of the deltas (whole tensor, or per
-    row with ``filter_wise``) sets how far the mean of the models moves from the base."""
+    row with ``filter_wise``) sets how far the mean of the models moves from the base.
+
+    ``settings``: the config's parameters (global and per model) as JSON, resolved per key as mergekit does.
+    """
     cfg = Settings(settings, getattr(ctx, "key", ""), ctx)
     filter_wise = cfg.shared("filter_wise", as_bool, False)
     w0, *ws = _work((base, *models))
@@ -281,7 +301,10 @@ def mergekit_model_stock(base, *models, settings: str = "{}", ctx=None):
 
 @merge_method(spaces=WEIGHT, formula="θ · scale  (scale absent: θ)")
 def mergekit_passthrough(model, *, settings: str = "{}", ctx=None):
-    """mergekit's ``passthrough``: the one input, times its ``scale`` parameter when set."""
+    """mergekit's ``passthrough``: the one input, times its ``scale`` parameter when set.
+
+    ``settings``: the config's parameters (global and per model) as JSON, resolved per key as mergekit does.
+    """
     cfg = Settings(settings, getattr(ctx, "key", ""), ctx)
     own = cfg.inputs[0] if cfg.inputs else {}
     scopes = [own or {}, cfg.global_]
@@ -297,7 +320,10 @@ def mergekit_passthrough(model, *, settings: str = "{}", ctx=None):
 def mergekit_multislerp(*models, with_base: bool = False, settings: str = "{}", ctx=None):
     """mergekit's ``multislerp``: barycentric interpolation on the hypersphere of the models (their
     deltas from the first input when ``with_base``) with ``weight`` per model (normalised to sum 1
-    unless ``normalize_weights: false``; ``eps`` 1e-8)."""
+    unless ``normalize_weights: false``; ``eps`` 1e-8).
+
+    ``settings``: the config's parameters (global and per model) as JSON, resolved per key as mergekit does.
+    """
     cfg = Settings(settings, getattr(ctx, "key", ""), ctx)
     base, models = (models[0], models[1:]) if with_base else (None, models)
     eps = cfg.shared("eps", as_float, 1e-8)
@@ -333,7 +359,10 @@ def mergekit_multislerp(*models, with_base: bool = False, settings: str = "{}", 
 def mergekit_karcher(*models, settings: str = "{}", ctx=None):
     """mergekit's ``karcher``: the equal-weight Karcher mean of every input (the base too) on the
     unit sphere, at most ``max_iter`` (10) steps until the tangent is below ``tol`` (1e-5),
-    scaled by the mean norm."""
+    scaled by the mean norm.
+
+    ``settings``: the config's parameters (global and per model) as JSON, resolved per key as mergekit does.
+    """
     cfg = Settings(settings, getattr(ctx, "key", ""), ctx)
     max_iter = int(cfg.shared("max_iter", as_float, 10))
     tol = cfg.shared("tol", as_float, 1e-5)
@@ -376,7 +405,10 @@ def mergekit_karcher(*models, settings: str = "{}", ctx=None):
               formula="base + Σ eᵢsᵢτᵢ / max(Σ eᵢsᵢ, 1e-6),  τᵢ top-variance entries, sᵢ ∝ mean τᵢ², eᵢ sign election")
 def mergekit_sce(base, *models, settings: str = "{}", ctx=None):
     """mergekit's ``sce``: the deltas kept where their variance across models is in the top
-    ``select_topk`` fraction, weighted by their mean square (normalised), sign-elected (sum)."""
+    ``select_topk`` fraction, weighted by their mean square (normalised), sign-elected (sum).
+
+    ``settings``: the config's parameters (global and per model) as JSON, resolved per key as mergekit does.
+    """
     cfg = Settings(settings, getattr(ctx, "key", ""), ctx)
     base, *models = _work((base, *models))
     if not models:
@@ -407,7 +439,10 @@ def mergekit_sce(base, *models, settings: str = "{}", ctx=None):
 def mergekit_arcee_fusion(base, other, *, settings: str = "{}", ctx=None):
     """mergekit's ``arcee_fusion``: the other model's changes where their importance (|change|
     times the row's KL divergence of the softmaxes) reaches median + 1.5 × the interquartile
-    range; quantiles over every entry (mergekit samples a million entries of larger tensors)."""
+    range; quantiles over every entry (mergekit samples a million entries of larger tensors).
+
+    ``settings``: the config's parameters (global and per model) as JSON, resolved per key as mergekit does.
+    """
     base, other = _work((base, other))
     eps = 1e-8
     p = torch.softmax(other, dim=-1) + eps
