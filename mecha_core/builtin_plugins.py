@@ -20,10 +20,11 @@ BUILTIN_PROVIDERS: dict[str, dict[str, frozenset[str]]] = {
     "mecha-sd3": {"architecture": frozenset({"sd3-comfyui", "sd3", "sd3-sgm"})},
     "mecha-lora": {"merge method": frozenset({"apply_lora"}),
                    "model type": frozenset({"kohya-lora", "peft-lora"})},
+    "mecha-ray": {"executor": frozenset({"ray"})},
 }
 
 #: the kinds of names the table knows
-KINDS = ("merge method", "architecture", "model type")
+KINDS = ("merge method", "architecture", "model type", "executor")
 
 
 def provider_of(kind: str, name: str) -> str | None:

@@ -62,6 +62,8 @@ def test_the_builtin_table_matches_what_the_installed_builtins_provide():
             kinds.setdefault("architecture", set()).update({name, *host.architecture(name).aliases})
         for name in record.provides.get("model_types", []):
             kinds.setdefault("model type", set()).add(name)
+        for name in record.provides.get("executors", []):
+            kinds.setdefault("executor", set()).add(name)
     assert provided == {dist: {kind: set(names) for kind, names in table.items()}
                         for dist, table in BUILTIN_PROVIDERS.items()}
 
