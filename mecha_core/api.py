@@ -12,7 +12,6 @@ from .executors import MergeJob, find_executor, merge_metadata, plugins_used  # 
 from .output import OutputFile, Protected
 from .output_folder import DEFAULT_SHARD_SIZE, OutputFolder, is_folder_output, parse_shard_size
 from .plugins import PluginHost, get_host
-from .recipe import dump_recipe
 from .recipe.nodes import Node, walk
 from .work_dtypes import check_work_dtype
 
