@@ -28,7 +28,7 @@ END = "<!-- END spec reference -->"
 SPEC_TYPES: tuple[tuple[Any, str], ...] = (
     (specs, "TensorInfo"), (specs, "KeySpec"), (specs, "Architecture"), (specs, "ModelType"),
     (specs, "ConvertedKey"), (specs, "Converter"), (specs, "Hyperparameter"), (specs, "MethodInput"),
-    (method, "MergeMethod"), (method, "MergeContext"), (specs, "CliCommand"),
+    (method, "MergeMethod"), (method, "MergeContext"), (specs, "CliCommand"), (specs, "Executor"),
 )
 #: the module a plugin imports each class from (the public name, not where it is defined)
 _PUBLIC = {specs: "mecha_core.specs", method: "mecha_core"}
