@@ -138,7 +138,9 @@ def _fill_file(plan: kit.Plan, pwrite: Callable[[int, bytes], None], job: kit.Me
         for position, data in results:
             pwrite(position, data)
         progress.update(sum(len(d) for _, d in results), False)
-        progress.keys += sum(1 for i in piece if units[i].last)
+        for i in piece:
+            if units[i].last:
+                progress.update(0, True)
 
     try:
         _run_tasks(pieces, submit, done, limit, cancel, lambda piece: units[piece[0]].key)
@@ -157,7 +159,8 @@ def _write_shards(plan: kit.Plan, targets: list[tuple[kit.Shard, str]], job: kit
 
     def done(target: tuple[kit.Shard, str], written: int) -> None:
         progress.update(written, False)
-        progress.keys += len(target[0].keys)
+        for _ in target[0].keys:
+            progress.update(0, True)
 
     try:
         _run_tasks(targets, submit, done, _in_flight_limit(), cancel,
