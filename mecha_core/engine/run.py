@@ -97,13 +97,13 @@ def execute(plan: Plan, output: str | os.PathLike[str], metadata: dict[str, str]
                                                   f"{total / 1e6:,.0f} MB")) from None
                 os.ftruncate(out.fd, total)
             os.pwrite(out.fd, header, 0)
-            # One intra-op thread per worker: results then never depend on how torch splits a
-            # reduction, so the bytes are the same for any thread count.
-            torch.set_num_threads(1)
             try:
-                if fill is not None:
+                if fill is not None:  # computed elsewhere (each unit with one thread, see unit_bytes)
                     fill(plan, lambda position, data: _pwrite_all(out.fd, data, position, output))
                 else:
+                    # One intra-op thread per worker: results then never depend on how torch splits a
+                    # reduction, so the bytes are the same for any thread count.
+                    torch.set_num_threads(1)
                     place = {key: (out.fd, data_start + offset) for key, offset in offsets.items()}
                     run_units(plan, _writer(plan, place, write_hook, output), progress)
             except MechaError as exc:  # tensors were read: a failed merge (exit 1), not bad usage
