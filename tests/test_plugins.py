@@ -45,9 +45,9 @@ def tiny_arch(name: str = "tiny") -> Architecture:
 
 
 # -- hookspecs are documented -----------------------------------------------------------------------
-def test_the_five_collector_hooks_exist():
-    assert HOOK_NAMES == ["mecha_architectures", "mecha_cli_commands", "mecha_converters", "mecha_merge_methods",
-                          "mecha_model_types"]
+def test_the_six_collector_hooks_exist():
+    assert HOOK_NAMES == ["mecha_architectures", "mecha_cli_commands", "mecha_converters", "mecha_executors",
+                          "mecha_merge_methods", "mecha_model_types"]
 
 
 @pytest.mark.parametrize("hook", HOOK_NAMES)

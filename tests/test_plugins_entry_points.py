@@ -154,7 +154,7 @@ def test_load_and_disable_lists_mark_plugins_disabled(site, monkeypatch):
     host = get_host()
     assert {r.name: r.status for r in host.records} == {
         "fixture": "ok", "methods": "ok", "sd1": "disabled", "sdxl": "disabled", "sd3": "disabled",
-        "lora": "disabled"}
+        "lora": "disabled", "ray": "disabled"}
     assert record(host, "sd1").version is not None  # a disabled plugin still shows its version
 
     mecha_core.plugins.reset_host()
@@ -254,7 +254,7 @@ def test_cli_lists_a_third_party_plugin_and_a_broken_one(site, tmp_path):
     listed = run_python("-m", "mecha_core", "plugins", "list", "--json", cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr  # always 0, even with a broken plugin
     rows = {row["name"]: row for row in json.loads(listed.stdout)}
-    assert set(rows) == {"methods", "sd1", "sdxl", "sd3", "lora", "fixture", "broken"}
+    assert set(rows) == {"methods", "sd1", "sdxl", "sd3", "lora", "ray", "fixture", "broken"}
     for row in rows.values():
         assert {"name", "distribution", "version", "status", "error", "provides"} <= set(row)
     assert rows["fixture"]["distribution"] in ("mecha-fixture-plugin", "mecha_fixture_plugin")
