@@ -8,7 +8,7 @@ memory (RssAnon + RssShmem, sampled from /proc/PID/status) of the mecha process 
 worker process, checks that both outputs have the same bytes, and the issue's bound: Ray's wall
 time at most 1.3x the local one (on two cores Ray can only add overhead).
 
-    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 python bench/bench_ray.py [--work DIR] [--threads 2]
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 python bench/bench_ray.py [--work DIR] [--threads 2] [--layout sd1-ldm.json]
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # read when ray
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+import bench_merge  # noqa: E402
 from bench_merge import build_models, private_kb  # noqa: E402
 
 RECIPE = """mecha 1
@@ -92,7 +93,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="/tmp/mecha-bench", help="where the checkpoints are built (3 x 2.1 GB)")
     parser.add_argument("--threads", type=int, default=2, help="the local executor's threads")
+    parser.add_argument("--layout", help="sd1-ldm.json (default: bench_merge.py's search path)")
     args = parser.parse_args()
+    if args.layout:
+        bench_merge.LAYOUT_CANDIDATES.insert(0, args.layout)
     os.makedirs(args.work, exist_ok=True)
     paths = build_models(args.work, 3)
     recipe = os.path.join(args.work, "ties.mecha")
