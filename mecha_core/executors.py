@@ -31,8 +31,8 @@ from .engine.schedule import Progress, Unit, units
 from .engine.shards import Shard
 from .output import TerminateAsInterrupt
 from .plugins import get_host
-from .recipe import dump_recipe
-from .recipe.nodes import Node
+from .recipe import dump_recipe, load_recipe
+from .recipe.nodes import Node, relocate
 from .specs import Executor
 
 
@@ -62,8 +62,8 @@ def merge_metadata(plan: Plan) -> dict[str, str]:
 class MergeJob:
     """One merge to run, checked (output name, options, recipe) before any tensor is read."""
 
-    recipe: Node = attrs.field(repr=False)
-    """The recipe, its parameters filled."""
+    recipe: Node | str = attrs.field(repr=False)
+    """The recipe, its parameters filled (``.mecha`` text in a :func:`portable` job)."""
     output: str
     """The output path as given (a folder output ends with ``/`` or is an existing folder)."""
     options: MergeOptions
@@ -84,6 +84,9 @@ class MergeJob:
     """The executor's settings (``{"address": ...}`` for Ray), as the executor declares them."""
     label: Mapping[str, str] = attrs.field(factory=dict)
     """For a sweep: the swept parameters' values that made this output (for reports)."""
+    metadata: Mapping[str, str] | None = None
+    """Set on a job sent to another process (:func:`portable`): the driver's merge metadata, which
+    the output header records, used instead of this process's own."""
     host: Any = attrs.field(default=None, repr=False, eq=False)
     """The plugin host to plan with (``None``: the process-wide one; an executor sending the job
     to another process drops it, since each process discovers its own plugins)."""
@@ -92,8 +95,18 @@ class MergeJob:
 @contextlib.contextmanager
 def open_plan(job: MergeJob) -> Iterator[Plan]:
     """The job's plan (headers only; the inputs are open until the block ends)."""
-    with make_plan(job.recipe, job.options, job.host or get_host()) as plan:
+    host = job.host or get_host()
+    recipe = job.recipe if isinstance(job.recipe, Node) else load_recipe(job.recipe, host=host)
+    with make_plan(recipe, job.options, host) as plan:
         yield plan
+
+
+def portable(job: MergeJob, plan: Plan) -> MergeJob:
+    """``job`` as another process needs it to plan the same merge (planned here as ``plan``):
+    the recipe as ``.mecha`` text with model paths relative to ``job.cwd`` (recipe nodes hold
+    plugin objects that do not pickle), this process's merge metadata, no host."""
+    text = dump_recipe(relocate(plan.root, job.cwd))
+    return attrs.evolve(job, recipe=text, host=None, progress=False, metadata=merge_metadata(plan))
 
 
 def work_units(plan: Plan) -> list[Unit]:
@@ -109,23 +122,23 @@ def unit_output_bytes(plan: Plan, unit: Unit) -> int:
     return n * ITEMSIZE[info.dtype]
 
 
-def plan_fingerprint(plan: Plan) -> str:
+def plan_fingerprint(plan: Plan, metadata: Mapping[str, str] | None = None) -> str:
     """A digest of what decides the output's bytes and its units: the output header (keys,
     shapes, dtypes, offsets, the recorded recipe and versions) and the units. Two processes with
     the same fingerprint write the same bytes; a node whose inputs differ gets another one."""
-    header, _ = build_header(plan.output, merge_metadata(plan))
+    header, _ = build_header(plan.output, metadata if metadata is not None else merge_metadata(plan))
     digest = hashlib.sha256(header)
     for unit in units(plan):
         digest.update(f"{unit.key}\0{unit.start}\0{unit.stop}\n".encode())
     return digest.hexdigest()
 
 
-def unit_writer(plan: Plan) -> Callable[[Unit], tuple[int, bytes]]:
+def unit_writer(plan: Plan, metadata: Mapping[str, str] | None = None) -> Callable[[Unit], tuple[int, bytes]]:
     """For a single-file output: a function giving a unit's position in the output file and its
     bytes (evaluated, checked and cast as the local executor does). Call it inside
     :func:`single_threaded`, as the local executor's workers run, so the bytes never depend on
     a host's core count."""
-    compute = unit_bytes(plan, merge_metadata(plan))
+    compute = unit_bytes(plan, dict(metadata) if metadata is not None else merge_metadata(plan))
 
     def write(unit: Unit) -> tuple[int, bytes]:
         position, data = compute(unit)

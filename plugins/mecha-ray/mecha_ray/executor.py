@@ -28,7 +28,6 @@ import os
 import threading
 from typing import Any, Callable, Sequence
 
-import attrs
 import ray
 
 from mecha_core.errors import MechaError, MergeError
@@ -92,12 +91,12 @@ class _Cancelled(MechaError):
 
 
 def _run_job(job: kit.MergeJob, cancel: threading.Event) -> str:
-    remote = attrs.evolve(job, host=None, progress=False)  # each worker discovers its own plugins
-    job_ref = ray.put(remote)
+    # each worker plans the job again from its recipe text and discovers its own plugins
     if job.folder:
         return kit.write_folder(job, write_shards=lambda plan, targets: _write_shards(
-            plan, targets, job, job_ref, cancel))
-    return kit.write_file(job, fill=lambda plan, pwrite: _fill_file(plan, pwrite, job, job_ref, cancel))
+            plan, targets, job, ray.put(kit.portable(job, plan)), cancel))
+    return kit.write_file(job, fill=lambda plan, pwrite: _fill_file(
+        plan, pwrite, job, ray.put(kit.portable(job, plan)), cancel))
 
 
 # -- the driver ----------------------------------------------------------------------------------
@@ -251,11 +250,11 @@ def _worker_plan(job: kit.MergeJob, fingerprint: str) -> tuple[Any, list, Any]:
         stack = contextlib.ExitStack()
         try:
             plan = stack.enter_context(kit.open_plan(job))
-            if kit.plan_fingerprint(plan) != fingerprint:
+            if kit.plan_fingerprint(plan, job.metadata) != fingerprint:
                 raise MergeError(f"{_node()}: the merge plans differently here than on the driver; the "
                                  f"inputs must be the same files under the same paths on every node")
             units = kit.work_units(plan)
-            writer = None if job.folder else kit.unit_writer(plan)
+            writer = None if job.folder else kit.unit_writer(plan, job.metadata)
         except BaseException:
             stack.close()
             raise
