@@ -26,7 +26,7 @@ warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category
 # The names below are imported on first use (PEP 562), not here: `mecha --help` and plugins
 # importing `hookimpl` must not pay for the engine and torch, which take seconds to import.
 _EXPORTS = {
-    "merge": ".api", "MechaError": ".errors", "MergeContext": ".method", "MergeMethod": ".method",
+    "merge": ".api", "sweep": ".api", "MechaError": ".errors", "MergeContext": ".method", "MergeMethod": ".method",
     "merge_method": ".method", "Total": ".method", "TopK": ".method", "Selection": ".method",
     "PLUGIN_API_VERSION": ".plugins", "discovering": ".plugins",
     "get_host": ".plugins", "hookimpl": ".plugins", "blocks": ".recipe", "classes": ".recipe",
@@ -39,7 +39,7 @@ _EXPORTS = {
 from . import operators  # noqa: F401,E402  (hands the core's operators -, +, *, | to the recipe nodes)
 
 if TYPE_CHECKING:
-    from .api import merge
+    from .api import merge, sweep
     from .difference import DiffResult, diff
     from .errors import MechaError
     from .lazy import lazy_import
@@ -80,7 +80,7 @@ def compose(template: Node | str | os.PathLike[str], fills: Mapping[str, Any] | 
 __all__ = [
     "DELTA", "DiffResult", "MechaError", "MergeContext", "MergeMethod", "PARAM", "PLUGIN_API_VERSION", "WEIGHT",
     "blocks", "classes", "compose", "diff", "dump_recipe", "get_host", "hookimpl", "layers", "lazy_import",
-    "literal", "load_recipe", "merge", "merge_method", "model", "parameter", "Selection", "TopK", "Total",
+    "literal", "load_recipe", "merge", "merge_method", "model", "parameter", "Selection", "sweep", "TopK", "Total",
 ]
 
 

@@ -2,41 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from .engine.plan import MergeOptions, Plan, make_plan
 from .engine.run import execute
-from .engine.run_folder import copy_source, execute_folder
 from .engine.safetensors_io import check_float_dtype
+# merge_metadata and plugins_used live with the executors; re-exported here for callers
+from .executors import MergeJob, find_executor, merge_metadata, plugins_used  # noqa: F401
 from .output import OutputFile, Protected, TerminateAsInterrupt
 from .output_folder import DEFAULT_SHARD_SIZE, OutputFolder, is_folder_output, parse_shard_size
 from .plugins import PluginHost, get_host
-from .recipe import dump_recipe
 from .recipe.nodes import Node, walk
 from .work_dtypes import check_work_dtype
-
-
-def _version() -> str:
-    from .about import version
-
-    return version()
-
-
-def plugins_used(plan: Plan) -> dict[str, str]:
-    """Plugin name -> distribution version, for every plugin the merge relied on (recorded by
-    the plan as it was made)."""
-    return plan.plugins_used()
-
-
-def merge_metadata(plan: Plan) -> dict[str, str]:
-    """What a merged file records: the recipe, and the versions of mecha and its plugins."""
-    return {
-        "mecha_recipe": dump_recipe(plan.root),
-        "mecha_version": _version(),
-        "mecha_plugins": json.dumps(plugins_used(plan), sort_keys=True),
-    }
 
 
 def merge(recipe: Node | str | os.PathLike[str], output: str | os.PathLike[str], *,
@@ -45,7 +23,8 @@ def merge(recipe: Node | str | os.PathLike[str], output: str | os.PathLike[str],
           allow_nonfinite: bool = False, models_dir: str | os.PathLike[str] | None = None,
           progress: bool = False, host: PluginHost | None = None,
           protect: Protected = (), shard_size: int | str | None = None,
-          copy_files_from: str | os.PathLike[str] | None = None, fp8_scaled: bool = False, **kwargs: Any) -> str:
+          copy_files_from: str | os.PathLike[str] | None = None, fp8_scaled: bool = False, executor: str = "local",
+          executor_settings: Mapping[str, Any] | None = None, **kwargs: Any) -> str:
     """Merge ``recipe`` (a node, .mecha text or a .mecha path) into ``output``; returns its path.
 
     An ``output`` that ends with a slash (a ``str``: a ``Path`` drops it) or is an existing
@@ -64,7 +43,42 @@ def merge(recipe: Node | str | os.PathLike[str], output: str | os.PathLike[str],
     ``fp8_scaled`` (with ``output_dtype`` ``float8_e4m3fn`` or ``float8_e5m2``): weight matrices are
     written as fp8 with a per-tensor ``scale_weight``, other float keys in bfloat16 (ComfyUI's
     fp8_scaled form, see :mod:`mecha_core.engine.quantized`).
+    ``executor``: what runs the merge: ``local`` (this machine's thread pool) or one a plugin
+    provides (``ray``, from mecha-ray), with its ``executor_settings`` (``{"address": ...}``).
     """
+    run = find_executor(executor, host)
+    _check_settings(run, executor_settings)
+    if fp8_scaled and run.name != "local":
+        from .errors import MechaError
+
+        raise MechaError(f"--fp8-scaled runs on the local executor, not '{run.name}'")
+    job = _job(recipe, output, threads=threads, memory_budget=memory_budget, work_dtype=work_dtype,
+               output_dtype=output_dtype, device=device, allow_missing=allow_missing,
+               allow_nonfinite=allow_nonfinite, models_dir=models_dir, progress=progress, host=host,
+               protect=protect, shard_size=shard_size, copy_files_from=copy_files_from,
+               settings=executor_settings, fp8_scaled=fp8_scaled, **kwargs)
+    if fp8_scaled:  # a per-tensor scale needs the whole float32 result first (see _execute_fp8_scaled)
+        with make_plan(job.recipe, job.options, host) as plan, TerminateAsInterrupt():
+            return _execute_fp8_scaled(plan, job.output, merge_metadata(plan), progress, job.protect,
+                                       str(output_dtype))
+    return run.run([job])[0]
+
+
+def _check_settings(executor: Any, settings: Mapping[str, Any] | None) -> None:
+    from .errors import MechaError
+
+    unknown = sorted(set(settings or {}) - set(executor.settings))
+    if unknown:
+        takes = ", ".join(executor.settings) or "none"
+        raise MechaError(f"executor '{executor.name}' has no setting '{unknown[0]}' (its settings: {takes})")
+
+
+def _job(recipe: Any, output: str | os.PathLike[str], *, threads: int | None, memory_budget: int | None,
+         work_dtype: str, output_dtype: str | None, device: str, allow_missing: bool, allow_nonfinite: bool,
+         models_dir: Any, progress: bool, host: PluginHost | None, protect: Protected, shard_size: Any,
+         copy_files_from: Any, settings: Mapping[str, Any] | None, label: Mapping[str, str] | None = None,
+         fp8_scaled: bool = False, **kwargs: Any) -> MergeJob:
+    """A checked merge job: every check of :func:`merge` that reads no tensor."""
     from .recipe import load_recipe
 
     folder = is_folder_output(output)
@@ -115,16 +129,53 @@ def merge(recipe: Node | str | os.PathLike[str], output: str | os.PathLike[str],
 
             raise MechaError("--fp8-scaled writes one file: give an output ending in .safetensors")
         OutputFolder(output, protect=protected)
-        with make_plan(recipe, options, host) as plan, TerminateAsInterrupt():
-            return execute_folder(plan, output, merge_metadata(plan), max_shard_size=max_shard_size,
-                                  copy_from=copy_source(plan, copy_files_from), progress=progress,
-                                  protect=protected)
-    OutputFile(output, protect=protected)
-    check_output_name(output)
-    with make_plan(recipe, options, host) as plan, TerminateAsInterrupt():
-        if fp8_scaled:
-            return _execute_fp8_scaled(plan, output, merge_metadata(plan), progress, protected, str(output_dtype))
-        return execute(plan, output, merge_metadata(plan), progress=progress, protect=protected)
+    else:
+        OutputFile(output, protect=protected)
+        check_output_name(output)
+    return MergeJob(recipe, os.fspath(output), options, folder=folder, max_shard_size=max_shard_size,
+                    copy_files_from=os.fspath(copy_files_from) if copy_files_from is not None else None,
+                    protect=protected, progress=progress, settings=dict(settings or {}), label=dict(label or {}),
+                    host=host)
+
+
+def sweep(recipe: Node | str | os.PathLike[str], output: str, params: Mapping[str, Sequence[Any]], *,
+          executor: str = "local", executor_settings: Mapping[str, Any] | None = None,
+          **options: Any) -> list[tuple[dict[str, Any], str]]:
+    """One merge per combination of ``params`` values (``{"alpha": [0.2, 0.4], "beta": [1, 2]}``):
+    the recipe's parameters filled with them, written to ``output`` with each ``{name}`` replaced
+    by the value (``"out-{alpha}-{beta}.safetensors"``). Returns ``(values, path)`` per output in
+    the sweep's order (see :func:`mecha_core.sweeps.sweep_points`). ``options`` are
+    :func:`merge`'s. Every output name is checked (each swept ``{name}`` in it, no two alike)
+    and every job is checked before any tensor is read; ``local`` runs them one after another,
+    another executor may run them at once."""
+    from . import recipe as recipes
+    from .plugins import get_host
+    from .sweeps import sweep_outputs, sweep_points
+
+    host = options.get("host") or get_host()
+    run = find_executor(executor, host)
+    _check_settings(run, executor_settings)
+    points = sweep_points(params)
+    names = sweep_outputs(output, points)
+    protect = dict(options.pop("protect", ()) or {})
+    if not isinstance(recipe, Node):
+        if _is_recipe_path(recipe):
+            protect.setdefault(recipe, f"the recipe {os.fspath(recipe)}")
+        recipe = recipes.load_recipe(recipe, host=host)
+    jobs = []
+    for point, name in zip(points, names):
+        filled = recipes.compose(recipe, dict(point.values), host=host)
+        jobs.append(_job(filled, name, protect=protect, settings=executor_settings, label=point.labels,
+                         **_merge_defaults(options)))
+    return [(dict(point.values), path) for point, path in zip(points, run.run(jobs))]
+
+
+def _merge_defaults(options: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`merge`'s keyword defaults, overridden by ``options``."""
+    defaults = {"threads": None, "memory_budget": None, "work_dtype": "float32", "output_dtype": None,
+                "device": "cpu", "allow_missing": False, "allow_nonfinite": False, "models_dir": None,
+                "progress": False, "host": None, "shard_size": None, "copy_files_from": None}
+    return {**defaults, **options}
 
 
 def _execute_fp8_scaled(plan: Plan, output: str | os.PathLike[str], metadata: dict[str, str], progress: bool,

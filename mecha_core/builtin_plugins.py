@@ -39,10 +39,11 @@ BUILTIN_PROVIDERS: dict[str, dict[str, frozenset[str]]] = {
         "mergekit_breadcrumbs", "mergekit_breadcrumbs_ties", "mergekit_della", "mergekit_della_linear",
         "mergekit_linear", "mergekit_slerp", "mergekit_nuslerp", "mergekit_nearswap", "mergekit_model_stock",
         "mergekit_passthrough", "mergekit_multislerp", "mergekit_karcher", "mergekit_sce", "mergekit_arcee_fusion"})},
+    "mecha-ray": {"executor": frozenset({"ray"})},
 }
 
 #: the kinds of names the table knows
-KINDS = ("merge method", "architecture", "model type", "recipe format")
+KINDS = ("merge method", "architecture", "model type", "recipe format", "executor")
 
 
 def provider_of(kind: str, name: str) -> str | None:

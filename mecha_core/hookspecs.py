@@ -131,3 +131,18 @@ def mecha_file_formats() -> list:
     Example:
         ``return [FileFormat("gguf", (".gguf",), open=open_gguf)]``
     """
+
+
+@hookspec
+def mecha_executors() -> list:
+    """Return the executors (ways of running merges, such as a cluster) this plugin defines.
+
+    Returns:
+        A list of :class:`mecha_core.specs.Executor`: a name for ``mecha merge --executor NAME``,
+        and a run function given the merges to run (:class:`mecha_core.kit.executors.MergeJob`).
+        It plans and writes them through :mod:`mecha_core.kit.executors`, so the output bytes, the
+        checks and the atomic commit are the local executor's. The core provides ``local``.
+
+    Example:
+        ``return [Executor("ray", run=run_on_ray, settings=("address",))]``
+    """

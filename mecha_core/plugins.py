@@ -37,8 +37,8 @@ from .builtin_plugins import install_hint
 from .errors import MechaError, PluginCodeError, PluginError, RecipeError
 from .method import MergeMethod
 from .operators import CORE_METHODS
-from .specs import (DELTA, WEIGHT, Architecture, ArchitectureFamily, CliCommand, Converter, FileFormat, ModelType,
-                    RecipeFormat)
+from .specs import (DELTA, WEIGHT, Architecture, ArchitectureFamily, CliCommand, Converter, Executor, FileFormat,
+                    ModelType, RecipeFormat)
 from .validate import spec_errors
 
 #: The plugin API this core implements. Plugins built for a newer API are refused.
@@ -62,6 +62,7 @@ _HOOKS = {
     "mecha_cli_commands": ("cli_commands", CliCommand),
     "mecha_file_formats": ("file_formats", FileFormat),
     "mecha_recipe_formats": ("recipe_formats", RecipeFormat),
+    "mecha_executors": ("executors", Executor),
 }
 
 #: What plugin code may raise that the host turns into a one-line error: everything but
@@ -196,6 +197,7 @@ class PluginHost:
         self.cli_commands = Registry("cli command")
         self.file_formats = Registry("file format")
         self.recipe_formats = Registry("recipe format")
+        self.executors = Registry("executor")
         self._arch_aliases: dict[str, str] = {}
         for mt in CORE_MODEL_TYPES:
             self.model_types.add("mecha-core", mt.name, mt)
@@ -310,6 +312,17 @@ class PluginHost:
             raise RecipeError(f"unknown merge method '{name}'{suffix}{self.disabled_note()}")
         return found
 
+    def executor(self, name: str) -> Executor:
+        """The executor a plugin provides as ``name`` (the core's ``local`` is not in the
+        registry: see :mod:`mecha_core.executors`); unknown: a one-line error with the
+        distribution to install."""
+        found = self.executors.get(name)
+        if found is None:
+            known = ", ".join(["local", *sorted(self.executors.names())])
+            suffix = install_hint("executor", name) or f" (installed: {known})"
+            raise MechaError(f"unknown executor '{name}'{suffix}{self.disabled_note()}")
+        return found
+
     def disabled_note(self) -> str:
         """``; plugins disabled by ...: a, b`` when some are, for errors about something unknown
         (an empty MECHA_LOAD_PLUGINS disables them all, which is easy to do by accident)."""
@@ -369,7 +382,7 @@ class PluginHost:
     def _duplicate_problems(self) -> list[str]:
         out = []
         for reg in (self.architectures, self.architecture_families, self.model_types, self.converters,
-                    self.merge_methods, self.cli_commands, self.file_formats, self.recipe_formats):
+                    self.merge_methods, self.cli_commands, self.file_formats, self.recipe_formats, self.executors):
             for name, providers in reg.duplicates().items():
                 out.append(f"{reg.kind} '{name}' is provided by "
                            + " and ".join(f"plugin '{p}'" for p in providers))

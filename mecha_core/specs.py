@@ -6,7 +6,7 @@ mutates them. Merge methods are built with :func:`mecha_core.merge_method` rathe
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import attrs
 
@@ -250,5 +250,24 @@ class RecipeFormat:
     ``host.architecture(name)``). Returns the recipe's root node, built with the public
     constructors (``mecha_core.kit.recipes``); bad input raises a one-line
     :class:`~mecha_core.errors.RecipeError` naming the line."""
+    description: str = ""
+    """One line shown by ``mecha plugins list -v``."""
+
+
+@attrs.frozen
+class Executor:
+    """A way of running merges: the core's ``local`` thread pool, or one a plugin adds (a cluster)."""
+
+    name: str
+    """What ``mecha merge --executor NAME`` and ``merge(..., executor=NAME)`` call it."""
+    run: Callable[[Sequence[Any]], list[str]] = attrs.field(repr=False)
+    """Given the merges to run (:class:`mecha_core.kit.executors.MergeJob`, one per output; a sweep
+    gives several, which the executor may run at once), writes every output through the kit
+    (:func:`mecha_core.kit.executors.write_file` / ``write_folder``) and returns their absolute
+    paths in the jobs' order. A failure raises a :class:`~mecha_core.errors.MechaError` and
+    leaves no partial output."""
+    settings: tuple[str, ...] = ()
+    """The names of the settings it takes (``address`` for ``--ray-address``); a job carries them
+    in ``MergeJob.settings``, and an unknown one is refused before any work."""
     description: str = ""
     """One line shown by ``mecha plugins list -v``."""

@@ -27,8 +27,8 @@ from collections.abc import Mapping
 from typing import Any, Callable, Iterable
 
 from .method import MergeMethod
-from .specs import (DELTA, MERGE_SPACES, WEIGHT, Architecture, ArchitectureFamily, CliCommand, Converter, FileFormat,
-                    KeySpec, ModelType, RecipeFormat)
+from .specs import (DELTA, MERGE_SPACES, WEIGHT, Architecture, ArchitectureFamily, CliCommand, Converter, Executor,
+                    FileFormat, KeySpec, ModelType, RecipeFormat)
 
 #: The dtype names a safetensors file can store (``mecha_core.engine.safetensors_io.DTYPES``;
 #: a test keeps the two equal, this copy avoids importing torch while plugins load).
@@ -354,6 +354,22 @@ def recipe_format_warnings(recipe_format: RecipeFormat, call: Callable[[Callable
     return out
 
 
+# -- executors ----------------------------------------------------------------------------------
+def executor_errors(executor: Executor) -> list[str]:
+    where = _label("executor", executor)
+    out = _name_errors(where, executor)
+    if not out and not _COMMAND.fullmatch(executor.name):
+        out.append(f"{where}: the name must be lower-case letters, digits and '-', starting with a letter")
+    elif not out and executor.name == "local":
+        out.append(f"{where} conflicts with the core's executor 'local'; choose another name")
+    if not callable(executor.run):
+        out.append(f"{where}: run must be callable, got {_type(executor.run)}")
+    if not _is_str_tuple(executor.settings):
+        out.append(f"{where}: settings must be a tuple of str, got {_show(executor.settings)}")
+    out += _str_field(where, "description", executor.description)
+    return out
+
+
 _ERRORS: dict[type, Callable[[Any], list[str]]] = {
     MergeMethod: method_errors,
     Architecture: architecture_errors,
@@ -363,6 +379,7 @@ _ERRORS: dict[type, Callable[[Any], list[str]]] = {
     CliCommand: cli_command_errors,
     FileFormat: file_format_errors,
     RecipeFormat: recipe_format_errors,
+    Executor: executor_errors,
 }
 
 

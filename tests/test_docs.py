@@ -58,7 +58,8 @@ SPEC_CLASSES = {"TensorInfo": specs.TensorInfo, "KeySpec": specs.KeySpec, "Archi
                 "ModelType": specs.ModelType, "ConvertedKey": specs.ConvertedKey, "Converter": specs.Converter,
                 "Hyperparameter": specs.Hyperparameter, "MethodInput": specs.MethodInput,
                 "MergeMethod": method.MergeMethod, "MergeContext": method.MergeContext,
-                "CliCommand": specs.CliCommand, "FileFormat": specs.FileFormat, "RecipeFormat": specs.RecipeFormat}
+                "CliCommand": specs.CliCommand, "FileFormat": specs.FileFormat, "RecipeFormat": specs.RecipeFormat,
+                "Executor": specs.Executor}
 
 
 def test_the_spec_reference_is_generated_from_the_classes():

@@ -66,6 +66,8 @@ def test_the_builtin_table_matches_what_the_installed_builtins_provide():
             kinds.setdefault("model type", set()).add(name)
         for name in record.provides.get("recipe_formats", []):
             kinds.setdefault("recipe format", set()).add(name)
+        for name in record.provides.get("executors", []):
+            kinds.setdefault("executor", set()).add(name)
     assert provided == {dist: {kind: set(names) for kind, names in table.items()}
                         for dist, table in BUILTIN_PROVIDERS.items()}
 

@@ -47,8 +47,8 @@ def tiny_arch(name: str = "tiny") -> Architecture:
 # -- hookspecs are documented -----------------------------------------------------------------------
 def test_the_collector_hooks_exist():
     assert HOOK_NAMES == ["mecha_architecture_families", "mecha_architectures", "mecha_cli_commands",
-                          "mecha_converters", "mecha_file_formats", "mecha_merge_methods", "mecha_model_types",
-                          "mecha_recipe_formats"]
+                          "mecha_converters", "mecha_executors", "mecha_file_formats", "mecha_merge_methods",
+                          "mecha_model_types", "mecha_recipe_formats"]
 
 
 @pytest.mark.parametrize("hook", HOOK_NAMES)

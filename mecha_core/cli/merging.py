@@ -52,7 +52,8 @@ def merge_command(
     models_dir: Annotated[Optional[Path], typer.Option("--models-dir", "-m", metavar="FOLDER",
                           help="Folder where relative model paths are looked up first.")] = None,
     param: Annotated[Optional[list[str]], typer.Option("-p", "--param", metavar="NAME=VALUE",
-                     help="Fill a recipe parameter with a number, a model file or a .mecha recipe.")] = None,
+                     help="Fill a recipe parameter with a number, a model file or a .mecha recipe; "
+                          "NAME=V1,V2,... sweeps it: one output per value, named by {NAME} in -o.")] = None,
     threads: Annotated[Optional[int], typer.Option(metavar="N", help="Worker threads (default: CPU cores).")] = None,
     memory_budget: Annotated[Optional[str], typer.Option(metavar="SIZE",
                              help="Bytes of tensors in flight, e.g. 2G (default 1G).")] = None,
@@ -80,6 +81,12 @@ def merge_command(
     report: Annotated[Optional[Path], typer.Option("--report", metavar="FILE",
                       help="After the merge, how far the result moved from each input, per block: a plot "
                            "(.png, .svg) or the numbers (.json); see mecha diff.")] = None,
+    executor: Annotated[str, typer.Option(
+        "--executor", metavar="NAME",
+        help="What runs the merge: local (this machine), or one a plugin adds (ray, from mecha-ray).")] = "local",
+    ray_address: Annotated[Optional[str], typer.Option(
+        "--ray-address", metavar="ADDR",
+        help="--executor ray: the cluster to use (default: $RAY_ADDRESS, else a Ray started for the run).")] = None,
 ) -> None:
     """Run a recipe and write the merged model."""
     from .. import api, compose, load_recipe
@@ -94,33 +101,83 @@ def merge_command(
                           f"the output's name with / to write a folder")
     if not folder and not os.path.lexists(output):  # a new name: refused before the recipe is even read
         api.check_output_name(output)
+    if ray_address is not None and executor != "ray":
+        raise MechaError("--ray-address is for --executor ray")
+    settings = {"address": ray_address} if ray_address is not None else {}
     node = load_recipe(recipe)
     protect = {recipe: f"the recipe {recipe}"}  # every file the merge reads; the engine adds the models
-    if param:
-        fills = {}
-        for item in param:
-            name, sep, value = item.partition("=")
-            if not sep or not name.strip():
-                raise MechaError(f"-p expects NAME=VALUE, got '{item}'")
-            if name.strip() in fills:  # the last one winning silently would hide a typo
-                raise MechaError(f"-p {name.strip()} is given twice")
-            fills[name.strip()] = _fill_value(value, name.strip())
-            if isinstance(fills[name.strip()], str) and _names_file(value):
-                protect[value] = f"-p {name.strip()}'s file {value}"
-        node = compose(node, fills)
+    fills, swept = {}, {}
+    for item in param or ():
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise MechaError(f"-p expects NAME=VALUE, got '{item}'")
+        name = name.strip()
+        if name in fills or name in swept:  # the last one winning silently would hide a typo
+            raise MechaError(f"-p {name} is given twice")
+        values = value.split(",") if "," in value and not _names_file(value) else [value]
+        if any(not v.strip() for v in values):
+            raise MechaError(f"-p {name}: an empty value in '{value}'; separate a sweep's values with commas")
+        filled = [_fill_value(v, name) for v in values]
+        for text, fill in zip(values, filled):
+            if isinstance(fill, str) and _names_file(text):
+                protect[text] = f"-p {name}'s file {text}"
+        if len(values) > 1:
+            swept[name] = filled
+        else:
+            fills[name] = filled[0]
     progress = not quiet and not json_out and sys.stderr.isatty()
-    path = api.merge(node, output, threads=threads, memory_budget=_parse_size(memory_budget) if memory_budget else None,
-                     work_dtype=work_dtype, output_dtype=output_dtype, device=device,
-                     allow_missing=allow_missing, allow_nonfinite=allow_nonfinite,
-                     models_dir=models_dir, progress=progress, protect=protect, fp8_scaled=fp8_scaled,
-                     **({"shard_size": shard_size, "copy_files_from": copy_files_from} if folder else {}))
+    options = dict(threads=threads, memory_budget=_parse_size(memory_budget) if memory_budget else None,
+                   work_dtype=work_dtype, output_dtype=output_dtype, device=device,
+                   allow_missing=allow_missing, allow_nonfinite=allow_nonfinite,
+                   models_dir=models_dir, progress=progress, protect=protect, executor=executor,
+                   executor_settings=settings,
+                   **({"shard_size": shard_size, "copy_files_from": copy_files_from} if folder else {}))
+    if swept:
+        from ..sweeps import sweep_outputs, sweep_points
+
+        if report is not None:
+            raise MechaError("--report compares one merge with its inputs; it cannot follow a sweep")
+        if fp8_scaled:
+            raise MechaError("--fp8-scaled writes one merge; it cannot follow a sweep")
+        # every output name checked before the recipe's models are opened
+        sweep_outputs(output, sweep_points(swept))
+        if not folder:
+            for name in sweep_outputs(output, sweep_points(swept)):
+                if not os.path.lexists(name):
+                    api.check_output_name(name)
+        if fills:
+            node = compose(node, fills)
+        results = api.sweep(node, output, swept, **options)
+        if json_out:
+            print_json({"outputs": [{"output": path, "bytes": _size(path),
+                                     "params": {k: _plain(v) for k, v in values.items()}}
+                                    for values, path in results]})
+        elif not quiet:
+            for _, path in results:
+                typer.echo(f"wrote {path}")
+        return
+    if fills:
+        node = compose(node, fills)
+    path = api.merge(node, output, fp8_scaled=fp8_scaled, **options)
     written = write_report(node, path, report, models_dir, threads, progress, protect) if report else None
     if json_out:
-        size = (sum(e.stat().st_size for e in os.scandir(path) if e.is_file()) if os.path.isdir(path)
-                else os.path.getsize(path))
-        print_json({"output": path, "bytes": size, **({"report": written} if report else {})})
+        print_json({"output": path, "bytes": _size(path), **({"report": written} if report else {})})
     elif not quiet:
         typer.echo(f"wrote {path}" + (f" and {written}" if report else ""))
+
+
+def _size(path: str) -> int:
+    """Bytes of an output file, or of the files of an output folder."""
+    if os.path.isdir(path):
+        return sum(e.stat().st_size for e in os.scandir(path) if e.is_file())
+    return os.path.getsize(path)
+
+
+def _plain(value: object) -> object:
+    """A swept value as JSON shows it (a number, a bool or a path)."""
+    from ..recipe.nodes import LiteralNode
+
+    return value.value if isinstance(value, LiteralNode) else value
 
 
 def _names_file(value: str) -> bool:

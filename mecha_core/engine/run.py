@@ -60,15 +60,22 @@ def _to_output(value: torch.Tensor, dtype: str, key: str, where: str, allow_nonf
     return cast
 
 
+#: ``fill(plan, pwrite)``: computes every key of ``plan`` and writes each result's bytes with
+#: ``pwrite(position, data)`` at the position :func:`unit_bytes` gives (another executor's way of
+#: filling the output file; the default runs the units in this process's thread pool)
+FileFill = Callable[[Plan, Callable[[int, bytes], None]], None]
+
+
 def execute(plan: Plan, output: str | os.PathLike[str], metadata: dict[str, str], *,
             progress: bool = False, write_hook: Callable[[str], None] | None = None,
-            protect: Protected = ()) -> str:
+            protect: Protected = (), fill: FileFill | None = None) -> str:
     """Write the merge to ``output`` atomically; returns the absolute output path.
 
     The output must not be one of the plan's inputs nor any path in ``protect`` (the recipe
     files the merge was read from). ``write_hook`` is called with each key before it is
     written (tests use it to simulate faults). Errors raised once tensors are being read are
     marked as a failed merge (exit code 1), see :func:`mecha_core.errors.mark_failed`.
+    ``fill``: computes and writes the keys instead of the local thread pool (see :data:`FileFill`).
     """
     labels = dict(protect) if isinstance(protect, Mapping) else {p: None for p in protect}
     for source in plan.sources:  # a folder input: each of its shards too
@@ -92,13 +99,16 @@ def execute(plan: Plan, output: str | os.PathLike[str], metadata: dict[str, str]
                                                   f"{total / 1e6:,.0f} MB")) from None
                 os.ftruncate(out.fd, total)
             os.pwrite(out.fd, header, 0)
-            # One intra-op thread per worker: results then never depend on how torch splits a
-            # reduction, so the bytes are the same for any thread count.
-            torch.set_num_threads(1)
             try:
-                place = {key: (out.fd, data_start + offset) for key, offset in offsets.items()}
-                with reuse_freed_memory(plan.options.memory_budget):  # fewer page faults (engine/allocator.py)
-                    run_units(plan, _writer(plan, place, write_hook, output), progress)
+                if fill is not None:  # computed elsewhere (each unit with one thread, see unit_bytes)
+                    fill(plan, lambda position, data: _pwrite_all(out.fd, data, position, output))
+                else:
+                    # One intra-op thread per worker: results then never depend on how torch splits a
+                    # reduction, so the bytes are the same for any thread count.
+                    torch.set_num_threads(1)
+                    place = {key: (out.fd, data_start + offset) for key, offset in offsets.items()}
+                    with reuse_freed_memory(plan.options.memory_budget):  # fewer page faults (engine/allocator.py)
+                        run_units(plan, _writer(plan, place, write_hook, output), progress)
             except MechaError as exc:  # tensors were read: a failed merge (exit 1), not bad usage
                 raise mark_failed(exc)  # noqa: B904 (the same exception, re-raised with its traceback)
         except OSError as exc:  # the header write: the merge had started
@@ -109,6 +119,63 @@ def execute(plan: Plan, output: str | os.PathLike[str], metadata: dict[str, str]
             return out.commit()
         except MechaError as exc:  # the close or the rename, after the work: a failed merge
             raise mark_failed(exc)  # noqa: B904 (the same exception, re-raised with its traceback)
+
+
+def _pwrite_all(fd: int, data: Any, position: int, output: Any) -> None:
+    """Write all of ``data`` at ``position`` (a pwrite may write less than asked)."""
+    view = memoryview(data)
+    try:
+        while len(view):
+            written = os.pwrite(fd, view, position)
+            view, position = view[written:], position + written
+    except OSError as exc:
+        raise OutputError(f"{output}: writing failed: {exc.strerror or exc}") from None
+
+
+def unit_data(evaluator: Evaluator, plan: Plan, unit: Unit) -> Any:
+    """The output bytes of one unit: evaluated, checked and cast to the output dtype (the same
+    bytes in any process that holds the same plan). A unit of pieces (a key whose method needs
+    whole-key statistics) computes the statistics, then gives its pieces' bytes in order."""
+    if unit.pieces:
+        stats = evaluator.statistics(unit.key, list(unit.pieces))
+        return b"".join(bytes(piece_data(evaluator, plan, unit.key, a, b, stats)) for a, b in unit.pieces)
+    return piece_data(evaluator, plan, unit.key, unit.start, unit.stop, None)
+
+
+def unit_first_element(unit: Unit) -> int:
+    """The first element of the key a unit's bytes start at."""
+    return unit.pieces[0][0] if unit.pieces else unit.start
+
+
+def piece_data(evaluator: Evaluator, plan: Plan, key: str, start: int, end: int | None, stats: Any) -> Any:
+    """The output bytes of elements ``start:end`` of ``key`` (the whole key when ``end`` is
+    None), given the key's statistics (``None`` when its method takes none)."""
+    info = plan.output[key]
+    value = evaluator.evaluate(key, start, end, stats)
+    # a sliced key is checked slice by slice: say which elements the count covers
+    where = f" (elements {start}..{end - 1} of {info.numel})" if end is not None else ""
+    if is_float(info.dtype):
+        value = _to_output(value, info.dtype, key, where, plan.options.allow_nonfinite)
+    elif value.dtype != torch_dtype(info.dtype):
+        value = value.to(dtype=torch_dtype(info.dtype))
+    expected = (end - start) if end is not None else info.numel
+    if value.numel() != expected or (end is None and tuple(value.shape) != info.shape):
+        raise MergeError(f"key '{key}': the merge produced shape {list(value.shape)}, expected "
+                         f"{list(info.shape)}")
+    return tensor_bytes(value)
+
+
+def unit_bytes(plan: Plan, metadata: dict[str, str]) -> Callable[[Unit], tuple[int, Any]]:
+    """For another executor: a function giving one unit's position in the single output file
+    and its bytes (what :func:`execute` writes there)."""
+    evaluator = Evaluator(plan)
+    header, offsets = build_header(plan.output, metadata)
+
+    def bytes_of(unit: Unit) -> tuple[int, Any]:
+        position = len(header) + offsets[unit.key] + unit_first_element(unit) * ITEMSIZE[plan.output[unit.key].dtype]
+        return position, unit_data(evaluator, plan, unit)
+
+    return bytes_of
 
 
 def _writer(plan: Plan, place: Mapping[str, tuple[int, int]],
@@ -143,17 +210,7 @@ def _writer(plan: Plan, place: Mapping[str, tuple[int, int]],
                     return ((info.numel if end is None else end) - start) * ITEMSIZE[info.dtype]
             except OSError as exc:
                 raise OutputError(f"{output}: writing failed: {exc.strerror or exc}") from None
-        value = evaluator.evaluate(key, start, end, stats)
-        if is_float(info.dtype):
-            value = _to_output(value, info.dtype, key, where, opts.allow_nonfinite)
-        elif value.dtype != torch_dtype(info.dtype):
-            value = value.to(dtype=torch_dtype(info.dtype))
-        expected = (end - start) if end is not None else info.numel
-        if value.numel() != expected or (end is None and tuple(value.shape) != info.shape):
-            raise MergeError(f"key '{key}': the merge produced shape {list(value.shape)}, expected "
-                             f"{list(info.shape)}")
-        data = tensor_bytes(value)
-        del value
+        data = piece_data(evaluator, plan, key, start, end, stats)
         try:
             if write_hook is not None and not hooked:
                 write_hook(key)

@@ -96,14 +96,22 @@ def write_shard(plan: Plan, shard: Shard, path: str, *, progress: bool = False,
     _write_shards(plan, [(shard, path)], progress, write_hook, path)
 
 
+#: ``write(plan, shards)``: writes every ``(shard, path)`` (each a new file, as
+#: :func:`write_shard` does) before returning: another executor's way of writing a folder's
+#: shards (the default computes them in this process's thread pool)
+ShardWriter = Callable[[Plan, "list[tuple[Shard, str]]"], None]
+
+
 def execute_folder(plan: Plan, output: str | os.PathLike[str], metadata: dict[str, str], *,
                    max_shard_size: int, copy_from: str | None = None, progress: bool = False,
-                   write_hook: Callable[[str], None] | None = None, protect: Protected = ()) -> str:
+                   write_hook: Callable[[str], None] | None = None, protect: Protected = (),
+                   write_shards: ShardWriter | None = None) -> str:
     """Write the merge as a folder at ``output`` atomically; returns the folder's absolute path.
 
     ``copy_from``: the input folder whose non-weight files (config, tokenizer ...) the output
     takes. The folder must contain none of the inputs nor any path in ``protect``. Errors once
-    tensors are read are marked as a failed merge (exit code 1)."""
+    tensors are read are marked as a failed merge (exit code 1). ``write_shards``: writes the
+    shards instead of the local thread pool (see :data:`ShardWriter`)."""
     labels = dict(protect) if isinstance(protect, Mapping) else {p: None for p in protect}
     for source in plan.sources:
         labels.setdefault(source.path, f"the input {source.path}")
@@ -113,8 +121,11 @@ def execute_folder(plan: Plan, output: str | os.PathLike[str], metadata: dict[st
         try:
             # every shard in one run: the same bytes as write_shard one by one, without an idle
             # pool at each shard's end
-            _write_shards(plan, [(shard, out.file(shard.name)) for shard in layout.shards], progress, write_hook,
-                          out.given)
+            targets = [(shard, out.file(shard.name)) for shard in layout.shards]
+            if write_shards is not None:
+                write_shards(plan, targets)
+            else:
+                _write_shards(plan, targets, progress, write_hook, out.given)
             if copy_from is not None:
                 for name in files_to_copy(copy_from):
                     copy_file(os.path.join(copy_from, name), out.file(name))

@@ -18,6 +18,10 @@ One module per job (see docs/plugins.md, "The plugin kit"):
   ``key_table``, ``write_layout``, ``write_header_only``, ``layout_values``.
 - :mod:`mecha_core.kit.output` — the one output writer every file mecha writes goes through:
   ``OutputFile``, ``write_text_atomically`` (see docs/engine.md, "Files").
+- :mod:`mecha_core.kit.executors` — for an executor plugin (a cluster): ``MergeJob``,
+  ``open_plan``, ``plan_fingerprint``, ``work_units``, ``unit_writer``, ``write_shard_file``,
+  ``write_file``, ``write_folder``, ``progress_line`` (imported as a module: see
+  docs/distributed.md).
 - :mod:`mecha_core.kit.untrusted` — JSON found inside files, parsed with bounded size and depth:
   ``loads_bounded``, ``JSONLimitError``.
 - :mod:`mecha_core.kit.recipes` — recipe nodes for readers of other recipe formats (the
