@@ -21,7 +21,7 @@ BUILTIN_PROVIDERS: dict[str, dict[str, frozenset[str]]] = {
                                              "sd3.5m", "sd3.5-large", "sd35-large", "sd3.5l"})},
     "mecha-flux": {"architecture": frozenset({
         "flux-dev", "flux", "flux-1-dev", "flux_dev", "flux-schnell", "flux-1-schnell", "flux_schnell",
-        "flux-dev-diffusers", "flux-schnell-diffusers"})},
+        "flux-dev-diffusers", "flux-schnell-diffusers", "flux_family"})},
     "mecha-gguf": {},  # a file format (.gguf), which a recipe never names
     "mecha-lora": {"merge method": frozenset({"apply_lora"}),
                    "model type": frozenset({"kohya-lora", "peft-lora"})},
