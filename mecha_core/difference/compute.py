@@ -190,7 +190,8 @@ def _run(plans: list[Plan], names: list[str], base_name: str | None, pairs: list
         return [next(sums) if i in position and j in position else measure.zero() for i, j in pairs]
 
     results: list[list[list[float]] | None] = [None] * len(units)
-    report = Progress(len({item.key for item in work}), sum(read_bytes(*u) for u in units), progress)
+    report = Progress(len({item.key for item in work}), sum(read_bytes(*u) for u in units), progress,
+                      verb="diffing")
     run_units(units, job, results, report, read_bytes, options, plans)
 
     # fold in a fixed order: keys as planned, slices in order

@@ -5,43 +5,13 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import os
-import sys
 import threading
-import time
 from typing import Any, Callable
 
 from ..errors import MechaError, mark_failed
 from ..lazy import torch
-from ..sizes import format_bytes
 from ..engine.plan import MergeOptions, Plan
-from ..engine.schedule import Budget, _drain
-
-
-class Progress:
-    """``diffing K/N keys, read/total, rate, ETA`` on stderr (like a merge's progress line)."""
-
-    def __init__(self, total_keys: int, total_bytes: int, enabled: bool):
-        self.total_keys, self.total_bytes, self.enabled = total_keys, total_bytes, enabled
-        self.keys = self.bytes = 0
-        self.start = self.last = time.monotonic()
-        self.lock = threading.Lock()
-
-    def update(self, bytes_: int, key_done: bool) -> None:
-        with self.lock:
-            self.bytes += bytes_
-            self.keys += int(key_done)
-            now = time.monotonic()
-            if self.enabled and (now - self.last > 0.2 or self.keys == self.total_keys):
-                self.last = now
-                rate = self.bytes / max(now - self.start, 1e-6)
-                eta = (self.total_bytes - self.bytes) / rate if rate > 0 else 0
-                sys.stderr.write(f"\rdiffing {self.keys}/{self.total_keys} keys, {format_bytes(self.bytes)}/"
-                                 f"{format_bytes(self.total_bytes)}, {format_bytes(rate)}/s, ETA {eta:,.0f}s ")
-                sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
+from ..engine.schedule import Budget, Progress, _drain
 
 
 def run_units(units: list, job: Callable[[Any], Any], results: list, report: Progress, read_bytes: Any,

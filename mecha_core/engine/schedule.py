@@ -158,10 +158,11 @@ class Budget:
 
 
 class Progress:
-    """A one-line progress report on stderr: keys, bytes, rate and ETA."""
+    """A one-line progress report on stderr: keys, bytes, rate and ETA (``verb``: what is done
+    to the keys, ``merging`` or ``diffing``)."""
 
-    def __init__(self, total_keys: int, total_bytes: int, enabled: bool):
-        self.total_keys, self.total_bytes, self.enabled = total_keys, total_bytes, enabled
+    def __init__(self, total_keys: int, total_bytes: int, enabled: bool, verb: str = "merging"):
+        self.total_keys, self.total_bytes, self.enabled, self.verb = total_keys, total_bytes, enabled, verb
         self.keys = self.bytes = 0
         self.start = self.last = time.monotonic()
         self.lock = threading.Lock()
@@ -176,7 +177,7 @@ class Progress:
                 elapsed = max(now - self.start, 1e-6)
                 rate = self.bytes / elapsed
                 eta = (self.total_bytes - self.bytes) / rate if rate > 0 else 0
-                sys.stderr.write(f"\rmerging {self.keys}/{self.total_keys} keys, "
+                sys.stderr.write(f"\r{self.verb} {self.keys}/{self.total_keys} keys, "
                                  f"{format_bytes(self.bytes)}/{format_bytes(self.total_bytes)}, "
                                  f"{format_bytes(rate)}/s, ETA {eta:,.0f}s ")
                 sys.stderr.flush()
