@@ -150,3 +150,32 @@ def test_the_command_line_flag(host, tmp_path):
     result = CliRunner().invoke(app, ["merge", str(tmp_path / "r.mecha"), "-o", str(tmp_path / "p.safetensors"),
                                       "-q", "--fp8-scaled"])
     assert result.exit_code == 2 and "--fp8-scaled" in result.output
+
+
+def test_a_sharded_folder_with_scales_in_another_shard_is_dequantised(host, tmp_path):
+    """The scale of a weight may sit in a different shard than the weight: the folder is read as
+    one key table, so the pair is still found and the weight reads as its real values."""
+    import json
+    import os
+
+    real = _scaled_file(tmp_path / "whole.safetensors", _weights(3), scale_name="weight_scale")
+    stored = load_file(str(tmp_path / "whole.safetensors"))
+    folder = tmp_path / "folder"
+    os.makedirs(folder)
+    scales = sorted(k for k in stored if k.endswith(("weight_scale", "scale_input")) or k == "scaled_fp8")
+    shards = {"model-00001-of-00002.safetensors": sorted(set(stored) - set(scales)),
+              "model-00002-of-00002.safetensors": scales}
+    for name, keys in shards.items():
+        write_checkpoint(folder / name, {k: stored[k] for k in keys})
+    index = {"metadata": {"total_size": 0}, "weight_map": {k: n for n, keys in shards.items() for k in keys}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    other = _scaled_file(tmp_path / "b.safetensors", _weights(4), scale_name="scale_weight")
+
+    out = tmp_path / "out.safetensors"
+    recipe = mecha_core.weighted_sum(mecha_core.model(str(folder)), mecha_core.model(str(tmp_path / "b.safetensors")),
+                                     alpha=0.5)
+    mecha_core.merge(recipe, out, output_dtype="float32")
+    merged = load_file(str(out))
+    assert set(merged) == set(real)  # no scale, input scale or marker key in the output
+    for key in real:
+        torch.testing.assert_close(merged[key], real[key] * 0.5 + other[key] * 0.5, rtol=1e-6, atol=1e-7, msg=key)

@@ -18,12 +18,15 @@ the diffusion model's prefix. One tensor is held at a time.
 from __future__ import annotations
 
 import os
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 from ..errors import PlanError
 from ..lazy import torch
 from ..specs import TensorInfo
 from .safetensors_io import ITEMSIZE, SafetensorsFile, build_header, is_float, tensor_bytes, torch_dtype
+
+if TYPE_CHECKING:
+    from .folders import FolderFile
 
 FP8_DTYPES = ("float8_e4m3fn", "float8_e5m2")
 #: the names of a weight's scale, after ``x.``: ComfyUI's and the other common spelling
@@ -56,7 +59,7 @@ class DequantisedFile:
 
     direct = False
 
-    def __init__(self, file: SafetensorsFile, scales: Mapping[str, str]):
+    def __init__(self, file: SafetensorsFile | FolderFile, scales: Mapping[str, str]):
         self.file, self.scales = file, dict(scales)
         self.path, self.metadata = file.path, file.metadata
         dropped = set(self.scales.values())
@@ -91,8 +94,9 @@ class DequantisedFile:
         self.file.close()
 
 
-def dequantising(file: SafetensorsFile) -> SafetensorsFile | DequantisedFile:
-    """``file`` itself, or seen through :class:`DequantisedFile` when it holds scaled fp8 weights."""
+def dequantising(file: SafetensorsFile | FolderFile) -> SafetensorsFile | FolderFile | DequantisedFile:
+    """``file`` itself, or seen through :class:`DequantisedFile` when it holds scaled fp8 weights
+    (a single file, or a folder's shards read as one)."""
     scales = scaled_weights(file.keys)
     return DequantisedFile(file, scales) if scales else file
 

@@ -253,7 +253,12 @@ def open_weights(path: str, host: PluginHost) -> SafetensorsFile | DequantisedFi
     suffixes, a folder or an index as its shards (:mod:`.folders`), else safetensors (scaled fp8
     weights dequantised, see :mod:`.quantized`)."""
     if os.path.isdir(path) or folders.is_index_path(path):
-        return folders.open_folder(path)
+        folder = folders.open_folder(path)
+        try:  # a weight and its scale may sit in different shards: the folder reads both by key
+            return dequantising(folder)
+        except BaseException:
+            folder.close()
+            raise
     lower = path.lower()
     for fmt in host.file_formats.values():
         if lower.endswith(tuple(fmt.suffixes)):
