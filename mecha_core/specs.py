@@ -226,7 +226,8 @@ class FileFormat:
     dtype being what a read returns), ``metadata`` (string -> string), ``read(key)`` (a torch
     tensor of that shape and dtype, computed in bounded memory, e.g. from a memory map) and
     ``close()``. Raise :class:`mecha_core.errors.MechaError` (or ``ValueError``) naming the file
-    when it cannot be read."""
+    when it cannot be read. Optionally ``stored_dtype(key)`` (the type as stored, e.g. ``Q4_K``) and
+    ``nbytes(key)`` (its stored bytes), which ``mecha inspect`` shows."""
     description: str = ""
     """One line shown by ``mecha plugins list -v``."""
 

@@ -179,3 +179,19 @@ def test_a_sharded_folder_with_scales_in_another_shard_is_dequantised(host, tmp_
     assert set(merged) == set(real)  # no scale, input scale or marker key in the output
     for key in real:
         torch.testing.assert_close(merged[key], real[key] * 0.5 + other[key] * 0.5, rtol=1e-6, atol=1e-7, msg=key)
+
+
+def test_inspect_shows_scaled_weights_as_a_merge_reads_them(host, tmp_path):
+    """The scale keys fold into their weights in ``mecha inspect`` as in a merge: the key count is
+    the model's, the dtypes are what is stored, each weight's bytes include its float32 scale."""
+    from mecha_core.cli.describe import inspect_summary
+
+    weights = _weights(5)
+    _scaled_file(tmp_path / "a.safetensors", weights, scale_name="scale_weight")
+    summary = inspect_summary(tmp_path / "a.safetensors", host)
+    matrices = [w for w in weights.values() if w.dim() >= 2]
+    others = [w for w in weights.values() if w.dim() < 2]
+    assert summary["keys"] == len(weights) and summary["scaled_fp8_weights"] == len(matrices)
+    assert summary["dtypes"] == {"bfloat16": len(others), "float8_e4m3fn": len(matrices)}
+    assert summary["bytes"] == sum(w.numel() + 4 for w in matrices) + sum(w.numel() * 2 for w in others)
+    assert summary["parameters"] == sum(w.numel() for w in weights.values())

@@ -188,38 +188,70 @@ def _closest(keys: frozenset[str], host: Any) -> tuple[str, float] | None:
     return best
 
 
+def _stored_view(f: Any) -> tuple[Any, dict[str, str], dict[str, int]]:
+    """What is stored under each model key: the file that holds the bytes (a dequantising view's
+    inner file), each key's stored dtype and its stored bytes (an fp8 weight's scale counted with
+    it; a plugin format's quantised blocks as the plugin reports them)."""
+    from ..engine.quantized import DequantisedFile
+    from ..engine.safetensors_io import ITEMSIZE
+    from ..engine.sources import FormatFile
+
+    if isinstance(f, DequantisedFile):
+        inner = f.file
+        dtypes = {k: inner.keys[k].dtype for k in f.keys}
+        sizes = {k: inner.nbytes(k) + (inner.nbytes(f.scales[k]) if k in f.scales else 0) for k in f.keys}
+        return inner, dtypes, sizes
+    if isinstance(f, FormatFile):
+        opened = f.opened
+        dtype_of = getattr(opened, "stored_dtype", None)
+        size_of = getattr(opened, "nbytes", None)
+        dtypes = {k: dtype_of(k) if dtype_of else info.dtype for k, info in f.keys.items()}
+        sizes = {k: size_of(k) if size_of else info.numel * ITEMSIZE.get(info.dtype, 4) for k, info in f.keys.items()}
+        return f, dtypes, sizes
+    return f, {k: info.dtype for k, info in f.keys.items()}, {k: f.nbytes(k) for k in f.keys}
+
+
 def inspect_summary(path: Path, host: Any) -> dict[str, Any]:
     """What ``mecha inspect`` reports, from the header alone (no tensor is read)."""
     from ..engine.families import detect_family
-    from ..engine.folders import FolderFile, open_weights
-    from ..engine.sources import detect_architecture, detect_type
+    from ..engine.folders import FolderFile
+    from ..engine.quantized import DequantisedFile
+    from ..engine.sources import FormatFile, detect_architecture, detect_type, open_weights
 
-    f = open_weights(str(path))
+    f = open_weights(str(path), host)  # what a merge reads: plugin formats, fp8 scales folded in
     try:
         keys = frozenset(f.keys)
         type_ = detect_type(str(path), keys, host)
         arch = detect_architecture(str(path), keys, host) if type_ in ("base", "delta") else None
         if arch is None and type_ in ("base", "delta"):  # a family member (llama-32l ...)
             arch = detect_family(str(path), f.keys, host)
+        stored, stored_dtypes, sizes = _stored_view(f)
         dtypes: dict[str, int] = {}
-        for info in f.keys.values():
-            dtypes[info.dtype] = dtypes.get(info.dtype, 0) + 1
-        sizes = {k: f.nbytes(k) for k in f.keys}
+        for dtype in stored_dtypes.values():
+            dtypes[dtype] = dtypes.get(dtype, 0) + 1
         result: dict[str, Any] = {
             "file": str(path), "architecture": arch.name if arch else None, "type": type_,
             "keys": len(keys), "dtypes": dict(sorted(dtypes.items())), "bytes": sum(sizes.values()),
             "has_recipe": "mecha_recipe" in f.metadata,
             "parameters": sum(info.numel for info in f.keys.values()),
         }
-        if isinstance(f, FolderFile):  # a folder or an index: which files hold the keys
-            result["folder"] = f.path
-            per_file: dict[str, dict[str, Any]] = {p: {"keys": 0, "bytes": 0, "dtypes": {}} for p in f.paths}
-            for key, info in f.keys.items():
-                entry = per_file[f.file_of(key)]
+        if isinstance(f, FormatFile):  # stored dtypes may be quantised blocks; a read gives real weights
+            result["format"] = f.fmt.name
+            read_as: dict[str, int] = {}
+            for info in f.keys.values():
+                read_as[info.dtype] = read_as.get(info.dtype, 0) + 1
+            result["read_as"] = dict(sorted(read_as.items()))
+        if isinstance(f, DequantisedFile):  # the scales are folded into their weights, as a merge reads them
+            result["scaled_fp8_weights"] = len(f.scales)
+        if isinstance(stored, FolderFile):  # a folder or an index: which files hold the keys
+            result["folder"] = stored.path
+            per_file: dict[str, dict[str, Any]] = {p: {"keys": 0, "bytes": 0, "dtypes": {}} for p in stored.paths}
+            for key in f.keys:
+                entry = per_file[stored.file_of(key)]
                 entry["keys"] += 1
                 entry["bytes"] += sizes[key]
-                entry["dtypes"][info.dtype] = entry["dtypes"].get(info.dtype, 0) + 1
-            result["shards"] = [{"file": os.path.relpath(p, f.path), **v} for p, v in per_file.items()]
+                entry["dtypes"][stored_dtypes[key]] = entry["dtypes"].get(stored_dtypes[key], 0) + 1
+            result["shards"] = [{"file": os.path.relpath(p, stored.path), **v} for p, v in per_file.items()]
         if arch is not None:
             result["architecture_description"] = arch.description
             result["blocks"] = len(arch.blocks)
@@ -266,7 +298,8 @@ def _conversion_target(arch_name: str, type_: str, host: Any) -> str | None:
 
 
 def inspect_command(
-    file: Annotated[Path, typer.Argument(metavar="FILE", help="A .safetensors file, a model folder or an index.")],
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="A .safetensors file, a model folder, an index, "
+                                                                "or a file a format plugin reads (.gguf).")],
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
 ) -> None:
     """Detect a file's architecture and model type from its header; show dtypes, sizes, parameters,
@@ -284,6 +317,12 @@ def inspect_command(
     typer.echo(f"{printable(str(file))}: {described}, type {result['type']}, {result['keys']} keys, "
                f"{format_bytes(result['bytes'])}")
     typer.echo("  dtypes: " + ", ".join(f"{d} ({n})" for d, n in result["dtypes"].items()))
+    if result.get("format"):
+        typer.echo(f"  format: {result['format']}, read as " +
+                   ", ".join(f"{d} ({n})" for d, n in result["read_as"].items()))
+    if result.get("scaled_fp8_weights"):
+        typer.echo(f"  scaled fp8: {counted(result['scaled_fp8_weights'], 'weights')} read as float32 "
+                   f"(weight times its scale); the scale keys are not listed")
     typer.echo(f"  parameters: {result['parameters']:,}")
     if arch is not None:
         typer.echo(f"  architecture: {printable(result['architecture_description'])}; "

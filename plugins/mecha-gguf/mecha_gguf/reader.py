@@ -61,6 +61,15 @@ class GGUFFile:
             data = torch.from_numpy(raw)
         return dequantize(data, tensor.tensor_type.name, self.keys[key].shape)
 
+    def stored_dtype(self, key: str) -> str:
+        """The tensor's type as stored (``Q4_K``, ``float16`` ...), which ``mecha inspect`` shows."""
+        kind = self._tensors[key].tensor_type.name
+        return DTYPE_NAMES.get(kind, kind)
+
+    def nbytes(self, key: str) -> int:
+        """The tensor's stored bytes (quantised blocks as they are in the file)."""
+        return int(self._tensors[key].n_bytes)
+
     def close(self) -> None:
         self._tensors.clear()
         mapped = getattr(self._reader, "data", None)

@@ -105,3 +105,27 @@ def test_a_damaged_gguf_file_is_one_line_naming_it(tmp_path):
             mecha_core.merge(mecha_core.model(str(tmp_path / "bad.gguf")), tmp_path / "o.safetensors")
     assert "bad.gguf" in str(err.value) and "\n" not in str(err.value) and err.value.exit_code == 2
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_inspect_reads_a_gguf_file_through_the_plugin(tmp_path):
+    """``mecha inspect`` opens what a merge opens: the key table as the plugin reads it, with the
+    stored types and bytes (Q8_0: 34 bytes per 32 values) beside the dtype a read returns."""
+    from typer.testing import CliRunner
+
+    from mecha_core.cli import app
+    from mecha_core.cli.describe import inspect_summary
+
+    rng = np.random.default_rng(2)
+    a = (rng.standard_normal(SHAPE) * 0.1).astype(np.float32)
+    path = tmp_path / "a.gguf"
+    _write(path, {"blocks.0.weight": (quantize(a, T.Q8_0), "Q8_0"), "blocks.0.bias": (a[0], "F32")})
+    with using(mecha_methods.plugin, mecha_gguf.plugin) as host:
+        summary = inspect_summary(path, host)
+        text = CliRunner().invoke(app, ["inspect", str(path)])
+    assert summary["format"] == "gguf" and summary["keys"] == 2
+    assert summary["dtypes"] == {"Q8_0": 1, "float32": 1}
+    assert summary["read_as"] == {"float32": 2}
+    assert summary["bytes"] == SHAPE[0] * SHAPE[1] // 32 * 34 + SHAPE[1] * 4
+    assert summary["parameters"] == SHAPE[0] * SHAPE[1] + SHAPE[1]
+    assert text.exit_code == 0, text.output
+    assert "format: gguf, read as float32 (2)" in text.output and "Q8_0 (1)" in text.output
