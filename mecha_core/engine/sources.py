@@ -294,12 +294,7 @@ def open_source(node: ModelNode, path: str, host: PluginHost, allow_missing: boo
         renames = {k: v for k, v in renames.items() if k in keys and v not in keys}
         space = host.model_types.get(type_).space
         source: Source = FileSource(path, file, arch.name if arch else None, type_, space, renames)
-        source = _convert(source, node, host, allow_missing)
-        if node.layers is not None:
-            from .layer_view import view_source  # a view is a Source: that module imports this one
-
-            source = view_source(source, node.layers, host, node.path)
-        return source
+        return _convert(source, node, host, allow_missing)
     except BaseException:
         file.close()
         raise
