@@ -223,12 +223,15 @@ def test_modules_default_is_the_slices_form_with_module_parameters(tmp_path, lla
                    f"    parameters: {{weight: 0.25}}\n    slices:\n{sources}")
     global_only = (f"merge_method: task_arithmetic\nbase_model: {base}\nparameters: {{weight: 0.25}}\nslices:\n"
                    + sources.replace("      ", "  ", 1).replace("\n          ", "\n      "))
+    module_models = (f"merge_method: task_arithmetic\nbase_model: {base}\nmodules:\n  default:\n"
+                     f"    parameters: {{weight: 0.25}}\n    models:\n      - model: {a}\n")
     one = load_file(mecha.merge(write(tmp_path, with_module, "m.yml"), str(tmp_path / "m.safetensors")))
     two = load_file(mecha.merge(write(tmp_path, global_only, "g.yml"), str(tmp_path / "g.safetensors")))
+    three = load_file(mecha.merge(write(tmp_path, module_models, "mm.yml"), str(tmp_path / "mm.safetensors")))
     wb, wa = load_file(os.path.join(base, "model.safetensors")), load_file(os.path.join(a, "model.safetensors"))
     for key in wb:
         torch.testing.assert_close(one[key], wb[key] + 0.25 * (wa[key] - wb[key]), rtol=1e-6, atol=1e-6)
-        assert torch.equal(one[key], two[key])
+        assert torch.equal(one[key], two[key]) and torch.equal(one[key], three[key])
 
 
 def test_import_prints_a_recipe_that_merges_to_the_same_bytes_for_any_thread_count(tmp_path, llamas):
