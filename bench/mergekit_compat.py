@@ -142,6 +142,36 @@ base_model: base
 models:
   - {model: a, parameters: {weight: 1, density: 0.5, epsilon: 0.1}}
   - {model: b, parameters: {weight: 0.5, density: 0.4}}""",
+    "slices_stack": """merge_method: passthrough
+slices:
+  - sources: [{model: a, layer_range: [0, 3]}]
+  - sources: [{model: b, layer_range: [1, 4], parameters: {scale: [{filter: o_proj, value: 0.5}, {value: 1}]}}]
+  - sources: [{model: c, layer_range: [2, 4]}]""",
+    "slices_slerp": """merge_method: slerp
+base_model: a
+slices:
+  - sources:
+      - {model: a, layer_range: [0, 4]}
+      - {model: b, layer_range: [0, 4]}
+parameters:
+  t:
+    - {filter: self_attn, value: [0, 0.5, 0.3, 0.7, 1]}
+    - {filter: mlp, value: [1, 0.5, 0.7, 0.3, 0]}
+    - {value: 0.5}""",
+    "slices_modules": """merge_method: task_arithmetic
+base_model: base
+parameters: {lambda: 0.9}
+modules:
+  default:
+    parameters: {weight: 0.5}
+    slices:
+      - sources:
+          - {model: base, layer_range: [0, 2]}
+          - {model: a, layer_range: [1, 3], parameters: {weight: [0.2, 1]}}
+        parameters: {lambda: 1.1}
+      - sources:
+          - {model: base, layer_range: [2, 4]}
+          - {model: b, layer_range: [2, 4]}""",
 }
 
 

@@ -22,6 +22,7 @@ from ..specs import DELTA, Architecture, TensorInfo
 from .hyper import BoundHyperparameters, PerKey, bind
 from .safetensors_io import is_float
 from .families import concrete_map
+from .layer_view import view_source
 from .sources import ConvertedSource, Source, open_source, resolve_path
 from .vocab import fit_vocabularies, vocab_keeper, vocabulary_mismatch
 
@@ -254,8 +255,8 @@ def make_plan(root: Node, options: MergeOptions | None = None, host: PluginHost 
             for node in walk(root):
                 if isinstance(node, ModelNode):
                     with _located(node):
-                        opened[node] = open_source(node, resolve_path(node, options.models_dir), host,
-                                                   options.allow_missing)
+                        opened[node] = _open(node, resolve_path(node, options.models_dir), host,
+                                             options.allow_missing)
                     sources.append(opened[node])
             with _located(keeper):
                 opened = fit_vocabularies(opened, keeper, host)
@@ -275,7 +276,7 @@ def make_plan(root: Node, options: MergeOptions | None = None, host: PluginHost 
                 else:
                     with _located(node):  # say which recipe line names the model
                         path = resolve_path(node, options.models_dir)
-                        step.source = open_source(node, path, host, options.allow_missing)
+                        step.source = _open(node, path, host, options.allow_missing)
                     sources.append(step.source)
                 step.table = dict(step.source.keys)
                 step.space = step.source.space
@@ -300,6 +301,18 @@ def make_plan(root: Node, options: MergeOptions | None = None, host: PluginHost 
     except BaseException:
         for s in sources:
             s.close()
+        raise
+
+
+def _open(node: ModelNode, path: str, host: PluginHost, allow_missing: bool) -> Source:
+    """A model input: the file's weights, seen through its layer view when the node has one."""
+    source = open_source(node, path, host, allow_missing)
+    if node.layers is None:
+        return source
+    try:
+        return view_source(source, node.layers, host, node.path)
+    except BaseException:
+        source.close()
         raise
 
 

@@ -22,6 +22,7 @@ from ..output_folder import INDEX_NAME, RECIPE_NAME, OutputFolder, copy_file, fi
 from ..recipe.nodes import ModelNode
 from .allocator import reuse_freed_memory
 from .folders import is_pipeline_folder
+from .layer_view import rewrite_config
 from .plan import Plan
 from .run import _writer
 from .schedule import run_units
@@ -129,6 +130,7 @@ def execute_folder(plan: Plan, output: str | os.PathLike[str], metadata: dict[st
             if copy_from is not None:
                 for name in files_to_copy(copy_from):
                     copy_file(os.path.join(copy_from, name), out.file(name))
+                    rewrite_config(out.file(name), plan.sources)  # a layer stack's num_hidden_layers
             write_bytes(out.file(RECIPE_NAME), metadata["mecha_recipe"].encode("utf-8"))
             index = layout.index_json()
             if index is not None:  # last: a folder with an index has every shard

@@ -25,7 +25,7 @@ One module per job (see docs/plugins.md, "The plugin kit"):
 - :mod:`mecha_core.kit.untrusted` — JSON found inside files, parsed with bounded size and depth:
   ``loads_bounded``, ``JSONLimitError``.
 - :mod:`mecha_core.kit.recipes` — recipe nodes for readers of other recipe formats (the
-  ``mecha_recipe_formats`` hook): ``Node``, ``ModelNode``, ``CallNode``, ``Location``, ``call``,
+  ``mecha_recipe_formats`` hook): ``Node``, ``ModelNode``, ``LayerView``, ``CallNode``, ``Location``, ``call``,
   ``parameter``, ``WeightMap``, ``blocks``, ``classes``, ``CoreOnly``, ``RecipeHost``.
 - :mod:`mecha_core.kit.reductions` — whole-tensor sums, dot products and norms accumulated in
   float64 in bounded memory: ``sum64``, ``dot64``, ``abs_sum64``, ``norm64``.
@@ -51,8 +51,8 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     **{name: ("synthetic", name) for name in ("key_table", "write_layout", "write_header_only", "layout_values")},
     **{name: ("output", name) for name in ("OutputFile", "write_text_atomically")},
     **{name: ("untrusted", name) for name in ("loads_bounded", "JSONLimitError")},
-    **{name: ("recipes", name) for name in ("CallNode", "CoreOnly", "Location", "ModelNode", "Node", "RecipeHost",
-                                            "WeightMap", "blocks", "call", "classes", "parameter")},
+    **{name: ("recipes", name) for name in ("CallNode", "CoreOnly", "LayerView", "Location", "ModelNode", "Node",
+                                            "RecipeHost", "WeightMap", "blocks", "call", "classes", "parameter")},
     **{name: ("reductions", name) for name in ("sum64", "dot64", "abs_sum64", "norm64")},
 }
 

@@ -3,7 +3,8 @@
 A recipe format's reader turns text into the nodes mecha's own ``.mecha`` reader builds; these
 are the constructors and value maps it needs, and the stand-in host for readers given none:
 
-- nodes: ``Node`` (every node), ``ModelNode`` (a model file), ``CallNode`` (a method call:
+- nodes: ``Node`` (every node), ``ModelNode`` (a model file; ``LayerView``: only some of its
+  layers, renumbered, for layer stacking), ``CallNode`` (a method call:
   ``.method.name``, ``.args``, ``.kwargs``), ``Location`` (file, line, column of what a node was
   read from, for errors found later);
 - ``call(method, args, kwargs, where=...)`` builds a checked CallNode; ``parameter(name, where=...)``
@@ -16,8 +17,8 @@ are the constructors and value maps it needs, and the stand-in host for readers 
 from __future__ import annotations
 
 from ..recipe.host import CoreOnly, RecipeHost
-from ..recipe.nodes import CallNode, Location, ModelNode, Node, call, parameter
+from ..recipe.nodes import CallNode, LayerView, Location, ModelNode, Node, call, parameter
 from ..recipe.values import WeightMap, blocks, classes
 
-__all__ = ["CallNode", "CoreOnly", "Location", "ModelNode", "Node", "RecipeHost", "WeightMap", "blocks", "call",
-           "classes", "parameter"]
+__all__ = ["CallNode", "CoreOnly", "LayerView", "Location", "ModelNode", "Node", "RecipeHost", "WeightMap", "blocks",
+           "call", "classes", "parameter"]

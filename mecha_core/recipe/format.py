@@ -21,8 +21,8 @@ from typing import Any, NamedTuple
 from ..builtin_plugins import install_hint
 from ..errors import MechaError, RecipeError
 from .host import CoreOnly, RecipeHost, canonical_arch, disabled_note, method_names
-from .nodes import (CallNode, LiteralNode, Location, ModelNode, Node, ParameterNode, call, parameter, parameter_clash,
-                    walk)
+from .nodes import (CallNode, LiteralNode, Location, ModelNode, Node, ParameterNode, call, layer_view, parameter,
+                    parameter_clash, walk)
 from .values import WeightMap, blocks, classes, format_string, format_value, join_maps, layers
 
 HEADER = "mecha 1"
@@ -93,6 +93,15 @@ def _expr(node: Node, names: dict[Node, str]) -> str:
             args.append(f"type={format_string(node.type)}")
         if node.keep_vocab:
             args.append("keep_vocab=true")
+        view = node.layers
+        if view is not None:
+            args.append(f"layers={format_string(view.text())}")
+            if view.at:
+                args.append(f"at={view.at}")
+            if view.total is not None:
+                args.append(f"of={view.total}")
+            if view.outside != "all":
+                args.append(f"outside={format_string(view.outside)}")
         return f"model({', '.join(args)})"
     if isinstance(node, ParameterNode):
         args = [format_string(node.name)]
@@ -371,12 +380,20 @@ class _Parser:
 
     def _model(self, args: list[Any], kwargs: dict[str, Any], tok: Token) -> ModelNode:
         keep_vocab = kwargs.pop("keep_vocab", False)
+        view_args = {k: kwargs.pop(k) for k in ("layers", "at", "of", "outside") if k in kwargs}
         if len(args) != 1 or not isinstance(args[0], str) or set(kwargs) - {"arch", "type"} \
                 or any(not isinstance(v, str) for v in kwargs.values()) or not isinstance(keep_vocab, bool):
             raise self.fail('model takes a path: model("file.safetensors", arch="...", type="...", '
-                            'keep_vocab=true)', tok)
-        return ModelNode(args[0], kwargs.get("arch"), kwargs.get("type"), keep_vocab, base_dir=self.base_dir,
-                         where=self.at_token(tok))
+                            'keep_vocab=true, layers="START:STOP", at=N, of=N, outside="...")', tok)
+        view = None
+        if view_args:
+            try:
+                view = layer_view(view_args.get("layers"), view_args.get("at", 0), view_args.get("of"),
+                                  view_args.get("outside", "all"))
+            except RecipeError as exc:
+                raise self.fail(str(exc), tok) from None
+        return ModelNode(args[0], kwargs.get("arch"), kwargs.get("type"), keep_vocab, view,
+                         base_dir=self.base_dir, where=self.at_token(tok))
 
     def _call_method(self, name: str, args: list[Any], kwargs: dict[str, Any], tok: Token,
                      kw_tokens: dict[str, Token] | None = None, arg_tokens: list[Token] | None = None) -> Node:

@@ -103,6 +103,62 @@ class Node:
         return None
 
 
+#: which keys outside the layers a layer view keeps (see :class:`LayerView`)
+OUTSIDE = ("all", "none", "before", "after")
+
+
+@attrs.frozen
+class LayerView:
+    """A model's layers ``start:stop`` seen as the layers ``at ... at + (stop - start) - 1`` of a
+    stack of ``total`` layers (layer stacking, "frankenmerges"): ``model("b", layers="8:16",
+    at=24, of=40)``. Nothing else changes: a layer keeps its tensors, only its number does."""
+
+    start: int
+    """The model's first layer the view takes (from 0)."""
+    stop: int
+    """One past the model's last layer the view takes."""
+    at: int = 0
+    """The number the first of them gets in the output."""
+    total: int | None = None
+    """The output's layer count (its architecture's, and config.json's ``num_hidden_layers``);
+    ``None``: ``at + stop - start`` (the view ends the stack)."""
+    outside: str = "all"
+    """Which keys outside the layers the view keeps: ``all``, ``none``, ``before`` (the ones
+    before the layers: embeddings) or ``after`` (the rest: final norm, LM head). Joining views
+    with ``|`` takes each key from the first view that has it."""
+
+    def __attrs_post_init__(self) -> None:
+        if not 0 <= self.start < self.stop:
+            raise RecipeError(f"model(..., layers=\"{self.start}:{self.stop}\"): the range must be "
+                              f"START:STOP with 0 <= START < STOP")
+        if self.at < 0 or self.stop - self.start + self.at > self.count:
+            raise RecipeError(f"model(..., at={self.at}, of={self.count}): layers {self.start}:{self.stop} "
+                              f"do not fit in a stack of {self.count} layers at {self.at}")
+        if self.outside not in OUTSIDE:
+            raise RecipeError(f"model(..., outside={self.outside!r}): must be one of {', '.join(OUTSIDE)}")
+
+    @property
+    def count(self) -> int:
+        """The output's layer count."""
+        return self.total if self.total is not None else self.at + self.stop - self.start
+
+    @staticmethod
+    def parse(text: str, at: int = 0, total: int | None = None, outside: str = "all") -> "LayerView":
+        """``"8:16"`` (and the other fields) as a view; a one-line error when malformed."""
+        found = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", text) if isinstance(text, str) else None
+        if found is None:
+            raise RecipeError(f"model(..., layers={text!r}): must be \"START:STOP\" (layers START to "
+                              f"STOP - 1, from 0)")
+        for name, value in (("at", at), ("of", total)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise RecipeError(f"model(..., {name}=...) must be a whole number, got {value!r}")
+        return LayerView(int(found.group(1)), int(found.group(2)), at, total, outside)
+
+    def text(self) -> str:
+        """The ``layers=`` text: ``"START:STOP"``."""
+        return f"{self.start}:{self.stop}"
+
+
 # Nodes are immutable and compared structurally; hashes are cached because recipes share
 # sub-results, and an uncached hash of a DAG recomputes every shared branch.
 @attrs.frozen(eq=True, cache_hash=True)
@@ -119,6 +175,8 @@ class ModelNode(Node):
     keep_vocab: bool = False
     """The output keeps this model's vocabulary (its rows of the token embeddings and LM head,
     and its tokenizer files): inputs with other vocabulary sizes are cut or filled to it."""
+    layers: LayerView | None = None
+    """Only these layers, renumbered (layer stacking); ``None``: the whole model."""
     base_dir: str | None = attrs.field(default=None, eq=False, repr=False)
     """The folder of the recipe file this came from (relative paths are also looked up there)."""
     where: Location | None = attrs.field(default=None, eq=False, hash=False, repr=False)
@@ -373,12 +431,25 @@ def call(method: "MergeMethod", args: tuple[Any, ...], kwargs: dict[str, Any], *
 
 
 def model(path: str | os.PathLike[str], arch: str | None = None, type: str | None = None, *,
-          keep_vocab: bool = False) -> ModelNode:
+          keep_vocab: bool = False, layers: str | None = None, at: int = 0, of: int | None = None,
+          outside: str = "all") -> ModelNode:
     """A model input. Nothing is read until the merge is planned. ``keep_vocab=True``: the output
-    keeps this model's vocabulary (and tokenizer) when the inputs' vocabularies differ."""
+    keeps this model's vocabulary (and tokenizer) when the inputs' vocabularies differ.
+    ``layers="8:16"``: only the model's layers 8 to 15, numbered from ``at`` in a stack of ``of``
+    layers, with the keys outside the layers that ``outside`` names (:class:`LayerView`)."""
     if not isinstance(keep_vocab, bool):
         raise RecipeError(f"model(..., keep_vocab=...) must be true or false, got {keep_vocab!r}")
-    return ModelNode(os.fspath(path), arch, type, keep_vocab)
+    return ModelNode(os.fspath(path), arch, type, keep_vocab, layer_view(layers, at, of, outside))
+
+
+def layer_view(layers: str | None, at: int = 0, of: int | None = None, outside: str = "all") -> LayerView | None:
+    """``model()``'s ``layers=``, ``at=``, ``of=`` and ``outside=`` as a :class:`LayerView`
+    (``None`` without ``layers``)."""
+    if layers is not None:
+        return LayerView.parse(layers, at, of, outside)
+    if at != 0 or of is not None or outside != "all":
+        raise RecipeError("model(..., at=/of=/outside=) go with layers=\"START:STOP\"")
+    return None
 
 
 def literal(value: Any) -> Node:

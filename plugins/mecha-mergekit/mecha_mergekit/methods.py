@@ -307,10 +307,10 @@ def mergekit_passthrough(model, *, settings: str = "{}", ctx=None):
     """
     cfg = Settings(settings, getattr(ctx, "key", ""), ctx)
     own = cfg.inputs[0] if cfg.inputs else {}
-    scopes = [own or {}, cfg.global_]
+    scopes = [own or {}, *cfg.outer, cfg.global_]
     for scope in scopes:
         if "scale" in scope:
-            value = evaluate(cfg.key, scope["scale"], cfg.t, as_float)
+            value = evaluate(cfg.input_key(0), scope["scale"], cfg.t, as_float)
             if value is not None:
                 return model * value
     return model

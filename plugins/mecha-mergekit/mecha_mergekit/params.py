@@ -64,31 +64,65 @@ def evaluate(name: str, setting: Any, t: float, validate: Callable[[Any], Any]) 
     raise ValueError(f"unexpected parameter setting {setting!r}")
 
 
+def slice_t(key: str, span: list[int]) -> float:
+    """mergekit's ``t`` for a tensor of a slice whose layers are the output's ``first`` to
+    ``first + count - 1`` (``span``): the layer's place in the slice, 0 outside the layers."""
+    found = _LAYER.search(key)
+    first, count = span
+    if found is None:
+        return 0.0
+    return (int(found.group(1)) - first) / (count - 1) if count > 1 else 1.0
+
+
+def shifted(key: str, by: int) -> str:
+    """``key`` with its layer number moved by ``by`` (the name an input's tensor has in its file)."""
+    if not by:
+        return key
+    return _LAYER.sub(lambda m: m.group(0).replace(m.group(1), str(int(m.group(1)) + by)), key, count=1)
+
+
 class Settings:
-    """A call's mergekit parameters, decoded from the ``settings`` JSON text."""
+    """A call's mergekit parameters, decoded from the ``settings`` JSON text.
+
+    Besides ``global`` and each input's own parameters (``inputs``), a call of a slice carries
+    ``outer`` (the slice's and the module's parameters, in mergekit's order of precedence, between
+    an input's own and the global ones), ``span`` (the output layers of the slice: the first and
+    the count, for ``t``) and ``shift`` (per input, its file's layer number minus the output's:
+    mergekit matches an input's filters against the input's own tensor name)."""
 
     def __init__(self, text: str, key: str, ctx: Any) -> None:
         data = json.loads(text or "{}")
         self.global_ = data.get("global") or {}
+        self.outer = data.get("outer") or []
         self.inputs = data.get("inputs") or []
+        self.shift = data.get("shift") or []
         self.key = key
-        self.t = layer_t(key, ctx)
+        span = data.get("span")
+        self.t = slice_t(key, span) if span else layer_t(key, ctx)
 
-    def _resolve(self, scopes: list[dict], name: str, validate: Callable[[Any], Any], default: Any) -> Any:
+    def _resolve(self, scopes: list[dict], name: str, validate: Callable[[Any], Any], default: Any,
+                 key: str | None = None) -> Any:
         for scope in scopes:
             if name in scope:
-                value = evaluate(self.key, scope[name], self.t, validate)
+                value = evaluate(key or self.key, scope[name], self.t, validate)
                 if value is not None:
                     return value
         if default is None:
-            raise ValueError(f"missing required parameter '{name}' for {self.key}")
+            raise ValueError(f"missing required parameter '{name}' for {key or self.key}")
         return validate(default)
 
     def shared(self, name: str, validate: Callable[[Any], Any], default: Any = None) -> Any:
-        """A parameter of the whole call (``normalize``, ``lambda``, ``t``): global settings only."""
-        return self._resolve([self.global_], name, validate, default)
+        """A parameter of the whole call (``normalize``, ``lambda``, ``t``): the slice's, the
+        module's, else the global settings."""
+        return self._resolve([*self.outer, self.global_], name, validate, default)
+
+    def input_key(self, index: int) -> str:
+        """The name of input ``index``'s tensor in its own file."""
+        return shifted(self.key, self.shift[index] if index < len(self.shift) else 0)
 
     def per_input(self, index: int, name: str, validate: Callable[[Any], Any], default: Any = None) -> Any:
-        """A parameter of input ``index`` (``weight``, ``density``): its own, else the global one."""
+        """A parameter of input ``index`` (``weight``, ``density``): its own, else the slice's,
+        the module's, the global one."""
         own = self.inputs[index] if index < len(self.inputs) else {}
-        return self._resolve([own or {}, self.global_], name, validate, default)
+        return self._resolve([own or {}, *self.outer, self.global_], name, validate, default,
+                             self.input_key(index))

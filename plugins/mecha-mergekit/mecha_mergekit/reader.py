@@ -10,26 +10,26 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 from mecha_core.errors import RecipeError
 from mecha_core.kit.recipes import CoreOnly, Location, ModelNode, Node, RecipeHost, call
 
 from .hub import cached_snapshot, hub_cache
+from .slices import module_body, read_slices
 
 _TOP = re.compile(r"^(merge_method|slices|models)\s*:", re.MULTILINE)
 
 # what the reader does not translate (yet): refused, naming the key's line
 _UNSUPPORTED_TOP = {
-    "slices": "layer slices (slices:) are not supported by mecha's mergekit reader yet",
-    "modules": "modules: configs are not supported by mecha's mergekit reader",
     "tokenizer_source": "tokenizer_source is not supported by mecha's mergekit reader yet "
                         "(the output copies the first model's tokenizer files)",
     "tokenizer": "the tokenizer section is not supported by mecha's mergekit reader yet",
     "chat_template": "chat_template is not supported by mecha's mergekit reader yet",
 }
-_TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", *_UNSUPPORTED_TOP}
+_TOP_KEYS = {"merge_method", "base_model", "models", "slices", "modules", "parameters", "dtype", "out_dtype",
+             *_UNSUPPORTED_TOP}
 _DTYPES = {"float32", "float16", "bfloat16", "float64"}
 
 # method -> (parameter names it reads, base: "required" / "optional" / "none", input count rule)
@@ -108,6 +108,7 @@ class _Reader:
     def __init__(self, source: str, base_dir: str | None, host: RecipeHost) -> None:
         self.source, self.base_dir, self.host = source, base_dir, host
         self.models: dict[str, Node] = {}
+        self.config: _Map = _Map()
 
     def fail(self, message: str, line: int | None) -> RecipeError:
         return RecipeError(f"mergekit config: {message}", source=self.source, line=line)
@@ -187,6 +188,7 @@ class _Reader:
     def read(self, config: Any) -> Node:
         if not isinstance(config, _Map):
             raise self.fail("the config must be a YAML mapping", 1)
+        self.config = config
         for key in config:
             if key not in _TOP_KEYS:
                 raise self.fail(f"unknown key '{key}' (mergekit 0.1.5's keys: "
@@ -204,12 +206,26 @@ class _Reader:
         allowed, base_rule = METHODS[method]
         dtype = self.dtype(config, "dtype")
         out_dtype = self.dtype(config, "out_dtype")
-        models = config.get("models")
-        models_line = config.line_of("models")
+        global_params = self.parameters(config.get("parameters"), config.line_of("parameters"), allowed, method)
+        body, outer = module_body(self, config, allowed, method)
+        if body.get("slices") is not None:
+            root = read_slices(self, body, outer, method, METHODS[method], global_params, dtype)
+        else:
+            root = self.read_models(body, outer, method, global_params, dtype)
+        final = out_dtype or dtype
+        if final is not None:
+            root = self.call("cast", [root], {"dtype": final},
+                             config.line_of("out_dtype" if out_dtype else "dtype"))
+        return root
+
+    def read_models(self, body: _Map, outer: list[dict[str, Any]], method: str, global_params: dict[str, Any],
+                    dtype: str | None) -> Node:
+        """A ``models:`` list (the config's, or a module's) as one call over whole models."""
+        allowed, base_rule = METHODS[method]
+        models = body.get("models")
+        models_line = body.line_of("models")
         if not isinstance(models, list) or not models:
             raise self.fail("models must be a non-empty list of {model: ..., parameters: ...}", models_line)
-        global_params = self.parameters(config.get("parameters"), config.line_of("parameters"), allowed, method)
-
         entries: list[tuple[str, dict[str, Any], int]] = []
         for item in models:
             at = item.line if isinstance(item, (_Map, _List)) else models_line
@@ -223,9 +239,21 @@ class _Reader:
             params_line = item.line_of("parameters") if isinstance(item, _Map) else at
             params = self.parameters(item.get("parameters"), params_line, allowed, method)
             entries.append((item["model"], params, line))
+        base_ref = self.config.get("base_model")
+        base_line = self.config.line_of("base_model")
+        if base_ref is not None and base_rule == "none" and not any(e[0] == base_ref for e in entries):
+            entries.append((base_ref, {}, base_line))  # linear: the base is an input like the others
+        return self.merge(method, entries, base_ref, base_line, models_line,
+                          lambda ref, line: self.model(ref, line, dtype), {"global": global_params, "outer": outer})
 
-        base_ref = config.get("base_model")
-        base_line = config.line_of("base_model")
+    def merge(self, method: str, entries: list[tuple[str, dict[str, Any], int]], base_ref: str | None,
+              base_line: int, models_line: int, node_for: Callable[[str, int], Node],
+              settings: dict[str, Any]) -> Node:
+        """One ``mergekit_<method>`` call over ``entries`` (model, its parameters, its line), the
+        base first where the method takes one; ``settings``: what the call's settings hold besides
+        each input's own parameters."""
+        _, base_rule = METHODS[method]
+        method_line = self.config.line_of("merge_method")
         if base_ref is None and base_rule == "required":
             raise self.fail(f"merge_method {method} needs a base_model", method_line)
         if base_ref is not None and base_rule == "none" and method == "passthrough":
@@ -233,39 +261,34 @@ class _Reader:
         others = [e for e in entries if e[0] != base_ref]
         settings_inputs: list[dict[str, Any]]
         if base_rule == "none":  # linear, passthrough: every model is an input (linear: the base too)
-            if base_ref is not None and not any(e[0] == base_ref for e in entries):
-                entries.append((base_ref, {}, base_line))
-            args = [self.model(ref, line, dtype) for ref, _, line in entries]
-            settings_inputs = [params for _, params, _ in entries]
-            if method == "passthrough" and len(args) != 1:
+            inputs = entries
+            if method == "passthrough" and len(inputs) != 1:
                 raise self.fail("passthrough takes exactly one model", models_line)
         else:
-            base = self.model(base_ref, base_line, dtype) if base_ref is not None else None
-            args = [self.model(ref, line, dtype) for ref, _, line in others]
-            settings_inputs = [params for _, params, _ in others]
-            if method in ("slerp", "nearswap", "arcee_fusion") and len(args) != 1:
+            inputs = others
+            if method in ("slerp", "nearswap", "arcee_fusion") and len(inputs) != 1:
                 raise self.fail(f"{method} takes the base_model and exactly one other model", models_line)
-            if method == "nuslerp" and len(args) != 2:
+            if method == "nuslerp" and len(inputs) != 2:
                 raise self.fail("nuslerp takes exactly two models besides the base_model", models_line)
-            if method == "model_stock" and len(args) < 2:
+            if method == "model_stock" and len(inputs) < 2:
                 raise self.fail("model_stock takes the base_model and at least two other models", models_line)
+        args = [node_for(ref, line) for ref, _, line in inputs]
+        settings_inputs = [params for _, params, _ in inputs]
+        if base_rule != "none":
+            base = node_for(base_ref, base_line) if base_ref is not None else None
             if method == "nuslerp":
                 args = args + ([base] if base is not None else [])
             elif method == "multislerp":
                 args = ([base] if base is not None else []) + args
             else:
                 args = [base, *args]
-        settings = json.dumps({"global": global_params, "inputs": settings_inputs}, sort_keys=True,
-                              separators=(",", ":"))
-        kwargs: dict[str, Any] = {"settings": settings}
+        extra = {k: v for k, v in settings.items() if v}
+        text = json.dumps({**extra, "global": settings.get("global") or {}, "inputs": settings_inputs},
+                          sort_keys=True, separators=(",", ":"))
+        kwargs: dict[str, Any] = {"settings": text}
         if method == "multislerp" and base_ref is not None:
             kwargs["with_base"] = True
-        root = self.call(f"mergekit_{method}", args, kwargs, method_line)
-        final = out_dtype or dtype
-        if final is not None:
-            root = self.call("cast", [root], {"dtype": final},
-                             config.line_of("out_dtype" if out_dtype else "dtype"))
-        return root
+        return self.call(f"mergekit_{method}", args, kwargs, method_line)
 
     def dtype(self, config: _Map, key: str) -> str | None:
         value = config.get(key)
