@@ -45,6 +45,7 @@ from mecha_core.specs import ConvertedKey, TensorInfo
 
 from .adapter_config import METADATA_KEY, PEFT_WRAPPER, ComponentConfig, adapter_scales, component_config
 from .operators import PeftDoRA, Replace
+from .resolve import best_resolution
 
 #: The files of a PEFT adapter folder (``PeftModel.save_pretrained``).
 CONFIG_NAME = "adapter_config.json"
@@ -292,6 +293,9 @@ def describe(path: str | None, metadata: Mapping[str, str] | None) -> str:
 def plan(header: Mapping[str, TensorInfo], metadata: Mapping[str, str] | None = None,
          allow_missing: bool = False, path: str | None = None) -> dict[str, ConvertedKey]:
     """The converter's plan: {model key: ConvertedKey} of a PEFT adapter (see the module doc)."""
+    fits = best_resolution(header, "peft")
+    if fits is not None:  # an image model's LoRA: its architecture's converter reads it (tables, slices)
+        raise ValueError(f"the file is a LoRA of {fits.arch}")
     what = describe(path, metadata)
     settings = read_settings(path, metadata, what)
     modules, stray = group(header)

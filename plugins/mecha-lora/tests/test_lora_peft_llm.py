@@ -234,3 +234,101 @@ def test_dora_on_embeddings_and_bad_configs_are_refused(tmp_path):
     with pytest.raises(MechaError, match=r"peft_type 'IA3' is not a LoRA"):
         mecha_core.merge(recipe, tmp_path / "o.safetensors")
     assert not (tmp_path / "o.safetensors").exists()
+
+
+# -- extraction: a fine-tune and its base (folders) to a PEFT adapter folder ----------------------------
+def fine_tune(model, folder, seed: int, true_rank: int = 3, noise: float = 0.0):
+    """The model plus a rank-``true_rank`` change of every linear layer (and ``noise``), its
+    embeddings and one norm changed too; saved with save_pretrained."""
+    tuned = _copy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if p.dim() == 2 and "embed" not in name and "lm_head" not in name:
+                u = torch.randn(p.shape[0], true_rank, generator=gen) * 0.1
+                v = torch.randn(true_rank, p.shape[1], generator=gen) * 0.1
+                p.add_(u @ v + noise * torch.randn(p.shape, generator=gen))
+            elif "embed" in name or "lm_head" in name or name.endswith("layers.1.input_layernorm.weight"):
+                p.add_(torch.randn(p.shape, generator=gen) * 0.01)
+    tuned.save_pretrained(str(folder))
+    return str(folder), tuned
+
+
+def truncated_svd(matrix: torch.Tensor, rank: int) -> torch.Tensor:
+    u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+    return (u[:, :rank] * s[:rank]) @ vh[:rank]
+
+
+def test_extracted_adapter_is_the_truncated_svd_and_loads_with_peft(tmp_path):
+    import mecha_lora
+
+    base_dir, model = build(tmp_path / "base", seed=10)
+    tuned_dir, tuned = fine_tune(model, tmp_path / "tuned", seed=11, true_rank=4, noise=1e-3)
+    out = mecha_lora.extract_lora(tuned_dir, base_dir, str(tmp_path / "adapter"), rank=4)
+    assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors"]
+    config = json.load(open(os.path.join(out, "adapter_config.json")))
+    assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", 4, 4)
+    assert config["target_modules"] == sorted(LINEAR)
+    assert config["modules_to_save"] == ["embed_tokens", "input_layernorm", "lm_head"]
+    stored = load_file(os.path.join(out, "adapter_model.safetensors"))
+    base, fine = model.state_dict(), tuned.state_dict()
+    linear = [k for k in base if base[k].dim() == 2 and "embed" not in k and "lm_head" not in k]
+    assert len(linear) == 14
+    for key in linear:
+        module = "base_model.model." + key.removesuffix(".weight")
+        a, b = stored[module + ".lora_A.weight"], stored[module + ".lora_B.weight"]
+        assert a.shape == (4, base[key].shape[1]) and b.shape == (base[key].shape[0], 4)
+        want = truncated_svd(fine[key] - base[key], 4)
+        torch.testing.assert_close((b.double() @ a.double()), want, rtol=0, atol=1e-5, msg=key)
+        # the singular values are split evenly: A·Aᵀ and Bᵀ·B have the same diagonal (S)
+        torch.testing.assert_close(torch.diag(a @ a.T), torch.diag(b.T @ b), rtol=1e-4, atol=1e-6)
+    for key in ("model.embed_tokens.weight", "lm_head.weight", "model.layers.1.input_layernorm.weight"):
+        assert torch.equal(stored["base_model.model." + key], fine[key]), key
+    # PEFT wraps every module of a modules_to_save name: the unchanged ones are saved too
+    assert torch.equal(stored["base_model.model.model.layers.0.input_layernorm.weight"], base["model.layers.0.input_layernorm.weight"])
+    assert "base_model.model.model.layers.0.post_attention_layernorm.weight" not in stored
+
+    # PEFT loads it, and its merge is the base plus the truncated differences
+    merged = peft_merged(model, out).state_dict()
+    for key in linear:
+        torch.testing.assert_close(merged[key].double(), base[key].double() + truncated_svd(fine[key] - base[key], 4),
+                                   rtol=0, atol=1e-5, msg=key)
+    torch.testing.assert_close(merged["lm_head.weight"], fine["lm_head.weight"])
+
+
+def test_extract_then_apply_round_trips_a_low_rank_fine_tune(tmp_path):
+    """A rank-3 fine-tune extracted at rank 4 with embeddings as LoRA modules, applied back by
+    mecha: the fine-tune again (up to float rounding)."""
+    import mecha_lora
+
+    base_dir, model = build(tmp_path / "base", transformers.Qwen2Config, seed=12)
+    tuned_dir, tuned = fine_tune(model, tmp_path / "tuned", seed=13)
+    adapter = mecha_lora.extract_lora(tuned_dir, base_dir, str(tmp_path / "adapter"), rank=32, embeddings="lora")
+    stored = load_file(os.path.join(adapter, "adapter_model.safetensors"))
+    assert stored["base_model.model.model.embed_tokens.lora_embedding_A"].shape == (32, 96)
+    assert stored["base_model.model.model.embed_tokens.lora_embedding_B"].shape == (32, 32)
+    assert "base_model.model.lm_head.lora_A.weight" in stored
+    out = tmp_path / "round.safetensors"
+    mecha_core.merge(mecha_core.apply_lora(mecha_core.model(base_dir), mecha_core.model(adapter)), out, threads=1)
+    got = load_file(out)
+    for key, value in tuned.state_dict().items():
+        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=2e-6, msg=key)
+
+
+def test_extract_command_writes_a_folder_and_refuses_a_file_output(tmp_path):
+    from typer.testing import CliRunner
+
+    from mecha_core.cli import app
+
+    base_dir, model = build(tmp_path / "base", seed=14)
+    tuned_dir, _ = fine_tune(model, tmp_path / "tuned", seed=15)
+    runner = CliRunner()
+    done = runner.invoke(app, ["lora", "extract", tuned_dir, base_dir, str(tmp_path / "ad"), "--rank", "2",
+                               "--embeddings", "skip"])
+    assert done.exit_code == 0, done.output
+    stored = load_file(str(tmp_path / "ad" / "adapter_model.safetensors"))
+    assert not any("embed" in k or "lm_head" in k for k in stored)
+    assert stored["base_model.model.model.layers.0.mlp.up_proj.lora_A.weight"].shape == (2, 32)
+    failed = runner.invoke(app, ["lora", "extract", tuned_dir, base_dir, str(tmp_path / "x.safetensors")])
+    assert failed.exit_code == 2 and failed.stderr.count("\n") == 1 and "PEFT adapter folder" in failed.stderr
+    assert not (tmp_path / "x.safetensors").exists()
