@@ -151,19 +151,25 @@ def _set(module: AdapterModule, field: str, key: str) -> None:
     setattr(module, field, key)
 
 
+def _role(name: str) -> tuple[str, re.Match[str]] | None:
+    """What a key (without PEFT's wrapper prefix) is: the first pattern that matches it."""
+    for role, pattern in _PATTERNS:
+        m = pattern.match(name)
+        if m is not None:
+            return role, m
+    return None
+
+
 def group(keys: Mapping[str, Any]) -> tuple[dict[str, AdapterModule], list[str]]:
     """The file's modules by path, and the keys that are no PEFT LoRA tensor."""
     modules: dict[str, AdapterModule] = {}
     stray = []
     for key in keys:
-        name = key.removeprefix(PEFT_WRAPPER)
-        for role, pattern in _PATTERNS:
-            m = pattern.match(name)
-            if m is not None:
-                break
-        else:
+        found = _role(key.removeprefix(PEFT_WRAPPER))
+        if found is None:
             stray.append(key)
             continue
+        role, m = found
         module = modules.setdefault(m["module"], AdapterModule(m["module"]))
         if role in ("linear", "embedding"):
             if module.kind not in (None, role):

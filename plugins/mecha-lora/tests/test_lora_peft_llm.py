@@ -81,7 +81,7 @@ def expected_weights(base: dict, adapter: str) -> dict:
                load_file(os.path.join(adapter, "adapter_model.safetensors")).items()}
     out = {k: v.clone() for k, v in base.items()}
     for key, value in tensors.items():
-        if key.endswith("base_layer.weight") or not ("lora_" in key):
+        if key.endswith("base_layer.weight") or "lora_" not in key:
             out[key.replace(".base_layer", "")] = value.clone()
     for key, a in tensors.items():
         if ".lora_A." in key or key.endswith("lora_embedding_A"):
@@ -285,7 +285,8 @@ def test_extracted_adapter_is_the_truncated_svd_and_loads_with_peft(tmp_path):
     for key in ("model.embed_tokens.weight", "lm_head.weight", "model.layers.1.input_layernorm.weight"):
         assert torch.equal(stored["base_model.model." + key], fine[key]), key
     # PEFT wraps every module of a modules_to_save name: the unchanged ones are saved too
-    assert torch.equal(stored["base_model.model.model.layers.0.input_layernorm.weight"], base["model.layers.0.input_layernorm.weight"])
+    layer0_norm = "model.layers.0.input_layernorm.weight"
+    assert torch.equal(stored["base_model.model." + layer0_norm], base[layer0_norm])
     assert "base_model.model.model.layers.0.post_attention_layernorm.weight" not in stored
 
     # PEFT loads it, and its merge is the base plus the truncated differences
