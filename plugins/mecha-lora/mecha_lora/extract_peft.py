@@ -7,8 +7,8 @@ mergekit-extract-lora does:
 * every 2-D weight outside the vocabulary (``embed_tokens``, ``lm_head``: the linear layers of
   attention, MLPs, experts) that differs becomes a LoRA module of rank ``rank`` (at most the
   layer's full rank), ΔW ≈ B @ A by SVD with the singular values split evenly
-  (A = √S·Vᵀ, B = U·√S), alpha = rank, so the scale is 1; its bias, if it differs, is the
-  module's ``lora_B.bias`` (``lora_bias``);
+  (A = √S·Vᵀ, B = U·√S), alpha = rank, so the scale is 1; its bias, if it differs, is written
+  whole as the module's ``base_layer.bias``;
 * the vocabulary weights: ``embeddings="save"`` (default) writes them whole, as
   ``modules_to_save``; ``"lora"`` extracts ``embed_tokens`` as ``lora_embedding_A/B`` and
   ``lm_head`` as a LoRA module; ``"skip"`` leaves them out;
@@ -107,37 +107,12 @@ def extract_peft(tuned: Any, base: Any, target: str, *, rank: int, ratio: float 
     out: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     saved: list[str] = []
-    has_bias = False
-    for module in lora + embed_lora:
-        key = module + ".weight"
-        t, b = tuned.read(key), base.read(key)
-        out_dtype = torch_dtype(dtype) if dtype else t.dtype
-        diff = t.to(torch.float32) - b.to(torch.float32)
-        bias_key = module + ".bias"
-        bias_diff = None
-        if bias_key in tuned.keys and is_float(tuned.keys[bias_key].dtype):
-            bias_diff = tuned.read(bias_key).to(torch.float32) - base.read(bias_key).to(torch.float32)
-            bias_diff = bias_diff if bool(bias_diff.any()) else None
-        if not bool(diff.any()) and bias_diff is None:
-            continue
-        embedding = module in embed_lora
-        matrix = diff.T if embedding else diff  # PEFT's embedding delta is (B @ A)ᵀ
-        full = min(matrix.shape)
-        r = max(1, min(full, round(ratio * full))) if ratio is not None else min(full, rank)
-        up, down = low_rank(matrix, r, seed=seed, oversample=oversample, power_iterations=power_iterations)
-        name = PEFT_WRAPPER + module
-        if embedding:
-            out[f"{name}.lora_embedding_A"] = down.to(out_dtype).contiguous()
-            out[f"{name}.lora_embedding_B"] = up.to(out_dtype).contiguous()
-        else:
-            out[f"{name}.lora_A.weight"] = down.to(out_dtype).contiguous()
-            out[f"{name}.lora_B.weight"] = up.to(out_dtype).contiguous()
-        if bias_diff is not None:
-            if embedding:
-                raise PlanError(f"key '{bias_key}': an embedding has no bias a LoRA can hold")
-            out[f"{name}.lora_B.bias"] = bias_diff.to(out_dtype).contiguous()
-            has_bias = True
-        ranks[module] = r
+    svd = dict(rank=rank, ratio=ratio, dtype=dtype, seed=seed, oversample=oversample,
+               power_iterations=power_iterations)
+    for module in lora:
+        _extract_module(tuned, base, module, False, out, ranks, **svd)
+    for module in embed_lora:
+        _extract_module(tuned, base, module, True, out, ranks, **svd)
     # PEFT's modules_to_save names modules by their last name and expects every module of that
     # name in the file: one that differs puts all of its name there (the others unchanged)
     names = {_last(key) for key in whole if not _same(tuned.read(key), base.read(key))}
@@ -152,11 +127,47 @@ def extract_peft(tuned: Any, base: Any, target: str, *, rank: int, ratio: float 
             out[PEFT_WRAPPER + bias_key] = tuned.read(bias_key).contiguous()
     if not out:
         raise PlanError(f"{tuned.path} and {base.path} do not differ; nothing to extract")
-    config = adapter_config(ranks, saved, has_bias, os.path.basename(os.path.normpath(base.path)))
+    config = adapter_config(ranks, saved, os.path.basename(os.path.normpath(base.path)))
     return write_folder(target, out, config, {"format": "pt"})
 
 
-def adapter_config(ranks: dict[str, int], saved: list[str], lora_bias: bool, base_name: str) -> dict[str, Any]:
+def _extract_module(tuned: Any, base: Any, module: str, embedding: bool, out: dict[str, torch.Tensor],
+                    ranks: dict[str, int], *, rank: int, ratio: float | None, dtype: str | None, seed: int,
+                    oversample: int, power_iterations: int) -> None:
+    """Factorise one module's difference into ``out`` (PEFT names) and its rank into ``ranks``;
+    a bias that differs is written whole, as the module's ``base_layer.bias`` (PEFT loads it
+    into the wrapped layer; ``lora_bias`` would give every targeted layer a bias, and PEFT cannot
+    merge that into the layers that have none)."""
+    key = module + ".weight"
+    t, b = tuned.read(key), base.read(key)
+    out_dtype = torch_dtype(dtype) if dtype else t.dtype
+    diff = t.to(torch.float32) - b.to(torch.float32)
+    bias_key = module + ".bias"
+    bias_diff = None
+    if bias_key in tuned.keys and is_float(tuned.keys[bias_key].dtype):
+        bias_diff = tuned.read(bias_key).to(torch.float32) - base.read(bias_key).to(torch.float32)
+        bias_diff = bias_diff if bool(bias_diff.any()) else None
+    if not bool(diff.any()) and bias_diff is None:
+        return
+    matrix = diff.T if embedding else diff  # PEFT's embedding delta is (B @ A)ᵀ
+    full = min(matrix.shape)
+    r = max(1, min(full, round(ratio * full))) if ratio is not None else min(full, rank)
+    up, down = low_rank(matrix, r, seed=seed, oversample=oversample, power_iterations=power_iterations)
+    name = PEFT_WRAPPER + module
+    if embedding:
+        if bias_diff is not None:
+            raise PlanError(f"key '{bias_key}': an embedding has no bias a LoRA can hold")
+        out[f"{name}.lora_embedding_A"] = down.to(out_dtype).contiguous()
+        out[f"{name}.lora_embedding_B"] = up.to(out_dtype).contiguous()
+    else:
+        out[f"{name}.lora_A.weight"] = down.to(out_dtype).contiguous()
+        out[f"{name}.lora_B.weight"] = up.to(out_dtype).contiguous()
+        if bias_diff is not None:
+            out[f"{name}.base_layer.bias"] = tuned.read(bias_key).contiguous()
+    ranks[module] = r
+
+
+def adapter_config(ranks: dict[str, int], saved: list[str], base_name: str) -> dict[str, Any]:
     """PEFT's LoraConfig fields for the extracted modules (as mergekit-extract-lora writes them)."""
     top = max(ranks.values(), default=1)
     others = {re.escape(m): r for m, r in ranks.items() if r != top}
@@ -172,7 +183,7 @@ def adapter_config(ranks: dict[str, int], saved: list[str], lora_bias: bool, bas
         "modules_to_save": sorted({m.rsplit(".", 1)[-1] for m in saved}) or None,
         "use_rslora": False,
         "use_dora": False,
-        "lora_bias": lora_bias,
+        "lora_bias": False,
         "lora_dropout": 0.0,
         "fan_in_fan_out": False,
         "bias": "none",

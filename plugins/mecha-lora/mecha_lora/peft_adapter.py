@@ -144,9 +144,9 @@ class AdapterModule:
     """``weight``/``bias`` -> the file key of a whole replacement tensor."""
 
 
-def _set(module: AdapterModule, field: str, key: str) -> None:
+def _set(module: AdapterModule, field: str, key: str, what: str) -> None:
     if getattr(module, field) is not None:
-        raise PlanError(f"PEFT adapter: keys '{getattr(module, field)}' and '{key}' are both the {field} "
+        raise PlanError(f"{what}: keys '{getattr(module, field)}' and '{key}' are both the {field} "
                         f"of module '{module.path}' (two adapters in one file?); keep one")
     setattr(module, field, key)
 
@@ -160,7 +160,7 @@ def _role(name: str) -> tuple[str, re.Match[str]] | None:
     return None
 
 
-def group(keys: Mapping[str, Any]) -> tuple[dict[str, AdapterModule], list[str]]:
+def group(keys: Mapping[str, Any], what: str = "PEFT adapter") -> tuple[dict[str, AdapterModule], list[str]]:
     """The file's modules by path, and the keys that are no PEFT LoRA tensor."""
     modules: dict[str, AdapterModule] = {}
     stray = []
@@ -173,21 +173,21 @@ def group(keys: Mapping[str, Any]) -> tuple[dict[str, AdapterModule], list[str]]
         module = modules.setdefault(m["module"], AdapterModule(m["module"]))
         if role in ("linear", "embedding"):
             if module.kind not in (None, role):
-                raise PlanError(f"PEFT adapter: module '{module.path}' has both lora_A/B and lora_embedding_A/B")
+                raise PlanError(f"{what}: module '{module.path}' has both lora_A/B and lora_embedding_A/B")
             module.kind = role
             if m["ab"] == "A" and role == "linear" and m["param"] == "bias":
                 stray.append(key)  # lora_A has no bias in PEFT
             elif m["ab"] == "A":
-                _set(module, "a", key)
+                _set(module, "a", key, what)
             elif role == "linear" and m["param"] == "bias":
-                _set(module, "b_bias", key)
+                _set(module, "b_bias", key, what)
             else:
-                _set(module, "b", key)
+                _set(module, "b", key, what)
         elif role == "magnitude":
-            _set(module, "magnitude", key)
+            _set(module, "magnitude", key, what)
         else:
             if m["param"] in module.whole:
-                raise PlanError(f"PEFT adapter: keys '{module.whole[m['param']]}' and '{key}' both replace "
+                raise PlanError(f"{what}: keys '{module.whole[m['param']]}' and '{key}' both replace "
                                 f"'{module.path}.{m['param']}'; keep one")
             module.whole[m["param"]] = key
     return modules, stray
@@ -274,6 +274,8 @@ def _bias_key(module: AdapterModule, header: Mapping[str, TensorInfo], settings:
         return None
     if lora_bias is not None and module.magnitude is not None:
         raise PlanError(f"{what}: module '{module.path}' has DoRA and a LoRA bias (lora_bias); not supported")
+    if lora_bias is not None and module.a is None:
+        raise PlanError(f"{what}: module '{module.path}' has a LoRA bias '{lora_bias}' but no lora_A/lora_B")
     scale = settings.scales.scale(module.path, _shape(header, module.a)[0]) if module.a else 1.0
     if whole is None:
         info = header[lora_bias]
@@ -304,7 +306,7 @@ def plan(header: Mapping[str, TensorInfo], metadata: Mapping[str, str] | None = 
         raise ValueError(f"the file is a LoRA of {fits.arch}")
     what = describe(path, metadata)
     settings = read_settings(path, metadata, what)
-    modules, stray = group(header)
+    modules, stray = group(header, what)
     if stray:
         message = (f"{what}: {len(stray)} key(s) are no PEFT LoRA tensor mecha applies, e.g. '{stray[0]}' "
                    f"(LoRA A/B, embedding A/B, DoRA magnitude, modules_to_save weights are)")

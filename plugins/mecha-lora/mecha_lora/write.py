@@ -128,6 +128,11 @@ def extract_lora(tuned: str | os.PathLike[str], base: str | os.PathLike[str], ou
         raise MechaError(f"extract_lora: conv_rank must be 0 (no convs) or more; got {conv_rank}")
     if dtype is not None:  # a LoRA's factors are floats: int8 would round them all to 0
         check_float_dtype(dtype, "extract_lora: dtype")
+    # the output is checked before any input is read: a file for an image model's kohya LoRA,
+    # a folder (any other name) for a language model's PEFT adapter
+    as_folder = not os.fspath(output).endswith(".safetensors") and not os.path.isfile(output)
+    target = extract_peft.check_target(os.fspath(output), (tuned, base)) if as_folder else None
+    out_file = None if as_folder and os.path.isdir(output) else OutputFile(output, protect=(tuned, base))
     a = open_weights(tuned)
     try:
         b = open_weights(base)
@@ -137,15 +142,14 @@ def extract_lora(tuned: str | os.PathLike[str], base: str | os.PathLike[str], ou
     try:
         arch = _detect_arch(a, b)
         if arch is None:  # a language model: a PEFT adapter folder
-            if os.fspath(output).endswith(".safetensors"):
+            if target is None:
                 raise PlanError(f"{tuned} and {base} share no layer of {' or '.join(ARCHITECTURES)} that a kohya "
                                 f"LoRA can target; for a language model the LoRA is a PEFT adapter folder: "
                                 f"name a folder, not {os.fspath(output)}")
-            target = extract_peft.check_target(os.fspath(output), (tuned, base))  # checked before any work
             return extract_peft.extract_peft(a, b, target, rank=rank, ratio=ratio, dtype=dtype,
                                              embeddings=embeddings, seed=seed, oversample=oversample,
                                              power_iterations=power_iterations)
-        out_file = OutputFile(output, protect=(tuned, base))  # checked before any work
+        out_file = out_file or OutputFile(output, protect=(tuned, base))  # an existing folder: refused here
         out: dict[str, torch.Tensor] = {}
         for module in table(arch).modules:
             ka, kb = _stored_key(a, module.key), _stored_key(b, module.key)

@@ -248,7 +248,8 @@ def fine_tune(model, folder, seed: int, true_rank: int = 3, noise: float = 0.0):
                 u = torch.randn(p.shape[0], true_rank, generator=gen) * 0.1
                 v = torch.randn(true_rank, p.shape[1], generator=gen) * 0.1
                 p.add_(u @ v + noise * torch.randn(p.shape, generator=gen))
-            elif "embed" in name or "lm_head" in name or name.endswith("layers.1.input_layernorm.weight"):
+            elif ("embed" in name or "lm_head" in name or name.endswith("layers.1.input_layernorm.weight")
+                  or name.endswith("proj.bias")):
                 p.add_(torch.randn(p.shape, generator=gen) * 0.01)
     tuned.save_pretrained(str(folder))
     return str(folder), tuned
@@ -297,23 +298,36 @@ def test_extracted_adapter_is_the_truncated_svd_and_loads_with_peft(tmp_path):
     torch.testing.assert_close(merged["lm_head.weight"], fine["lm_head.weight"])
 
 
-def test_extract_then_apply_round_trips_a_low_rank_fine_tune(tmp_path):
-    """A rank-3 fine-tune extracted at rank 4 with embeddings as LoRA modules, applied back by
-    mecha: the fine-tune again (up to float rounding)."""
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_extract_then_apply_round_trips_a_low_rank_fine_tune(tmp_path, family):
+    """A rank-3 fine-tune extracted at full rank with embeddings="lora" (lora_embedding_A/B),
+    applied back by mecha and by PEFT: the fine-tune again. Qwen2's q/k/v biases, changed too,
+    are written whole as base_layer.bias."""
     import mecha_lora
 
-    base_dir, model = build(tmp_path / "base", transformers.Qwen2Config, seed=12)
+    config = transformers.LlamaConfig if family == "llama" else transformers.Qwen2Config
+    base_dir, model = build(tmp_path / "base", config, seed=12)
     tuned_dir, tuned = fine_tune(model, tmp_path / "tuned", seed=13)
     adapter = mecha_lora.extract_lora(tuned_dir, base_dir, str(tmp_path / "adapter"), rank=32, embeddings="lora")
     stored = load_file(os.path.join(adapter, "adapter_model.safetensors"))
+    assert "base_model.model.lm_head.lora_A.weight" in stored
     assert stored["base_model.model.model.embed_tokens.lora_embedding_A"].shape == (32, 96)
     assert stored["base_model.model.model.embed_tokens.lora_embedding_B"].shape == (32, 32)
-    assert "base_model.model.lm_head.lora_A.weight" in stored
+    biases = [k for k in stored if k.endswith(".bias")]
+    if family == "llama":
+        assert biases == []
+    else:
+        assert len(biases) == 2 * 3
+        bias = "model.layers.1.self_attn.k_proj.bias"
+        assert torch.equal(stored[f"base_model.model.{bias.removesuffix('.bias')}.base_layer.bias"],
+                           tuned.state_dict()[bias])
     out = tmp_path / "round.safetensors"
     mecha_core.merge(mecha_core.apply_lora(mecha_core.model(base_dir), mecha_core.model(adapter)), out, threads=1)
     got = load_file(out)
+    by_peft = peft_merged(model, adapter).state_dict()
     for key, value in tuned.state_dict().items():
         torch.testing.assert_close(got[key], value, rtol=1e-5, atol=2e-6, msg=key)
+        torch.testing.assert_close(by_peft[key], value, rtol=1e-5, atol=2e-6, msg=key)
 
 
 def test_extract_command_writes_a_folder_and_refuses_a_file_output(tmp_path):
