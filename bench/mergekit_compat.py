@@ -122,6 +122,13 @@ models:
     "passthrough": """merge_method: passthrough
 models:
   - {model: a, parameters: {scale: [{filter: o_proj, value: 0.5}, {value: 1}]}}""",
+    # a PEFT adapter merged into the base first (mergekit: PEFT's merge_and_unload into its LoRA
+    # cache; mecha: apply_lora as the merge streams)
+    "base_lora": """merge_method: task_arithmetic
+base_model: base
+models:
+  - {model: a, parameters: {weight: 0.5}}
+  - {model: base+lora, parameters: {weight: 1}}""",
     "dare_ties": """merge_method: dare_ties
 base_model: base
 models:
@@ -195,6 +202,37 @@ def build_models(work: str) -> None:
         gen = torch.Generator().manual_seed(10 + i)
         save_file({k: (v + torch.randn(v.shape, generator=gen) * 0.01 * (i + 1)).contiguous() for k, v in base.items()},
                   os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+
+
+def build_adapter(work: str) -> None:
+    """A PEFT adapter folder of the base, in PEFT's layout: rank 8 LoRA on every linear layer
+    (layer 1's q_proj with its own alpha), lm_head in modules_to_save."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = os.path.join(work, "lora")
+    if os.path.exists(os.path.join(folder, "adapter_model.safetensors")):
+        return
+    os.makedirs(folder, exist_ok=True)
+    base = load_file(os.path.join(work, "base", "model.safetensors"))
+    gen = torch.Generator().manual_seed(20)
+    tensors = {}
+    for key, weight in base.items():
+        module = key.removesuffix(".weight")
+        if module.endswith(("_proj",)):
+            tensors[f"base_model.model.{module}.lora_A.weight"] = torch.randn(8, weight.shape[1], generator=gen) * 0.05
+            tensors[f"base_model.model.{module}.lora_B.weight"] = torch.randn(weight.shape[0], 8, generator=gen) * 0.05
+    tensors["base_model.model.lm_head.weight"] = base["lm_head.weight"] * 1.01
+    save_file(tensors, os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 8, "lora_alpha": 16,
+              "alpha_pattern": {r"layers\.1\.self_attn\.q_proj": 4}, "rank_pattern": {},
+              "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+              "modules_to_save": ["lm_head"], "use_rslora": False, "use_dora": False, "fan_in_fan_out": False,
+              "lora_dropout": 0.0, "bias": "none", "inference_mode": True}
+    with open(os.path.join(folder, "adapter_config.json"), "w") as fh:
+        json.dump(config, fh, indent=2)
 
 
 def private_peak(cmd: list[str], cwd: str) -> tuple[float, int, int]:
@@ -274,6 +312,7 @@ def main() -> int:
     args = parser.parse_args()
     os.makedirs(args.work, exist_ok=True)
     build_models(args.work)
+    build_adapter(args.work)
     mecha = os.path.join(os.path.dirname(sys.executable), "mecha")
     cases = [c for c in CASES if not args.only or c in args.only.split(",")]
     print(f"{'case':18} {'mergekit s':>10} {'MB':>6} {'mecha s':>8} {'MB':>6}  difference")
@@ -283,11 +322,15 @@ def main() -> int:
             # absolute folders: mergekit takes a name it cannot open as a hub id
             text = re.sub(r"(model: )(base|a|b|c)\b", lambda m: m.group(1) + os.path.join(args.work, m.group(2)),
                           CASES[case])
+            text = text.replace("+lora", "+" + os.path.join(args.work, "lora"))
             fh.write(text + "\ndtype: float32\n")
         mk_out, mecha_out = os.path.join(args.work, f"out-mk-{case}"), os.path.join(args.work, f"out-mecha-{case}")
         for out in (mk_out, mecha_out):
             shutil.rmtree(out, ignore_errors=True)
-        mk_time, mk_mem, mk_rc = private_peak([args.mergekit, config, mk_out, "--random-seed", "0"], args.work)
+        lora_cache = os.path.join(args.work, "lora-merge-cache")  # mergekit merges each LoRA anew
+        shutil.rmtree(lora_cache, ignore_errors=True)
+        mk_time, mk_mem, mk_rc = private_peak([args.mergekit, config, mk_out, "--random-seed", "0",
+                                               "--lora-merge-cache", lora_cache], args.work)
         me_time, me_mem, me_rc = private_peak([mecha, "merge", config, "-o", mecha_out + "/", "-q"], args.work)
         if mk_rc or me_rc:
             print(f"{case:18} failed (mergekit rc {mk_rc}, mecha rc {me_rc})")

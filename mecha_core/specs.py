@@ -163,7 +163,9 @@ class Converter:
     """Given the input header, the output keys and how to compute each. A plan function that
     takes a ``metadata`` keyword also receives the file's ``__metadata__`` (string to string);
     one that takes ``allow_missing`` receives the merge's ``--allow-missing`` (skip what cannot
-    be mapped instead of failing). Raise ``ValueError`` when the converter does not apply to the
+    be mapped instead of failing); one that takes ``path`` receives the model's path (its file,
+    or its folder for a folder model), to read a file beside the weights (a PEFT adapter's
+    ``adapter_config.json``). Raise ``ValueError`` when the converter does not apply to the
     file."""
     description: str = ""
     """One line shown by ``mecha plugins list -v``."""

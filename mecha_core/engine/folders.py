@@ -6,6 +6,8 @@ A folder model is read as one key table over several safetensors files:
   single ``model.safetensors``); ``diffusion_pytorch_model.safetensors`` (and its index) is read
   the same way, so a diffusers component folder (``unet/``) is a model too;
 - an index file named directly (``.../model.safetensors.index.json``): the same as its folder;
+- a PEFT adapter folder (``adapter_model.safetensors`` beside ``adapter_config.json``): that
+  file (the LoRA plugin reads the config beside it);
 - a diffusers pipeline (``model_index.json``): the weights of its ``unet``, ``text_encoder``,
   ``text_encoder_2`` and ``vae`` subfolders under those prefixes (``unet.conv_in.weight``), the
   naming the SD1/SDXL diffusers layouts already read and convert. Other components (a safety
@@ -30,7 +32,8 @@ from .safetensors_io import SafetensorsFile
 
 #: The file names of a Hugging Face folder's weights: (index, single file), in the order tried.
 WEIGHT_NAMES = (("model.safetensors.index.json", "model.safetensors"),
-                ("diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.safetensors"))
+                ("diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.safetensors"),
+                ("adapter_model.safetensors.index.json", "adapter_model.safetensors"))  # a PEFT adapter
 INDEX_SUFFIX = ".safetensors.index.json"
 #: A diffusers pipeline's description; its presence makes a folder a pipeline.
 PIPELINE_INDEX = "model_index.json"
@@ -286,7 +289,7 @@ def open_folder(path: str) -> FolderFile:
     found = _weights_of(path)
     if found is None:
         raise _bad(path, "is a directory, not a model folder (no model.safetensors, "
-                         "model.safetensors.index.json or model_index.json)")
+                         "model.safetensors.index.json, model_index.json or adapter_model.safetensors)")
     return FolderFile(path, *found)
 
 

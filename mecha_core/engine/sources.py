@@ -133,7 +133,8 @@ def resolve_path(node: ModelNode, models_dir: str | None) -> str:
         return os.path.abspath(folder)
     if folder is not None:
         raise PlanError(f"model '{node.path}': {folder} is a directory, not a safetensors file (nor a model "
-                        f"folder: no model.safetensors, model.safetensors.index.json or model_index.json)")
+                        f"folder: no model.safetensors, model.safetensors.index.json, model_index.json or "
+                        f"adapter_model.safetensors)")
     where = ", ".join(dict.fromkeys(os.path.dirname(t) or "." for t in tried))
     raise PlanError(f"model file '{node.path}' not found (looked in {where}); pass --models-dir")
 
@@ -200,6 +201,8 @@ def _apply(source: Source, conv: Converter, host: PluginHost, refusals: list[str
     extra: dict[str, Any] = {}
     if "metadata" in wanted:  # e.g. a PEFT LoRA's lora_alpha lives in the metadata
         extra["metadata"] = dict(source.metadata)
+    if "path" in wanted:  # e.g. a PEFT adapter's adapter_config.json lies beside its weights
+        extra["path"] = source.path
     if "allow_missing" in wanted:  # e.g. a LoRA's modules that match no layer: skipped, not an error
         extra["allow_missing"] = allow_missing
     plugin = host.converters.provider(conv.name)

@@ -13,7 +13,8 @@ One module per job (see docs/plugins.md, "The plugin kit"):
   layout and its converter: ``unet_only_architecture``, ``unet_only_plan``.
 - :mod:`mecha_core.kit.safetensors` — the engine's safetensors reader and writer helpers:
   ``SafetensorsFile``, ``read_header``, ``save``, ``FLOAT_DTYPES``, ``is_float``,
-  ``check_float_dtype``, ``torch_dtype``, ``dtype_name``.
+  ``check_float_dtype``, ``torch_dtype``, ``dtype_name``, ``open_weights`` (a file or a
+  Hugging Face folder as one key table).
 - :mod:`mecha_core.kit.synthetic` — synthetic checkpoints of any architecture for tests:
   ``key_table``, ``write_layout``, ``write_header_only``, ``layout_values``.
 - :mod:`mecha_core.kit.output` — the one output writer every file mecha writes goes through:
@@ -47,7 +48,8 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "unet_only_architecture": ("unet_only", "architecture"),
     "unet_only_plan": ("unet_only", "plan"),
     **{name: ("safetensors", name) for name in ("SafetensorsFile", "read_header", "save", "FLOAT_DTYPES",
-                                                "is_float", "check_float_dtype", "torch_dtype", "dtype_name")},
+                                                "is_float", "check_float_dtype", "torch_dtype", "dtype_name",
+                                                "open_weights")},
     **{name: ("synthetic", name) for name in ("key_table", "write_layout", "write_header_only", "layout_values")},
     **{name: ("output", name) for name in ("OutputFile", "write_text_atomically")},
     **{name: ("untrusted", name) for name in ("loads_bounded", "JSONLimitError")},

@@ -11,6 +11,9 @@ a converter tool) uses the same checks and byte layout as a merge, through a pub
 - :data:`FLOAT_DTYPES`, :func:`is_float`, :func:`check_float_dtype`: the floating-point dtype
   names safetensors stores, and a one-line refusal of any other (for a ``--dtype`` option).
 - :func:`torch_dtype`, :func:`dtype_name`: between a dtype name (``float16``) and ``torch.float16``.
+- :func:`open_weights`: a model given as a file, a Hugging Face folder (sharded or not) or an
+  index file, opened as one key table (``keys``, ``metadata``, ``read``, ``close``; ``path`` is
+  the folder for a folder model).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from ..engine.safetensors_io import (
     save,
     torch_dtype,
 )
+from ..engine.folders import open_weights
 
-__all__ = ["FLOAT_DTYPES", "SafetensorsFile", "check_float_dtype", "dtype_name", "is_float", "read_header",
-           "save", "torch_dtype"]
+__all__ = ["FLOAT_DTYPES", "SafetensorsFile", "check_float_dtype", "dtype_name", "is_float", "open_weights",
+           "read_header", "save", "torch_dtype"]

@@ -142,44 +142,48 @@ class AdapterScales:
         return None
 
 
-def _number(value: Any, field: str, what: str) -> float:
+def _number(value: Any, field: str, what: str, source: str = METADATA_KEY) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise PlanError(f"{what}: {METADATA_KEY} field '{field}' must be a finite number, not {value!r}")
+        raise PlanError(f"{what}: {source} field '{field}' must be a finite number, not {value!r}")
     return float(value)
 
 
-def _component(fields: Mapping[str, Any], prefix: str, what: str) -> ComponentConfig:
+def component_config(fields: Mapping[str, Any], prefix: str, what: str, source: str = METADATA_KEY,
+                     default_alpha: float | None = None) -> ComponentConfig:
+    """The scale fields of one LoraConfig (``fields``: its JSON object; ``prefix``: its
+    component, ``""`` for none); ``source`` names where it was read in errors, and
+    ``default_alpha`` is the alpha when the config has no ``lora_alpha`` (``None``: r)."""
     def name(field: str) -> str:
         return f"{prefix}.{field}" if prefix else field
 
     alpha = fields.get("lora_alpha")
-    alpha = None if alpha is None else _number(alpha, name("lora_alpha"), what)
+    alpha = default_alpha if alpha is None else _number(alpha, name("lora_alpha"), what, source)
     rslora = fields.get("use_rslora") or False
     if not isinstance(rslora, bool):
-        raise PlanError(f"{what}: {METADATA_KEY} field '{name('use_rslora')}' must be true or false, not {rslora!r}")
+        raise PlanError(f"{what}: {source} field '{name('use_rslora')}' must be true or false, not {rslora!r}")
     patterns = fields.get("alpha_pattern") or {}
     if not isinstance(patterns, dict):
-        raise PlanError(f"{what}: {METADATA_KEY} field '{name('alpha_pattern')}' must map module patterns "
+        raise PlanError(f"{what}: {source} field '{name('alpha_pattern')}' must map module patterns "
                         f"to alphas, not {patterns!r}")
     if len(patterns) > MAX_PATTERNS:
-        raise PlanError(f"{what}: {METADATA_KEY} field '{name('alpha_pattern')}' has {len(patterns):,} patterns; "
+        raise PlanError(f"{what}: {source} field '{name('alpha_pattern')}' has {len(patterns):,} patterns; "
                         f"at most {MAX_PATTERNS:,} are accepted")
     checked = []
     for pattern, value in patterns.items():
         if len(pattern) > MAX_PATTERN_CHARS:
-            raise PlanError(f"{what}: {METADATA_KEY} field '{name('alpha_pattern')}' has a pattern of "
+            raise PlanError(f"{what}: {source} field '{name('alpha_pattern')}' has a pattern of "
                             f"{len(pattern):,} characters; at most {MAX_PATTERN_CHARS:,} are accepted")
         problem = pattern_error(pattern)
         if problem is not None:
-            raise PlanError(f"{what}: {METADATA_KEY} field '{name('alpha_pattern')}' has the pattern "
+            raise PlanError(f"{what}: {source} field '{name('alpha_pattern')}' has the pattern "
                             f"'{pattern}', which is not a valid regular expression for a linear-time "
                             f"matcher ({problem}; backreferences and lookaround are not supported)")
-        checked.append((pattern, _number(value, f"{name('alpha_pattern')}[{pattern!r}]", what)))
+        checked.append((pattern, _number(value, f"{name('alpha_pattern')}[{pattern!r}]", what, source)))
     if checked:
         try:
             _pattern_set(tuple(p for p, _ in checked))
         except ValueError as exc:
-            raise PlanError(f"{what}: {METADATA_KEY} field '{name('alpha_pattern')}': {exc}") from None
+            raise PlanError(f"{what}: {source} field '{name('alpha_pattern')}': {exc}") from None
     return ComponentConfig(alpha, rslora, tuple(checked))
 
 
@@ -204,7 +208,7 @@ def adapter_scales(metadata: Mapping[str, str] | None, what: str) -> AdapterScal
     for key, value in data.items():
         prefix, _, field = key.rpartition(".")  # config fields hold no dots; component names may
         grouped.setdefault(prefix, {})[field] = value
-    configs = {prefix: _component(fields, prefix, what) for prefix, fields in grouped.items()
+    configs = {prefix: component_config(fields, prefix, what) for prefix, fields in grouped.items()
                if any(f in fields for f in _SCALE_FIELDS) or "r" in fields}
     return AdapterScales(configs)
 

@@ -26,18 +26,24 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help=HELP, rich_ma
 def extract_command(
     tuned: Annotated[str, typer.Argument(metavar="TUNED", help="The fine-tuned checkpoint.")],
     base: Annotated[str, typer.Argument(metavar="BASE", help="The checkpoint it was tuned from.")],
-    output: Annotated[str, typer.Argument(metavar="OUTPUT", help="The LoRA file to write.")],
+    output: Annotated[str, typer.Argument(metavar="OUTPUT",
+                                          help="The LoRA file (a folder for a language model) to write.")],
     rank: Annotated[int, typer.Option(help="Rank of every layer.")] = 16,
     ratio: Annotated[Optional[float],
                      typer.Option(help="Fraction of each layer's full rank (overrides --rank).")] = None,
     conv_rank: Annotated[Optional[int],
                          typer.Option(help="Rank of 3x3 convs (default: --rank or --ratio; 0: none).")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="Output dtype (default: the tuned model's).")] = None,
+    embeddings: Annotated[str, typer.Option(
+        help="Language models: embeddings and LM head saved whole (save), as LoRA modules (lora) or left "
+             "out (skip).")] = "save",
 ) -> None:
-    """Write a kohya LoRA approximating TUNED - BASE."""
+    """Write a LoRA approximating TUNED - BASE: a kohya file for an image model, a PEFT adapter
+    folder for a language model (files or Hugging Face folders)."""
     from .write import extract_lora
 
-    typer.echo(extract_lora(tuned, base, output, rank=rank, ratio=ratio, conv_rank=conv_rank, dtype=dtype))
+    typer.echo(extract_lora(tuned, base, output, rank=rank, ratio=ratio, conv_rank=conv_rank, dtype=dtype,
+                            embeddings=embeddings))
 
 
 def _weights(values: Optional[List[str]]) -> Optional[List[float]]:

@@ -7,6 +7,7 @@ from typing import Mapping
 from mecha_core.specs import DELTA, ConvertedKey, Converter, ModelType, TensorInfo
 
 from . import keys as keynames
+from . import peft_adapter
 from .adapter_config import adapter_scales, describe
 from .resolve import checked_resolution, converted_keys
 from .tables import ARCHITECTURES
@@ -18,7 +19,8 @@ MODEL_TYPES = [
     ModelType(KOHYA, DELTA, lambda keys: keynames.is_kohya(keys),
               "kohya/LyCORIS LoRA-family file (lora_unet_, lora_te*_, lycoris_, oft_ names; any algorithm per module)"),
     ModelType(PEFT, DELTA, lambda keys: keynames.is_peft(keys) and not keynames.is_kohya(keys),
-              "PEFT/diffusers LoRA file (lora_A/lora_B, optional DoRA lora_magnitude_vector)"),
+              "PEFT/diffusers LoRA file or PEFT adapter folder (lora_A/lora_B, lora_embedding_A/B, optional "
+              "DoRA lora_magnitude_vector)"),
 ]
 
 
@@ -40,4 +42,10 @@ CONVERTERS = [
               f"{fmt} file on {arch} -> delta (operators for base-dependent modules)")
     for fmt, style in ((KOHYA, "kohya"), (PEFT, "peft"))
     for arch in ARCHITECTURES
+] + [
+    # last: a PEFT file no image architecture's table reads is an adapter of a model's own modules
+    # (a language model of any family): its keys are the model's keys (mecha_lora.peft_adapter)
+    Converter(f"{PEFT}->model", None, PEFT, None, DELTA, peft_adapter.plan,
+              f"{PEFT} adapter on any model (keys are the model's module paths) -> delta "
+              f"(operators for DoRA and modules_to_save)"),
 ]

@@ -35,8 +35,13 @@ def is_kohya(keys: Iterable[str]) -> bool:
     return any(k.startswith(KOHYA_PREFIXES) for k in keys)
 
 
+_PEFT_EMBEDDING = re.compile(r"^.+\.lora_embedding_[AB](?:\.[A-Za-z0-9_\-]+)?$")
+
+
 def is_peft(keys: Iterable[str]) -> bool:
-    return any(_PEFT_PARAM.match(k) and (".lora_A" in k or ".lora_B" in k) for k in keys)
+    """PEFT naming: lora_A/lora_B pairs (or an embedding's lora_embedding_A/B)."""
+    return any((_PEFT_PARAM.match(k) and (".lora_A" in k or ".lora_B" in k)) or _PEFT_EMBEDDING.match(k)
+               for k in keys)
 
 
 def group_kohya(keys: Iterable[str]) -> list[ModuleKeys]:

@@ -153,12 +153,41 @@ class DoRA(WeightOperator):
     def __init__(self, key: str, delta: torch.Tensor, magnitude: torch.Tensor, axis: int):
         self.key, self.delta, self.magnitude, self.axis = key, delta, magnitude, axis
 
+    #: Added to the norm: LyCORIS's guard against a zero row (PEFT adds none).
+    guarded = True
+
     def _apply(self, weight: torch.Tensor, m: float) -> torch.Tensor:
         v = weight + self.delta.reshape(weight.shape)
         dims = [d for d in range(v.dim()) if d != self.axis]
-        norm = torch.linalg.vector_norm(v, dim=dims, keepdim=True) + torch.finfo(torch.float32).eps
+        norm = torch.linalg.vector_norm(v, dim=dims, keepdim=True)
+        if self.guarded:
+            norm = norm + torch.finfo(torch.float32).eps
         decomposed = _broadcast(self.magnitude.reshape(-1), v.dim(), self.axis) * v / norm
         return weight + m * (decomposed - weight)
+
+
+class PeftDoRA(DoRA):
+    """DoRA as PEFT merges an adapter folder's modules (``merge_and_unload``): the norm of
+    W + ΔW without LyCORIS's epsilon."""
+
+    guarded = False
+
+
+class Replace(WeightOperator):
+    """A whole weight a PEFT adapter carries (``modules_to_save``, or an embedding's saved
+    ``base_layer``), plus the LoRA change of that module when it has one: the weight becomes
+    ``new + ΔW``; strength m gives W + m·(new + ΔW − W)."""
+
+    kind = "full-weight (modules_to_save)"
+
+    def __init__(self, key: str, new: torch.Tensor, delta: torch.Tensor | None):
+        self.key, self.new, self.delta = key, new, delta
+
+    def _apply(self, weight: torch.Tensor, m: float) -> torch.Tensor:
+        target = self.new.to(torch.float32).reshape(weight.shape)
+        if self.delta is not None:
+            target = target + self.delta.reshape(weight.shape)
+        return target if m == 1 else weight + m * (target - weight)
 
 
 class IA3(WeightOperator):

@@ -15,9 +15,9 @@ from typing import Sequence
 from mecha_core.lazy import torch
 
 from mecha_core.errors import MechaError, OutputError, PlanError
-from mecha_core.kit import OutputFile, SafetensorsFile, check_float_dtype, is_float, save, torch_dtype
+from mecha_core.kit import OutputFile, SafetensorsFile, check_float_dtype, is_float, open_weights, save, torch_dtype
 
-from . import flux
+from . import extract_peft, flux
 from . import keys as keynames
 from .adapter_config import adapter_scales
 from .algorithms import ModuleChange
@@ -78,17 +78,16 @@ def _stored_key(file: SafetensorsFile, key: str) -> str | None:
     return next((k for k in (legacy, bfl) if k in file.keys), None)
 
 
-def _detect_arch(tuned: SafetensorsFile, base: SafetensorsFile) -> str:
+def _detect_arch(tuned: SafetensorsFile, base: SafetensorsFile) -> str | None:
+    """The image architecture whose LoRA table fits both models best; ``None`` when no layer of
+    any fits (a language model: extracted as a PEFT adapter folder)."""
     counts = {}
     for arch in ARCHITECTURES:
         counts[arch] = sum(1 for m in table(arch).modules
                            if _stored_key(tuned, m.key) and _stored_key(base, m.key)
                            and tuple(tuned.keys[_stored_key(tuned, m.key)].shape) == m.key_shape)
     best = max(ARCHITECTURES, key=lambda a: counts[a])
-    if counts[best] == 0:
-        raise PlanError(f"{tuned.path} and {base.path} share no layer of {' or '.join(ARCHITECTURES)} that a "
-                        f"LoRA can target")
-    return best
+    return best if counts[best] else None
 
 
 def _rank_for(module: Module, rank: int, ratio: float | None, conv_rank: int | None) -> int:
@@ -103,8 +102,13 @@ def _rank_for(module: Module, rank: int, ratio: float | None, conv_rank: int | N
 def extract_lora(tuned: str | os.PathLike[str], base: str | os.PathLike[str], output: str | os.PathLike[str], *,
                  rank: int = 16, ratio: float | None = None, conv_rank: int | None = None,
                  dtype: str | None = None, seed: int = 0, oversample: int = OVERSAMPLE,
-                 power_iterations: int = POWER_ITERATIONS) -> str:
+                 power_iterations: int = POWER_ITERATIONS, embeddings: str = "save") -> str:
     """Write a kohya LoRA approximating ``tuned − base``; returns the output path.
+
+    Language models (files or Hugging Face folders no image architecture's table fits) give a
+    PEFT adapter folder at ``output`` instead (:mod:`mecha_lora.extract_peft`): LoRA modules
+    for the linear layers, and the vocabulary weights by ``embeddings``: ``"save"`` (whole, as
+    ``modules_to_save``), ``"lora"`` (LoRA modules) or ``"skip"``.
 
     Every layer of the detected architecture's LoRA table (LoRA, LoCon convs, text encoders;
     SDXL CLIP-G q/k/v as row slices of ``in_proj_weight``) gets a rank-``rank`` factorisation of
@@ -116,7 +120,6 @@ def extract_lora(tuned: str | os.PathLike[str], base: str | os.PathLike[str], ou
     Applying the result to ``base`` with strength 1 gives ≈ ``tuned``.
     """
     tuned, base = os.fspath(tuned), os.fspath(base)
-    out_file = OutputFile(output, protect=(tuned, base))  # checked before any work
     if ratio is not None and not 0 < ratio <= 1:
         raise MechaError(f"extract_lora: ratio must be in (0, 1]; got {ratio}")
     if ratio is None and rank < 1:
@@ -125,9 +128,28 @@ def extract_lora(tuned: str | os.PathLike[str], base: str | os.PathLike[str], ou
         raise MechaError(f"extract_lora: conv_rank must be 0 (no convs) or more; got {conv_rank}")
     if dtype is not None:  # a LoRA's factors are floats: int8 would round them all to 0
         check_float_dtype(dtype, "extract_lora: dtype")
-    a, b = SafetensorsFile(tuned), SafetensorsFile(base)
+    # the output is checked before any input is read: a file for an image model's kohya LoRA,
+    # a folder (any other name) for a language model's PEFT adapter
+    as_folder = not os.fspath(output).endswith(".safetensors") and not os.path.isfile(output)
+    target = extract_peft.check_target(os.fspath(output), (tuned, base)) if as_folder else None
+    out_file = None if as_folder and os.path.isdir(output) else OutputFile(output, protect=(tuned, base))
+    a = open_weights(tuned)
+    try:
+        b = open_weights(base)
+    except BaseException:
+        a.close()
+        raise
     try:
         arch = _detect_arch(a, b)
+        if arch is None:  # a language model: a PEFT adapter folder
+            if target is None:
+                raise PlanError(f"{tuned} and {base} share no layer of {' or '.join(ARCHITECTURES)} that a kohya "
+                                f"LoRA can target; for a language model the LoRA is a PEFT adapter folder: "
+                                f"name a folder, not {os.fspath(output)}")
+            return extract_peft.extract_peft(a, b, target, rank=rank, ratio=ratio, dtype=dtype,
+                                             embeddings=embeddings, seed=seed, oversample=oversample,
+                                             power_iterations=power_iterations)
+        out_file = out_file or OutputFile(output, protect=(tuned, base))  # an existing folder: refused here
         out: dict[str, torch.Tensor] = {}
         for module in table(arch).modules:
             ka, kb = _stored_key(a, module.key), _stored_key(b, module.key)

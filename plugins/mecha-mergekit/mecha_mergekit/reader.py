@@ -16,6 +16,7 @@ import yaml
 from mecha_core.errors import RecipeError
 from mecha_core.kit.recipes import CoreOnly, Location, ModelNode, Node, RecipeHost, call
 
+from . import lora
 from .hub import cached_snapshot, hub_cache
 from .slices import module_body, read_slices
 
@@ -131,11 +132,15 @@ class _Reader:
     def model(self, ref: Any, line: int, dtype: str | None) -> Node:
         if not isinstance(ref, str) or not ref.strip():
             raise self.fail(f"a model must be a path or a Hugging Face id, got {ref!r}", line)
-        if "+" in ref:
-            raise self.fail(f"model '{ref}': base+lora models (PEFT adapters) are not supported by "
-                            "mecha's mergekit reader yet", line)
+        try:
+            with_lora = lora.split(ref)
+        except ValueError as exc:
+            raise self.fail(str(exc), line) from None
         if ref not in self.models:
-            node: Node = ModelNode(self.resolve(ref), base_dir=self.base_dir, where=self.where(line))
+            node: Node = ModelNode(self.resolve(ref), base_dir=self.base_dir, where=self.where(line)) \
+                if with_lora is None else lora.base_plus_lora(
+                    *with_lora, resolve=self.resolve, base_dir=self.base_dir, where=self.where(line),
+                    call=lambda name, args, kwargs: self.call(name, args, kwargs, line))
             if dtype is not None:  # mergekit loads every input in the config's dtype
                 node = self.call("cast", [node], {"dtype": dtype}, line)
             self.models[ref] = node

@@ -359,7 +359,7 @@ def test_an_id_not_found_names_where_it_looked(tmp_path, monkeypatch):
     ("merge_method: linear\nmodels:\n  - model: y\n    parameters:\n      weight: 1\n      densty: 0.5\n", 6,
      "parameter 'densty'"),
     ("merge_method: passthrough\nslices:\n  - sources: []\n", 3, "a slice needs sources"),
-    ("merge_method: linear\nmodels:\n  - model: y+lora\n", 3, "base+lora"),
+    ("merge_method: linear\nmodels:\n  - model: y+lora+x\n", 3, "base+lora"),
     ("merge_method: ram\nbase_model: x\nmodels:\n  - model: y\n", 1, "ram"),
     ("merge_method: frankenmerge\nmodels:\n  - model: y\n", 1, "unknown merge_method"),
     ("merge_method: linear\nmodels:\n  - model: y\n    parameters: {weight: [{filtr: mlp, value: 1}]}\n", 4,
