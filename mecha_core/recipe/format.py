@@ -93,6 +93,8 @@ def _expr(node: Node, names: dict[Node, str]) -> str:
             args.append(f"type={format_string(node.type)}")
         if node.keep_vocab:
             args.append("keep_vocab=true")
+        if node.vocab is not None:
+            args.append(f"vocab={format_string(node.vocab)}")
         return f"model({', '.join(args)})"
     if isinstance(node, ParameterNode):
         args = [format_string(node.name)]
@@ -371,11 +373,12 @@ class _Parser:
 
     def _model(self, args: list[Any], kwargs: dict[str, Any], tok: Token) -> ModelNode:
         keep_vocab = kwargs.pop("keep_vocab", False)
-        if len(args) != 1 or not isinstance(args[0], str) or set(kwargs) - {"arch", "type"} \
+        if len(args) != 1 or not isinstance(args[0], str) or set(kwargs) - {"arch", "type", "vocab"} \
                 or any(not isinstance(v, str) for v in kwargs.values()) or not isinstance(keep_vocab, bool):
             raise self.fail('model takes a path: model("file.safetensors", arch="...", type="...", '
-                            'keep_vocab=true)', tok)
-        return ModelNode(args[0], kwargs.get("arch"), kwargs.get("type"), keep_vocab, base_dir=self.base_dir,
+                            'keep_vocab=true, vocab="map.json")', tok)
+        return ModelNode(args[0], kwargs.get("arch"), kwargs.get("type"), keep_vocab, kwargs.get("vocab"),
+                         base_dir=self.base_dir,
                          where=self.at_token(tok))
 
     def _call_method(self, name: str, args: list[Any], kwargs: dict[str, Any], tok: Token,

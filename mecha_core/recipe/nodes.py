@@ -119,6 +119,10 @@ class ModelNode(Node):
     keep_vocab: bool = False
     """The output keeps this model's vocabulary (its rows of the token embeddings and LM head,
     and its tokenizer files): inputs with other vocabulary sizes are cut or filled to it."""
+    vocab: str | None = None
+    """A vocabulary map (a JSON file, :mod:`mecha_core.engine.vocab`): this model's rows of the
+    vocabulary keys are gathered into another vocabulary (a merged tokenizer's) as the map says,
+    and the output takes the tokenizer files the map names."""
     base_dir: str | None = attrs.field(default=None, eq=False, repr=False)
     """The folder of the recipe file this came from (relative paths are also looked up there)."""
     where: Location | None = attrs.field(default=None, eq=False, hash=False, repr=False)
@@ -373,12 +377,12 @@ def call(method: "MergeMethod", args: tuple[Any, ...], kwargs: dict[str, Any], *
 
 
 def model(path: str | os.PathLike[str], arch: str | None = None, type: str | None = None, *,
-          keep_vocab: bool = False) -> ModelNode:
+          keep_vocab: bool = False, vocab: str | os.PathLike[str] | None = None) -> ModelNode:
     """A model input. Nothing is read until the merge is planned. ``keep_vocab=True``: the output
     keeps this model's vocabulary (and tokenizer) when the inputs' vocabularies differ."""
     if not isinstance(keep_vocab, bool):
         raise RecipeError(f"model(..., keep_vocab=...) must be true or false, got {keep_vocab!r}")
-    return ModelNode(os.fspath(path), arch, type, keep_vocab)
+    return ModelNode(os.fspath(path), arch, type, keep_vocab, None if vocab is None else os.fspath(vocab))
 
 
 def literal(value: Any) -> Node:

@@ -17,6 +17,7 @@ from mecha_core.errors import RecipeError
 from mecha_core.kit.recipes import CoreOnly, Location, ModelNode, Node, RecipeHost, call
 
 from .hub import cached_snapshot, hub_cache
+from .vocabulary import TOKENIZER_KEYS, vocab_maps
 
 _TOP = re.compile(r"^(merge_method|slices|models)\s*:", re.MULTILINE)
 
@@ -24,12 +25,9 @@ _TOP = re.compile(r"^(merge_method|slices|models)\s*:", re.MULTILINE)
 _UNSUPPORTED_TOP = {
     "slices": "layer slices (slices:) are not supported by mecha's mergekit reader yet",
     "modules": "modules: configs are not supported by mecha's mergekit reader",
-    "tokenizer_source": "tokenizer_source is not supported by mecha's mergekit reader yet "
-                        "(the output copies the first model's tokenizer files)",
-    "tokenizer": "the tokenizer section is not supported by mecha's mergekit reader yet",
-    "chat_template": "chat_template is not supported by mecha's mergekit reader yet",
 }
-_TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", *_UNSUPPORTED_TOP}
+_TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", *_UNSUPPORTED_TOP,
+             *TOKENIZER_KEYS}
 _DTYPES = {"float32", "float16", "bfloat16", "float64"}
 
 # method -> (parameter names it reads, base: "required" / "optional" / "none", input count rule)
@@ -108,6 +106,7 @@ class _Reader:
     def __init__(self, source: str, base_dir: str | None, host: RecipeHost) -> None:
         self.source, self.base_dir, self.host = source, base_dir, host
         self.models: dict[str, Node] = {}
+        self.vocab: dict[str, str] = {}  # model ref -> its vocabulary map (tokenizer settings)
 
     def fail(self, message: str, line: int | None) -> RecipeError:
         return RecipeError(f"mergekit config: {message}", source=self.source, line=line)
@@ -134,7 +133,8 @@ class _Reader:
             raise self.fail(f"model '{ref}': base+lora models (PEFT adapters) are not supported by "
                             "mecha's mergekit reader yet", line)
         if ref not in self.models:
-            node: Node = ModelNode(self.resolve(ref), base_dir=self.base_dir, where=self.where(line))
+            node: Node = ModelNode(self.resolve(ref), vocab=self.vocab.get(ref), base_dir=self.base_dir,
+                                   where=self.where(line))
             if dtype is not None:  # mergekit loads every input in the config's dtype
                 node = self.call("cast", [node], {"dtype": dtype}, line)
             self.models[ref] = node
@@ -230,6 +230,7 @@ class _Reader:
             raise self.fail(f"merge_method {method} needs a base_model", method_line)
         if base_ref is not None and base_rule == "none" and method == "passthrough":
             raise self.fail("passthrough takes one model and no base_model", base_line)
+        self.vocab = vocab_maps(self, config, entries, base_ref, base_line, dtype)
         others = [e for e in entries if e[0] != base_ref]
         settings_inputs: list[dict[str, Any]]
         if base_rule == "none":  # linear, passthrough: every model is an input (linear: the base too)
