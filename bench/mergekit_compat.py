@@ -151,8 +151,11 @@ models:
 }
 
 # mergekit's tokenizer settings, on three models whose vocabularies differ by added tokens
-# (tbase: 400 words; ta: + <|im_start|> <|im_end|>; tb: + <|im_end|> <tool>, a different
-# chat template); the tokenizer files are compared byte for byte too
+# (tbase: 400 words; ta: + <|im_start|> <|im_end|>, a chatml template; tb: + <|im_start|>
+# <|im_end|> <tool>; tbase and tb share another template, so `auto` has a plurality); the
+# tokenizer files are compared byte for byte too. mergekit visits the non-base models in a Python
+# set's order (it varies between runs): ta's added tokens are a prefix of tb's, so the union's
+# order is the same either way (mecha takes the config's order)
 TOKENIZER_CASES = {
     "tok_union": """merge_method: linear
 base_model: tbase
@@ -182,21 +185,20 @@ tokenizer:
   pad_to_multiple_of: 64
   tokens:
     <|im_start|>: {source: {kind: model_token, model: tbase, token: w7}}
-    <tool>: {source: ta}
+    <tool>: {source: tb}
     w3: {source: {kind: zero}, force: true}
     <extra>: {source: {kind: model_token, model: tb, token_id: 5}}
 models:
   - {model: tbase, parameters: {weight: 1}}
   - {model: ta, parameters: {weight: 1}}
   - {model: tb, parameters: {weight: 1}}""",
-    "tok_chat_auto": """merge_method: slerp
-base_model: ta
+    "tok_chat_auto": """merge_method: linear
 chat_template: auto
-parameters: {t: 0.3}
+tokenizer_source: union
 models:
-  - {model: ta}
-  - {model: tb}
-tokenizer_source: union""",
+  - {model: ta, parameters: {weight: 1}}
+  - {model: tb, parameters: {weight: 1}}
+  - {model: tbase, parameters: {weight: 1}}""",
 }
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
@@ -210,8 +212,9 @@ def build_tokenizer_models(work: str) -> None:
     if os.path.exists(os.path.join(work, "tb", "model.safetensors")):
         return
     chatml = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    for i, (name, added, template) in enumerate([("tbase", [], None), ("ta", ["<|im_start|>", "<|im_end|>"], chatml),
-                                                 ("tb", ["<|im_end|>", "<tool>"], "{{ messages[0]['content'] }}!")]):
+    plain = "{{ messages[0]['content'] }}!"
+    for i, (name, added, template) in enumerate([("tbase", [], plain), ("ta", ["<|im_start|>", "<|im_end|>"], chatml),
+                                                 ("tb", ["<|im_start|>", "<|im_end|>", "<tool>"], plain)]):
         vocab = {"[UNK]": 0, "[PAD]": 1, **{f"w{j}": j + 2 for j in range(400)}}
         core = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
         core.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
