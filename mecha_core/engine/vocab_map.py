@@ -181,13 +181,17 @@ class VocabMapSource(Source):
         work = self._work_dtype(key)
         read: dict[str, torch.Tensor] = {}
         for to, refs in vmap.fill:
-            row = torch.zeros(out.shape[1:], dtype=work)
-            for model, index in refs:  # summed in the listed order, then divided: mergekit's mean
+            for model, _ in refs:
                 if model not in read:
                     read[model] = self.donors[model].read(key)
-                row = row + read[model][index].to(work)
-            if len(refs) > 1:
-                row /= len(refs)
+            if len(refs) == 1:  # one row: as it is (a sum from zeros would turn -0.0 into 0.0)
+                row = read[refs[0][0]][refs[0][1]].to(work)
+            else:
+                row = torch.zeros(out.shape[1:], dtype=work)
+                for model, index in refs:  # summed in the listed order, then divided: mergekit's mean
+                    row = row + read[model][index].to(work)
+                if refs:
+                    row /= len(refs)
             out[to] = row.to(out.dtype)
         read.clear()
         if vmap.rows > vmap.tokens:
