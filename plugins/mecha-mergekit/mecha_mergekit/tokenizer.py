@@ -454,10 +454,11 @@ def write_vocab_folder(plan: TokenizerPlan, models: list[ModelInput], base: Mode
             for name in sorted(os.listdir(files)):
                 with open(os.path.join(files, name), "rb") as f:
                     digest.update(name.encode() + b"\0" + hashlib.sha256(f.read()).digest())
-            for ref in sorted(maps):
-                digest.update(json.dumps(maps[ref], sort_keys=True).encode())
-            final = os.path.join(cache_root(), digest.hexdigest()[:24])
             names = {ref: f"map-{i}.json" for i, ref in enumerate(m.ref for m in models if m.ref in maps)}
+            for ref, name in names.items():  # each file's name and content: two configs listing the
+                # same models in another order have the same maps under other names
+                digest.update(name.encode() + b"\0" + json.dumps(maps[ref], sort_keys=True).encode())
+            final = os.path.join(cache_root(), digest.hexdigest()[:24])
             if not os.path.isdir(final):
                 stage = os.path.join(work, "stage")
                 os.mkdir(stage)

@@ -273,3 +273,19 @@ def test_import_prints_a_recipe_that_merges_to_the_same_bytes(tmp_path, vocab_mo
     for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json", "config.json"):
         assert open(os.path.join(from_yaml, name), "rb").read() == open(os.path.join(from_mecha, name), "rb").read()
     assert weights(from_yaml)[EMBED].shape[0] == 25
+
+
+def test_configs_listing_the_models_in_another_order_get_their_own_maps(tmp_path, vocab_models):
+    m = vocab_models
+
+    def text(order):
+        weight = {"base": 1, "b": 3}
+        return (f"merge_method: linear\nbase_model: {m['base']}\ntokenizer_source: union\nmodels:\n" +
+                "".join(f"  - model: {m[n]}\n    parameters: {{weight: {weight[n]}}}\n" for n in order))
+
+    # the same maps either way (a cache folder named by its contents), under other file names
+    first, second = run(tmp_path, text(["base", "b"]), "one"), run(tmp_path, text(["b", "base"]), "two")
+    vocab = transformers.AutoTokenizer.from_pretrained(first).get_vocab()
+    rows = expected_rows(EMBED, vocab, {"base": m["base"], "b": m["b"]}, "base")
+    for folder in (first, second):
+        torch.testing.assert_close(weights(folder)[EMBED], linear(rows, {"base": 1, "b": 3}), rtol=1e-6, atol=1e-7)
