@@ -193,6 +193,7 @@ models:
   - {model: ta, parameters: {weight: 1}}
   - {model: tb, parameters: {weight: 1}}""",
     "tok_chat_auto": """merge_method: linear
+base_model: tbase
 chat_template: auto
 tokenizer_source: union
 models:
