@@ -217,7 +217,9 @@ def _union(base: Any, tokenizers: list[tuple[ModelInput, Any]]) -> Any:
         size = _config_vocab_size(model.folder) or tok.vocab_size
         added = tok.added_tokens_decoder
         added_text = {info.content for info in added.values()}
-        for t, i in tok.get_vocab().items():
+        # by id: get_vocab()'s order is a Rust hash map's, which changes from process to process
+        # (mergekit takes it as it comes, so its order of such tokens varies between runs)
+        for t, i in sorted(tok.get_vocab().items(), key=lambda kv: kv[1]):
             if i >= size or t in added_text:
                 continue
             out_vocab.setdefault(t, len(out_vocab))
