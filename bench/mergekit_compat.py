@@ -19,11 +19,17 @@ Then, from the repository root:
 
     .venv/bin/python bench/mergekit_compat.py [--mergekit /tmp/mergekit-venv/bin/mergekit-yaml]
                                               [--work DIR] [--only ties,slerp]
+
+The ``tok_*`` cases (tokenizer_source, the tokenizer section, chat_template) also compare the
+output's tokenizer files byte for byte and config.json's vocab_size. mecha reads mergekit's
+builtin chat templates (``chatml`` ...) from a ``mergekit`` package on its path: the bench runs
+mecha with a PYTHONPATH folder holding a link to the mergekit venv's package.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import re
 import shutil
@@ -181,6 +187,101 @@ modules:
           - {model: b, layer_range: [2, 4]}""",
 }
 
+# mergekit's tokenizer settings, on three models whose vocabularies differ by added tokens
+# (tbase: 400 words; ta: + <|im_start|> <|im_end|>, a chatml template; tb: + <|im_start|>
+# <|im_end|> <tool>; tbase and tb share another template, so `auto` has a plurality); the
+# tokenizer files are compared byte for byte too. mergekit visits the non-base models in a Python
+# set's order (it varies between runs): ta's added tokens are a prefix of tb's, so the union's
+# order is the same either way (mecha takes the config's order)
+TOKENIZER_CASES = {
+    "tok_union": """merge_method: linear
+base_model: tbase
+tokenizer_source: union
+models:
+  - {model: tbase, parameters: {weight: 1}}
+  - {model: ta, parameters: {weight: 2}}
+  - {model: tb, parameters: {weight: 0.5}}""",
+    "tok_base": """merge_method: ties
+base_model: tbase
+tokenizer_source: base
+parameters: {density: 0.6}
+models:
+  - {model: ta, parameters: {weight: 1}}
+  - {model: tb, parameters: {weight: 0.7}}""",
+    "tok_model": """merge_method: task_arithmetic
+base_model: tbase
+tokenizer_source: tb
+models:
+  - {model: ta, parameters: {weight: 0.8}}
+  - {model: tb, parameters: {weight: 0.4}}""",
+    "tok_section": """merge_method: linear
+base_model: tbase
+chat_template: chatml
+tokenizer:
+  source: union
+  pad_to_multiple_of: 64
+  tokens:
+    <|im_start|>: {source: {kind: model_token, model: tbase, token: w7}}
+    <tool>: {source: tb}
+    w3: {source: {kind: zero}, force: true}
+    <extra>: {source: {kind: model_token, model: tb, token_id: 5}}
+models:
+  - {model: tbase, parameters: {weight: 1}}
+  - {model: ta, parameters: {weight: 1}}
+  - {model: tb, parameters: {weight: 1}}""",
+    "tok_chat_auto": """merge_method: linear
+base_model: tbase
+chat_template: auto
+tokenizer_source: union
+models:
+  - {model: ta, parameters: {weight: 1}}
+  - {model: tb, parameters: {weight: 1}}
+  - {model: tbase, parameters: {weight: 1}}""",
+}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+
+
+def build_tokenizer_models(work: str) -> None:
+    """tbase, ta, tb: float32 Llama folders, each with a WordLevel tokenizer of its own vocabulary."""
+    import tokenizers
+    import torch
+    import transformers
+
+    if os.path.exists(os.path.join(work, "tb", "model.safetensors")):
+        return
+    chatml = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    plain = "{{ messages[0]['content'] }}!"
+    for i, (name, added, template) in enumerate([("tbase", [], plain), ("ta", ["<|im_start|>", "<|im_end|>"], chatml),
+                                                 ("tb", ["<|im_start|>", "<|im_end|>", "<tool>"], plain)]):
+        vocab = {"[UNK]": 0, "[PAD]": 1, **{f"w{j}": j + 2 for j in range(400)}}
+        core = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+        core.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+        tok = transformers.PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]")
+        tok.add_tokens(added, special_tokens=True)
+        if template:
+            tok.chat_template = template
+        config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256,
+                                          num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
+                                          max_position_embeddings=64, tie_word_embeddings=False)
+        torch.manual_seed(20 + i)
+        transformers.LlamaForCausalLM(config).save_pretrained(os.path.join(work, name))
+        tok.save_pretrained(os.path.join(work, name))
+
+
+def compare_tokenizers(mk_out: str, mecha_out: str) -> str:
+    import json
+
+    def read(out: str, name: str) -> bytes | None:
+        path = os.path.join(out, name)
+        return open(path, "rb").read() if os.path.exists(path) else None
+
+    differ = [name for name in TOKENIZER_FILES if read(mk_out, name) != read(mecha_out, name)]
+    sizes = [json.load(open(os.path.join(out, "config.json")))["vocab_size"] for out in (mk_out, mecha_out)]
+    same = [n for n in TOKENIZER_FILES if os.path.exists(os.path.join(mk_out, n)) and n not in differ]
+    vocab = f"vocab_size {sizes[0]}" if sizes[0] == sizes[1] else f"vocab_size mergekit {sizes[0]} mecha {sizes[1]}"
+    return (f"; {vocab}; tokenizer files identical ({', '.join(same)})" if not differ
+            else f"; {vocab}; tokenizer files DIFFER: {', '.join(differ)}")
+
 
 def build_models(work: str) -> None:
     """A base and three fine-tunes (the base plus random deltas), float32 Hugging Face folders."""
@@ -235,10 +336,10 @@ def build_adapter(work: str) -> None:
         json.dump(config, fh, indent=2)
 
 
-def private_peak(cmd: list[str], cwd: str) -> tuple[float, int, int]:
+def private_peak(cmd: list[str], cwd: str, extra_env: dict | None = None) -> tuple[float, int, int]:
     """(seconds, peak RssAnon + RssShmem in bytes, exit code) of ``cmd``."""
     start = time.perf_counter()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(extra_env or {})}
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     peak = [0]
 
@@ -313,15 +414,26 @@ def main() -> int:
     os.makedirs(args.work, exist_ok=True)
     build_models(args.work)
     build_adapter(args.work)
+    build_tokenizer_models(args.work)
     mecha = os.path.join(os.path.dirname(sys.executable), "mecha")
-    cases = [c for c in CASES if not args.only or c in args.only.split(",")]
+    every = {**CASES, **TOKENIZER_CASES}
+    # mecha finds mergekit's chat templates in a mergekit package on its path (not imported)
+    templates = os.path.join(args.work, "mergekit-path")
+    package = glob.glob(os.path.join(os.path.dirname(os.path.dirname(args.mergekit)), "lib", "python3*",
+                                     "site-packages", "mergekit"))
+    if package and not os.path.exists(os.path.join(templates, "mergekit")):
+        os.makedirs(templates, exist_ok=True)
+        os.symlink(package[0], os.path.join(templates, "mergekit"))
+    mecha_env = {"PYTHONPATH": templates, "XDG_CACHE_HOME": os.path.join(args.work, "cache")}
+    cases = [c for c in every if not args.only or c in args.only.split(",")]
     print(f"{'case':18} {'mergekit s':>10} {'MB':>6} {'mecha s':>8} {'MB':>6}  difference")
     for case in cases:
         config = os.path.join(args.work, f"{case}.yml")
         with open(config, "w") as fh:
             # absolute folders: mergekit takes a name it cannot open as a hub id
-            text = re.sub(r"(model: )(base|a|b|c)\b", lambda m: m.group(1) + os.path.join(args.work, m.group(2)),
-                          CASES[case])
+            text = re.sub(r"(model: )(base|a|b|c|tbase|ta|tb)\b|((?:source|tokenizer_source): )(tbase|ta|tb)\b",
+                          lambda m: (m.group(1) or m.group(3)) + os.path.join(args.work, m.group(2) or m.group(4)),
+                          every[case])
             text = text.replace("+lora", "+" + os.path.join(args.work, "lora"))
             fh.write(text + "\ndtype: float32\n")
         mk_out, mecha_out = os.path.join(args.work, f"out-mk-{case}"), os.path.join(args.work, f"out-mecha-{case}")
@@ -331,12 +443,14 @@ def main() -> int:
         shutil.rmtree(lora_cache, ignore_errors=True)
         mk_time, mk_mem, mk_rc = private_peak([args.mergekit, config, mk_out, "--random-seed", "0",
                                                "--lora-merge-cache", lora_cache], args.work)
-        me_time, me_mem, me_rc = private_peak([mecha, "merge", config, "-o", mecha_out + "/", "-q"], args.work)
+        me_time, me_mem, me_rc = private_peak([mecha, "merge", config, "-o", mecha_out + "/", "-q"], args.work,
+                                              mecha_env)
         if mk_rc or me_rc:
             print(f"{case:18} failed (mergekit rc {mk_rc}, mecha rc {me_rc})")
             continue
         print(f"{case:18} {mk_time:10.2f} {mk_mem / 2**20:6.0f} {me_time:8.2f} {me_mem / 2**20:6.0f}  "
-              f"{compare(case, args.work, mk_out, mecha_out)}", flush=True)
+              f"{compare(case, args.work, mk_out, mecha_out)}"
+              f"{compare_tokenizers(mk_out, mecha_out) if case in TOKENIZER_CASES else ''}", flush=True)
     return 0
 
 

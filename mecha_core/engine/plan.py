@@ -25,6 +25,7 @@ from .families import concrete_map
 from .layer_view import view_source
 from .sources import ConvertedSource, Source, open_source, resolve_path
 from .vocab import fit_vocabularies, vocab_keeper, vocabulary_mismatch
+from .vocab_map import apply_vocab_maps
 
 GiB = 1024 ** 3
 #: the provider name of what the core registers itself (the base and delta model types)
@@ -111,8 +112,9 @@ class Plan:
     """The architecture of the merge's keys, when one was detected or named."""
     vocab_from: str | None = None
     """The path of the model whose vocabulary the output keeps (``model(..., keep_vocab=true)``):
-    the tokenizer files to copy beside a folder output are that model's; ``None`` when the recipe
-    names none."""
+    the tokenizer files to copy beside a folder output are that model's; or the folder of
+    tokenizer files the recipe's vocabulary maps name (``model(..., vocab=...)``); ``None`` when
+    the recipe names none."""
 
     def close(self) -> None:
         for s in self.sources:
@@ -251,15 +253,24 @@ def make_plan(root: Node, options: MergeOptions | None = None, host: PluginHost 
     opened: dict[Node, Source] = {}
     try:
         keeper = vocab_keeper(root)
-        if keeper is not None:  # every input is opened first: the others are fitted to its vocabulary
+        mapped = [n for n in walk(root) if isinstance(n, ModelNode) and n.vocab is not None]
+        if keeper is not None and mapped:
+            with _located(mapped[0]):
+                raise RecipeError("a recipe gives models either keep_vocab or vocab maps, not both")
+        files_from: str | None = None
+        if keeper is not None or mapped:  # every input is opened first: the others are fitted to its vocabulary
             for node in walk(root):
                 if isinstance(node, ModelNode):
                     with _located(node):
                         opened[node] = _open(node, resolve_path(node, options.models_dir), host,
                                              options.allow_missing)
                     sources.append(opened[node])
-            with _located(keeper):
-                opened = fit_vocabularies(opened, keeper, host)
+            if keeper is not None:
+                with _located(keeper):
+                    opened = fit_vocabularies(opened, keeper, host)
+            else:
+                with _located(*mapped):
+                    opened, files_from = apply_vocab_maps(opened, host)
             sources[:] = list(opened.values())
         for node in walk(root):
             if isinstance(node, LiteralNode):
@@ -297,7 +308,7 @@ def make_plan(root: Node, options: MergeOptions | None = None, host: PluginHost 
         # every call checked that its inputs share one architecture, and the root is above them all
         arch = next((s.arch for s in sources if s.arch is not None), None)
         return Plan(root, steps, output, sources, options, host, _known_architecture(host, arch),
-                    opened[keeper].path if keeper is not None else None)
+                    opened[keeper].path if keeper is not None else files_from)
     except BaseException:
         for s in sources:
             s.close()

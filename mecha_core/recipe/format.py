@@ -93,6 +93,8 @@ def _expr(node: Node, names: dict[Node, str]) -> str:
             args.append(f"type={format_string(node.type)}")
         if node.keep_vocab:
             args.append("keep_vocab=true")
+        if node.vocab is not None:
+            args.append(f"vocab={format_string(node.vocab)}")
         view = node.layers
         if view is not None:
             args.append(f"layers={format_string(view.text())}")
@@ -381,10 +383,10 @@ class _Parser:
     def _model(self, args: list[Any], kwargs: dict[str, Any], tok: Token) -> ModelNode:
         keep_vocab = kwargs.pop("keep_vocab", False)
         view_args = {k: kwargs.pop(k) for k in ("layers", "at", "of", "outside") if k in kwargs}
-        if len(args) != 1 or not isinstance(args[0], str) or set(kwargs) - {"arch", "type"} \
+        if len(args) != 1 or not isinstance(args[0], str) or set(kwargs) - {"arch", "type", "vocab"} \
                 or any(not isinstance(v, str) for v in kwargs.values()) or not isinstance(keep_vocab, bool):
             raise self.fail('model takes a path: model("file.safetensors", arch="...", type="...", '
-                            'keep_vocab=true, layers="START:STOP", at=N, of=N, outside="...")', tok)
+                            'keep_vocab=true, vocab="map.json", layers="START:STOP", at=N, of=N, outside="...")', tok)
         view = None
         if view_args:
             try:
@@ -392,7 +394,7 @@ class _Parser:
                                   view_args.get("outside", "all"))
             except RecipeError as exc:
                 raise self.fail(str(exc), tok) from None
-        return ModelNode(args[0], kwargs.get("arch"), kwargs.get("type"), keep_vocab, view,
+        return ModelNode(args[0], kwargs.get("arch"), kwargs.get("type"), keep_vocab, kwargs.get("vocab"), view,
                          base_dir=self.base_dir, where=self.at_token(tok))
 
     def _call_method(self, name: str, args: list[Any], kwargs: dict[str, Any], tok: Token,

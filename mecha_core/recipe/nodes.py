@@ -175,6 +175,10 @@ class ModelNode(Node):
     keep_vocab: bool = False
     """The output keeps this model's vocabulary (its rows of the token embeddings and LM head,
     and its tokenizer files): inputs with other vocabulary sizes are cut or filled to it."""
+    vocab: str | None = None
+    """A vocabulary map (a JSON file, :mod:`mecha_core.engine.vocab`): this model's rows of the
+    vocabulary keys are gathered into another vocabulary (a merged tokenizer's) as the map says,
+    and the output takes the tokenizer files the map names."""
     layers: LayerView | None = None
     """Only these layers, renumbered (layer stacking); ``None``: the whole model."""
     base_dir: str | None = attrs.field(default=None, eq=False, repr=False)
@@ -431,15 +435,16 @@ def call(method: "MergeMethod", args: tuple[Any, ...], kwargs: dict[str, Any], *
 
 
 def model(path: str | os.PathLike[str], arch: str | None = None, type: str | None = None, *,
-          keep_vocab: bool = False, layers: str | None = None, at: int = 0, of: int | None = None,
-          outside: str = "all") -> ModelNode:
+          keep_vocab: bool = False, vocab: str | os.PathLike[str] | None = None, layers: str | None = None,
+          at: int = 0, of: int | None = None, outside: str = "all") -> ModelNode:
     """A model input. Nothing is read until the merge is planned. ``keep_vocab=True``: the output
     keeps this model's vocabulary (and tokenizer) when the inputs' vocabularies differ.
     ``layers="8:16"``: only the model's layers 8 to 15, numbered from ``at`` in a stack of ``of``
     layers, with the keys outside the layers that ``outside`` names (:class:`LayerView`)."""
     if not isinstance(keep_vocab, bool):
         raise RecipeError(f"model(..., keep_vocab=...) must be true or false, got {keep_vocab!r}")
-    return ModelNode(os.fspath(path), arch, type, keep_vocab, layer_view(layers, at, of, outside))
+    return ModelNode(os.fspath(path), arch, type, keep_vocab, None if vocab is None else os.fspath(vocab),
+                     layer_view(layers, at, of, outside))
 
 
 def layer_view(layers: str | None, at: int = 0, of: int | None = None, outside: str = "all") -> LayerView | None:

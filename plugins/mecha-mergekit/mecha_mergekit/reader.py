@@ -19,18 +19,15 @@ from mecha_core.kit.recipes import CoreOnly, Location, ModelNode, Node, RecipeHo
 from . import lora
 from .hub import cached_snapshot, hub_cache
 from .slices import module_body, read_slices
+from .vocabulary import TOKENIZER_KEYS, referenced_models, vocab_maps
 
 _TOP = re.compile(r"^(merge_method|slices|models)\s*:", re.MULTILINE)
 
 # what the reader does not translate (yet): refused, naming the key's line
 _UNSUPPORTED_TOP = {
-    "tokenizer_source": "tokenizer_source is not supported by mecha's mergekit reader yet "
-                        "(the output copies the first model's tokenizer files)",
-    "tokenizer": "the tokenizer section is not supported by mecha's mergekit reader yet",
-    "chat_template": "chat_template is not supported by mecha's mergekit reader yet",
 }
 _TOP_KEYS = {"merge_method", "base_model", "models", "slices", "modules", "parameters", "dtype", "out_dtype",
-             *_UNSUPPORTED_TOP}
+             *_UNSUPPORTED_TOP, *TOKENIZER_KEYS}
 _DTYPES = {"float32", "float16", "bfloat16", "float64"}
 
 # method -> (parameter names it reads, base: "required" / "optional" / "none", input count rule)
@@ -110,6 +107,7 @@ class _Reader:
         self.source, self.base_dir, self.host = source, base_dir, host
         self.models: dict[str, Node] = {}
         self.config: _Map = _Map()
+        self.vocab: dict[str, str] = {}  # model ref -> its vocabulary map (tokenizer settings)
 
     def fail(self, message: str, line: int | None) -> RecipeError:
         return RecipeError(f"mergekit config: {message}", source=self.source, line=line)
@@ -137,7 +135,8 @@ class _Reader:
         except ValueError as exc:
             raise self.fail(str(exc), line) from None
         if ref not in self.models:
-            node: Node = ModelNode(self.resolve(ref), base_dir=self.base_dir, where=self.where(line)) \
+            node: Node = ModelNode(self.resolve(ref), vocab=self.vocab.get(ref), base_dir=self.base_dir,
+                                   where=self.where(line)) \
                 if with_lora is None else lora.base_plus_lora(
                     *with_lora, resolve=self.resolve, base_dir=self.base_dir, where=self.where(line),
                     call=lambda name, args, kwargs: self.call(name, args, kwargs, line))
@@ -213,6 +212,9 @@ class _Reader:
         out_dtype = self.dtype(config, "out_dtype")
         global_params = self.parameters(config.get("parameters"), config.line_of("parameters"), allowed, method)
         body, outer = module_body(self, config, allowed, method)
+        # tokenizer settings: mergekit builds one tokenizer over every model the config names
+        self.vocab = vocab_maps(self, config, referenced_models(body), config.get("base_model"),
+                                config.line_of("base_model"), dtype)
         if body.get("slices") is not None:
             root = read_slices(self, body, outer, method, METHODS[method], global_params, dtype)
         else:

@@ -169,7 +169,8 @@ def read_slices(reader: Any, body: Any, outer: list[dict], method: str, rules: t
                  outside: str = outside) -> Node:
             source = by_ref[ref]
             layers = LayerView(source.start, source.stop, first, total, outside)
-            node: Node = ModelNode(reader.resolve(ref), layers=layers, base_dir=reader.base_dir,
+            node: Node = ModelNode(reader.resolve(ref), vocab=reader.vocab.get(ref), layers=layers,
+                                   base_dir=reader.base_dir,
                                    where=reader.where(source.line))
             if dtype is not None:  # mergekit loads every input in the config's dtype
                 node = reader.call("cast", [node], {"dtype": dtype}, source.line)

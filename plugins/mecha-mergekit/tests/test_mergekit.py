@@ -364,7 +364,7 @@ def test_an_id_not_found_names_where_it_looked(tmp_path, monkeypatch):
     ("merge_method: frankenmerge\nmodels:\n  - model: y\n", 1, "unknown merge_method"),
     ("merge_method: linear\nmodels:\n  - model: y\n    parameters: {weight: [{filtr: mlp, value: 1}]}\n", 4,
      "'filter' and 'value'"),
-    ("merge_method: linear\nmodels:\n  - model: y\ntokenizer_source: union\n", 4, "tokenizer_source"),
+    ("merge_method: linear\nmodels:\n  - model: y\ntokenizer_source: union\n", 3, "model 'y'"),
     ("merge_method: linear\nmodels:\n  - model: y\n  - [oops\n", 5, "not valid YAML"),
     ("merge_method: ties\nmodels:\n  - model: y\n", 1, "needs a base_model"),
     ("merge_method: linear\ndtype: int8\nmodels:\n  - model: y\n", 2, "dtype"),
