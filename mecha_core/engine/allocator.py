@@ -17,10 +17,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
-import math
 import sys
-import threading
-from typing import Any, Hashable, Iterator
+from typing import Iterator
 
 #: mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -56,32 +54,3 @@ def reuse_freed_memory(keep_bytes: int) -> Iterator[None]:
     finally:
         libc.mallopt(_M_TRIM_THRESHOLD, _AFTER_TRIM)
         libc.malloc_trim(0)
-
-
-class WorkerBuffers:
-    """Scratch tensors kept per worker thread and reused from one unit of work to the next.
-
-    A slot (any hashable name) holds one byte buffer that grows to the largest size asked of it;
-    :meth:`tensor` views its start as the dtype asked for. A unit asks for each of its temporaries
-    a slot of its own, so nothing it still uses is overwritten; the next unit on the same thread
-    reuses the memory, already faulted in, instead of allocating it afresh. Requests above
-    ``limit_bytes`` get ``None`` (the caller allocates): a key too large to slice would otherwise
-    pin its size for the rest of the merge.
-    """
-
-    def __init__(self, limit_bytes: int):
-        self.limit_bytes = limit_bytes
-        self._local = threading.local()
-
-    def tensor(self, slot: Hashable, shape: tuple[int, ...], dtype: Any) -> Any:
-        """A tensor of ``shape`` and ``dtype`` (uninitialised) in this thread's buffer ``slot``."""
-        from ..lazy import torch
-
-        nbytes = math.prod(shape) * dtype.itemsize
-        if nbytes > self.limit_bytes or nbytes == 0:
-            return None
-        store = self._local.__dict__.setdefault("store", {})
-        buf = store.get(slot)
-        if buf is None or buf.numel() < nbytes:
-            buf = store[slot] = torch.empty(nbytes, dtype=torch.uint8)
-        return buf[:nbytes].view(dtype).view(shape)

@@ -16,12 +16,11 @@ from ..lazy import torch
 # the output writer and the signal handling live in mecha_core.output; re-exported here for callers
 from ..output import (OutputFile, Protected, Terminated, TerminateAsInterrupt, output_mode, resolve_output,  # noqa: F401
                       temp_prefix)
-from .allocator import WorkerBuffers, reuse_freed_memory
+from .allocator import reuse_freed_memory
 from .evaluate import Evaluator
 from .folders import source_files
 from .passthrough import PassThrough
 from .plan import Plan
-from .reuse import ReusingEvaluator
 from .safetensors_io import ITEMSIZE, build_header, is_float, tensor_bytes, torch_dtype
 from .schedule import Unit, run_units
 
@@ -32,18 +31,7 @@ from .schedule import Unit, run_units
 _SATURATES = {"float8_e4m3fn": 464.0}
 
 
-def _cast(value: torch.Tensor, out_dtype: torch.dtype, buffers: WorkerBuffers | None) -> torch.Tensor:
-    """``value`` in ``out_dtype``: into this thread's output buffer when ``buffers`` is given (the
-    same bytes as ``value.to``; the memory is reused by the thread's next unit)."""
-    if buffers is not None and value.dtype != out_dtype and value.device.type == "cpu" and value.is_contiguous():
-        out = buffers.tensor("output", tuple(value.shape), out_dtype)
-        if out is not None:
-            return out.copy_(value)
-    return value.to(dtype=out_dtype)
-
-
-def _to_output(value: torch.Tensor, dtype: str, key: str, where: str, allow_nonfinite: bool,
-               buffers: WorkerBuffers | None = None) -> torch.Tensor:
+def _to_output(value: torch.Tensor, dtype: str, key: str, where: str, allow_nonfinite: bool) -> torch.Tensor:
     """``value`` cast to the output ``dtype``, refusing NaN/Inf and values the cast would overflow.
 
     One ``aminmax`` pass proves the common case (it propagates NaN, and an Inf is its own min or
@@ -52,13 +40,13 @@ def _to_output(value: torch.Tensor, dtype: str, key: str, where: str, allow_nonf
     """
     out_dtype = torch_dtype(dtype)
     if allow_nonfinite or value.numel() == 0:
-        return _cast(value, out_dtype, buffers)
+        return value.to(dtype=out_dtype)
     lo, hi = (float(v) for v in torch.aminmax(value))
     if not (math.isfinite(lo) and math.isfinite(hi)):
         bad = int((~torch.isfinite(value)).sum())
         raise MergeError(f"key '{key}': {bad} NaN/Inf value(s) in the result{where}; check the "
                          f"inputs, or pass --allow-nonfinite to write them anyway")
-    cast = _cast(value, out_dtype, buffers)
+    cast = value.to(dtype=out_dtype)
     if max(-lo, hi) <= torch.finfo(out_dtype).max:
         return cast  # everything fits: nothing can round to Inf or saturate
     limit = _SATURATES.get(dtype)
@@ -159,17 +147,15 @@ def unit_first_element(unit: Unit) -> int:
     return unit.pieces[0][0] if unit.pieces else unit.start
 
 
-def piece_data(evaluator: Evaluator, plan: Plan, key: str, start: int, end: int | None, stats: Any,
-               buffers: WorkerBuffers | None = None) -> Any:
+def piece_data(evaluator: Evaluator, plan: Plan, key: str, start: int, end: int | None, stats: Any) -> Any:
     """The output bytes of elements ``start:end`` of ``key`` (the whole key when ``end`` is
-    None), given the key's statistics (``None`` when its method takes none). With ``buffers``
-    the bytes live in this thread's output buffer: write them before the thread's next unit."""
+    None), given the key's statistics (``None`` when its method takes none)."""
     info = plan.output[key]
     value = evaluator.evaluate(key, start, end, stats)
     # a sliced key is checked slice by slice: say which elements the count covers
     where = f" (elements {start}..{end - 1} of {info.numel})" if end is not None else ""
     if is_float(info.dtype):
-        value = _to_output(value, info.dtype, key, where, plan.options.allow_nonfinite, buffers)
+        value = _to_output(value, info.dtype, key, where, plan.options.allow_nonfinite)
     elif value.dtype != torch_dtype(info.dtype):
         value = value.to(dtype=torch_dtype(info.dtype))
     expected = (end - start) if end is not None else info.numel
@@ -197,10 +183,7 @@ def _writer(plan: Plan, place: Mapping[str, tuple[int, int]],
     """The job of one unit: evaluate it, check and cast it to the output dtype, and write its
     bytes where the plan put them (``place``: key -> the file descriptor and the position of
     the key's first byte); returns the number of bytes written."""
-    # per-worker buffers for the work-dtype inputs and the output cast (engine/reuse.py), at most
-    # a slice's working memory each: what the next unit on the thread reuses without faulting
-    buffers = WorkerBuffers(plan.options.slice_bytes)
-    evaluator = ReusingEvaluator(plan, buffers)
+    evaluator = Evaluator(plan)
     passthrough = PassThrough(plan)
     opts = plan.options
 
@@ -227,7 +210,7 @@ def _writer(plan: Plan, place: Mapping[str, tuple[int, int]],
                     return ((info.numel if end is None else end) - start) * ITEMSIZE[info.dtype]
             except OSError as exc:
                 raise OutputError(f"{output}: writing failed: {exc.strerror or exc}") from None
-        data = piece_data(evaluator, plan, key, start, end, stats, buffers)
+        data = piece_data(evaluator, plan, key, start, end, stats)
         try:
             if write_hook is not None and not hooked:
                 write_hook(key)
