@@ -36,8 +36,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -85,9 +87,11 @@ def llama_keys(shape: str) -> dict[str, tuple[int, ...]]:
 
 
 def build_model(folder: str, shape: str, seed: int) -> str:
-    """A Llama-shaped bf16 model folder (shards of at most 5 GB, an index when there are several)."""
+    """A Llama-shaped bf16 model folder (shards of at most 5 GB, an index when there are several).
+
+    Each shard is streamed to disk one tensor at a time (header first), so building a 7B-shaped
+    model holds one tensor in memory, not a 5 GB shard and its serialised copy."""
     import torch
-    from safetensors.torch import save_file
 
     if os.path.exists(os.path.join(folder, "config.json")):
         return folder
@@ -95,26 +99,37 @@ def build_model(folder: str, shape: str, seed: int) -> str:
     shutil.rmtree(part, ignore_errors=True)
     os.makedirs(part)
     gen = torch.Generator().manual_seed(seed)
-    shards: list[dict] = [{}]
+    shards: list[dict[str, tuple[int, ...]]] = [{}]
     size = 0
     for key, dims in llama_keys(shape).items():
-        nbytes = 2
-        for d in dims:
-            nbytes *= d
+        nbytes = 2 * math.prod(dims)
         if size and size + nbytes > SHARD_BYTES:
             shards.append({})
             size = 0
-        base = torch.ones(dims) if key.endswith("norm.weight") else torch.zeros(dims)
-        shards[-1][key] = (base + torch.randn(dims, generator=gen) * 0.02).to(torch.bfloat16)
+        shards[-1][key] = dims
         size += nbytes
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     weight_map, total = {}, 0
-    for name, tensors in zip(names, shards):
-        save_file(tensors, os.path.join(part, name), metadata={"format": "pt"})
-        for key, t in tensors.items():
+    for name, keys in zip(names, shards):
+        header: dict = {"__metadata__": {"format": "pt"}}
+        position = 0
+        for key, dims in keys.items():
+            nbytes = 2 * math.prod(dims)
+            header[key] = {"dtype": "BF16", "shape": list(dims), "data_offsets": [position, position + nbytes]}
+            position += nbytes
             weight_map[key] = name
-            total += t.numel() * 2
+        total += position
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(os.path.join(part, name), "wb") as f:
+            f.write(struct.pack("<Q", len(raw)) + raw)
+            for key, dims in keys.items():
+                values = torch.randn(dims, generator=gen).mul_(0.02)
+                if key.endswith("norm.weight"):
+                    values.add_(1.0)
+                f.write(values.to(torch.bfloat16).view(torch.int16).numpy().tobytes())
+                del values
     if len(shards) > 1:
         with open(os.path.join(part, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
@@ -148,6 +163,11 @@ def mergekit_config(kind: str, folders: list[str]) -> str:
         lines += [f"  - model: {f}", "    parameters:", "      density: 0.5", "      weight: 1.0"]
     return "\n".join(lines) + "\n"
 
+
+#: every process runs with Python's bytecode cache, as installed packages do: with
+#: PYTHONDONTWRITEBYTECODE set (some sandboxes set it), an editable install compiles its modules
+#: from source on every start, which a pip-installed tool never does
+CHILD_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 
 def private_kb(pid: int) -> int:
     total = 0
@@ -184,7 +204,7 @@ def warm(paths: list[str]) -> None:
 def run(command: list[str], inputs: list[str]) -> tuple[float, float]:
     warm(inputs)
     start = time.perf_counter()
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=CHILD_ENV)
     peak = 0
     done = threading.Event()
 

@@ -133,6 +133,11 @@ s.merge(r, output=out)
 """
 
 
+#: every process runs with Python's bytecode cache, as installed packages do: with
+#: PYTHONDONTWRITEBYTECODE set (some sandboxes set it), an editable install compiles its modules
+#: from source on every start, which a pip-installed tool never does
+CHILD_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+
 def private_kb(pid: int) -> int:
     total = 0
     try:
@@ -149,7 +154,7 @@ def floor(paths: list[str], out_bytes: int, work: str) -> float:
     """Seconds the machine needs at least: start Python and import torch, read every input from
     the page cache, write the output's bytes to the page cache."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import torch"], check=True)
+    subprocess.run([sys.executable, "-c", "import torch"], check=True, env=CHILD_ENV)
     for p in paths:
         with open(p, "rb") as f:
             while f.read(1 << 24):
@@ -172,7 +177,7 @@ def run(script: str, kind: str, out: str, paths: list[str], python: str = sys.ex
         os.unlink(out)
     start = time.perf_counter()
     proc = subprocess.Popen([python, "-W", "ignore", "-c", script, kind, out, *paths],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=CHILD_ENV)
     peak = 0
     done = threading.Event()
 
