@@ -125,9 +125,11 @@ def units(plan: Plan) -> list[Unit]:
     limit = max(1, plan.options.memory_budget)
     out = []
     for i, (key, start, stop, ranges) in enumerate(pieces):
-        if ranges:  # one slice at a time, plus the selection's bit patterns (int64) of one input
+        if ranges:  # one slice at a time, plus a selection's bit patterns and shifted digits of one
+            # input (16 bytes an element at most) and the candidates it collects (at most one
+            # slice's worth, 12 bytes each: engine/statistics.py)
             elements = max(b - a for a, b in ranges)
-            cost = unit_cost(plan, key, elements) + 16 * elements
+            cost = unit_cost(plan, key, elements) + 28 * elements
         else:
             cost = unit_cost(plan, key, None if stop is None else stop - start)
         last = i + 1 == len(pieces) or pieces[i + 1][0] != key
