@@ -8,7 +8,7 @@ import functools
 
 from mecha_core.lazy import torch
 
-from mecha_core import WEIGHT, merge_method
+from mecha_core import WEIGHT, Total, merge_method
 from mecha_core.kit.reductions import dot64, norm64
 
 from ._checks import fraction
@@ -82,22 +82,27 @@ def train_difference(a, b, c, *, alpha: float = 1.0):
     return a + diff * (1.8 * alpha) * scale
 
 
-@merge_method(spaces=WEIGHT, returns=WEIGHT,
+def _perpendicular_statistics(ctx, inputs, **_):
+    return [Total("aa", lambda ctx, a, b, c: (a - c) * (a - c)), Total("ab", lambda ctx, a, b, c: (a - c) * (b - c))]
+
+
+@merge_method(spaces=WEIGHT, returns=WEIGHT, elementwise=True, statistics=_perpendicular_statistics,
               formula="a + alpha·(d_b − d_a·(d_a·d_b)/‖d_a‖²),  d_a = a − c, d_b = b − c")
 @in_float32
-def add_perpendicular(a, b, c, *, alpha: float = 1.0):
+def add_perpendicular(a, b, c, *, alpha: float = 1.0, stats=None):
     """Add to a the part of b − c orthogonal to a − c: b's change, minus what a already has.
 
     The tensors are flattened; the component of b − c along a − c is removed and the rest is
-    added to a, scaled by alpha.
+    added to a, scaled by alpha. The dot products are summed in float64 over slices of the key,
+    so the result is element-wise given them (bounded memory for any size).
 
     When a equals c (‖a − c‖ = 0) nothing is projected out and all of b − c is added (sd-mecha
     adds nothing in that case).
     """
-    da, db = (a - c).reshape(-1), (b - c).reshape(-1)
-    norm2 = float(dot64(da, da))  # float64: float32 sums drift with the tensor's size
-    perp = db - da * (float(dot64(da, db)) / norm2) if norm2 > 0 else db
-    return a + alpha * perp.reshape(a.shape)
+    da, db = a - c, b - c
+    norm2 = stats["aa"]  # float64: float32 sums drift with the tensor's size
+    perp = db - da * (stats["ab"] / norm2) if norm2 > 0 else db
+    return a + alpha * perp
 
 
 def _radial_frequency(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
