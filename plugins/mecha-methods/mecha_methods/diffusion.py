@@ -15,6 +15,17 @@ from ._checks import fraction
 from ._precision import in_float32
 
 
+def _copies(count: int):
+    """A ``working_set``: ``count`` float32 (or wider) copies of the key besides the inputs and
+    the result, for methods that cannot be sliced (their reductions run along a whole
+    dimension, or an FFT takes every element)."""
+
+    def working_set(info, inputs: int, itemsize: int) -> int:
+        return count * info.numel * max(itemsize, 4)
+
+    return working_set
+
+
 def _as_columns(x: torch.Tensor) -> torch.Tensor:
     # a 0-d tensor (logit_scale, ...) is treated as a 1-element vector
     return x.reshape(1) if x.dim() == 0 else x
@@ -25,7 +36,7 @@ def _cosine_lerp(a: torch.Tensor, b: torch.Tensor, similarity: torch.Tensor, alp
     return (1 - k) * a + k * b
 
 
-@merge_method(spaces=WEIGHT, returns=WEIGHT,
+@merge_method(spaces=WEIGHT, returns=WEIGHT, working_set=_copies(6),
               formula="lerp(a, b, k),  k = 1 − clamp(cos_dim0(a/‖a‖₀, b/‖b‖₀) − alpha, 0, 1)")
 @in_float32
 def add_cosine_a(a, b, *, alpha: float = 0.0):
@@ -47,7 +58,7 @@ def add_cosine_a(a, b, *, alpha: float = 0.0):
     return _cosine_lerp(a1, b1, sim, alpha).reshape(a.shape)
 
 
-@merge_method(spaces=WEIGHT, returns=WEIGHT,
+@merge_method(spaces=WEIGHT, returns=WEIGHT, working_set=_copies(5),
               formula="lerp(a, b, k),  k = 1 − clamp((cos_dim0(a, b) + a·b/(‖a‖‖b‖))/2 − alpha, 0, 1)")
 @in_float32
 def add_cosine_b(a, b, *, alpha: float = 0.0):
@@ -116,7 +127,8 @@ def _radial_frequency(shape: tuple[int, ...], device: torch.device) -> torch.Ten
     return (sum(g ** 2 for g in grids) / len(sizes)).sqrt()
 
 
-@merge_method(formula="irfftn((1 − F)·rfftn(a) + F·rfftn(b)),  F = (1 − tilt)·[r > 1 − alpha] + tilt·alpha")
+@merge_method(working_set=_copies(10),
+              formula="irfftn((1 − F)·rfftn(a) + F·rfftn(b)),  F = (1 − tilt)·[r > 1 − alpha] + tilt·alpha")
 @in_float32
 def crossover(a, b, *, alpha: float = 0.5, tilt: float = 0.0):
     """Frequency crossover: the low spatial frequencies of a with the high ones of b.
