@@ -311,3 +311,33 @@ def test_spherical_and_median_methods_sliced_match_float64_whole_tensor_referenc
         (tmp_path / name).mkdir()
         out = _merge(tmp_path / name, recipe, models, chunk_elements=1001)["w"]
         torch.testing.assert_close(out.double().reshape(-1), ref, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_every_reduction_is_within_1e_6_of_float64_at_256m_elements():
+    """Issue 15's bar: a norm of a 256M-element tensor within 1e-6 relative of a float64
+    reference. Every dot-product method sums its Totals through statistics.compute (slerp,
+    model_stock, multislerp, karcher, geometric_median, add_perpendicular, mergekit_slerp, DARE's
+    L1 norms); add_cosine_b, which cannot be sliced, uses kit.reductions."""
+    n = 1 << 28
+    gen = torch.Generator().manual_seed(12)
+    x = torch.rand(n, generator=gen) + 1.0  # all positive: float32 rounding errors do not cancel
+    y = torch.rand(n, generator=gen)
+    xd = x.double()
+    ref_xx = float(torch.dot(xd, xd))
+    yd = y.double()
+    ref_xy = float(torch.dot(xd, yd))
+    del xd, yd
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the engine runs
+    try:
+        drift = abs(float(x.norm()) - ref_xx ** 0.5) / ref_xx ** 0.5
+        assert drift > 1e-6, drift  # float32 misses the bar here, so the assertions below can fail
+        got = statistics.compute([Total("xx", lambda ctx, a, b: a * a), Total("xy", lambda ctx, a, b: a * b)],
+                                 _pieces([x, y], 700_000), n)
+        assert abs(got["xx"] ** 0.5 - ref_xx ** 0.5) / ref_xx ** 0.5 < 1e-6
+        assert abs(got["xy"] - ref_xy) / ref_xy < 1e-6
+        assert abs(float(norm64(x)) - ref_xx ** 0.5) / ref_xx ** 0.5 < 1e-6
+        assert abs(float(dot64(x, y)) - ref_xy) / ref_xy < 1e-6
+    finally:
+        torch.set_num_threads(old)
