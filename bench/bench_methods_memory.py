@@ -72,7 +72,8 @@ CASES = {
     "mergekit_multislerp": "m.mergekit_multislerp(b, c, d, settings=MK)",
     "mergekit_karcher": "m.mergekit_karcher(b, c, d, settings=MK)",
     "mergekit_arcee_fusion": "m.mergekit_arcee_fusion(a, b, settings=MK)",
-    "sdmecha_train_difference_mask": "m.sdmecha_add_difference_masked(a, D(b), m.sdmecha_train_difference_mask(a, b, c))",
+    "sdmecha_train_difference_mask":
+        "m.sdmecha_add_difference_masked(a, D(b), m.sdmecha_train_difference_mask(a, b, c))",
     "sdmecha_add_opposite_mask": "m.sdmecha_add_difference_masked(a, D(b), m.sdmecha_add_opposite_mask(a, b, c))",
     "sdmecha_add_strict_opposite_mask":
         "m.sdmecha_add_difference_masked(a, D(b), m.sdmecha_add_strict_opposite_mask(a, b, c))",

@@ -58,7 +58,8 @@ def gram_statistics(ctx, inputs, **_):
     """Every dot product xᵢ·xⱼ (i ≤ j) of the flattened inputs, summed in float64 over slices:
     multislerp and karcher only ever combine the inputs linearly, so their whole computation
     runs on this matrix and the result is Σ cᵢxᵢ, element-wise given it."""
-    return [Total(f"{i},{j}", lambda ctx, *xs, i=i, j=j: xs[i] * xs[j]) for i in range(inputs) for j in range(i, inputs)]
+    return [Total(f"{i},{j}", lambda ctx, *xs, i=i, j=j: xs[i] * xs[j])
+            for i in range(inputs) for j in range(i, inputs)]
 
 
 def gram(stats, n: int) -> torch.Tensor:
