@@ -58,7 +58,12 @@ class _Select:
         self.last_tie = numel
         self.bucket = 0  # elements in the bucket of the prefix found so far
         self.dtype: Any = None
-        self.candidates: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # the bucket's bit patterns and flat indices, in flat order; allocated once at the
+        # bucket's size (known from the histogram): small tensors kept between a pass's large
+        # temporaries would fragment the heap and grow the process by hundreds of MB
+        self.found_bits: torch.Tensor | None = None
+        self.found_where: torch.Tensor | None = None
+        self.filled = 0
 
     def magnitude_bits(self, ctx: MergeContext, inputs: Sequence[Any]) -> torch.Tensor:
         magnitudes = self.request.of(ctx, *inputs).abs()
@@ -78,9 +83,16 @@ class _Select:
 
     def collect(self, ctx: MergeContext, bits: torch.Tensor) -> None:
         """Keep the bit patterns and flat indices of the piece's elements in the prefix's bucket."""
+        if self.found_bits is None:
+            self.found_bits = torch.empty(self.bucket, dtype=bits.dtype)
+            self.found_where = torch.empty(self.bucket, dtype=torch.int64)
+        assert self.found_where is not None
         where = torch.nonzero((bits >> (self.width - 16)) == self.prefix).reshape(-1)
-        if where.numel():
-            self.candidates.append((bits[where], where + ctx.start))
+        count = where.numel()
+        if count:
+            self.found_bits[self.filled:self.filled + count] = bits[where].cpu()
+            self.found_where[self.filled:self.filled + count] = where.cpu() + ctx.start
+            self.filled += count
 
     def choose(self, hist: torch.Tensor, last_digit: bool) -> None:
         """Find the bucket holding the rank-th largest; on the last digit, the threshold."""
@@ -98,9 +110,9 @@ class _Select:
 
     def settle(self) -> None:
         """The threshold and the last tie kept, from the collected bucket (in flat order)."""
-        bits = torch.cat([b for b, _ in self.candidates])
-        where = torch.cat([i for _, i in self.candidates])
-        self.candidates = []
+        assert self.found_bits is not None and self.found_where is not None and self.filled == self.bucket
+        bits, where = self.found_bits, self.found_where
+        self.found_bits = self.found_where = None
         threshold = torch.sort(bits, descending=True).values[self.rank - 1]
         above = int((bits > threshold).sum())
         equal = bits == threshold
