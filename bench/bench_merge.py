@@ -125,8 +125,9 @@ if kind == "ws":
     r = s.weighted_sum(models[0], models[1], alpha=0.5)
 elif kind == "avg":
     r = s.n_average(*models)
-elif kind == "ties":
-    r = s.add_difference_ties(models[0], *models[1:], alpha=1.0, k=0.2)
+elif kind == "ties":  # 1.1.8's add_difference_ties wrapper fails ('NoneType' has no 'identifier'): its parts
+    L, T = s.extensions.builtin.merge_methods.linear, s.extensions.builtin.merge_methods.ties
+    r = L.add_difference(models[0], T.ties_sum(*[L.subtract(m, models[0]) for m in models[1:]], k=0.2))
 else:
     r = s.add_difference(models[0], models[1], models[2], alpha=1.0)
 s.merge(r, output=out)

@@ -148,10 +148,15 @@ class Selection:
 
         if self.threshold is None:
             return torch.full_like(magnitudes, self.k >= self.numel, dtype=torch.bool)
+        cut = self.last_tie + 1 - ctx.start  # the piece's elements are in flat order
+        if cut >= magnitudes.numel():  # every tie in this piece is kept
+            return magnitudes >= self.threshold
         above = magnitudes > self.threshold
-        if self.last_tie >= self.numel:
-            return above | (magnitudes == self.threshold)
-        return above | ((magnitudes == self.threshold) & (ctx.indices() <= self.last_tie))
+        if cut <= 0:  # every tie kept lies before this piece
+            return above
+        equal = magnitudes == self.threshold
+        equal.view(-1)[cut:] = False
+        return above.logical_or_(equal)
 
 
 Statistic = Total | TopK

@@ -69,3 +69,16 @@ def test_rotate_declares_the_svd_working_set(tmp_path):
             (unit,) = units(plan)
     # inputs and result (3 tensors of 512·256 float32) plus rotate's own: 8 copies and 12 256×256 complex
     assert unit.cost == 3 * 512 * 256 * 4 + 8 * 512 * 256 * 4 + 12 * 256 * 256 * 16
+
+
+def test_a_key_whose_working_set_exceeds_the_budget_is_named_in_a_warning(tmp_path, capfd):
+    heavy, state = _recording_method(lambda info, inputs, itemsize: 2 * BUDGET)
+    path = tmp_path / "m.safetensors"
+    write_checkpoint(path, {"big": torch.ones(16, 16), "small": torch.ones(4)})
+    with using(plugin_from_functions("heavy", mecha_merge_methods=lambda: [heavy])):
+        mecha_core.merge(mecha_core.heavy(mecha_core.model(str(path))), tmp_path / "o.safetensors",
+                         threads=2, memory_budget=BUDGET)
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "key 'big' and 1 other key(s) cannot be sliced" in err[0] and "more than --memory-budget" in err[0]
+    assert state["most"] == 1

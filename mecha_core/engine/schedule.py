@@ -125,9 +125,11 @@ def units(plan: Plan) -> list[Unit]:
     limit = max(1, plan.options.memory_budget)
     out = []
     for i, (key, start, stop, ranges) in enumerate(pieces):
-        if ranges:  # one slice at a time, plus the selection's bit patterns (int64) of one input
+        if ranges:  # one slice at a time, plus a selection's bit patterns and shifted digits of one
+            # input (16 bytes an element at most) and the candidates it collects (at most one
+            # slice's worth, 12 bytes each: engine/statistics.py)
             elements = max(b - a for a, b in ranges)
-            cost = unit_cost(plan, key, elements) + 16 * elements
+            cost = unit_cost(plan, key, elements) + 28 * elements
         else:
             cost = unit_cost(plan, key, None if stop is None else stop - start)
         last = i + 1 == len(pieces) or pieces[i + 1][0] != key
@@ -196,6 +198,7 @@ def run_units(plan: Plan, job: Callable[[Unit], int], progress: bool = False) ->
     """
     opts = plan.options
     todo = units(plan)
+    _warn_over_budget(plan, todo)
     threads = max(1, opts.threads or os.cpu_count() or 1)
     budget = Budget(max(1, opts.memory_budget))
     stop = threading.Event()
@@ -242,6 +245,26 @@ def run_units(plan: Plan, job: Callable[[Unit], int], progress: bool = False) ->
     if errors:
         errors.sort(key=lambda e: e[0])
         raise errors[0][1]
+
+
+def over_budget(plan: Plan, todo: list[Unit]) -> list[tuple[str, int]]:
+    """The whole keys that need more than the memory budget on their own (key, bytes): they
+    run alone, and the merge then holds about that much."""
+    limit = max(1, plan.options.memory_budget)
+    return [(u.key, unit_cost(plan, u.key)) for u in todo
+            if u.stop is None and not u.pieces and u.cost >= limit and unit_cost(plan, u.key) > limit]
+
+
+def _warn_over_budget(plan: Plan, todo: list[Unit]) -> None:
+    found = over_budget(plan, todo)
+    if not found:
+        return
+    key, need = max(found, key=lambda f: f[1])
+    more = f" and {len(found) - 1} other key(s)" if len(found) > 1 else ""
+    sys.stderr.write(f"warning: key '{key}'{more} cannot be sliced by its method and needs about "
+                     f"{format_bytes(need)} of working memory, more than --memory-budget "
+                     f"{format_bytes(plan.options.memory_budget)}; such keys run one at a time, so the merge "
+                     f"holds about {format_bytes(need)} at its peak\n")
 
 
 def _drain(pool: cf.ThreadPoolExecutor, active: list[int], lock: threading.Lock) -> None:

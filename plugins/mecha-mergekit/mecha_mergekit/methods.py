@@ -10,11 +10,12 @@ distribution matches). Names start with ``mergekit_``: they never hide a mecha m
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from mecha_core.lazy import torch
 
-from mecha_core import WEIGHT, merge_method
+from mecha_core import WEIGHT, Total, merge_method
 
 from .params import Settings, as_bool, as_float, evaluate
 
@@ -153,7 +154,9 @@ def _gta_method(name: str, formula: str):
                       f"summed, normalised when ``normalize`` (default {_GTA[name][2]}), times ``lambda``.\n\n"
                       f"{_SETTINGS_NOTE} ``seed``: the seed of the random draws (combined with the key).")
     method.__name__ = f"mergekit_{name}"
-    return merge_method(method, name=f"mergekit_{name}", spaces=WEIGHT, formula=formula)
+    # task_arithmetic neither sparsifies nor elects signs: each output entry is its own inputs'
+    return merge_method(method, name=f"mergekit_{name}", spaces=WEIGHT, formula=formula,
+                        elementwise=_GTA[name][1] is None and not _GTA[name][0])
 
 
 GTA_METHODS = [
@@ -169,7 +172,7 @@ GTA_METHODS = [
 
 
 # -- the others ---------------------------------------------------------------------------------------
-@merge_method(spaces=WEIGHT, formula="Σ wᵢθᵢ / Σ wᵢ  (no division without normalize)")
+@merge_method(spaces=WEIGHT, elementwise=True, formula="Σ wᵢθᵢ / Σ wᵢ  (no division without normalize)")
 def mergekit_linear(*models, settings: str = "{}", ctx=None):
     """mergekit's ``linear``: every input weighted by its ``weight`` (required), divided by the
     sum of the weights when ``normalize`` (default true); float32 compute.
@@ -187,30 +190,36 @@ def mergekit_linear(*models, settings: str = "{}", ctx=None):
     return result
 
 
-@merge_method(spaces=WEIGHT, formula="(sin((1−t)Ω)·a + sin(tΩ)·b) / sin Ω on the raw tensors,  cos Ω = â·b̂")
-def mergekit_slerp(base, other, *, settings: str = "{}", ctx=None):
+def _slerp_statistics(ctx, inputs, **_):
+    return [Total("aa", lambda ctx, a, b: a * a), Total("bb", lambda ctx, a, b: b * b),
+            Total("ab", lambda ctx, a, b: a * b)]
+
+
+@merge_method(spaces=WEIGHT, elementwise=True, statistics=_slerp_statistics,
+              formula="(sin((1−t)Ω)·a + sin(tΩ)·b) / sin Ω on the raw tensors,  cos Ω = â·b̂")
+def mergekit_slerp(base, other, *, settings: str = "{}", stats=None, ctx=None):
     """mergekit's ``slerp``: the sine coefficients computed from the normalised, flattened
     tensors and applied to the raw ones (no norm interpolation); linear when |cos Ω| > 0.9995.
+    The norms and the dot product are summed in float64 over slices of the key (mergekit's
+    float32 sums drift with the tensor's size), so large keys run in bounded memory.
 
     ``settings``: the config's parameters (global and per model) as JSON, resolved per key as mergekit does.
     """
     cfg = Settings(settings, getattr(ctx, "key", ""), ctx)
     t = cfg.shared("t", as_float)
     a, b = _work((base, other))
-    x, y = a.reshape(-1), b.reshape(-1)
-    if x.numel() == 0:
+    if ctx is None or ctx.info.numel == 0:
         return (1 - t) * a + t * b
     eps = 1e-8
-    na, nb = torch.linalg.vector_norm(x), torch.linalg.vector_norm(y)
-    na = torch.where(na > eps, na, torch.ones_like(na))
-    nb = torch.where(nb > eps, nb, torch.ones_like(nb))
-    dot = ((x / na) * (y / nb)).sum().clamp(-1, 1)
-    linear = dot.abs() > 0.9995
-    theta = torch.acos(torch.where(linear, torch.zeros_like(dot), dot))
-    sin_theta = torch.sin(theta)
-    coef_a = torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
-    coef_b = torch.where(linear, torch.full_like(dot, t), torch.sin(t * theta) / sin_theta)
-    return coef_a * a + coef_b * b
+    na, nb = math.sqrt(stats["aa"]), math.sqrt(stats["bb"])
+    na = na if na > eps else 1.0
+    nb = nb if nb > eps else 1.0
+    dot = min(max(stats["ab"] / (na * nb), -1.0), 1.0)
+    if abs(dot) > 0.9995:
+        return (1 - t) * a + t * b
+    theta = math.acos(dot)
+    sin_theta = math.sin(theta)
+    return (math.sin((1 - t) * theta) / sin_theta) * a + (math.sin(t * theta) / sin_theta) * b
 
 
 def _nuslerp(t: float, v0, v1, row_wise: bool, flatten: bool):
@@ -254,7 +263,7 @@ def mergekit_nuslerp(first, second, base=None, *, settings: str = "{}", ctx=None
     return c + _nuslerp(t, a - c, b - c, row_wise, flatten)
 
 
-@merge_method(spaces=WEIGHT, formula="w·b + (1 − w)·a,  w = clamp(t / max(|a − b|, 1e-6), 0, 1)")
+@merge_method(spaces=WEIGHT, elementwise=True, formula="w·b + (1 − w)·a,  w = clamp(t / max(|a − b|, 1e-6), 0, 1)")
 def mergekit_nearswap(base, other, *, settings: str = "{}", ctx=None):
     """mergekit's ``nearswap``: entries where the base and the other model are close take the
     other's value, far ones keep the base's.
@@ -299,7 +308,7 @@ def mergekit_model_stock(base, *models, settings: str = "{}", ctx=None):
     return (t * (sum(ws) / n) + (1 - t) * w0).reshape(shape)
 
 
-@merge_method(spaces=WEIGHT, formula="θ · scale  (scale absent: θ)")
+@merge_method(spaces=WEIGHT, elementwise=True, formula="θ · scale  (scale absent: θ)")
 def mergekit_passthrough(model, *, settings: str = "{}", ctx=None):
     """mergekit's ``passthrough``: the one input, times its ``scale`` parameter when set.
 

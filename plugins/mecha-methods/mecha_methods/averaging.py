@@ -10,10 +10,9 @@ from mecha_core.lazy import torch
 from mecha_core import WEIGHT, Total, merge_method
 from mecha_core.errors import MergeError
 
-from mecha_core.kit.reductions import norm64
-
 from ._checks import at_least, choice, model_weights, positive_int
 from ._precision import in_float32
+from .spherical import combine
 
 _SPACES = {"base": WEIGHT, "models": WEIGHT}
 
@@ -90,37 +89,53 @@ def model_stock(base, *models, pairs: Literal["all", "consecutive"] = "all", eps
     return t * mean + (1 - t) * base
 
 
-@merge_method(formula="argmin_m Σ ‖xᵢ − m‖ (Weiszfeld iterations)", check_spaces=at_least(1, "model"))
+def _centred_gram(ctx, inputs, **_):
+    """(xᵢ − x₀)·(xⱼ − x₀) for 1 ≤ i ≤ j, summed in float64 over slices: the distances between
+    combinations of the inputs without the cancellation of ‖xᵢ‖² − 2xᵢ·m + ‖m‖²."""
+    return [Total(f"{i},{j}", lambda ctx, *xs, i=i, j=j: (xs[i] - xs[0]) * (xs[j] - xs[0]))
+            for i in range(1, inputs) for j in range(i, inputs)]
+
+
+@merge_method(formula="argmin_m Σ ‖xᵢ − m‖ (Weiszfeld iterations)", check_spaces=at_least(1, "model"),
+              elementwise=True, statistics=_centred_gram)
 @in_float32
-def geometric_median(*models, eps: float = 1e-6, maxiter: int = 100, ftol: float = 1e-20):
+def geometric_median(*models, eps: float = 1e-6, maxiter: int = 100, ftol: float = 1e-20, stats=None):
     """The geometric median of the inputs: robust to an outlier model, unlike the mean.
 
     The median is the point minimising the sum of Euclidean distances to the flattened inputs.
 
     Weiszfeld's algorithm from the mean: each step is the average of the inputs weighted by
     1 / max(‖xᵢ − m‖, eps); it stops after maxiter steps, or when the sum of distances improves
-    by at most ftol times its value.
+    by at most ftol times its value. Every iterate is a weighted mean of the inputs, so the
+    distances come from the dot products of the differences xᵢ − x₀, summed in float64 over
+    slices of the key (bounded memory for any size), and the result Σ cᵢxᵢ is element-wise.
     """
     maxiter = positive_int("geometric_median", "maxiter", maxiter)
     if not eps > 0:  # the weights are 1 / max(distance, eps): 0 divides by zero, < 0 flips signs
         raise MergeError(f"geometric_median(eps={eps!r}): must be greater than 0")
-    stack = torch.stack([m.reshape(-1) for m in models])
-    median = stack.mean(dim=0)
-    distances = _distances(stack, median)
-    objective = distances.sum()
+    n = len(models)
+    g = torch.zeros((n, n), dtype=torch.float64)  # row and column 0: x₀ − x₀ = 0
+    for i in range(1, n):
+        for j in range(i, n):
+            g[i, j] = g[j, i] = stats[f"{i},{j}"]
+    eye = torch.eye(n, dtype=torch.float64)
+
+    def distances(c: torch.Tensor) -> torch.Tensor:
+        # ‖xᵢ − Σ cⱼxⱼ‖ = ‖(eᵢ − c)·(x − x₀)‖ when Σ cⱼ = 1
+        diff = eye - c
+        return torch.einsum("ij,jk,ik->i", diff, g, diff).clamp(min=0).sqrt()
+
+    c = torch.full((n,), 1.0 / n, dtype=torch.float64)
+    d = distances(c)
+    objective = float(d.sum())
     for _ in range(maxiter):
-        weights = 1 / torch.clamp(distances, min=eps)
-        median = (weights[:, None] * stack).sum(dim=0) / weights.sum()
-        distances = _distances(stack, median)
-        previous, objective = objective, distances.sum()
+        weights = 1 / torch.clamp(d, min=eps)
+        c = weights / weights.sum()
+        d = distances(c)
+        previous, objective = objective, float(d.sum())
         if abs(previous - objective) <= ftol * objective:
             break
-    return median.reshape(models[0].shape)
-
-
-def _distances(stack: torch.Tensor, median: torch.Tensor) -> torch.Tensor:
-    """‖xᵢ − median‖ for each row of ``stack``, accumulated in float64 (in the rows' dtype)."""
-    return torch.stack([norm64(row - median) for row in stack]).to(stack.dtype)
+    return combine(models, c)
 
 
 AVERAGING = [task_arithmetic, model_stock, geometric_median]

@@ -8,11 +8,22 @@ import functools
 
 from mecha_core.lazy import torch
 
-from mecha_core import WEIGHT, merge_method
+from mecha_core import WEIGHT, Total, merge_method
 from mecha_core.kit.reductions import dot64, norm64
 
 from ._checks import fraction
 from ._precision import in_float32
+
+
+def _copies(count: int):
+    """A ``working_set``: ``count`` float32 (or wider) copies of the key besides the inputs and
+    the result, for methods that cannot be sliced (their reductions run along a whole
+    dimension, or an FFT takes every element)."""
+
+    def working_set(info, inputs: int, itemsize: int) -> int:
+        return count * info.numel * max(itemsize, 4)
+
+    return working_set
 
 
 def _as_columns(x: torch.Tensor) -> torch.Tensor:
@@ -25,7 +36,7 @@ def _cosine_lerp(a: torch.Tensor, b: torch.Tensor, similarity: torch.Tensor, alp
     return (1 - k) * a + k * b
 
 
-@merge_method(spaces=WEIGHT, returns=WEIGHT,
+@merge_method(spaces=WEIGHT, returns=WEIGHT, working_set=_copies(6),
               formula="lerp(a, b, k),  k = 1 − clamp(cos_dim0(a/‖a‖₀, b/‖b‖₀) − alpha, 0, 1)")
 @in_float32
 def add_cosine_a(a, b, *, alpha: float = 0.0):
@@ -47,7 +58,7 @@ def add_cosine_a(a, b, *, alpha: float = 0.0):
     return _cosine_lerp(a1, b1, sim, alpha).reshape(a.shape)
 
 
-@merge_method(spaces=WEIGHT, returns=WEIGHT,
+@merge_method(spaces=WEIGHT, returns=WEIGHT, working_set=_copies(5),
               formula="lerp(a, b, k),  k = 1 − clamp((cos_dim0(a, b) + a·b/(‖a‖‖b‖))/2 − alpha, 0, 1)")
 @in_float32
 def add_cosine_b(a, b, *, alpha: float = 0.0):
@@ -82,22 +93,27 @@ def train_difference(a, b, c, *, alpha: float = 1.0):
     return a + diff * (1.8 * alpha) * scale
 
 
-@merge_method(spaces=WEIGHT, returns=WEIGHT,
+def _perpendicular_statistics(ctx, inputs, **_):
+    return [Total("aa", lambda ctx, a, b, c: (a - c) * (a - c)), Total("ab", lambda ctx, a, b, c: (a - c) * (b - c))]
+
+
+@merge_method(spaces=WEIGHT, returns=WEIGHT, elementwise=True, statistics=_perpendicular_statistics,
               formula="a + alpha·(d_b − d_a·(d_a·d_b)/‖d_a‖²),  d_a = a − c, d_b = b − c")
 @in_float32
-def add_perpendicular(a, b, c, *, alpha: float = 1.0):
+def add_perpendicular(a, b, c, *, alpha: float = 1.0, stats=None):
     """Add to a the part of b − c orthogonal to a − c: b's change, minus what a already has.
 
     The tensors are flattened; the component of b − c along a − c is removed and the rest is
-    added to a, scaled by alpha.
+    added to a, scaled by alpha. The dot products are summed in float64 over slices of the key,
+    so the result is element-wise given them (bounded memory for any size).
 
     When a equals c (‖a − c‖ = 0) nothing is projected out and all of b − c is added (sd-mecha
     adds nothing in that case).
     """
-    da, db = (a - c).reshape(-1), (b - c).reshape(-1)
-    norm2 = float(dot64(da, da))  # float64: float32 sums drift with the tensor's size
-    perp = db - da * (float(dot64(da, db)) / norm2) if norm2 > 0 else db
-    return a + alpha * perp.reshape(a.shape)
+    da, db = a - c, b - c
+    norm2 = stats["aa"]  # float64: float32 sums drift with the tensor's size
+    perp = db - da * (stats["ab"] / norm2) if norm2 > 0 else db
+    return a + alpha * perp
 
 
 def _radial_frequency(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -111,7 +127,8 @@ def _radial_frequency(shape: tuple[int, ...], device: torch.device) -> torch.Ten
     return (sum(g ** 2 for g in grids) / len(sizes)).sqrt()
 
 
-@merge_method(formula="irfftn((1 − F)·rfftn(a) + F·rfftn(b)),  F = (1 − tilt)·[r > 1 − alpha] + tilt·alpha")
+@merge_method(working_set=_copies(10),
+              formula="irfftn((1 − F)·rfftn(a) + F·rfftn(b)),  F = (1 − tilt)·[r > 1 − alpha] + tilt·alpha")
 @in_float32
 def crossover(a, b, *, alpha: float = 0.5, tilt: float = 0.0):
     """Frequency crossover: the low spatial frequencies of a with the high ones of b.

@@ -38,9 +38,22 @@ def deltas_of(base: torch.Tensor, models: tuple[torch.Tensor, ...]) -> list[torc
     return [m - base for m in models]
 
 
+_SAME_SIZE_INT = {2: "int16", 4: "int32", 8: "int64"}
+
+
+def kept(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``torch.where(mask, values, 0.0)``, bit for bit (NaN and -0.0 included), as a bitwise and
+    of the values' bit patterns: torch's CPU ``where`` on an irregular mask costs 10-20 ns per
+    element, this about 1."""
+    if values.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64) or not values.is_contiguous():
+        return torch.where(mask, values, 0.0)
+    itype = getattr(torch, _SAME_SIZE_INT[values.element_size()])
+    return (values.view(itype) & mask.to(itype).neg_()).view(values.dtype)
+
+
 def keep_selected(delta: torch.Tensor, selection, ctx) -> torch.Tensor:
     """``delta`` with every entry the ``TopK`` selection of its magnitudes left out set to zero."""
-    return torch.where(selection.mask(delta.abs(), ctx), delta, torch.zeros_like(delta))
+    return kept(delta, selection.mask(delta.abs(), ctx))
 
 
 def keep_at_least(delta: torch.Tensor, selection) -> torch.Tensor:
@@ -68,7 +81,10 @@ def elect_sign(deltas: list[torch.Tensor], vote: str) -> torch.Tensor:
     """TIES sign election: the sign of the summed deltas ("sum", magnitude-weighted) or of the
     summed signs ("count", one vote per model)."""
     if vote == "sum":
-        return torch.sign(sum(deltas))
+        total = deltas[0] + deltas[1] if len(deltas) > 1 else deltas[0].clone()
+        for d in deltas[2:]:
+            total += d
+        return total.sign_()
     return torch.sign(sum(torch.sign(d) for d in deltas))
 
 
@@ -79,15 +95,22 @@ def disjoint_mean(deltas: list[torch.Tensor], sign: torch.Tensor,
     With ``weights`` (the deltas already multiplied by them), the sum of the agreeing weighted
     deltas is divided by the sum of their weights, Σ mᵢwᵢδᵢ / Σ mᵢwᵢ (1 where that is 0), as
     mergekit's TIES does."""
-    total = torch.zeros_like(deltas[0])
-    count = torch.zeros_like(deltas[0])
+    total = count = None
     for i, d in enumerate(deltas):
-        agrees = (torch.sign(d) == sign) & (d != 0)
-        total += torch.where(agrees, d, torch.zeros_like(d))
-        count += agrees.to(d.dtype) if weights is None else torch.where(agrees, weights[i], 0.0).to(d.dtype)
+        # sign(d) == sign and d != 0, in one comparison (sign is -1, 0, 1 or NaN); the agreeing
+        # deltas share a sign, so their sum never cancels to a zero of the other sign
+        agrees = (d * sign) > 0
+        part = kept(d, agrees)
+        weight = agrees.to(d.dtype) if weights is None else kept(torch.full_like(d, weights[i]), agrees)
+        if total is None:
+            total, count = part, weight
+        else:
+            total += part
+            count += weight
+    assert total is not None and count is not None
     if weights is None:
-        return total / count.clamp(min=1)
-    return total / torch.where(count == 0, torch.ones_like(count), count)
+        return total / count.clamp_(min=1)
+    return total / torch.where(count == 0, 1.0, count)
 
 
 def ties_merge(deltas: list[torch.Tensor], vote: str, weights: list[float] | None = None) -> torch.Tensor:
@@ -172,7 +195,8 @@ def ties(base, *models, density: float = 0.2, alpha: float = 1.0, vote: Vote = "
         trimmed = [keep_at_least(d, stats[f"trim{i}"]) for i, d in enumerate(deltas)]
     else:
         trimmed = [keep_selected(d, stats[f"trim{i}"], ctx) for i, d in enumerate(deltas)]
-    return base + alpha * ties_merge(trimmed, vote, w)
+    merged = ties_merge(trimmed, vote, w)
+    return base + (merged if alpha == 1 else alpha * merged)
 
 
 # -- DARE ----------------------------------------------------------------------------------------

@@ -12,16 +12,9 @@ from mecha_core.lazy import torch
 
 from mecha_core import Total, merge_method
 from mecha_core.errors import MergeError
-from mecha_core.kit.reductions import dot64, norm64
 
 from ._checks import at_least, per_model_weights, positive_int
 from ._precision import in_float32
-
-
-def _unit(x: torch.Tensor, eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
-    # the norm accumulates in float64: torch's float32 norm drifts with the tensor's size
-    norm = norm64(x)
-    return x / torch.clamp(norm, min=eps).to(x.dtype), norm.to(x.dtype)
 
 
 def _slerp_statistics(ctx, inputs, **_):
@@ -61,10 +54,53 @@ def slerp(a, b, *, alpha: float = 0.5, parallel: float = 0.9995, stats=None):
 _OPPOSED = 1e-6
 
 
+def gram_statistics(ctx, inputs, **_):
+    """Every dot product xᵢ·xⱼ (i ≤ j) of the flattened inputs, summed in float64 over slices:
+    multislerp and karcher only ever combine the inputs linearly, so their whole computation
+    runs on this matrix and the result is Σ cᵢxᵢ, element-wise given it."""
+    return [Total(f"{i},{j}", lambda ctx, *xs, i=i, j=j: xs[i] * xs[j])
+            for i in range(inputs) for j in range(i, inputs)]
+
+
+def gram(stats, n: int) -> torch.Tensor:
+    """The n×n float64 matrix of the dot products :func:`gram_statistics` summed."""
+    g = torch.empty((n, n), dtype=torch.float64)
+    for i in range(n):
+        for j in range(i, n):
+            g[i, j] = g[j, i] = stats[f"{i},{j}"]
+    return g
+
+
+class _Span:
+    """Vectors of the inputs' span as coefficients c (the vector Σ cᵢxᵢ), with the Gram matrix
+    giving their dot products and norms in float64."""
+
+    def __init__(self, g: torch.Tensor):
+        self.g = g
+
+    def dot(self, a: torch.Tensor, b: torch.Tensor) -> float:
+        return float(a @ self.g @ b)
+
+    def norm(self, a: torch.Tensor) -> float:
+        return math.sqrt(max(self.dot(a, a), 0.0))
+
+    def unit(self, a: torch.Tensor, eps: float = 1e-12) -> tuple[torch.Tensor, float]:
+        n = self.norm(a)
+        return a / max(n, eps), n
+
+
+def combine(xs, coefficients) -> torch.Tensor:
+    """Σ cᵢxᵢ, element by element in the inputs' dtype."""
+    out = xs[0] * float(coefficients[0])
+    for x, c in zip(xs[1:], coefficients[1:]):
+        out += x * float(c)
+    return out
+
+
 @merge_method(formula="exp_μ(Σ wᵢ (uᵢ − (uᵢ·μ)μ)) · Σ wᵢ‖xᵢ‖,  uᵢ = xᵢ/‖xᵢ‖, μ = normalised Σ wᵢuᵢ",
-              check_spaces=at_least(1, "model"))
+              check_spaces=at_least(1, "model"), elementwise=True, statistics=gram_statistics)
 @in_float32
-def multislerp(*models, weights: tuple = None, eps: float = 1e-8):
+def multislerp(*models, weights: tuple = None, eps: float = 1e-8, stats=None):
     """Spherical interpolation of any number of tensors (mergekit's multi-SLERP).
 
     weights: one per input (a recipe list such as [0.3, 0.7]); the default (null) means equal
@@ -75,26 +111,30 @@ def multislerp(*models, weights: tuple = None, eps: float = 1e-8):
     the weighted mean of the uᵢ is shorter than 1e-6 (directions that cancel, such as x and −x)
     there is no μ, and the result is the plain weighted mix Σ wᵢxᵢ. For
     task-vector interpolation, give it deltas (e.g. subtract(model, base)) and add the result to
-    the base.
+    the base. Every vector involved is a combination of the inputs, so the norms and dot products
+    come from the inputs' dot products, summed in float64 over slices of the key (bounded memory
+    for any size), and the result is Σ cᵢxᵢ computed element-wise.
     """
     w = per_model_weights("multislerp", weights, len(models))
-    flat = [m.reshape(-1) for m in models]
-    units, norms = zip(*(_unit(x, eps) for x in flat))
-    mu, spread = _unit(sum(wi * u for wi, u in zip(w, units)), eps)
+    n = len(models)
+    space = _Span(gram(stats, n))
+    eye = torch.eye(n, dtype=torch.float64)
+    units, norms = zip(*(space.unit(eye[i], eps) for i in range(n)))
+    mu, spread = space.unit(sum(wi * u for wi, u in zip(w, units)), eps)
     if spread < _OPPOSED:  # the directions cancel (x and −x): no mean direction, as in slerp
-        return sum(wi * m for wi, m in zip(w, models))
-    tau = sum(wi * (u - dot64(u, mu).to(u.dtype) * mu) for wi, u in zip(w, units))
-    tn = norm64(tau).to(tau.dtype)
-    direction = mu if tn < eps else mu * torch.cos(tn) + tau * (torch.sin(tn) / tn)
-    direction, _ = _unit(direction, eps)
-    scale = sum(wi * n for wi, n in zip(w, norms))
-    return (direction * scale).reshape(models[0].shape)
+        return combine(models, w)
+    tau = sum(wi * (u - space.dot(u, mu) * mu) for wi, u in zip(w, units))
+    tn = space.norm(tau)
+    direction = mu if tn < eps else mu * math.cos(tn) + tau * (math.sin(tn) / tn)
+    direction, _ = space.unit(direction, eps)
+    scale = sum(wi * nrm for wi, nrm in zip(w, norms))
+    return combine(models, direction * scale)
 
 
 @merge_method(formula="the weighted Fréchet mean of xᵢ/‖xᵢ‖ on the unit sphere, times Σ wᵢ‖xᵢ‖",
-              check_spaces=at_least(1, "model"))
+              check_spaces=at_least(1, "model"), elementwise=True, statistics=gram_statistics)
 @in_float32
-def karcher(*models, weights: tuple = None, maxiter: int = 10, tol: float = 1e-5):
+def karcher(*models, weights: tuple = None, maxiter: int = 10, tol: float = 1e-5, stats=None):
     """The Karcher (Riemannian) mean of the flattened tensors' directions, given their mean norm.
 
     weights: one per input (recipe list), default null = equal; normalised to sum 1. Starting from
@@ -103,27 +143,31 @@ def karcher(*models, weights: tuple = None, maxiter: int = 10, tol: float = 1e-5
     weights and moves μ along the exponential map; it stops after maxiter steps or when the
     averaged tangent vector is shorter than tol. The result is μ·Σ wᵢ‖xᵢ‖. Directions that
     cancel (a weighted mean of the uᵢ shorter than 1e-6) give the plain weighted mix Σ wᵢxᵢ.
+    μ stays a combination of the inputs, so the iteration runs on their dot products (summed in
+    float64 over slices of the key) and the result is Σ cᵢxᵢ, element-wise given them.
     """
     w = per_model_weights("karcher", weights, len(models))
     maxiter = positive_int("karcher", "maxiter", maxiter)
-    flat = [m.reshape(-1) for m in models]
-    units, norms = zip(*(_unit(x) for x in flat))
-    mu, spread = _unit(sum(wi * u for wi, u in zip(w, units)))
+    n = len(models)
+    space = _Span(gram(stats, n))
+    eye = torch.eye(n, dtype=torch.float64)
+    units, norms = zip(*(space.unit(eye[i]) for i in range(n)))
+    mu, spread = space.unit(sum(wi * u for wi, u in zip(w, units)))
     if spread < _OPPOSED:  # the directions cancel: no starting point on the sphere
-        return sum(wi * m for wi, m in zip(w, models))
+        return combine(models, w)
     for _ in range(maxiter):
-        tangent = torch.zeros_like(mu)
+        tangent = torch.zeros(n, dtype=torch.float64)
         for wi, u in zip(w, units):
-            cos = torch.clamp(dot64(u, mu), -1.0, 1.0).to(u.dtype)
-            theta = torch.arccos(cos)
+            cos = min(max(space.dot(u, mu), -1.0), 1.0)
+            theta = math.acos(cos)
             if theta > 1e-7:
-                tangent += wi * (theta / torch.sin(theta)) * (u - cos * mu)
-        step = norm64(tangent).to(tangent.dtype)
+                tangent += wi * (theta / math.sin(theta)) * (u - cos * mu)
+        step = space.norm(tangent)
         if step < tol:
             break
-        mu, _ = _unit(mu * torch.cos(step) + tangent * (torch.sin(step) / step))
-    scale = sum(wi * n for wi, n in zip(w, norms))
-    return (mu * scale).reshape(models[0].shape)
+        mu, _ = space.unit(mu * math.cos(step) + tangent * (math.sin(step) / step))
+    scale = sum(wi * nrm for wi, nrm in zip(w, norms))
+    return combine(models, mu * scale)
 
 
 SPHERICAL = [slerp, multislerp, karcher]
