@@ -145,6 +145,24 @@ _SETTINGS_NOTE = ("``settings``: the config's parameters (global and per model) 
                   "mergekit does.")
 
 
+def _per_input(copies: int):
+    """A ``working_set`` for a method that takes whole keys (mergekit's definitions stack the
+    deltas, sort them, draw whole-tensor masks): ``copies`` float32 copies of the key per input,
+    as measured by bench/bench_methods_memory.py (rounded up). The scheduler then admits such
+    keys within the memory budget, one at a time when one alone exceeds it."""
+
+    def working_set(info, inputs: int, itemsize: int) -> int:
+        return copies * max(inputs, 1) * info.numel * max(itemsize, 4)
+
+    return working_set
+
+
+#: float32 copies per input each whole-key method holds at its peak (32M-element key, 4 inputs)
+_COPIES = {"ties": 5, "dare_ties": 5, "breadcrumbs_ties": 5, "della": 5, "dare_linear": 4, "breadcrumbs": 4,
+           "della_linear": 4, "model_stock": 3, "sce": 6, "nuslerp": 4, "multislerp": 5, "karcher": 5,
+           "arcee_fusion": 5}
+
+
 def _gta_method(name: str, formula: str):
     def method(base, *models, settings: str = "{}", seed: int = 0, ctx=None):
         return _gta(name, base, models, settings, seed, ctx)
@@ -156,7 +174,8 @@ def _gta_method(name: str, formula: str):
     method.__name__ = f"mergekit_{name}"
     # task_arithmetic neither sparsifies nor elects signs: each output entry is its own inputs'
     return merge_method(method, name=f"mergekit_{name}", spaces=WEIGHT, formula=formula,
-                        elementwise=_GTA[name][1] is None and not _GTA[name][0])
+                        elementwise=_GTA[name][1] is None and not _GTA[name][0],
+                        working_set=_per_input(_COPIES[name]) if name in _COPIES else None)
 
 
 GTA_METHODS = [
@@ -242,7 +261,8 @@ def _nuslerp(t: float, v0, v1, row_wise: bool, flatten: bool):
     return result.reshape(shape)
 
 
-@merge_method(spaces=WEIGHT, formula="slerp(t, a, b) on the raw tensors (or their deltas from base),  t = w₂/(w₁+w₂)")
+@merge_method(spaces=WEIGHT, working_set=_per_input(_COPIES["nuslerp"]),
+              formula="slerp(t, a, b) on the raw tensors (or their deltas from base),  t = w₂/(w₁+w₂)")
 def mergekit_nuslerp(first, second, base=None, *, settings: str = "{}", ctx=None):
     """mergekit's ``nuslerp``: two models weighted ``weight``; with a base, their deltas are
     slerped and added to it. ``nuslerp_flatten`` (default true) treats the tensor as one vector,
@@ -277,7 +297,8 @@ def mergekit_nearswap(base, other, *, settings: str = "{}", ctx=None):
     return weight * b + (1 - weight) * a
 
 
-@merge_method(spaces=WEIGHT, formula="t·mean(θᵢ) + (1 − t)·base,  t = N·cos / (1 + (N − 1)·cos), cos the mean pairwise")
+@merge_method(spaces=WEIGHT, working_set=_per_input(_COPIES["model_stock"]),
+              formula="t·mean(θᵢ) + (1 − t)·base,  t = N·cos / (1 + (N − 1)·cos), cos the mean pairwise")
 def mergekit_model_stock(base, *models, settings: str = "{}", ctx=None):
     """mergekit's ``model_stock``: the mean pairwise cosine of the deltas (whole tensor, or per
     row with ``filter_wise``) sets how far the mean of the models moves from the base.
@@ -325,7 +346,8 @@ def mergekit_passthrough(model, *, settings: str = "{}", ctx=None):
     return model
 
 
-@merge_method(spaces=WEIGHT, formula="exp_μ(Σ wᵢ(uᵢ − (uᵢ·μ)μ))·Σ wᵢ‖xᵢ‖ (+ base),  uᵢ = xᵢ/‖xᵢ‖, xᵢ = θᵢ (− base)")
+@merge_method(spaces=WEIGHT, working_set=_per_input(_COPIES["multislerp"]),
+              formula="exp_μ(Σ wᵢ(uᵢ − (uᵢ·μ)μ))·Σ wᵢ‖xᵢ‖ (+ base),  uᵢ = xᵢ/‖xᵢ‖, xᵢ = θᵢ (− base)")
 def mergekit_multislerp(*models, with_base: bool = False, settings: str = "{}", ctx=None):
     """mergekit's ``multislerp``: barycentric interpolation on the hypersphere of the models (their
     deltas from the first input when ``with_base``) with ``weight`` per model (normalised to sum 1
@@ -364,7 +386,8 @@ def mergekit_multislerp(*models, with_base: bool = False, settings: str = "{}", 
     return result + base.to(xs.dtype) if base is not None else result
 
 
-@merge_method(spaces=WEIGHT, formula="the Fréchet mean of θᵢ/‖θᵢ‖ on the sphere (equal weights), times mean ‖θᵢ‖")
+@merge_method(spaces=WEIGHT, working_set=_per_input(_COPIES["karcher"]),
+              formula="the Fréchet mean of θᵢ/‖θᵢ‖ on the sphere (equal weights), times mean ‖θᵢ‖")
 def mergekit_karcher(*models, settings: str = "{}", ctx=None):
     """mergekit's ``karcher``: the equal-weight Karcher mean of every input (the base too) on the
     unit sphere, at most ``max_iter`` (10) steps until the tangent is below ``tol`` (1e-5),
@@ -410,7 +433,7 @@ def mergekit_karcher(*models, settings: str = "{}", ctx=None):
     return sum(a * n for a, n in zip(alphas, norms)) * mean
 
 
-@merge_method(spaces=WEIGHT,
+@merge_method(spaces=WEIGHT, working_set=_per_input(_COPIES["sce"]),
               formula="base + Σ eᵢsᵢτᵢ / max(Σ eᵢsᵢ, 1e-6),  τᵢ top-variance entries, sᵢ ∝ mean τᵢ², eᵢ sign election")
 def mergekit_sce(base, *models, settings: str = "{}", ctx=None):
     """mergekit's ``sce``: the deltas kept where their variance across models is in the top
@@ -443,7 +466,7 @@ def mergekit_sce(base, *models, settings: str = "{}", ctx=None):
     return base + (tvs * erased).sum(dim=0) / erased.sum(dim=0).clamp(min=1e-6)
 
 
-@merge_method(spaces=WEIGHT,
+@merge_method(spaces=WEIGHT, working_set=_per_input(_COPIES["arcee_fusion"]),
               formula="base + (θ − base)·[|θ − base|·KL_row(softmax θ ‖ softmax base) ≥ median + 1.5·IQR]")
 def mergekit_arcee_fusion(base, other, *, settings: str = "{}", ctx=None):
     """mergekit's ``arcee_fusion``: the other model's changes where their importance (|change|
