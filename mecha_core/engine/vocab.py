@@ -71,19 +71,26 @@ class VocabSource(Source):
         self.inner.close()
 
 
+def vocabulary_keys(source: Source, host: PluginHost, option: str) -> tuple[str, ...]:
+    """The vocabulary keys (token embeddings, LM head) of ``source``'s architecture; a one-line
+    error naming the recipe ``option`` (``keep_vocab=true``, ``vocab=...``) when it names none."""
+    vocab_keys: tuple[str, ...] = ()
+    if source.arch is not None:
+        try:
+            vocab_keys = host.architecture(source.arch).vocab_keys
+        except RecipeError:
+            vocab_keys = ()
+    if not vocab_keys:
+        raise RecipeError(f"model(..., {option}): {os.path.basename(source.path)} is of "
+                          f"{source.arch or 'no known architecture'}, which names no vocabulary keys")
+    return vocab_keys
+
+
 def fit_vocabularies(opened: Mapping[ModelNode, Source], keeper: ModelNode,
                      host: PluginHost) -> dict[ModelNode, Source]:
     """Every input seen with the kept model's vocabulary size on its architecture's vocabulary keys."""
     kept = opened[keeper]
-    vocab_keys: tuple[str, ...] = ()
-    if kept.arch is not None:
-        try:
-            vocab_keys = host.architecture(kept.arch).vocab_keys
-        except RecipeError:
-            vocab_keys = ()
-    if not vocab_keys:
-        raise RecipeError(f"model(..., keep_vocab=true): {os.path.basename(kept.path)} is of "
-                          f"{kept.arch or 'no known architecture'}, which names no vocabulary keys")
+    vocab_keys = vocabulary_keys(kept, host, "keep_vocab=true")
     out: dict[ModelNode, Source] = {}
     for node, source in opened.items():
         resized = {}

@@ -41,6 +41,7 @@ from ..recipe.nodes import ModelNode
 from ..specs import TensorInfo
 from .safetensors_io import is_float, torch_dtype
 from .sources import Source
+from .vocab import vocabulary_keys
 
 FORMAT_VERSION = 1
 _DTYPES = ("float16", "bfloat16", "float32", "float64")
@@ -230,15 +231,7 @@ def apply_vocab_maps(opened: Mapping[ModelNode, Source],
         if vmap.rows is None:
             out[node] = source
             continue
-        vocab_keys: tuple[str, ...] = ()
-        if source.arch is not None:
-            try:
-                vocab_keys = host.architecture(source.arch).vocab_keys
-            except RecipeError:
-                vocab_keys = ()
-        if not vocab_keys:
-            raise RecipeError(f"model(..., vocab=...): {os.path.basename(source.path)} is of "
-                              f"{source.arch or 'no known architecture'}, which names no vocabulary keys")
+        vocab_keys = vocabulary_keys(source, host, "vocab=...")
         wrapped = VocabMapSource(source, vmap, donors, vocab_keys)
         wrapped.check()
         out[node] = wrapped
