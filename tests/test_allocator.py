@@ -39,10 +39,14 @@ def test_reusing_freed_memory_saves_most_page_faults(tmp_path):
         path = tmp_path / f"m{i}.safetensors"
         write_checkpoint(path, {f"k{j}": torch.randn(1024, 1024, generator=gen).half() for j in range(24)})
         paths.append(str(path))
-    faults = {}
-    for mode in ("kept", "released"):
-        out = subprocess.run([sys.executable, "-c", SCRIPT, mode, str(tmp_path / f"{mode}.safetensors"), *paths],
-                             capture_output=True, text=True, check=True)
-        faults[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    # a process's fault count swings by 2x from run to run (glibc's adaptive thresholds, thread
+    # timing): the median of three runs of each mode, interleaved, is compared
+    faults: dict[str, list[int]] = {"kept": [], "released": []}
+    for _ in range(3):
+        for mode in faults:
+            out = subprocess.run([sys.executable, "-c", SCRIPT, mode, str(tmp_path / f"{mode}.safetensors"), *paths],
+                                 capture_output=True, text=True, check=True)
+            faults[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
     assert (tmp_path / "kept.safetensors").read_bytes() == (tmp_path / "released.safetensors").read_bytes()
-    assert faults["kept"] < 0.6 * faults["released"], faults
+    kept, released = (sorted(counts)[1] for counts in faults.values())
+    assert kept < 0.6 * released, faults
