@@ -22,7 +22,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -92,12 +91,6 @@ CASES = {
 }
 
 
-def private() -> int:
-    with open("/proc/self/status") as f:
-        fields = {line.split(":")[0]: int(line.split()[1]) for line in f
-                  if line.startswith(("RssAnon:", "RssShmem:"))}
-    return (fields["RssAnon"] + fields["RssShmem"]) * 1024
-
 
 def how(method) -> str:
     """How the engine runs a method's large keys."""
@@ -134,21 +127,11 @@ def one(name: str, paths: list[str], budget: int, out: str) -> None:
     import gc
 
     import mecha_core as m
+    from mecha_core.testing import PeakPrivateMemory
 
     gc.collect()
-    start = private()
-    peak = [start]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], private())
-            time.sleep(0.005)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
     began = time.perf_counter()
-    try:
+    with PeakPrivateMemory() as memory:
         a, b, c, d = (m.model(p) for p in paths)
 
         def D(x):  # noqa: N802 (reads like the docstring's D(x))
@@ -156,11 +139,8 @@ def one(name: str, paths: list[str], budget: int, out: str) -> None:
 
         recipe = eval(CASES[name], {"m": m, "a": a, "b": b, "c": c, "d": d, "D": D, "MK": MK})
         m.merge(recipe, out, memory_budget=budget)
-    finally:
-        done.set()
-        sampler.join()
     method = m.plugins.get_host().method(name)
-    print(json.dumps({"peak": peak[0] - start, "seconds": time.perf_counter() - began, "how": how(method)}))
+    print(json.dumps({"peak": memory.peak - memory.start, "seconds": time.perf_counter() - began, "how": how(method)}))
 
 
 def main() -> None:

@@ -13,15 +13,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import threading
 import time
-
-
-def private() -> int:
-    with open("/proc/self/status") as f:
-        fields = {line.split(":")[0]: int(line.split()[1]) for line in f
-                  if line.startswith(("RssAnon:", "RssShmem:"))}
-    return (fields["RssAnon"] + fields["RssShmem"]) * 1024
 
 
 def main() -> None:
@@ -33,7 +25,7 @@ def main() -> None:
     import torch
 
     import mecha_core
-    from mecha_core.testing import write_checkpoint
+    from mecha_core.testing import PeakPrivateMemory, write_checkpoint
 
     os.makedirs(args.work, exist_ok=True)
     paths = [os.path.join(args.work, f"ties_key{i}.safetensors") for i in range(4)]
@@ -45,27 +37,13 @@ def main() -> None:
         del t
     del base
     gc.collect()
-    start = private()
-    peak = [start]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], private())
-            time.sleep(0.005)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
     began = time.perf_counter()
-    try:
+    with PeakPrivateMemory() as memory:
         nodes = [mecha_core.model(p) for p in paths]
         mecha_core.merge(mecha_core.ties(*nodes, density=0.2), os.path.join(args.work, "ties_out.safetensors"),
                          memory_budget=args.budget)
-    finally:
-        done.set()
-        sampler.join()
     print(f"TIES base+3, {args.elements:,} elements: {time.perf_counter() - began:.1f} s, peak private "
-          f"{peak[0] / 1e6:.0f} MB ({(peak[0] - start) / 1e6:.0f} MB over the start), "
+          f"{memory.peak / 1e6:.0f} MB ({(memory.peak - memory.start) / 1e6:.0f} MB over the start), "
           f"budget {args.budget / 1e6:.0f} MB")
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from typing import Any, Iterator, Mapping
 
 import torch
@@ -152,3 +153,41 @@ def check_plugin(plugin: Any) -> list[str]:
         return host.problems()
     errors, warnings = host.contract_problems(record, mecha_core.__all__)
     return errors + host._duplicate_problems() + warnings
+
+
+# -- memory ---------------------------------------------------------------------------------------
+def private_bytes(pid: int | str = "self") -> int:
+    """A process's private memory, RssAnon + RssShmem from ``/proc/PID/status``, in bytes: file
+    pages mapped from the page cache (which the kernel can drop) are not counted."""
+    total = 0
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(("RssAnon:", "RssShmem:")):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+class PeakPrivateMemory:
+    """``with PeakPrivateMemory() as memory: ...``: a thread samples this process's private memory
+    every ``interval`` seconds while the block runs (and once more as it ends); ``memory.start``
+    is the value on entry, ``memory.peak`` the largest seen."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval = interval
+        self.start = self.peak = 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._done.wait(self.interval):
+            self.peak = max(self.peak, private_bytes())
+
+    def __enter__(self) -> "PeakPrivateMemory":
+        self.start = self.peak = private_bytes()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+        self.peak = max(self.peak, private_bytes())

@@ -11,21 +11,11 @@ import pytest
 import torch
 
 import mecha_core
-from mecha_core.testing import using, write_checkpoint
+from mecha_core.testing import private_bytes, using, write_checkpoint
 
 N = 16 << 20  # elements of the one key: 64 MiB per model in float32, 32 MiB in float16
 BUDGET = 64 << 20
 MARGIN = 150 << 20
-
-
-def _private() -> int:
-    """RssAnon + RssShmem of this process, in bytes."""
-    fields = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("RssAnon:", "RssShmem:")):
-                fields[line.split(":")[0]] = int(line.split()[1]) * 1024
-    return fields["RssAnon"] + fields["RssShmem"]
 
 
 @pytest.mark.slow
@@ -40,13 +30,13 @@ def test_ties_on_a_large_key_stays_within_the_budget(tmp_path):
         del t
     del base
     gc.collect()
-    start = _private()
+    start = private_bytes()
     peak = [start]
     done = threading.Event()
 
     def sample():
         while not done.is_set():
-            peak[0] = max(peak[0], _private())
+            peak[0] = max(peak[0], private_bytes())
             time.sleep(0.002)
 
     sampler = threading.Thread(target=sample)
