@@ -24,6 +24,8 @@ import sys
 import threading
 import time
 
+from mecha_core.testing import private_bytes
+
 
 def _tables():
     from mecha_flux import diffusers_layout, layout
@@ -62,11 +64,8 @@ def private_peak(pid: int, stop: threading.Event, out: list[int]) -> None:
     peak = 0
     while not stop.is_set():
         try:
-            with open(f"/proc/{pid}/status") as f:
-                fields = dict(line.split(":", 1) for line in f if ":" in line)
-            kb = sum(int(fields.get(k, "0 kB").split()[0]) for k in ("RssAnon", "RssShmem"))
-            peak = max(peak, kb * 1024)
-        except (OSError, ValueError):
+            peak = max(peak, private_bytes(pid))
+        except OSError:
             break
         time.sleep(0.05)
     out.append(peak)

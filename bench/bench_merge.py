@@ -140,15 +140,13 @@ s.merge(r, output=out)
 CHILD_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 
 def private_kb(pid: int) -> int:
-    total = 0
+    """The process's RssAnon + RssShmem in kB (0 once it has exited)."""
+    from mecha_core.testing import private_bytes
+
     try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(("RssAnon:", "RssShmem:")):
-                    total += int(line.split()[1])
+        return private_bytes(pid) // 1024
     except OSError:
         return 0
-    return total
 
 
 def floor(paths: list[str], out_bytes: int, work: str) -> float:

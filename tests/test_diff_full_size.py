@@ -19,24 +19,13 @@ from mecha_core.testing import host_with
 pytestmark = pytest.mark.slow
 
 SCRIPT = textwrap.dedent("""
-    import json, os, sys, threading, time
-    peak = [0]
-    def private():
-        total = 0
-        for line in open(f"/proc/{os.getpid()}/status"):
-            if line.startswith(("RssAnon:", "RssShmem:")):
-                total += int(line.split()[1]) * 1024
-        return total
-    def sample():
-        while True:
-            peak[0] = max(peak[0], private())
-            time.sleep(0.005)
-    import torch, mecha_core as m
-    baseline = private()
-    threading.Thread(target=sample, daemon=True).start()
-    result = m.diff(sys.argv[1], sys.argv[2], threads=2)
-    time.sleep(0.02)
-    print(json.dumps({"baseline": baseline, "peak": peak[0], "result": result.as_json()}))
+    import json, sys
+    import torch  # noqa: F401  (imported before the baseline, as a merge would)
+    import mecha_core as m
+    from mecha_core.testing import PeakPrivateMemory
+    with PeakPrivateMemory() as memory:
+        result = m.diff(sys.argv[1], sys.argv[2], threads=2)
+    print(json.dumps({"baseline": memory.start, "peak": memory.peak, "result": result.as_json()}))
 """)
 
 

@@ -219,25 +219,14 @@ def test_nonfinite_result_is_reported_by_key(tmp_path, methods):
 
 def _private_peak_script(paths, out, extra=""):
     return textwrap.dedent(f"""
-        import os, threading, time, json
-        peak = [0]
-        def private():
-            total = 0
-            for line in open(f"/proc/{{os.getpid()}}/status"):
-                if line.startswith(("RssAnon:", "RssShmem:")):
-                    total += int(line.split()[1]) * 1024
-            return total
-        def sample():
-            while True:
-                peak[0] = max(peak[0], private())
-                time.sleep(0.005)
-        import torch, mecha_core as m
-        baseline = private()
-        threading.Thread(target=sample, daemon=True).start()
+        import json
+        import torch  # noqa: F401  (imported before the baseline, as a merge would)
+        import mecha_core as m
+        from mecha_core.testing import PeakPrivateMemory
         paths = {paths!r}
-        m.merge(m.n_average(*[m.model(p) for p in paths]), {out!r}{extra})
-        time.sleep(0.02)
-        print(json.dumps({{"baseline": baseline, "peak": peak[0]}}))
+        with PeakPrivateMemory() as memory:
+            m.merge(m.n_average(*[m.model(p) for p in paths]), {out!r}{extra})
+        print(json.dumps({{"baseline": memory.start, "peak": memory.peak}}))
     """)
 
 
