@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, Sequence
 
 from ..lazy import torch
-from ..method import MergeContext, Selection, TopK, Total
+from ..method import MergeContext, Selection, Then, TopK, Total
 
 Pieces = Callable[[], Iterable[tuple[MergeContext, Sequence[Any]]]]
 
@@ -135,10 +135,10 @@ class _Select:
 
 
 def _check(requests: Sequence[Any]) -> None:
-    unknown = [r for r in requests if not isinstance(r, (Total, TopK))]
+    unknown = [r for r in requests if not isinstance(r, (Total, TopK, Then))]
     if unknown:
-        raise TypeError(f"unknown statistic {unknown[0]!r}; use mecha_core.Total or mecha_core.TopK")
-    names = [r.name for r in requests]
+        raise TypeError(f"unknown statistic {unknown[0]!r}; use mecha_core.Total, TopK or Then")
+    names = [r.name for r in requests if not isinstance(r, Then)]
     if len(set(names)) != len(names):
         raise ValueError(f"statistics named twice: {sorted({n for n in names if names.count(n) > 1})}")
 
@@ -155,8 +155,17 @@ def compute(requests: Sequence[Total | TopK], pieces: Pieces, numel: int,
     """The results of ``requests`` over every piece ``pieces()`` yields (called once per pass).
 
     ``collect_limit``: how many candidate elements the selections may collect in all (their
-    bit patterns and indices, 12 to 16 bytes each); default: the largest piece's size."""
+    bit patterns and indices, 12 to 16 bytes each); default: the largest piece's size.
+    A :class:`Then` is resolved after the requests before it, in further passes."""
     _check(requests)
+    if not requests:  # nothing to pass over the key for
+        return {}
+    staged = next((i for i, r in enumerate(requests) if isinstance(r, Then)), None)
+    if staged is not None:  # the requests before the first Then, then what it asks for given them
+        out = compute(requests[:staged], pieces, numel, collect_limit)
+        later = [*requests[staged].then(dict(out)), *requests[staged + 1:]]
+        out.update(compute(later, pieces, numel, collect_limit))
+        return out
     totals = [r for r in requests if isinstance(r, Total)]
     selects = [_Select(r, numel) for r in requests if isinstance(r, TopK)]
     sums = {r.name: 0.0 for r in totals}

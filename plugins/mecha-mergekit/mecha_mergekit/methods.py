@@ -11,135 +11,14 @@ distribution matches). Names start with ``mergekit_``: they never hide a mecha m
 from __future__ import annotations
 
 import math
-from typing import Any
 
 from mecha_core.lazy import torch
 
 from mecha_core import WEIGHT, Total, merge_method
 
+from .gta import GTA_METHODS
+from .gta import work as _work
 from .params import Settings, as_bool, as_float, evaluate
-
-
-def _work(tensors: tuple) -> tuple:
-    """mergekit's compute dtype for float methods: float32 unless the inputs are float64."""
-    dtype = torch.float64 if all(t.dtype == torch.float64 for t in tensors) else torch.float32
-    return tuple(t.to(dtype) for t in tensors)
-
-
-# -- sparsification (mergekit/sparsify.py) ---------------------------------------------------------
-def _rescaled(tensor, mask, rescale: bool, eps: float = 1e-7):
-    """``rescaled_masked_tensor`` with the L1 norm: the kept entries scaled back to the delta's L1."""
-    masked = tensor * mask
-    if not rescale:
-        return masked
-    before, after = tensor.abs().sum(), masked.abs().sum()
-    if before < eps or after < eps:
-        return masked
-    return masked * (before / after)
-
-
-def _magnitude(delta, density: float, rescale: bool):
-    if density >= 1:
-        return delta
-    if density <= 0 or delta.numel() == 0:
-        return torch.zeros_like(delta)
-    k = max(1, int(density * delta.numel()))
-    mask = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
-    mask[torch.argsort(delta.abs().reshape(-1).float(), descending=True, stable=True)[:k]] = 1
-    return _rescaled(delta, mask.reshape_as(delta), rescale)
-
-
-def _random(delta, density: float, rescale: bool, gen):
-    if density >= 1:
-        return delta
-    mask = torch.bernoulli(torch.full_like(delta, density), generator=gen)
-    return _rescaled(delta, mask, rescale)
-
-
-def _outliers(delta, density: float, gamma: float, rescale: bool):
-    if density >= 1:
-        return delta
-    n = delta.numel()
-    target, top = int(density * n), int(gamma * n)
-    bottom = max(0, n - target - top)
-    order = torch.sort(delta.abs().reshape(-1).float(), descending=False, stable=True).indices
-    mask = torch.zeros(n, dtype=delta.dtype, device=delta.device)
-    mask[order[bottom:bottom + target]] = 1
-    return _rescaled(delta, mask.reshape_as(delta), rescale)
-
-
-def _della(delta, density: float, epsilon: float, rescale: bool, gen):
-    if density >= 1:
-        return delta
-    if density <= 0:
-        return torch.zeros_like(delta)
-    if density + epsilon >= 1 or density - epsilon <= 0:
-        raise ValueError("della: epsilon must leave density ± epsilon inside (0, 1)")
-    shape = delta.shape
-    rows = delta.unsqueeze(0) if delta.dim() < 2 else delta
-    ranks = torch.argsort(rows.abs(), dim=1, stable=True).argsort(dim=1).to(rows.dtype) + 1
-    low, high = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
-    rank_norm = ((ranks - low) / (high - low)).clamp(0, 1)
-    mask = torch.bernoulli((density - epsilon) + rank_norm * 2 * epsilon, generator=gen)
-    return _rescaled(rows, mask, rescale).reshape(shape)
-
-
-# -- generalized task arithmetic (merge_methods/generalized_task_arithmetic.py) --------------------
-_GTA = {  # name: (consensus, sparsification, default normalize, default rescale)
-    "task_arithmetic": (False, None, False, False),
-    "ties": (True, "magnitude", True, False),
-    "dare_ties": (True, "random", False, True),
-    "dare_linear": (False, "random", False, True),
-    "breadcrumbs": (False, "outliers", False, False),
-    "breadcrumbs_ties": (True, "outliers", False, False),
-    "della": (True, "della", True, True),
-    "della_linear": (False, "della", False, True),
-}
-
-
-def _gta(name: str, base, models, settings: str, seed: int, ctx) -> Any:
-    consensus, sparsify, normalize_default, rescale_default = _GTA[name]
-    key = getattr(ctx, "key", "")
-    cfg = Settings(settings, key, ctx)
-    base, *models = _work((base, *models))
-    if not models:
-        return base
-    gen = ctx.generator(seed) if ctx is not None else torch.Generator().manual_seed(seed)
-    rescale = cfg.shared("rescale", as_bool, rescale_default)
-    deltas, weights = [], []
-    for i, model in enumerate(models):
-        delta = model - base
-        density = cfg.per_input(i, "density", as_float, 1.0)
-        if sparsify == "magnitude":
-            delta = _magnitude(delta, density, rescale)
-        elif sparsify == "random":
-            delta = _random(delta, density, rescale, gen)
-        elif sparsify == "outliers":
-            delta = _outliers(delta, density, cfg.per_input(i, "gamma", as_float, 0.01), rescale)
-        elif sparsify == "della":
-            delta = _della(delta, density, cfg.per_input(i, "epsilon", as_float, 0.15), rescale, gen)
-        deltas.append(delta)
-        weights.append(cfg.per_input(i, "weight", as_float))
-    stacked = torch.stack(deltas)
-    w = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device).reshape(-1, *([1] * base.dim()))
-    stacked = stacked * w
-    if consensus:  # get_mask(method="sum"): the sign of the summed deltas, + where they cancel
-        majority = (stacked.sum(dim=0) >= 0).to(stacked.dtype) * 2 - 1
-        mask = (stacked.sign() == majority).to(stacked.dtype)
-        mixed = (stacked * mask).sum(dim=0)
-        divisor = (w * mask).sum(dim=0)
-        divisor[divisor == 0] = 1
-    else:
-        mixed = stacked.sum(dim=0)
-        divisor = w.sum(dim=0).expand_as(mixed).clone()
-        divisor[divisor.abs() < 1e-8] = 1
-    if cfg.shared("normalize", as_bool, normalize_default):
-        mixed = mixed / divisor
-    lam = cfg.shared("lambda", as_float, 1.0)
-    if lam != 1:
-        mixed = mixed * lam
-    return base + mixed
-
 
 _SETTINGS_NOTE = ("``settings``: the config's parameters (global and per model) as JSON, resolved per key as "
                   "mergekit does.")
@@ -158,36 +37,7 @@ def _per_input(copies: int):
 
 
 #: float32 copies per input each whole-key method holds at its peak (32M-element key, 4 inputs)
-_COPIES = {"ties": 5, "dare_ties": 5, "breadcrumbs_ties": 5, "della": 5, "dare_linear": 4, "breadcrumbs": 4,
-           "della_linear": 4, "model_stock": 3, "sce": 6, "nuslerp": 4, "multislerp": 5, "karcher": 5,
-           "arcee_fusion": 5}
-
-
-def _gta_method(name: str, formula: str):
-    def method(base, *models, settings: str = "{}", seed: int = 0, ctx=None):
-        return _gta(name, base, models, settings, seed, ctx)
-
-    method.__doc__ = (f"mergekit's ``{name}`` (generalized task arithmetic): deltas from the base, "
-                      f"sparsified per model, weighted, {'sign-elected (sum; ties elect +), ' if _GTA[name][0] else ''}"
-                      f"summed, normalised when ``normalize`` (default {_GTA[name][2]}), times ``lambda``.\n\n"
-                      f"{_SETTINGS_NOTE} ``seed``: the seed of the random draws (combined with the key).")
-    method.__name__ = f"mergekit_{name}"
-    # task_arithmetic neither sparsifies nor elects signs: each output entry is its own inputs'
-    return merge_method(method, name=f"mergekit_{name}", spaces=WEIGHT, formula=formula,
-                        elementwise=_GTA[name][1] is None and not _GTA[name][0],
-                        working_set=_per_input(_COPIES[name]) if name in _COPIES else None)
-
-
-GTA_METHODS = [
-    _gta_method("task_arithmetic", "base + λ·Σ wᵢδᵢ  (÷ Σ wᵢ when normalize)"),
-    _gta_method("ties", "base + λ·Σ mᵢwᵢ top_k(δᵢ) / Σ mᵢwᵢ,  mᵢ = sign agrees with sign Σ (≥ 0 → +)"),
-    _gta_method("dare_ties", "base + λ·Σ mᵢwᵢ bern(δᵢ)·‖δᵢ‖₁/‖bern(δᵢ)‖₁  (sum; ÷ Σ mᵢwᵢ when normalize)"),
-    _gta_method("dare_linear", "base + λ·Σ wᵢ bern(δᵢ)·‖δᵢ‖₁/‖bern(δᵢ)‖₁"),
-    _gta_method("breadcrumbs", "base + λ·Σ wᵢ band(δᵢ)"),
-    _gta_method("breadcrumbs_ties", "base + λ·Σ mᵢwᵢ band(δᵢ)  (sum; ÷ Σ mᵢwᵢ when normalize)"),
-    _gta_method("della", "base + λ·Σ mᵢwᵢ magprune(δᵢ)·‖δᵢ‖₁/‖kept‖₁ / Σ mᵢwᵢ"),
-    _gta_method("della_linear", "base + λ·Σ wᵢ magprune(δᵢ)·‖δᵢ‖₁/‖kept‖₁"),
-]
+_COPIES = {"model_stock": 3, "sce": 6, "nuslerp": 4, "multislerp": 5, "karcher": 5, "arcee_fusion": 5}
 
 
 # -- the others ---------------------------------------------------------------------------------------
