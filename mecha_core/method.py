@@ -110,6 +110,10 @@ class Total:
     of: Callable[..., Any] = attrs.field(repr=False)
     """``of(ctx, *inputs)``: an element-wise function of the method's inputs (a piece of the
     key, half-precision inputs already upcast to float32), returning a tensor of their shape."""
+    per: int = 0
+    """0: one float. ``n``: one sum per position modulo ``n`` of the flat index (the key read as
+    rows of ``n``: per column of a matrix when ``n`` is its row length), a float64 tensor of
+    ``n`` sums."""
 
 
 @attrs.frozen

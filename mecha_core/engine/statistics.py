@@ -168,7 +168,7 @@ def compute(requests: Sequence[Total | TopK], pieces: Pieces, numel: int,
         return out
     totals = [r for r in requests if isinstance(r, Total)]
     selects = [_Select(r, numel) for r in requests if isinstance(r, TopK)]
-    sums = {r.name: 0.0 for r in totals}
+    sums: dict[str, Any] = {r.name: torch.zeros(r.per, dtype=torch.float64) if r.per else 0.0 for r in totals}
     largest = 0
     # pass 1: the sums, and the top 16 bits of every selection's magnitudes
     active = [s for s in selects if not s.done]
@@ -176,7 +176,10 @@ def compute(requests: Sequence[Total | TopK], pieces: Pieces, numel: int,
     for ctx, inputs in pieces():
         inputs = upcast(inputs)
         for r in totals:
-            sums[r.name] += float(torch.sum(r.of(ctx, *inputs), dtype=torch.float64))
+            if r.per:
+                sums[r.name] += _per_position(r.of(ctx, *inputs), ctx.start, r.per)
+            else:
+                sums[r.name] += float(torch.sum(r.of(ctx, *inputs), dtype=torch.float64))
         for s, hist in zip(active, hists):
             bits = s.magnitude_bits(ctx, inputs)
             largest = max(largest, bits.numel())
@@ -217,6 +220,17 @@ def compute(requests: Sequence[Total | TopK], pieces: Pieces, numel: int,
     out: dict[str, Any] = dict(sums)
     out.update({s.request.name: s.result() for s in selects})
     return out
+
+
+def _per_position(values: torch.Tensor, start: int, per: int) -> torch.Tensor:
+    """The float64 sums of ``values`` (a piece starting at flat index ``start``) per flat index
+    modulo ``per``."""
+    flat = values.reshape(-1).to(torch.float64)
+    before = start % per
+    after = (-(before + flat.numel())) % per
+    if before or after:
+        flat = torch.cat([flat.new_zeros(before), flat, flat.new_zeros(after)])
+    return flat.reshape(-1, per).sum(dim=0)
 
 
 def _locate_last_ties(selects: list[_Select], pieces: Pieces) -> None:
