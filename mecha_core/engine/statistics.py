@@ -150,21 +150,23 @@ def compute_whole(requests: Sequence[Total | TopK], ctx: MergeContext, inputs: S
     return compute(requests, lambda: [(ctx, inputs)], ctx.info.numel, ctx.info.numel)
 
 
-def compute(requests: Sequence[Total | TopK], pieces: Pieces, numel: int,
-            collect_limit: int | None = None) -> dict[str, Any]:
+def compute(requests: Sequence[Total | TopK | Then], pieces: Pieces, numel: int,
+            collect_limit: int | None = None, known: dict[str, Any] | None = None) -> dict[str, Any]:
     """The results of ``requests`` over every piece ``pieces()`` yields (called once per pass).
 
     ``collect_limit``: how many candidate elements the selections may collect in all (their
     bit patterns and indices, 12 to 16 bytes each); default: the largest piece's size.
-    A :class:`Then` is resolved after the requests before it, in further passes."""
+    A :class:`Then` is resolved after the requests before it, in further passes, given every
+    result so far (``known``: those of earlier stages)."""
     _check(requests)
     if not requests:  # nothing to pass over the key for
         return {}
     staged = next((i for i, r in enumerate(requests) if isinstance(r, Then)), None)
     if staged is not None:  # the requests before the first Then, then what it asks for given them
         out = compute(requests[:staged], pieces, numel, collect_limit)
-        later = [*requests[staged].then(dict(out)), *requests[staged + 1:]]
-        out.update(compute(later, pieces, numel, collect_limit))
+        so_far = {**(known or {}), **out}
+        later = [*requests[staged].then(dict(so_far)), *requests[staged + 1:]]
+        out.update(compute(later, pieces, numel, collect_limit, so_far))
         return out
     totals = [r for r in requests if isinstance(r, Total)]
     selects = [_Select(r, numel) for r in requests if isinstance(r, TopK)]
