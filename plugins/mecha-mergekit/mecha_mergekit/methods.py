@@ -6,6 +6,11 @@ one text hyperparameter, ``settings``: the config's global and per-model ``param
 (see :mod:`.params`), resolved per key with mergekit's filters and gradients. Random methods draw
 their masks from ``seed`` and the key (mergekit draws from torch's global generator, so only the
 distribution matches). Names start with ``mergekit_``: they never hide a mecha method.
+
+Every method runs over slices of a key, so any key merges in bounded memory: the element-wise
+ones directly, the others in statistics passes then an element-wise pass (the generalized task
+arithmetic family in :mod:`.gta`; the norm-, angle- and selection-based ones as staged
+algorithms, :mod:`.staged`, in :mod:`.spherical` and :mod:`.selective`).
 """
 
 from __future__ import annotations
