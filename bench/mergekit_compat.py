@@ -189,41 +189,48 @@ modules:
 
 # the whole-key methods again on bfloat16 models on a coarse grid (qbase + qa, qb, qc: a few
 # hundred distinct deltas, so many entries share the magnitude at every top-k bound). mergekit
-# upcasts them to float32 (dtype: float32) as mecha does; its top-k sorts are not stable, so where
+# upcasts them to float32 (dtype: float32) as mecha does, and both write bfloat16 (out_dtype; mecha
+# writes the first input's dtype anyway); its top-k sorts are not stable, so where
 # only some of the entries equal to a bound are kept, the two keep different ones (the count of
 # entries that differ says how many)
 TIED_CASES = {
-    "ties_tied": """merge_method: ties
+    "ties_tied": """out_dtype: bfloat16
+merge_method: ties
 base_model: qbase
 parameters: {density: 0.3}
 models:
   - {model: qa, parameters: {weight: 1}}
   - {model: qb, parameters: {weight: 0.5, density: 0.55}}
   - {model: qc, parameters: {weight: -0.3}}""",
-    "breadcrumbs_tied": """merge_method: breadcrumbs
+    "breadcrumbs_tied": """out_dtype: bfloat16
+merge_method: breadcrumbs
 base_model: qbase
 models:
   - {model: qa, parameters: {weight: 1, density: 0.6, gamma: 0.1}}
   - {model: qb, parameters: {weight: 0.5, density: 0.7}}""",
-    "sce_tied": """merge_method: sce
+    "sce_tied": """out_dtype: bfloat16
+merge_method: sce
 base_model: qbase
 parameters: {select_topk: 0.3}
 models:
   - {model: qa}
   - {model: qb}
   - {model: qc}""",
-    "model_stock_tied": """merge_method: model_stock
+    "model_stock_tied": """out_dtype: bfloat16
+merge_method: model_stock
 base_model: qbase
 models:
   - {model: qa}
   - {model: qb}
   - {model: qc}""",
-    "multislerp_tied": """merge_method: multislerp
+    "multislerp_tied": """out_dtype: bfloat16
+merge_method: multislerp
 base_model: qbase
 models:
   - {model: qa, parameters: {weight: 1}}
   - {model: qb, parameters: {weight: 2}}""",
-    "karcher_tied": """merge_method: karcher
+    "karcher_tied": """out_dtype: bfloat16
+merge_method: karcher
 models:
   - {model: qa}
   - {model: qb}
