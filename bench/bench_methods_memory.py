@@ -96,6 +96,8 @@ def how(method) -> str:
     """How the engine runs a method's large keys."""
     if method.statistics is not None and method.elementwise:
         return "statistics passes + element-wise"
+    if method.statistics is not None and method.rowwise:
+        return "statistics passes + row-wise slices"
     if method.elementwise:
         return "element-wise"
     if method.rowwise:

@@ -187,6 +187,56 @@ modules:
           - {model: b, layer_range: [2, 4]}""",
 }
 
+# the whole-key methods again on bfloat16 models on a coarse grid (qbase + qa, qb, qc: a few
+# hundred distinct deltas, so many entries share the magnitude at every top-k bound). mergekit
+# upcasts them to float32 (dtype: float32) as mecha does, and both write bfloat16 (out_dtype; mecha
+# writes the first input's dtype anyway); its top-k sorts are not stable, so where
+# only some of the entries equal to a bound are kept, the two keep different ones (the count of
+# entries that differ says how many)
+TIED_CASES = {
+    "ties_tied": """out_dtype: bfloat16
+merge_method: ties
+base_model: qbase
+parameters: {density: 0.3}
+models:
+  - {model: qa, parameters: {weight: 1}}
+  - {model: qb, parameters: {weight: 0.5, density: 0.55}}
+  - {model: qc, parameters: {weight: -0.3}}""",
+    "breadcrumbs_tied": """out_dtype: bfloat16
+merge_method: breadcrumbs
+base_model: qbase
+models:
+  - {model: qa, parameters: {weight: 1, density: 0.6, gamma: 0.1}}
+  - {model: qb, parameters: {weight: 0.5, density: 0.7}}""",
+    "sce_tied": """out_dtype: bfloat16
+merge_method: sce
+base_model: qbase
+parameters: {select_topk: 0.3}
+models:
+  - {model: qa}
+  - {model: qb}
+  - {model: qc}""",
+    "model_stock_tied": """out_dtype: bfloat16
+merge_method: model_stock
+base_model: qbase
+models:
+  - {model: qa}
+  - {model: qb}
+  - {model: qc}""",
+    "multislerp_tied": """out_dtype: bfloat16
+merge_method: multislerp
+base_model: qbase
+models:
+  - {model: qa, parameters: {weight: 1}}
+  - {model: qb, parameters: {weight: 2}}""",
+    "karcher_tied": """out_dtype: bfloat16
+merge_method: karcher
+models:
+  - {model: qa}
+  - {model: qb}
+  - {model: qc}""",
+}
+
 # mergekit's tokenizer settings, on three models whose vocabularies differ by added tokens
 # (tbase: 400 words; ta: + <|im_start|> <|im_end|>, a chatml template; tb: + <|im_start|>
 # <|im_end|> <tool>; tbase and tb share another template, so `auto` has a plurality); the
@@ -305,6 +355,25 @@ def build_models(work: str) -> None:
                   os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
 
 
+def build_tied_models(work: str) -> None:
+    """qbase and qa, qb, qc: bfloat16 folders whose weights and deltas lie on coarse grids."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    if os.path.exists(os.path.join(work, "qc", "model.safetensors")):
+        return
+    base = load_file(os.path.join(work, "base", "model.safetensors"))
+    gen = torch.Generator().manual_seed(30)
+    grid = {k: (torch.round(v * 64) / 64).to(torch.bfloat16) for k, v in base.items()}
+    for i, name in enumerate(["qbase", "qa", "qb", "qc"]):
+        folder = os.path.join(work, name)
+        shutil.copytree(os.path.join(work, "base"), folder)
+        tensors = grid if i == 0 else {
+            k: (v.float() + torch.randint(-6, 7, v.shape, generator=gen) / 256 * i).to(torch.bfloat16).contiguous()
+            for k, v in grid.items()}
+        save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+
+
 def build_adapter(work: str) -> None:
     """A PEFT adapter folder of the base, in PEFT's layout: rank 8 LoRA on every linear layer
     (layer 1's q_proj with its own alpha), lm_head in modules_to_save."""
@@ -397,12 +466,32 @@ def compare(case: str, work: str, mk_out: str, mecha_out: str) -> str:
         return (f"kept mergekit {fk:.4f} mecha {fm:.4f} ({abs(fm - fk) / fk:.2%}); "
                 f"L2 mergekit {lk:.4f} mecha {lm:.4f} ({abs(lm - lk) / lk:.2%})")
     abs_diff = rel_diff = 0.0
+    differ = total = 0
     for key in mk:
         a, b = mk[key].double(), me[key].double()
         diff = (a - b).abs()
         abs_diff = max(abs_diff, float(diff.max()))
         rel_diff = max(rel_diff, float(diff.max() / a.abs().max().clamp(min=1e-12)))
-    return f"max abs {abs_diff:.3g}, max rel {rel_diff:.3g}"
+        differ += int((diff > 0).sum())
+        total += diff.numel()
+    return f"max abs {abs_diff:.3g}, max rel {rel_diff:.3g}, {differ}/{total} entries differ"
+
+
+def same_bytes(first: str, second: str) -> bool:
+    """Whether two output folders hold the same tensors, bit for bit."""
+    import torch
+
+    a, b = load_folder(first), load_folder(second)
+    return set(a) == set(b) and all(a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(
+        a[k].contiguous().view(-1).view(torch.uint8), b[k].contiguous().view(-1).view(torch.uint8)) for k in a)
+
+
+#: mergekit methods mecha runs in statistics passes over slices: each case runs mecha a second
+#: time with 4096-element slices (every key of these models is cut in up to 16) and checks the bytes
+SLICED = {"ties", "breadcrumbs", "breadcrumbs_ties", "dare_ties", "dare_linear", "della", "della_linear", "sce",
+          "model_stock", "nuslerp", "multislerp", "karcher", "arcee_fusion"}
+_SLICED_RUN = ("import sys, mecha_core as m; m.merge(sys.argv[1], sys.argv[2] + '/', chunk_elements=4096, "
+               "threads=2, models_dir=sys.argv[3])")
 
 
 def main() -> int:
@@ -415,8 +504,9 @@ def main() -> int:
     build_models(args.work)
     build_adapter(args.work)
     build_tokenizer_models(args.work)
+    build_tied_models(args.work)
     mecha = os.path.join(os.path.dirname(sys.executable), "mecha")
-    every = {**CASES, **TOKENIZER_CASES}
+    every = {**CASES, **TIED_CASES, **TOKENIZER_CASES}
     # mecha finds mergekit's chat templates in a mergekit package on its path (not imported)
     templates = os.path.join(args.work, "mergekit-path")
     package = glob.glob(os.path.join(os.path.dirname(os.path.dirname(args.mergekit)), "lib", "python3*",
@@ -431,7 +521,8 @@ def main() -> int:
         config = os.path.join(args.work, f"{case}.yml")
         with open(config, "w") as fh:
             # absolute folders: mergekit takes a name it cannot open as a hub id
-            text = re.sub(r"(model: )(base|a|b|c|tbase|ta|tb)\b|((?:source|tokenizer_source): )(tbase|ta|tb)\b",
+            text = re.sub(r"(model: )(base|a|b|c|tbase|ta|tb|qbase|qa|qb|qc)\b"
+                          r"|((?:source|tokenizer_source): )(tbase|ta|tb)\b",
                           lambda m: (m.group(1) or m.group(3)) + os.path.join(args.work, m.group(2) or m.group(4)),
                           every[case])
             text = text.replace("+lora", "+" + os.path.join(args.work, "lora"))
@@ -448,8 +539,17 @@ def main() -> int:
         if mk_rc or me_rc:
             print(f"{case:18} failed (mergekit rc {mk_rc}, mecha rc {me_rc})")
             continue
+        sliced = ""
+        method = re.search(r"merge_method: (\w+)", every[case])
+        if method and method.group(1) in SLICED:
+            sliced_out = mecha_out + "-sliced"
+            shutil.rmtree(sliced_out, ignore_errors=True)
+            done = subprocess.run([sys.executable, "-c", _SLICED_RUN, config, sliced_out, args.work], cwd=args.work,
+                                  env={**os.environ, **mecha_env, "HF_HUB_OFFLINE": "1"}, capture_output=True)
+            sliced = ("; sliced: FAILED " + done.stderr.decode(errors="replace")[-300:] if done.returncode else
+                      "; sliced: same bytes" if same_bytes(mecha_out, sliced_out) else "; sliced: bytes DIFFER")
         print(f"{case:18} {mk_time:10.2f} {mk_mem / 2**20:6.0f} {me_time:8.2f} {me_mem / 2**20:6.0f}  "
-              f"{compare(case, args.work, mk_out, mecha_out)}"
+              f"{compare(case, args.work, mk_out, mecha_out)}{sliced}"
               f"{compare_tokenizers(mk_out, mecha_out) if case in TOKENIZER_CASES else ''}", flush=True)
     return 0
 

@@ -27,7 +27,7 @@ warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category
 # importing `hookimpl` must not pay for the engine and torch, which take seconds to import.
 _EXPORTS = {
     "merge": ".api", "sweep": ".api", "MechaError": ".errors", "MergeContext": ".method", "MergeMethod": ".method",
-    "merge_method": ".method", "Total": ".method", "TopK": ".method", "Selection": ".method",
+    "merge_method": ".method", "Total": ".method", "TopK": ".method", "Then": ".method", "Selection": ".method",
     "PLUGIN_API_VERSION": ".plugins", "discovering": ".plugins",
     "get_host": ".plugins", "hookimpl": ".plugins", "blocks": ".recipe", "classes": ".recipe",
     "dump_recipe": ".recipe", "layers": ".recipe",
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from .difference import DiffResult, diff
     from .errors import MechaError
     from .lazy import lazy_import
-    from .method import MergeContext, MergeMethod, Selection, TopK, Total, merge_method
+    from .method import MergeContext, MergeMethod, Selection, Then, TopK, Total, merge_method
     from .plugins import PLUGIN_API_VERSION, get_host, hookimpl
     from .recipe import blocks, classes, dump_recipe, layers
     from .recipe.nodes import literal, model, parameter
@@ -80,7 +80,8 @@ def compose(template: Node | str | os.PathLike[str], fills: Mapping[str, Any] | 
 __all__ = [
     "DELTA", "DiffResult", "MechaError", "MergeContext", "MergeMethod", "PARAM", "PLUGIN_API_VERSION", "WEIGHT",
     "blocks", "classes", "compose", "diff", "dump_recipe", "get_host", "hookimpl", "layers", "lazy_import",
-    "literal", "load_recipe", "merge", "merge_method", "model", "parameter", "Selection", "sweep", "TopK", "Total",
+    "literal", "load_recipe", "merge", "merge_method", "model", "parameter", "Selection", "sweep", "Then", "TopK",
+    "Total",
 ]
 
 

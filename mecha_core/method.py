@@ -110,6 +110,10 @@ class Total:
     of: Callable[..., Any] = attrs.field(repr=False)
     """``of(ctx, *inputs)``: an element-wise function of the method's inputs (a piece of the
     key, half-precision inputs already upcast to float32), returning a tensor of their shape."""
+    per: int = 0
+    """0: one float. ``n``: one sum per position modulo ``n`` of the flat index (the key read as
+    rows of ``n``: per column of a matrix when ``n`` is its row length), a float64 tensor of
+    ``n`` sums."""
 
 
 @attrs.frozen
@@ -159,7 +163,19 @@ class Selection:
         return above.logical_or_(equal)
 
 
-Statistic = Total | TopK
+@attrs.frozen
+class Then:
+    """Statistics that depend on others: after every request before it in the list is computed,
+    ``then(results)`` (the results so far, by name) returns more requests (:class:`Total`,
+    :class:`TopK`, :class:`Then`), computed in further passes over the key; their results join
+    ``stats``. E.g. the L1 norm of the entries a :class:`TopK` selected, or a top-k whose ``k``
+    depends on a :class:`Total`."""
+
+    then: Callable[[dict[str, Any]], Sequence[Any]] = attrs.field(repr=False)
+    """``then(results)`` -> the further requests; their ``of`` may use ``results``."""
+
+
+Statistic = Total | TopK | Then
 
 
 @attrs.frozen(eq=False)
@@ -419,5 +435,5 @@ def merge_method(fn: Callable[..., Any] | None = None, *, name: str | None = Non
     return wrap
 
 
-__all__ = ["MergeContext", "MergeMethod", "merge_method", "Total", "TopK", "Selection", "RANDOM_BLOCK",
+__all__ = ["MergeContext", "MergeMethod", "merge_method", "Total", "TopK", "Then", "Selection", "RANDOM_BLOCK",
            "WEIGHT", "DELTA", "PARAM"]

@@ -29,7 +29,7 @@ SPEC_TYPES: tuple[tuple[Any, str], ...] = (
     (specs, "TensorInfo"), (specs, "KeySpec"), (specs, "Architecture"), (specs, "ArchitectureFamily"),
     (specs, "ModelType"),
     (specs, "ConvertedKey"), (specs, "Converter"), (specs, "Hyperparameter"), (specs, "MethodInput"),
-    (method, "MergeMethod"), (method, "MergeContext"), (method, "Total"), (method, "TopK"),
+    (method, "MergeMethod"), (method, "MergeContext"), (method, "Total"), (method, "TopK"), (method, "Then"),
     (method, "Selection"), (specs, "CliCommand"), (specs, "FileFormat"), (specs, "RecipeFormat"), (specs, "Executor"),
 )
 #: the module a plugin imports each class from (the public name, not where it is defined)

@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, Sequence
 
 from ..lazy import torch
-from ..method import MergeContext, Selection, TopK, Total
+from ..method import MergeContext, Selection, Then, TopK, Total
 
 Pieces = Callable[[], Iterable[tuple[MergeContext, Sequence[Any]]]]
 
@@ -135,10 +135,10 @@ class _Select:
 
 
 def _check(requests: Sequence[Any]) -> None:
-    unknown = [r for r in requests if not isinstance(r, (Total, TopK))]
+    unknown = [r for r in requests if not isinstance(r, (Total, TopK, Then))]
     if unknown:
-        raise TypeError(f"unknown statistic {unknown[0]!r}; use mecha_core.Total or mecha_core.TopK")
-    names = [r.name for r in requests]
+        raise TypeError(f"unknown statistic {unknown[0]!r}; use mecha_core.Total, TopK or Then")
+    names = [r.name for r in requests if not isinstance(r, Then)]
     if len(set(names)) != len(names):
         raise ValueError(f"statistics named twice: {sorted({n for n in names if names.count(n) > 1})}")
 
@@ -150,16 +150,27 @@ def compute_whole(requests: Sequence[Total | TopK], ctx: MergeContext, inputs: S
     return compute(requests, lambda: [(ctx, inputs)], ctx.info.numel, ctx.info.numel)
 
 
-def compute(requests: Sequence[Total | TopK], pieces: Pieces, numel: int,
-            collect_limit: int | None = None) -> dict[str, Any]:
+def compute(requests: Sequence[Total | TopK | Then], pieces: Pieces, numel: int,
+            collect_limit: int | None = None, known: dict[str, Any] | None = None) -> dict[str, Any]:
     """The results of ``requests`` over every piece ``pieces()`` yields (called once per pass).
 
     ``collect_limit``: how many candidate elements the selections may collect in all (their
-    bit patterns and indices, 12 to 16 bytes each); default: the largest piece's size."""
+    bit patterns and indices, 12 to 16 bytes each); default: the largest piece's size.
+    A :class:`Then` is resolved after the requests before it, in further passes, given every
+    result so far (``known``: those of earlier stages)."""
     _check(requests)
+    if not requests:  # nothing to pass over the key for
+        return {}
+    staged = next((i for i, r in enumerate(requests) if isinstance(r, Then)), None)
+    if staged is not None:  # the requests before the first Then, then what it asks for given them
+        out = compute(requests[:staged], pieces, numel, collect_limit)
+        so_far = {**(known or {}), **out}
+        later = [*requests[staged].then(dict(so_far)), *requests[staged + 1:]]
+        out.update(compute(later, pieces, numel, collect_limit, so_far))
+        return out
     totals = [r for r in requests if isinstance(r, Total)]
     selects = [_Select(r, numel) for r in requests if isinstance(r, TopK)]
-    sums = {r.name: 0.0 for r in totals}
+    sums: dict[str, Any] = {r.name: torch.zeros(r.per, dtype=torch.float64) if r.per else 0.0 for r in totals}
     largest = 0
     # pass 1: the sums, and the top 16 bits of every selection's magnitudes
     active = [s for s in selects if not s.done]
@@ -167,7 +178,10 @@ def compute(requests: Sequence[Total | TopK], pieces: Pieces, numel: int,
     for ctx, inputs in pieces():
         inputs = upcast(inputs)
         for r in totals:
-            sums[r.name] += float(torch.sum(r.of(ctx, *inputs), dtype=torch.float64))
+            if r.per:
+                sums[r.name] += _per_position(r.of(ctx, *inputs), ctx.start, r.per)
+            else:
+                sums[r.name] += float(torch.sum(r.of(ctx, *inputs), dtype=torch.float64))
         for s, hist in zip(active, hists):
             bits = s.magnitude_bits(ctx, inputs)
             largest = max(largest, bits.numel())
@@ -208,6 +222,17 @@ def compute(requests: Sequence[Total | TopK], pieces: Pieces, numel: int,
     out: dict[str, Any] = dict(sums)
     out.update({s.request.name: s.result() for s in selects})
     return out
+
+
+def _per_position(values: torch.Tensor, start: int, per: int) -> torch.Tensor:
+    """The float64 sums of ``values`` (a piece starting at flat index ``start``) per flat index
+    modulo ``per``."""
+    flat = values.reshape(-1).to(torch.float64)
+    before = start % per
+    after = (-(before + flat.numel())) % per
+    if before or after:
+        flat = torch.cat([flat.new_zeros(before), flat, flat.new_zeros(after)])
+    return flat.reshape(-1, per).sum(dim=0)
 
 
 def _locate_last_ties(selects: list[_Select], pieces: Pieces) -> None:

@@ -6,188 +6,29 @@ one text hyperparameter, ``settings``: the config's global and per-model ``param
 (see :mod:`.params`), resolved per key with mergekit's filters and gradients. Random methods draw
 their masks from ``seed`` and the key (mergekit draws from torch's global generator, so only the
 distribution matches). Names start with ``mergekit_``: they never hide a mecha method.
+
+Every method runs over slices of a key, so any key merges in bounded memory: the element-wise
+ones directly, the others in statistics passes then an element-wise pass (the generalized task
+arithmetic family in :mod:`.gta`; the norm-, angle- and selection-based ones as staged
+algorithms, :mod:`.staged`, in :mod:`.spherical` and :mod:`.selective`).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 from mecha_core.lazy import torch
 
 from mecha_core import WEIGHT, Total, merge_method
 
+from . import selective, spherical
+from .gta import GTA_METHODS
+from .gta import work as _work
 from .params import Settings, as_bool, as_float, evaluate
-
-
-def _work(tensors: tuple) -> tuple:
-    """mergekit's compute dtype for float methods: float32 unless the inputs are float64."""
-    dtype = torch.float64 if all(t.dtype == torch.float64 for t in tensors) else torch.float32
-    return tuple(t.to(dtype) for t in tensors)
-
-
-# -- sparsification (mergekit/sparsify.py) ---------------------------------------------------------
-def _rescaled(tensor, mask, rescale: bool, eps: float = 1e-7):
-    """``rescaled_masked_tensor`` with the L1 norm: the kept entries scaled back to the delta's L1."""
-    masked = tensor * mask
-    if not rescale:
-        return masked
-    before, after = tensor.abs().sum(), masked.abs().sum()
-    if before < eps or after < eps:
-        return masked
-    return masked * (before / after)
-
-
-def _magnitude(delta, density: float, rescale: bool):
-    if density >= 1:
-        return delta
-    if density <= 0 or delta.numel() == 0:
-        return torch.zeros_like(delta)
-    k = max(1, int(density * delta.numel()))
-    mask = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
-    mask[torch.argsort(delta.abs().reshape(-1).float(), descending=True, stable=True)[:k]] = 1
-    return _rescaled(delta, mask.reshape_as(delta), rescale)
-
-
-def _random(delta, density: float, rescale: bool, gen):
-    if density >= 1:
-        return delta
-    mask = torch.bernoulli(torch.full_like(delta, density), generator=gen)
-    return _rescaled(delta, mask, rescale)
-
-
-def _outliers(delta, density: float, gamma: float, rescale: bool):
-    if density >= 1:
-        return delta
-    n = delta.numel()
-    target, top = int(density * n), int(gamma * n)
-    bottom = max(0, n - target - top)
-    order = torch.sort(delta.abs().reshape(-1).float(), descending=False, stable=True).indices
-    mask = torch.zeros(n, dtype=delta.dtype, device=delta.device)
-    mask[order[bottom:bottom + target]] = 1
-    return _rescaled(delta, mask.reshape_as(delta), rescale)
-
-
-def _della(delta, density: float, epsilon: float, rescale: bool, gen):
-    if density >= 1:
-        return delta
-    if density <= 0:
-        return torch.zeros_like(delta)
-    if density + epsilon >= 1 or density - epsilon <= 0:
-        raise ValueError("della: epsilon must leave density ± epsilon inside (0, 1)")
-    shape = delta.shape
-    rows = delta.unsqueeze(0) if delta.dim() < 2 else delta
-    ranks = torch.argsort(rows.abs(), dim=1, stable=True).argsort(dim=1).to(rows.dtype) + 1
-    low, high = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
-    rank_norm = ((ranks - low) / (high - low)).clamp(0, 1)
-    mask = torch.bernoulli((density - epsilon) + rank_norm * 2 * epsilon, generator=gen)
-    return _rescaled(rows, mask, rescale).reshape(shape)
-
-
-# -- generalized task arithmetic (merge_methods/generalized_task_arithmetic.py) --------------------
-_GTA = {  # name: (consensus, sparsification, default normalize, default rescale)
-    "task_arithmetic": (False, None, False, False),
-    "ties": (True, "magnitude", True, False),
-    "dare_ties": (True, "random", False, True),
-    "dare_linear": (False, "random", False, True),
-    "breadcrumbs": (False, "outliers", False, False),
-    "breadcrumbs_ties": (True, "outliers", False, False),
-    "della": (True, "della", True, True),
-    "della_linear": (False, "della", False, True),
-}
-
-
-def _gta(name: str, base, models, settings: str, seed: int, ctx) -> Any:
-    consensus, sparsify, normalize_default, rescale_default = _GTA[name]
-    key = getattr(ctx, "key", "")
-    cfg = Settings(settings, key, ctx)
-    base, *models = _work((base, *models))
-    if not models:
-        return base
-    gen = ctx.generator(seed) if ctx is not None else torch.Generator().manual_seed(seed)
-    rescale = cfg.shared("rescale", as_bool, rescale_default)
-    deltas, weights = [], []
-    for i, model in enumerate(models):
-        delta = model - base
-        density = cfg.per_input(i, "density", as_float, 1.0)
-        if sparsify == "magnitude":
-            delta = _magnitude(delta, density, rescale)
-        elif sparsify == "random":
-            delta = _random(delta, density, rescale, gen)
-        elif sparsify == "outliers":
-            delta = _outliers(delta, density, cfg.per_input(i, "gamma", as_float, 0.01), rescale)
-        elif sparsify == "della":
-            delta = _della(delta, density, cfg.per_input(i, "epsilon", as_float, 0.15), rescale, gen)
-        deltas.append(delta)
-        weights.append(cfg.per_input(i, "weight", as_float))
-    stacked = torch.stack(deltas)
-    w = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device).reshape(-1, *([1] * base.dim()))
-    stacked = stacked * w
-    if consensus:  # get_mask(method="sum"): the sign of the summed deltas, + where they cancel
-        majority = (stacked.sum(dim=0) >= 0).to(stacked.dtype) * 2 - 1
-        mask = (stacked.sign() == majority).to(stacked.dtype)
-        mixed = (stacked * mask).sum(dim=0)
-        divisor = (w * mask).sum(dim=0)
-        divisor[divisor == 0] = 1
-    else:
-        mixed = stacked.sum(dim=0)
-        divisor = w.sum(dim=0).expand_as(mixed).clone()
-        divisor[divisor.abs() < 1e-8] = 1
-    if cfg.shared("normalize", as_bool, normalize_default):
-        mixed = mixed / divisor
-    lam = cfg.shared("lambda", as_float, 1.0)
-    if lam != 1:
-        mixed = mixed * lam
-    return base + mixed
-
+from .staged import replay, statistics_of
 
 _SETTINGS_NOTE = ("``settings``: the config's parameters (global and per model) as JSON, resolved per key as "
                   "mergekit does.")
-
-
-def _per_input(copies: int):
-    """A ``working_set`` for a method that takes whole keys (mergekit's definitions stack the
-    deltas, sort them, draw whole-tensor masks): ``copies`` float32 copies of the key per input,
-    as measured by bench/bench_methods_memory.py (rounded up). The scheduler then admits such
-    keys within the memory budget, one at a time when one alone exceeds it."""
-
-    def working_set(info, inputs: int, itemsize: int) -> int:
-        return copies * max(inputs, 1) * info.numel * max(itemsize, 4)
-
-    return working_set
-
-
-#: float32 copies per input each whole-key method holds at its peak (32M-element key, 4 inputs)
-_COPIES = {"ties": 5, "dare_ties": 5, "breadcrumbs_ties": 5, "della": 5, "dare_linear": 4, "breadcrumbs": 4,
-           "della_linear": 4, "model_stock": 3, "sce": 6, "nuslerp": 4, "multislerp": 5, "karcher": 5,
-           "arcee_fusion": 5}
-
-
-def _gta_method(name: str, formula: str):
-    def method(base, *models, settings: str = "{}", seed: int = 0, ctx=None):
-        return _gta(name, base, models, settings, seed, ctx)
-
-    method.__doc__ = (f"mergekit's ``{name}`` (generalized task arithmetic): deltas from the base, "
-                      f"sparsified per model, weighted, {'sign-elected (sum; ties elect +), ' if _GTA[name][0] else ''}"
-                      f"summed, normalised when ``normalize`` (default {_GTA[name][2]}), times ``lambda``.\n\n"
-                      f"{_SETTINGS_NOTE} ``seed``: the seed of the random draws (combined with the key).")
-    method.__name__ = f"mergekit_{name}"
-    # task_arithmetic neither sparsifies nor elects signs: each output entry is its own inputs'
-    return merge_method(method, name=f"mergekit_{name}", spaces=WEIGHT, formula=formula,
-                        elementwise=_GTA[name][1] is None and not _GTA[name][0],
-                        working_set=_per_input(_COPIES[name]) if name in _COPIES else None)
-
-
-GTA_METHODS = [
-    _gta_method("task_arithmetic", "base + λ·Σ wᵢδᵢ  (÷ Σ wᵢ when normalize)"),
-    _gta_method("ties", "base + λ·Σ mᵢwᵢ top_k(δᵢ) / Σ mᵢwᵢ,  mᵢ = sign agrees with sign Σ (≥ 0 → +)"),
-    _gta_method("dare_ties", "base + λ·Σ mᵢwᵢ bern(δᵢ)·‖δᵢ‖₁/‖bern(δᵢ)‖₁  (sum; ÷ Σ mᵢwᵢ when normalize)"),
-    _gta_method("dare_linear", "base + λ·Σ wᵢ bern(δᵢ)·‖δᵢ‖₁/‖bern(δᵢ)‖₁"),
-    _gta_method("breadcrumbs", "base + λ·Σ wᵢ band(δᵢ)"),
-    _gta_method("breadcrumbs_ties", "base + λ·Σ mᵢwᵢ band(δᵢ)  (sum; ÷ Σ mᵢwᵢ when normalize)"),
-    _gta_method("della", "base + λ·Σ mᵢwᵢ magprune(δᵢ)·‖δᵢ‖₁/‖kept‖₁ / Σ mᵢwᵢ"),
-    _gta_method("della_linear", "base + λ·Σ wᵢ magprune(δᵢ)·‖δᵢ‖₁/‖kept‖₁"),
-]
 
 
 # -- the others ---------------------------------------------------------------------------------------
@@ -241,46 +82,30 @@ def mergekit_slerp(base, other, *, settings: str = "{}", stats=None, ctx=None):
     return (math.sin((1 - t) * theta) / sin_theta) * a + (math.sin(t * theta) / sin_theta) * b
 
 
-def _nuslerp(t: float, v0, v1, row_wise: bool, flatten: bool):
-    shape = v0.shape
-    if flatten:
-        v0, v1 = v0.reshape(-1), v1.reshape(-1)
-    elif row_wise:
-        v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
-
-    def unit(x):
-        return x / torch.norm(x, dim=-1, keepdim=True).clamp(min=1e-7)
-
-    cos = torch.sum(unit(v0) * unit(v1), dim=-1, keepdim=True).clamp(-1, 1)
-    colinear = (1 - cos.square()) <= 1e-16
-    theta = torch.acos(torch.where(colinear, torch.zeros_like(cos), cos))
-    result = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / torch.sin(theta)
-    result = torch.where(colinear, (1 - t) * v0 + t * v1, result)
-    if row_wise and not flatten:
-        result = result.transpose(0, -1)
-    return result.reshape(shape)
-
-
-@merge_method(spaces=WEIGHT, working_set=_per_input(_COPIES["nuslerp"]),
+@merge_method(spaces=WEIGHT, rowwise=True, statistics=statistics_of(spherical.nuslerp),
               formula="slerp(t, a, b) on the raw tensors (or their deltas from base),  t = w₂/(w₁+w₂)")
-def mergekit_nuslerp(first, second, base=None, *, settings: str = "{}", ctx=None):
+def mergekit_nuslerp(first, second, base=None, *, settings: str = "{}", stats=None, ctx=None):
     """mergekit's ``nuslerp``: two models weighted ``weight``; with a base, their deltas are
     slerped and added to it. ``nuslerp_flatten`` (default true) treats the tensor as one vector,
-    else rows (``nuslerp_row_wise``: columns of dim 0) are slerped separately.
+    else rows (``nuslerp_row_wise``: columns of dim 0) are slerped separately. Runs over slices
+    of whole rows: norms and dot products are float64 sums over the key (per column when
+    row-wise).
 
     ``settings``: the config's parameters (global and per model) as JSON, resolved per key as mergekit does.
     """
-    cfg = Settings(settings, getattr(ctx, "key", ""), ctx)
-    w0, w1 = cfg.per_input(0, "weight", as_float), cfg.per_input(1, "weight", as_float)
-    total = w0 + w1
-    t = 0.5 if abs(total) < 1e-6 else w1 / total
-    row_wise = cfg.shared("nuslerp_row_wise", as_bool, False)
-    flatten = cfg.shared("nuslerp_flatten", as_bool, True)
-    if base is None:
-        a, b = _work((first, second))
-        return _nuslerp(t, a, b, row_wise, flatten)
-    a, b, c = _work((first, second, base))
-    return c + _nuslerp(t, a - c, b - c, row_wise, flatten)
+    return replay(spherical.nuslerp, (first, second, base), {"settings": settings}, ctx, stats)
+
+
+@merge_method(spaces=WEIGHT, rowwise=True, statistics=statistics_of(spherical.model_stock),
+              formula="t·mean(θᵢ) + (1 − t)·base,  t = N·cos / (1 + (N − 1)·cos), cos the mean pairwise")
+def mergekit_model_stock(base, *models, settings: str = "{}", stats=None, ctx=None):
+    """mergekit's ``model_stock``: the mean pairwise cosine of the deltas (whole tensor, or per
+    row with ``filter_wise``) sets how far the mean of the models moves from the base. Runs over
+    slices of whole rows: the norms and dot products are float64 sums over the key.
+
+    ``settings``: the config's parameters (global and per model) as JSON, resolved per key as mergekit does.
+    """
+    return replay(spherical.model_stock, (base, *models), {"settings": settings}, ctx, stats)
 
 
 @merge_method(spaces=WEIGHT, elementwise=True, formula="w·b + (1 − w)·a,  w = clamp(t / max(|a − b|, 1e-6), 0, 1)")
@@ -295,38 +120,6 @@ def mergekit_nearswap(base, other, *, settings: str = "{}", ctx=None):
     a, b = _work((base, other))
     weight = (t / (a - b).abs().clamp(min=1e-6)).clamp(min=0, max=1)
     return weight * b + (1 - weight) * a
-
-
-@merge_method(spaces=WEIGHT, working_set=_per_input(_COPIES["model_stock"]),
-              formula="t·mean(θᵢ) + (1 − t)·base,  t = N·cos / (1 + (N − 1)·cos), cos the mean pairwise")
-def mergekit_model_stock(base, *models, settings: str = "{}", ctx=None):
-    """mergekit's ``model_stock``: the mean pairwise cosine of the deltas (whole tensor, or per
-    row with ``filter_wise``) sets how far the mean of the models moves from the base.
-
-    ``settings``: the config's parameters (global and per model) as JSON, resolved per key as mergekit does.
-    """
-    cfg = Settings(settings, getattr(ctx, "key", ""), ctx)
-    filter_wise = cfg.shared("filter_wise", as_bool, False)
-    w0, *ws = _work((base, *models))
-    shape = w0.shape
-    if filter_wise:
-        if w0.dim() == 1:
-            w0, ws = w0.unsqueeze(0), [w.unsqueeze(0) for w in ws]
-    else:
-        w0, ws = w0.reshape(-1), [w.reshape(-1) for w in ws]
-    offsets = [w - w0 for w in ws]
-    cosines = []
-    for i, oa in enumerate(offsets):
-        for ob in offsets[i + 1:]:
-            norms = torch.norm(oa, dim=-1) * torch.norm(ob, dim=-1)
-            cosines.append(((oa * ob).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
-    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
-    n = len(ws)
-    denominator = 1 + (n - 1) * cos
-    singular = denominator.abs() < 1e-6
-    safe = torch.where(singular, torch.ones_like(denominator), denominator)
-    t = torch.where(singular, torch.zeros_like(cos), n * cos / safe)
-    return (t * (sum(ws) / n) + (1 - t) * w0).reshape(shape)
 
 
 @merge_method(spaces=WEIGHT, elementwise=True, formula="θ · scale  (scale absent: θ)")
@@ -346,145 +139,55 @@ def mergekit_passthrough(model, *, settings: str = "{}", ctx=None):
     return model
 
 
-@merge_method(spaces=WEIGHT, working_set=_per_input(_COPIES["multislerp"]),
+@merge_method(spaces=WEIGHT, elementwise=True, statistics=statistics_of(spherical.multislerp),
               formula="exp_μ(Σ wᵢ(uᵢ − (uᵢ·μ)μ))·Σ wᵢ‖xᵢ‖ (+ base),  uᵢ = xᵢ/‖xᵢ‖, xᵢ = θᵢ (− base)")
-def mergekit_multislerp(*models, with_base: bool = False, settings: str = "{}", ctx=None):
+def mergekit_multislerp(*models, with_base: bool = False, settings: str = "{}", stats=None, ctx=None):
     """mergekit's ``multislerp``: barycentric interpolation on the hypersphere of the models (their
     deltas from the first input when ``with_base``) with ``weight`` per model (normalised to sum 1
-    unless ``normalize_weights: false``; ``eps`` 1e-8).
+    unless ``normalize_weights: false``; ``eps`` 1e-8). Runs over slices: the norms and dot
+    products are float64 sums over the key (four passes).
 
     ``settings``: the config's parameters (global and per model) as JSON, resolved per key as mergekit does.
     """
-    cfg = Settings(settings, getattr(ctx, "key", ""), ctx)
-    base, models = (models[0], models[1:]) if with_base else (None, models)
-    eps = cfg.shared("eps", as_float, 1e-8)
-    if len(models) == 1:
-        return models[0]
-    xs = torch.stack(_work(models))
-    shape = xs.shape[1:]
-    if base is not None:
-        xs = xs - base.to(xs.dtype)
-    flat = xs.reshape(xs.shape[0], -1)
-    weights = torch.tensor([cfg.per_input(i, "weight", as_float) for i in range(len(models))], dtype=xs.dtype)
-    if cfg.shared("normalize_weights", as_bool, True):
-        weights = weights / weights.sum()
-    norms = torch.norm(flat, dim=-1, keepdim=True)
-    units = flat / (norms + eps)
-    mean = (units * weights.view(-1, 1)).sum(0)
-    mean_norm = torch.norm(mean)
-    if mean_norm < eps:
-        if xs.shape[0] != 2:
-            raise ValueError("multislerp: the weighted sum of the inputs is zero")
-        result = (xs[0] * weights[0] + xs[1] * weights[1]).reshape(shape)
-        return result + base.to(xs.dtype) if base is not None else result
-    mean = mean / mean_norm
-    tangents = units - (units * mean).sum(-1, keepdim=True) * mean
-    tangent = (tangents * weights.view(-1, 1)).sum(0)
-    tangent_norm = torch.norm(tangent) + eps
-    result = mean * torch.cos(tangent_norm) + tangent * (torch.sin(tangent_norm) / tangent_norm)
-    result = (result * (norms.squeeze(-1) * weights).sum()).reshape(shape)
-    return result + base.to(xs.dtype) if base is not None else result
+    return replay(spherical.multislerp, models, {"settings": settings, "with_base": with_base}, ctx, stats)
 
 
-@merge_method(spaces=WEIGHT, working_set=_per_input(_COPIES["karcher"]),
+@merge_method(spaces=WEIGHT, elementwise=True, statistics=statistics_of(spherical.karcher),
               formula="the Fréchet mean of θᵢ/‖θᵢ‖ on the sphere (equal weights), times mean ‖θᵢ‖")
-def mergekit_karcher(*models, settings: str = "{}", ctx=None):
+def mergekit_karcher(*models, settings: str = "{}", stats=None, ctx=None):
     """mergekit's ``karcher``: the equal-weight Karcher mean of every input (the base too) on the
     unit sphere, at most ``max_iter`` (10) steps until the tangent is below ``tol`` (1e-5),
-    scaled by the mean norm.
+    scaled by the mean norm. Runs over slices: each step's dot products and norms are float64
+    sums over the key (three passes a step).
 
     ``settings``: the config's parameters (global and per model) as JSON, resolved per key as mergekit does.
     """
-    cfg = Settings(settings, getattr(ctx, "key", ""), ctx)
-    max_iter = int(cfg.shared("max_iter", as_float, 10))
-    tol = cfg.shared("tol", as_float, 1e-5)
-    xs = _work(models)
-    if len(xs) == 1:
-        return xs[0]
-    alphas = [1.0 / len(xs)] * len(xs)
-    norms = [torch.linalg.vector_norm(x) for x in xs]
-    units = [torch.zeros_like(x) if float(n) == 0.0 else x / n for x, n in zip(xs, norms)]
-    valid = [i for i, n in enumerate(norms) if float(n) > tol]
-    if not valid:
-        return sum(x * 0 for x in xs)
-    total = sum(alphas[i] for i in valid)
-    weights = [alphas[i] / total for i in valid]
-    vunits = [units[i] for i in valid]
-    mean = torch.zeros_like(vunits[0])
-    for w, u in zip(weights, vunits):
-        mean = mean + w * u
-    mean_norm = torch.linalg.vector_norm(mean)
-    mean = vunits[0].clone() if float(mean_norm) < tol else mean / mean_norm
-    for _ in range(max_iter):
-        tangent = torch.zeros_like(mean)
-        for w, u in zip(weights, vunits):
-            dot = torch.clamp(torch.dot(mean.flatten(), u.flatten()), -1.0, 1.0)
-            theta = torch.arccos(dot)
-            if float(theta) < tol:
-                continue
-            tangent = tangent + w * (theta / torch.sin(theta)) * (u - dot * mean)
-        tangent_norm = torch.linalg.vector_norm(tangent)
-        if float(tangent_norm) < tol:
-            break
-        mean = torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)
-        unit_norm = torch.linalg.vector_norm(mean)
-        if float(unit_norm) > tol:
-            mean = mean / unit_norm
-    return sum(a * n for a, n in zip(alphas, norms)) * mean
+    return replay(spherical.karcher, models, {"settings": settings}, ctx, stats)
 
 
-@merge_method(spaces=WEIGHT, working_set=_per_input(_COPIES["sce"]),
+@merge_method(spaces=WEIGHT, elementwise=True, statistics=statistics_of(selective.sce),
               formula="base + Σ eᵢsᵢτᵢ / max(Σ eᵢsᵢ, 1e-6),  τᵢ top-variance entries, sᵢ ∝ mean τᵢ², eᵢ sign election")
-def mergekit_sce(base, *models, settings: str = "{}", ctx=None):
+def mergekit_sce(base, *models, settings: str = "{}", stats=None, ctx=None):
     """mergekit's ``sce``: the deltas kept where their variance across models is in the top
-    ``select_topk`` fraction, weighted by their mean square (normalised), sign-elected (sum).
+    ``select_topk`` fraction (of the entries whose variance is not zero; an exact selection over
+    slices), weighted by their mean square (normalised), sign-elected (sum).
 
     ``settings``: the config's parameters (global and per model) as JSON, resolved per key as mergekit does.
     """
-    cfg = Settings(settings, getattr(ctx, "key", ""), ctx)
-    base, *models = _work((base, *models))
-    if not models:
-        return base
-    tvs = torch.stack([m - base for m in models])
-    topk = cfg.shared("select_topk", as_float, 1.0)
-    if topk < 1:
-        if topk <= 0:
-            mask = torch.zeros_like(tvs[0])
-        else:
-            var = torch.var(tvs, dim=0, unbiased=False)
-            k = int(torch.count_nonzero(var) * topk)
-            mask = torch.zeros_like(var)
-            if k > 0:
-                mask.view(-1)[torch.topk(var.abs().reshape(-1), k=k, largest=True).indices] = 1
-        tvs = tvs * mask.unsqueeze(0)
-    majority = (tvs.sum(dim=0) >= 0).to(tvs.dtype) * 2 - 1
-    erase = (tvs.sign() == majority).to(tvs.dtype)
-    weights = tvs.square().reshape(tvs.shape[0], -1).mean(dim=1)
-    total = float(weights.sum())
-    weights = torch.ones_like(weights) / weights.shape[0] if abs(total) < 1e-6 else weights / total
-    erased = weights.reshape(-1, *([1] * base.dim())) * erase
-    return base + (tvs * erased).sum(dim=0) / erased.sum(dim=0).clamp(min=1e-6)
+    return replay(selective.sce, (base, *models), {"settings": settings}, ctx, stats)
 
 
-@merge_method(spaces=WEIGHT, working_set=_per_input(_COPIES["arcee_fusion"]),
+@merge_method(spaces=WEIGHT, rowwise=True, statistics=statistics_of(selective.arcee_fusion),
               formula="base + (θ − base)·[|θ − base|·KL_row(softmax θ ‖ softmax base) ≥ median + 1.5·IQR]")
-def mergekit_arcee_fusion(base, other, *, settings: str = "{}", ctx=None):
+def mergekit_arcee_fusion(base, other, *, settings: str = "{}", stats=None, ctx=None):
     """mergekit's ``arcee_fusion``: the other model's changes where their importance (|change|
     times the row's KL divergence of the softmaxes) reaches median + 1.5 × the interquartile
-    range; quantiles over every entry (mergekit samples a million entries of larger tensors).
+    range; the quartiles are exact selections over every entry (mergekit samples a million
+    entries of larger tensors). Runs over slices of whole rows.
 
     ``settings``: the config's parameters (global and per model) as JSON, resolved per key as mergekit does.
     """
-    base, other = _work((base, other))
-    eps = 1e-8
-    p = torch.softmax(other, dim=-1) + eps
-    q = torch.softmax(base, dim=-1) + eps
-    importance = (other - base).abs() * torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
-    ordered = torch.sort(importance.reshape(-1)).values
-    at = (torch.tensor([0.25, 0.5, 0.75]) * (ordered.numel() - 1)).long()
-    q1, median, q3 = ordered[at]
-    mask = (importance >= median + 1.5 * (q3 - q1)).to(base.dtype)
-    return base + (other - base) * mask
+    return replay(selective.arcee_fusion, (base, other), {"settings": settings}, ctx, stats)
 
 
 MERGEKIT_METHODS = [*GTA_METHODS, mergekit_linear, mergekit_slerp, mergekit_nuslerp, mergekit_nearswap,
