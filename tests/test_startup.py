@@ -1,0 +1,77 @@
+"""The fixed cost of a merge: what a run does besides merging (issues 15/16, start-up).
+
+Times are measured in bench/bench_startup.py, not here; these tests pin the mechanisms: the exit
+skips the interpreter's shutdown collections yet the output is complete, plugin loading runs no
+garbage collection, and a merge builds no key table nor imports a module it does not need."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mecha_core.testing import read_tensors, write_checkpoint
+
+#: a merge in a fresh process; an exit handler registered before the merge runs after mecha's
+#: (exit handlers run last registered first) and reports what the interpreter's shutdown will see
+EXIT_PROBE = """
+import atexit, gc, json, sys
+atexit.register(lambda: print("EXIT " + json.dumps({"frozen": gc.get_freeze_count()}), flush=True))
+import mecha_core as mecha
+a, b = mecha.model(sys.argv[1]), mecha.model(sys.argv[2])
+mecha.merge(mecha.weighted_sum(a, b, alpha=0.25), sys.argv[3])
+"""
+
+
+@pytest.fixture
+def two_models(tmp_path):
+    write_checkpoint(tmp_path / "a.safetensors", {"w": torch.tensor([1.0, 2.0, 4.0]), "v": torch.tensor([8.0])})
+    write_checkpoint(tmp_path / "b.safetensors", {"w": torch.tensor([5.0, 6.0, 0.0]), "v": torch.tensor([0.0])})
+    return tmp_path
+
+
+def _probe(work, env_extra):
+    env = {k: v for k, v in os.environ.items() if k != "MECHA_EXIT_GC"} | env_extra
+    proc = subprocess.run([sys.executable, "-c", EXIT_PROBE, "a.safetensors", "b.safetensors", "m.safetensors"],
+                          capture_output=True, text=True, timeout=300, cwd=work, env=env)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.rsplit("EXIT ", 1)[1])
+
+
+def test_after_a_merge_the_shutdown_collections_skip_what_was_alive_at_exit(two_models):
+    report = _probe(two_models, {})
+    assert report["frozen"] > 10_000  # torch's objects, at least
+    merged = read_tensors(two_models / "m.safetensors")  # and the output is whole, renamed in place
+    assert merged["w"].tolist() == [0.75 * 1 + 0.25 * 5, 0.75 * 2 + 0.25 * 6, 0.75 * 4 + 0.25 * 0]
+    assert merged["v"].tolist() == [6.0]
+    assert [p.name for p in two_models.iterdir() if p.name.startswith(".")] == []  # no temporary left
+
+
+def test_mecha_exit_gc_full_keeps_pythons_own_shutdown(two_models):
+    assert _probe(two_models, {"MECHA_EXIT_GC": "full"}) == {"frozen": 0}
+
+
+def test_plugins_load_with_garbage_collection_paused_and_restore_it():
+    from mecha_core.plugins import PluginHost, plugin_from_functions
+
+    seen = []
+
+    def methods():
+        seen.append(gc.isenabled())
+        return []
+
+    probe = plugin_from_functions("probe", mecha_merge_methods=methods)
+    assert gc.isenabled()
+    PluginHost([("probe", probe)], autoload=False)
+    assert seen == [False] and gc.isenabled()
+    gc.disable()  # a caller that paused it keeps it paused
+    try:
+        PluginHost([("probe", probe)], autoload=False)
+        assert seen == [False, False] and not gc.isenabled()
+    finally:
+        gc.enable()
