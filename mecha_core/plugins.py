@@ -142,6 +142,28 @@ def _same_layout(known: tuple[str, Architecture], family: str, arch: Architectur
             and first.classes == arch.classes and first.layers == arch.layers)
 
 
+def _name_and_version(dist: Any) -> tuple[str, str]:
+    """A distribution's ``Name`` and ``Version``, read from the top of its metadata file.
+
+    ``dist.name`` and ``dist.version`` parse the whole file with the ``email`` package (imported
+    for it) on every start; the two fields are plain header lines at the top, which is all this
+    reads. Anything unusual (no such file, a field missing) goes to the full parser."""
+    found: dict[str, str] = {}
+    try:
+        text = dist.read_text("METADATA") or dist.read_text("PKG-INFO") or ""
+    except (OSError, UnicodeDecodeError, AttributeError):  # AttributeError: a Distribution without files
+        text = ""
+    for line in text.splitlines():
+        if not line.strip():
+            break  # the end of the headers
+        field, sep, value = line.partition(":")
+        if sep and field in ("Name", "Version") and field not in found and not line[0].isspace():
+            found[field] = value.strip()
+    if len(found) == 2 and all(found.values()):
+        return found["Name"], found["Version"]
+    return dist.name, dist.version
+
+
 @contextlib.contextmanager
 def _collections_paused() -> Iterator[None]:
     """No garbage collection while plugins load: their modules and key tables are tens of
@@ -242,8 +264,8 @@ class PluginHost:
         found = sorted(entry_points(group="mecha"), key=lambda e: (e.name, e.value))
         for ep in found:
             dist = getattr(ep, "dist", None)
-            record = PluginRecord(ep.name, dist.name if dist else None, dist.version if dist else None,
-                                  module=ep.value)
+            name, version = _name_and_version(dist) if dist else (None, None)
+            record = PluginRecord(ep.name, name, version, module=ep.value)
             if (allow is not None and ep.name not in allow) or ep.name in block:
                 record.status = "disabled"
                 self.records.append(record)
@@ -252,7 +274,7 @@ class PluginHost:
         by_name: dict[str, list[str]] = {}
         for ep in found:
             dist = getattr(ep, "dist", None)
-            by_name.setdefault(ep.name, []).append(dist.name if dist else ep.value)
+            by_name.setdefault(ep.name, []).append(_name_and_version(dist)[0] if dist else ep.value)
         for name, owners in sorted(by_name.items()):
             if len(owners) > 1:
                 self.warnings.append(f"plugin name '{name}' is used by {' and '.join(owners)}; "

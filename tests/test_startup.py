@@ -75,3 +75,42 @@ def test_plugins_load_with_garbage_collection_paused_and_restore_it():
         assert seen == [False, False] and not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_a_released_object_is_freed_on_the_release_thread_not_the_callers():
+    import threading
+
+    from mecha_core.exiting import release_in_background
+
+    freed = threading.Event()
+    where = []
+
+    class Held:
+        def __del__(self):
+            where.append(threading.current_thread().name)
+            freed.set()
+
+    release_in_background(Held())
+    assert freed.wait(30)
+    assert where == ["mecha-release"]
+
+
+def test_closing_an_input_unmaps_it_soon_after(tmp_path):
+    import time
+
+    from mecha_core.engine.safetensors_io import SafetensorsFile
+
+    path = write_checkpoint(tmp_path / "mapped.safetensors", {"w": torch.arange(4096, dtype=torch.float32)})
+
+    def mapped() -> bool:
+        with open("/proc/self/maps") as maps:
+            return any(line.rstrip().endswith(str(path)) for line in maps)
+
+    f = SafetensorsFile(path)
+    assert float(f.read("w").sum()) == sum(range(4096))
+    assert mapped()
+    f.close()
+    deadline = time.monotonic() + 30
+    while mapped() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not mapped()
