@@ -1,8 +1,9 @@
 """The fixed cost of a merge: what a run does besides merging (issues 15/16, start-up).
 
 Times are measured in bench/bench_startup.py, not here; these tests pin the mechanisms: the exit
-skips the interpreter's shutdown collections yet the output is complete, plugin loading runs no
-garbage collection, and a merge builds no key table nor imports a module it does not need."""
+skips the interpreter's shutdown collections yet the output is complete, plugins load with the
+garbage collector paused, input maps are released off the caller's thread, and an LLM merge
+imports no tokenizer library."""
 
 from __future__ import annotations
 
@@ -114,3 +115,47 @@ def test_closing_an_input_unmaps_it_soon_after(tmp_path):
     while mapped() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not mapped()
+
+
+#: which heavy modules a merge imported
+IMPORTED = """
+import json, sys
+sys.argv = ["mecha", *sys.argv[1:]]
+from mecha_core.__main__ import main
+code = main()
+print("\\nIMPORTED " + json.dumps({"code": code, **{m: m in sys.modules for m in ["torch", *HEAVY]}}))
+"""
+HEAVY = ["transformers", "tokenizers", "jinja2"]
+
+
+def test_merging_llm_folders_imports_no_tokenizer_library(tmp_path):
+    import importlib.util
+
+    from mecha_core.testing import write_checkpoint
+
+    assert all(importlib.util.find_spec(m) for m in HEAVY)  # installed: their absence means something
+    hidden, layers = 8, 2
+    for name in ("a", "b"):
+        folder = tmp_path / name
+        folder.mkdir()
+        tensors = {"model.embed_tokens.weight": torch.randn(16, hidden), "model.norm.weight": torch.ones(hidden),
+                   "lm_head.weight": torch.randn(16, hidden)}
+        for i in range(layers):
+            p = f"model.layers.{i}."
+            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                tensors[p + f"self_attn.{proj}.weight"] = torch.randn(hidden, hidden)
+            for proj, shape in (("gate_proj", (32, hidden)), ("up_proj", (32, hidden)), ("down_proj", (hidden, 32))):
+                tensors[p + f"mlp.{proj}.weight"] = torch.randn(shape)
+            tensors[p + "input_layernorm.weight"] = torch.ones(hidden)
+            tensors[p + "post_attention_layernorm.weight"] = torch.ones(hidden)
+        write_checkpoint(folder / "model.safetensors", tensors)
+        (folder / "config.json").write_text(json.dumps({
+            "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": hidden,
+            "num_hidden_layers": layers, "intermediate_size": 32, "num_attention_heads": 2,
+            "num_key_value_heads": 2, "vocab_size": 16, "tie_word_embeddings": False}))
+    (tmp_path / "r.mecha").write_text('mecha 1\na = model("a")\nb = model("b")\nweighted_sum(a, b, alpha=0.5)\n')
+    proc = subprocess.run([sys.executable, "-c", f"HEAVY = {HEAVY!r}" + IMPORTED, "merge", "r.mecha", "-o", "out/",
+                           "-q"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    report = json.loads(proc.stdout.rsplit("IMPORTED ", 1)[1])
+    assert report == {"code": 0, "torch": True, **{m: False for m in HEAVY}}, proc.stderr  # torch: the probe sees
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "llama"  # a real LLM merge
