@@ -57,16 +57,18 @@ def imports_torch(command: list[str]) -> bool:
     return any(line.rstrip().endswith("| torch") for line in done.stderr.splitlines())
 
 
-def timed(command: list[str]) -> float:
+def timed(command: list[str], cwd: str | None = None) -> float:
     start = time.perf_counter()
-    subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True, env=CHILD_ENV)
+    subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True, env=CHILD_ENV, cwd=cwd)
     return time.perf_counter() - start
 
 
-def timed_with_cpu(command: list[str]) -> tuple[float, float]:
-    """Wall time and the child's CPU time (user + system)."""
+def timed_with_cpu(command: list[str], cwd: str) -> tuple[float, float]:
+    """Wall time and the child's CPU time (user + system), run in ``cwd``: ``python -m`` and
+    ``python -c`` put the working folder first on the module path, so run from a checkout they
+    would import its mecha_core whatever the interpreter."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    wall = timed(command)
+    wall = timed(command, cwd)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
@@ -127,7 +129,7 @@ def bench_merges(runs: int, work: str, other: str | None) -> None:
         for name in commands["this"]:
             for tag in pythons:  # alternating, so that both see the same load
                 clear_outputs(work)
-                measured = timed_with_cpu(commands[tag][name])
+                measured = timed_with_cpu(commands[tag][name], work)
                 if attempt:  # the first round warms the file cache
                     results.setdefault((name, tag), []).append(measured)
         loads.append(os.getloadavg()[0])
