@@ -30,6 +30,7 @@ from typing import Any
 _lock = threading.Lock()
 _registered = False
 _releases: queue.SimpleQueue[list[Any]] | None = None
+_releases_pid = 0  # the process whose thread drains _releases (a forked child starts its own)
 
 
 def _collect_and_freeze() -> None:
@@ -59,10 +60,10 @@ def release_in_background(obj: Any) -> None:
     """Drop a reference to ``obj`` on a daemon thread (one per process, started on first use),
     so that freeing it (unmapping a memory map: the kernel undoes each mapped page) does not
     hold up the caller. Whoever else holds ``obj`` keeps it alive as usual."""
-    global _releases
+    global _releases, _releases_pid
     with _lock:
-        if _releases is None:
-            _releases = queue.SimpleQueue()
+        if _releases is None or _releases_pid != os.getpid():
+            _releases, _releases_pid = queue.SimpleQueue(), os.getpid()
             threading.Thread(target=_release_forever, args=(_releases,), name="mecha-release",
                              daemon=True).start()
         _releases.put([obj])

@@ -159,3 +159,24 @@ def test_merging_llm_folders_imports_no_tokenizer_library(tmp_path):
     report = json.loads(proc.stdout.rsplit("IMPORTED ", 1)[1])
     assert report == {"code": 0, "torch": True, **{m: False for m in HEAVY}}, proc.stderr  # torch: the probe sees
     assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "llama"  # a real LLM merge
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX only")
+def test_a_forked_child_releases_on_its_own_thread():
+    import threading
+
+    from mecha_core.exiting import release_in_background
+
+    release_in_background(object())  # the parent's thread runs
+    pid = os.fork()
+    if pid == 0:  # the child: the parent's thread did not survive the fork
+        freed = threading.Event()
+
+        class Held:
+            def __del__(self):
+                freed.set()
+
+        release_in_background(Held())
+        os._exit(0 if freed.wait(30) else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
