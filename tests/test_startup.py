@@ -180,3 +180,22 @@ def test_a_forked_child_releases_on_its_own_thread():
         os._exit(0 if freed.wait(30) else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_inspect_prints_components_in_file_order_whatever_the_hash_seed(tmp_path):
+    from mecha_sd1 import layout
+
+    from mecha_core.kit.synthetic import key_table, write_layout
+
+    table = {k: ((1,) if shape else shape, dtype) for k, (shape, dtype) in
+             key_table(layout.architecture(), dtype="float16").items()}
+    path = write_layout(tmp_path / "sd1.safetensors", table)
+    in_file_order = list(dict.fromkeys(layout.architecture().keys[k].component for k in table))
+    orders = []
+    for seed in ("1", "2", "3"):
+        proc = subprocess.run([sys.executable, "-m", "mecha_core", "inspect", path], capture_output=True,
+                              text=True, timeout=300, env={**os.environ, "PYTHONHASHSEED": seed})
+        assert proc.returncode == 0, proc.stderr
+        line = next(x for x in proc.stdout.splitlines() if x.strip().startswith("components:"))
+        orders.append([part.split(" (")[0].strip() for part in line.split(":", 1)[1].split("),")])
+    assert orders == [in_file_order] * 3 and len(in_file_order) == 3
