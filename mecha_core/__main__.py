@@ -24,6 +24,9 @@ def main() -> int:
     try:
         if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
             signal.signal(signal.SIGTERM, _terminate)
+        from .exiting import collect_once_at_exit
+
+        collect_once_at_exit()  # the command's process ends without shutdown's collections
         from .cli.app import run
 
         return run()

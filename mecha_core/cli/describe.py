@@ -263,7 +263,8 @@ def inspect_summary(path: Path, host: Any) -> dict[str, Any]:
                                  if closest else None)
             return result
         aliases = {a: k for k, s in arch.keys.items() for a in s.aliases}
-        canonical = {k: (aliases[k] if k in aliases and aliases[k] not in keys else k) for k in keys}
+        # in file order (not the frozenset's, which changes from run to run): the same report each time
+        canonical = {k: (aliases[k] if k in aliases and aliases[k] not in keys else k) for k in f.keys}
         present = set(canonical.values())
         components: dict[str, dict[str, int]] = {}
         for stored, key in canonical.items():
