@@ -140,16 +140,15 @@ def build_model(folder: str, shape: str, seed: int) -> str:
     return folder
 
 
-MECHA = """
-import sys, mecha_core as m
-kind, out, paths = sys.argv[1], sys.argv[2], sys.argv[3:]
-models = [m.model(p) for p in paths]
-if kind == "linear":
-    r = m.n_average(*models)
-else:
-    r = m.ties(models[0], *models[1:], density=0.5, alpha=1.0, vote="sum")
-m.merge(r, out + "/")  # a folder: shards, index, and the first model's config files
-"""
+def mecha_recipe(kind: str, folders: list[str]) -> str:
+    """The merge as a .mecha recipe, run with ``mecha merge`` as a user would."""
+    lines = ["mecha 1"] + [f"m{i} = model({json.dumps(f)})" for i, f in enumerate(folders)]
+    names = ", ".join(f"m{i}" for i in range(len(folders)))
+    if kind == "linear":
+        lines.append(f"n_average({names})")
+    else:
+        lines.append(f'ties({names}, density=0.5, alpha=1.0, vote="sum")')
+    return "\n".join(lines) + "\n"
 
 
 def mergekit_config(kind: str, folders: list[str]) -> str:
@@ -250,7 +249,11 @@ def main() -> None:
             shutil.rmtree(out, ignore_errors=True)
             if who == "mecha":
                 inputs = folders
-                command = [sys.executable, "-c", MECHA, kind, out, *inputs]
+                recipe = os.path.join(args.work, f"{kind}_{shape}.mecha")
+                with open(recipe, "w") as f:
+                    f.write(mecha_recipe(kind, folders))
+                # a folder output: shards, index, and the first model's config files
+                command = [sys.executable, "-m", "mecha_core", "merge", recipe, "-o", out + "/"]
             else:
                 config = tempfile.NamedTemporaryFile("w", suffix=".yml", delete=False, dir=args.work)
                 config.write(mergekit_config(kind, folders))

@@ -10,7 +10,6 @@ from .engine.run import execute
 from .engine.safetensors_io import check_float_dtype
 # merge_metadata and plugins_used live with the executors; re-exported here for callers
 from .executors import MergeJob, find_executor, merge_metadata, plugins_used  # noqa: F401
-from .exiting import collect_once_at_exit
 from .output import OutputFile, Protected, TerminateAsInterrupt
 from .output_folder import DEFAULT_SHARD_SIZE, OutputFolder, is_folder_output, parse_shard_size
 from .plugins import PluginHost, get_host
@@ -47,7 +46,6 @@ def merge(recipe: Node | str | os.PathLike[str], output: str | os.PathLike[str],
     ``executor``: what runs the merge: ``local`` (this machine's thread pool) or one a plugin
     provides (``ray``, from mecha-ray), with its ``executor_settings`` (``{"address": ...}``).
     """
-    collect_once_at_exit()  # torch's objects make the interpreter's shutdown collections slow
     run = find_executor(executor, host)
     _check_settings(run, executor_settings)
     if fp8_scaled and run.name != "local":
@@ -154,7 +152,6 @@ def sweep(recipe: Node | str | os.PathLike[str], output: str, params: Mapping[st
     from .plugins import get_host
     from .sweeps import sweep_outputs, sweep_points
 
-    collect_once_at_exit()  # torch's objects make the interpreter's shutdown collections slow
     host = options.get("host") or get_host()
     run = find_executor(executor, host)
     _check_settings(run, executor_settings)

@@ -18,14 +18,21 @@ import torch
 
 from mecha_core.testing import read_tensors, write_checkpoint
 
-#: a merge in a fresh process; an exit handler registered before the merge runs after mecha's
-#: (exit handlers run last registered first) and reports what the interpreter's shutdown will see
+#: a merge in a fresh process, through the command line (``mecha merge``) or the Python API; an
+#: exit handler registered before the merge runs after mecha's (exit handlers run last registered
+#: first) and reports what the interpreter's shutdown will see
 EXIT_PROBE = """
 import atexit, gc, json, sys
 atexit.register(lambda: print("EXIT " + json.dumps({"frozen": gc.get_freeze_count()}), flush=True))
+if sys.argv[1] == "cli":
+    from mecha_core.__main__ import main
+    open("r.mecha", "w").write('mecha 1\\na = model("a.safetensors")\\nb = model("b.safetensors")\\n'
+                               'weighted_sum(a, b, alpha=0.25)\\n')
+    sys.argv = ["mecha", "merge", "r.mecha", "-o", "m.safetensors"]
+    sys.exit(main())
 import mecha_core as mecha
-a, b = mecha.model(sys.argv[1]), mecha.model(sys.argv[2])
-mecha.merge(mecha.weighted_sum(a, b, alpha=0.25), sys.argv[3])
+a, b = mecha.model("a.safetensors"), mecha.model("b.safetensors")
+mecha.merge(mecha.weighted_sum(a, b, alpha=0.25), "m.safetensors")
 """
 
 
@@ -36,9 +43,9 @@ def two_models(tmp_path):
     return tmp_path
 
 
-def _probe(work, env_extra):
+def _probe(work, env_extra, via="cli"):
     env = {k: v for k, v in os.environ.items() if k != "MECHA_EXIT_GC"} | env_extra
-    proc = subprocess.run([sys.executable, "-c", EXIT_PROBE, "a.safetensors", "b.safetensors", "m.safetensors"],
+    proc = subprocess.run([sys.executable, "-c", EXIT_PROBE, via],
                           capture_output=True, text=True, timeout=300, cwd=work, env=env)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.rsplit("EXIT ", 1)[1])
@@ -55,6 +62,12 @@ def test_after_a_merge_the_shutdown_collections_skip_what_was_alive_at_exit(two_
 
 def test_mecha_exit_gc_full_keeps_pythons_own_shutdown(two_models):
     assert _probe(two_models, {"MECHA_EXIT_GC": "full"}) == {"frozen": 0}
+
+
+def test_a_merge_through_the_python_api_leaves_the_callers_shutdown_alone(two_models):
+    # the exit handler belongs to the ``mecha`` command's process, not to a program that imports mecha
+    assert _probe(two_models, {}, via="api") == {"frozen": 0}
+    assert read_tensors(two_models / "m.safetensors")["v"].tolist() == [6.0]
 
 
 def test_plugins_load_with_garbage_collection_paused_and_restore_it():
