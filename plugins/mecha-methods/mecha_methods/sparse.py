@@ -120,6 +120,90 @@ def ties_merge(deltas: list[torch.Tensor], vote: str, weights: list[float] | Non
     return disjoint_mean(deltas, elect_sign(deltas, vote), weights)
 
 
+def ties_merge_owned(deltas: list[torch.Tensor], vote: str) -> torch.Tensor:
+    """:func:`ties_merge` without weights, bit for bit, for deltas the caller no longer needs
+    (they are overwritten): fewer passes over memory and no boolean masks when every delta is
+    a contiguous float32 tensor of one shape and finite where it counts (see
+    :func:`_elect_and_merge_in_place`); otherwise :func:`ties_merge` itself."""
+    fast = _elect_and_merge_in_place(deltas, vote) if _same_float32(deltas) else None
+    return fast if fast is not None else ties_merge(deltas, vote)
+
+
+def _same_float32(tensors: list[torch.Tensor]) -> bool:
+    first = tensors[0]
+    return all(t.dtype == torch.float32 and t.is_contiguous() and t.shape == first.shape and t.device == first.device
+               for t in tensors)
+
+
+def _elect_and_merge_in_place(deltas: list[torch.Tensor], vote: str) -> torch.Tensor | None:
+    """:func:`disjoint_mean` of :func:`elect_sign`, bit for bit, overwriting ``deltas``; ``None``
+    (the deltas untouched) when a vote is not finite, where that arithmetic would differ.
+
+    With a finite elected sign s (-1, 0 or 1), delta i agrees where pᵢ = max(δᵢ·s, 0) > 0, and
+    pᵢ is then |δᵢ| exactly; the agreeing deltas share a sign, so the old sum of the agreeing
+    deltas is s·Σpᵢ exactly (rounding to nearest is symmetric), and their count is Σ sign(pᵢ).
+    Where none agrees that product is ±0; adding +0.0 makes it the +0.0 the old sum gave."""
+    if vote == "sum":
+        votes = deltas[0] + deltas[1] if len(deltas) > 1 else deltas[0].clone()
+        for d in deltas[2:]:
+            votes += d
+        check = votes
+    else:
+        votes = torch.sign(sum(torch.sign(d) for d in deltas))
+        check = None
+    # a NaN vote (a NaN delta, or +inf and -inf) agrees with nothing, an infinite delta with a
+    # zero vote gives inf·0: such slices take the plain definition
+    if check is not None:
+        if not torch.isfinite(check.sum()):
+            return None
+    elif not all(bool(torch.isfinite(d.sum())) for d in deltas):
+        return None
+    sign = votes.sign_()
+    total = count = None
+    for d in deltas:
+        agreeing = d.mul_(sign).clamp_(min=0)
+        if total is None:
+            total, count = agreeing, torch.sign(agreeing)
+        else:
+            total += agreeing
+            count += agreeing.sign_()
+    assert total is not None and count is not None
+    total.mul_(sign).add_(0.0)
+    return total.div_(count.clamp_(min=1))
+
+
+def trim_in_place(delta: torch.Tensor, selection, ctx) -> torch.Tensor | None:
+    """``keep_selected(delta, selection, ctx)`` in ``delta``'s own memory, bit for bit, for a
+    contiguous float32 delta whose selection has a threshold: an element is kept where its
+    magnitude's bit pattern is at least the threshold's (above it past the last tie kept),
+    found with integer arithmetic instead of boolean masks. ``None`` (``delta`` untouched)
+    otherwise. A NaN delta is kept here where the definition drops it; the election then sees
+    a NaN vote and :func:`ties_merge_owned` falls back to the definition for the slice."""
+    if selection.threshold is None or delta.dtype != torch.float32 or not delta.is_contiguous():
+        return None
+    limit = int(torch.tensor([selection.threshold], dtype=torch.float32).view(torch.int32)[0])
+    bits = delta.view(-1).view(torch.int32)
+    cut = selection.last_tie + 1 - ctx.start  # the piece's elements are in flat order
+    keep = bits & 0x7FFFFFFF
+    if cut >= bits.numel():  # every tie in the piece is kept: magnitude >= threshold
+        _at_least(keep, limit)
+    elif cut <= 0:  # no tie kept: magnitude > threshold
+        _at_least(keep, limit + 1)
+    else:
+        _at_least(keep[:cut], limit)
+        _at_least(keep[cut:], limit + 1)
+    bits &= keep
+    return delta
+
+
+def _at_least(magnitude_bits: torch.Tensor, limit: int) -> None:
+    """Turn non-negative int32 bit patterns into all ones where they are >= ``limit``, else 0:
+    the sign of limit - 1 - bits, spread by an arithmetic shift (no overflow: both are in
+    [0, 2³¹))."""
+    magnitude_bits.neg_().add_(limit - 1)
+    magnitude_bits.bitwise_right_shift_(31)
+
+
 def dare_mask(ctx, seed: int, model: int, density: float) -> torch.Tensor:
     """DARE's keep mask of model ``model``: each entry kept with probability density, drawn per
     element position from seed and the key (the same however the key is sliced, and the masks of
@@ -190,13 +274,30 @@ def ties(base, *models, density: float = 0.2, alpha: float = 1.0, vote: Vote = "
     w = model_weights("ties", weights, len(models))
     vote = choice("ties", "vote", vote, _VOTES)
     trim = choice("ties", "trim", trim, _TRIMS)
-    deltas = deltas_of(base, models)
-    if trim == "sd_mecha":
-        trimmed = [keep_at_least(d, stats[f"trim{i}"]) for i, d in enumerate(deltas)]
-    else:
-        trimmed = [keep_selected(d, stats[f"trim{i}"], ctx) for i, d in enumerate(deltas)]
-    merged = ties_merge(trimmed, vote, w)
+    merged = _ties_in_place(base, models, stats, ctx, vote) if trim == "top_k" and w is None else None
+    if merged is None:
+        deltas = deltas_of(base, models)
+        if trim == "sd_mecha":
+            trimmed = [keep_at_least(d, stats[f"trim{i}"]) for i, d in enumerate(deltas)]
+        else:
+            trimmed = [keep_selected(d, stats[f"trim{i}"], ctx) for i, d in enumerate(deltas)]
+        merged = ties_merge(trimmed, vote, w)
     return base + (merged if alpha == 1 else alpha * merged)
+
+
+def _ties_in_place(base, models, stats, ctx, vote: str) -> torch.Tensor | None:
+    """TIES's merged delta (trim="top_k", no weights) by :func:`trim_in_place` and
+    :func:`_elect_and_merge_in_place`, bit for bit; ``None`` where those do not apply (the
+    caller then computes the definition from the inputs again)."""
+    if not _same_float32([base, *models]):
+        return None
+    trimmed = []
+    for i, m in enumerate(models):
+        t = trim_in_place(m - base, stats[f"trim{i}"], ctx)
+        if t is None:
+            return None
+        trimmed.append(t)
+    return _elect_and_merge_in_place(trimmed, vote)
 
 
 # -- DARE ----------------------------------------------------------------------------------------
