@@ -331,12 +331,12 @@ def _dare_deltas(name: str, base, models, density, seed, rescale, ctx, stats) ->
     rescale = choice(name, "rescale", rescale, _RESCALES)
     out = []
     for i, d in enumerate(deltas_of(base, models)):
-        kept = torch.where(dare_mask(ctx, seed, i, density), d, torch.zeros_like(d))
+        masked = kept(d, dare_mask(ctx, seed, i, density))
         if rescale == "density":
-            kept = kept / density
+            masked = masked / density
         elif rescale == "l1" and stats[f"kept_l1_{i}"] > 0:
-            kept = kept * (stats[f"l1_{i}"] / stats[f"kept_l1_{i}"])
-        out.append(kept)
+            masked = masked * (stats[f"l1_{i}"] / stats[f"kept_l1_{i}"])
+        out.append(masked)
     return out
 
 
@@ -389,7 +389,8 @@ def dare_ties(base, *models, density: float = 0.5, alpha: float = 1.0, seed: int
     w = model_weights("dare_ties", weights, len(models))
     vote = choice("dare_ties", "vote", vote, _VOTES)
     deltas = _dare_deltas("dare_ties", base, models, density, seed, rescale, ctx, stats)
-    return base + alpha * ties_merge(deltas, vote, w)
+    merged = ties_merge(deltas, vote, w) if w is not None else ties_merge_owned(deltas, vote)
+    return base + alpha * merged
 
 
 # -- DELLA ---------------------------------------------------------------------------------------
@@ -401,7 +402,7 @@ def _della_deltas(name: str, base, models, density, epsilon, seed, ctx) -> list[
     for i, d in enumerate(deltas_of(base, models)):
         p = della_keep_prob(d, density, epsilon, row)
         mask = ctx.uniform(seed, i) < p
-        out.append(torch.where(mask, d / p, torch.zeros_like(d)))
+        out.append(kept(d / p, mask))
     return out
 
 
@@ -423,7 +424,7 @@ def della(base, *models, density: float = 0.5, epsilon: float = 0.1, alpha: floa
     """
     vote = choice("della", "vote", vote, _VOTES)
     deltas = _della_deltas("della", base, models, density, epsilon, seed, ctx)
-    return base + alpha * ties_merge(deltas, vote)
+    return base + alpha * ties_merge_owned(deltas, vote)
 
 
 @merge_method(spaces=_SPACES, returns=WEIGHT, check_spaces=at_least(1, "model"), rowwise=True,
@@ -475,7 +476,7 @@ def _crumbs(name: str, base, models, density, gamma, stats, ctx) -> list[torch.T
     for i, d in enumerate(deltas_of(base, models)):
         magnitude = d.abs()
         band = stats[f"upto{i}"].mask(magnitude, ctx) & ~stats[f"top{i}"].mask(magnitude, ctx)
-        out.append(torch.where(band, d, torch.zeros_like(d)))
+        out.append(kept(d, band))
     return out
 
 
@@ -509,7 +510,7 @@ def breadcrumbs_ties(base, *models, density: float = 0.9, gamma: float = 0.01, a
     disjoint mean: base + alpha · merged.
     """
     vote = choice("breadcrumbs_ties", "vote", vote, _VOTES)
-    return base + alpha * ties_merge(_crumbs("breadcrumbs_ties", base, models, density, gamma, stats, ctx), vote)
+    return base + alpha * ties_merge_owned(_crumbs("breadcrumbs_ties", base, models, density, gamma, stats, ctx), vote)
 
 
 SPARSE = [ties, dare_linear, dare_ties, della, della_linear, breadcrumbs, breadcrumbs_ties]
