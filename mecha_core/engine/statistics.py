@@ -176,7 +176,11 @@ class _Window:
         self.offset = (low << 16) - 1  # bits - offset: 1 for the window's first bit pattern
         self.size = WINDOW << 16
         self.counts = torch.zeros(self.size + 2, dtype=torch.int64)  # below, the window, above
-        self.records: list[tuple[int, torch.Tensor, torch.Tensor]] | None = []
+        # each piece's non-zero window counts (bin, count), in two buffers allocated once: small
+        # tensors kept between a pass's large temporaries would fragment the heap
+        self.record_bins = torch.empty(room, dtype=torch.int32)
+        self.record_counts = torch.empty(room, dtype=torch.int32)
+        self.records: list[tuple[int, int, int]] | None = []  # piece index, first entry, end
         self.recorded = 0
 
     def count(self, index: int, bits: torch.Tensor) -> None:
@@ -190,12 +194,16 @@ class _Window:
             return
         inside = hist[1:self.size + 1]
         where = torch.nonzero(inside).reshape(-1)
-        self.recorded += where.numel()
-        if self.recorded > self.room:  # too many distinct values: the tie is found by a pass
+        first, end = self.recorded, self.recorded + where.numel()
+        if end > self.room:  # too many distinct values: the tie is found by a pass
             self.records = None
+            self.record_bins = self.record_counts = torch.empty(0, dtype=torch.int32)
             return
-        if where.numel():
-            self.records.append((index, where.to(torch.int32), inside[where].to(torch.int32)))
+        if end > first:
+            self.record_bins[first:end] = where
+            self.record_counts[first:end] = inside[where]
+            self.records.append((index, first, end))
+            self.recorded = end
 
     def resolve(self) -> bool:
         """Settle the selection from the counts; ``False`` when the k-th is outside the window."""
@@ -212,9 +220,10 @@ class _Window:
         s.found = True
         if s.ties_kept < s.ties_total and self.records is not None:
             seen = 0
-            for index, where, counts in self.records:
+            for index, first, end in self.records:
+                where = self.record_bins[first:end]
                 at = int(torch.searchsorted(where, b))
-                here = int(counts[at]) if at < where.numel() and int(where[at]) == b else 0
+                here = int(self.record_counts[first + at]) if at < where.numel() and int(where[at]) == b else 0
                 if seen + here >= s.ties_kept:
                     s.tie_piece, s.tie_rank = index, s.ties_kept - seen
                     break
