@@ -178,7 +178,8 @@ def trim_in_place(delta: torch.Tensor, selection, ctx) -> torch.Tensor | None:
     magnitude's bit pattern is at least the threshold's (above it past the last tie kept),
     found with integer arithmetic instead of boolean masks. ``None`` (``delta`` untouched)
     otherwise. A NaN delta is kept here where the definition drops it; the election then sees
-    a NaN vote and :func:`ties_merge_owned` falls back to the definition for the slice."""
+    a NaN vote, :func:`_elect_and_merge_in_place` declines, and ``ties`` computes the slice by
+    the definition from its inputs again."""
     if selection.threshold is None or delta.dtype != torch.float32 or not delta.is_contiguous():
         return None
     limit = int(torch.tensor([selection.threshold], dtype=torch.float32).view(torch.int32)[0])
