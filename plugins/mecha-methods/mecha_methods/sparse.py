@@ -276,13 +276,14 @@ def ties(base, *models, density: float = 0.2, alpha: float = 1.0, vote: Vote = "
     vote = choice("ties", "vote", vote, _VOTES)
     trim = choice("ties", "trim", trim, _TRIMS)
     merged = _ties_in_place(base, models, stats, ctx, vote) if trim == "top_k" and w is None else None
-    if merged is None:
-        deltas = deltas_of(base, models)
-        if trim == "sd_mecha":
-            trimmed = [keep_at_least(d, stats[f"trim{i}"]) for i, d in enumerate(deltas)]
-        else:
-            trimmed = [keep_selected(d, stats[f"trim{i}"], ctx) for i, d in enumerate(deltas)]
-        merged = ties_merge(trimmed, vote, w)
+    if merged is not None:  # this call's own tensor: the same sum, added in place (x + y == y + x)
+        return (merged if alpha == 1 else merged.mul_(alpha)).add_(base)
+    deltas = deltas_of(base, models)
+    if trim == "sd_mecha":
+        trimmed = [keep_at_least(d, stats[f"trim{i}"]) for i, d in enumerate(deltas)]
+    else:
+        trimmed = [keep_selected(d, stats[f"trim{i}"], ctx) for i, d in enumerate(deltas)]
+    merged = ties_merge(trimmed, vote, w)
     return base + (merged if alpha == 1 else alpha * merged)
 
 
