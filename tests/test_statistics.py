@@ -341,3 +341,39 @@ def test_every_reduction_is_within_1e_6_of_float64_at_256m_elements():
         assert abs(float(dot64(x, y)) - ref_xy) / ref_xy < 1e-6
     finally:
         torch.set_num_threads(old)
+
+
+def test_one_pass_window_selection_equals_the_stable_sort_when_the_first_piece_misleads():
+    """Float32 magnitudes in pieces of at least the window's bins are selected in one pass
+    within a window the first piece estimates; a first piece unlike the rest (ten times larger
+    here) puts the window off, and the passes take over. collect_limit=0 drops the per-piece
+    counts (the last tie is then found by a pass over the pieces), with or without ``piece`` to
+    evaluate one piece alone. Every way gives the stable descending sort's selection, ties
+    included."""
+    size = statistics.WINDOW << 16
+    n = 4 * size + 1234
+    gen = torch.Generator().manual_seed(12)
+    # few float16 values: many exact ties at every threshold
+    smooth = (torch.randint(-3000, 3001, (n,), generator=gen).to(torch.float16) / 64).float()
+    misleading = smooth.clone()
+    misleading[:size] *= 10
+    ctx = MergeContext("k", TensorInfo((n,), "float32"))
+    for values in (smooth, misleading):
+        pieces = _pieces([values], size)
+        evaluated: list[int] = []
+
+        def piece(i, values=values, evaluated=evaluated):
+            evaluated.append(i)
+            a, b = size * i, min(size * i + size, n)
+            return MergeContext("k", TensorInfo((n,), "float32"), start=a, stop=b), [values[a:b]]
+
+        for k, limit in ((n // 5, None), (n - 7, None), (999, 0)):
+            want = _stable_top_k(values, k)
+            evaluated.clear()
+            got = statistics.compute([TopK("t", lambda ctx, v: v, k)], pieces, n, collect_limit=limit,
+                                     piece=piece)["t"]
+            assert torch.equal(got.mask(values.abs(), ctx), want), (k, limit)
+            assert got.last_tie < n  # the threshold's ties were split: the case the counts serve
+            assert len(evaluated) <= 1  # at most the piece holding the last tie, once
+        alone = statistics.compute([TopK("t", lambda ctx, v: v, k)], pieces, n)["t"]
+        assert torch.equal(alone.mask(values.abs(), ctx), want)

@@ -57,14 +57,17 @@ class Evaluator:
             whole = self._context(key)
             n_inputs = len(step.inputs)
 
+            def piece(i: int, step: Step = step) -> tuple[MergeContext, Any]:
+                a, b = ranges[i]
+                return self._context(key, a, b), self._run(key, a, b, found, step)
+
             def pieces(step: Step = step) -> Any:
-                for a, b in ranges:
-                    ctx = self._context(key, a, b)
-                    yield ctx, self._run(key, a, b, found, step)
+                for i in range(len(ranges)):
+                    yield piece(i, step)
 
             try:
                 requests = step.method.statistics(whole, n_inputs, **hyper)
-                found[step.index] = statistics.compute(requests, pieces, info.numel)
+                found[step.index] = statistics.compute(requests, pieces, info.numel, piece=piece)
             except MechaError:
                 raise
             except (Exception, SystemExit) as exc:

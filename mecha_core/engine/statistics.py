@@ -14,6 +14,15 @@ a radix selection does. When only some of the elements equal to the threshold ar
 the flat index of the last one kept is found too (ties go to the lower index, as a stable
 descending sort orders them). Memory is one piece plus 65536 counters per request, and at most
 one slice's worth of collected candidates, whatever the key's size.
+
+Float32 magnitudes over several pieces usually need one pass only: the first piece's histogram
+estimates the k-th's bucket, and every piece then counts its elements by their whole bit pattern
+within a window of :data:`WINDOW` top-16-bit buckets around it (all below the window in one
+counter, all above in another), keeping each piece's counts within the window (as many as the
+candidates the collection would hold at most). When the k-th lies in the window, those counts
+give the exact threshold and say which single piece holds the last tie kept; only that piece is
+evaluated again. Otherwise (a key whose first piece is not like the rest) the passes above run.
+A key that is one piece is collected from the bit patterns at hand, without a second pass.
 """
 
 from __future__ import annotations
@@ -24,9 +33,13 @@ from ..lazy import torch
 from ..method import MergeContext, Selection, Then, TopK, Total
 
 Pieces = Callable[[], Iterable[tuple[MergeContext, Sequence[Any]]]]
+#: ``piece(i)``: the ``i``-th piece that ``pieces()`` yields, evaluated alone
+Piece = Callable[[int], tuple[MergeContext, Sequence[Any]]]
 
 _INT_OF_SIZE = {2: "int16", 4: "int32", 8: "int64"}
 _DIGITS = 1 << 16
+#: top-16-bit buckets counted at full resolution in the one-pass selection of float32 magnitudes
+WINDOW = 4
 
 
 def upcast(args: Sequence[Any]) -> list[Any]:
@@ -64,9 +77,15 @@ class _Select:
         self.found_bits: torch.Tensor | None = None
         self.found_where: torch.Tensor | None = None
         self.filled = 0
+        self.window: _Window | None = None  # the one-pass selection's counts (float32, many pieces)
+        self.tie_piece: int | None = None  # the piece holding the last tie kept, when counted
+        self.tie_rank = 0  # ... and how many of that piece's ties are kept (the last one included)
 
     def magnitude_bits(self, ctx: MergeContext, inputs: Sequence[Any]) -> torch.Tensor:
-        magnitudes = self.request.of(ctx, *inputs).abs()
+        """The bit patterns of the piece's magnitudes, flat (a tensor of this call's own)."""
+        values = self.request.of(ctx, *inputs)
+        shared = any(isinstance(a, torch.Tensor) and _same_memory(a, values) for a in inputs)
+        magnitudes = values.abs() if shared or not values.is_contiguous() else values.abs_()
         if self.dtype is None:
             self.dtype = magnitudes.dtype
             self.width = 8 * magnitudes.element_size()
@@ -134,6 +153,84 @@ class _Select:
         return Selection(self.request.k, self.numel, self.threshold(), self.last_tie)
 
 
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+class _Window:
+    """A float32 selection in one pass: every element's bit pattern counted at full resolution
+    within :data:`WINDOW` top-16-bit buckets around the first piece's estimate of the k-th's
+    bucket, the rest as below or above; each piece's non-zero counts are kept (up to ``room``
+    of them in all, each 8 bytes) to find the piece that holds the last tie kept."""
+
+    def __init__(self, select: _Select, bits: torch.Tensor, room: int):
+        self.select, self.room = select, room
+        hist = torch.bincount(bits >> 16, minlength=_DIGITS)
+        piece_rank = max(1, min(bits.numel(), round(select.k * bits.numel() / select.numel)))
+        above_each = torch.flip(torch.cumsum(torch.flip(hist, [0]), 0), [0]) - hist
+        d = int(torch.nonzero((above_each < piece_rank) & (above_each + hist >= piece_rank)).reshape(-1)[-1])
+        # the window reaches further to the side the estimate lies nearer to
+        upper_half = (piece_rank - int(above_each[d])) * 2 <= int(hist[d])
+        low = d - (WINDOW // 2 - 1 if upper_half else WINDOW // 2)
+        low = max(0, min(low, (1 << 15) - WINDOW))
+        self.offset = (low << 16) - 1  # bits - offset: 1 for the window's first bit pattern
+        self.size = WINDOW << 16
+        self.counts = torch.zeros(self.size + 2, dtype=torch.int64)  # below, the window, above
+        # each piece's non-zero window counts (bin, count), in two buffers allocated once: small
+        # tensors kept between a pass's large temporaries would fragment the heap
+        self.record_bins = torch.empty(room, dtype=torch.int32)
+        self.record_counts = torch.empty(room, dtype=torch.int32)
+        self.records: list[tuple[int, int, int]] | None = []  # piece index, first entry, end
+        self.recorded = 0
+
+    def count(self, index: int, bits: torch.Tensor) -> None:
+        """Count piece ``index``'s bit patterns (``bits`` is overwritten)."""
+        if self.offset < 0:  # bits + 1 would overflow for the one NaN pattern 0x7FFFFFFF
+            bits.clamp_(max=0x7FFFFFFE)
+        bins = bits.sub_(self.offset).clamp_(0, self.size + 1)
+        hist = torch.bincount(bins, minlength=self.size + 2)
+        self.counts += hist
+        if self.records is None:
+            return
+        inside = hist[1:self.size + 1]
+        where = torch.nonzero(inside).reshape(-1)
+        first, end = self.recorded, self.recorded + where.numel()
+        if end > self.room:  # too many distinct values: the tie is found by a pass
+            self.records = None
+            self.record_bins = self.record_counts = torch.empty(0, dtype=torch.int32)
+            return
+        if end > first:
+            self.record_bins[first:end] = where
+            self.record_counts[first:end] = inside[where]
+            self.records.append((index, first, end))
+            self.recorded = end
+
+    def resolve(self) -> bool:
+        """Settle the selection from the counts; ``False`` when the k-th is outside the window."""
+        s = self.select
+        above = int(self.counts[-1])
+        inside = self.counts[1:self.size + 1]
+        if above >= s.k or above + int(inside.sum()) < s.k:
+            return False
+        above_each = torch.flip(torch.cumsum(torch.flip(inside, [0]), 0), [0]) - inside + above
+        b = int(torch.nonzero((above_each < s.k) & (above_each + inside >= s.k)).reshape(-1)[-1])
+        s.prefix = self.offset + 1 + b
+        s.ties_total = int(inside[b])
+        s.ties_kept = s.k - int(above_each[b])
+        s.found = True
+        if s.ties_kept < s.ties_total and self.records is not None:
+            seen = 0
+            for index, first, end in self.records:
+                where = self.record_bins[first:end]
+                at = int(torch.searchsorted(where, b))
+                here = int(self.record_counts[first + at]) if at < where.numel() and int(where[at]) == b else 0
+                if seen + here >= s.ties_kept:
+                    s.tie_piece, s.tie_rank = index, s.ties_kept - seen
+                    break
+                seen += here
+        return True
+
+
 def _check(requests: Sequence[Any]) -> None:
     unknown = [r for r in requests if not isinstance(r, (Total, TopK, Then))]
     if unknown:
@@ -151,47 +248,103 @@ def compute_whole(requests: Sequence[Total | TopK], ctx: MergeContext, inputs: S
 
 
 def compute(requests: Sequence[Total | TopK | Then], pieces: Pieces, numel: int,
-            collect_limit: int | None = None, known: dict[str, Any] | None = None) -> dict[str, Any]:
+            collect_limit: int | None = None, known: dict[str, Any] | None = None,
+            piece: Piece | None = None) -> dict[str, Any]:
     """The results of ``requests`` over every piece ``pieces()`` yields (called once per pass).
 
     ``collect_limit``: how many candidate elements the selections may collect in all (their
     bit patterns and indices, 12 to 16 bytes each); default: the largest piece's size.
     A :class:`Then` is resolved after the requests before it, in further passes, given every
-    result so far (``known``: those of earlier stages)."""
+    result so far (``known``: those of earlier stages).
+    ``piece``: evaluates one piece alone (the one holding a selection's last tie); without it
+    the pieces are walked up to that one."""
     _check(requests)
     if not requests:  # nothing to pass over the key for
         return {}
     staged = next((i for i, r in enumerate(requests) if isinstance(r, Then)), None)
     if staged is not None:  # the requests before the first Then, then what it asks for given them
-        out = compute(requests[:staged], pieces, numel, collect_limit)
+        out = compute(requests[:staged], pieces, numel, collect_limit, piece=piece)
         so_far = {**(known or {}), **out}
         later = [*requests[staged].then(dict(so_far)), *requests[staged + 1:]]
-        out.update(compute(later, pieces, numel, collect_limit, so_far))
+        out.update(compute(later, pieces, numel, collect_limit, so_far, piece=piece))
         return out
     totals = [r for r in requests if isinstance(r, Total)]
     selects = [_Select(r, numel) for r in requests if isinstance(r, TopK)]
     sums: dict[str, Any] = {r.name: torch.zeros(r.per, dtype=torch.float64) if r.per else 0.0 for r in totals}
     largest = 0
-    # pass 1: the sums, and the top 16 bits of every selection's magnitudes
     active = [s for s in selects if not s.done]
-    hists = [torch.zeros(_DIGITS, dtype=torch.int64) for _ in active]
-    for ctx, inputs in pieces():
+    hists: dict[int, torch.Tensor] = {}  # the top-16-bit histograms of the selections in passes
+    later: list[_Select] = []  # selections whose bucket is chosen, to be collected or narrowed
+    room = collect_limit
+    # pass 1: the sums; each selection's window counts, or the whole piece's selection, or the
+    # top 16 bits of every magnitude
+    for index, (ctx, inputs) in enumerate(pieces()):
         inputs = upcast(inputs)
         for r in totals:
             if r.per:
                 sums[r.name] += _per_position(r.of(ctx, *inputs), ctx.start, r.per)
             else:
                 sums[r.name] += float(torch.sum(r.of(ctx, *inputs), dtype=torch.float64))
-        for s, hist in zip(active, hists):
+        for s in active:
             bits = s.magnitude_bits(ctx, inputs)
             largest = max(largest, bits.numel())
-            s.histogram(bits, 0, hist)
-    for s, hist in zip(active, hists):
-        s.choose(hist, s.width <= 16)
-    # pass 2: collect the buckets that fit; narrow the others digit by digit
-    room = largest if collect_limit is None else collect_limit
+            if index == 0:
+                if room is None:
+                    room = bits.numel()
+                if bits.numel() >= numel:  # the key is one piece: select from the bits at hand
+                    hist = torch.bincount(bits >> (s.width - 16), minlength=_DIGITS)
+                    s.choose(hist, s.width <= 16)
+                    if not s.found and s.bucket <= room:
+                        room -= s.bucket
+                        s.collect(ctx, bits)
+                        s.settle()
+                    elif not s.found:
+                        later.append(s)
+                    continue
+                if s.width == 32 and bits.numel() >= WINDOW << 16:  # pieces that outweigh the window's bins
+                    s.window = _Window(s, bits, max(1, room // max(1, len(active))))
+                else:
+                    hists[id(s)] = torch.zeros(_DIGITS, dtype=torch.int64)
+            if s.window is not None:
+                s.window.count(index, bits)
+            elif id(s) in hists:
+                s.histogram(bits, 0, hists[id(s)])
+    if room is None:
+        room = largest
+    missed = []
+    for s in active:
+        if s.window is not None:
+            if not s.window.resolve():
+                missed.append(s)
+            s.window = None
+        elif id(s) in hists:
+            s.choose(hists.pop(id(s)), s.width <= 16)
+            if not s.found:
+                later.append(s)
+    if missed:  # the first piece misled the window: the top 16 bits of every magnitude
+        hist_of = {id(s): torch.zeros(_DIGITS, dtype=torch.int64) for s in missed}
+        for ctx, inputs in pieces():
+            inputs = upcast(inputs)
+            for s in missed:
+                s.histogram(s.magnitude_bits(ctx, inputs), 0, hist_of[id(s)])
+        for s in missed:
+            s.choose(hist_of[id(s)], s.width <= 16)
+            if not s.found:
+                later.append(s)
+    _collect_or_narrow(later, pieces, room)
+    split = [s for s in selects if not s.done and s.last_tie >= numel and s.ties_kept < s.ties_total]
+    _locate_in_recorded_piece([s for s in split if s.tie_piece is not None], pieces, piece)
+    _locate_last_ties([s for s in split if s.tie_piece is None], pieces)
+    out: dict[str, Any] = dict(sums)
+    out.update({s.request.name: s.result() for s in selects})
+    return out
+
+
+def _collect_or_narrow(selects: list[_Select], pieces: Pieces, room: int) -> None:
+    """For selections whose bucket is chosen: collect the buckets that fit in ``room``
+    candidates (one pass) and settle them; narrow the others digit by digit (a pass each)."""
     collecting, narrowing = [], []
-    for s in (s for s in active if not s.found):
+    for s in selects:
         if s.bucket <= room:
             room -= s.bucket
             collecting.append(s)
@@ -217,11 +370,23 @@ def compute(requests: Sequence[Total | TopK | Then], pieces: Pieces, numel: int,
                 still.append(s)
         narrowing = still
         digit += 1
-    _locate_last_ties([s for s in selects if not s.done and s.last_tie >= numel and s.ties_kept < s.ties_total],
-                      pieces)
-    out: dict[str, Any] = dict(sums)
-    out.update({s.request.name: s.result() for s in selects})
-    return out
+
+
+def _locate_in_recorded_piece(selects: list[_Select], pieces: Pieces, piece: Piece | None) -> None:
+    """The last tie kept of selections whose window counts said which piece holds it (and how
+    many ties of that piece come before it): only those pieces are evaluated again."""
+    wanted: dict[int, list[_Select]] = {}
+    for s in selects:
+        wanted.setdefault(s.tie_piece, []).append(s)
+    if piece is not None:
+        found = (piece(i) for i in sorted(wanted))
+    else:
+        found = ((ctx, inputs) for i, (ctx, inputs) in enumerate(pieces()) if i in wanted)
+    for i, (ctx, inputs) in zip(sorted(wanted), found):
+        inputs = upcast(inputs)
+        for s in wanted[i]:
+            where = torch.nonzero(s.magnitude_bits(ctx, inputs) == s.prefix).reshape(-1)
+            s.last_tie = ctx.start + int(where[s.tie_rank - 1])
 
 
 def _per_position(values: torch.Tensor, start: int, per: int) -> torch.Tensor:

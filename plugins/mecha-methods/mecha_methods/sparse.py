@@ -120,6 +120,91 @@ def ties_merge(deltas: list[torch.Tensor], vote: str, weights: list[float] | Non
     return disjoint_mean(deltas, elect_sign(deltas, vote), weights)
 
 
+def ties_merge_owned(deltas: list[torch.Tensor], vote: str) -> torch.Tensor:
+    """:func:`ties_merge` without weights, bit for bit, for deltas the caller no longer needs
+    (they are overwritten): fewer passes over memory and no boolean masks when every delta is
+    a contiguous float32 tensor of one shape and finite where it counts (see
+    :func:`_elect_and_merge_in_place`); otherwise :func:`ties_merge` itself."""
+    fast = _elect_and_merge_in_place(deltas, vote) if _same_float32(deltas) else None
+    return fast if fast is not None else ties_merge(deltas, vote)
+
+
+def _same_float32(tensors: list[torch.Tensor]) -> bool:
+    first = tensors[0]
+    return all(t.dtype == torch.float32 and t.is_contiguous() and t.shape == first.shape and t.device == first.device
+               for t in tensors)
+
+
+def _elect_and_merge_in_place(deltas: list[torch.Tensor], vote: str) -> torch.Tensor | None:
+    """:func:`disjoint_mean` of :func:`elect_sign`, bit for bit, overwriting ``deltas``; ``None``
+    (the deltas untouched) when a vote is not finite, where that arithmetic would differ.
+
+    With a finite elected sign s (-1, 0 or 1), delta i agrees where pᵢ = max(δᵢ·s, 0) > 0, and
+    pᵢ is then |δᵢ| exactly; the agreeing deltas share a sign, so the old sum of the agreeing
+    deltas is s·Σpᵢ exactly (rounding to nearest is symmetric), and their count is Σ sign(pᵢ).
+    Where none agrees that product is ±0; adding +0.0 makes it the +0.0 the old sum gave."""
+    if vote == "sum":
+        votes = deltas[0] + deltas[1] if len(deltas) > 1 else deltas[0].clone()
+        for d in deltas[2:]:
+            votes += d
+        check = votes
+    else:
+        votes = torch.sign(sum(torch.sign(d) for d in deltas))
+        check = None
+    # a NaN vote (a NaN delta, or +inf and -inf) agrees with nothing, an infinite delta with a
+    # zero vote gives inf·0: such slices take the plain definition
+    if check is not None:
+        if not torch.isfinite(check.sum()):
+            return None
+    elif not all(bool(torch.isfinite(d.sum())) for d in deltas):
+        return None
+    sign = votes.sign_()
+    total = count = None
+    for d in deltas:
+        agreeing = d.mul_(sign).clamp_(min=0)
+        if total is None:
+            total, count = agreeing, torch.sign(agreeing)
+        else:
+            total += agreeing
+            count += agreeing.sign_()
+    assert total is not None and count is not None
+    total.mul_(sign).add_(0.0)
+    return total.div_(count.clamp_(min=1))
+
+
+def trim_in_place(delta: torch.Tensor, selection, ctx) -> torch.Tensor | None:
+    """``keep_selected(delta, selection, ctx)`` in ``delta``'s own memory, bit for bit, for a
+    contiguous float32 delta whose selection has a threshold: an element is kept where its
+    magnitude's bit pattern is at least the threshold's (above it past the last tie kept),
+    found with integer arithmetic instead of boolean masks. ``None`` (``delta`` untouched)
+    otherwise. A NaN delta is kept here where the definition drops it; the election then sees
+    a NaN vote, :func:`_elect_and_merge_in_place` declines, and ``ties`` computes the slice by
+    the definition from its inputs again."""
+    if selection.threshold is None or delta.dtype != torch.float32 or not delta.is_contiguous():
+        return None
+    limit = int(torch.tensor([selection.threshold], dtype=torch.float32).view(torch.int32)[0])
+    bits = delta.view(-1).view(torch.int32)
+    cut = selection.last_tie + 1 - ctx.start  # the piece's elements are in flat order
+    keep = bits & 0x7FFFFFFF
+    if cut >= bits.numel():  # every tie in the piece is kept: magnitude >= threshold
+        _at_least(keep, limit)
+    elif cut <= 0:  # no tie kept: magnitude > threshold
+        _at_least(keep, limit + 1)
+    else:
+        _at_least(keep[:cut], limit)
+        _at_least(keep[cut:], limit + 1)
+    bits &= keep
+    return delta
+
+
+def _at_least(magnitude_bits: torch.Tensor, limit: int) -> None:
+    """Turn non-negative int32 bit patterns into all ones where they are >= ``limit``, else 0:
+    the sign of limit - 1 - bits, spread by an arithmetic shift (no overflow: both are in
+    [0, 2³¹))."""
+    magnitude_bits.neg_().add_(limit - 1)
+    magnitude_bits.bitwise_right_shift_(31)
+
+
 def dare_mask(ctx, seed: int, model: int, density: float) -> torch.Tensor:
     """DARE's keep mask of model ``model``: each entry kept with probability density, drawn per
     element position from seed and the key (the same however the key is sliced, and the masks of
@@ -190,6 +275,9 @@ def ties(base, *models, density: float = 0.2, alpha: float = 1.0, vote: Vote = "
     w = model_weights("ties", weights, len(models))
     vote = choice("ties", "vote", vote, _VOTES)
     trim = choice("ties", "trim", trim, _TRIMS)
+    merged = _ties_in_place(base, models, stats, ctx, vote) if trim == "top_k" and w is None else None
+    if merged is not None:  # this call's own tensor: the same sum, added in place (x + y == y + x)
+        return (merged if alpha == 1 else merged.mul_(alpha)).add_(base)
     deltas = deltas_of(base, models)
     if trim == "sd_mecha":
         trimmed = [keep_at_least(d, stats[f"trim{i}"]) for i, d in enumerate(deltas)]
@@ -197,6 +285,21 @@ def ties(base, *models, density: float = 0.2, alpha: float = 1.0, vote: Vote = "
         trimmed = [keep_selected(d, stats[f"trim{i}"], ctx) for i, d in enumerate(deltas)]
     merged = ties_merge(trimmed, vote, w)
     return base + (merged if alpha == 1 else alpha * merged)
+
+
+def _ties_in_place(base, models, stats, ctx, vote: str) -> torch.Tensor | None:
+    """TIES's merged delta (trim="top_k", no weights) by :func:`trim_in_place` and
+    :func:`_elect_and_merge_in_place`, bit for bit; ``None`` where those do not apply (the
+    caller then computes the definition from the inputs again)."""
+    if not _same_float32([base, *models]):
+        return None
+    trimmed = []
+    for i, m in enumerate(models):
+        t = trim_in_place(m - base, stats[f"trim{i}"], ctx)
+        if t is None:
+            return None
+        trimmed.append(t)
+    return _elect_and_merge_in_place(trimmed, vote)
 
 
 # -- DARE ----------------------------------------------------------------------------------------
@@ -230,12 +333,12 @@ def _dare_deltas(name: str, base, models, density, seed, rescale, ctx, stats) ->
     rescale = choice(name, "rescale", rescale, _RESCALES)
     out = []
     for i, d in enumerate(deltas_of(base, models)):
-        kept = torch.where(dare_mask(ctx, seed, i, density), d, torch.zeros_like(d))
+        masked = kept(d, dare_mask(ctx, seed, i, density))
         if rescale == "density":
-            kept = kept / density
+            masked = masked / density
         elif rescale == "l1" and stats[f"kept_l1_{i}"] > 0:
-            kept = kept * (stats[f"l1_{i}"] / stats[f"kept_l1_{i}"])
-        out.append(kept)
+            masked = masked * (stats[f"l1_{i}"] / stats[f"kept_l1_{i}"])
+        out.append(masked)
     return out
 
 
@@ -288,7 +391,8 @@ def dare_ties(base, *models, density: float = 0.5, alpha: float = 1.0, seed: int
     w = model_weights("dare_ties", weights, len(models))
     vote = choice("dare_ties", "vote", vote, _VOTES)
     deltas = _dare_deltas("dare_ties", base, models, density, seed, rescale, ctx, stats)
-    return base + alpha * ties_merge(deltas, vote, w)
+    merged = ties_merge(deltas, vote, w) if w is not None else ties_merge_owned(deltas, vote)
+    return base + alpha * merged
 
 
 # -- DELLA ---------------------------------------------------------------------------------------
@@ -300,7 +404,7 @@ def _della_deltas(name: str, base, models, density, epsilon, seed, ctx) -> list[
     for i, d in enumerate(deltas_of(base, models)):
         p = della_keep_prob(d, density, epsilon, row)
         mask = ctx.uniform(seed, i) < p
-        out.append(torch.where(mask, d / p, torch.zeros_like(d)))
+        out.append(kept(d / p, mask))
     return out
 
 
@@ -322,7 +426,7 @@ def della(base, *models, density: float = 0.5, epsilon: float = 0.1, alpha: floa
     """
     vote = choice("della", "vote", vote, _VOTES)
     deltas = _della_deltas("della", base, models, density, epsilon, seed, ctx)
-    return base + alpha * ties_merge(deltas, vote)
+    return base + alpha * ties_merge_owned(deltas, vote)
 
 
 @merge_method(spaces=_SPACES, returns=WEIGHT, check_spaces=at_least(1, "model"), rowwise=True,
@@ -374,7 +478,7 @@ def _crumbs(name: str, base, models, density, gamma, stats, ctx) -> list[torch.T
     for i, d in enumerate(deltas_of(base, models)):
         magnitude = d.abs()
         band = stats[f"upto{i}"].mask(magnitude, ctx) & ~stats[f"top{i}"].mask(magnitude, ctx)
-        out.append(torch.where(band, d, torch.zeros_like(d)))
+        out.append(kept(d, band))
     return out
 
 
@@ -408,7 +512,7 @@ def breadcrumbs_ties(base, *models, density: float = 0.9, gamma: float = 0.01, a
     disjoint mean: base + alpha · merged.
     """
     vote = choice("breadcrumbs_ties", "vote", vote, _VOTES)
-    return base + alpha * ties_merge(_crumbs("breadcrumbs_ties", base, models, density, gamma, stats, ctx), vote)
+    return base + alpha * ties_merge_owned(_crumbs("breadcrumbs_ties", base, models, density, gamma, stats, ctx), vote)
 
 
 SPARSE = [ties, dare_linear, dare_ties, della, della_linear, breadcrumbs, breadcrumbs_ties]

@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import mecha_core
 from mecha_core.errors import MergeError, MergeSpaceError, RecipeError
+from mecha_core.testing import write_checkpoint
 
 from .conftest import arrays, assert_close, near, random_model
 
@@ -283,3 +285,83 @@ def test_dare_with_weights_scales_each_models_masked_delta(run):
 def test_weights_must_be_one_finite_number_per_model(run, weights):
     with pytest.raises(MergeError, match=r"ties\(weights=.*one finite weight per model after the base \(2 models\)"):
         run.call("ties", random_model(1), random_model(2), random_model(3), weights=weights)
+
+
+# -- the in-place TIES pass against a plain-torch whole-tensor TIES, bit for bit ---------------
+def _torch_ties(base: torch.Tensor, models: list[torch.Tensor], density: float, vote: str) -> torch.Tensor:
+    """TIES on whole tensors in plain torch, as the definition reads (float32, the output in
+    the inputs' dtype): stable top-k trim, sign election, mean of the agreeing deltas. A NaN
+    delta ranks above every number (as a sort orders it) but is never kept, since the
+    selection keeps the entries whose magnitude compares >= the k-th's."""
+    b = base.float().reshape(-1)
+    trimmed = []
+    for m in models:
+        d = m.float().reshape(-1) - b
+        k = int(density * d.numel())
+        keep = torch.zeros(d.numel(), dtype=torch.bool)
+        keep[torch.sort(d.abs(), descending=True, stable=True).indices[:k]] = True
+        keep &= ~torch.isnan(d)
+        trimmed.append(torch.where(keep, d, 0.0))
+    if vote == "sum":
+        votes = trimmed[0].clone()
+        for t in trimmed[1:]:
+            votes = votes + t
+    else:
+        votes = torch.sign(trimmed[0])
+        for t in trimmed[1:]:
+            votes = votes + torch.sign(t)
+    sign = torch.sign(votes)
+    total = torch.zeros_like(b)
+    count = torch.zeros_like(b)
+    for t in trimmed:
+        agrees = (torch.sign(t) == sign) & (t != 0)
+        total = total + torch.where(agrees, t, 0.0)
+        count = count + agrees.float()
+    merged = total / torch.clamp(count, min=1)
+    return (b + merged).to(base.dtype).reshape(base.shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("vote", ["sum", "count"])
+@pytest.mark.parametrize("chunk", [None, 1000, 4099])
+def test_ties_bytes_equal_a_plain_torch_whole_tensor_ties(run, tmp_path, dtype, vote, chunk):
+    """Half-precision inputs with few distinct values: many magnitudes tie at every threshold,
+    so which tied entries are kept (the lower flat indices) decides the bytes. Whole keys and
+    keys in slices of any size give the whole-tensor definition's bytes exactly, -0.0 in the
+    base included."""
+    gen = torch.Generator().manual_seed(31)
+    shape = (120, 97)
+    base = (torch.randint(-6, 7, shape, generator=gen).float() / 16).to(dtype)
+    base.view(-1)[::37] = -0.0
+    models = [(torch.randint(-6, 7, shape, generator=gen).float() / 16).to(dtype) for _ in range(3)]
+    models[1].view(-1)[::41] = base.view(-1)[::41]  # zero deltas
+    paths = []
+    for i, t in enumerate([base, *models]):
+        paths.append(mecha_core.model(write_checkpoint(tmp_path / f"m{i}.safetensors", {"w": t})))
+    for density in (0.2, 0.5, 0.77):
+        out = tmp_path / "out.safetensors"
+        mecha_core.merge(mecha_core.ties(*paths, density=density, vote=vote), out, chunk_elements=chunk)
+        got = load_file(out)["w"]
+        want = _torch_ties(base, models, density, vote)
+        assert got.dtype == dtype
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16)), (density, vote, chunk)
+
+
+def test_ties_non_finite_deltas_give_the_definitions_bytes(run, tmp_path):
+    """A NaN delta is trimmed away (never selected: NaN >= threshold is false), +inf and -inf
+    deltas cancel into a NaN vote that nothing agrees with: slices holding such entries take
+    the definition's arithmetic, the others the in-place pass; the bytes are the definition's."""
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randn(4000, generator=gen)
+    models = [base + torch.randn(4000, generator=gen) for _ in range(3)]
+    models[0][10] = float("nan")
+    models[0][20], models[1][20] = float("inf"), float("-inf")
+    models[2][3000] = float("inf")
+    paths = [mecha_core.model(write_checkpoint(tmp_path / f"m{i}.safetensors", {"w": t}))
+             for i, t in enumerate([base, *models])]
+    out = tmp_path / "out.safetensors"
+    mecha_core.merge(mecha_core.ties(*paths, density=0.5), out, chunk_elements=1000, allow_nonfinite=True)
+    got = load_file(out)["w"]
+    want = _torch_ties(base, models, 0.5, "sum")
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    assert torch.isinf(got[3000]) and got[10] == want[10] and not torch.isnan(got[20])
