@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from ..lazy import torch
 from ..method import MergeContext, Selection, TopK, Total
+from .matrix_statistics import MATRIX_KINDS, MatrixSums
 
 Pieces = Callable[[], Iterable[tuple[MergeContext, Sequence[Any]]]]
 
@@ -135,9 +136,10 @@ class _Select:
 
 
 def _check(requests: Sequence[Any]) -> None:
-    unknown = [r for r in requests if not isinstance(r, (Total, TopK))]
+    unknown = [r for r in requests if not isinstance(r, (Total, TopK, *MATRIX_KINDS))]
     if unknown:
-        raise TypeError(f"unknown statistic {unknown[0]!r}; use mecha_core.Total or mecha_core.TopK")
+        raise TypeError(f"unknown statistic {unknown[0]!r}; use mecha_core.Total, TopK, ColumnTotal, CrossTotal "
+                        "or Derived")
     names = [r.name for r in requests]
     if len(set(names)) != len(names):
         raise ValueError(f"statistics named twice: {sorted({n for n in names if names.count(n) > 1})}")
@@ -160,6 +162,7 @@ def compute(requests: Sequence[Total | TopK], pieces: Pieces, numel: int,
     totals = [r for r in requests if isinstance(r, Total)]
     selects = [_Select(r, numel) for r in requests if isinstance(r, TopK)]
     sums = {r.name: 0.0 for r in totals}
+    matrices = MatrixSums(requests, numel)
     largest = 0
     # pass 1: the sums, and the top 16 bits of every selection's magnitudes
     active = [s for s in selects if not s.done]
@@ -168,6 +171,8 @@ def compute(requests: Sequence[Total | TopK], pieces: Pieces, numel: int,
         inputs = upcast(inputs)
         for r in totals:
             sums[r.name] += float(torch.sum(r.of(ctx, *inputs), dtype=torch.float64))
+        if matrices:
+            matrices.add(ctx, inputs)
         for s, hist in zip(active, hists):
             bits = s.magnitude_bits(ctx, inputs)
             largest = max(largest, bits.numel())
@@ -207,7 +212,7 @@ def compute(requests: Sequence[Total | TopK], pieces: Pieces, numel: int,
                       pieces)
     out: dict[str, Any] = dict(sums)
     out.update({s.request.name: s.result() for s in selects})
-    return out
+    return matrices.finish(out)
 
 
 def _locate_last_ties(selects: list[_Select], pieces: Pieces) -> None:
