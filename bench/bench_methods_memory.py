@@ -164,7 +164,8 @@ def one(name: str, paths: list[str], budget: int, out: str, component: str = "")
         def D(x):  # noqa: N802 (reads like the docstring's D(x))
             return m.subtract(x, a)
 
-        recipe = eval(CASES[name], {"m": m, "a": a, "b": b, "c": c, "d": d, "D": D, "MK": MK, "COMPONENT": component})
+        names = {"m": m, "a": a, "b": b, "c": c, "d": d, "D": D, "MK": MK, "COMPONENT": component}
+        recipe = eval(CASES[name], names)
         m.merge(recipe, out, memory_budget=budget)
     method = m.plugins.get_host().method(name)
     print(json.dumps({"peak": memory.peak - memory.start, "seconds": time.perf_counter() - began, "how": how(method)}))
@@ -228,7 +229,8 @@ def main() -> None:
     names = DOCS if args.only == "docs" else [n for n in args.only.split(",") if n]
     print(f"{what}; target: peak private memory over the start <= {limit / 1e6:.0f} MB")
     print(f"load average at the start: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
-    print("| method | how it runs | peak over start (MB) | within budget + 300 MB | process peak (MB) | wall (s) | load |")
+    print("| method | how it runs | peak over start (MB) | within budget + 300 MB | process peak (MB) | wall (s) "
+          "| load |")
     print("|---|---|---:|---|---:|---:|---|")
     for name in names:
         argv = [sys.executable, os.path.abspath(__file__), "--one", name, "--work", args.work, "--rows", str(args.rows),
@@ -238,7 +240,8 @@ def main() -> None:
         code, stdout, stderr, process_peak = _run_child(argv, args.timeout)
         load = f"{os.getloadavg()[0]:.1f}"
         if code is None:
-            print(f"| {name} | | | timed out after {args.timeout} s | ≥ {process_peak / 1e6:.0f} | | {load} |", flush=True)
+            print(f"| {name} | | | timed out after {args.timeout} s | ≥ {process_peak / 1e6:.0f} | | {load} |",
+                  flush=True)
         elif code != 0:
             why = (stderr.strip().splitlines() or ["?"])[-1][:150]
             print(f"| {name} | | | failed: {why} | {process_peak / 1e6:.0f} | | {load} |", flush=True)

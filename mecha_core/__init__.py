@@ -44,7 +44,8 @@ if TYPE_CHECKING:
     from .difference import DiffResult, diff
     from .errors import MechaError
     from .lazy import lazy_import
-    from .method import ColumnTotal, CrossTotal, Derived, MergeContext, MergeMethod, Selection, TopK, Total, merge_method
+    from .method import (ColumnTotal, CrossTotal, Derived, MergeContext, MergeMethod, Selection, TopK, Total,
+                         merge_method)
     from .plugins import PLUGIN_API_VERSION, get_host, hookimpl
     from .recipe import blocks, classes, dump_recipe, layers
     from .recipe.nodes import literal, model, parameter
@@ -79,7 +80,8 @@ def compose(template: Node | str | os.PathLike[str], fills: Mapping[str, Any] | 
 
 
 __all__ = [
-    "ColumnTotal", "CrossTotal", "DELTA", "Derived", "DiffResult", "MechaError", "MergeContext", "MergeMethod", "PARAM", "PLUGIN_API_VERSION", "WEIGHT",
+    "ColumnTotal", "CrossTotal", "DELTA", "Derived", "DiffResult", "MechaError", "MergeContext", "MergeMethod",
+    "PARAM", "PLUGIN_API_VERSION", "WEIGHT",
     "blocks", "classes", "compose", "diff", "dump_recipe", "get_host", "hookimpl", "layers", "lazy_import",
     "literal", "load_recipe", "merge", "merge_method", "model", "parameter", "Selection", "sweep", "TopK", "Total",
 ]

@@ -5,8 +5,7 @@ sums, train difference, perpendicular add, frequency crossover, Procrustes rotat
 from __future__ import annotations
 
 import functools
-
-import attrs
+from typing import NamedTuple
 
 from mecha_core.lazy import torch
 
@@ -327,19 +326,18 @@ def _rotate_working_set(info, inputs: int, itemsize: int, *, alignment: float = 
     return (40 + (80 if alignment != round(alignment) else 0)) * d * d
 
 
-@attrs.frozen
-class _Rotation:
+class _Rotation(NamedTuple):
     """What rotate applies to every row of a key, computed once from its statistics."""
 
-    q: torch.Tensor | None
+    q: "torch.Tensor | None"
     """Q (float32), to bring b's rows into a's frame when alpha ≠ 0; else None."""
-    power: torch.Tensor
+    power: "torch.Tensor"
     """Q^alignment (float32)."""
-    mean_a: torch.Tensor
+    mean_a: "torch.Tensor"
     """centralization · a's mean row (float32)."""
-    mean_b: torch.Tensor
+    mean_b: "torch.Tensor"
     """centralization · b's mean row (float32)."""
-    shift: torch.Tensor
+    shift: "torch.Tensor"
     """(1 − alignment)·mean_a + alignment·mean_b, added to every rotated row (float32)."""
 
 

@@ -300,7 +300,8 @@ def crossover_filter(shape: tuple[int, ...], alpha: float, tilt: float, device: 
     return 1 - out if inverted else out
 
 
-@merge_method(working_set=copies(5, per_dim=0.5), formula="irfftn((1 − F)·rfftn(a) + F·rfftn(b)),  F sd-mecha's tilted filter")
+@merge_method(working_set=copies(5, per_dim=0.5),
+              formula="irfftn((1 − F)·rfftn(a) + F·rfftn(b)),  F sd-mecha's tilted filter")
 def sdmecha_crossover(a, b, *, alpha: float = 0.5, tilt: float = 0.0):
     """sd-mecha's ``crossover``: a's low frequencies with b's high ones, through sd-mecha's
     filter (a linear ramp per dimension of the rfftn bins, their RMS radius, cut at 1 − alpha and
