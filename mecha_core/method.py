@@ -193,6 +193,21 @@ class CrossTotal:
 
 
 @attrs.frozen
+class RowStack:
+    """A statistic: ``of(ctx, *inputs)`` for every piece of the key, its rows (along dim 0) put
+    in place among the key's rows: ``stats[name]`` is one tensor whose row ``i`` is what ``of``
+    gave for row ``i`` of the key (a transform of each row, such as an FFT along the last dims,
+    kept for a later whole-key step). ``of`` returns, for a piece of ``r`` whole rows of the
+    key, a tensor of ``r`` rows (any row shape and dtype, the same for every piece); the
+    engine gives such a method pieces of whole rows only when it is row-wise (``rowwise=True``)."""
+
+    name: str
+    """The key of the result in the method's ``stats``."""
+    of: Callable[..., Any] = attrs.field(repr=False)
+    """``of(ctx, *inputs)``: the rows of the piece, transformed (its first dim: the piece's rows)."""
+
+
+@attrs.frozen
 class Derived:
     """A value computed once per key from the other statistics, after their passes (an SVD of
     a :class:`CrossTotal`, say), so a method called on many slices computes it only once:
@@ -204,7 +219,7 @@ class Derived:
     """``of(stats)``: the value, from the results of the requests before it."""
 
 
-Statistic = Total | TopK | ColumnTotal | CrossTotal | Derived
+Statistic = Total | TopK | ColumnTotal | CrossTotal | RowStack | Derived
 
 
 @attrs.frozen(eq=False)
@@ -465,5 +480,5 @@ def merge_method(fn: Callable[..., Any] | None = None, *, name: str | None = Non
 
 
 __all__ = ["MergeContext", "MergeMethod", "merge_method", "Total", "TopK", "Selection", "RANDOM_BLOCK",
-           "ColumnTotal", "CrossTotal", "Derived",
+           "ColumnTotal", "CrossTotal", "RowStack", "Derived",
            "WEIGHT", "DELTA", "PARAM"]

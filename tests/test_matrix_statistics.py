@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mecha_core import ColumnTotal, CrossTotal, Derived, Total
+from mecha_core import ColumnTotal, CrossTotal, Derived, RowStack, Total
 from mecha_core.engine import statistics
 from mecha_core.method import MergeContext
 from mecha_core.specs import TensorInfo
@@ -80,3 +80,14 @@ def test_column_sums_stay_within_1e_9_of_float64_where_float32_drifts():
     bounds = list(range(0, x.numel(), (1 << 20) + 1)) + [x.numel()]
     got = statistics.compute([ColumnTotal("x", lambda ctx, a: a, 2)], _pieces([x], bounds), x.numel())
     assert float(((got["x"] - ref).abs() / ref).max()) < 1e-12
+
+
+def test_a_row_stack_puts_each_pieces_rows_in_place():
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(12, 3, 4, generator=gen)  # rows of 12 elements
+    request = RowStack("fft", lambda ctx, a: torch.fft.rfft(a.reshape(-1, 3, 4), dim=-1))
+    got = statistics.compute([request], _pieces([x], [0, 24, 36, 144]), x.numel())
+    assert got["fft"].shape == (12, 3, 3) and got["fft"].dtype == torch.complex64
+    assert torch.allclose(got["fft"], torch.fft.rfft(x, dim=-1), atol=1e-6)
+    with pytest.raises(ValueError, match="does not hold whole rows"):
+        statistics.compute([request], _pieces([x], [0, 20, 144]), x.numel())

@@ -9,7 +9,7 @@ from typing import NamedTuple
 
 from mecha_core.lazy import torch
 
-from mecha_core import WEIGHT, ColumnTotal, CrossTotal, Derived, Total, merge_method
+from mecha_core import WEIGHT, ColumnTotal, CrossTotal, Derived, RowStack, Total, merge_method
 
 from ._checks import fraction
 from ._precision import in_float32
@@ -159,10 +159,10 @@ def _spectrum_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _crossover_working_set(info, inputs: int, itemsize: int) -> int:
-    """crossover's peak besides its inputs and result: the spectrum of b − a (one complex
-    number per bin of rfftn, in float32 at least) and a block's temporaries (its inputs, its
-    transform and the FFT's own buffers: about six blocks), or for a vector, whose FFT is one
-    block, three more copies of it."""
+    """crossover's peak besides a slice of rows: the spectrum of b − a (one complex number per
+    bin of rfftn, in float32 at least) and a block's temporaries (its inputs, its transform and
+    the FFT's own buffers: about six blocks), or for a vector, whose FFT is one block, three
+    more copies of it."""
     shape = tuple(info.shape)
     width = 2 * max(itemsize, 4)
     if len(shape) == 0:
@@ -204,9 +204,34 @@ def _transform_leading(spectrum: torch.Tensor, inverse: bool) -> None:
             spectrum[..., cols] = fft(spectrum[..., cols], dim=d)
 
 
-@merge_method(working_set=_crossover_working_set,
+def _crossover_statistics(ctx, inputs, *, alpha: float = 0.5, tilt: float = 0.0):
+    """Each row's FFT along the last dim of b − a (a row stack), then once per key the FFT along
+    the other dims, the filter and the inverse FFT along those dims, in place: what is left per
+    row is the inverse FFT along the last dim, done row-wise."""
+    alpha = fraction("crossover", "alpha", alpha)
+    tilt = fraction("crossover", "tilt", tilt)
+    shape = tuple(ctx.info.shape)
+    if len(shape) < 2:
+        return []
+
+    def rows(ctx, a, b):
+        return torch.fft.rfft((b - a).reshape(-1, *shape[1:]), dim=-1)
+
+    def spectrum(stats):
+        spectrum = stats.pop("rfft")
+        _transform_leading(spectrum, inverse=False)
+        real = spectrum.real.dtype
+        for block in _blocks(shape[0], spectrum.numel() // shape[0]):
+            spectrum[block] *= _filter(shape, block, alpha, tilt, spectrum.device).to(real)
+        _transform_leading(spectrum, inverse=True)
+        return spectrum
+
+    return [RowStack("rfft", rows), Derived("spectrum", spectrum)]
+
+
+@merge_method(rowwise=True, statistics=_crossover_statistics, working_set=_crossover_working_set,
               formula="irfftn((1 − F)·rfftn(a) + F·rfftn(b)),  F = (1 − tilt)·[r > 1 − alpha] + tilt·alpha")
-def crossover(a, b, *, alpha: float = 0.5, tilt: float = 0.0):
+def crossover(a, b, *, alpha: float = 0.5, tilt: float = 0.0, stats=None, ctx=None):
     """Frequency crossover: the low spatial frequencies of a with the high ones of b.
 
     Both tensors go through a real N-d FFT (all dims). Each frequency bin has a radial frequency
@@ -216,33 +241,27 @@ def crossover(a, b, *, alpha: float = 0.5, tilt: float = 0.0):
     and tilt = 1 is exactly weighted_sum(a, b, alpha). A 0-d tensor gets weighted_sum.
     (sd-mecha's crossover uses a smooth filter of its own; this one is a sharp, documented cut.)
 
-    It is computed as a + irfftn(F·rfftn(b − a)) (the same by linearity; float32 at least), the
-    N-d FFT done one dim at a time in blocks, so besides its inputs and result it holds one
-    spectrum (about half a complex number per element) and a few blocks.
+    It is computed as a + irfftn(F·rfftn(b − a)) (the same by linearity; float32 at least), one
+    dim at a time: the FFT along the last dim row by row over slices of rows, the other dims'
+    FFTs, the filter and their inverses in place in blocks, then the last dim's inverse row by
+    row. Memory: one spectrum (about half a complex number per element) besides a slice of rows.
     """
     alpha = fraction("crossover", "alpha", alpha)
     tilt = fraction("crossover", "tilt", tilt)
-    if a.dim() == 0:
-        return (1 - alpha) * a + alpha * b
-    shape = tuple(a.shape)
     dtype = torch.float32 if a.dtype in (torch.float16, torch.bfloat16) else a.dtype
-    if a.dim() == 1:
-        spectrum = torch.fft.rfft(b.to(dtype) - a.to(dtype))
-        spectrum *= _filter(shape, slice(None), alpha, tilt, a.device).to(dtype)
-        return (a.to(dtype) + torch.fft.irfft(spectrum, n=shape[-1])).to(a.dtype)
-    row = a.numel() // shape[0]
-    spectrum = torch.empty(_spectrum_shape(shape), dtype=torch.complex64 if dtype == torch.float32
-                           else torch.complex128, device=a.device)
-    for rows in _blocks(shape[0], row):
-        spectrum[rows] = torch.fft.rfft(b[rows].to(dtype) - a[rows].to(dtype), dim=-1)
-    _transform_leading(spectrum, inverse=False)
-    for rows in _blocks(shape[0], row):
-        spectrum[rows] *= _filter(shape, rows, alpha, tilt, a.device).to(dtype)
-    _transform_leading(spectrum, inverse=True)
-    out = torch.empty_like(a)
-    for rows in _blocks(shape[0], row):
-        out[rows] = a[rows].to(dtype) + torch.fft.irfft(spectrum[rows], n=shape[-1], dim=-1)
-    return out
+    spectrum = stats.get("spectrum")
+    if spectrum is None:  # fewer than 2 dims: one FFT of the whole (small) vector
+        if a.dim() == 0:
+            return (1 - alpha) * a + alpha * b
+        diff = torch.fft.rfft(b.to(dtype) - a.to(dtype))
+        diff *= _filter(tuple(a.shape), slice(None), alpha, tilt, a.device).to(dtype)
+        return (a.to(dtype) + torch.fft.irfft(diff, n=a.shape[-1])).to(a.dtype)
+    shape = tuple(ctx.info.shape)
+    row = ctx.info.numel // shape[0]
+    first, count = ctx.start // row, a.numel() // row
+    rows = a.reshape(count, *shape[1:]).to(dtype)
+    rows = rows + torch.fft.irfft(spectrum[first:first + count], n=shape[-1], dim=-1)
+    return rows.reshape(a.shape).to(a.dtype)
 
 
 def _filter(shape: tuple[int, ...], rows: slice, alpha: float, tilt: float, device: torch.device) -> torch.Tensor:
@@ -393,6 +412,9 @@ def rotate(a, b, *, alignment: float = 1.0, alpha: float = 0.0, centralization: 
     if stats.get("rotation") is None:  # fewer than 2 dims
         return (1 - alpha) * a + alpha * b
     rotation = stats["rotation"]
+    if rotation.power.dtype != a.dtype:  # a float64 work dtype: the matrices follow it
+        rotation = _Rotation(*(None if t is None else t.to(a.dtype) for t in rotation))
+        stats["rotation"] = rotation
     width = rotation.power.shape[0]
     ma, mb = a.reshape(-1, width), b.reshape(-1, width)
     ca = ma - rotation.mean_a

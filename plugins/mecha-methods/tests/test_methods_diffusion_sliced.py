@@ -79,13 +79,15 @@ def _crossover_reference(a: torch.Tensor, b: torch.Tensor, alpha: float, tilt: f
     return torch.fft.irfftn(spectrum, s=shape)
 
 
-@pytest.mark.parametrize("block", [diffusion._FFT_BLOCK, 5])
-def test_crossover_in_blocks_equals_the_float64_definition(run, monkeypatch, block):
-    # 5 spectrum elements a block: every FFT step runs in many blocks (rows, columns)
+@pytest.mark.parametrize("block,chunk", [(diffusion._FFT_BLOCK, 1 << 20), (diffusion._FFT_BLOCK, 16), (5, 16)])
+def test_crossover_in_slices_and_blocks_equals_the_float64_definition(run, monkeypatch, block, chunk):
+    # chunk 16: slices of a row or two (the row-wise passes); 5 spectrum elements a block: every
+    # FFT step of the whole-key part runs in many blocks (rows, columns)
     monkeypatch.setattr(diffusion, "_FFT_BLOCK", block)
     shapes = {**SHAPES, "odd.weight": (9, 7), "cube": (5, 4, 6)}
     a, b = _model(3, shapes), _model(4, shapes)
-    out = run.call("crossover", a, b, alpha=0.45, tilt=0.2)
+    out = run.merge(lambda x, y: __import__("mecha_core").crossover(x, y, alpha=0.45, tilt=0.2), a, b,
+                    chunk_elements=chunk)
     for k in a:
         assert_close(out[k], _crossover_reference(a[k], b[k], 0.45, 0.2).numpy(), tol=1e-5, what=k)
 
@@ -134,3 +136,17 @@ def test_rotate_in_slices_of_rows_equals_float64_and_the_whole_key(run, alpha, c
         assert_close(sliced[k], ref, tol=2e-5, what=f"{k} sliced")
         assert_close(whole[k], ref, tol=2e-5, what=f"{k} whole")
         assert_close(sliced[k], whole[k], tol=1e-6, what=f"{k} sliced vs whole")
+
+
+def test_rotate_in_a_float64_work_dtype(run):
+    a = _model(7)
+    b = near(a, 8, 0.8)
+
+    def recipe(x, y):
+        import mecha_core
+
+        return mecha_core.rotate(x, y, alpha=0.5)
+
+    out = run.merge(recipe, a, b, chunk_elements=16, work_dtype="float64")
+    for k in a:
+        assert_close(out[k], _rotate_reference(a[k], b[k], 0.5, 1.0).numpy(), tol=2e-5, what=k)
