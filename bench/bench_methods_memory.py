@@ -126,7 +126,7 @@ def how(method) -> str:
     if method.elementwise:
         return "element-wise"
     if method.rowwise:
-        return "row-wise slices"
+        return "statistics passes + row-wise slices" if method.statistics is not None else "row-wise slices"
     if method.working_set is not None:
         return "whole key, declared working set"
     return "whole key"
