@@ -334,10 +334,11 @@ def _matrix_width(shape: tuple[int, ...]) -> int:
 
 def _rotate_working_set(info, inputs: int, itemsize: int, *, alignment: float = 1.0, **_) -> int:
     """rotate's peak besides one slice of rows: its d×d matrices (d the matrix's columns): the
-    float64 cross product and its float32 copy, the SVD's factors and LAPACK's workspace, Q and
-    its power (about 40·d² bytes); a fractional alignment adds the completion's SVD and the
-    complex float64 eigendecomposition for the power (about 80·d² more). The rows themselves
-    are worked on in slices (the engine's statistics passes, then a row-wise pass)."""
+    float64 cross product during the passes, then its float32 copy, the copy LAPACK works on,
+    the SVD's factors, its workspace (about 4·d² floats) and Q (about 40·d² bytes at most); a
+    fractional alignment adds the completion's SVD and the complex float64 eigendecomposition
+    for the power (about 80·d² more). The rows themselves are worked on in slices (the
+    engine's statistics passes, then a row-wise pass)."""
     shape = tuple(info.shape)
     if len(shape) < 2:
         return 0
@@ -371,10 +372,11 @@ def _rotate_statistics(ctx, inputs, *, alignment: float = 1.0, alpha: float = 0.
     def rotation(stats) -> _Rotation:
         c = centralization
         m_a, m_b = stats["sum_a"] / rows, stats["sum_b"] / rows
-        # Σ (a_i − c·m_a)(b_i − c·m_b)ᵀ = aᵀb − rows·c·(2 − c)·m_a·m_bᵀ, in float64
-        cross = stats["cross"] - rows * c * (2 - c) * torch.outer(m_a, m_b)
-        del stats["cross"]  # d² float64: not kept through the row-wise pass
-        q = _alignment(cross.to(torch.float32), rows, fractional=alignment != round(alignment))
+        # Σ (a_i − c·m_a)(b_i − c·m_b)ᵀ = aᵀb − rows·c·(2 − c)·m_a·m_bᵀ, in float64, in place; the
+        # float64 matrix is let go before the SVD (d² of them, with LAPACK's workspace, are the peak)
+        cross = stats.pop("cross").addr_(m_a, m_b, alpha=-rows * c * (2 - c)).to(torch.float32)
+        q = _alignment(cross, rows, fractional=alignment != round(alignment))
+        del cross
         mean_a, mean_b = (c * m_a).to(torch.float32), (c * m_b).to(torch.float32)
         shift = ((1 - alignment) * c * m_a + alignment * c * m_b).to(torch.float32)
         return _Rotation(q if alpha != 0 else None, _orthogonal_power(q, alignment), mean_a, mean_b, shift)
