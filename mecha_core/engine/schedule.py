@@ -285,7 +285,10 @@ def _warn_over_budget(plan: Plan, todo: list[Unit]) -> None:
         return
     key, need = max(found, key=lambda f: f[1])
     more = f" and {len(found) - 1} other key(s)" if len(found) > 1 else ""
-    sys.stderr.write(f"warning: key '{key}'{more} cannot be sliced by its method and needs about "
+    sliced = any(u.key == key and u.pieces for u in todo)
+    why = ("is merged in slices but its method holds more besides them" if sliced
+           else "cannot be sliced by its method")
+    sys.stderr.write(f"warning: key '{key}'{more} {why} and needs about "
                      f"{format_bytes(need)} of working memory, more than --memory-budget "
                      f"{format_bytes(plan.options.memory_budget)}; such keys run one at a time, so the merge "
                      f"holds about {format_bytes(need)} at its peak\n")
