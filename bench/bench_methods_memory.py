@@ -1,7 +1,18 @@
-"""Peak private memory of every merge method on one large key, against the memory budget.
+"""Peak private memory of every merge method on one large key, or on real models, against the
+memory budget.
 
     python bench/bench_methods_memory.py [--rows 32768] [--cols 1024] [--budget 268435456]
                                          [--only ties,rotate] [--work DIR] [--timeout 900]
+    python bench/bench_methods_memory.py --models sd1 [--only docs] [--timeout 600]
+    python bench/bench_methods_memory.py --models llm [--only docs] [--timeout 600]
+
+``--models sd1``: the four full-size SD1 fp16 checkpoints /tmp/benchsd/sd1_0..3.safetensors;
+``--models llm``: the three Llama-shaped bf16 folders /tmp/llmbench/small_0..2 (d is small_1
+again); or ``--models A,B,C[,D]`` any files. With models the budget defaults to mecha's default
+(1 GiB) and every option is the default; ``--only docs`` runs the methods of docs/methods.md.
+Besides the growth over the process's start, the parent samples the child's whole private
+memory (interpreter and torch included) every 10 ms, so a method cut off by ``--timeout``
+still reports the peak it reached (a lower bound then).
 
 Writes four float16 models of one key (``--rows`` × ``--cols``, 32M elements by default: 64 MiB
 each, 128 MiB in float32) and a small one, then merges each method's recipe in a fresh process
@@ -26,6 +37,20 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MARGIN = 300_000_000
+DEFAULT_BUDGET = 1 << 30  # MergeOptions.memory_budget's default
+
+#: --models shorthands: the inputs a, b, c, d and the component pick/omit_component name
+MODEL_SETS = {
+    "sd1": ([f"/tmp/benchsd/sd1_{i}.safetensors" for i in range(4)], "unet"),
+    "llm": ([f"/tmp/llmbench/small_{i}" for i in (0, 1, 2, 1)], "text"),
+}
+
+#: the methods of docs/methods.md (mecha-methods), in its order
+DOCS = ["weighted_sum", "n_average", "add_difference", "subtract", "add", "scale", "fallback", "slerp",
+        "multislerp", "karcher", "task_arithmetic", "model_stock", "geometric_median", "ties", "dare_linear",
+        "dare_ties", "della", "della_linear", "breadcrumbs", "breadcrumbs_ties", "add_cosine_a", "add_cosine_b",
+        "train_difference", "add_perpendicular", "crossover", "rotate", "clamp", "pick_component",
+        "omit_component", "cast"]
 
 MK = json.dumps({"global": {"weight": 1.0, "density": 0.5, "t": 0.5, "gamma": 0.01, "epsilon": 0.1,
                             "select_topk": 0.5}})
@@ -40,6 +65,8 @@ CASES = {
     "scale": "m.add(a, m.scale(D(b)))",
     "fallback": "m.fallback(a, b)",
     "cast": "m.cast(a)",
+    "pick_component": "m.pick_component(a, b, component=COMPONENT)",
+    "omit_component": "m.omit_component(a, b, component=COMPONENT)",
     "clamp": "m.clamp(a, b, c)",
     "task_arithmetic": "m.task_arithmetic(a, b, c, d)",
     "train_difference": "m.train_difference(a, b, c)",
@@ -101,7 +128,7 @@ def how(method) -> str:
     if method.elementwise:
         return "element-wise"
     if method.rowwise:
-        return "row-wise slices"
+        return "statistics passes + row-wise slices" if method.statistics is not None else "row-wise slices"
     if method.working_set is not None:
         return "whole key, declared working set"
     return "whole key"
@@ -124,7 +151,7 @@ def build(work: str, rows: int, cols: int) -> list[str]:
     return paths
 
 
-def one(name: str, paths: list[str], budget: int, out: str) -> None:
+def one(name: str, paths: list[str], budget: int, out: str, component: str = "") -> None:
     """Merge one method's recipe in this process and print its peak private memory as JSON."""
     import gc
 
@@ -139,48 +166,92 @@ def one(name: str, paths: list[str], budget: int, out: str) -> None:
         def D(x):  # noqa: N802 (reads like the docstring's D(x))
             return m.subtract(x, a)
 
-        recipe = eval(CASES[name], {"m": m, "a": a, "b": b, "c": c, "d": d, "D": D, "MK": MK})
+        names = {"m": m, "a": a, "b": b, "c": c, "d": d, "D": D, "MK": MK, "COMPONENT": component}
+        recipe = eval(CASES[name], names)
         m.merge(recipe, out, memory_budget=budget)
     method = m.plugins.get_host().method(name)
     print(json.dumps({"peak": memory.peak - memory.start, "seconds": time.perf_counter() - began, "how": how(method)}))
+
+
+def _run_child(argv: list[str], timeout: int) -> tuple[int | None, str, str, int]:
+    """Run a child, sampling its private memory every 10 ms: (return code or None when it timed
+    out, stdout, stderr, its peak private memory)."""
+    import tempfile
+
+    from mecha_core.testing import private_bytes
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(argv, stdout=out, stderr=err, text=True)
+        peak, began = 0, time.monotonic()
+        while proc.poll() is None:
+            try:
+                peak = max(peak, private_bytes(proc.pid))
+            except (OSError, ValueError):
+                pass
+            if time.monotonic() - began > timeout:
+                proc.kill()
+                proc.wait()
+                out.seek(0), err.seek(0)
+                return None, out.read(), err.read(), peak
+            time.sleep(0.01)
+        out.seek(0), err.seek(0)
+        return proc.returncode, out.read(), err.read(), peak
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=32768)
     parser.add_argument("--cols", type=int, default=1024)
-    parser.add_argument("--budget", type=int, default=256 << 20)
-    parser.add_argument("--only", default=",".join(CASES))
+    parser.add_argument("--budget", type=int, default=None)
+    parser.add_argument("--models", default=None, help="sd1, llm, or A,B,C[,D]: real models instead of one key")
+    parser.add_argument("--component", default=None, help="for pick/omit_component (sd1: unet, llm: text)")
+    parser.add_argument("--only", default=",".join(CASES), help="methods, comma-separated; 'docs': docs/methods.md's")
     parser.add_argument("--work", default=os.path.join(HERE, "out"))
     parser.add_argument("--timeout", type=int, default=900)
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.makedirs(args.work, exist_ok=True)
-    paths = build(args.work, args.rows, args.cols)
+    component = args.component or ""
+    if args.models:
+        paths, default_component = MODEL_SETS.get(args.models, (args.models.split(","), ""))
+        paths = paths + paths[1:2] * (4 - len(paths))  # three models: d is b again
+        component = component or default_component
+        budget = DEFAULT_BUDGET if args.budget is None else args.budget
+        what = f"models {', '.join(paths)}; memory budget {budget / 1e6:.0f} MB"
+    else:
+        paths = build(args.work, args.rows, args.cols)
+        budget = (256 << 20) if args.budget is None else args.budget
+        what = (f"one key of {args.rows}x{args.cols} float16 ({args.rows * args.cols:,} elements), memory budget "
+                f"{budget / 1e6:.0f} MB")
     out = os.path.join(args.work, "mm_out.safetensors")
     if args.one:
-        one(args.one, paths, args.budget, out)
+        one(args.one, paths, budget, out, component)
         return
-    limit = args.budget + MARGIN
-    print(f"one key of {args.rows}x{args.cols} float16 ({args.rows * args.cols:,} elements), memory budget "
-          f"{args.budget / 1e6:.0f} MB; target: peak private memory over the start <= {limit / 1e6:.0f} MB")
-    print("| method | how it runs | peak over start (MB) | within budget + 300 MB | wall (s) |")
-    print("|---|---|---:|---|---:|")
-    for name in [n for n in args.only.split(",") if n]:
-        try:
-            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", name, "--work", args.work,
-                                   "--rows", str(args.rows), "--cols", str(args.cols), "--budget", str(args.budget)],
-                                  capture_output=True, text=True, timeout=args.timeout)
-        except subprocess.TimeoutExpired:
-            print(f"| {name} | | | timed out after {args.timeout} s | |", flush=True)
-            continue
-        if proc.returncode != 0:
-            why = (proc.stderr.strip().splitlines() or ["?"])[-1][:150]
-            print(f"| {name} | | | failed: {why} | |", flush=True)
-            continue
-        r = json.loads(proc.stdout.strip().splitlines()[-1])
-        ok = "yes" if r["peak"] <= limit else "NO"
-        print(f"| {name} | {r['how']} | {r['peak'] / 1e6:.0f} | {ok} | {r['seconds']:.1f} |", flush=True)
+    limit = budget + MARGIN
+    names = DOCS if args.only == "docs" else [n for n in args.only.split(",") if n]
+    print(f"{what}; target: peak private memory over the start <= {limit / 1e6:.0f} MB")
+    print(f"load average at the start: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    print("| method | how it runs | peak over start (MB) | within budget + 300 MB | process peak (MB) | wall (s) "
+          "| load |")
+    print("|---|---|---:|---|---:|---:|---|")
+    for name in names:
+        argv = [sys.executable, os.path.abspath(__file__), "--one", name, "--work", args.work, "--rows", str(args.rows),
+                "--cols", str(args.cols), "--budget", str(budget), "--component", component]
+        if args.models:
+            argv += ["--models", ",".join(paths)]
+        code, stdout, stderr, process_peak = _run_child(argv, args.timeout)
+        load = f"{os.getloadavg()[0]:.1f}"
+        if code is None:
+            print(f"| {name} | | | timed out after {args.timeout} s | ≥ {process_peak / 1e6:.0f} | | {load} |",
+                  flush=True)
+        elif code != 0:
+            why = (stderr.strip().splitlines() or ["?"])[-1][:150]
+            print(f"| {name} | | | failed: {why} | {process_peak / 1e6:.0f} | | {load} |", flush=True)
+        else:
+            r = json.loads(stdout.strip().splitlines()[-1])
+            ok = "yes" if r["peak"] <= limit else "NO"
+            print(f"| {name} | {r['how']} | {r['peak'] / 1e6:.0f} | {ok} | {process_peak / 1e6:.0f} | "
+                  f"{r['seconds']:.1f} | {load} |", flush=True)
         if os.path.exists(out):
             os.unlink(out)
 

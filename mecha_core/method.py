@@ -175,7 +175,67 @@ class Then:
     """``then(results)`` -> the further requests; their ``of`` may use ``results``."""
 
 
-Statistic = Total | TopK | Then
+@attrs.frozen
+class ColumnTotal:
+    """A statistic: the key in flat order laid out as a matrix of ``width`` columns (``width``
+    elements a row), the float64 sum down each column of ``of(ctx, *inputs)``:
+    ``stats[name]`` is a float64 tensor of ``width`` values. With ``width`` the size of a row
+    along dim 0 (``numel // shape[0]``), these are reductions along dim 0, one per column."""
+
+    name: str
+    """The key of the result in the method's ``stats``."""
+    of: Callable[..., Any] = attrs.field(repr=False)
+    """``of(ctx, *inputs)``: an element-wise function of the inputs (as for :class:`Total`)."""
+    width: int
+    """Columns of the matrix (elements per row); must divide the key's size."""
+
+
+@attrs.frozen
+class CrossTotal:
+    """A statistic: the key in flat order laid out as a matrix of ``width`` columns, the float64
+    product ``Lᵀ·R`` of the matrices of ``left(ctx, *inputs)`` and ``right(ctx, *inputs)`` (the
+    sum over rows of their outer products): ``stats[name]`` is a float64 ``width × width``
+    tensor. The engine gives such a method pieces of whole rows only when the method is
+    row-wise (``rowwise=True``) and ``width`` divides a row along dim 0."""
+
+    name: str
+    """The key of the result in the method's ``stats``."""
+    left: Callable[..., Any] = attrs.field(repr=False)
+    """``left(ctx, *inputs)``: an element-wise function of the inputs."""
+    right: Callable[..., Any] = attrs.field(repr=False)
+    """``right(ctx, *inputs)``: an element-wise function of the inputs."""
+    width: int
+    """Columns of the matrices (elements per row)."""
+
+
+@attrs.frozen
+class RowStack:
+    """A statistic: ``of(ctx, *inputs)`` for every piece of the key, its rows (along dim 0) put
+    in place among the key's rows: ``stats[name]`` is one tensor whose row ``i`` is what ``of``
+    gave for row ``i`` of the key (a transform of each row, such as an FFT along the last dims,
+    kept for a later whole-key step). ``of`` returns, for a piece of ``r`` whole rows of the
+    key, a tensor of ``r`` rows (any row shape and dtype, the same for every piece); the
+    engine gives such a method pieces of whole rows only when it is row-wise (``rowwise=True``)."""
+
+    name: str
+    """The key of the result in the method's ``stats``."""
+    of: Callable[..., Any] = attrs.field(repr=False)
+    """``of(ctx, *inputs)``: the rows of the piece, transformed (its first dim: the piece's rows)."""
+
+
+@attrs.frozen
+class Derived:
+    """A value computed once per key from the other statistics, after their passes (an SVD of
+    a :class:`CrossTotal`, say), so a method called on many slices computes it only once:
+    ``stats[name] = of(stats)``. Derived values are computed in the order requested."""
+
+    name: str
+    """The key of the result in the method's ``stats``."""
+    of: Callable[[dict[str, Any]], Any] = attrs.field(repr=False)
+    """``of(stats)``: the value, from the results of the requests before it."""
+
+
+Statistic = Total | TopK | Then | ColumnTotal | CrossTotal | RowStack | Derived
 
 
 @attrs.frozen(eq=False)
@@ -436,4 +496,5 @@ def merge_method(fn: Callable[..., Any] | None = None, *, name: str | None = Non
 
 
 __all__ = ["MergeContext", "MergeMethod", "merge_method", "Total", "TopK", "Then", "Selection", "RANDOM_BLOCK",
+           "ColumnTotal", "CrossTotal", "RowStack", "Derived",
            "WEIGHT", "DELTA", "PARAM"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 import torch
 
 import mecha_core
@@ -58,17 +59,34 @@ def test_small_working_sets_run_side_by_side(tmp_path):
     assert state["most"] > 1
 
 
-def test_rotate_declares_the_svd_working_set(tmp_path):
+@pytest.mark.parametrize("alignment,per_d2", [(1.0, 40), (0.5, 120)])
+def test_rotate_declares_the_svd_working_set(tmp_path, alignment, per_d2):
+    import mecha_methods.plugin
+
+    path = tmp_path / "r.safetensors"
+    write_checkpoint(path, {"w": torch.randn(512, 256)})
+    with using(mecha_methods.plugin):
+        node = mecha_core.rotate(mecha_core.model(str(path)), mecha_core.model(str(path)), alignment=alignment)
+        with make_plan(node, MergeOptions(memory_budget=1 << 40)) as plan:
+            (unit,) = units(plan)
+    # inputs and result (3 tensors of 512·256 float32) plus rotate's d×d matrices (d = 256):
+    # 40·d² bytes, 120·d² with a fractional alignment (its working_set is given the hyperparameters)
+    assert unit.cost == 3 * 512 * 256 * 4 + per_d2 * 256 * 256
+
+
+def test_a_sliced_rotate_unit_counts_its_working_set_besides_one_slice(tmp_path):
     import mecha_methods.plugin
 
     path = tmp_path / "r.safetensors"
     write_checkpoint(path, {"w": torch.randn(512, 256)})
     with using(mecha_methods.plugin):
         node = mecha_core.rotate(mecha_core.model(str(path)), mecha_core.model(str(path)))
-        with make_plan(node, MergeOptions(memory_budget=1 << 40)) as plan:
+        with make_plan(node, MergeOptions(memory_budget=1 << 40, chunk_elements=64 * 256)) as plan:
             (unit,) = units(plan)
-    # inputs and result (3 tensors of 512·256 float32) plus rotate's own: 8 copies and 12 256×256 complex
-    assert unit.cost == 3 * 512 * 256 * 4 + 8 * 512 * 256 * 4 + 12 * 256 * 256 * 16
+    assert len(unit.pieces) == 8 and all(b - a == 64 * 256 for a, b in unit.pieces)
+    # one slice of 64 rows (inputs and result, float32), the statistics' 28 bytes an element,
+    # and the d×d matrices
+    assert unit.cost == 3 * 64 * 256 * 4 + 28 * 64 * 256 + 40 * 256 * 256
 
 
 def test_a_key_whose_working_set_exceeds_the_budget_is_named_in_a_warning(tmp_path, capfd):
@@ -82,3 +100,19 @@ def test_a_key_whose_working_set_exceeds_the_budget_is_named_in_a_warning(tmp_pa
     assert len(err) == 1, err
     assert "key 'big' and 1 other key(s) cannot be sliced" in err[0] and "more than --memory-budget" in err[0]
     assert state["most"] == 1
+
+
+def test_a_sliced_key_whose_declared_matrices_exceed_the_budget_is_named_in_a_warning(tmp_path, capfd):
+    # rotate slices the rows of a 64 × 256 key, but its 256 × 256 matrices (40·d² = 2.6 MB)
+    # alone exceed a 1 MB budget: the unit runs alone and the warning says so
+    import mecha_methods.plugin
+
+    path = tmp_path / "r.safetensors"
+    write_checkpoint(path, {"w": torch.randn(64, 256), "small": torch.randn(4, 4)})
+    with using(mecha_methods.plugin):
+        node = mecha_core.rotate(mecha_core.model(str(path)), mecha_core.model(str(path)))
+        mecha_core.merge(node, tmp_path / "o.safetensors", memory_budget=1 << 20, chunk_elements=8 * 256)
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "key 'w' is merged in slices but its method holds more besides them" in err[0]
+    assert "more than --memory-budget" in err[0]

@@ -9,6 +9,8 @@ so what a failed merge reports does not depend on the thread count either.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
+import inspect
 import os
 import sys
 import threading
@@ -77,14 +79,25 @@ def unit_cost(plan: Plan, key: str, elements: int | None = None) -> int:
 
 def declared_working_set(plan: Plan, key: str) -> int:
     """The largest ``working_set`` a method ``key`` goes through declares (its calls run one
-    after the other), 0 when none does."""
+    after the other), 0 when none does. A ``working_set`` that takes keyword arguments also
+    gets the step's hyperparameters for the key (what it holds may depend on them)."""
     itemsize = ITEMSIZE.get(plan.options.work_dtype, 4)
     found = 0
     for step in plan.steps:
         method = step.method
         if method is not None and method.working_set is not None and key in step.table and key not in step.take:
-            found = max(found, int(method.working_set(plan.output[key], len(step.inputs), itemsize)))
+            hyper = step.hyper.for_key(key) if step.hyper is not None and _takes_keywords(method.working_set) else {}
+            found = max(found, int(method.working_set(plan.output[key], len(step.inputs), itemsize, **hyper)))
     return found
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_keywords(function: Callable[..., int]) -> bool:
+    """Whether a ``working_set`` accepts ``**hyperparameters`` besides (info, inputs, itemsize)."""
+    try:
+        return any(p.kind == p.VAR_KEYWORD for p in inspect.signature(function).parameters.values())
+    except (TypeError, ValueError):
+        return False
 
 
 def chunkable(plan: Plan, key: str) -> bool:
@@ -107,6 +120,15 @@ def needs_statistics(plan: Plan, key: str) -> bool:
                for s in plan.steps)
 
 
+def pieces_cost(plan: Plan, key: str, ranges: tuple[tuple[int, int], ...]) -> int:
+    """Bytes a whole key worked through slice by slice may hold: one slice at a time, plus a
+    selection's bit patterns and shifted digits of one input (16 bytes an element at most) and
+    the candidates it collects (at most one slice's worth, 12 bytes each: engine/statistics.py),
+    and what its methods declare besides (``working_set``: a rotation's d×d matrices)."""
+    elements = max(b - a for a, b in ranges)
+    return unit_cost(plan, key, elements) + 28 * elements + declared_working_set(plan, key)
+
+
 def units(plan: Plan) -> list[Unit]:
     """Every unit of the merge, in output order; large element-wise keys are sliced, and large
     keys whose methods need statistics become one unit that works through its slices."""
@@ -125,11 +147,8 @@ def units(plan: Plan) -> list[Unit]:
     limit = max(1, plan.options.memory_budget)
     out = []
     for i, (key, start, stop, ranges) in enumerate(pieces):
-        if ranges:  # one slice at a time, plus a selection's bit patterns and shifted digits of one
-            # input (16 bytes an element at most) and the candidates it collects (at most one
-            # slice's worth, 12 bytes each: engine/statistics.py)
-            elements = max(b - a for a, b in ranges)
-            cost = unit_cost(plan, key, elements) + 28 * elements
+        if ranges:
+            cost = pieces_cost(plan, key, ranges)
         else:
             cost = unit_cost(plan, key, None if stop is None else stop - start)
         last = i + 1 == len(pieces) or pieces[i + 1][0] != key
@@ -251,8 +270,13 @@ def over_budget(plan: Plan, todo: list[Unit]) -> list[tuple[str, int]]:
     """The whole keys that need more than the memory budget on their own (key, bytes): they
     run alone, and the merge then holds about that much."""
     limit = max(1, plan.options.memory_budget)
-    return [(u.key, unit_cost(plan, u.key)) for u in todo
-            if u.stop is None and not u.pieces and u.cost >= limit and unit_cost(plan, u.key) > limit]
+    found = []
+    for u in todo:
+        if u.stop is None and u.cost >= limit:
+            need = pieces_cost(plan, u.key, u.pieces) if u.pieces else unit_cost(plan, u.key)
+            if need > limit:
+                found.append((u.key, need))
+    return found
 
 
 def _warn_over_budget(plan: Plan, todo: list[Unit]) -> None:
@@ -261,7 +285,10 @@ def _warn_over_budget(plan: Plan, todo: list[Unit]) -> None:
         return
     key, need = max(found, key=lambda f: f[1])
     more = f" and {len(found) - 1} other key(s)" if len(found) > 1 else ""
-    sys.stderr.write(f"warning: key '{key}'{more} cannot be sliced by its method and needs about "
+    sliced = any(u.key == key and u.pieces for u in todo)
+    why = ("is merged in slices but its method holds more besides them" if sliced
+           else "cannot be sliced by its method")
+    sys.stderr.write(f"warning: key '{key}'{more} {why} and needs about "
                      f"{format_bytes(need)} of working memory, more than --memory-budget "
                      f"{format_bytes(plan.options.memory_budget)}; such keys run one at a time, so the merge "
                      f"holds about {format_bytes(need)} at its peak\n")

@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from ..lazy import torch
 from ..method import MergeContext, Selection, Then, TopK, Total
+from .matrix_statistics import MATRIX_KINDS, MatrixSums
 
 Pieces = Callable[[], Iterable[tuple[MergeContext, Sequence[Any]]]]
 #: ``piece(i)``: the ``i``-th piece that ``pieces()`` yields, evaluated alone
@@ -232,9 +233,10 @@ class _Window:
 
 
 def _check(requests: Sequence[Any]) -> None:
-    unknown = [r for r in requests if not isinstance(r, (Total, TopK, Then))]
+    unknown = [r for r in requests if not isinstance(r, (Total, TopK, Then, *MATRIX_KINDS))]
     if unknown:
-        raise TypeError(f"unknown statistic {unknown[0]!r}; use mecha_core.Total, TopK or Then")
+        raise TypeError(f"unknown statistic {unknown[0]!r}; use mecha_core.Total, TopK, Then, ColumnTotal, "
+                        "CrossTotal, RowStack or Derived")
     names = [r.name for r in requests if not isinstance(r, Then)]
     if len(set(names)) != len(names):
         raise ValueError(f"statistics named twice: {sorted({n for n in names if names.count(n) > 1})}")
@@ -271,6 +273,7 @@ def compute(requests: Sequence[Total | TopK | Then], pieces: Pieces, numel: int,
     totals = [r for r in requests if isinstance(r, Total)]
     selects = [_Select(r, numel) for r in requests if isinstance(r, TopK)]
     sums: dict[str, Any] = {r.name: torch.zeros(r.per, dtype=torch.float64) if r.per else 0.0 for r in totals}
+    matrices = MatrixSums(requests, numel)
     largest = 0
     active = [s for s in selects if not s.done]
     hists: dict[int, torch.Tensor] = {}  # the top-16-bit histograms of the selections in passes
@@ -285,6 +288,8 @@ def compute(requests: Sequence[Total | TopK | Then], pieces: Pieces, numel: int,
                 sums[r.name] += _per_position(r.of(ctx, *inputs), ctx.start, r.per)
             else:
                 sums[r.name] += float(torch.sum(r.of(ctx, *inputs), dtype=torch.float64))
+        if matrices:
+            matrices.add(ctx, inputs)
         for s in active:
             bits = s.magnitude_bits(ctx, inputs)
             largest = max(largest, bits.numel())
@@ -337,7 +342,7 @@ def compute(requests: Sequence[Total | TopK | Then], pieces: Pieces, numel: int,
     _locate_last_ties([s for s in split if s.tie_piece is None], pieces)
     out: dict[str, Any] = dict(sums)
     out.update({s.request.name: s.result() for s in selects})
-    return out
+    return matrices.finish(out)
 
 
 def _collect_or_narrow(selects: list[_Select], pieces: Pieces, room: int) -> None:

@@ -5,75 +5,109 @@ sums, train difference, perpendicular add, frequency crossover, Procrustes rotat
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 from mecha_core.lazy import torch
 
-from mecha_core import WEIGHT, Total, merge_method
-from mecha_core.kit.reductions import dot64, norm64
+from mecha_core import WEIGHT, ColumnTotal, CrossTotal, Derived, RowStack, Total, merge_method
 
 from ._checks import fraction
 from ._precision import in_float32
 
 
-def _copies(count: int):
-    """A ``working_set``: ``count`` float32 (or wider) copies of the key besides the inputs and
-    the result, for methods that cannot be sliced (their reductions run along a whole
-    dimension, or an FFT takes every element)."""
-
-    def working_set(info, inputs: int, itemsize: int) -> int:
-        return count * info.numel * max(itemsize, 4)
-
-    return working_set
+def _column_width(info) -> int:
+    """Elements per row along dim 0: the number of columns reductions along dim 0 give (1 for a
+    vector or a 0-d tensor, which are one column)."""
+    shape = tuple(info.shape)
+    if len(shape) < 2 or not info.numel:
+        return 1
+    return info.numel // shape[0]
 
 
-def _as_columns(x: torch.Tensor) -> torch.Tensor:
-    # a 0-d tensor (logit_scale, ...) is treated as a 1-element vector
-    return x.reshape(1) if x.dim() == 0 else x
+def _cosine_statistics(similarity):
+    """The statistics of a cosine-weighted sum: per column (along dim 0) the float64 sums of
+    a·a, b·b and a·b, then k = 1 − clamp(similarity − alpha, 0, 1) per column, computed once
+    per key from them by ``similarity(aa, bb, ab)``."""
+
+    def statistics(ctx, inputs, *, alpha: float = 0.0):
+        width = _column_width(ctx.info)
+
+        def k(stats):
+            sim = similarity(stats["aa"], stats["bb"], stats["ab"])
+            return 1 - torch.clamp(sim - alpha, 0, 1)
+
+        return [ColumnTotal("aa", lambda ctx, a, b: a * a, width), ColumnTotal("bb", lambda ctx, a, b: b * b, width),
+                ColumnTotal("ab", lambda ctx, a, b: a * b, width), Derived("k", k)]
+
+    return statistics
 
 
-def _cosine_lerp(a: torch.Tensor, b: torch.Tensor, similarity: torch.Tensor, alpha: float) -> torch.Tensor:
-    k = 1 - torch.clamp(similarity - alpha, 0, 1)
-    return (1 - k) * a + k * b
+def _per_element(columns: torch.Tensor, ctx, like: torch.Tensor) -> torch.Tensor:
+    """A per-column value for each element of ``like`` (a piece of the key starting at flat index
+    ``ctx.start``; the key laid out in rows of ``columns.numel()``), shaped like ``like``."""
+    width = columns.numel()
+    n = like.numel()
+    offset = ctx.start % width
+    rows = (offset + n + width - 1) // width
+    spread = columns.expand(rows, width).reshape(-1)[offset:offset + n]
+    return spread.reshape(like.shape)
 
 
-@merge_method(spaces=WEIGHT, returns=WEIGHT, working_set=_copies(6),
+def _cosine_lerp(a: torch.Tensor, b: torch.Tensor, k: torch.Tensor, ctx) -> torch.Tensor:
+    kk = _per_element(k.to(a.dtype), ctx, a)
+    return (1 - kk) * a + kk * b
+
+
+def _cosine_a(aa: torch.Tensor, bb: torch.Tensor, ab: torch.Tensor) -> torch.Tensor:
+    # torch's normalize (x / max(‖x‖, 1e-12)) then cosine_similarity (x·y / (max(‖x‖, 1e-8)·
+    # max(‖y‖, 1e-8))), from the float64 column sums
+    na, nb = aa.sqrt(), bb.sqrt()
+    da, db = na.clamp(min=1e-12), nb.clamp(min=1e-12)
+    return ab / (da * db) / ((na / da).clamp(min=1e-8) * (nb / db).clamp(min=1e-8))
+
+
+def _cosine_b(aa: torch.Tensor, bb: torch.Tensor, ab: torch.Tensor) -> torch.Tensor:
+    columns = ab / (aa.sqrt().clamp(min=1e-8) * bb.sqrt().clamp(min=1e-8))
+    whole = ab.sum() / torch.clamp(aa.sum().sqrt() * bb.sum().sqrt(), min=1e-8)
+    return (columns + whole) / 2
+
+
+@merge_method(spaces=WEIGHT, returns=WEIGHT, elementwise=True, statistics=_cosine_statistics(_cosine_a),
               formula="lerp(a, b, k),  k = 1 − clamp(cos_dim0(a/‖a‖₀, b/‖b‖₀) − alpha, 0, 1)")
 @in_float32
-def add_cosine_a(a, b, *, alpha: float = 0.0):
+def add_cosine_a(a, b, *, alpha: float = 0.0, stats=None, ctx=None):
     """supermerger's cosineA, per key: move toward b where a and b are dissimilar.
 
     a and b are normalised along dim 0, and their cosine similarity along dim 0 gives one value
     per column (a single value for a 1-D tensor). k = 1 − clamp(similarity − alpha, 0, 1) and the
     result is (1 − k)·a + k·b: similar columns keep a, dissimilar ones take b; a larger alpha
-    takes more of b (alpha ≥ 1 gives b everywhere, so the default is 0).
+    takes more of b (alpha ≥ 1 gives b everywhere, so the default is 0). The norms and dot
+    products are torch's (normalize, then cosine_similarity, with their eps guards of 1e-12
+    and 1e-8), summed in float64 over slices of the key: the result is element-wise given
+    them (bounded memory for any size).
 
     Difference from supermerger: supermerger first rescales each key's similarity by the
     1st–99th percentile range of the similarities of all keys, which needs a pass over the whole
     model; here each key stands alone.
     """
-    a1, b1 = _as_columns(a), _as_columns(b)
-    na = torch.nn.functional.normalize(a1, dim=0)
-    nb = torch.nn.functional.normalize(b1, dim=0)
-    sim = torch.nn.functional.cosine_similarity(na, nb, dim=0)
-    return _cosine_lerp(a1, b1, sim, alpha).reshape(a.shape)
+    return _cosine_lerp(a, b, stats["k"], ctx)
 
 
-@merge_method(spaces=WEIGHT, returns=WEIGHT, working_set=_copies(5),
+@merge_method(spaces=WEIGHT, returns=WEIGHT, elementwise=True, statistics=_cosine_statistics(_cosine_b),
               formula="lerp(a, b, k),  k = 1 − clamp((cos_dim0(a, b) + a·b/(‖a‖‖b‖))/2 − alpha, 0, 1)")
 @in_float32
-def add_cosine_b(a, b, *, alpha: float = 0.0):
+def add_cosine_b(a, b, *, alpha: float = 0.0, stats=None, ctx=None):
     """supermerger's cosineB, per key: add_cosine_a with a similarity that also sees the whole tensor.
 
     The similarity is the mean of the per-column cosine along dim 0 and the cosine of the whole
-    flattened tensors.
+    flattened tensors (each a·b / (max(‖a‖, 1e-8)·max(‖b‖, 1e-8)), as torch's
+    cosine_similarity; the whole tensor's denominator is max(‖a‖·‖b‖, 1e-8)), the sums taken
+    in float64 over slices of the key.
 
     k = 1 − clamp(similarity − alpha, 0, 1); result (1 − k)·a + k·b. As with add_cosine_a,
     supermerger rescales by percentiles over all keys first; this variant works per key.
     """
-    a1, b1 = _as_columns(a), _as_columns(b)
-    sim = torch.nn.functional.cosine_similarity(a1, b1, dim=0)
-    whole = (dot64(a1, b1) / torch.clamp(norm64(a1) * norm64(b1), min=1e-8)).to(a1.dtype)
-    return _cosine_lerp(a1, b1, (sim + whole) / 2, alpha).reshape(a.shape)
+    return _cosine_lerp(a, b, stats["k"], ctx)
 
 
 @merge_method(elementwise=True, spaces=WEIGHT, returns=WEIGHT,
@@ -116,21 +150,88 @@ def add_perpendicular(a, b, c, *, alpha: float = 1.0, stats=None):
     return a + alpha * perp
 
 
-def _radial_frequency(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """For each bin of rfftn(x) of this shape, the RMS over dims of |frequency| / Nyquist, in [0, 1]."""
+#: Elements of the spectrum one step of crossover's FFTs works on at a time.
+_FFT_BLOCK = 1 << 21
+
+
+def _spectrum_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return (*shape[:-1], shape[-1] // 2 + 1)
+
+
+def _crossover_working_set(info, inputs: int, itemsize: int) -> int:
+    """crossover's peak besides a slice of rows: the spectrum of b − a (one complex number per
+    bin of rfftn, in float32 at least) and a block's temporaries (its inputs, its transform and
+    the FFT's own buffers: about six blocks), or for a vector, whose FFT is one block, three
+    more copies of it."""
+    shape = tuple(info.shape)
+    width = 2 * max(itemsize, 4)
+    if len(shape) == 0:
+        return 0
+    bins = 1
+    for d in _spectrum_shape(shape):
+        bins *= d
+    if len(shape) == 1:
+        return bins * width + 3 * info.numel * max(itemsize, 4)
+    return bins * width + 6 * min(bins, _FFT_BLOCK) * width
+
+
+def _radial_frequency(shape: tuple[int, ...], rows: slice, device: torch.device) -> torch.Tensor:
+    """For the bins ``rows`` (along dim 0) of rfftn(x) of this shape, the RMS over dims of
+    |frequency| / Nyquist, in [0, 1] (float64)."""
     axes = []
     for i, n in enumerate(shape):
         freq = torch.fft.rfftfreq if i == len(shape) - 1 else torch.fft.fftfreq
-        axes.append(freq(n, dtype=torch.float64, device=device).abs() / 0.5)
+        axis = freq(n, dtype=torch.float64, device=device).abs() / 0.5
+        axes.append(axis[rows] if i == 0 else axis)
     grids = torch.meshgrid(*axes, indexing="ij")
     sizes = [n for n in shape if n > 1] or [1]
     return (sum(g ** 2 for g in grids) / len(sizes)).sqrt()
 
 
-@merge_method(working_set=_copies(10),
+def _blocks(total: int, per_item: int) -> list[slice]:
+    """Consecutive slices of ``range(total)``, each of about _FFT_BLOCK elements of items of
+    ``per_item`` elements (at least one item a block)."""
+    step = max(1, _FFT_BLOCK // max(1, per_item))
+    return [slice(i, min(i + step, total)) for i in range(0, total, step)]
+
+
+def _transform_leading(spectrum: torch.Tensor, inverse: bool) -> None:
+    """The (inverse) FFT along every dim but the last, in place, in blocks of the last dim."""
+    fft = torch.fft.ifft if inverse else torch.fft.fft
+    per_column = spectrum.numel() // spectrum.shape[-1]
+    for d in range(spectrum.dim() - 1):
+        for cols in _blocks(spectrum.shape[-1], per_column):
+            spectrum[..., cols] = fft(spectrum[..., cols], dim=d)
+
+
+def _crossover_statistics(ctx, inputs, *, alpha: float = 0.5, tilt: float = 0.0):
+    """Each row's FFT along the last dim of b − a (a row stack), then once per key the FFT along
+    the other dims, the filter and the inverse FFT along those dims, in place: what is left per
+    row is the inverse FFT along the last dim, done row-wise."""
+    alpha = fraction("crossover", "alpha", alpha)
+    tilt = fraction("crossover", "tilt", tilt)
+    shape = tuple(ctx.info.shape)
+    if len(shape) < 2:
+        return []
+
+    def rows(ctx, a, b):
+        return torch.fft.rfft((b - a).reshape(-1, *shape[1:]), dim=-1)
+
+    def spectrum(stats):
+        spectrum = stats.pop("rfft")
+        _transform_leading(spectrum, inverse=False)
+        real = spectrum.real.dtype
+        for block in _blocks(shape[0], spectrum.numel() // shape[0]):
+            spectrum[block] *= _filter(shape, block, alpha, tilt, spectrum.device).to(real)
+        _transform_leading(spectrum, inverse=True)
+        return spectrum
+
+    return [RowStack("rfft", rows), Derived("spectrum", spectrum)]
+
+
+@merge_method(rowwise=True, statistics=_crossover_statistics, working_set=_crossover_working_set,
               formula="irfftn((1 − F)·rfftn(a) + F·rfftn(b)),  F = (1 − tilt)·[r > 1 − alpha] + tilt·alpha")
-@in_float32
-def crossover(a, b, *, alpha: float = 0.5, tilt: float = 0.0):
+def crossover(a, b, *, alpha: float = 0.5, tilt: float = 0.0, stats=None, ctx=None):
     """Frequency crossover: the low spatial frequencies of a with the high ones of b.
 
     Both tensors go through a real N-d FFT (all dims). Each frequency bin has a radial frequency
@@ -139,31 +240,41 @@ def crossover(a, b, *, alpha: float = 0.5, tilt: float = 0.0):
     (alpha = 0 gives a, alpha = 1 gives b); tilt in [0, 1] blends F toward the constant alpha,
     and tilt = 1 is exactly weighted_sum(a, b, alpha). A 0-d tensor gets weighted_sum.
     (sd-mecha's crossover uses a smooth filter of its own; this one is a sharp, documented cut.)
+
+    It is computed as a + irfftn(F·rfftn(b − a)) (the same by linearity; float32 at least), one
+    dim at a time: the FFT along the last dim row by row over slices of rows, the other dims'
+    FFTs, the filter and their inverses in place in blocks, then the last dim's inverse row by
+    row. Memory: one spectrum (about half a complex number per element) besides a slice of rows.
     """
     alpha = fraction("crossover", "alpha", alpha)
     tilt = fraction("crossover", "tilt", tilt)
-    if a.dim() == 0:
-        return (1 - alpha) * a + alpha * b
-    shape = tuple(a.shape)
-    r = _radial_frequency(shape, a.device)
+    dtype = torch.float32 if a.dtype in (torch.float16, torch.bfloat16) else a.dtype
+    spectrum = stats.get("spectrum")
+    if spectrum is None:  # fewer than 2 dims: one FFT of the whole (small) vector
+        if a.dim() == 0:
+            return (1 - alpha) * a + alpha * b
+        diff = torch.fft.rfft(b.to(dtype) - a.to(dtype))
+        diff *= _filter(tuple(a.shape), slice(None), alpha, tilt, a.device).to(dtype)
+        return (a.to(dtype) + torch.fft.irfft(diff, n=a.shape[-1])).to(a.dtype)
+    shape = tuple(ctx.info.shape)
+    row = ctx.info.numel // shape[0]
+    first, count = ctx.start // row, a.numel() // row
+    rows = a.reshape(count, *shape[1:]).to(dtype)
+    rows = rows + torch.fft.irfft(spectrum[first:first + count], n=shape[-1], dim=-1)
+    return rows.reshape(a.shape).to(a.dtype)
+
+
+def _filter(shape: tuple[int, ...], rows: slice, alpha: float, tilt: float, device: torch.device) -> torch.Tensor:
+    """F for the bins ``rows`` (along dim 0) of the spectrum (float64)."""
+    r = _radial_frequency(shape, rows, device)
     step = (r > 1 - alpha) if alpha < 1 else torch.ones_like(r, dtype=torch.bool)
-    f = ((1 - tilt) * step.to(torch.float64) + tilt * alpha).to(a.dtype)
-    spectrum = (1 - f) * torch.fft.rfftn(a) + f * torch.fft.rfftn(b)
-    return torch.fft.irfftn(spectrum, s=shape)
+    return (1 - tilt) * step.to(torch.float64) + tilt * alpha
 
 
-def _as_matrix(x: torch.Tensor) -> torch.Tensor:
-    # linear (out, in) stays; a conv (out, in, kh, kw) with a real kernel becomes (out·in, kh·kw),
-    # as sd-mecha does, so the rotation acts on the small kernel space; a 1x1 conv (SD1's proj_in
-    # and proj_out) is a linear layer in disguise: (out, in), else it would rotate a 1-D space
-    if x.dim() > 2 and x.shape[2:].numel() != 1:
-        return x.reshape(x.shape[0] * x.shape[1], -1)
-    return x.reshape(x.shape[0], -1)
-
-
-def _alignment(ca: torch.Tensor, cb: torch.Tensor, fractional: bool) -> torch.Tensor:
+def _alignment(cross: torch.Tensor, rows: int, fractional: bool) -> torch.Tensor:
     """Q, the orthogonal matrix best mapping ca's rows onto cb's (Q = U·Vᵀ from the SVD of
-    caᵀ·cb), made fit for a fractional power when ``fractional``:
+    ``cross`` = caᵀ·cb, ca having ``rows`` rows), made fit for a fractional power when
+    ``fractional``:
 
     - where caᵀ·cb is rank-deficient (a wide layer: fewer rows than columns) the data fix Q only
       on U's first r columns; the SVD fills the rest with an arbitrary basis, and a fractional
@@ -173,11 +284,11 @@ def _alignment(ca: torch.Tensor, cb: torch.Tensor, fractional: bool) -> torch.Te
     - a reflection (det −1) has no real fractional power: the weakest direction is flipped,
       giving the nearest proper rotation (Kabsch), as sd-mecha does.
     """
-    u, s, vh = torch.linalg.svd(ca.T @ cb)
+    u, s, vh = torch.linalg.svd(cross)
     if not fractional:
         return u @ vh
     n = u.shape[0]
-    tol = float(s[0]) * max(ca.shape) * torch.finfo(s.dtype).eps if s.numel() else 0.0
+    tol = float(s[0]) * max(rows, n) * torch.finfo(s.dtype).eps if s.numel() else 0.0
     r = int((s > tol).sum())
     if r < n:
         ur, vr = u[:, :r], vh[:r].T
@@ -201,21 +312,8 @@ def _orthogonal_power(q: torch.Tensor, power: float) -> torch.Tensor:
     if power == 0:
         return torch.eye(q.shape[0], dtype=q.dtype, device=q.device)
     values, vectors = torch.linalg.eig(q.to(torch.float64))
-    powered = vectors @ torch.diag(values ** power) @ torch.linalg.inv(vectors)
+    powered = (vectors * values ** power) @ torch.linalg.inv(vectors)  # V·diag(λ^p)·V⁻¹
     return powered.real.to(q.dtype)
-
-
-def _rotate_working_set(info, inputs: int, itemsize: int) -> int:
-    """rotate's peak: about eight copies of the matrix (inputs, centred rows, the rotated
-    neurons, the result, in float32 at least) and a dozen d×d matrices (the SVD's factors, the
-    completion and the float64/complex fractional power), d the matrix's columns."""
-    shape = tuple(info.shape)
-    if len(shape) < 2:
-        return 0
-    columns = 1
-    for d in (shape[2:] if len(shape) > 2 and _kernel(shape) != 1 else shape[1:]):
-        columns *= d
-    return 8 * info.numel * max(itemsize, 4) + 12 * columns * columns * 16
 
 
 def _kernel(shape: tuple[int, ...]) -> int:
@@ -225,11 +323,73 @@ def _kernel(shape: tuple[int, ...]) -> int:
     return size
 
 
-@merge_method(working_set=_rotate_working_set,
+def _matrix_width(shape: tuple[int, ...]) -> int:
+    """Columns of rotate's matrix (see _as_matrix): a real kernel's size for a conv, else a row
+    along dim 0."""
+    columns = 1
+    for d in (shape[2:] if len(shape) > 2 and _kernel(shape) != 1 else shape[1:]):
+        columns *= d
+    return columns
+
+
+def _rotate_working_set(info, inputs: int, itemsize: int, *, alignment: float = 1.0, **_) -> int:
+    """rotate's peak besides one slice of rows: its d×d matrices (d the matrix's columns): the
+    float64 cross product during the passes, then its float32 copy, the copy LAPACK works on,
+    the SVD's factors, its workspace (about 4·d² floats) and Q (about 40·d² bytes at most); a
+    fractional alignment adds the completion's SVD and the complex float64 eigendecomposition
+    for the power (about 80·d² more). The rows themselves are worked on in slices (the
+    engine's statistics passes, then a row-wise pass)."""
+    shape = tuple(info.shape)
+    if len(shape) < 2:
+        return 0
+    d = _matrix_width(shape)
+    return (40 + (80 if alignment != round(alignment) else 0)) * d * d
+
+
+class _Rotation(NamedTuple):
+    """What rotate applies to every row of a key, computed once from its statistics."""
+
+    q: "torch.Tensor | None"
+    """Q (float32), to bring b's rows into a's frame when alpha ≠ 0; else None."""
+    power: "torch.Tensor"
+    """Q^alignment (float32)."""
+    mean_a: "torch.Tensor"
+    """centralization · a's mean row (float32)."""
+    mean_b: "torch.Tensor"
+    """centralization · b's mean row (float32)."""
+    shift: "torch.Tensor"
+    """(1 − alignment)·mean_a + alignment·mean_b, added to every rotated row (float32)."""
+
+
+def _rotate_statistics(ctx, inputs, *, alignment: float = 1.0, alpha: float = 0.0, centralization: float = 1.0):
+    """Column sums and the float64 cross product aᵀ·b of the matrices, then the rotation."""
+    shape = tuple(ctx.info.shape)
+    if len(shape) < 2:
+        return []
+    width = _matrix_width(shape)
+    rows = ctx.info.numel // width
+
+    def rotation(stats) -> _Rotation:
+        c = centralization
+        m_a, m_b = stats["sum_a"] / rows, stats["sum_b"] / rows
+        # Σ (a_i − c·m_a)(b_i − c·m_b)ᵀ = aᵀb − rows·c·(2 − c)·m_a·m_bᵀ, in float64, in place; the
+        # float64 matrix is let go before the SVD (d² of them, with LAPACK's workspace, are the peak)
+        cross = stats.pop("cross").addr_(m_a, m_b, alpha=-rows * c * (2 - c)).to(torch.float32)
+        q = _alignment(cross, rows, fractional=alignment != round(alignment))
+        del cross
+        mean_a, mean_b = (c * m_a).to(torch.float32), (c * m_b).to(torch.float32)
+        shift = ((1 - alignment) * c * m_a + alignment * c * m_b).to(torch.float32)
+        return _Rotation(q if alpha != 0 else None, _orthogonal_power(q, alignment), mean_a, mean_b, shift)
+
+    return [ColumnTotal("sum_a", lambda ctx, a, b: a, width), ColumnTotal("sum_b", lambda ctx, a, b: b, width),
+            CrossTotal("cross", lambda ctx, a, b: a, lambda ctx, a, b: b, width), Derived("rotation", rotation)]
+
+
+@merge_method(rowwise=True, statistics=_rotate_statistics, working_set=_rotate_working_set,
               formula="lerp(a_c, b_c·Qᵀ, alpha)·Q^alignment + lerp(mean_a, mean_b, alignment),  "
                       "Q = argmin_orthogonal ‖a_c·Q − b_c‖")
 @in_float32
-def rotate(a, b, *, alignment: float = 1.0, alpha: float = 0.0, centralization: float = 1.0):
+def rotate(a, b, *, alignment: float = 1.0, alpha: float = 0.0, centralization: float = 1.0, stats=None):
     """Rotate a's neurons toward b's (orthogonal Procrustes), optionally also blending them.
 
     The tensor becomes a matrix (linear and 1x1 conv: out × in; conv: (out·in) × (kh·kw)); each row is a
@@ -246,17 +406,25 @@ def rotate(a, b, *, alignment: float = 1.0, alpha: float = 0.0, centralization: 
     between the complements closest to the identity, so the result depends on a and b alone
     (sd-mecha interpolates on the Stiefel manifold there instead; results differ). The full SVD
     is used, so large square layers cost one d×d SVD each (two for fractional wide ones).
+
+    The means and a_cᵀ·b_c (from aᵀ·b and the means) are summed in float64 over slices of
+    rows, the SVD (float32) is of that d×d matrix, and the rows are then rotated slice by
+    slice: memory is a slice of rows and a few d×d matrices, whatever the number of rows.
     """
-    if a.dim() < 2:
+    if stats.get("rotation") is None:  # fewer than 2 dims
         return (1 - alpha) * a + alpha * b
-    ma, mb = _as_matrix(a), _as_matrix(b)
-    mean_a = ma.mean(dim=0, keepdim=True) * centralization
-    mean_b = mb.mean(dim=0, keepdim=True) * centralization
-    ca, cb = ma - mean_a, mb - mean_b
-    q = _alignment(ca, cb, fractional=alignment != round(alignment))
-    neurons = ca if alpha == 0 else (1 - alpha) * ca + alpha * (cb @ q.T)
-    out = neurons @ _orthogonal_power(q, alignment) + ((1 - alignment) * mean_a + alignment * mean_b)
-    return out.reshape(a.shape)
+    rotation = stats["rotation"]
+    if rotation.power.dtype != a.dtype:  # a float64 work dtype: the matrices follow it
+        rotation = _Rotation(*(None if t is None else t.to(a.dtype) for t in rotation))
+        stats["rotation"] = rotation
+    width = rotation.power.shape[0]
+    ma, mb = a.reshape(-1, width), b.reshape(-1, width)
+    ca = ma - rotation.mean_a
+    if alpha == 0:
+        neurons = ca
+    else:
+        neurons = (1 - alpha) * ca + alpha * ((mb - rotation.mean_b) @ rotation.q.T)
+    return (neurons @ rotation.power + rotation.shift).reshape(a.shape)
 
 
 def _clamp_needs_bounds(spaces: dict) -> None:

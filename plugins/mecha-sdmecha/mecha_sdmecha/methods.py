@@ -17,6 +17,8 @@ from mecha_core.lazy import torch
 
 from mecha_core import DELTA, PARAM, merge_method
 
+from .working_sets import copies
+
 from .rotate import sdmecha_rotate
 
 _DELTAS = {"deltas": DELTA}
@@ -65,7 +67,7 @@ def sdmecha_add_difference_masked(a, b, alpha):
 
 
 # -- linear.py ------------------------------------------------------------------------------------
-@merge_method(formula="b − a · Σ((a/‖a‖)(b/‖a‖));  0 where that is NaN")
+@merge_method(working_set=copies(3), formula="b − a · Σ((a/‖a‖)(b/‖a‖));  0 where that is NaN")
 def sdmecha_perpendicular_component(a, b):
     """sd-mecha's ``perpendicular_component``: the part of b orthogonal to a (flattened); zeros
     when the result has a NaN (a is zero)."""
@@ -95,7 +97,7 @@ def model_stock_t(deltas: Any, cos_eps: float) -> Any:
     return (n * cos_theta / (1 + (n - 1) * cos_theta)).unsqueeze(-1)
 
 
-@merge_method(spaces=_DELTAS, returns=DELTA, check_spaces=_at_least_one,
+@merge_method(spaces=_DELTAS, returns=DELTA, check_spaces=_at_least_one, working_set=copies(1, 1),
               formula="nan_to_num(t · mean(deltas)),  t per row from consecutive cosines, unclamped")
 def sdmecha_model_stock(*deltas, cos_eps: float = 1e-6):
     """sd-mecha's ``model_stock`` on deltas: their mean scaled by t = n·cos / (1 + (n − 1)·cos),
@@ -164,7 +166,7 @@ def ties_extended(models: Any, k: float, vote_sgn: bool, apply_stock: bool, appl
     return torch.nan_to_num(filtered, nan=0, posinf=0, neginf=0)
 
 
-@merge_method(spaces=_DELTAS, returns=DELTA, check_spaces=_at_least_one,
+@merge_method(spaces=_DELTAS, returns=DELTA, check_spaces=_at_least_one, working_set=copies(2, 4),
               formula="nan_to_num(Σ agreeing trimmed δᵢ · t / count)  or their geometric median")
 def sdmecha_ties_sum_extended(*deltas, k: float = 0.2, vote_sgn: bool = False, apply_stock: bool = False,
                               apply_median: bool = False, cos_eps: float = 1e-6, eps: float = 1e-6,
@@ -202,7 +204,7 @@ def della_dropout(delta: Any, probability: float, della_eps: float, generator: A
     return torch.bernoulli((p_min + delta_i).clamp(min=0, max=1), generator=generator)
 
 
-@merge_method(spaces=_DELTAS, returns=DELTA, check_spaces=_at_least_one,
+@merge_method(spaces=_DELTAS, returns=DELTA, check_spaces=_at_least_one, working_set=copies(2, 5),
               formula="ties_sum_extended(δᵢ ⊙ mᵢ) / (1 − probability),  mᵢ ~ Bernoulli(1 − probability ± rank)")
 def sdmecha_ties_sum_with_dropout(*deltas, probability: float = 0.9, della_eps: float = 0.0, rescale: bool = True,
                                   k: float = 0.2, vote_sgn: bool = False, apply_stock: bool = False,
@@ -230,7 +232,7 @@ def sdmecha_ties_sum_with_dropout(*deltas, probability: float = 0.9, della_eps: 
     return out / (1.0 if not rescale else 1.0 - probability)
 
 
-@merge_method(spaces=_DELTAS, returns=DELTA, check_spaces=_at_least_one,
+@merge_method(spaces=_DELTAS, returns=DELTA, check_spaces=_at_least_one, working_set=copies(2, 2),
               formula="Σ mᵢ ⊙ δᵢ / max(Σ mᵢ, 1) / (1 − probability)^rescale,  mᵢ ~ Bernoulli(1 − probability)")
 def sdmecha_dropout(*deltas, probability: float = 0.9, rescale: float = 1.0, overlap: float = 1.0,
                     overlap_emphasis: float = 0.0, seed: int = 0):
@@ -298,7 +300,8 @@ def crossover_filter(shape: tuple[int, ...], alpha: float, tilt: float, device: 
     return 1 - out if inverted else out
 
 
-@merge_method(formula="irfftn((1 − F)·rfftn(a) + F·rfftn(b)),  F sd-mecha's tilted filter")
+@merge_method(working_set=copies(5, per_dim=0.5),
+              formula="irfftn((1 − F)·rfftn(a) + F·rfftn(b)),  F sd-mecha's tilted filter")
 def sdmecha_crossover(a, b, *, alpha: float = 0.5, tilt: float = 0.0):
     """sd-mecha's ``crossover``: a's low frequencies with b's high ones, through sd-mecha's
     filter (a linear ramp per dimension of the rfftn bins, their RMS radius, cut at 1 − alpha and
@@ -359,21 +362,22 @@ def ratio_to_region(width: float, offset: float, n: int) -> tuple[int, int, bool
     return round((width + offset - 1) * n), round(offset * n), True
 
 
-@merge_method(formula="a with rows [offset, offset + width)·rows taken from b")
-def sdmecha_tensor_sum(a, b, *, width: float = 0.5, offset: float = 0.0):
+@merge_method(rowwise=True, formula="a with rows [offset, offset + width)·rows taken from b")
+def sdmecha_tensor_sum(a, b, *, width: float = 0.5, offset: float = 0.0, ctx=None):
     """sd-mecha's ``tensor_sum``: the rows (first dimension) from offset to offset + width (as
     fractions of the row count, wrapping around) come from b, the others from a; a 0-d tensor is
-    b when width > 0.5, else a."""
-    if a.dim() == 0:
+    b when width > 0.5, else a. Row-wise: large keys are merged in slices of whole rows."""
+    shape = tuple(ctx.info.shape) if ctx is not None else tuple(a.shape)
+    if len(shape) == 0:
         return b if width > 0.5 else a
-    start, end, inverted = ratio_to_region(width, offset, a.size(0))
-    if inverted:
-        out = b.clone()
-        out[start:end] = a[start:end]
-    else:
-        out = a.clone()
-        out[start:end] = b[start:end]
-    return out
+    if a.numel() == 0:
+        return a
+    start, end, inverted = ratio_to_region(width, offset, shape[0])
+    row = (ctx.info.numel if ctx is not None else a.numel()) // shape[0]
+    first = (ctx.start if ctx is not None else 0) // row
+    rows = torch.arange(first, first + a.numel() // row, device=a.device)
+    take_b = ((rows >= start) & (rows < end)) != inverted  # inverted: the region keeps a
+    return torch.where(take_b.unsqueeze(1), b.reshape(-1, row), a.reshape(-1, row)).reshape(a.shape)
 
 
 def _kth_abs_value(a: Any, k: int) -> Any:
@@ -382,7 +386,7 @@ def _kth_abs_value(a: Any, k: int) -> Any:
     return torch.kthvalue(torch.abs(a.float()), k)[0]
 
 
-@merge_method(formula="a's sorted values laid out in b's order, within a magnitude region of a")
+@merge_method(working_set=copies(11), formula="a's sorted values laid out in b's order, within a magnitude region of a")
 def sdmecha_top_k_tensor_sum(a, b, *, width: float = 1.0, offset: float = 0.0):
     """sd-mecha's ``top_k_tensor_sum``: a's values, sorted, are redistributed in the order of b's
     values, for the entries whose magnitude lies in the region (width and offset as fractions of

@@ -17,6 +17,8 @@ from mecha_core.lazy import torch
 
 from mecha_core import merge_method
 
+from .working_sets import rotate_working_set
+
 
 def _qr_pos(x: Any) -> tuple[Any, Any]:
     q, r = torch.linalg.qr(x)
@@ -143,7 +145,8 @@ def orthogonal_procrustes(a: Any, b: Any, cancel_reflection: bool) -> Any:
     return _FullRank(u @ vh)
 
 
-@merge_method(formula="(lerp(a_c, b_c·Q⁻¹, alpha))·Q^alignment + lerp(mean_a, mean_b, alignment)  (sd-mecha's)")
+@merge_method(working_set=rotate_working_set,
+              formula="(lerp(a_c, b_c·Q⁻¹, alpha))·Q^alignment + lerp(mean_a, mean_b, alignment)  (sd-mecha's)")
 def sdmecha_rotate(a, b, *, alignment: float = 1.0, alpha: float = 0.0, centralization: float = 1.0,
                    stiefel_eps: float = 1e-8, stiefel_max_iters: int = 100):
     """sd-mecha's ``rotate``: a's rows rotated toward b's by an orthogonal transform.
