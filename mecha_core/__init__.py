@@ -28,7 +28,7 @@ warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category
 _EXPORTS = {
     "merge": ".api", "sweep": ".api", "MechaError": ".errors", "MergeContext": ".method", "MergeMethod": ".method",
     "merge_method": ".method", "Total": ".method", "TopK": ".method", "Then": ".method", "Selection": ".method",
-    "ColumnTotal": ".method", "CrossTotal": ".method", "Derived": ".method", "RowStack": ".method",
+    "CrossTotal": ".method", "Derived": ".method", "RowStack": ".method",
     "PLUGIN_API_VERSION": ".plugins", "discovering": ".plugins",
     "get_host": ".plugins", "hookimpl": ".plugins", "blocks": ".recipe", "classes": ".recipe",
     "dump_recipe": ".recipe", "layers": ".recipe",
@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from .difference import DiffResult, diff
     from .errors import MechaError
     from .lazy import lazy_import
-    from .method import (ColumnTotal, CrossTotal, Derived, MergeContext, MergeMethod, RowStack, Selection, Then,
+    from .method import (CrossTotal, Derived, MergeContext, MergeMethod, RowStack, Selection, Then,
                          TopK, Total, merge_method)
     from .plugins import PLUGIN_API_VERSION, get_host, hookimpl
     from .recipe import blocks, classes, dump_recipe, layers
@@ -80,7 +80,7 @@ def compose(template: Node | str | os.PathLike[str], fills: Mapping[str, Any] | 
 
 
 __all__ = [
-    "ColumnTotal", "CrossTotal", "DELTA", "Derived", "DiffResult", "MechaError", "MergeContext", "MergeMethod",
+    "CrossTotal", "DELTA", "Derived", "DiffResult", "MechaError", "MergeContext", "MergeMethod",
     "PARAM", "PLUGIN_API_VERSION", "RowStack", "WEIGHT",
     "blocks", "classes", "compose", "diff", "dump_recipe", "get_host", "hookimpl", "layers", "lazy_import",
     "literal", "load_recipe", "merge", "merge_method", "model", "parameter", "Selection", "sweep", "Then", "TopK",

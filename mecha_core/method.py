@@ -176,21 +176,6 @@ class Then:
 
 
 @attrs.frozen
-class ColumnTotal:
-    """A statistic: the key in flat order laid out as a matrix of ``width`` columns (``width``
-    elements a row), the float64 sum down each column of ``of(ctx, *inputs)``:
-    ``stats[name]`` is a float64 tensor of ``width`` values. With ``width`` the size of a row
-    along dim 0 (``numel // shape[0]``), these are reductions along dim 0, one per column."""
-
-    name: str
-    """The key of the result in the method's ``stats``."""
-    of: Callable[..., Any] = attrs.field(repr=False)
-    """``of(ctx, *inputs)``: an element-wise function of the inputs (as for :class:`Total`)."""
-    width: int
-    """Columns of the matrix (elements per row); must divide the key's size."""
-
-
-@attrs.frozen
 class CrossTotal:
     """A statistic: the key in flat order laid out as a matrix of ``width`` columns, the float64
     product ``Lᵀ·R`` of the matrices of ``left(ctx, *inputs)`` and ``right(ctx, *inputs)`` (the
@@ -235,7 +220,7 @@ class Derived:
     """``of(stats)``: the value, from the results of the requests before it."""
 
 
-Statistic = Total | TopK | Then | ColumnTotal | CrossTotal | RowStack | Derived
+Statistic = Total | TopK | Then | CrossTotal | RowStack | Derived
 
 
 @attrs.frozen(eq=False)
@@ -496,5 +481,5 @@ def merge_method(fn: Callable[..., Any] | None = None, *, name: str | None = Non
 
 
 __all__ = ["MergeContext", "MergeMethod", "merge_method", "Total", "TopK", "Then", "Selection", "RANDOM_BLOCK",
-           "ColumnTotal", "CrossTotal", "RowStack", "Derived",
+           "CrossTotal", "RowStack", "Derived",
            "WEIGHT", "DELTA", "PARAM"]

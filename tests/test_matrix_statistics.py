@@ -1,4 +1,4 @@
-"""ColumnTotal, CrossTotal and Derived: float64 sums of a key laid out as a matrix, over pieces
+"""Column sums (Total with per=), CrossTotal and Derived: float64 sums of a key laid out as a matrix, over pieces
 that cut rows anywhere (columns) or hold whole rows (cross products), against plain float64
 torch sums written here."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mecha_core import ColumnTotal, CrossTotal, Derived, RowStack, Total
+from mecha_core import CrossTotal, Derived, RowStack, Total
 from mecha_core.engine import statistics
 from mecha_core.method import MergeContext
 from mecha_core.specs import TensorInfo
@@ -30,7 +30,7 @@ def test_column_sums_over_pieces_that_cut_rows_anywhere(bounds):
     x = torch.randn(40, 15, generator=gen)
     y = torch.randn(40, 15, generator=gen)
     bounds = sorted(set(bounds))
-    got = statistics.compute([ColumnTotal("xy", lambda ctx, a, b: a * b, 15), ColumnTotal("x", lambda ctx, a, b: a, 3)],
+    got = statistics.compute([Total("xy", lambda ctx, a, b: a * b, per=15), Total("x", lambda ctx, a, b: a, per=3)],
                              _pieces([x, y], bounds), x.numel())
     ref = (x * y).double().sum(dim=0)  # the float32 products, summed in float64
     assert got["xy"].dtype == torch.float64 and got["xy"].shape == (15,)
@@ -66,19 +66,13 @@ def test_a_cross_product_refuses_a_piece_that_cuts_a_row():
         statistics.compute([CrossTotal("xx", lambda ctx, a: a, lambda ctx, a: a, 4)], _pieces([x], [0, 6, 40]), 40)
 
 
-def test_a_width_that_does_not_divide_the_key_is_refused():
-    x = torch.ones(10, 4)
-    with pytest.raises(ValueError, match="width 6 does not divide the key's 40 elements"):
-        statistics.compute([ColumnTotal("x", lambda ctx, a: a, 6)], _pieces([x], [0, 40]), 40)
-
-
 def test_column_sums_stay_within_1e_9_of_float64_where_float32_drifts():
     # 4M rows of 2 columns of values in [1, 2): a float32 sum down a column drifts by far more
     gen = torch.Generator().manual_seed(3)
     x = torch.rand(1 << 22, 2, generator=gen) + 1.0
     ref = x.double().sum(dim=0)
     bounds = list(range(0, x.numel(), (1 << 20) + 1)) + [x.numel()]
-    got = statistics.compute([ColumnTotal("x", lambda ctx, a: a, 2)], _pieces([x], bounds), x.numel())
+    got = statistics.compute([Total("x", lambda ctx, a: a, per=2)], _pieces([x], bounds), x.numel())
     assert float(((got["x"] - ref).abs() / ref).max()) < 1e-12
 
 

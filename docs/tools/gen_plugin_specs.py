@@ -30,7 +30,7 @@ SPEC_TYPES: tuple[tuple[Any, str], ...] = (
     (specs, "ModelType"),
     (specs, "ConvertedKey"), (specs, "Converter"), (specs, "Hyperparameter"), (specs, "MethodInput"),
     (method, "MergeMethod"), (method, "MergeContext"), (method, "Total"), (method, "TopK"), (method, "Then"),
-    (method, "ColumnTotal"), (method, "CrossTotal"), (method, "RowStack"), (method, "Derived"),
+    (method, "CrossTotal"), (method, "RowStack"), (method, "Derived"),
     (method, "Selection"), (specs, "CliCommand"), (specs, "FileFormat"), (specs, "RecipeFormat"), (specs, "Executor"),
 )
 #: the module a plugin imports each class from (the public name, not where it is defined)

@@ -1,5 +1,5 @@
-"""Statistics of a key laid out as a matrix (:class:`~mecha_core.method.ColumnTotal`,
-:class:`~mecha_core.method.CrossTotal`) accumulated in float64 over pieces, rows transformed
+"""Statistics of a key laid out as a matrix (column sums, :class:`~mecha_core.method.Total` with
+``per``; :class:`~mecha_core.method.CrossTotal`) accumulated in float64 over pieces, rows transformed
 and kept in place (:class:`~mecha_core.method.RowStack`), and the
 :class:`~mecha_core.method.Derived` values computed from them once the passes are done.
 
@@ -15,12 +15,12 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from ..lazy import torch
-from ..method import ColumnTotal, CrossTotal, Derived, MergeContext, RowStack
+from ..method import CrossTotal, Derived, MergeContext, RowStack
 
-MATRIX_KINDS = (ColumnTotal, CrossTotal, RowStack, Derived)
+MATRIX_KINDS = (CrossTotal, RowStack, Derived)
 
 
-def _check_width(request: ColumnTotal | CrossTotal, numel: int) -> None:
+def _check_width(request: CrossTotal, numel: int) -> None:
     if request.width <= 0 or numel % request.width:
         raise ValueError(f"statistic '{request.name}': width {request.width} does not divide the key's "
                          f"{numel} elements")
@@ -30,22 +30,18 @@ class MatrixSums:
     """The running sums of the column and cross statistics of one key."""
 
     def __init__(self, requests: Sequence[Any], numel: int):
-        self.columns = [r for r in requests if isinstance(r, ColumnTotal)]
         self.crosses = [r for r in requests if isinstance(r, CrossTotal)]
         self.stacks = [r for r in requests if isinstance(r, RowStack)]
         self.derived = [r for r in requests if isinstance(r, Derived)]
-        for r in (*self.columns, *self.crosses):
+        for r in self.crosses:
             _check_width(r, numel)
-        self.sums: dict[str, Any] = {r.name: torch.zeros(r.width, dtype=torch.float64) for r in self.columns}
-        self.sums.update({r.name: torch.zeros(r.width, r.width, dtype=torch.float64) for r in self.crosses})
+        self.sums: dict[str, Any] = {r.name: torch.zeros(r.width, r.width, dtype=torch.float64) for r in self.crosses}
 
     def __bool__(self) -> bool:
-        return bool(self.columns or self.crosses or self.stacks)
+        return bool(self.crosses or self.stacks)
 
     def add(self, ctx: MergeContext, inputs: Sequence[Any]) -> None:
         """Add one piece's contribution to every sum."""
-        for r in self.columns:
-            _add_columns(self.sums[r.name], r.of(ctx, *inputs).reshape(-1), ctx.start)
         for r in self.crosses:
             left = r.left(ctx, *inputs).reshape(-1)
             if ctx.start % r.width or left.numel() % r.width:
@@ -65,7 +61,7 @@ class MatrixSums:
         return found
 
 
-def _add_columns(sums: torch.Tensor, values: torch.Tensor, start: int) -> None:
+def add_columns(sums: torch.Tensor, values: torch.Tensor, start: int) -> None:
     """Add a flat run of values starting at flat index ``start`` to the column sums."""
     width = sums.numel()
     values = values.to(device="cpu")

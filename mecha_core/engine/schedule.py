@@ -273,6 +273,8 @@ def over_budget(plan: Plan, todo: list[Unit]) -> list[tuple[str, int]]:
     found = []
     for u in todo:
         if u.stop is None and u.cost >= limit:
+            if u.pieces and not declared_working_set(plan, u.key):
+                continue  # slices alone: a smaller budget gives smaller slices, nothing more to say
             need = pieces_cost(plan, u.key, u.pieces) if u.pieces else unit_cost(plan, u.key)
             if need > limit:
                 found.append((u.key, need))

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from ..lazy import torch
 from ..method import MergeContext, Selection, Then, TopK, Total
-from .matrix_statistics import MATRIX_KINDS, MatrixSums
+from .matrix_statistics import MATRIX_KINDS, MatrixSums, add_columns
 
 Pieces = Callable[[], Iterable[tuple[MergeContext, Sequence[Any]]]]
 #: ``piece(i)``: the ``i``-th piece that ``pieces()`` yields, evaluated alone
@@ -235,8 +235,8 @@ class _Window:
 def _check(requests: Sequence[Any]) -> None:
     unknown = [r for r in requests if not isinstance(r, (Total, TopK, Then, *MATRIX_KINDS))]
     if unknown:
-        raise TypeError(f"unknown statistic {unknown[0]!r}; use mecha_core.Total, TopK, Then, ColumnTotal, "
-                        "CrossTotal, RowStack or Derived")
+        raise TypeError(f"unknown statistic {unknown[0]!r}; use mecha_core.Total, TopK, Then, CrossTotal, "
+                        "RowStack or Derived")
     names = [r.name for r in requests if not isinstance(r, Then)]
     if len(set(names)) != len(names):
         raise ValueError(f"statistics named twice: {sorted({n for n in names if names.count(n) > 1})}")
@@ -285,7 +285,7 @@ def compute(requests: Sequence[Total | TopK | Then], pieces: Pieces, numel: int,
         inputs = upcast(inputs)
         for r in totals:
             if r.per:
-                sums[r.name] += _per_position(r.of(ctx, *inputs), ctx.start, r.per)
+                add_columns(sums[r.name], r.of(ctx, *inputs).reshape(-1), ctx.start)
             else:
                 sums[r.name] += float(torch.sum(r.of(ctx, *inputs), dtype=torch.float64))
         if matrices:
@@ -392,17 +392,6 @@ def _locate_in_recorded_piece(selects: list[_Select], pieces: Pieces, piece: Pie
         for s in wanted[i]:
             where = torch.nonzero(s.magnitude_bits(ctx, inputs) == s.prefix).reshape(-1)
             s.last_tie = ctx.start + int(where[s.tie_rank - 1])
-
-
-def _per_position(values: torch.Tensor, start: int, per: int) -> torch.Tensor:
-    """The float64 sums of ``values`` (a piece starting at flat index ``start``) per flat index
-    modulo ``per``."""
-    flat = values.reshape(-1).to(torch.float64)
-    before = start % per
-    after = (-(before + flat.numel())) % per
-    if before or after:
-        flat = torch.cat([flat.new_zeros(before), flat, flat.new_zeros(after)])
-    return flat.reshape(-1, per).sum(dim=0)
 
 
 def _locate_last_ties(selects: list[_Select], pieces: Pieces) -> None:

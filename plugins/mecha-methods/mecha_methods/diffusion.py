@@ -9,7 +9,7 @@ from typing import NamedTuple
 
 from mecha_core.lazy import torch
 
-from mecha_core import WEIGHT, ColumnTotal, CrossTotal, Derived, RowStack, Total, merge_method
+from mecha_core import WEIGHT, CrossTotal, Derived, RowStack, Total, merge_method
 
 from ._checks import fraction
 from ._precision import in_float32
@@ -36,8 +36,8 @@ def _cosine_statistics(similarity):
             sim = similarity(stats["aa"], stats["bb"], stats["ab"])
             return 1 - torch.clamp(sim - alpha, 0, 1)
 
-        return [ColumnTotal("aa", lambda ctx, a, b: a * a, width), ColumnTotal("bb", lambda ctx, a, b: b * b, width),
-                ColumnTotal("ab", lambda ctx, a, b: a * b, width), Derived("k", k)]
+        return [Total("aa", lambda ctx, a, b: a * a, per=width), Total("bb", lambda ctx, a, b: b * b, per=width),
+                Total("ab", lambda ctx, a, b: a * b, per=width), Derived("k", k)]
 
     return statistics
 
@@ -381,7 +381,7 @@ def _rotate_statistics(ctx, inputs, *, alignment: float = 1.0, alpha: float = 0.
         shift = ((1 - alignment) * c * m_a + alignment * c * m_b).to(torch.float32)
         return _Rotation(q if alpha != 0 else None, _orthogonal_power(q, alignment), mean_a, mean_b, shift)
 
-    return [ColumnTotal("sum_a", lambda ctx, a, b: a, width), ColumnTotal("sum_b", lambda ctx, a, b: b, width),
+    return [Total("sum_a", lambda ctx, a, b: a, per=width), Total("sum_b", lambda ctx, a, b: b, per=width),
             CrossTotal("cross", lambda ctx, a, b: a, lambda ctx, a, b: b, width), Derived("rotation", rotation)]
 
 
