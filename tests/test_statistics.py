@@ -318,7 +318,7 @@ def test_every_reduction_is_within_1e_6_of_float64_at_256m_elements():
     """Issue 15's bar: a norm of a 256M-element tensor within 1e-6 relative of a float64
     reference. Every dot-product method sums its Totals through statistics.compute (slerp,
     model_stock, multislerp, karcher, geometric_median, add_perpendicular, mergekit_slerp, DARE's
-    L1 norms); add_cosine_b, which cannot be sliced, uses kit.reductions."""
+    L1 norms, add_cosine's per-column sums); kit.reductions serves plugins' whole-tensor methods."""
     n = 1 << 28
     gen = torch.Generator().manual_seed(12)
     x = torch.rand(n, generator=gen) + 1.0  # all positive: float32 rounding errors do not cancel
