@@ -23,7 +23,6 @@ A plugin module may declare ``MECHA_PLUGIN_API = <int>``; it must not be newer t
 from __future__ import annotations
 
 import contextlib
-import gc
 import os
 import sys
 import threading
@@ -35,6 +34,7 @@ import pluggy
 
 from . import hookspecs
 from .builtin_plugins import install_hint
+from .collector import no_gc
 from .errors import MechaError, PluginCodeError, PluginError, RecipeError
 from .method import MergeMethod
 from .operators import CORE_METHODS
@@ -164,21 +164,6 @@ def _name_and_version(dist: Any) -> tuple[str, str]:
     return dist.name, dist.version
 
 
-@contextlib.contextmanager
-def _collections_paused() -> Iterator[None]:
-    """No garbage collection while plugins load: their modules and key tables are tens of
-    thousands of objects that live as long as the process, and each full collection their
-    creation triggers walks every object torch allocated too (~0.1 s of CPU per load, measured in
-    bench/bench_startup.py). The first collection after the load sees them all once."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
 def _env_list(name: str) -> set[str] | None:
     value = os.environ.get(name)
     if value is None:
@@ -244,7 +229,9 @@ class PluginHost:
         self.warnings: list[str] = []
         """Problems that belong to no plugin (an allow list naming a plugin that is not installed)."""
         self._warned: set[str] = set()
-        with _collections_paused():
+        # their modules and key tables live as long as the process: a full collection while
+        # they load would walk every object torch allocated (bench/bench_startup.py)
+        with no_gc():
             if autoload:
                 self._discover()
             for entry in plugins or []:

@@ -20,35 +20,18 @@ read it with :func:`load_packed` or build the architecture at once with :func:`p
 from __future__ import annotations
 
 import argparse
-import contextlib
-import gc
 import gzip
 import json
 from importlib import resources
-from typing import Any, Callable, Collection, Iterator, Mapping
+from typing import Any, Callable, Collection, Mapping
 
+from ..collector import no_gc
 from ..specs import Architecture, KeySpec
 
 #: ``key -> class name or None``: the class (layer type) rule of an architecture.
 LayerClass = Callable[[str], "str | None"]
 #: ``key -> block name or None``: a block rule for layouts whose packed file carries no block map.
 BlockOf = Callable[[str], "str | None"]
-
-
-@contextlib.contextmanager
-def no_gc() -> Iterator[None]:
-    """Pause the garbage collector while building a large key table.
-
-    Building thousands of small lists and KeySpecs triggers full collections that walk every
-    object torch allocated (~80 ms each); nothing built here is cyclic, so pausing is safe.
-    """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def pack_layout(layout: Mapping[str, Any], block_map: Mapping[str, Any] | None = None) -> dict[str, Any]:
