@@ -41,7 +41,8 @@ def mecha_architectures():
                              key_prefixes=(*_CANONICAL, *guidance)),
             LazyArchitecture(layout.SCHNELL_NAME, layout.schnell, required_keys=776,
                              aliases=("flux-1-schnell", "flux_schnell"), key_prefixes=_CANONICAL),
-            LazyArchitecture(f"{layout.DEV_NAME}-diffusers", dev_diffusers, required_keys=1160, key_prefixes=_DIFFUSERS),
+            LazyArchitecture(f"{layout.DEV_NAME}-diffusers", dev_diffusers, required_keys=1160,
+                             key_prefixes=_DIFFUSERS),
             LazyArchitecture(f"{layout.SCHNELL_NAME}-diffusers", schnell_diffusers, required_keys=1156,
                              key_prefixes=_DIFFUSERS)]
 

@@ -13,8 +13,9 @@ from . import conversions, layout
 
 MECHA_PLUGIN_API = 1
 
-_UNET = ("model.diffusion_model.input_blocks.", "model.diffusion_model.label_emb.", "model.diffusion_model.middle_block.",
-         "model.diffusion_model.out.", "model.diffusion_model.output_blocks.", "model.diffusion_model.time_embed.")
+#: the U-Net's parts in the sgm layout (an SD1 file shares the prefix model.diffusion_model., not these)
+_UNET = tuple(f"model.diffusion_model.{part}." for part in ("input_blocks", "label_emb", "middle_block", "out",
+                                                             "output_blocks", "time_embed"))
 
 
 @hookimpl
