@@ -23,7 +23,9 @@ def mecha_architectures() -> list:
     Returns:
         A list of :class:`mecha_core.specs.Architecture`: every key with its shape, dtype and
         component, plus blocks and classes for block-wise and class-wise hyperparameters. Files
-        are detected as an architecture from their header's key names alone.
+        are detected as an architecture from their header's key names alone. A
+        :class:`mecha_core.specs.LazyArchitecture` in its place is built the first time a merge
+        needs it (detection rules out the files it cannot match without building it).
 
     Example:
         ``return [Architecture(name="sd1-ldm", keys={...}, blocks=("BASE", "IN00", ...))]``

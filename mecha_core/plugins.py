@@ -27,7 +27,7 @@ import os
 import sys
 import threading
 import types
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Collection, Iterator, TypeVar
 
 import attrs
 import pluggy
@@ -39,8 +39,8 @@ from .errors import MechaError, PluginCodeError, PluginError, RecipeError
 from .method import MergeMethod
 from .operators import CORE_METHODS
 from .specs import (DELTA, WEIGHT, Architecture, ArchitectureFamily, CliCommand, Converter, Executor, FileFormat,
-                    ModelType, RecipeFormat)
-from .validate import spec_errors
+                    LazyArchitecture, ModelType, RecipeFormat)
+from .validate import lazy_table_errors, spec_errors
 
 #: The plugin API this core implements. Plugins built for a newer API are refused.
 PLUGIN_API_VERSION = 1
@@ -65,6 +65,8 @@ _HOOKS = {
     "mecha_recipe_formats": ("recipe_formats", RecipeFormat),
     "mecha_executors": ("executors", Executor),
 }
+#: Hooks that may also return another spec type than the one their errors name.
+_ALSO_ACCEPTED: dict[str, tuple[type, ...]] = {"mecha_architectures": (LazyArchitecture,)}
 
 #: What plugin code may raise that the host turns into a one-line error: everything but
 #: KeyboardInterrupt (and GeneratorExit), including ``sys.exit()`` called by a plugin.
@@ -134,6 +136,59 @@ class Registry:
 
     def values(self) -> list[Any]:
         return [self.get(n) for n in self.names() if len(self._items[n]) == 1]
+
+
+class ArchitectureRegistry(Registry):
+    """The fixed architectures. A :class:`~mecha_core.specs.LazyArchitecture`'s table is built
+    (and checked against what the lazy spec declared) the first time it is looked up; detection
+    asks :meth:`detection_candidates`, which leaves out the tables a file cannot match."""
+
+    def __init__(self) -> None:
+        super().__init__("architecture")
+        self._built: dict[str, Architecture] = {}
+
+    def get(self, name: str) -> Any:
+        found = super().get(name)
+        return self._table(name, found) if isinstance(found, LazyArchitecture) else found
+
+    def _table(self, name: str, lazy: LazyArchitecture) -> Architecture:
+        built = self._built.get(name)
+        if built is None:
+            plugin = self.provider(name)
+            with no_gc():  # the table lives as long as the process (see PluginHost.__init__)
+                arch = plugin_code(lazy.build, plugin=plugin, what=f"architecture '{name}': build()")
+            problems = lazy_table_errors(lazy, arch)
+            if problems:
+                more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+                raise PluginError(f"plugin '{plugin}': {problems[0]}{more}; `mecha plugins check` lists them")
+            built = self._built[name] = arch
+        return built
+
+    def built(self) -> list[str]:
+        """The names whose lazy tables have been built so far."""
+        return sorted(self._built)
+
+    def detection_candidates(self, keys: Collection[str]) -> list[Architecture]:
+        """:meth:`values` less the lazy tables not built yet that a file with ``keys`` cannot
+        match: fewer of its keys start with one of the lazy spec's ``key_prefixes`` than
+        ``min_match`` of its required keys (each key counting towards a match is under a prefix,
+        so its score is below ``min_match`` too; the comparison is the detector's own, a float
+        division, so it is exact at the boundary). Tables without required keys, which detection
+        skips, are left out alike."""
+        out = []
+        for name in self.names():
+            providers = self._items[name]
+            if len(providers) != 1:
+                continue
+            lazy = providers[0][1]
+            if isinstance(lazy, LazyArchitecture) and name not in self._built:
+                if not lazy.required_keys:
+                    continue
+                under = sum(1 for key in keys if key.startswith(lazy.key_prefixes))
+                if under / lazy.required_keys < lazy.min_match:
+                    continue
+            out.append(self.get(name))
+        return out
 
 
 def _same_layout(known: tuple[str, Architecture], family: str, arch: Architecture) -> bool:
@@ -211,7 +266,7 @@ class PluginHost:
         """
         self.strict = os.environ.get("MECHA_STRICT_PLUGINS") == "1" if strict is None else strict
         self.records: list[PluginRecord] = []
-        self.architectures = Registry("architecture")
+        self.architectures = ArchitectureRegistry()
         self.architecture_families = Registry("architecture family")
         self._family_members: dict[str, tuple[str, Architecture]] = {}
         self.model_types = Registry("model type")
@@ -299,6 +354,7 @@ class PluginHost:
             return self._fail(record, describe_exception(exc), exc)
         collected: list[tuple[str, str, Any]] = []
         for hook_name, (kind, cls) in _HOOKS.items():
+            accepted = (cls, *_ALSO_ACCEPTED.get(hook_name, ()))
             for impl in getattr(pm.hook, hook_name).get_hookimpls():
                 try:
                     result = impl.function()
@@ -310,7 +366,7 @@ class PluginHost:
                     return self._fail(record, f"{hook_name}() returned {type(result).__name__}; "
                                               f"it must return a list of {cls.__name__}")
                 for item in result:
-                    if not isinstance(item, cls):
+                    if not isinstance(item, accepted):
                         return self._fail(record, f"{hook_name}() returned {type(item).__name__}, "
                                                   f"expected {cls.__name__}")
                     collected.append((kind, item.name, item))
@@ -441,11 +497,22 @@ class PluginHost:
         warnings: list[str] = []
         for spec in record.specs:
             problems = spec_errors(spec)
+            if not problems and isinstance(spec, LazyArchitecture):  # check the table it builds
+                spec, problems = self._built_for_check(spec)
             if problems:
                 errors += problems
                 continue
             warnings += spec_warnings(spec, public_names, call=lambda fn: fn())
         return errors, warnings
+
+    @staticmethod
+    def _built_for_check(lazy: LazyArchitecture) -> tuple[Any, list[str]]:
+        """A lazy architecture's table and its problems, for ``plugins check``."""
+        try:
+            arch = lazy.build()
+        except PLUGIN_FAILURES as exc:
+            return lazy, [f"architecture '{lazy.name}': build() raised {describe_exception(exc)}"]
+        return arch, lazy_table_errors(lazy, arch)
 
     def reference_warnings(self) -> list[str]:
         """Converters (of loaded plugins) naming a model type or architecture nobody provides."""

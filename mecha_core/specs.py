@@ -97,6 +97,33 @@ class Architecture:
 
 
 @attrs.frozen
+class LazyArchitecture:
+    """An :class:`Architecture` whose key table is built on first use, not when plugins load.
+
+    A merge uses the tables of its inputs' architectures only; building every installed table
+    (thousands of :class:`KeySpec` each) on every start costs more than planning the merge.
+    Detection stays exact without building: it counts a file's keys that start with one of
+    ``key_prefixes``; every key that can count towards this architecture's match does, so a file
+    with fewer than ``min_match * required_keys`` of them cannot be detected as it and its table
+    is never built. When the table is built the core checks it against these fields (same name,
+    aliases and ``min_match``; ``required_keys`` equal to the table's count; every required key
+    and each of its aliases under a prefix) and refuses a table that breaks them."""
+
+    name: str
+    """The architecture's name (its table's ``name``)."""
+    build: Callable[[], Architecture] = attrs.field(repr=False)
+    """Returns the :class:`Architecture`; called once, the first time the table is needed."""
+    key_prefixes: tuple[str, ...]
+    """Every required key of the table and every alias of one starts with one of these."""
+    required_keys: int
+    """How many of the table's keys are required (not optional)."""
+    min_match: float = 0.9
+    """The table's ``min_match``."""
+    aliases: tuple[str, ...] = ()
+    """The table's ``aliases`` (recipes may name the architecture by them before it is built)."""
+
+
+@attrs.frozen
 class ArchitectureFamily:
     """Architectures computed from a file rather than listed: a transformer family (llama,
     mixtral ...) whose members differ in layer count, widths, tied embeddings or experts.

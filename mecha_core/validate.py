@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable
 
 from .method import MergeMethod
 from .specs import (DELTA, MERGE_SPACES, WEIGHT, Architecture, ArchitectureFamily, CliCommand, Converter, Executor,
-                    FileFormat, KeySpec, ModelType, RecipeFormat)
+                    FileFormat, KeySpec, LazyArchitecture, ModelType, RecipeFormat)
 
 #: The dtype names a safetensors file can store (``mecha_core.engine.safetensors_io.DTYPES``;
 #: a test keeps the two equal, this copy avoids importing torch while plugins load).
@@ -189,6 +189,53 @@ def architecture_warnings(arch: Architecture) -> list[str]:
         bad = [n for n in names if not _NAME.fullmatch(n)]
         if bad:
             out.append(f"{where}: {what} {bad[:3]} are not names a recipe can write (letters, digits, _)")
+    return out
+
+
+def lazy_architecture_errors(lazy: LazyArchitecture) -> list[str]:
+    """The load-time checks of a :class:`LazyArchitecture`: its own fields (the table is checked
+    when it is built, by :func:`lazy_table_errors`)."""
+    where = _label("architecture", lazy)
+    out = _name_errors(where, lazy)
+    if not callable(lazy.build):
+        out.append(f"{where}: build must be callable, got {_type(lazy.build)}")
+    if not _is_str_tuple(lazy.key_prefixes) or not all(lazy.key_prefixes):
+        out.append(f"{where}: key_prefixes must be a tuple of non-empty str, got {_show(lazy.key_prefixes)}")
+    count = lazy.required_keys
+    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        out.append(f"{where}: required_keys must be an int >= 0, got {_show(count)}")
+    mm = lazy.min_match
+    if not isinstance(mm, numbers.Real) or isinstance(mm, bool) or not 0 < mm <= 1:
+        out.append(f"{where}: min_match must be a number in (0, 1], got {_show(mm)}")
+    if not _is_str_tuple(lazy.aliases):
+        out.append(f"{where}: aliases must be a tuple of str, got {_show(lazy.aliases)}")
+    return out
+
+
+def lazy_table_errors(lazy: LazyArchitecture, arch: Any) -> list[str]:
+    """Problems of the table a :class:`LazyArchitecture` built: not an :class:`Architecture`, one
+    that breaks :func:`architecture_errors`, or one that disagrees with what the lazy spec said
+    about it (detection trusted those fields to skip the table for files it cannot match)."""
+    where = f"architecture '{lazy.name}'"
+    if not isinstance(arch, Architecture):
+        return [f"{where}: build() returned {_type(arch)}, expected Architecture"]
+    out = architecture_errors(arch)
+    if out:
+        return out
+    for field in ("name", "aliases", "min_match"):
+        if getattr(arch, field) != getattr(lazy, field):
+            out.append(f"{where}: build() gave {field} {_show(getattr(arch, field))}, "
+                       f"but the LazyArchitecture says {_show(getattr(lazy, field))}")
+    required = [key for key, spec in arch.keys.items() if not spec.optional]
+    if len(required) != lazy.required_keys:
+        out.append(f"{where}: the table has {len(required)} required keys, but the LazyArchitecture "
+                   f"says required_keys={lazy.required_keys}")
+    for key in required:
+        stray = [name for name in (key, *arch.keys[key].aliases) if not name.startswith(lazy.key_prefixes)]
+        if stray:
+            out.append(f"{where}: required key '{key}' has name '{stray[0]}', which starts with none of "
+                       f"key_prefixes {_show(lazy.key_prefixes)}")
+            break
     return out
 
 
@@ -390,6 +437,7 @@ def executor_errors(executor: Executor) -> list[str]:
 _ERRORS: dict[type, Callable[[Any], list[str]]] = {
     MergeMethod: method_errors,
     Architecture: architecture_errors,
+    LazyArchitecture: lazy_architecture_errors,
     ArchitectureFamily: family_errors,
     ModelType: model_type_errors,
     Converter: converter_errors,

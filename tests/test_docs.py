@@ -54,6 +54,7 @@ def test_mecha_methods_name_prints_signature_formula_and_doc():
 # -- docs/plugins.md: spec reference ------------------------------------------------------------
 PLUGINS_MD = DOCS / "plugins.md"
 SPEC_CLASSES = {"TensorInfo": specs.TensorInfo, "KeySpec": specs.KeySpec, "Architecture": specs.Architecture,
+                "LazyArchitecture": specs.LazyArchitecture,
                 "ArchitectureFamily": specs.ArchitectureFamily,
                 "ModelType": specs.ModelType, "ConvertedKey": specs.ConvertedKey, "Converter": specs.Converter,
                 "Hyperparameter": specs.Hyperparameter, "MethodInput": specs.MethodInput,

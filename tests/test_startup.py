@@ -136,7 +136,9 @@ import json, sys
 sys.argv = ["mecha", *sys.argv[1:]]
 from mecha_core.__main__ import main
 code = main()
-print("\\nIMPORTED " + json.dumps({"code": code, **{m: m in sys.modules for m in ["torch", *HEAVY]}}))
+from mecha_core.plugins import get_host
+built = get_host().architectures.built()
+print("\\nIMPORTED " + json.dumps({"code": code, "built": built, **{m: m in sys.modules for m in ["torch", *HEAVY]}}))
 """
 HEAVY = ["transformers", "tokenizers", "jinja2"]
 
@@ -170,8 +172,30 @@ def test_merging_llm_folders_imports_no_tokenizer_library(tmp_path):
     proc = subprocess.run([sys.executable, "-c", f"HEAVY = {HEAVY!r}" + IMPORTED, "merge", "r.mecha", "-o", "out/",
                            "-q"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     report = json.loads(proc.stdout.rsplit("IMPORTED ", 1)[1])
-    assert report == {"code": 0, "torch": True, **{m: False for m in HEAVY}}, proc.stderr  # torch: the probe sees
+    # torch: the probe sees; built: no fixed architecture's table (SD1, SDXL, SD3, Flux) was built
+    assert report == {"code": 0, "built": [], "torch": True, **{m: False for m in HEAVY}}, proc.stderr
     assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "llama"  # a real LLM merge
+
+
+def test_merging_sd1_checkpoints_builds_the_sd1_table_alone(tmp_path):
+    # detection skips the SDXL, SD3, Flux and diffusers-naming tables: an SD1 file cannot match them
+    from mecha_sd1 import layout
+
+    from mecha_core.kit.synthetic import key_table, write_layout
+
+    table = {k: ((2,) if shape else shape, dtype) for k, (shape, dtype) in key_table(layout.architecture()).items()}
+    for seed, name in enumerate(("a", "b")):
+        write_layout(tmp_path / f"{name}.safetensors", table, seed=seed)
+    (tmp_path / "r.mecha").write_text('mecha 1\na = model("a.safetensors")\nb = model("b.safetensors")\n'
+                                      'weighted_sum(a, b, alpha=0.25)\n')
+    proc = subprocess.run([sys.executable, "-c", f"HEAVY = {HEAVY!r}" + IMPORTED, "merge", "r.mecha", "-o",
+                           "m.safetensors", "-q"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    report = json.loads(proc.stdout.rsplit("IMPORTED ", 1)[1])
+    assert (report["code"], report["built"]) == (0, ["sd1-ldm"]), proc.stderr
+    a, b, merged = (read_tensors(tmp_path / f"{n}.safetensors") for n in ("a", "b", "m"))
+    key = "model.diffusion_model.input_blocks.1.1.proj_in.weight"
+    assert len(merged) == len(table)
+    assert torch.equal(merged[key], (a[key].float() * 0.75 + b[key].float() * 0.25).to(merged[key].dtype))
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX only")

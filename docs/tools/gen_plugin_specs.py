@@ -26,7 +26,8 @@ END = "<!-- END spec reference -->"
 
 #: (module, class name), in the order the page lists them.
 SPEC_TYPES: tuple[tuple[Any, str], ...] = (
-    (specs, "TensorInfo"), (specs, "KeySpec"), (specs, "Architecture"), (specs, "ArchitectureFamily"),
+    (specs, "TensorInfo"), (specs, "KeySpec"), (specs, "Architecture"), (specs, "LazyArchitecture"),
+    (specs, "ArchitectureFamily"),
     (specs, "ModelType"),
     (specs, "ConvertedKey"), (specs, "Converter"), (specs, "Hyperparameter"), (specs, "MethodInput"),
     (method, "MergeMethod"), (method, "MergeContext"), (method, "Total"), (method, "TopK"), (method, "Then"),

@@ -144,9 +144,10 @@ def _alias_map(arch: Architecture) -> dict[str, str]:
 
 
 def detect_architecture(path: str, keys: frozenset[str], host: PluginHost) -> Architecture | None:
-    """The architecture whose required keys a file holds; ``None`` when none fits."""
+    """The architecture whose required keys a file holds; ``None`` when none fits. Lazy tables
+    the file cannot match are never built (:meth:`~mecha_core.plugins.ArchitectureRegistry.detection_candidates`)."""
     scored = []
-    for arch in host.architectures.values():
+    for arch in host.architectures.detection_candidates(keys):
         required = arch.required_keys
         if not required:
             continue
