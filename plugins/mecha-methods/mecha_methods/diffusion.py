@@ -339,7 +339,8 @@ def _thin(rows: int, width: int, alignment: float) -> bool:
 
 
 def _rotate_working_set(info, inputs: int, itemsize: int, *, alignment: float = 1.0, **_) -> int:
-    """rotate's peak besides one slice of rows (measured, see tests/test_rotate_memory.py).
+    """rotate's peak besides one slice of rows (measured; tests/test_rotate_memory.py of
+    mecha-methods checks a wide key's).
 
     A wide matrix (r rows < d columns) at alignment 0 or 1: the rows of a and b (float32) kept
     through the passes, then float64 work on r × d frames (a reduced QR holds its input, its
