@@ -439,8 +439,9 @@ def _rotate_statistics(ctx, inputs, *, alignment: float = 1.0, alpha: float = 0.
     sums = [Total("sum_a", lambda ctx, a, b: a, per=width), Total("sum_b", lambda ctx, a, b: b, per=width)]
     if _thin(rows, width, alignment):
         row = ctx.info.numel // shape[0]  # a row along dim 0 (the pieces hold whole ones)
-        return [*sums, RowStack("rows_a", lambda ctx, a, b: a.reshape(-1, row).to(torch.float32)),
-                RowStack("rows_b", lambda ctx, a, b: b.reshape(-1, row).to(torch.float32)),
+        # the rows as given (half precision already upcast to float32; a float64 work dtype kept)
+        return [*sums, RowStack("rows_a", lambda ctx, a, b: a.reshape(-1, row)),
+                RowStack("rows_b", lambda ctx, a, b: b.reshape(-1, row)),
                 Derived("rotation", lambda stats: _thin_turn(stats, rows, width, alignment, centralization))]
 
     def rotation(stats) -> _Rotation:

@@ -195,7 +195,7 @@ def test_rotate_keeps_a_wide_key_where_b_fixes_no_direction(run):
 
 
 def test_rotate_in_a_float64_work_dtype(run):
-    a = _model(7)
+    a = _model(7, {**SHAPES, **WIDE})
     b = near(a, 8, 0.8)
 
     def recipe(x, y):
