@@ -103,12 +103,13 @@ def test_a_key_whose_working_set_exceeds_the_budget_is_named_in_a_warning(tmp_pa
 
 
 def test_a_sliced_key_whose_declared_matrices_exceed_the_budget_is_named_in_a_warning(tmp_path, capfd):
-    # rotate slices the rows of a 64 × 256 key, but its 256 × 256 matrices (40·d² = 2.6 MB)
-    # alone exceed a 1 MB budget: the unit runs alone and the warning says so
+    # rotate slices the rows of a 256 × 256 key, but its 256 × 256 matrices (40·d² = 2.6 MB)
+    # alone exceed a 1 MB budget: the unit runs alone and the warning says so (a square key: a
+    # wide one holds no d×d matrix)
     import mecha_methods.plugin
 
     path = tmp_path / "r.safetensors"
-    write_checkpoint(path, {"w": torch.randn(64, 256), "small": torch.randn(4, 4)})
+    write_checkpoint(path, {"w": torch.randn(256, 256), "small": torch.randn(4, 4)})
     with using(mecha_methods.plugin):
         node = mecha_core.rotate(mecha_core.model(str(path)), mecha_core.model(str(path)))
         mecha_core.merge(node, tmp_path / "o.safetensors", memory_budget=1 << 20, chunk_elements=8 * 256)

@@ -54,8 +54,11 @@ class MatrixSums:
             _stack_rows(self.sums, r, ctx, inputs)
 
     def finish(self, found: dict[str, Any]) -> dict[str, Any]:
-        """``found`` with the sums and then every derived value added (in request order)."""
+        """``found`` with the sums and then every derived value added (in request order). The
+        sums are handed over, not kept: a derived value that pops one from ``found`` frees it
+        (a d×d float64 cross product, a row stack) before it computes from it."""
         found.update(self.sums)
+        self.sums = {}
         for r in self.derived:
             found[r.name] = r.of(found)
         return found

@@ -332,17 +332,32 @@ def _matrix_width(shape: tuple[int, ...]) -> int:
     return columns
 
 
+def _thin(rows: int, width: int, alignment: float) -> bool:
+    """rotate works from the rows themselves instead of the d×d matrices: a wide matrix (fewer
+    rows than columns, so aᵀb has rank ≤ rows) with alignment 0 or 1, which apply Q once."""
+    return rows < width and alignment in (0, 1)
+
+
 def _rotate_working_set(info, inputs: int, itemsize: int, *, alignment: float = 1.0, **_) -> int:
-    """rotate's peak besides one slice of rows: its d×d matrices (d the matrix's columns): the
-    float64 cross product during the passes, then its float32 copy, the copy LAPACK works on,
-    the SVD's factors, its workspace (about 4·d² floats) and Q (about 40·d² bytes at most); a
-    fractional alignment adds the completion's SVD and the complex float64 eigendecomposition
-    for the power (about 80·d² more). The rows themselves are worked on in slices (the
-    engine's statistics passes, then a row-wise pass)."""
+    """rotate's peak besides one slice of rows (measured; tests/test_rotate_memory.py of
+    mecha-methods checks a wide key's).
+
+    A wide matrix (r rows < d columns) at alignment 0 or 1: the rows of a and b (float32) kept
+    through the passes, then float64 work on r × d frames (a reduced QR holds its input, its
+    copy and the frame before: about four r × d float64 matrices) and the r × r SVD's: measured
+    (the whole step, rows included) on keys from 64 × 4096 to 2048 × 5632 within
+    36·r·d + 56·r² bytes; then two r × d float32 matrices for the row-wise pass. Otherwise
+    d×d matrices: the float64 cross product during the passes, then
+    its float32 copy, the copy LAPACK works on, the SVD's factors, its workspace (about 4·d²
+    floats) and Q (about 40·d² bytes at most); a fractional alignment adds the completion's SVD
+    and the complex float64 eigendecomposition for the power (about 80·d² more)."""
     shape = tuple(info.shape)
     if len(shape) < 2:
         return 0
     d = _matrix_width(shape)
+    rows = info.numel // d
+    if _thin(rows, d, alignment):
+        return 36 * rows * d + 56 * rows * rows
     return (40 + (80 if alignment != round(alignment) else 0)) * d * d
 
 
@@ -361,13 +376,73 @@ class _Rotation(NamedTuple):
     """(1 − alignment)·mean_a + alignment·mean_b, added to every rotated row (float32)."""
 
 
+class _Turn(NamedTuple):
+    """What rotate applies to every row of a wide key at alignment 0 or 1 (Q in factored form),
+    computed once from its statistics. Q maps span(U) onto span(V) (U, V: the singular vectors
+    of a_cᵀ·b_c for its nonzero singular values, d × r each); x ↦ x·Q is then
+    x + (x·U)·(V − U)ᵀ, which is x·U·Vᵀ for the rows of a_c (they lie in span(U)) and leaves
+    what lies outside span(U) as it is (nothing, unless aᵀb has a lower rank than a_c)."""
+
+    source: "torch.Tensor"
+    """U (float32, d × r) at alignment 1, where a_c is turned by Q; V at alignment 0, where b_c
+    is turned back by Qᵀ."""
+    turn: "torch.Tensor"
+    """V − U at alignment 1, U − V at alignment 0 (float32, d × r)."""
+    mean_a: "torch.Tensor"
+    """centralization · a's mean row (float32)."""
+    mean_b: "torch.Tensor"
+    """centralization · b's mean row (float32)."""
+    shift: "torch.Tensor"
+    """(1 − alignment)·mean_a + alignment·mean_b, added to every result row (float32)."""
+
+
+def _frame(rows: torch.Tensor, mean: torch.Tensor):
+    """(F, R) with F (d × r, orthonormal columns) and R (r × r) such that (rows − mean)ᵀ = F·R:
+    the centred rows (float64, centred in place) through a reduced QR."""
+    centred = rows.to(torch.float64)
+    del rows  # the caller's reference is gone too: the float32 rows are let go here
+    centred -= mean
+    return torch.linalg.qr(centred.T)
+
+
+def _thin_turn(stats, rows: int, width: int, alignment: float, c: float) -> _Turn:
+    """Q for a wide matrix from its rows, without any d×d matrix: with (a_c)ᵀ = Fa·Ra and
+    (b_c)ᵀ = Fb·Rb, a_cᵀ·b_c = Fa·(Ra·Rbᵀ)·Fbᵀ, so the SVD X·Σ·Yᵀ of the r × r matrix
+    Ra·Rbᵀ gives those of a_cᵀ·b_c: U = Fa·X, V = Fb·Y, the same singular values (exact
+    algebra; float64). Singular values at or below the rank tolerance (s₀·max(rows, d)·eps)
+    are left out: Q is not fixed there by the data."""
+    m_a, m_b = stats["sum_a"] / rows, stats["sum_b"] / rows
+    frame_a, tri_a = _frame(stats.pop("rows_a").reshape(rows, width), c * m_a)
+    frame_b, tri_b = _frame(stats.pop("rows_b").reshape(rows, width), c * m_b)
+    x, s, yh = torch.linalg.svd(tri_a @ tri_b.T)
+    del tri_a, tri_b
+    tol = float(s[0]) * max(rows, width) * torch.finfo(s.dtype).eps if s.numel() else 0.0
+    r = int((s > tol).sum())
+    u = frame_a @ x[:, :r]
+    del frame_a
+    v = frame_b @ yh[:r].T
+    del frame_b
+    source, target = (u, v) if alignment == 1 else (v, u)
+    target -= source
+    return _Turn(source.to(torch.float32), target.to(torch.float32), (c * m_a).to(torch.float32),
+                 (c * m_b).to(torch.float32), ((1 - alignment) * c * m_a + alignment * c * m_b).to(torch.float32))
+
+
 def _rotate_statistics(ctx, inputs, *, alignment: float = 1.0, alpha: float = 0.0, centralization: float = 1.0):
-    """Column sums and the float64 cross product aᵀ·b of the matrices, then the rotation."""
+    """Column sums, then either the rows of a and b (a wide matrix at alignment 0 or 1, see
+    _thin_turn) or the float64 cross product aᵀ·b, then the rotation."""
     shape = tuple(ctx.info.shape)
     if len(shape) < 2:
         return []
     width = _matrix_width(shape)
     rows = ctx.info.numel // width
+    sums = [Total("sum_a", lambda ctx, a, b: a, per=width), Total("sum_b", lambda ctx, a, b: b, per=width)]
+    if _thin(rows, width, alignment):
+        row = ctx.info.numel // shape[0]  # a row along dim 0 (the pieces hold whole ones)
+        # the rows as given (half precision already upcast to float32; a float64 work dtype kept)
+        return [*sums, RowStack("rows_a", lambda ctx, a, b: a.reshape(-1, row)),
+                RowStack("rows_b", lambda ctx, a, b: b.reshape(-1, row)),
+                Derived("rotation", lambda stats: _thin_turn(stats, rows, width, alignment, centralization))]
 
     def rotation(stats) -> _Rotation:
         c = centralization
@@ -381,8 +456,7 @@ def _rotate_statistics(ctx, inputs, *, alignment: float = 1.0, alpha: float = 0.
         shift = ((1 - alignment) * c * m_a + alignment * c * m_b).to(torch.float32)
         return _Rotation(q if alpha != 0 else None, _orthogonal_power(q, alignment), mean_a, mean_b, shift)
 
-    return [Total("sum_a", lambda ctx, a, b: a, per=width), Total("sum_b", lambda ctx, a, b: b, per=width),
-            CrossTotal("cross", lambda ctx, a, b: a, lambda ctx, a, b: b, width), Derived("rotation", rotation)]
+    return [*sums, CrossTotal("cross", lambda ctx, a, b: a, lambda ctx, a, b: b, width), Derived("rotation", rotation)]
 
 
 @merge_method(rowwise=True, statistics=_rotate_statistics, working_set=_rotate_working_set,
@@ -404,19 +478,29 @@ def rotate(a, b, *, alignment: float = 1.0, alpha: float = 0.0, centralization: 
     weighted_sum(a, b, alpha). For a wide layer (fewer rows than columns) the data fix Q only
     on the rows' span; for a fractional alignment the rest of Q is completed with the rotation
     between the complements closest to the identity, so the result depends on a and b alone
-    (sd-mecha interpolates on the Stiefel manifold there instead; results differ). The full SVD
-    is used, so large square layers cost one d×d SVD each (two for fractional wide ones).
+    (sd-mecha interpolates on the Stiefel manifold there instead; results differ); at
+    alignment 0 or 1, which apply Q once, that rest never reaches a_c's or b_c's rows (any
+    part of a_c outside the span the data fix, which only a rank-deficient aᵀb leaves, is kept
+    as it is, as the SVD of a zero matrix would).
 
-    The means and a_cᵀ·b_c (from aᵀ·b and the means) are summed in float64 over slices of
-    rows, the SVD (float32) is of that d×d matrix, and the rows are then rotated slice by
-    slice: memory is a slice of rows and a few d×d matrices, whatever the number of rows.
+    The means are summed in float64 over slices of rows. A tall or square matrix (or a
+    fractional or other whole alignment): a_cᵀ·b_c (from aᵀ·b and the means) is summed in
+    float64 too, its SVD (float32) is of that d×d matrix, and the rows are then rotated slice
+    by slice: memory is a slice of rows and a few d×d matrices, whatever the number of rows.
+    A wide matrix (r rows < d columns) at alignment 0 or 1 never forms a d×d matrix: its rows
+    are kept (float32), a reduced QR of each centred side (float64) turns a_cᵀ·b_c into an
+    r × r matrix with the same singular values, whose SVD gives Q's r directions, and each
+    slice of rows is turned through them: memory about 36·r·d + 56·r² bytes besides a slice
+    (a 2048 × 5632 LLM down_proj: about 0.5 GB instead of 1.2 GB, and no 5632 × 5632 SVD).
     """
     if stats.get("rotation") is None:  # fewer than 2 dims
         return (1 - alpha) * a + alpha * b
     rotation = stats["rotation"]
-    if rotation.power.dtype != a.dtype:  # a float64 work dtype: the matrices follow it
-        rotation = _Rotation(*(None if t is None else t.to(a.dtype) for t in rotation))
+    if rotation.mean_a.dtype != a.dtype:  # a float64 work dtype: the matrices follow it
+        rotation = type(rotation)(*(None if t is None else t.to(a.dtype) for t in rotation))
         stats["rotation"] = rotation
+    if isinstance(rotation, _Turn):
+        return _turned(a, b, rotation, alignment, alpha)
     width = rotation.power.shape[0]
     ma, mb = a.reshape(-1, width), b.reshape(-1, width)
     ca = ma - rotation.mean_a
@@ -425,6 +509,23 @@ def rotate(a, b, *, alignment: float = 1.0, alpha: float = 0.0, centralization: 
     else:
         neurons = (1 - alpha) * ca + alpha * ((mb - rotation.mean_b) @ rotation.q.T)
     return (neurons @ rotation.power + rotation.shift).reshape(a.shape)
+
+
+def _turned(a, b, turn: _Turn, alignment: float, alpha: float):
+    """rotate's rows for a wide key at alignment 1: (1 − alpha)·a_c·Q + alpha·b_c + shift
+    (Q orthogonal: b_c·Qᵀ·Q = b_c), or at alignment 0: (1 − alpha)·a_c + alpha·b_c·Qᵀ + shift."""
+    width = turn.source.shape[0]
+    ca = a.reshape(-1, width) - turn.mean_a
+    if alignment == 1:
+        out = ca.addmm_(ca @ turn.source, turn.turn.T)
+        if alpha:
+            out = (1 - alpha) * out + alpha * (b.reshape(-1, width) - turn.mean_b)
+    else:
+        out = ca
+        if alpha:
+            cb = b.reshape(-1, width) - turn.mean_b
+            out = (1 - alpha) * ca + alpha * cb.addmm_(cb @ turn.source, turn.turn.T)
+    return (out + turn.shift).reshape(a.shape)
 
 
 def _clamp_needs_bounds(spaces: dict) -> None:

@@ -138,8 +138,64 @@ def test_rotate_in_slices_of_rows_equals_float64_and_the_whole_key(run, alpha, c
         assert_close(sliced[k], whole[k], tol=1e-6, what=f"{k} sliced vs whole")
 
 
+#: wide matrices (fewer rows than columns): a linear layer and a 1x1 conv (a conv with a real
+#: kernel is an (out·in) × (kh·kw) matrix, tall)
+WIDE = {"wide.weight": (9, 40), "wide_conv.weight": (5, 23, 1, 1)}
+
+
+def _rotate_reference_aligned(a: torch.Tensor, b: torch.Tensor, alignment: int, alpha: float,
+                              centralization: float) -> torch.Tensor:
+    """rotate with alignment 0 or 1, in float64 from the full d×d SVD: Q = U·Vᵀ (orthogonal),
+    lerp(a_c, b_c·Qᵀ, alpha)·Q^alignment + lerp(mean_a, mean_b, alignment)."""
+    shape = tuple(a.shape)
+    ma, mb = a.double().reshape(shape[0], -1), b.double().reshape(shape[0], -1)
+    mean_a, mean_b = ma.mean(0) * centralization, mb.mean(0) * centralization
+    ca, cb = ma - mean_a, mb - mean_b
+    u, _, vh = torch.linalg.svd(ca.T @ cb)
+    q = u @ vh
+    neurons = (1 - alpha) * ca + alpha * (cb @ q.T)
+    power = q if alignment == 1 else torch.eye(q.shape[0], dtype=q.dtype)
+    return (neurons @ power + (1 - alignment) * mean_a + alignment * mean_b).reshape(shape)
+
+
+@pytest.mark.parametrize("alignment,alpha,centralization", [(1, 0.0, 1.0), (1, 0.3, 0.5), (0, 0.6, 1.0),
+                                                            (0, 0.0, 0.0), (1, 1.0, 1.0)])
+def test_rotate_on_wide_keys_in_slices_equals_the_full_svd_in_float64(run, alignment, alpha, centralization):
+    # a wide key is rotated from its rows (no d×d matrix): it must equal Procrustes from the
+    # full d×d SVD, whose directions beyond aᵀb's rank do not reach a_c's or b_c's rows
+    a = _model(9, WIDE)
+    b = near(a, 10, 0.7)
+    for k in a:
+        a[k] = a[k] + 1.5
+        b[k] = b[k] - 0.5
+
+    def recipe(x, y):
+        import mecha_core
+
+        return mecha_core.rotate(x, y, alignment=alignment, alpha=alpha, centralization=centralization)
+
+    sliced = run.merge(recipe, a, b, chunk_elements=2 * 40)  # two rows a slice
+    whole = run.merge(recipe, a, b, chunk_elements=1 << 20)
+    for k in a:
+        ref = _rotate_reference_aligned(a[k], b[k], alignment, alpha, centralization).numpy()
+        assert_close(sliced[k], ref, tol=2e-5, what=f"{k} sliced")
+        assert_close(whole[k], ref, tol=2e-5, what=f"{k} whole")
+
+
+def test_rotate_keeps_a_wide_key_where_b_fixes_no_direction(run):
+    # b's rows are all the same: a_cᵀ·b_c = 0 fixes no direction of Q, and a_c is kept as it is
+    # (what the d×d SVD of a zero matrix, U = V = I, gave), moved onto b's mean
+    gen = torch.Generator().manual_seed(3)
+    a = {"w": torch.randn(6, 30, generator=gen)}
+    row = torch.randn(1, 30, generator=gen)
+    b = {"w": row.expand(6, 30).clone()}
+    out = run.call("rotate", a, b)["w"]
+    ma = a["w"].double()
+    assert_close(out, (ma - ma.mean(0) + row.double()).numpy(), tol=1e-6, what="w")
+
+
 def test_rotate_in_a_float64_work_dtype(run):
-    a = _model(7)
+    a = _model(7, {**SHAPES, **WIDE})
     b = near(a, 8, 0.8)
 
     def recipe(x, y):
