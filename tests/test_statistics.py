@@ -377,3 +377,48 @@ def test_one_pass_window_selection_equals_the_stable_sort_when_the_first_piece_m
             assert len(evaluated) <= 1  # at most the piece holding the last tie, once
         alone = statistics.compute([TopK("t", lambda ctx, v: v, k)], pieces, n)["t"]
         assert torch.equal(alone.mask(values.abs(), ctx), want)
+
+
+def test_one_pass_window_over_pieces_smaller_than_a_record_finds_the_tie_in_its_run():
+    """Pieces smaller than the window's record (statistics._FLUSH elements) are counted in runs:
+    the window is placed from the first pieces together, and the last tie kept is found by
+    walking the run that holds it, up to its piece. The selection is the stable descending
+    sort's, ties included, with and without ``piece``."""
+    size = 40_000
+    n = 3 * (statistics.WINDOW << 16) + 777
+    gen = torch.Generator().manual_seed(44)
+    values = (torch.randint(-2000, 2001, (n,), generator=gen).to(torch.float16) / 64).float()
+    ctx = MergeContext("k", TensorInfo((n,), "float32"))
+    pieces = _pieces([values], size)
+    evaluated: list[int] = []
+
+    def piece(i):
+        evaluated.append(i)
+        a, b = size * i, min(size * i + size, n)
+        return MergeContext("k", TensorInfo((n,), "float32"), start=a, stop=b), [values[a:b]]
+
+    run = -(-statistics._FLUSH // size)  # pieces per record
+    for k in (n // 5, n // 2 + 3, 12_345):
+        want = _stable_top_k(values, k)
+        evaluated.clear()
+        got = statistics.compute([TopK("t", lambda ctx, v: v, k)], pieces, n, piece=piece)["t"]
+        assert torch.equal(got.mask(values.abs(), ctx), want), k
+        assert got.last_tie < n  # ties split: the run's pieces were walked
+        assert 1 <= len(evaluated) <= run and evaluated == sorted(set(evaluated)), evaluated
+        walked = statistics.compute([TopK("t", lambda ctx, v: v, k)], pieces, n)["t"]
+        assert torch.equal(walked.mask(values.abs(), ctx), want), k
+
+
+@pytest.mark.parametrize("occupied", [0, 1, 37, 3000, 262_146])
+def test_nonzero_bins_of_a_histogram_equal_torch_nonzero(occupied):
+    """The grouped search for a histogram's non-zero bins gives the same indices as
+    ``torch.nonzero``, sparse or dense, the bins past the last whole group included."""
+    gen = torch.Generator().manual_seed(occupied)
+    hist = torch.zeros(262_146, dtype=torch.int32)
+    where = torch.randperm(hist.numel(), generator=gen)[:occupied]
+    hist[where] = torch.randint(1, 50, (occupied,), generator=gen, dtype=torch.int32)
+    hist[-1] = 5 if occupied else 0
+    want = torch.nonzero(hist).reshape(-1)
+    got = statistics._nonzero_bins(hist)
+    assert got.dtype == torch.int32
+    assert torch.equal(got.long(), want)

@@ -15,14 +15,16 @@ the flat index of the last one kept is found too (ties go to the lower index, as
 descending sort orders them). Memory is one piece plus 65536 counters per request, and at most
 one slice's worth of collected candidates, whatever the key's size.
 
-Float32 magnitudes over several pieces usually need one pass only: the first piece's histogram
-estimates the k-th's bucket, and every piece then counts its elements by their whole bit pattern
-within a window of :data:`WINDOW` top-16-bit buckets around it (all below the window in one
-counter, all above in another), keeping each piece's counts within the window (as many as the
-candidates the collection would hold at most). When the k-th lies in the window, those counts
-give the exact threshold and say which single piece holds the last tie kept; only that piece is
-evaluated again. Otherwise (a key whose first piece is not like the rest) the passes above run.
-A key that is one piece is collected from the bit patterns at hand, without a second pass.
+Float32 magnitudes over several pieces usually need one pass only: the first pieces' histogram
+(at least :data:`_ESTIMATE` elements) estimates the k-th's bucket, and every piece then counts its
+elements by their whole bit pattern within a window of :data:`WINDOW` top-16-bit buckets around
+it (all below the window in one counter, all above in another), into one int32 histogram that
+is recorded (its non-zero window bins) and cleared every :data:`_FLUSH` elements (one piece, or
+a run of smaller ones); the records hold at most as many entries as the candidates the
+collection would. When the k-th lies in the window, the records give the exact threshold and
+say which run of pieces holds the last tie kept; only those pieces are evaluated again.
+Otherwise (a key whose first pieces are not like the rest) the passes above run. A key that is
+one piece is collected from the bit patterns at hand, without a second pass.
 """
 
 from __future__ import annotations
@@ -79,8 +81,12 @@ class _Select:
         self.found_where: torch.Tensor | None = None
         self.filled = 0
         self.window: _Window | None = None  # the one-pass selection's counts (float32, many pieces)
-        self.tie_piece: int | None = None  # the piece holding the last tie kept, when counted
-        self.tie_rank = 0  # ... and how many of that piece's ties are kept (the last one included)
+        # the first pieces' bit patterns, kept until they are enough to place the window
+        self.sample: list[tuple[int, torch.Tensor]] | None = None
+        self.sampled = 0
+        # the pieces (first, last) holding the last tie kept, when counted
+        self.tie_pieces: tuple[int, int] | None = None
+        self.tie_rank = 0  # ... and how many of their ties are kept (the last one included)
 
     def magnitude_bits(self, ctx: MergeContext, inputs: Sequence[Any]) -> torch.Tensor:
         """The bit patterns of the piece's magnitudes, flat (a tensor of this call's own)."""
@@ -160,14 +166,18 @@ def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 class _Window:
     """A float32 selection in one pass: every element's bit pattern counted at full resolution
-    within :data:`WINDOW` top-16-bit buckets around the first piece's estimate of the k-th's
-    bucket, the rest as below or above; each piece's non-zero counts are kept (up to ``room``
-    of them in all, each 8 bytes) to find the piece that holds the last tie kept."""
+    within :data:`WINDOW` top-16-bit buckets around an estimate of the k-th's bucket (from the
+    first pieces), the rest as below or above. The counts of consecutive pieces are gathered in
+    one int32 histogram (``index_add_`` of ones: no allocation, no min/max passes as
+    ``bincount`` makes) until they hold :data:`_FLUSH` elements; then its non-zero window bins
+    are recorded for those pieces (up to ``room`` records in all, each 8 bytes), to find the
+    pieces that hold the last tie kept, and the window's counts are summed from the records at
+    the end."""
 
-    def __init__(self, select: _Select, bits: torch.Tensor, room: int):
-        self.select, self.room = select, room
-        hist = torch.bincount(bits >> 16, minlength=_DIGITS)
-        piece_rank = max(1, min(bits.numel(), round(select.k * bits.numel() / select.numel)))
+    def __init__(self, select: _Select, sample: torch.Tensor, room: int, ones: torch.Tensor):
+        self.select, self.room, self.ones = select, room, ones
+        hist = torch.bincount(sample >> 16, minlength=_DIGITS)
+        piece_rank = max(1, min(sample.numel(), round(select.k * sample.numel() / select.numel)))
         above_each = torch.flip(torch.cumsum(torch.flip(hist, [0]), 0), [0]) - hist
         d = int(torch.nonzero((above_each < piece_rank) & (above_each + hist >= piece_rank)).reshape(-1)[-1])
         # the window reaches further to the side the estimate lies nearer to
@@ -176,41 +186,71 @@ class _Window:
         low = max(0, min(low, (1 << 15) - WINDOW))
         self.offset = (low << 16) - 1  # bits - offset: 1 for the window's first bit pattern
         self.size = WINDOW << 16
-        self.counts = torch.zeros(self.size + 2, dtype=torch.int64)  # below, the window, above
-        # each piece's non-zero window counts (bin, count), in two buffers allocated once: small
-        # tensors kept between a pass's large temporaries would fragment the heap
+        # the counts of the pieces since the last record: below, the window, above
+        self.hist = torch.zeros(self.size + 2, dtype=torch.int32)
+        self.pending: tuple[int, int] | None = None  # the first and last of those pieces
+        self.pending_elements = 0
+        self.above = 0
+        self.counts: torch.Tensor | None = None  # the window's counts, once the records overflow
+        # the non-zero window counts (bin, count) of each run of pieces, in two buffers allocated
+        # once: small tensors kept between a pass's large temporaries would fragment the heap
         self.record_bins = torch.empty(room, dtype=torch.int32)
         self.record_counts = torch.empty(room, dtype=torch.int32)
-        self.records: list[tuple[int, int, int]] | None = []  # piece index, first entry, end
+        self.records: list[tuple[int, int, int, int]] | None = []  # first piece, last, first entry, end
         self.recorded = 0
 
     def count(self, index: int, bits: torch.Tensor) -> None:
-        """Count piece ``index``'s bit patterns (``bits`` is overwritten)."""
+        """Count piece ``index``'s bit patterns (``bits`` is overwritten); pieces come in order."""
         if self.offset < 0:  # bits + 1 would overflow for the one NaN pattern 0x7FFFFFFF
             bits.clamp_(max=0x7FFFFFFE)
         bins = bits.sub_(self.offset).clamp_(0, self.size + 1)
-        hist = torch.bincount(bins, minlength=self.size + 2)
-        self.counts += hist
-        if self.records is None:
+        if self.ones.numel() < bins.numel():
+            self.ones = torch.ones(bins.numel(), dtype=torch.int32)
+        if self.pending_elements + bins.numel() >= 1 << 31:  # int32 counts
+            self.flush()
+        self.hist.index_add_(0, bins, self.ones[:bins.numel()])
+        self.pending = (index if self.pending is None else self.pending[0], index)
+        self.pending_elements += bins.numel()
+        if self.pending_elements >= _FLUSH:
+            self.flush()
+
+    def flush(self) -> None:
+        """Record the counts of the pieces since the last record, and clear them."""
+        if self.pending is None:
             return
+        hist, (first_piece, last_piece) = self.hist, self.pending
+        self.pending, self.pending_elements = None, 0
+        self.above += int(hist[-1])
         inside = hist[1:self.size + 1]
-        where = torch.nonzero(inside).reshape(-1)
-        first, end = self.recorded, self.recorded + where.numel()
-        if end > self.room:  # too many distinct values: the tie is found by a pass
-            self.records = None
-            self.record_bins = self.record_counts = torch.empty(0, dtype=torch.int32)
-            return
-        if end > first:
-            self.record_bins[first:end] = where
-            self.record_counts[first:end] = inside[where]
-            self.records.append((index, first, end))
-            self.recorded = end
+        if self.records is not None:
+            where = _nonzero_bins(inside)
+            first, end = self.recorded, self.recorded + where.numel()
+            if end > self.room:  # too many distinct values: the tie is found by a pass
+                self.counts = self._recorded_counts()
+                self.records = None
+                self.record_bins = self.record_counts = torch.empty(0, dtype=torch.int32)
+            elif end > first:
+                self.record_bins[first:end] = where
+                self.record_counts[first:end] = inside[where]
+                self.records.append((first_piece, last_piece, first, end))
+                self.recorded = end
+        if self.counts is not None:
+            self.counts += inside
+        hist.zero_()
+
+    def _recorded_counts(self) -> torch.Tensor:
+        """The window's counts summed from the records so far (int64)."""
+        counts = torch.zeros(self.size, dtype=torch.int64)
+        n = self.recorded
+        counts.index_add_(0, self.record_bins[:n], self.record_counts[:n].long())
+        return counts
 
     def resolve(self) -> bool:
         """Settle the selection from the counts; ``False`` when the k-th is outside the window."""
+        self.flush()
         s = self.select
-        above = int(self.counts[-1])
-        inside = self.counts[1:self.size + 1]
+        above = self.above
+        inside = self.counts if self.counts is not None else self._recorded_counts()
         if above >= s.k or above + int(inside.sum()) < s.k:
             return False
         above_each = torch.flip(torch.cumsum(torch.flip(inside, [0]), 0), [0]) - inside + above
@@ -221,15 +261,43 @@ class _Window:
         s.found = True
         if s.ties_kept < s.ties_total and self.records is not None:
             seen = 0
-            for index, first, end in self.records:
+            for first_piece, last_piece, first, end in self.records:
                 where = self.record_bins[first:end]
                 at = int(torch.searchsorted(where, b))
                 here = int(self.record_counts[first + at]) if at < where.numel() and int(where[at]) == b else 0
                 if seen + here >= s.ties_kept:
-                    s.tie_piece, s.tie_rank = index, s.ties_kept - seen
+                    s.tie_pieces, s.tie_rank = (first_piece, last_piece), s.ties_kept - seen
                     break
                 seen += here
         return True
+
+
+#: elements counted into a window's histogram before its non-zero bins are recorded: a piece
+#: this large is recorded alone, smaller ones in runs
+_FLUSH = WINDOW << 16
+#: elements of the first pieces a window is placed from (at least)
+_ESTIMATE = 1 << 19
+#: histogram bins per group when looking for a piece's non-zero bins
+_GROUP = 64
+
+
+def _nonzero_bins(hist: torch.Tensor) -> torch.Tensor:
+    """The indices of the non-zero entries of a non-negative int32 histogram, ascending:
+    ``nonzero`` over the groups of :data:`_GROUP` bins whose sum is not zero, then over those
+    groups' bins (a sum over all bins reads them once, vectorized; ``nonzero`` is a slow
+    scalar pass, so it runs over the few occupied groups only)."""
+    n = hist.numel()
+    whole = n - n % _GROUP
+    groups = hist[:whole].view(-1, _GROUP)
+    occupied = torch.nonzero(groups.sum(1, dtype=torch.int64)).reshape(-1)
+    if occupied.numel() * 4 > groups.shape[0]:  # most groups occupied: one pass over every bin
+        return torch.nonzero(hist).reshape(-1).to(torch.int32)
+    inner = torch.nonzero(groups[occupied]).to(torch.int32)  # (row among the occupied, bin in group)
+    found = occupied.to(torch.int32)[inner[:, 0]] * _GROUP + inner[:, 1]
+    if whole < n:
+        tail = torch.nonzero(hist[whole:]).reshape(-1).to(torch.int32) + whole
+        found = torch.cat([found, tail])
+    return found
 
 
 def _check(requests: Sequence[Any]) -> None:
@@ -279,6 +347,7 @@ def compute(requests: Sequence[Total | TopK | Then], pieces: Pieces, numel: int,
     hists: dict[int, torch.Tensor] = {}  # the top-16-bit histograms of the selections in passes
     later: list[_Select] = []  # selections whose bucket is chosen, to be collected or narrowed
     room = collect_limit
+    ones: torch.Tensor | None = None
     # pass 1: the sums; each selection's window counts, or the whole piece's selection, or the
     # top 16 bits of every magnitude
     for index, (ctx, inputs) in enumerate(pieces()):
@@ -306,11 +375,16 @@ def compute(requests: Sequence[Total | TopK | Then], pieces: Pieces, numel: int,
                     elif not s.found:
                         later.append(s)
                     continue
-                if s.width == 32 and bits.numel() >= WINDOW << 16:  # pieces that outweigh the window's bins
-                    s.window = _Window(s, bits, max(1, room // max(1, len(active))))
+                if s.width == 32 and numel >= WINDOW << 16:  # keys that outweigh the window's bins
+                    s.sample = []
                 else:
                     hists[id(s)] = torch.zeros(_DIGITS, dtype=torch.int64)
-            if s.window is not None:
+            if s.sample is not None:  # the window is placed once the first pieces say where
+                s.sample.append((index, bits))
+                s.sampled += bits.numel()
+                if s.sampled >= min(_ESTIMATE, numel):
+                    ones = _place_window(s, max(1, room // max(1, len(active))), ones)
+            elif s.window is not None:
                 s.window.count(index, bits)
             elif id(s) in hists:
                 s.histogram(bits, 0, hists[id(s)])
@@ -318,6 +392,8 @@ def compute(requests: Sequence[Total | TopK | Then], pieces: Pieces, numel: int,
         room = largest
     missed = []
     for s in active:
+        if s.sample is not None:  # fewer elements than the estimate takes (pieces of odd sizes)
+            ones = _place_window(s, max(1, room // max(1, len(active))), ones)
         if s.window is not None:
             if not s.window.resolve():
                 missed.append(s)
@@ -338,11 +414,24 @@ def compute(requests: Sequence[Total | TopK | Then], pieces: Pieces, numel: int,
                 later.append(s)
     _collect_or_narrow(later, pieces, room)
     split = [s for s in selects if not s.done and s.last_tie >= numel and s.ties_kept < s.ties_total]
-    _locate_in_recorded_piece([s for s in split if s.tie_piece is not None], pieces, piece)
-    _locate_last_ties([s for s in split if s.tie_piece is None], pieces)
+    _locate_in_recorded_pieces([s for s in split if s.tie_pieces is not None], pieces, piece)
+    _locate_last_ties([s for s in split if s.tie_pieces is None], pieces)
     out: dict[str, Any] = dict(sums)
     out.update({s.request.name: s.result() for s in selects})
     return matrices.finish(out)
+
+
+def _place_window(s: _Select, room: int, ones: torch.Tensor | None) -> torch.Tensor:
+    """Place ``s``'s window from the pieces sampled so far and count them; returns the ones
+    the windows add up (shared by the selections of a pass)."""
+    assert s.sample is not None
+    sample, s.sample = s.sample, None
+    if ones is None:
+        ones = torch.ones(max(bits.numel() for _, bits in sample), dtype=torch.int32)
+    s.window = _Window(s, torch.cat([bits for _, bits in sample]) if len(sample) > 1 else sample[0][1], room, ones)
+    for index, bits in sample:
+        s.window.count(index, bits)
+    return ones
 
 
 def _collect_or_narrow(selects: list[_Select], pieces: Pieces, room: int) -> None:
@@ -377,21 +466,36 @@ def _collect_or_narrow(selects: list[_Select], pieces: Pieces, room: int) -> Non
         digit += 1
 
 
-def _locate_in_recorded_piece(selects: list[_Select], pieces: Pieces, piece: Piece | None) -> None:
-    """The last tie kept of selections whose window counts said which piece holds it (and how
-    many ties of that piece come before it): only those pieces are evaluated again."""
-    wanted: dict[int, list[_Select]] = {}
+def _locate_in_recorded_pieces(selects: list[_Select], pieces: Pieces, piece: Piece | None) -> None:
+    """The last tie kept of selections whose window counts said which run of pieces holds it
+    (and how many of that run's ties are kept): the run's pieces are evaluated again, in order,
+    up to the one holding it."""
+    wanted: dict[int, list[_Select]] = {}  # piece index -> the selections whose run holds it
+    left = {}  # the ties still to pass, per selection, as its run is walked
     for s in selects:
-        wanted.setdefault(s.tie_piece, []).append(s)
+        assert s.tie_pieces is not None
+        first, last = s.tie_pieces
+        left[id(s)] = s.tie_rank
+        for i in range(first, last + 1):
+            wanted.setdefault(i, []).append(s)
     if piece is not None:
-        found = (piece(i) for i in sorted(wanted))
+        found = ((i, *piece(i)) for i in sorted(wanted))
     else:
-        found = ((ctx, inputs) for i, (ctx, inputs) in enumerate(pieces()) if i in wanted)
-    for i, (ctx, inputs) in zip(sorted(wanted), found):
+        found = ((i, ctx, inputs) for i, (ctx, inputs) in enumerate(pieces()) if i in wanted)
+    pending = len(selects)
+    for i, ctx, inputs in found:
         inputs = upcast(inputs)
         for s in wanted[i]:
-            where = torch.nonzero(s.magnitude_bits(ctx, inputs) == s.prefix).reshape(-1)
-            s.last_tie = ctx.start + int(where[s.tie_rank - 1])
+            if left[id(s)] <= 0:  # found in an earlier piece of its run
+                continue
+            equal = s.magnitude_bits(ctx, inputs) == s.prefix
+            count = int(equal.sum())
+            if count >= left[id(s)]:
+                s.last_tie = ctx.start + int(torch.nonzero(equal).reshape(-1)[left[id(s)] - 1])
+                pending -= 1
+            left[id(s)] -= count
+        if not pending:
+            return
 
 
 def _locate_last_ties(selects: list[_Select], pieces: Pieces) -> None:

@@ -174,35 +174,43 @@ def _elect_and_merge_in_place(deltas: list[torch.Tensor], vote: str) -> torch.Te
 
 def trim_in_place(delta: torch.Tensor, selection, ctx) -> torch.Tensor | None:
     """``keep_selected(delta, selection, ctx)`` in ``delta``'s own memory, bit for bit, for a
-    contiguous float32 delta whose selection has a threshold: an element is kept where its
-    magnitude's bit pattern is at least the threshold's (above it past the last tie kept),
-    found with integer arithmetic instead of boolean masks. ``None`` (``delta`` untouched)
+    contiguous float32 delta whose selection has a threshold t: one ``hardshrink`` per range
+    (it keeps x where |x| > its lambda and writes +0.0 elsewhere), with lambda the float32 just
+    below t up to the last tie kept (|x| >= t) and t itself after it (|x| > t); about 1 ns
+    per element where the boolean mask and ``where`` took 10-20. ``None`` (``delta`` untouched)
     otherwise. A NaN delta is kept here where the definition drops it; the election then sees
     a NaN vote, :func:`_elect_and_merge_in_place` declines, and ``ties`` computes the slice by
     the definition from its inputs again."""
     if selection.threshold is None or delta.dtype != torch.float32 or not delta.is_contiguous():
         return None
-    limit = int(torch.tensor([selection.threshold], dtype=torch.float32).view(torch.int32)[0])
-    bits = delta.view(-1).view(torch.int32)
+    flat = delta.view(-1)
     cut = selection.last_tie + 1 - ctx.start  # the piece's elements are in flat order
-    keep = bits & 0x7FFFFFFF
-    if cut >= bits.numel():  # every tie in the piece is kept: magnitude >= threshold
-        _at_least(keep, limit)
+    if cut >= flat.numel():  # every tie in the piece is kept: magnitude >= threshold
+        _keep_at_least(flat, selection.threshold)
     elif cut <= 0:  # no tie kept: magnitude > threshold
-        _at_least(keep, limit + 1)
+        _keep_above(flat, selection.threshold)
     else:
-        _at_least(keep[:cut], limit)
-        _at_least(keep[cut:], limit + 1)
-    bits &= keep
+        _keep_at_least(flat[:cut], selection.threshold)
+        _keep_above(flat[cut:], selection.threshold)
     return delta
 
 
-def _at_least(magnitude_bits: torch.Tensor, limit: int) -> None:
-    """Turn non-negative int32 bit patterns into all ones where they are >= ``limit``, else 0:
-    the sign of limit - 1 - bits, spread by an arithmetic shift (no overflow: both are in
-    [0, 2³¹))."""
-    magnitude_bits.neg_().add_(limit - 1)
-    magnitude_bits.bitwise_right_shift_(31)
+def _keep_above(values: torch.Tensor, threshold: float) -> None:
+    """Set to +0.0 every element whose magnitude is not above ``threshold`` (NaN is kept)."""
+    torch.hardshrink(values, threshold, out=values)
+
+
+def _keep_at_least(values: torch.Tensor, threshold: float) -> None:
+    """Set to +0.0 every element whose magnitude is below ``threshold`` (NaN is kept): above
+    the float32 just below it, the floats being discrete. A threshold of 0 (or NaN) keeps all."""
+    if threshold > 0:
+        _keep_above(values, _float32_below(threshold))
+
+
+def _float32_below(value: float) -> float:
+    """The largest float32 below the positive float32 ``value``: its bit pattern minus one."""
+    bits = torch.tensor([value], dtype=torch.float32).view(torch.int32) - 1
+    return float(bits.view(torch.float32)[0])
 
 
 def dare_mask(ctx, seed: int, model: int, density: float) -> torch.Tensor:
