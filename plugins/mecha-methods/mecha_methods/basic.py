@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from mecha_core import WEIGHT, merge_method
 
 
@@ -36,6 +34,8 @@ def n_average(*models):
 
 
 def _same_kind(x, y) -> bool:
+    import torch  # here: listing or describing methods must not import torch (tests/test_first_contact.py)
+
     return isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape and x.dtype == y.dtype
 
 
