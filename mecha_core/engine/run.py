@@ -17,6 +17,7 @@ from ..lazy import torch
 from ..output import (OutputFile, Protected, Terminated, TerminateAsInterrupt, output_mode, resolve_output,  # noqa: F401
                       temp_prefix)
 from .allocator import reuse_freed_memory
+from .direct_write import OutputWriter
 from .evaluate import Evaluator
 from .folders import source_files
 from .passthrough import PassThrough
@@ -106,9 +107,14 @@ def execute(plan: Plan, output: str | os.PathLike[str], metadata: dict[str, str]
                     # One intra-op thread per worker: results then never depend on how torch splits a
                     # reduction, so the bytes are the same for any thread count.
                     torch.set_num_threads(1)
-                    place = {key: (out.fd, data_start + offset) for key, offset in offsets.items()}
-                    with reuse_freed_memory(plan.options.memory_budget):  # fewer page faults (engine/allocator.py)
-                        run_units(plan, _writer(plan, place, write_hook, output), progress)
+                    writer = OutputWriter(out.fd, out.path)  # large writes past the page cache
+                    try:
+                        place = {key: (writer, data_start + offset) for key, offset in offsets.items()}
+                        with reuse_freed_memory(plan.options.memory_budget):  # fewer page faults (engine/allocator.py)
+                            run_units(plan, _writer(plan, place, write_hook, output), progress)
+                        writer.finish()  # an error of its thread: an OSError, "writing failed" below
+                    finally:
+                        writer.close()
             except MechaError as exc:  # tensors were read: a failed merge (exit 1), not bad usage
                 raise mark_failed(exc)  # noqa: B904 (the same exception, re-raised with its traceback)
         except OSError as exc:  # the header write: the merge had started
@@ -178,10 +184,10 @@ def unit_bytes(plan: Plan, metadata: dict[str, str]) -> Callable[[Unit], tuple[i
     return bytes_of
 
 
-def _writer(plan: Plan, place: Mapping[str, tuple[int, int]],
+def _writer(plan: Plan, place: Mapping[str, tuple[OutputWriter, int]],
             write_hook: Callable[[str], None] | None, output: Any) -> Callable[[Unit], int]:
     """The job of one unit: evaluate it, check and cast it to the output dtype, and write its
-    bytes where the plan put them (``place``: key -> the file descriptor and the position of
+    bytes where the plan put them (``place``: key -> the writer of its file and the position of
     the key's first byte); returns the number of bytes written."""
     evaluator = Evaluator(plan)
     passthrough = PassThrough(plan)
@@ -205,8 +211,8 @@ def _writer(plan: Plan, place: Mapping[str, tuple[int, int]],
                 if write_hook is not None:
                     write_hook(key)
                 hooked = True
-                fd, base = place[key]
-                if passthrough.copy(key, fd, base + start * ITEMSIZE[info.dtype], start, end):
+                writer, base = place[key]
+                if passthrough.copy(key, writer.fd, base + start * ITEMSIZE[info.dtype], start, end):
                     return ((info.numel if end is None else end) - start) * ITEMSIZE[info.dtype]
             except OSError as exc:
                 raise OutputError(f"{output}: writing failed: {exc.strerror or exc}") from None
@@ -214,12 +220,8 @@ def _writer(plan: Plan, place: Mapping[str, tuple[int, int]],
         try:
             if write_hook is not None and not hooked:
                 write_hook(key)
-            fd, base = place[key]
-            position = base + start * ITEMSIZE[info.dtype]
-            view = data
-            while len(view):
-                written = os.pwrite(fd, view, position)
-                view, position = view[written:], position + written
+            writer, base = place[key]
+            writer.write(data, base + start * ITEMSIZE[info.dtype])
         except OSError as exc:
             raise OutputError(f"{output}: writing failed: {exc.strerror or exc}") from None
         return len(data)

@@ -21,6 +21,7 @@ from ..output import Protected
 from ..output_folder import INDEX_NAME, RECIPE_NAME, OutputFolder, copy_file, files_to_copy, write_bytes
 from ..recipe.nodes import ModelNode
 from .allocator import reuse_freed_memory
+from .direct_write import OutputWriter
 from .folders import is_pipeline_folder
 from .layer_view import rewrite_config
 from .plan import Plan
@@ -71,19 +72,28 @@ def _write_shards(plan: Plan, shards: list[tuple[Shard, str]], progress: bool,
     keys = [k for shard, _ in shards for k in shard.keys]
     part = plan if len(keys) == len(plan.output) else attrs.evolve(plan, output={k: plan.output[k] for k in keys})
     fds: list[int] = []
+    writers: list[OutputWriter] = []
     old_threads = torch.get_num_threads()
     try:
-        place: dict[str, tuple[int, int]] = {}
+        place: dict[str, tuple[OutputWriter, int]] = {}
         for shard, path in shards:
             fd = _create_shard(shard, path)
             fds.append(fd)
-            place.update({key: (fd, len(shard.header) + offset) for key, offset in shard.offsets.items()})
+            writers.append(OutputWriter(fd, path))  # large writes past the page cache
+            place.update({key: (writers[-1], len(shard.header) + offset) for key, offset in shard.offsets.items()})
         # one intra-op thread per worker, as for a single file: bytes independent of the thread count
         torch.set_num_threads(1)
         with reuse_freed_memory(plan.options.memory_budget):  # fewer page faults (engine/allocator.py)
             run_units(part, _writer(part, place, write_hook, label), progress)
+        for writer in writers:  # an error of a writer's thread: the same message as a worker's
+            try:
+                writer.finish()
+            except OSError as exc:
+                raise OutputError(f"{label}: writing failed: {exc.strerror or exc}") from None
     finally:
         torch.set_num_threads(old_threads)
+        for writer in writers:
+            writer.close()
         for fd in fds:
             os.close(fd)
 

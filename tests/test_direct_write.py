@@ -1,0 +1,223 @@
+"""The output writer: large writes past the page cache (O_DIRECT), the same bytes as plain writes.
+
+The direct path is checked where the file system of the test's temporary folder takes O_DIRECT
+(ext4, xfs, btrfs ...; tmpfs does not): the probe below says which, and the tests that need it
+say why they skip. Residency in the page cache is read with mincore(2): the middle of a
+direct write is not there, the edges written the ordinary way are."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import mmap
+import os
+import random
+import threading
+
+import pytest
+import torch
+
+import mecha_core as mecha
+from mecha_core.engine import direct_write
+from mecha_core.engine.direct_write import OutputWriter
+from mecha_core.testing import read_tensors, write_checkpoint
+
+MIB = 1 << 20
+
+
+def _takes_o_direct(folder) -> bool:
+    if not hasattr(os, "O_DIRECT"):
+        return False
+    probe = os.path.join(folder, "probe")
+    open(probe, "wb").close()
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_DIRECT))
+        return True
+    except OSError:
+        return False
+    finally:
+        os.unlink(probe)
+
+
+@pytest.fixture
+def direct_folder(tmp_path):
+    if not _takes_o_direct(tmp_path):
+        pytest.skip(f"the file system of {tmp_path} refuses O_DIRECT: the direct path cannot be checked here")
+    return tmp_path
+
+
+def _resident_pages(path: str) -> list[bool]:
+    """Which of the file's pages are in the page cache: mincore(2) over a read-only map of it."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    size = os.path.getsize(path)
+    vec = (ctypes.c_ubyte * -(-size // mmap.PAGESIZE))()
+    with open(path, "rb") as f:
+        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, f.fileno(), 0)
+        assert address not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+        try:
+            assert libc.mincore(address, size, vec) == 0, os.strerror(ctypes.get_errno())
+        finally:
+            libc.munmap(address, size)
+    return [bool(v & 1) for v in vec]
+
+
+def _new_file(path, size: int) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    os.ftruncate(fd, size)
+    return fd
+
+
+def _chunks(total: int, seed: int) -> list[tuple[int, bytes]]:
+    """Consecutive writes covering ``total`` bytes, at positions aligned to nothing."""
+    rng = random.Random(seed)
+    out, position = [], 0
+    while position < total:
+        n = min(total - position, rng.choice([7, 4093, MIB + 13, 3 * MIB + 4097, 9 * MIB + 1]))
+        out.append((position, rng.randbytes(n)))
+        position += n
+    return out
+
+
+def test_writes_land_where_asked_from_many_threads(direct_folder):
+    path = str(direct_folder / "out.bin")
+    total = 40 * MIB + 123
+    fd = _new_file(path, total)
+    writer = OutputWriter(fd, path)
+    assert writer.direct
+    chunks = _chunks(total, 1)
+    rng = random.Random(2)
+    rng.shuffle(chunks)  # units finish in any order
+    threads = [threading.Thread(target=lambda part=chunks[i::3]: [writer.write(d, p) for p, d in part])
+               for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    writer.finish()
+    writer.close()
+    os.close(fd)
+    expected = bytearray(total)
+    for position, data in chunks:
+        expected[position:position + len(data)] = data
+    with open(path, "rb") as f:
+        assert f.read() == bytes(expected)
+
+
+def test_the_middle_of_a_large_write_skips_the_page_cache(direct_folder):
+    path = str(direct_folder / "out.bin")
+    start, n = 4096 * 3 + 100, 5 * MIB  # unaligned start and end
+    fd = _new_file(path, start + n + 5000)
+    writer = OutputWriter(fd, path)
+    writer.write(bytearray(os.urandom(n)), start)  # writable: copied without the GIL
+    writer.close()
+    os.close(fd)
+    resident = _resident_pages(path)
+    first_page, last_page = start // 4096, (start + n - 1) // 4096
+    assert resident[first_page] and resident[last_page]  # the edges: through the page cache
+    middle = resident[first_page + 1:last_page]
+    assert len(middle) > 1000 and not any(middle)
+
+
+def test_a_small_write_goes_through_the_page_cache(direct_folder):
+    path = str(direct_folder / "out.bin")
+    fd = _new_file(path, MIB)
+    writer = OutputWriter(fd, path)
+    writer.write(b"x" * (MIB - 8192), 4096)  # its aligned middle is under the direct minimum
+    writer.close()
+    os.close(fd)
+    resident = _resident_pages(path)
+    assert all(resident[1:255])
+    with open(path, "rb") as f:
+        assert f.read() == b"\0" * 4096 + b"x" * (MIB - 8192) + b"\0" * 4096
+
+
+def test_a_refused_direct_write_is_written_the_ordinary_way(direct_folder, monkeypatch):
+    path = str(direct_folder / "out.bin")
+    total = 12 * MIB + 5
+    fd = _new_file(path, total)
+    writer = OutputWriter(fd, path)
+    real = os.pwrite
+    refused = []
+
+    def pwrite(target, data, position):
+        if target == writer.direct_fd:
+            refused.append(position)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(target, data, position)
+
+    monkeypatch.setattr(direct_write.os, "pwrite", pwrite)
+    chunks = _chunks(total, 3)
+    for position, data in chunks:
+        writer.write(data, position)
+    writer.close()
+    os.close(fd)
+    assert len(refused) == 1 and not writer.direct  # refused once: never tried again
+    with open(path, "rb") as f:
+        assert f.read() == b"".join(d for _, d in chunks)
+
+
+def test_other_write_errors_are_raised(direct_folder, monkeypatch):
+    path = str(direct_folder / "out.bin")
+    fd = _new_file(path, 8 * MIB)
+    writer = OutputWriter(fd, path)
+    real = os.pwrite
+
+    def pwrite(target, data, position):
+        if target == writer.direct_fd:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(target, data, position)
+
+    monkeypatch.setattr(direct_write.os, "pwrite", pwrite)
+    writer.write(bytes(4 * MIB), 1)  # queued: the writer thread meets the error
+    with pytest.raises(OSError) as caught:
+        writer.finish()
+    assert caught.value.errno == errno.ENOSPC
+    with pytest.raises(OSError):  # and every later write says so
+        writer.write(b"x", 0)
+    writer.close()
+    os.close(fd)
+
+
+def test_a_write_after_the_writers_failure_raises_it(direct_folder, monkeypatch):
+    path = str(direct_folder / "out.bin")
+    fd = _new_file(path, 8 * MIB)
+    writer = OutputWriter(fd, path)
+    monkeypatch.setattr(direct_write.os, "pwrite", lambda *a: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    writer.write(bytes(3 * MIB), 5)
+    writer.close()  # waits for the queue: the error is recorded by then
+    with pytest.raises(OSError) as caught:
+        writer.finish()
+    assert caught.value.errno == errno.EIO
+    os.close(fd)
+
+
+def test_without_a_path_every_write_is_ordinary(tmp_path):
+    path = str(tmp_path / "out.bin")
+    fd = _new_file(path, 4 * MIB)
+    writer = OutputWriter(fd, None)
+    assert not writer.direct
+    writer.write(b"\1" * (3 * MIB), 17)
+    os.close(fd)
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data[17:17 + 3 * MIB] == b"\1" * (3 * MIB) and data.count(0) == 4 * MIB - 3 * MIB
+
+
+def test_a_merge_with_large_keys_gives_the_reference_bytes(direct_folder):
+    gen = torch.Generator().manual_seed(5)
+    shapes = {"big": (1031, 1027), "small": (3, 5), "odd": (777_777,)}  # 4.2 MB, 60 B, 3.1 MB in fp32
+    a = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+    b = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+    write_checkpoint(direct_folder / "a.safetensors", a)
+    write_checkpoint(direct_folder / "b.safetensors", b)
+    out = direct_folder / "out.safetensors"
+    mecha.merge(mecha.weighted_sum(mecha.model(str(direct_folder / "a.safetensors")),
+                                   mecha.model(str(direct_folder / "b.safetensors")), alpha=0.25), str(out))
+    merged = read_tensors(out)
+    for key in shapes:  # the method's definition, in float32 as the inputs are
+        assert torch.equal(merged[key], a[key] * 0.75 + b[key] * 0.25), key
