@@ -261,9 +261,8 @@ def _check_count(value: int | None, what: str) -> None:
 
 
 def _check_device(device: str) -> None:
-    import torch
-
     from .errors import MechaError
+    from .lazy import torch  # the merge's first use of torch: imported without collections (lazy.py)
 
     try:
         kind = torch.device(device).type

@@ -40,6 +40,14 @@ def _freeze() -> None:
     gc.freeze()
 
 
+def freezes_at_exit() -> bool:
+    """Whether this process is the ``mecha`` command's and will freeze its objects at exit (the
+    command registered :func:`collect_once_at_exit`, ``MECHA_EXIT_GC`` is not ``full``): it may
+    then freeze them earlier too (``mecha_core.lazy``). A program that imports mecha keeps its
+    own collector as it set it."""
+    return _registered and os.environ.get("MECHA_EXIT_GC") != "full"
+
+
 def collect_once_at_exit() -> None:
     """Make this process's exit skip the interpreter's shutdown collections (see the module
     docstring); the first call registers the exit handler, later calls do nothing."""

@@ -16,6 +16,7 @@ import sys
 import pytest
 import torch
 
+from mecha_core.lazy import import_without_collections
 from mecha_core.testing import read_tensors, write_checkpoint
 
 #: a merge in a fresh process, through the command line (``mecha merge``) or the Python API; an
@@ -236,3 +237,48 @@ def test_inspect_prints_components_in_file_order_whatever_the_hash_seed(tmp_path
         line = next(x for x in proc.stdout.splitlines() if x.strip().startswith("components:"))
         orders.append([part.split(" (")[0].strip() for part in line.split(":", 1)[1].split("),")])
     assert orders == [in_file_order] * 3 and len(in_file_order) == 3
+
+
+def test_torch_is_imported_with_the_collector_paused_then_frozen(tmp_path, monkeypatch):
+    (tmp_path / "heavy_module_for_test.py").write_text("import gc\nCOLLECTING = gc.isenabled()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "heavy_module_for_test", raising=False)
+    assert gc.isenabled()
+    frozen = gc.get_freeze_count()
+    try:
+        module = import_without_collections("heavy_module_for_test")
+        assert module.COLLECTING is False
+        assert gc.isenabled()
+        assert gc.get_freeze_count() > frozen
+    finally:
+        gc.unfreeze()
+
+
+def test_a_paused_collector_stays_paused(tmp_path, monkeypatch):
+    (tmp_path / "heavy_module_for_test2.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    gc.disable()
+    try:
+        frozen = gc.get_freeze_count()
+        import_without_collections("heavy_module_for_test2")
+        assert not gc.isenabled()
+        assert gc.get_freeze_count() == frozen  # nothing frozen behind the caller's back
+    finally:
+        gc.enable()
+
+
+def test_only_the_command_imports_torch_with_the_collector_paused(monkeypatch):
+    from mecha_core import exiting, lazy
+
+    paused = []
+    monkeypatch.setattr(lazy, "import_without_collections", lambda name: paused.append(name) or sys.modules[name])
+    monkeypatch.delenv("MECHA_EXIT_GC", raising=False)
+    monkeypatch.setattr(exiting, "_registered", True)  # the mecha command's process
+    lazy._import("json")
+    assert paused == ["json"]
+    monkeypatch.setenv("MECHA_EXIT_GC", "full")  # Python's own collections asked for
+    lazy._import("json")
+    monkeypatch.delenv("MECHA_EXIT_GC")
+    monkeypatch.setattr(exiting, "_registered", False)  # a program that imports mecha
+    lazy._import("json")
+    assert paused == ["json"]
