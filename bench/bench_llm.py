@@ -26,6 +26,7 @@ Then:
 
     python bench/bench_llm.py [--work DIR] [--mergekit /tmp/mergekit-venv/bin/mergekit-yaml]
                               [--only linear,ties] [--contenders mecha,mergekit] [--shape small] [--7b]
+                              [--repeat N]
 
 mergekit runs with its default options (``mergekit-yaml CONFIG OUT``: CPU, lazy unpickle off,
 its default shard size). mecha runs with its defaults too. Targets (issue 16): mecha at most 0.3x
@@ -39,6 +40,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import struct
 import subprocess
 import sys
@@ -199,7 +201,10 @@ def warm(paths: list[str]) -> None:
 
 
 def run(command: list[str], inputs: list[str]) -> tuple[float, float]:
+    from mecha_core.testing import settle_memory
+
     warm(inputs)
+    settle_memory()  # a virtual machine's free page reporting, after the last run's frees, on our CPUs
     start = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=CHILD_ENV)
     peak = 0
@@ -229,6 +234,8 @@ def main() -> None:
                         help="the mergekit-yaml of mergekit's own venv (see above)")
     parser.add_argument("--only", default="linear,ties")
     parser.add_argument("--contenders", default="mecha,mergekit")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs of each row; the table gives the median wall time and the largest peak")
     parser.add_argument("--shape", default="small", choices=["tiny", "small"], help="the three models' shape")
     parser.add_argument("--7b", dest="seven", action="store_true", help="add the 7B-shaped case (~45 GB of disk)")
     args = parser.parse_args()
@@ -261,8 +268,15 @@ def main() -> None:
                 inputs = folders
                 command = [args.mergekit, config.name, out]
             try:
-                wall, peak = run(command, inputs)
-                rows.append((title, who, f"{wall:.1f}", f"{peak:.0f}"))
+                walls, peaks = [], []
+                for _ in range(args.repeat):
+                    shutil.rmtree(out, ignore_errors=True)
+                    wall, peak = run(command, inputs)
+                    walls.append(wall)
+                    peaks.append(peak)
+                rows.append((title, who, f"{statistics.median(walls):.1f}", f"{max(peaks):.0f}"))
+                if args.repeat > 1:
+                    print(f"{title} | {who}: runs {', '.join(f'{w:.1f}' for w in walls)} s", file=sys.stderr)
             except RuntimeError as exc:
                 rows.append((title, who, "failed", " ".join(str(exc).split())[:60]))
             shutil.rmtree(out, ignore_errors=True)

@@ -6,12 +6,14 @@ a fresh process and samples its private memory (RssAnon + RssShmem from /proc/PI
 pages mapped from the page cache are not counted, the kernel can drop them). Each run is preceded
 by a read of its inputs, so the page cache is warm for every contender alike. Prints a table.
 
-    python bench/bench_merge.py [--work DIR] [--only ws2,ties4] [--sdmecha-python PY]
+    python bench/bench_merge.py [--work DIR] [--only ws2,ties4] [--sdmecha-python PY] [--repeat N]
 
 Beside every row the machine's floor for that merge, measured in the same run just before it:
 starting Python and importing torch, reading every input from the page cache, and writing the
 output's bytes to the page cache with ``dd``. sd-mecha runs with ``--sdmecha-python`` (a venv
 where sd-mecha 1.1.8 is installed) or, without it, when the bench's own Python can import it.
+``mecha`` is the ``mecha merge`` command on a .mecha recipe, as users run it; ``mecha-api`` the
+same merge through the Python API (``mecha_core.merge``) in a program of its own.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -69,7 +72,25 @@ def build_models(work: str, count: int) -> list[str]:
     return paths
 
 
+#: mecha as its users run it: the ``mecha merge`` command on a .mecha recipe (in this process,
+#: as the console script does)
 MECHA = """
+import sys, json
+kind, out, paths = sys.argv[1], sys.argv[2], sys.argv[3:]
+names = [f"m{i}" for i in range(len(paths))]
+lines = ["mecha 1"] + [f"{n} = model({json.dumps(p)})" for n, p in zip(names, paths)]
+lines.append({"ws": "weighted_sum(m0, m1, alpha=0.5)", "avg": f"n_average({', '.join(names)})",
+              "addiff": "add_difference(m0, m1, m2, alpha=1.0)", "ties": f"ties({', '.join(names)}, density=0.2)"}[kind])
+recipe = out + ".mecha"
+with open(recipe, "w") as f:
+    f.write("\\n".join(lines) + "\\n")
+from mecha_core.__main__ import main
+sys.argv = ["mecha", "merge", recipe, "-o", out]
+sys.exit(main())
+"""
+
+#: the same merges through the Python API, in a program that imports mecha
+MECHA_API = """
 import sys, mecha_core as m
 kind, out, paths = sys.argv[1], sys.argv[2], sys.argv[3:]
 models = [m.model(p) for p in paths]
@@ -149,9 +170,18 @@ def private_kb(pid: int) -> int:
         return 0
 
 
+def settle() -> None:
+    """Before each timed run: wait until the machine has handed the memory freed by the last
+    run back to its host (a virtual machine's free page reporting runs on the guest's CPUs)."""
+    from mecha_core.testing import settle_memory
+
+    settle_memory()
+
+
 def floor(paths: list[str], out_bytes: int, work: str) -> float:
     """Seconds the machine needs at least: start Python and import torch, read every input from
     the page cache, write the output's bytes to the page cache."""
+    settle()
     start = time.perf_counter()
     subprocess.run([sys.executable, "-c", "import torch"], check=True, env=CHILD_ENV)
     for p in paths:
@@ -174,6 +204,7 @@ def run(script: str, kind: str, out: str, paths: list[str], python: str = sys.ex
                 pass
     if os.path.exists(out):
         os.unlink(out)
+    settle()
     start = time.perf_counter()
     proc = subprocess.Popen([python, "-W", "ignore", "-c", script, kind, out, *paths],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=CHILD_ENV)
@@ -213,12 +244,14 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(CASES))
     parser.add_argument("--contenders", default="mecha,naive,sd-mecha")
     parser.add_argument("--sdmecha-python", default=None, help="a Python where sd-mecha 1.1.8 is installed")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs of each row (floor and merge); the table gives the medians and the largest peak")
     args = parser.parse_args()
     os.makedirs(args.work, exist_ok=True)
     cases = [c for c in args.only.split(",") if c]
     n_models = max(CASES[c][2] for c in cases)
     paths = build_models(args.work, n_models)
-    contenders = {"mecha": MECHA, "naive": NAIVE, "sd-mecha": SDMECHA}
+    contenders = {"mecha": MECHA, "mecha-api": MECHA_API, "naive": NAIVE, "sd-mecha": SDMECHA}
     wanted = [c for c in args.contenders.split(",") if c in contenders]
     if "sd-mecha" in wanted and args.sdmecha_python is None:
         try:
@@ -231,14 +264,25 @@ def main() -> None:
         for who in wanted:
             out = os.path.join(args.work, f"out_{who}_{case}.safetensors")
             python = args.sdmecha_python if who == "sd-mecha" and args.sdmecha_python else sys.executable
-            base = floor(paths[:n], os.path.getsize(paths[0]), args.work)
+            walls, bases, peaks = [], [], []
             try:
-                wall, peak = run(contenders[who], kind, out, paths[:n], python)
-                rows.append((title, who, f"{wall:.1f}", f"{wall / base:.2f}", f"{base:.1f}", f"{peak * 1024:.0f}"))
+                for _ in range(args.repeat):
+                    bases.append(floor(paths[:n], os.path.getsize(paths[0]), args.work))
+                    wall, peak = run(contenders[who], kind, out, paths[:n], python)
+                    walls.append(wall)
+                    peaks.append(peak)
+                wall, base = statistics.median(walls), statistics.median(bases)
+                peak = max(peaks) * 1024
+                rows.append((title, who, f"{wall:.1f}", f"{wall / base:.2f}", f"{base:.1f}", f"{peak:.0f}"))
+                if args.repeat > 1:
+                    print(f"{title} | {who}: runs {', '.join(f'{w:.1f}' for w in walls)} s, floors "
+                          f"{', '.join(f'{b:.1f}' for b in bases)} s", file=sys.stderr)
             except RuntimeError as exc:
+                base = statistics.median(bases) if bases else float("nan")
                 rows.append((title, who, "failed", "", f"{base:.1f}", textwrap.shorten(str(exc), 60)))
-            if os.path.exists(out):
-                os.unlink(out)
+            for leftover in (out, out + ".mecha"):
+                if os.path.exists(leftover):
+                    os.unlink(leftover)
             print(" | ".join(rows[-1]), file=sys.stderr)
     print("| merge | tool | wall time (s) | × floor | floor (s) | peak private memory (MB) |")
     print("|---|---|---:|---:|---:|---:|")

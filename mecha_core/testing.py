@@ -191,3 +191,34 @@ class PeakPrivateMemory:
         self._done.set()
         self._thread.join()
         self.peak = max(self.peak, private_bytes())
+
+
+#: on a virtual machine that hands freed memory back to its host (Linux free page reporting),
+#: the kilobytes handed back so far
+_REPORTED_KIB = "/sys/module/page_reporting/parameters/reported_kib"
+
+
+def settle_memory(quiet: float = 3.0, limit: float = 60.0) -> float:
+    """Wait until the machine has stopped handing freed memory back to its host; returns the
+    seconds waited (0 where the kernel does not report free pages).
+
+    Benchmarks call this before each timed run. A virtual machine with free page reporting
+    gives the memory a process or a deleted file freed back to its host in bursts, for seconds
+    afterwards, on the guest's CPUs: a run started meanwhile competes with that work, and the
+    time of a short merge on a 2-core machine varied by half. ``quiet``: seconds without a change
+    that count as settled; ``limit``: the longest wait."""
+    import time
+
+    try:
+        with open(_REPORTED_KIB) as f:
+            last = f.read()
+    except OSError:
+        return 0.0
+    start = changed = time.monotonic()
+    while time.monotonic() - changed < quiet and time.monotonic() - start < limit:
+        time.sleep(0.25)
+        with open(_REPORTED_KIB) as f:
+            now = f.read()
+        if now != last:
+            last, changed = now, time.monotonic()
+    return time.monotonic() - start
