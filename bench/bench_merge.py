@@ -80,7 +80,8 @@ kind, out, paths = sys.argv[1], sys.argv[2], sys.argv[3:]
 names = [f"m{i}" for i in range(len(paths))]
 lines = ["mecha 1"] + [f"{n} = model({json.dumps(p)})" for n, p in zip(names, paths)]
 lines.append({"ws": "weighted_sum(m0, m1, alpha=0.5)", "avg": f"n_average({', '.join(names)})",
-              "addiff": "add_difference(m0, m1, m2, alpha=1.0)", "ties": f"ties({', '.join(names)}, density=0.2)"}[kind])
+              "addiff": "add_difference(m0, m1, m2, alpha=1.0)",
+              "ties": f"ties({', '.join(names)}, density=0.2)"}[kind])
 recipe = out + ".mecha"
 with open(recipe, "w") as f:
     f.write("\\n".join(lines) + "\\n")
