@@ -222,3 +222,26 @@ def test_a_merge_with_large_keys_gives_the_reference_bytes(direct_folder):
     merged = read_tensors(out)
     for key in shapes:  # the method's definition, in float32 as the inputs are
         assert torch.equal(merged[key], a[key] * 0.75 + b[key] * 0.25), key
+
+
+def test_writers_sharing_one_buffer_write_every_file(direct_folder):
+    # a folder's shards share the buffers of one pool: one buffer is enough for all of them
+    pool = direct_write.BufferPool(1)
+    files = []
+    for name, seed in (("a.bin", 11), ("b.bin", 12)):
+        path = str(direct_folder / name)
+        total = 20 * MIB + seed
+        fd = _new_file(path, total)
+        files.append((path, fd, OutputWriter(fd, path, pool=pool), _chunks(total, seed)))
+    threads = [threading.Thread(target=lambda w=w, c=c: [w.write(d, p) for p, d in c]) for _, _, w, c in files]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+        assert not t.is_alive()
+    for path, fd, writer, chunks in files:
+        writer.finish()
+        writer.close()
+        os.close(fd)
+        with open(path, "rb") as f:
+            assert f.read() == b"".join(d for _, d in chunks)

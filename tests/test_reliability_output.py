@@ -206,20 +206,20 @@ def test_output_equal_to_the_recipe_is_refused(work):
 
 TRUNCATE_MID_MERGE = """
 import os, sys
-import mecha_core.engine.run as engine_run
-import mecha_core.output as mecha_output
+import mecha_core.engine.safetensors_io as safetensors_io
 from mecha_core.cli import app
 
 victim, keep = sys.argv[1], int(sys.argv[2])
-real, calls = os.pwrite, [0]
+real, reads = safetensors_io.SafetensorsFile.read, [0]
 
-def pwrite(fd, data, offset):
-    calls[0] += 1
-    if calls[0] == 3:  # header and two keys written: another program now cuts an input short
-        os.truncate(victim, keep)
-    return real(fd, data, offset)
+def read(self, key):
+    if os.path.abspath(self.path) == os.path.abspath(victim):
+        reads[0] += 1
+        if reads[0] == 3:  # two of its keys read: another program now cuts the input short
+            os.truncate(victim, keep)
+    return real(self, key)
 
-engine_run.os.pwrite = pwrite
+safetensors_io.SafetensorsFile.read = read
 app(sys.argv[3:], prog_name="mecha")
 """
 

@@ -49,6 +49,26 @@ def _pwrite_all(fd: int, view: memoryview, position: int) -> None:
         view, position = view[written:], position + written
 
 
+class BufferPool:
+    """The page-aligned buffers direct writes are copied into, shared by the writers of one
+    merge: a folder's shard files are all open at once, and buffers of their own would stay
+    resident for each (32 MiB a shard)."""
+
+    def __init__(self, count: int = _BUFFERS):
+        self._free: queue.Queue[tuple[mmap.mmap, int]] = queue.Queue()
+        for _ in range(count):  # anonymous maps: page-aligned, their pages made on first use
+            buffer = mmap.mmap(-1, _BUFFER)
+            self._free.put((buffer, ctypes.addressof(ctypes.c_char.from_buffer(buffer))))
+
+    def get(self) -> tuple[mmap.mmap, int]:
+        """A free buffer and its address (waits for one)."""
+        return self._free.get()
+
+    def put(self, buffer: tuple[mmap.mmap, int]) -> None:
+        """Hand a buffer back."""
+        self._free.put(buffer)
+
+
 class OutputWriter:
     """Writes byte ranges of one output file: large ones through ``O_DIRECT`` where the file
     system takes it, from a writer thread of its own; else each caller writes to ``fd``.
@@ -57,7 +77,7 @@ class OutputWriter:
     next :meth:`write` or by :meth:`finish`. ``fd`` stays the caller's (it writes the header and
     closes it); :meth:`close` stops the thread and closes the direct descriptor."""
 
-    def __init__(self, fd: int, path: str | None, *, direct: bool = True):
+    def __init__(self, fd: int, path: str | None, *, direct: bool = True, pool: BufferPool | None = None):
         self.fd = fd
         self.direct_fd = -1
         self.block = _ALIGN
@@ -71,10 +91,7 @@ class OutputWriter:
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         if self.direct_fd >= 0:
-            self._free: queue.Queue[tuple[mmap.mmap, int]] = queue.Queue()
-            for _ in range(_BUFFERS):  # page-aligned anonymous maps, made once
-                buffer = mmap.mmap(-1, _BUFFER)
-                self._free.put((buffer, ctypes.addressof(ctypes.c_char.from_buffer(buffer))))
+            self._free = pool if pool is not None else BufferPool()
             self._todo: queue.Queue[tuple[Any, int, int, bool] | None] = queue.Queue()
             self._thread = threading.Thread(target=self._write_forever, name="mecha-writer", daemon=True)
             self._thread.start()

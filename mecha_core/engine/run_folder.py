@@ -21,7 +21,7 @@ from ..output import Protected
 from ..output_folder import INDEX_NAME, RECIPE_NAME, OutputFolder, copy_file, files_to_copy, write_bytes
 from ..recipe.nodes import ModelNode
 from .allocator import reuse_freed_memory
-from .direct_write import OutputWriter
+from .direct_write import BufferPool, OutputWriter
 from .folders import is_pipeline_folder
 from .layer_view import rewrite_config
 from .plan import Plan
@@ -73,13 +73,14 @@ def _write_shards(plan: Plan, shards: list[tuple[Shard, str]], progress: bool,
     part = plan if len(keys) == len(plan.output) else attrs.evolve(plan, output={k: plan.output[k] for k in keys})
     fds: list[int] = []
     writers: list[OutputWriter] = []
+    buffers = BufferPool()  # one set for every shard: all shards are open at once
     old_threads = torch.get_num_threads()
     try:
         place: dict[str, tuple[OutputWriter, int]] = {}
         for shard, path in shards:
             fd = _create_shard(shard, path)
             fds.append(fd)
-            writers.append(OutputWriter(fd, path))  # large writes past the page cache
+            writers.append(OutputWriter(fd, path, pool=buffers))  # large writes past the page cache
             place.update({key: (writers[-1], len(shard.header) + offset) for key, offset in shard.offsets.items()})
         # one intra-op thread per worker, as for a single file: bytes independent of the thread count
         torch.set_num_threads(1)
