@@ -43,7 +43,10 @@ _MIN_DIRECT = 64 << 10
 _ALIGN = 4096
 
 
-def _pwrite_all(fd: int, view: memoryview, position: int) -> None:
+def pwrite_all(fd: int, data: Any, position: int) -> None:
+    """Write all of ``data`` (a bytes-like object) at ``position``: a pwrite may write less
+    than asked (a direct one too: it then stops on a block boundary)."""
+    view = memoryview(data).cast("B")
     while len(view):
         written = os.pwrite(fd, view, position)
         view, position = view[written:], position + written
@@ -107,7 +110,7 @@ class OutputWriter:
         self._raise_failure()
         view = memoryview(data).cast("B")
         if self._thread is None:
-            _pwrite_all(self.fd, view, position)
+            pwrite_all(self.fd, view, position)
             return
         first = min(-(-position // self.block) * self.block, position + len(view))
         last = max((position + len(view)) // self.block * self.block, first)
@@ -156,15 +159,13 @@ class OutputWriter:
     def _write(self, view: memoryview, position: int, direct: bool) -> None:
         if direct and not self.refused:
             try:
-                done = 0
-                while done < len(view):  # a short direct write ends on a block: go on from there
-                    done += os.pwrite(self.direct_fd, view[done:], position + done)
+                pwrite_all(self.direct_fd, view, position)
                 return
             except OSError as exc:
                 if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
                     raise
                 self.refused = True  # rewritten the ordinary way below: the same bytes
-        _pwrite_all(self.fd, view, position)
+        pwrite_all(self.fd, view, position)
 
     def _raise_failure(self) -> None:
         if self._error is not None:
@@ -172,8 +173,7 @@ class OutputWriter:
 
     def finish(self) -> None:
         """Wait until everything written so far is in the file; raise the writer's error if any."""
-        if self._thread is not None:
-            self._stop()
+        self._stop()
         self._raise_failure()
 
     def _stop(self) -> None:

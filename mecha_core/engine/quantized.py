@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Mapping
 from ..errors import PlanError
 from ..lazy import torch
 from ..specs import TensorInfo
+from .direct_write import pwrite_all
 from .safetensors_io import ITEMSIZE, SafetensorsFile, build_header, is_float, tensor_bytes, torch_dtype
 
 if TYPE_CHECKING:
@@ -145,10 +146,7 @@ def write_fp8_scaled(source: str | os.PathLike[str], fd: int, fp8: str) -> None:
         os.pwrite(fd, header, 0)
 
         def put(key: str, tensor: torch.Tensor) -> None:
-            data, position = tensor_bytes(tensor.contiguous()), len(header) + offsets[key]
-            while len(data):
-                written = os.pwrite(fd, data, position)
-                data, position = data[written:], position + written
+            pwrite_all(fd, tensor_bytes(tensor.contiguous()), len(header) + offsets[key])
 
         for key, info in file.keys.items():
             value = file.read(key)

@@ -17,7 +17,7 @@ from ..lazy import torch
 from ..output import (OutputFile, Protected, Terminated, TerminateAsInterrupt, output_mode, resolve_output,  # noqa: F401
                       temp_prefix)
 from .allocator import reuse_freed_memory
-from .direct_write import OutputWriter
+from .direct_write import OutputWriter, pwrite_all
 from .evaluate import Evaluator
 from .folders import source_files
 from .passthrough import PassThrough
@@ -129,11 +129,8 @@ def execute(plan: Plan, output: str | os.PathLike[str], metadata: dict[str, str]
 
 def _pwrite_all(fd: int, data: Any, position: int, output: Any) -> None:
     """Write all of ``data`` at ``position`` (a pwrite may write less than asked)."""
-    view = memoryview(data)
     try:
-        while len(view):
-            written = os.pwrite(fd, view, position)
-            view, position = view[written:], position + written
+        pwrite_all(fd, data, position)
     except OSError as exc:
         raise OutputError(f"{output}: writing failed: {exc.strerror or exc}") from None
 
