@@ -79,6 +79,19 @@ def test_top_k_selection_over_slices_equals_a_stable_sort(dtype, k):
         assert torch.equal(sel.mask(values.abs(), ctx), _stable_top_k(values, k)), size
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("n", [statistics._SORTED, statistics._SORTED + 1])
+def test_a_key_held_whole_is_selected_alike_by_sorting_or_by_histogram(dtype, n):
+    # at most _SORTED elements: sorted; one more: the histogram of top-16-bit digits
+    gen = torch.Generator().manual_seed(n)
+    values = torch.randint(-40, 41, (n,), generator=gen).to(dtype) / 8  # many ties at every magnitude
+    ctx = MergeContext("k", TensorInfo((n,), "float32"))
+    for k in (1, n // 5, n // 2 + 3, n - 1):
+        sel = statistics.compute_whole([TopK("t", lambda ctx, v: v, k)], ctx, [values])["t"]
+        assert torch.equal(sel.mask(values.abs(), ctx), _stable_top_k(values, k)), k
+        assert sel.last_tie < n, k  # a tie split in the middle: the index of the last one kept
+
+
 def test_top_k_of_continuous_values_needs_every_digit():
     gen = torch.Generator().manual_seed(3)
     values = torch.randn(5000, generator=gen, dtype=torch.float64)

@@ -120,13 +120,16 @@ class _Select:
             self.found_where[self.filled:self.filled + count] = where.cpu() + ctx.start
             self.filled += count
 
+    def collect_all(self, ctx: MergeContext, bits: torch.Tensor) -> None:
+        """Keep every element of a key that is one piece (:meth:`settle` then sorts them)."""
+        self.found_bits = bits
+        self.found_where = torch.arange(ctx.start, ctx.start + bits.numel(), dtype=torch.int64)
+        self.filled = bits.numel()
+
     def choose(self, hist: torch.Tensor, last_digit: bool) -> None:
         """Find the bucket holding the rank-th largest; on the last digit, the threshold."""
-        above_each = torch.flip(torch.cumsum(torch.flip(hist, [0]), 0), [0]) - hist  # counts above each bucket
-        # the bucket d with above[d] < rank <= above[d] + hist[d]
-        candidates = torch.nonzero((above_each < self.rank) & (above_each + hist >= self.rank)).reshape(-1)
-        d = int(candidates[-1])
-        self.rank -= int(above_each[d])
+        d, above = _bucket_of_rank(hist, self.rank)
+        self.rank -= above
         self.prefix = (self.prefix << 16) | d
         self.bucket = int(hist[d])
         if last_digit:
@@ -160,6 +163,17 @@ class _Select:
         return Selection(self.request.k, self.numel, self.threshold(), self.last_tie)
 
 
+def _bucket_of_rank(hist: torch.Tensor, rank: int) -> tuple[int, int]:
+    """The bucket ``d`` holding the ``rank``-th largest element (1-based) of a histogram of
+    non-negative counts over ascending buckets, and the count of elements above it: the
+    cumulative counts from the top reach ``rank`` first there (one ``cumsum`` and a binary search
+    instead of comparisons over every bucket). ``rank`` is at most the histogram's total."""
+    from_top = torch.cumsum(torch.flip(hist, [0]), 0)
+    j = int(torch.searchsorted(from_top, torch.tensor([rank], dtype=from_top.dtype)))
+    d = hist.numel() - 1 - j
+    return d, int(from_top[j]) - int(hist[d])
+
+
 def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
@@ -178,10 +192,9 @@ class _Window:
         self.select, self.room, self.ones = select, room, ones
         hist = torch.bincount(sample >> 16, minlength=_DIGITS)
         piece_rank = max(1, min(sample.numel(), round(select.k * sample.numel() / select.numel)))
-        above_each = torch.flip(torch.cumsum(torch.flip(hist, [0]), 0), [0]) - hist
-        d = int(torch.nonzero((above_each < piece_rank) & (above_each + hist >= piece_rank)).reshape(-1)[-1])
+        d, above = _bucket_of_rank(hist, piece_rank)
         # the window reaches further to the side the estimate lies nearer to
-        upper_half = (piece_rank - int(above_each[d])) * 2 <= int(hist[d])
+        upper_half = (piece_rank - above) * 2 <= int(hist[d])
         low = d - (WINDOW // 2 - 1 if upper_half else WINDOW // 2)
         low = max(0, min(low, (1 << 15) - WINDOW))
         self.offset = (low << 16) - 1  # bits - offset: 1 for the window's first bit pattern
@@ -253,11 +266,10 @@ class _Window:
         inside = self.counts if self.counts is not None else self._recorded_counts()
         if above >= s.k or above + int(inside.sum()) < s.k:
             return False
-        above_each = torch.flip(torch.cumsum(torch.flip(inside, [0]), 0), [0]) - inside + above
-        b = int(torch.nonzero((above_each < s.k) & (above_each + inside >= s.k)).reshape(-1)[-1])
+        b, above_b = _bucket_of_rank(inside, s.k - above)
         s.prefix = self.offset + 1 + b
         s.ties_total = int(inside[b])
-        s.ties_kept = s.k - int(above_each[b])
+        s.ties_kept = s.k - above - above_b
         s.found = True
         if s.ties_kept < s.ties_total and self.records is not None:
             seen = 0
@@ -275,6 +287,9 @@ class _Window:
 #: elements counted into a window's histogram before its non-zero bins are recorded: a piece
 #: this large is recorded alone, smaller ones in runs
 _FLUSH = WINDOW << 16
+#: keys of at most this many elements are selected by sorting their bit patterns: a histogram's
+#: 65536 counters (zeroed, summed, searched) cost more than sorting so few (SD1 has ~700 such keys)
+_SORTED = 1 << 14
 #: elements of the first pieces a window is placed from (at least)
 _ESTIMATE = 1 << 19
 #: histogram bins per group when looking for a piece's non-zero bins
@@ -365,6 +380,11 @@ def compute(requests: Sequence[Total | TopK | Then], pieces: Pieces, numel: int,
             if index == 0:
                 if room is None:
                     room = bits.numel()
+                if bits.numel() >= numel and numel <= _SORTED:  # a small key: every element is a candidate
+                    s.bucket = numel
+                    s.collect_all(ctx, bits)
+                    s.settle()
+                    continue
                 if bits.numel() >= numel:  # the key is one piece: select from the bits at hand
                     hist = torch.bincount(bits >> (s.width - 16), minlength=_DIGITS)
                     s.choose(hist, s.width <= 16)
