@@ -206,9 +206,15 @@ def settle_memory(quiet: float = 3.0, limit: float = 60.0) -> float:
     gives the memory a process or a deleted file freed back to its host in bursts, for seconds
     afterwards, on the guest's CPUs: a run started meanwhile competes with that work, and the
     time of a short merge on a 2-core machine varied by half. ``quiet``: seconds without a change
-    that count as settled; ``limit``: the longest wait."""
+    that count as settled; ``limit``: the longest wait.
+
+    It first writes every dirty page to disk (``sync``): the bench's freshly built inputs, or
+    the last run's output, would otherwise be written back during the next timed run and take
+    the disk from it (a merge's output goes to the disk directly; engine/direct_write.py)."""
+    import os
     import time
 
+    os.sync()
     try:
         with open(_REPORTED_KIB) as f:
             last = f.read()
