@@ -20,7 +20,9 @@ either way. ``MECHA_DIRECT_WRITE=0`` in the environment keeps every write in the
 One thread writes: a worker copies its bytes into one of a few reused buffers and goes back to
 computing. A file system serialises writes that allocate blocks (ext4 holds the file's lock
 through a direct write into new blocks, the device's time included), so workers writing for
-themselves mostly waited for each other; the copy costs what the page cache's copy did.
+themselves mostly waited for each other; the copy costs what the page cache's copy did. The
+unaligned edges go through the same thread for the same reason: written from the workers, each
+waited for the file's lock behind a direct write (a weighted sum of two SD1 files: 2.3 s -> 2.9 s).
 """
 
 from __future__ import annotations
