@@ -83,15 +83,26 @@ def _chunks(total: int, seed: int) -> list[tuple[int, bytes]]:
     return out
 
 
-def test_writes_land_where_asked_from_many_threads(direct_folder):
+def _pool(region: int = MIB, count: int = 64) -> direct_write.RegionPool:
+    return direct_write.RegionPool(region, count)
+
+
+def _expected(total: int, chunks: list[tuple[int, bytes]]) -> bytes:
+    expected = bytearray(total)
+    for position, data in chunks:
+        expected[position:position + len(data)] = data
+    return bytes(expected)
+
+
+def test_writes_land_where_asked_in_any_order(direct_folder):
     path = str(direct_folder / "out.bin")
     total = 40 * MIB + 123
     fd = _new_file(path, total)
-    writer = OutputWriter(fd, path)
+    writer = OutputWriter(fd, path, (0, total), pool=_pool(count=64))  # every region at once if need be
     assert writer.direct
     chunks = _chunks(total, 1)
     rng = random.Random(2)
-    rng.shuffle(chunks)  # units finish in any order
+    rng.shuffle(chunks)
     threads = [threading.Thread(target=lambda part=chunks[i::3]: [writer.write(d, p) for p, d in part])
                for i in range(3)]
     for t in threads:
@@ -101,47 +112,114 @@ def test_writes_land_where_asked_from_many_threads(direct_folder):
     writer.finish()
     writer.close()
     os.close(fd)
-    expected = bytearray(total)
-    for position, data in chunks:
-        expected[position:position + len(data)] = data
     with open(path, "rb") as f:
-        assert f.read() == bytes(expected)
+        assert f.read() == _expected(total, chunks)
 
 
-def test_the_middle_of_a_large_write_skips_the_page_cache(direct_folder):
+def test_workers_taking_writes_in_order_never_run_out_of_regions(direct_folder):
+    # as the engine's workers do: each takes the next unit, three at once, and the pool holds
+    # 2 * 3 + 2 regions, fewer than the file has (the module's docstring says why that is enough)
+    path = str(direct_folder / "out.bin")
+    total = 30 * MIB + 5
+    fd = _new_file(path, total)
+    writer = OutputWriter(fd, path, (0, total), pool=_pool(count=2 * 3 + 2))
+    chunks = _chunks(total, 4)
+    todo = iter(chunks)
+    lock = threading.Lock()
+
+    def work():
+        while True:
+            with lock:
+                item = next(todo, None)
+            if item is None:
+                return
+            writer.write(item[1], item[0])
+
+    threads = [threading.Thread(target=work, daemon=True) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+        assert not t.is_alive(), "a worker waits for a region forever"
+    writer.finish()
+    writer.close()
+    os.close(fd)
+    with open(path, "rb") as f:
+        assert f.read() == _expected(total, chunks)
+
+
+def test_a_region_is_written_past_the_page_cache_and_the_span_edges_through_it(direct_folder):
     path = str(direct_folder / "out.bin")
     start, n = 4096 * 3 + 100, 5 * MIB  # unaligned start and end
     fd = _new_file(path, start + n + 5000)
-    writer = OutputWriter(fd, path)
+    writer = OutputWriter(fd, path, (start, start + n), pool=_pool(8 * MIB, 1))
     writer.write(bytearray(os.urandom(n)), start)  # writable: copied without the GIL
+    writer.finish()
     writer.close()
     os.close(fd)
     resident = _resident_pages(path)
     first_page, last_page = start // 4096, (start + n - 1) // 4096
-    assert resident[first_page] and resident[last_page]  # the edges: through the page cache
+    assert resident[first_page] and resident[last_page]  # the partial blocks: through the page cache
     middle = resident[first_page + 1:last_page]
     assert len(middle) > 1000 and not any(middle)
 
 
-def test_a_small_write_goes_through_the_page_cache(direct_folder):
+def test_bytes_written_elsewhere_are_written_around(direct_folder):
+    # a key copied file to file lands in the page cache first; its region is written around it
     path = str(direct_folder / "out.bin")
-    fd = _new_file(path, 64 * 1024)
-    writer = OutputWriter(fd, path)
-    small = 64 * 1024 - 8192  # its aligned middle is under the direct minimum
-    writer.write(b"x" * small, 4096)
+    total = 5 * MIB + 77
+    fd = _new_file(path, total)
+    writer = OutputWriter(fd, path, (0, total), pool=_pool(2 * MIB, 2))
+    chunks = _chunks(total, 6)
+    for i, (position, data) in enumerate(chunks):
+        if i % 2:
+            os.pwrite(fd, data, position)
+            writer.written(position, len(data))
+        else:
+            writer.write(data, position)
+    writer.finish()
     writer.close()
     os.close(fd)
-    resident = _resident_pages(path)
-    assert all(resident[1:15])
     with open(path, "rb") as f:
-        assert f.read() == b"\0" * 4096 + b"x" * small + b"\0" * 4096
+        assert f.read() == _expected(total, chunks)
+
+
+def test_bytes_that_never_arrive_are_an_error(direct_folder):
+    path = str(direct_folder / "out.bin")
+    fd = _new_file(path, 3 * MIB)
+    writer = OutputWriter(fd, path, (0, 3 * MIB), pool=_pool())
+    writer.write(b"x" * (2 * MIB + 1), 0)
+    with pytest.raises(RuntimeError, match=f"bytes {2 * MIB}..{3 * MIB} were not all written"):
+        writer.finish()
+    writer.close()
+    os.close(fd)
+
+
+def test_a_write_outside_the_span_is_refused(direct_folder):
+    path = str(direct_folder / "out.bin")
+    fd = _new_file(path, MIB)
+    writer = OutputWriter(fd, path, (100, MIB), pool=_pool())
+    with pytest.raises(ValueError, match="outside"):
+        writer.write(b"abc", 98)
+    writer.close()
+    os.close(fd)
+
+
+def test_regions_take_a_quarter_of_the_budget_at_most():
+    pool = direct_write.RegionPool.for_merge(1 << 30, 2)  # the default budget, two workers
+    assert (pool.size, pool.count) == (32 * MIB, 6)  # 192 MiB <= 256 MiB
+    pool = direct_write.RegionPool.for_merge(1 << 30, 16)
+    assert (pool.size, pool.count) == (4 * MIB, 34)  # 8 MiB regions would take 272 MiB
+    pool = direct_write.RegionPool.for_merge(64 * MIB, 1)
+    assert (pool.size, pool.count, pool.reserved) == (4 * MIB, 4, 16 * MIB)
+    assert direct_write.RegionPool.for_merge(20 * MIB, 2) is None  # 6 x 1 MiB > 5 MiB: no staging
 
 
 def test_a_refused_direct_write_is_written_the_ordinary_way(direct_folder, monkeypatch):
     path = str(direct_folder / "out.bin")
     total = 12 * MIB + 5
     fd = _new_file(path, total)
-    writer = OutputWriter(fd, path)
+    writer = OutputWriter(fd, path, (0, total), pool=_pool())
     real = os.pwrite
     refused = []
 
@@ -155,6 +233,7 @@ def test_a_refused_direct_write_is_written_the_ordinary_way(direct_folder, monke
     chunks = _chunks(total, 3)
     for position, data in chunks:
         writer.write(data, position)
+    writer.finish()
     writer.close()
     os.close(fd)
     assert len(refused) == 1 and not writer.direct  # refused once: never tried again
@@ -165,7 +244,7 @@ def test_a_refused_direct_write_is_written_the_ordinary_way(direct_folder, monke
 def test_other_write_errors_are_raised(direct_folder, monkeypatch):
     path = str(direct_folder / "out.bin")
     fd = _new_file(path, 8 * MIB)
-    writer = OutputWriter(fd, path)
+    writer = OutputWriter(fd, path, (1, 4 * MIB + 1), pool=_pool())
     real = os.pwrite
 
     def pwrite(target, data, position):
@@ -174,7 +253,7 @@ def test_other_write_errors_are_raised(direct_folder, monkeypatch):
         return real(target, data, position)
 
     monkeypatch.setattr(direct_write.os, "pwrite", pwrite)
-    writer.write(bytes(4 * MIB), 1)  # queued: the writer thread meets the error
+    writer.write(bytes(4 * MIB), 1)  # staged: the writer thread meets the error
     with pytest.raises(OSError) as caught:
         writer.finish()
     assert caught.value.errno == errno.ENOSPC
@@ -187,7 +266,7 @@ def test_other_write_errors_are_raised(direct_folder, monkeypatch):
 def test_a_write_after_the_writers_failure_raises_it(direct_folder, monkeypatch):
     path = str(direct_folder / "out.bin")
     fd = _new_file(path, 8 * MIB)
-    writer = OutputWriter(fd, path)
+    writer = OutputWriter(fd, path, (5, 3 * MIB + 5), pool=_pool())
     monkeypatch.setattr(direct_write.os, "pwrite", lambda *a: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
     writer.write(bytes(3 * MIB), 5)
     writer.close()  # waits for the queue: the error is recorded by then
@@ -200,7 +279,7 @@ def test_a_write_after_the_writers_failure_raises_it(direct_folder, monkeypatch)
 def test_without_a_path_every_write_is_ordinary(tmp_path):
     path = str(tmp_path / "out.bin")
     fd = _new_file(path, 4 * MIB)
-    writer = OutputWriter(fd, None)
+    writer = OutputWriter(fd, None, (0, 4 * MIB), pool=_pool())
     assert not writer.direct
     writer.write(b"\1" * (3 * MIB), 17)
     os.close(fd)
@@ -225,14 +304,14 @@ def test_a_merge_with_large_keys_gives_the_reference_bytes(direct_folder):
 
 
 def test_writers_sharing_one_buffer_write_every_file(direct_folder):
-    # a folder's shards share the buffers of one pool: one buffer is enough for all of them
-    pool = direct_write.BufferPool(1)
+    # a folder's shards share the regions of one pool: one is enough for writers that go in order
+    pool = _pool(MIB, 1)
     files = []
     for name, seed in (("a.bin", 11), ("b.bin", 12)):
         path = str(direct_folder / name)
         total = 20 * MIB + seed
         fd = _new_file(path, total)
-        files.append((path, fd, OutputWriter(fd, path, pool=pool), _chunks(total, seed)))
+        files.append((path, fd, OutputWriter(fd, path, (0, total), pool=pool), _chunks(total, seed)))
     threads = [threading.Thread(target=lambda w=w, c=c: [w.write(d, p) for p, d in c]) for _, _, w, c in files]
     for t in threads:
         t.start()
@@ -245,3 +324,25 @@ def test_writers_sharing_one_buffer_write_every_file(direct_folder):
         os.close(fd)
         with open(path, "rb") as f:
             assert f.read() == b"".join(d for _, d in chunks)
+
+
+def test_a_failed_region_write_fails_the_merge_and_leaves_nothing(direct_folder, monkeypatch):
+    gen = torch.Generator().manual_seed(8)
+    for name in "ab":
+        write_checkpoint(direct_folder / f"{name}.safetensors", {"big": torch.randn(3000, 1000, generator=gen)})
+    out = direct_folder / "out.safetensors"
+    real = os.pwrite
+    failed = []
+
+    def pwrite(fd, data, position):
+        if len(memoryview(data)) >= MIB:  # a region's direct write, on the writer thread
+            failed.append(position)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data, position)
+
+    monkeypatch.setattr(direct_write.os, "pwrite", pwrite)
+    with pytest.raises(mecha.MechaError, match="out.safetensors: writing failed: No space left on device"):
+        mecha.merge(mecha.weighted_sum(mecha.model(str(direct_folder / "a.safetensors")),
+                                       mecha.model(str(direct_folder / "b.safetensors")), alpha=0.5), str(out))
+    assert failed and sorted(os.listdir(direct_folder)) == ["a.safetensors", "b.safetensors"]
+

@@ -116,7 +116,11 @@ def test_unwritable_output_folder(work, monkeypatch):
 
 
 def _fail_writes_after(monkeypatch, calls: int, error: int = errno.ENOSPC) -> list[int]:
-    """Make the engine's os.pwrite fail with ``error`` from call ``calls + 1`` on."""
+    """Make the engine's os.pwrite fail with ``error`` from call ``calls + 1`` on. Every unit
+    writes its bytes at once (no staging in regions past the page cache, which writes these
+    small files in one or two calls): the fault lands part way through the keys. A failure of
+    the staged writes: tests/test_direct_write.py."""
+    monkeypatch.setenv("MECHA_DIRECT_WRITE", "0")
     real = os.pwrite
     count = [0]
 

@@ -1,4 +1,4 @@
-"""Writing the output's large tensors past the page cache (``O_DIRECT``), from one writer thread.
+"""Writing the output past the page cache (``O_DIRECT``): whole regions, from one writer thread.
 
 A merge's output is written once and not read back by the merge: keeping it in the page cache
 only evicts what is worth keeping there (the inputs, on a merge of many large models) and makes
@@ -9,20 +9,31 @@ took 5.4-8.2 s on this project's machines when its pages were fresh, 0.5-1.0 s w
 been used, and 1.4 s through ``O_DIRECT`` either way (docs/benchmarks.md).
 
 Direct I/O wants the file position, the length and the memory address aligned to the file
-system's block. A unit's bytes start and end anywhere, so the aligned middle of each write goes
-through ``O_DIRECT`` from page-aligned buffers, and the unaligned edges (less than one block at
-each end) go through the ordinary descriptor. The two never share a block, so the kernel keeps
-them coherent. Where ``O_DIRECT`` is refused (tmpfs, some network file systems, other
-platforms) everything goes through the ordinary descriptor. The bytes in the file are the same
-either way. ``MECHA_DIRECT_WRITE=0`` in the environment keeps every write in the page cache
-(a slow disk then finishes the writes after the merge returns, as it always did).
+system's block, and it is cheaper the larger each write: 2.1 GB written in 2 MiB pieces took
+1.9-2.3 s with both CPUs busy, in 32 MiB pieces 1.1-1.5 s. A unit's bytes start and end
+anywhere and a slice is a few MiB, so the writer stages the file in *regions*: aligned stretches
+of up to 32 MiB, each a buffer in memory. Workers copy their bytes into the regions they fall in;
+a region whose every byte has arrived is written with one direct write (the file's first and
+last partial blocks, and blocks shared with bytes written some other way, go through the
+ordinary descriptor; the two never share a block, so the kernel keeps them coherent). Every
+byte of the writer's span must be written once, by :meth:`OutputWriter.write` or, for bytes the
+caller put in the file itself (a key copied file to file), announced with
+:meth:`OutputWriter.written`; :meth:`OutputWriter.finish` says so when some were not.
 
-One thread writes: a worker copies its bytes into one of a few reused buffers and goes back to
-computing. A file system serialises writes that allocate blocks (ext4 holds the file's lock
-through a direct write into new blocks, the device's time included), so workers writing for
-themselves mostly waited for each other; the copy costs what the page cache's copy did. The
-unaligned edges go through the same thread for the same reason: written from the workers, each
-waited for the file's lock behind a direct write (a weighted sum of two SD1 files: 2.3 s -> 2.9 s).
+Units run in output order, so few regions are ever unfinished: at most two for each unit in
+flight (its first and its last) and one where the next unit starts; the pool holds
+``2 * threads + 2`` buffers, so a worker waiting for a buffer always waits for one the writer
+thread is about to free, never for one that only a waiting worker could complete. The buffers
+are made on first need and count against the memory budget (:attr:`RegionPool.reserved`).
+
+One thread writes. A file system serialises writes that allocate blocks (ext4 holds the file's
+lock through a direct write into new blocks, the device's time included), so workers writing for
+themselves mostly waited for each other.
+
+Where ``O_DIRECT`` is refused (tmpfs, some network file systems, other platforms) every write
+goes through the ordinary descriptor at once. The bytes in the file are the same either way.
+``MECHA_DIRECT_WRITE=0`` in the environment keeps every write in the page cache (a slow disk
+then finishes the writes after the merge returns, as it always did).
 """
 
 from __future__ import annotations
@@ -35,13 +46,12 @@ import queue
 import threading
 from typing import Any
 
-#: the bytes of one buffer: the largest single direct write (a multiple of any block size used)
-_BUFFER = 8 << 20
-#: buffers in flight: workers wait for a free one when the device is slower than the merge
-_BUFFERS = 4
-#: shorter middles go through the page cache (each direct write is a request to the device of
-#: its own); a merge's slices are larger: 840 KB of float16 for each slice of a mean of 8 models
-_MIN_DIRECT = 64 << 10
+#: the largest region: the largest single direct write
+_REGION = 32 << 20
+#: smaller regions than this are not worth staging: every write then goes through the page cache
+_MIN_REGION = 1 << 20
+#: the share of the memory budget the regions may take at most (the units get the rest)
+_BUDGET_SHARE = 4
 _ALIGN = 4096
 
 
@@ -54,112 +64,216 @@ def pwrite_all(fd: int, data: Any, position: int) -> None:
         view, position = view[written:], position + written
 
 
-class BufferPool:
-    """The page-aligned buffers direct writes are copied into, shared by the writers of one
-    merge: a folder's shard files are all open at once, and buffers of their own would stay
-    resident for each (32 MiB a shard)."""
+class RegionPool:
+    """The page-aligned buffers regions are staged in, shared by every writer of one merge (a
+    folder's shard files are all open at once), made on first need, ``count`` at most."""
 
-    def __init__(self, count: int = _BUFFERS):
-        self._free: queue.Queue[tuple[mmap.mmap, int]] = queue.Queue()
-        for _ in range(count):  # anonymous maps: page-aligned, their pages made on first use
-            buffer = mmap.mmap(-1, _BUFFER)
-            self._free.put((buffer, ctypes.addressof(ctypes.c_char.from_buffer(buffer))))
+    def __init__(self, size: int, count: int):
+        self.size = size
+        """Bytes of one region (a power of two, a multiple of any file system block)."""
+        self.count = count
+        """Buffers at most."""
+        self._free: list[tuple[mmap.mmap, int]] = []
+        self._made = 0
+        self._cond = threading.Condition()
+
+    @classmethod
+    def for_merge(cls, memory_budget: int, threads: int) -> RegionPool | None:
+        """The pool for a merge run by ``threads`` workers: ``2 * threads + 2`` regions (see the
+        module's docstring), as large as fits in a quarter of ``memory_budget`` up to 32 MiB;
+        ``None`` when even 1 MiB regions do not fit (every write then goes through the page cache)."""
+        count = 2 * max(1, threads) + 2
+        size = _REGION
+        while size >= _MIN_REGION and count * size > memory_budget // _BUDGET_SHARE:
+            size //= 2
+        return cls(size, count) if size >= _MIN_REGION else None
+
+    @property
+    def reserved(self) -> int:
+        """The most memory the buffers hold."""
+        return self.size * self.count
 
     def get(self) -> tuple[mmap.mmap, int]:
-        """A free buffer and its address (waits for one)."""
-        return self._free.get()
+        """A free buffer and its address (made when fewer than ``count`` exist, else waits for one)."""
+        with self._cond:
+            while not self._free and self._made >= self.count:
+                self._cond.wait()
+            if self._free:
+                return self._free.pop()
+            self._made += 1
+        buffer = mmap.mmap(-1, self.size)  # anonymous: page-aligned, its pages made on first use
+        return buffer, ctypes.addressof(ctypes.c_char.from_buffer(buffer))
 
     def put(self, buffer: tuple[mmap.mmap, int]) -> None:
         """Hand a buffer back."""
-        self._free.put(buffer)
+        with self._cond:
+            self._free.append(buffer)
+            self._cond.notify()
+
+
+class _Region:
+    """One region being filled: its buffer (none while only bytes written elsewhere arrived),
+    the bytes that arrived, and the stretches the caller wrote itself."""
+
+    __slots__ = ("buffer", "filled", "elsewhere")
+
+    def __init__(self) -> None:
+        self.buffer: tuple[mmap.mmap, int] | None = None
+        self.filled = 0
+        self.elsewhere: list[tuple[int, int]] = []
 
 
 class OutputWriter:
-    """Writes byte ranges of one output file: large ones through ``O_DIRECT`` where the file
-    system takes it, from a writer thread of its own; else each caller writes to ``fd``.
+    """Writes the bytes ``span`` (start, end) of one output file, each byte once, from any
+    thread: staged in the regions of ``pool`` and written past the page cache from a writer
+    thread of its own where the file system takes ``O_DIRECT``; else each caller writes to ``fd``.
 
-    :meth:`write` may be called from any thread; an error of the writer thread is raised by the
+    The file is done when :meth:`finish` returns; an error of the writer thread is raised by the
     next :meth:`write` or by :meth:`finish`. ``fd`` stays the caller's (it writes the header and
     closes it); :meth:`close` stops the thread and closes the direct descriptor."""
 
-    def __init__(self, fd: int, path: str | None, *, direct: bool = True, pool: BufferPool | None = None):
+    def __init__(self, fd: int, path: str | None, span: tuple[int, int], *, pool: RegionPool | None):
         self.fd = fd
         self.direct_fd = -1
         self.block = _ALIGN
+        self.span = span
         self.refused = False  # the kernel refused a direct write: every later one goes through fd
-        if direct and path is not None and hasattr(os, "O_DIRECT") and os.environ.get("MECHA_DIRECT_WRITE") != "0":
+        if (pool is not None and path is not None and hasattr(os, "O_DIRECT")
+                and os.environ.get("MECHA_DIRECT_WRITE") != "0"):
             try:
                 self.block = max(_ALIGN, os.statvfs(path).f_bsize)
-                self.direct_fd = os.open(path, os.O_WRONLY | os.O_DIRECT | getattr(os, "O_CLOEXEC", 0))
+                if pool.size % self.block == 0:
+                    self.direct_fd = os.open(path, os.O_WRONLY | os.O_DIRECT | getattr(os, "O_CLOEXEC", 0))
             except OSError:
                 self.direct_fd = -1
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         if self.direct_fd >= 0:
-            self._free = pool if pool is not None else BufferPool()
-            self._todo: queue.Queue[tuple[Any, int, int, bool] | None] = queue.Queue()
+            assert pool is not None
+            self._pool = pool
+            self._regions: dict[int, _Region] = {}
+            self._lock = threading.Lock()
+            self._todo: queue.Queue[tuple[int, _Region] | None] = queue.Queue()
             self._thread = threading.Thread(target=self._write_forever, name="mecha-writer", daemon=True)
             self._thread.start()
 
     @property
     def direct(self) -> bool:
-        """Whether large writes go past the page cache."""
+        """Whether the writes are staged and go past the page cache."""
         return self.direct_fd >= 0 and not self.refused
 
     def write(self, data: Any, position: int) -> None:
-        """Write all of ``data`` (a bytes-like object) at ``position``: done when :meth:`finish`
-        returns (at once without a writer thread)."""
+        """Write all of ``data`` (a bytes-like object) at ``position``: in the file when
+        :meth:`finish` returns (at once without a writer thread)."""
         self._raise_failure()
         view = memoryview(data).cast("B")
         if self._thread is None:
             pwrite_all(self.fd, view, position)
             return
-        first = min(-(-position // self.block) * self.block, position + len(view))
-        last = max((position + len(view)) // self.block * self.block, first)
-        direct = last - first >= _MIN_DIRECT
-        if not direct:
-            first = last = position + len(view)
-        if first > position:
-            self._queue_copy(view[:first - position], position, False)
-        if last > first:
-            self._queue_copy(view[first - position:last - position], first, True)
-        if position + len(view) > last:
-            self._queue_copy(view[last - position:], last, False)
-
-    def _queue_copy(self, view: memoryview, position: int, direct: bool) -> None:
-        if len(view) < _ALIGN:  # an edge: a copy of its own
-            self._todo.put((bytes(view), len(view), position, False))
-            return
+        self._check_span(position, len(view))
         source = _address(view)
-        done = 0
-        while done < len(view):
-            n = min(_BUFFER, len(view) - done)
-            buffer, address = self._free.get()
+        size = self._pool.size
+        end, done = position + len(view), position
+        while done < end:
+            index = done // size
+            n = min(end, (index + 1) * size) - done
+            region = self._region(index, True)
+            assert region.buffer is not None
+            buffer, address = region.buffer
+            at, offset = done - index * size, done - position
             if source is not None:
-                ctypes.memmove(address, source + done, n)  # without the GIL
+                ctypes.memmove(address + at, source + offset, n)  # without the GIL
             else:
-                memoryview(buffer)[:n] = view[done:done + n]
-            self._todo.put(((buffer, address), n, position + done, direct))
+                memoryview(buffer)[at:at + n] = view[offset:offset + n]
+            self._arrived(index, region, n, None)
             done += n
+
+    def written(self, position: int, n: int) -> None:
+        """Say that the caller wrote bytes ``position .. position + n`` to ``fd`` itself (a key
+        copied file to file): the regions they fall in are written around them."""
+        if self._thread is None:
+            return
+        self._check_span(position, n)
+        size = self._pool.size
+        end, done = position + n, position
+        while done < end:
+            index = done // size
+            stop = min(end, (index + 1) * size)
+            self._arrived(index, self._region(index, False), stop - done, (done, stop))
+            done = stop
+
+    def _check_span(self, position: int, n: int) -> None:
+        if position < self.span[0] or position + n > self.span[1]:
+            raise ValueError(f"bytes {position}..{position + n} are outside the writer's span {self.span}")
+
+    def _region(self, index: int, buffered: bool) -> _Region:
+        with self._lock:
+            region = self._regions.get(index)
+            if region is None:
+                region = self._regions[index] = _Region()
+            if region.buffer is not None or not buffered:
+                return region
+        buffer: tuple[mmap.mmap, int] | None = self._pool.get()  # outside the lock: it may wait
+        with self._lock:
+            if region.buffer is None:
+                region.buffer, buffer = buffer, None
+        if buffer is not None:  # another worker gave the region one meanwhile
+            self._pool.put(buffer)
+        return region
+
+    def _arrived(self, index: int, region: _Region, n: int, elsewhere: tuple[int, int] | None) -> None:
+        size = self._pool.size
+        expected = min((index + 1) * size, self.span[1]) - max(index * size, self.span[0])
+        with self._lock:
+            region.filled += n
+            if elsewhere is not None:
+                region.elsewhere.append(elsewhere)
+            if region.filled < expected:
+                return
+            del self._regions[index]
+        self._todo.put((index, region))
 
     def _write_forever(self) -> None:
         while True:
             item = self._todo.get()
             if item is None:
                 return
-            data, n, position, direct = item
-            pooled = isinstance(data, tuple)
+            index, region = item
             try:
                 if self._error is None:
-                    self._write(memoryview(data[0] if pooled else data)[:n], position, direct)
+                    self._write_region(index, region)
             except BaseException as exc:  # raised in the workers' threads, by write() or finish()
                 self._error = exc
             finally:
-                if pooled:
-                    self._free.put(data)
+                if region.buffer is not None:
+                    self._pool.put(region.buffer)
 
-    def _write(self, view: memoryview, position: int, direct: bool) -> None:
-        if direct and not self.refused:
+    def _write_region(self, index: int, region: _Region) -> None:
+        begin = index * self._pool.size
+        lo, hi = max(begin, self.span[0]), min(begin + self._pool.size, self.span[1])
+        runs, at = [], lo  # the stretches staged in the buffer: the region less what came elsewhere
+        for a, b in sorted(region.elsewhere):
+            if a > at:
+                runs.append((at, a))
+            at = max(at, b)
+        if hi > at:
+            runs.append((at, hi))
+        if not runs:
+            return
+        assert region.buffer is not None
+        buffer = memoryview(region.buffer[0])
+        for a, b in runs:
+            first = min(-(-a // self.block) * self.block, b)
+            last = max(b // self.block * self.block, first)
+            if first > a:  # a partial block: through the page cache
+                pwrite_all(self.fd, buffer[a - begin:first - begin], a)
+            if last > first:
+                self._write_direct(buffer[first - begin:last - begin], first)
+            if b > last:
+                pwrite_all(self.fd, buffer[last - begin:b - begin], last)
+
+    def _write_direct(self, view: memoryview, position: int) -> None:
+        if not self.refused:
             try:
                 pwrite_all(self.direct_fd, view, position)
                 return
@@ -174,9 +288,15 @@ class OutputWriter:
             raise self._error
 
     def finish(self) -> None:
-        """Wait until everything written so far is in the file; raise the writer's error if any."""
+        """Wait until everything written so far is in the file; raise the writer's error if
+        any, and say so when bytes of the span never arrived (a caller's mistake)."""
         self._stop()
         self._raise_failure()
+        if self.direct_fd >= 0 and self._regions:
+            size = self._pool.size
+            index = min(self._regions)
+            raise RuntimeError(f"the output's bytes {max(index * size, self.span[0])}.."
+                               f"{min((index + 1) * size, self.span[1])} were not all written")
 
     def _stop(self) -> None:
         thread, self._thread = self._thread, None
@@ -185,10 +305,16 @@ class OutputWriter:
             thread.join()
 
     def close(self) -> None:
-        """Stop the writer thread (after what was queued) and close the direct descriptor (not ``fd``)."""
+        """Stop the writer thread (after what was queued), hand back the buffers of regions
+        left unfinished (a failed merge) and close the direct descriptor (not ``fd``)."""
         self._stop()
         fd, self.direct_fd = self.direct_fd, -1
         if fd >= 0:
+            with self._lock:
+                left, self._regions = list(self._regions.values()), {}
+            for region in left:
+                if region.buffer is not None:
+                    self._pool.put(region.buffer)
             try:
                 os.close(fd)
             except OSError:

@@ -17,13 +17,13 @@ from ..lazy import torch
 from ..output import (OutputFile, Protected, Terminated, TerminateAsInterrupt, output_mode, resolve_output,  # noqa: F401
                       temp_prefix)
 from .allocator import reuse_freed_memory
-from .direct_write import OutputWriter, pwrite_all
+from .direct_write import OutputWriter, RegionPool, pwrite_all
 from .evaluate import Evaluator
 from .folders import source_files
 from .passthrough import PassThrough
 from .plan import Plan
 from .safetensors_io import ITEMSIZE, build_header, is_float, tensor_bytes, torch_dtype
-from .schedule import Unit, run_units
+from .schedule import Unit, run_units, worker_count
 
 
 #: output dtypes without infinity, where torch clamps out-of-range values instead of making them
@@ -107,11 +107,13 @@ def execute(plan: Plan, output: str | os.PathLike[str], metadata: dict[str, str]
                     # One intra-op thread per worker: results then never depend on how torch splits a
                     # reduction, so the bytes are the same for any thread count.
                     torch.set_num_threads(1)
-                    writer = OutputWriter(out.fd, out.path)  # large writes past the page cache
+                    pool = RegionPool.for_merge(plan.options.memory_budget, worker_count(plan))
+                    writer = OutputWriter(out.fd, out.path, (data_start, total), pool=pool)  # past the page cache
                     try:
                         place = {key: (writer, data_start + offset) for key, offset in offsets.items()}
+                        reserved = pool.reserved if writer.direct and pool is not None else 0
                         with reuse_freed_memory(plan.options.memory_budget):  # fewer page faults (engine/allocator.py)
-                            run_units(plan, _writer(plan, place, write_hook, output), progress)
+                            run_units(plan, _writer(plan, place, write_hook, output), progress, reserved)
                         writer.finish()  # an error of its thread: an OSError, "writing failed" below
                     finally:
                         writer.close()
@@ -210,7 +212,9 @@ def _writer(plan: Plan, place: Mapping[str, tuple[OutputWriter, int]],
                 hooked = True
                 writer, base = place[key]
                 if passthrough.copy(key, writer.fd, base + start * ITEMSIZE[info.dtype], start, end):
-                    return ((info.numel if end is None else end) - start) * ITEMSIZE[info.dtype]
+                    n = ((info.numel if end is None else end) - start) * ITEMSIZE[info.dtype]
+                    writer.written(base + start * ITEMSIZE[info.dtype], n)  # its regions are written around it
+                    return n
             except OSError as exc:
                 raise OutputError(f"{output}: writing failed: {exc.strerror or exc}") from None
         data = piece_data(evaluator, plan, key, start, end, stats)

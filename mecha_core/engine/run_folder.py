@@ -21,12 +21,12 @@ from ..output import Protected
 from ..output_folder import INDEX_NAME, RECIPE_NAME, OutputFolder, copy_file, files_to_copy, write_bytes
 from ..recipe.nodes import ModelNode
 from .allocator import reuse_freed_memory
-from .direct_write import BufferPool, OutputWriter
+from .direct_write import OutputWriter, RegionPool
 from .folders import is_pipeline_folder
 from .layer_view import rewrite_config
 from .plan import Plan
 from .run import _writer
-from .schedule import run_units
+from .schedule import run_units, worker_count
 from .shards import Shard, ShardLayout, plan_shards
 
 #: Added to every shard's metadata: transformers refuses a safetensors file whose metadata
@@ -73,19 +73,20 @@ def _write_shards(plan: Plan, shards: list[tuple[Shard, str]], progress: bool,
     part = plan if len(keys) == len(plan.output) else attrs.evolve(plan, output={k: plan.output[k] for k in keys})
     fds: list[int] = []
     writers: list[OutputWriter] = []
-    buffers = BufferPool()  # one set for every shard: all shards are open at once
+    pool = RegionPool.for_merge(plan.options.memory_budget, worker_count(plan))  # shared: all shards are open at once
     old_threads = torch.get_num_threads()
     try:
         place: dict[str, tuple[OutputWriter, int]] = {}
         for shard, path in shards:
             fd = _create_shard(shard, path)
             fds.append(fd)
-            writers.append(OutputWriter(fd, path, pool=buffers))  # large writes past the page cache
+            writers.append(OutputWriter(fd, path, (len(shard.header), shard.size), pool=pool))  # past the page cache
             place.update({key: (writers[-1], len(shard.header) + offset) for key, offset in shard.offsets.items()})
         # one intra-op thread per worker, as for a single file: bytes independent of the thread count
         torch.set_num_threads(1)
         with reuse_freed_memory(plan.options.memory_budget):  # fewer page faults (engine/allocator.py)
-            run_units(part, _writer(part, place, write_hook, label), progress)
+            reserved = pool.reserved if pool is not None and any(w.direct for w in writers) else 0
+            run_units(part, _writer(part, place, write_hook, label), progress, reserved)
         for writer in writers:  # an error of a writer's thread: the same message as a worker's
             try:
                 writer.finish()

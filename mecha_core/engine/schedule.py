@@ -208,18 +208,24 @@ class Progress:
             sys.stderr.write("\n")
 
 
-def run_units(plan: Plan, job: Callable[[Unit], int], progress: bool = False) -> None:
-    """Run ``job`` on every unit of ``plan`` in a thread pool, within the memory budget.
+def worker_count(plan: Plan) -> int:
+    """The worker threads a plan runs with (``--threads``, else one per CPU)."""
+    return max(1, plan.options.threads or os.cpu_count() or 1)
 
-    ``job`` returns the bytes it wrote (for the progress line). After the first failure no new
-    unit starts; once the running ones are done, the failure of the earliest unit is raised. On
-    Ctrl-C this returns only when no unit runs any more.
+
+def run_units(plan: Plan, job: Callable[[Unit], int], progress: bool = False, reserved: int = 0) -> None:
+    """Run ``job`` on every unit of ``plan`` in a thread pool, within the memory budget less
+    ``reserved`` bytes (what the output writer's buffers may hold).
+
+    ``job`` returns the bytes it wrote (for the progress line). Units start in output order.
+    After the first failure no new unit starts; once the running ones are done, the failure of
+    the earliest unit is raised. On Ctrl-C this returns only when no unit runs any more.
     """
     opts = plan.options
     todo = units(plan)
     _warn_over_budget(plan, todo)
-    threads = max(1, opts.threads or os.cpu_count() or 1)
-    budget = Budget(max(1, opts.memory_budget))
+    threads = worker_count(plan)
+    budget = Budget(max(1, opts.memory_budget - reserved))
     stop = threading.Event()
     report = Progress(len(plan.output), sum(i.numel * ITEMSIZE[i.dtype] for i in plan.output.values()), progress)
     errors: list[tuple[int, BaseException]] = []
