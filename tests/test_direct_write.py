@@ -184,6 +184,40 @@ def test_bytes_written_elsewhere_are_written_around(direct_folder):
         assert f.read() == _expected(total, chunks)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_cast_into_the_regions_gives_the_bytes_of_the_cast_tensor(direct_folder, dtype):
+    path = str(direct_folder / "out.bin")
+    gen = torch.Generator().manual_seed(9)
+    parts = [torch.randn(n, generator=gen) * 1e3 for n in (700_001, 1_300_000, 5)]  # across 1 MiB regions
+    start = 4096 + 8
+    total = start + sum(p.numel() for p in parts) * 2
+    fd = _new_file(path, total)
+    writer = OutputWriter(fd, path, (start, total), pool=_pool(MIB, 4))
+    position = start
+    for part in parts:
+        assert writer.write_cast(part, dtype, position)
+        position += part.numel() * 2
+    writer.finish()
+    writer.close()
+    os.close(fd)
+    expected = b"".join(bytes(p.to(dtype).view(torch.uint8).numpy()) for p in parts)  # torch's own cast
+    with open(path, "rb") as f:
+        assert f.read()[start:] == expected
+
+
+def test_a_cast_at_a_position_off_the_item_size_is_left_to_the_caller(direct_folder):
+    path = str(direct_folder / "out.bin")
+    fd = _new_file(path, MIB)
+    writer = OutputWriter(fd, path, (0, MIB), pool=_pool())
+    assert not writer.write_cast(torch.ones(10), torch.float16, 3)
+    writer.write(b"\1" * MIB, 0)  # the caller writes instead: nothing of the refused cast arrived
+    writer.finish()
+    writer.close()
+    os.close(fd)
+    with open(path, "rb") as f:
+        assert f.read() == b"\1" * MIB
+
+
 def test_bytes_that_never_arrive_are_an_error(direct_folder):
     path = str(direct_folder / "out.bin")
     fd = _new_file(path, 3 * MIB)
@@ -286,6 +320,23 @@ def test_without_a_path_every_write_is_ordinary(tmp_path):
     with open(path, "rb") as f:
         data = f.read()
     assert data[17:17 + 3 * MIB] == b"\1" * (3 * MIB) and data.count(0) == 4 * MIB - 3 * MIB
+
+
+def test_a_float16_merge_cast_into_the_regions_gives_the_reference(direct_folder):
+    gen = torch.Generator().manual_seed(6)
+    shapes = {"big": (1500, 1100), "small": (7,), "odd": (333_333,)}
+    a = {k: torch.randn(s, generator=gen).half() for k, s in shapes.items()}
+    b = {k: torch.randn(s, generator=gen).half() for k, s in shapes.items()}
+    write_checkpoint(direct_folder / "a.safetensors", a)
+    write_checkpoint(direct_folder / "b.safetensors", b)
+    out = direct_folder / "out.safetensors"
+    mecha.merge(mecha.weighted_sum(mecha.model(str(direct_folder / "a.safetensors")),
+                                   mecha.model(str(direct_folder / "b.safetensors")), alpha=0.25),
+                str(out), memory_budget=64 * MIB)  # 4 MiB regions: the big key spans several
+    merged = read_tensors(out)
+    for key in shapes:  # in float32 (the work dtype), rounded once to float16
+        expected = (a[key].float() * 0.75 + b[key].float() * 0.25).half()
+        assert merged[key].dtype == torch.float16 and torch.equal(merged[key], expected), key
 
 
 def test_a_merge_with_large_keys_gives_the_reference_bytes(direct_folder):

@@ -46,6 +46,8 @@ import queue
 import threading
 from typing import Any
 
+from ..lazy import torch
+
 #: the largest region: the largest single direct write
 _REGION = 32 << 20
 #: smaller regions than this are not worth staging: every write then goes through the page cache
@@ -187,6 +189,31 @@ class OutputWriter:
                 memoryview(buffer)[at:at + n] = view[offset:offset + n]
             self._arrived(index, region, n, None)
             done += n
+
+    def write_cast(self, value: Any, dtype: Any, position: int) -> bool:
+        """Write the elements of the tensor ``value`` cast to the torch ``dtype`` at ``position``,
+        the cast writing straight into the regions (one pass over the bytes fewer than casting,
+        then copying); ``False`` (nothing written) without regions, or at a position that is not a
+        multiple of the item size: the caller casts and calls :meth:`write` then."""
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        if self._thread is None or position % itemsize:
+            return False
+        self._raise_failure()
+        flat = value.reshape(-1)
+        self._check_span(position, flat.numel() * itemsize)
+        size = self._pool.size  # a power of two of at least 1 MiB: no element straddles two regions
+        end, done = position + flat.numel() * itemsize, position
+        while done < end:
+            index = done // size
+            n = min(end, (index + 1) * size) - done
+            region = self._region(index, True)
+            assert region.buffer is not None
+            first = (done - position) // itemsize
+            into = torch.frombuffer(region.buffer[0], dtype=dtype, count=n // itemsize, offset=done - index * size)
+            into.copy_(flat[first:first + n // itemsize])
+            self._arrived(index, region, n, None)
+            done += n
+        return True
 
     def written(self, position: int, n: int) -> None:
         """Say that the caller wrote bytes ``position .. position + n`` to ``fd`` itself (a key
