@@ -422,6 +422,67 @@ def test_one_pass_window_over_pieces_smaller_than_a_record_finds_the_tie_in_its_
         assert torch.equal(walked.mask(values.abs(), ctx), want), k
 
 
+@pytest.mark.parametrize("scale, in_band", [(1.0, True), (1.01, False), (0.99, False)])
+def test_a_kth_inside_the_window_but_off_the_recorded_band_is_found_by_a_walk(scale, in_band):
+    """Only the window's bins near the first pieces' estimate of the k-th are recorded piece by
+    piece (statistics.BAND). Later pieces 1% larger (or smaller) than the first two move the k-th
+    out of that band but not out of the window: the threshold still comes from the one pass's
+    counts, and the last tie kept is found by walking the pieces (one more pass, no piece
+    evaluated alone) instead of from the records. Either way: the stable descending sort's
+    selection, ties included."""
+    size = statistics.WINDOW << 16
+    n = 6 * size + 99
+    gen = torch.Generator().manual_seed(3)
+    values = (torch.randint(-3000, 3001, (n,), generator=gen).to(torch.float16) / 64).float()
+    values[2 * size:] *= scale
+    ctx = MergeContext("k", TensorInfo((n,), "float32"))
+    passes, evaluated = [], []
+
+    def pieces():
+        passes.append(1)
+        return _pieces([values], size)()
+
+    def piece(i):
+        evaluated.append(i)
+        a, b = size * i, min(size * i + size, n)
+        return MergeContext("k", TensorInfo((n,), "float32"), start=a, stop=b), [values[a:b]]
+
+    k = n // 5
+    got = statistics.compute([TopK("t", lambda ctx, v: v, k)], pieces, n, piece=piece)["t"]
+    assert torch.equal(got.mask(values.abs(), ctx), _stable_top_k(values, k))
+    assert got.last_tie < n  # ties split: the last one kept had to be found
+    if in_band:
+        assert len(passes) == 1 and len(evaluated) == 1  # the records named its piece
+    else:
+        assert len(passes) == 2 and evaluated == []  # the window's counts, then a walk
+
+
+def test_window_counts_spilled_before_int32_would_overflow_select_the_same(monkeypatch):
+    """A key of more than 2**31 elements spills the window's int32 counts into int64 ones; with
+    the limit lowered to a few pieces' worth, the spills happen here and change nothing."""
+    size = statistics.WINDOW << 16
+    n = 5 * size + 3
+    gen = torch.Generator().manual_seed(21)
+    values = (torch.randint(-3000, 3001, (n,), generator=gen).to(torch.float16) / 64).float()
+    ctx = MergeContext("k", TensorInfo((n,), "float32"))
+    spills = []
+    real = statistics._Window.count
+
+    def count(self, index, bits):
+        before = self.spilled
+        real(self, index, bits)
+        if self.spilled is not before:
+            spills.append(index)
+
+    monkeypatch.setattr(statistics._Window, "count", count)
+    monkeypatch.setattr(statistics, "_INT32_COUNTS", 2 * size + 1)
+    for k in (n // 5, 777):
+        spills.clear()
+        got = statistics.compute([TopK("t", lambda ctx, v: v, k)], _pieces([values], size), n)["t"]
+        assert torch.equal(got.mask(values.abs(), ctx), _stable_top_k(values, k)), k
+        assert len(spills) >= 2
+
+
 @pytest.mark.parametrize("occupied", [0, 1, 37, 3000, 262_146])
 def test_nonzero_bins_of_a_histogram_equal_torch_nonzero(occupied):
     """The grouped search for a histogram's non-zero bins gives the same indices as
