@@ -94,6 +94,20 @@ def _expected(total: int, chunks: list[tuple[int, bytes]]) -> bytes:
     return bytes(expected)
 
 
+def _run_and_check(threads: list[threading.Thread], writer: OutputWriter, fd: int, path: str, expected: bytes) -> None:
+    """Run the writing threads, finish the file and compare its bytes with ``expected``."""
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+        assert not t.is_alive(), "a writing thread waits for a region forever"
+    writer.finish()
+    writer.close()
+    os.close(fd)
+    with open(path, "rb") as f:
+        assert f.read() == expected
+
+
 def test_writes_land_where_asked_in_any_order(direct_folder):
     path = str(direct_folder / "out.bin")
     total = 40 * MIB + 123
@@ -103,17 +117,9 @@ def test_writes_land_where_asked_in_any_order(direct_folder):
     chunks = _chunks(total, 1)
     rng = random.Random(2)
     rng.shuffle(chunks)
-    threads = [threading.Thread(target=lambda part=chunks[i::3]: [writer.write(d, p) for p, d in part])
+    threads = [threading.Thread(target=lambda part=chunks[i::3]: [writer.write(d, p) for p, d in part], daemon=True)
                for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    writer.finish()
-    writer.close()
-    os.close(fd)
-    with open(path, "rb") as f:
-        assert f.read() == _expected(total, chunks)
+    _run_and_check(threads, writer, fd, path, _expected(total, chunks))
 
 
 def test_workers_taking_writes_in_order_never_run_out_of_regions(direct_folder):
@@ -135,17 +141,8 @@ def test_workers_taking_writes_in_order_never_run_out_of_regions(direct_folder):
                 return
             writer.write(item[1], item[0])
 
-    threads = [threading.Thread(target=work, daemon=True) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-        assert not t.is_alive(), "a worker waits for a region forever"
-    writer.finish()
-    writer.close()
-    os.close(fd)
-    with open(path, "rb") as f:
-        assert f.read() == _expected(total, chunks)
+    _run_and_check([threading.Thread(target=work, daemon=True) for _ in range(3)], writer, fd, path,
+                   _expected(total, chunks))
 
 
 def test_a_region_is_written_past_the_page_cache_and_the_span_edges_through_it(direct_folder):
