@@ -4,21 +4,20 @@ budget, like a merge, with a progress line on stderr."""
 from __future__ import annotations
 
 import concurrent.futures as cf
-import os
 import threading
 from typing import Any, Callable
 
 from ..errors import MechaError, mark_failed
 from ..lazy import torch
 from ..engine.plan import MergeOptions, Plan
-from ..engine.schedule import Budget, Progress, _drain
+from ..engine.schedule import Budget, Progress, _drain, worker_count
 
 
 def run_units(units: list, job: Callable[[Any], Any], results: list, report: Progress, read_bytes: Any,
               options: MergeOptions, plans: list[Plan]) -> None:
     """Run ``job`` on every unit in a thread pool within the memory budget (like a merge); the
     first failing unit's error is raised, marked as a failure after reading began (exit 1)."""
-    threads = max(1, options.threads or os.cpu_count() or 1)
+    threads = worker_count(options)
     budget = Budget(max(1, options.memory_budget))
     stop = threading.Event()
     errors: list[tuple[int, BaseException]] = []

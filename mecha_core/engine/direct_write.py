@@ -44,7 +44,7 @@ import mmap
 import os
 import queue
 import threading
-from typing import Any
+from typing import Any, Iterator
 
 from ..lazy import torch
 
@@ -113,6 +113,11 @@ class RegionPool:
             self._cond.notify()
 
 
+def staging_memory(pool: RegionPool | None, writers: list[OutputWriter]) -> int:
+    """The memory budget the regions take from the units (none when no writer stages)."""
+    return pool.reserved if pool is not None and any(w.direct for w in writers) else 0
+
+
 class _Region:
     """One region being filled: its buffer (none while only bytes written elsewhere arrived),
     the bytes that arrived, and the stretches the caller wrote itself."""
@@ -172,47 +177,36 @@ class OutputWriter:
         if self._thread is None:
             pwrite_all(self.fd, view, position)
             return
-        self._check_span(position, len(view))
         source = _address(view)
-        size = self._pool.size
-        end, done = position + len(view), position
-        while done < end:
-            index = done // size
-            n = min(end, (index + 1) * size) - done
+        for index, at, done, n in self._stretches(position, len(view)):
             region = self._region(index, True)
             assert region.buffer is not None
             buffer, address = region.buffer
-            at, offset = done - index * size, done - position
+            offset = done - position
             if source is not None:
                 ctypes.memmove(address + at, source + offset, n)  # without the GIL
             else:
                 memoryview(buffer)[at:at + n] = view[offset:offset + n]
             self._arrived(index, region, n, None)
-            done += n
 
     def write_cast(self, value: Any, dtype: Any, position: int) -> bool:
         """Write the elements of the tensor ``value`` cast to the torch ``dtype`` at ``position``,
         the cast writing straight into the regions (one pass over the bytes fewer than casting,
         then copying); ``False`` (nothing written) without regions, or at a position that is not a
         multiple of the item size: the caller casts and calls :meth:`write` then."""
-        itemsize = torch.empty(0, dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         if self._thread is None or position % itemsize:
             return False
         self._raise_failure()
         flat = value.reshape(-1)
-        self._check_span(position, flat.numel() * itemsize)
-        size = self._pool.size  # a power of two of at least 1 MiB: no element straddles two regions
-        end, done = position + flat.numel() * itemsize, position
-        while done < end:
-            index = done // size
-            n = min(end, (index + 1) * size) - done
+        # regions are a power of two of at least 1 MiB: no element straddles two of them
+        for index, at, done, n in self._stretches(position, flat.numel() * itemsize):
             region = self._region(index, True)
             assert region.buffer is not None
             first = (done - position) // itemsize
-            into = torch.frombuffer(region.buffer[0], dtype=dtype, count=n // itemsize, offset=done - index * size)
+            into = torch.frombuffer(region.buffer[0], dtype=dtype, count=n // itemsize, offset=at)
             into.copy_(flat[first:first + n // itemsize])
             self._arrived(index, region, n, None)
-            done += n
         return True
 
     def written(self, position: int, n: int) -> None:
@@ -220,18 +214,26 @@ class OutputWriter:
         copied file to file): the regions they fall in are written around them."""
         if self._thread is None:
             return
-        self._check_span(position, n)
+        for index, _, done, part in self._stretches(position, n):
+            self._arrived(index, self._region(index, False), part, (done, done + part))
+
+    def _stretches(self, position: int, n: int) -> Iterator[tuple[int, int, int, int]]:
+        """Bytes ``position .. position + n`` (within the span) cut at region boundaries: for
+        each part its region, its offset in the region, its position in the file and its length."""
+        if position < self.span[0] or position + n > self.span[1]:
+            raise ValueError(f"bytes {position}..{position + n} are outside the writer's span {self.span}")
         size = self._pool.size
         end, done = position + n, position
         while done < end:
             index = done // size
-            stop = min(end, (index + 1) * size)
-            self._arrived(index, self._region(index, False), stop - done, (done, stop))
-            done = stop
+            part = min(end, (index + 1) * size) - done
+            yield index, done - index * size, done, part
+            done += part
 
-    def _check_span(self, position: int, n: int) -> None:
-        if position < self.span[0] or position + n > self.span[1]:
-            raise ValueError(f"bytes {position}..{position + n} are outside the writer's span {self.span}")
+    def _bounds(self, index: int) -> tuple[int, int]:
+        """The bytes of the span region ``index`` holds (first, end)."""
+        begin = index * self._pool.size
+        return max(begin, self.span[0]), min(begin + self._pool.size, self.span[1])
 
     def _region(self, index: int, buffered: bool) -> _Region:
         with self._lock:
@@ -249,13 +251,12 @@ class OutputWriter:
         return region
 
     def _arrived(self, index: int, region: _Region, n: int, elsewhere: tuple[int, int] | None) -> None:
-        size = self._pool.size
-        expected = min((index + 1) * size, self.span[1]) - max(index * size, self.span[0])
+        lo, hi = self._bounds(index)
         with self._lock:
             region.filled += n
             if elsewhere is not None:
                 region.elsewhere.append(elsewhere)
-            if region.filled < expected:
+            if region.filled < hi - lo:
                 return
             del self._regions[index]
         self._todo.put((index, region))
@@ -277,7 +278,7 @@ class OutputWriter:
 
     def _write_region(self, index: int, region: _Region) -> None:
         begin = index * self._pool.size
-        lo, hi = max(begin, self.span[0]), min(begin + self._pool.size, self.span[1])
+        lo, hi = self._bounds(index)
         runs, at = [], lo  # the stretches staged in the buffer: the region less what came elsewhere
         for a, b in sorted(region.elsewhere):
             if a > at:
@@ -320,10 +321,8 @@ class OutputWriter:
         self._stop()
         self._raise_failure()
         if self.direct_fd >= 0 and self._regions:
-            size = self._pool.size
-            index = min(self._regions)
-            raise RuntimeError(f"the output's bytes {max(index * size, self.span[0])}.."
-                               f"{min((index + 1) * size, self.span[1])} were not all written")
+            lo, hi = self._bounds(min(self._regions))
+            raise RuntimeError(f"the output's bytes {lo}..{hi} were not all written")
 
     def _stop(self) -> None:
         thread, self._thread = self._thread, None

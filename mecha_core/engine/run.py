@@ -17,7 +17,7 @@ from ..lazy import torch
 from ..output import (OutputFile, Protected, Terminated, TerminateAsInterrupt, output_mode, resolve_output,  # noqa: F401
                       temp_prefix)
 from .allocator import reuse_freed_memory
-from .direct_write import OutputWriter, RegionPool, pwrite_all
+from .direct_write import OutputWriter, RegionPool, pwrite_all, staging_memory
 from .evaluate import Evaluator
 from .folders import source_files
 from .passthrough import PassThrough
@@ -110,13 +110,13 @@ def execute(plan: Plan, output: str | os.PathLike[str], metadata: dict[str, str]
                     # One intra-op thread per worker: results then never depend on how torch splits a
                     # reduction, so the bytes are the same for any thread count.
                     torch.set_num_threads(1)
-                    pool = RegionPool.for_merge(plan.options.memory_budget, worker_count(plan))
+                    pool = RegionPool.for_merge(plan.options.memory_budget, worker_count(plan.options))
                     writer = OutputWriter(out.fd, out.path, (data_start, total), pool=pool)  # past the page cache
                     try:
                         place = {key: (writer, data_start + offset) for key, offset in offsets.items()}
-                        reserved = pool.reserved if writer.direct and pool is not None else 0
                         with reuse_freed_memory(plan.options.memory_budget):  # fewer page faults (engine/allocator.py)
-                            run_units(plan, _writer(plan, place, write_hook, output), progress, reserved)
+                            run_units(plan, _writer(plan, place, write_hook, output), progress,
+                                      staging_memory(pool, [writer]))
                         writer.finish()  # an error of its thread: an OSError, "writing failed" below
                     finally:
                         writer.close()
@@ -213,6 +213,8 @@ def _writer(plan: Plan, place: Mapping[str, tuple[OutputWriter, int]],
         # a sliced key is checked slice by slice: say which elements the count covers
         where = f" (elements {start}..{end - 1} of {info.numel})" if end is not None else ""
         hooked = False
+        writer, base = place[key]
+        position = base + start * ITEMSIZE[info.dtype]
         if key in passthrough:  # an input tensor as stored: copied file to file (engine/passthrough.py)
             if is_float(info.dtype) and not opts.allow_nonfinite:  # the NaN/Inf check, on the mapped input
                 _to_output(passthrough.tensor(key).reshape(-1)[start:end], info.dtype, key, where, False)
@@ -220,17 +222,14 @@ def _writer(plan: Plan, place: Mapping[str, tuple[OutputWriter, int]],
                 if write_hook is not None:
                     write_hook(key)
                 hooked = True
-                writer, base = place[key]
-                if passthrough.copy(key, writer.fd, base + start * ITEMSIZE[info.dtype], start, end):
+                if passthrough.copy(key, writer.fd, position, start, end):
                     n = ((info.numel if end is None else end) - start) * ITEMSIZE[info.dtype]
-                    writer.written(base + start * ITEMSIZE[info.dtype], n)  # its regions are written around it
+                    writer.written(position, n)  # its regions are written around it
                     return n
             except OSError as exc:
                 raise OutputError(f"{output}: writing failed: {exc.strerror or exc}") from None
-        writer, base = place[key]
         value = piece_tensor(evaluator, plan, key, start, end, stats, cast_now=not writer.direct)
         out_dtype = torch_dtype(info.dtype)
-        position = base + start * ITEMSIZE[info.dtype]
         try:
             if write_hook is not None and not hooked:
                 write_hook(key)

@@ -21,7 +21,7 @@ from ..output import Protected
 from ..output_folder import INDEX_NAME, RECIPE_NAME, OutputFolder, copy_file, files_to_copy, write_bytes
 from ..recipe.nodes import ModelNode
 from .allocator import reuse_freed_memory
-from .direct_write import OutputWriter, RegionPool
+from .direct_write import OutputWriter, RegionPool, staging_memory
 from .folders import is_pipeline_folder
 from .layer_view import rewrite_config
 from .plan import Plan
@@ -73,7 +73,8 @@ def _write_shards(plan: Plan, shards: list[tuple[Shard, str]], progress: bool,
     part = plan if len(keys) == len(plan.output) else attrs.evolve(plan, output={k: plan.output[k] for k in keys})
     fds: list[int] = []
     writers: list[OutputWriter] = []
-    pool = RegionPool.for_merge(plan.options.memory_budget, worker_count(plan))  # shared: all shards are open at once
+    # one pool for every shard: all shards are open at once
+    pool = RegionPool.for_merge(plan.options.memory_budget, worker_count(plan.options))
     old_threads = torch.get_num_threads()
     try:
         place: dict[str, tuple[OutputWriter, int]] = {}
@@ -85,8 +86,7 @@ def _write_shards(plan: Plan, shards: list[tuple[Shard, str]], progress: bool,
         # one intra-op thread per worker, as for a single file: bytes independent of the thread count
         torch.set_num_threads(1)
         with reuse_freed_memory(plan.options.memory_budget):  # fewer page faults (engine/allocator.py)
-            reserved = pool.reserved if pool is not None and any(w.direct for w in writers) else 0
-            run_units(part, _writer(part, place, write_hook, label), progress, reserved)
+            run_units(part, _writer(part, place, write_hook, label), progress, staging_memory(pool, writers))
         for writer in writers:  # an error of a writer's thread: the same message as a worker's
             try:
                 writer.finish()

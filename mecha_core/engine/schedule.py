@@ -19,7 +19,7 @@ from typing import Callable
 
 import attrs
 
-from .plan import Plan
+from .plan import MergeOptions, Plan
 from .safetensors_io import ITEMSIZE, is_float, output_order
 from ..sizes import format_bytes
 
@@ -208,9 +208,9 @@ class Progress:
             sys.stderr.write("\n")
 
 
-def worker_count(plan: Plan) -> int:
-    """The worker threads a plan runs with (``--threads``, else one per CPU)."""
-    return max(1, plan.options.threads or os.cpu_count() or 1)
+def worker_count(options: MergeOptions) -> int:
+    """The worker threads a merge (or a diff) runs with: ``--threads``, else one per CPU."""
+    return max(1, options.threads or os.cpu_count() or 1)
 
 
 def run_units(plan: Plan, job: Callable[[Unit], int], progress: bool = False, reserved: int = 0) -> None:
@@ -224,7 +224,7 @@ def run_units(plan: Plan, job: Callable[[Unit], int], progress: bool = False, re
     opts = plan.options
     todo = units(plan)
     _warn_over_budget(plan, todo)
-    threads = worker_count(plan)
+    threads = worker_count(opts)
     budget = Budget(max(1, opts.memory_budget - reserved))
     stop = threading.Event()
     report = Progress(len(plan.output), sum(i.numel * ITEMSIZE[i.dtype] for i in plan.output.values()), progress)
