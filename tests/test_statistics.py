@@ -496,3 +496,102 @@ def test_nonzero_bins_of_a_histogram_equal_torch_nonzero(occupied):
     got = statistics._nonzero_bins(hist)
     assert got.dtype == torch.int32
     assert torch.equal(got.long(), want)
+
+
+def _ranges(n: int, size: int) -> list[tuple[int, int]]:
+    return [(a, min(a + size, n)) for a in range(0, n, size)]
+
+
+def _mask_piece_by_piece(got, values: torch.Tensor, order: list[int], size: int) -> torch.Tensor:
+    """The selection's mask, each piece's from the selection that piece is given (a
+    :class:`statistics.TieSearch` is asked piece by piece, in ``order``)."""
+    n = values.numel()
+    mask = torch.zeros(n, dtype=torch.bool)
+    for i in order:
+        a, b = i * size, min(i * size + size, n)
+        ctx = MergeContext("k", TensorInfo((n,), "float32"), start=a, stop=b)
+        selection = got.for_piece(ctx, [values[a:b]]) if isinstance(got, statistics.TieSearch) else got
+        mask[a:b] = selection.mask(values[a:b].abs(), ctx)
+    return mask
+
+
+@pytest.mark.parametrize("size", [statistics.WINDOW << 16, 40_000])
+def test_a_last_tie_left_to_the_evaluation_in_order_is_found_there_without_evaluating_a_piece_again(size):
+    """Given the pieces' ranges (as the engine's evaluator gives them, going on to evaluate the
+    pieces in order), a selection whose counts place its last tie kept in a run of recorded
+    pieces is a TieSearch: each piece, asked in order, gets a selection whose mask over that
+    piece is the stable descending sort's, ties included, and no piece is evaluated alone for
+    it. Pieces as large as a record and pieces smaller (recorded in runs)."""
+    n = 5 * (statistics.WINDOW << 16) + 321
+    gen = torch.Generator().manual_seed(8)
+    values = (torch.randint(-3000, 3001, (n,), generator=gen).to(torch.float16) / 64).float()
+    evaluated: list[int] = []
+
+    def piece(i):
+        evaluated.append(i)
+        a, b = size * i, min(size * i + size, n)
+        return MergeContext("k", TensorInfo((n,), "float32"), start=a, stop=b), [values[a:b]]
+
+    count = len(_ranges(n, size))
+    for k in (n // 5, n // 2 + 3, 12_345):
+        evaluated.clear()
+        got = statistics.compute([TopK("t", lambda ctx, v: v, k)], _pieces([values], size), n, piece=piece,
+                                 ranges=_ranges(n, size))["t"]
+        assert isinstance(got, statistics.TieSearch), k
+        assert torch.equal(_mask_piece_by_piece(got, values, list(range(count)), size), _stable_top_k(values, k)), k
+        assert evaluated == [], k
+        assert got.found is not None and got.found.last_tie < n  # the ties were split
+        # once found, any piece (again, in any order) gets the selection itself
+        again = _mask_piece_by_piece(got, values, list(reversed(range(count))), size)
+        assert torch.equal(again, _stable_top_k(values, k)), k
+
+
+def test_a_last_tie_left_to_the_evaluation_is_found_by_evaluating_pieces_when_asked_out_of_order():
+    """A TieSearch asked for a piece past the first one of its run not yet counted (the
+    evaluation did not come in order) looks the way the statistics pass does: it evaluates the
+    run's pieces alone. Asked for an earlier piece, it keeps every tie there, rightly."""
+    size = 40_000  # pieces recorded in runs: the run holding the last tie has several
+    n = 5 * (statistics.WINDOW << 16) + 321
+    gen = torch.Generator().manual_seed(9)
+    values = (torch.randint(-3000, 3001, (n,), generator=gen).to(torch.float16) / 64).float()
+    evaluated: list[int] = []
+
+    def piece(i):
+        evaluated.append(i)
+        a, b = size * i, min(size * i + size, n)
+        return MergeContext("k", TensorInfo((n,), "float32"), start=a, stop=b), [values[a:b]]
+
+    k = n // 5
+    want = _stable_top_k(values, k)
+    got = statistics.compute([TopK("t", lambda ctx, v: v, k)], _pieces([values], size), n, piece=piece,
+                             ranges=_ranges(n, size))["t"]
+    assert isinstance(got, statistics.TieSearch)
+    first, last = got.select.tie_pieces
+    assert first < last
+    order = [last, *range(first), *range(first, last), *range(last + 1, len(_ranges(n, size)))]
+    assert torch.equal(_mask_piece_by_piece(got, values, order, size), want)
+    assert evaluated and evaluated == list(range(first, first + len(evaluated)))  # the run, up to the tie
+
+
+def test_ties_finds_its_last_ties_while_merging_and_gives_the_definition_bytes(tmp_path, monkeypatch):
+    """Through the engine: TIES on a key sliced into pieces that the one-pass window records in
+    runs of three, whose deltas tie at every threshold, finds each model's last tie kept as the
+    merge goes through the pieces (statistics.TieSearch; no piece evaluated again after the
+    statistics pass), and gives the bytes of the whole-tensor definition."""
+    models = _tied_models(3, shape=(1024, 1536), seed=5)
+    searched, located = [], []
+    real_for_piece, real_locate = statistics.TieSearch.for_piece, statistics._locate_in_recorded_pieces
+    monkeypatch.setattr(statistics.TieSearch, "for_piece",
+                        lambda self, ctx, inputs: searched.append(ctx.start) or real_for_piece(self, ctx, inputs))
+    monkeypatch.setattr(statistics, "_locate_in_recorded_pieces",
+                        lambda selects, *a: located.extend(selects) or real_locate(selects, *a))
+    sliced = _merge(tmp_path, lambda *n: mecha_core.ties(*n, density=0.2), models, chunk_elements=100_000)["w"]
+    assert searched and not located
+    base = models[0]["w"].float()
+    deltas = [x["w"].float() - base for x in models[1:]]
+    trimmed = [torch.where(_stable_top_k(d, int(0.2 * d.numel())).reshape(d.shape), d, 0) for d in deltas]
+    sign = torch.sign(sum(trimmed))
+    agree = [(torch.sign(t) == sign) & (t != 0) for t in trimmed]
+    total = sum(torch.where(a, t, 0) for a, t in zip(agree, trimmed))
+    count = sum(a.float() for a in agree).clamp(min=1)
+    assert torch.equal(sliced, (base + total / count).to(torch.float16))

@@ -67,7 +67,10 @@ class Evaluator:
 
             try:
                 requests = step.method.statistics(whole, n_inputs, **hyper)
-                found[step.index] = statistics.compute(requests, pieces, info.numel, piece=piece)
+                # the last ties kept that the counts place in a run of pieces are found as the
+                # evaluation that follows passes them (statistics.TieSearch), not by evaluating
+                # those pieces again now
+                found[step.index] = statistics.compute(requests, pieces, info.numel, piece=piece, ranges=ranges)
             except MechaError:
                 raise
             except (Exception, SystemExit) as exc:
@@ -177,6 +180,10 @@ class Evaluator:
                     assert stop is None, f"{method.name}: statistics of key '{key}' were not computed"
                     requests = method.statistics(ctx, len(args), **kwargs)
                     stats = statistics.compute_whole(requests, ctx, args)
+                elif any(isinstance(v, statistics.TieSearch) for v in stats.values()):
+                    # a selection whose last tie kept is still searched for: this piece's
+                    stats = {name: v.for_piece(ctx, args) if isinstance(v, statistics.TieSearch) else v
+                             for name, v in stats.items()}
                 kwargs["stats"] = stats
             if method.wants_context:
                 kwargs["ctx"] = ctx

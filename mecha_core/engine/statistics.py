@@ -356,7 +356,7 @@ def compute_whole(requests: Sequence[Total | TopK], ctx: MergeContext, inputs: S
 
 def compute(requests: Sequence[Total | TopK | Then], pieces: Pieces, numel: int,
             collect_limit: int | None = None, known: dict[str, Any] | None = None,
-            piece: Piece | None = None) -> dict[str, Any]:
+            piece: Piece | None = None, ranges: Sequence[tuple[int, int]] | None = None) -> dict[str, Any]:
     """The results of ``requests`` over every piece ``pieces()`` yields (called once per pass).
 
     ``collect_limit``: how many candidate elements the selections may collect in all (their
@@ -364,7 +364,11 @@ def compute(requests: Sequence[Total | TopK | Then], pieces: Pieces, numel: int,
     A :class:`Then` is resolved after the requests before it, in further passes, given every
     result so far (``known``: those of earlier stages).
     ``piece``: evaluates one piece alone (the one holding a selection's last tie); without it
-    the pieces are walked up to that one."""
+    the pieces are walked up to that one.
+    ``ranges``: the pieces' element bounds, given by a caller that goes on to evaluate the pieces
+    in order: a selection of the last stage whose last tie kept lies in a run of recorded pieces
+    is then a :class:`TieSearch`, which finds it as that caller passes the run (``piece`` is
+    required with it)."""
     _check(requests)
     if not requests:  # nothing to pass over the key for
         return {}
@@ -373,7 +377,7 @@ def compute(requests: Sequence[Total | TopK | Then], pieces: Pieces, numel: int,
         out = compute(requests[:staged], pieces, numel, collect_limit, piece=piece)
         so_far = {**(known or {}), **out}
         later = [*requests[staged].then(dict(so_far)), *requests[staged + 1:]]
-        out.update(compute(later, pieces, numel, collect_limit, so_far, piece=piece))
+        out.update(compute(later, pieces, numel, collect_limit, so_far, piece=piece, ranges=ranges))
         return out
     totals = [r for r in requests if isinstance(r, Total)]
     selects = [_Select(r, numel) for r in requests if isinstance(r, TopK)]
@@ -456,10 +460,15 @@ def compute(requests: Sequence[Total | TopK | Then], pieces: Pieces, numel: int,
                 later.append(s)
     _collect_or_narrow(later, pieces, room)
     split = [s for s in selects if not s.done and s.last_tie >= numel and s.ties_kept < s.ties_total]
-    _locate_in_recorded_pieces([s for s in split if s.tie_pieces is not None], pieces, piece)
+    recorded = [s for s in split if s.tie_pieces is not None]
+    searched = recorded if ranges is not None and piece is not None else []
+    _locate_in_recorded_pieces([s for s in recorded if s not in searched], pieces, piece)
     _locate_last_ties([s for s in split if s.tie_pieces is None], pieces)
     out: dict[str, Any] = dict(sums)
     out.update({s.request.name: s.result() for s in selects})
+    for s in searched:
+        assert ranges is not None and piece is not None
+        out[s.request.name] = TieSearch(s, ranges, pieces, piece)
     return matrices.finish(out)
 
 
@@ -506,6 +515,52 @@ def _collect_or_narrow(selects: list[_Select], pieces: Pieces, room: int) -> Non
                 still.append(s)
         narrowing = still
         digit += 1
+
+
+class TieSearch:
+    """A selection whose last tie kept is still to be found, in a known run of pieces, by the
+    evaluation that follows the statistics pass and goes through the pieces in order anyway: as
+    it passes the run, the piece's values are at hand, and counting their ties costs a fraction
+    of evaluating the piece once more (a tenth of a TIES merge of SD1 did only that).
+
+    :meth:`for_piece` gives the :class:`Selection` a piece needs: up to the piece holding the
+    last tie kept, every tie of a piece is kept (``last_tie`` the key's size); from there on,
+    the selection itself. A piece evaluated out of that order (past the first piece of the
+    run not yet counted) has the run's pieces evaluated again to find it, as the statistics
+    pass does without ``ranges``."""
+
+    def __init__(self, select: _Select, ranges: Sequence[tuple[int, int]], pieces: Pieces, piece: Piece):
+        assert select.tie_pieces is not None
+        self.select, self.pieces, self.piece = select, pieces, piece
+        first, last = select.tie_pieces
+        self.position = ranges[first][0]  # the first element of the run not counted yet
+        self.run_stop = ranges[last][1]
+        self.left = select.tie_rank  # the ties kept still to pass, the last one included
+        self.every_tie = select.result()  # last_tie: the key's size
+        self.found: Selection | None = None
+
+    def for_piece(self, ctx: MergeContext, inputs: Sequence[Any]) -> Selection:
+        """The selection for the piece ``ctx`` (elements ``ctx.start:ctx.stop``), whose inputs
+        to the method are ``inputs``."""
+        if self.found is not None:
+            return self.found
+        if ctx.stop is not None and ctx.stop <= self.position:  # its ties all lie before the last one kept
+            return self.every_tie
+        if ctx.stop is None or ctx.start != self.position or ctx.start >= self.run_stop:
+            # out of order (or past the run, which cannot hold fewer ties than counted): look
+            # the way the statistics pass does
+            _locate_in_recorded_pieces([self.select], self.pieces, self.piece)
+            self.found = self.select.result()
+            return self.found
+        equal = self.select.magnitude_bits(ctx, upcast(inputs)) == self.select.prefix
+        count = int(equal.sum())
+        if count >= self.left:
+            self.select.last_tie = ctx.start + int(torch.nonzero(equal).reshape(-1)[self.left - 1])
+            self.found = self.select.result()
+            return self.found
+        self.left -= count
+        self.position = ctx.stop
+        return self.every_tie
 
 
 def _locate_in_recorded_pieces(selects: list[_Select], pieces: Pieces, piece: Piece | None) -> None:
