@@ -117,3 +117,28 @@ def test_a_sliced_key_whose_declared_matrices_exceed_the_budget_is_named_in_a_wa
     assert len(err) == 1, err
     assert "key 'w' is merged in slices but its method holds more besides them" in err[0]
     assert "more than --memory-budget" in err[0]
+
+
+def test_the_output_write_buffers_count_against_the_budget_in_the_over_budget_warning(tmp_path, capsys):
+    """A key that fits the memory budget alone, but not beside the output writer's buffers
+    (which every unit runs beside), is named too, and the peak the warning gives counts them."""
+    from mecha_core.engine import schedule
+
+    reserved = 8 << 20
+    heavy, _ = _recording_method(lambda info, inputs, itemsize: BUDGET - (4 << 20))
+    path = tmp_path / "m.safetensors"
+    write_checkpoint(path, {"big": torch.ones(16, 16)})
+    with using(plugin_from_functions("heavy", mecha_merge_methods=lambda: [heavy])):
+        node = mecha_core.heavy(mecha_core.model(str(path)))
+        with make_plan(node, MergeOptions(memory_budget=BUDGET)) as plan:
+            todo = units(plan)
+            assert schedule.over_budget(plan, todo) == []  # alone, within the budget
+            ((key, need),) = schedule.over_budget(plan, todo, reserved)
+            assert key == "big" and BUDGET - reserved < need < BUDGET
+            schedule._warn_over_budget(plan, todo, reserved)
+    err = capsys.readouterr().err
+    # the need (the working set and 16·16 float32 input and result) and the peak with the buffers,
+    # in the warning's units (MB: powers of 1000)
+    assert f"needs about {(BUDGET - (4 << 20) + 2 * 256 * 4) / 1e6:,.1f} MB" in err
+    assert f"holds about {(BUDGET - (4 << 20) + 2 * 256 * 4 + reserved) / 1e6:,.1f} MB at its peak" in err
+    assert "8.4 MB of it the output's write buffers" in err

@@ -223,7 +223,7 @@ def run_units(plan: Plan, job: Callable[[Unit], int], progress: bool = False, re
     """
     opts = plan.options
     todo = units(plan)
-    _warn_over_budget(plan, todo)
+    _warn_over_budget(plan, todo, reserved)
     threads = worker_count(opts)
     budget = Budget(max(1, opts.memory_budget - reserved))
     stop = threading.Event()
@@ -272,10 +272,11 @@ def run_units(plan: Plan, job: Callable[[Unit], int], progress: bool = False, re
         raise errors[0][1]
 
 
-def over_budget(plan: Plan, todo: list[Unit]) -> list[tuple[str, int]]:
-    """The whole keys that need more than the memory budget on their own (key, bytes): they
-    run alone, and the merge then holds about that much."""
-    limit = max(1, plan.options.memory_budget)
+def over_budget(plan: Plan, todo: list[Unit], reserved: int = 0) -> list[tuple[str, int]]:
+    """The whole keys that need more than the memory budget on their own (key, bytes), less
+    ``reserved`` (the output writer's buffers, held beside every unit): they run alone, and the
+    merge then holds about that much plus ``reserved``."""
+    limit = max(1, plan.options.memory_budget - reserved)
     found = []
     for u in todo:
         if u.stop is None and u.cost >= limit:
@@ -287,8 +288,8 @@ def over_budget(plan: Plan, todo: list[Unit]) -> list[tuple[str, int]]:
     return found
 
 
-def _warn_over_budget(plan: Plan, todo: list[Unit]) -> None:
-    found = over_budget(plan, todo)
+def _warn_over_budget(plan: Plan, todo: list[Unit], reserved: int = 0) -> None:
+    found = over_budget(plan, todo, reserved)
     if not found:
         return
     key, need = max(found, key=lambda f: f[1])
@@ -296,10 +297,12 @@ def _warn_over_budget(plan: Plan, todo: list[Unit]) -> None:
     sliced = any(u.key == key and u.pieces for u in todo)
     why = ("is merged in slices but its method holds more besides them" if sliced
            else "cannot be sliced by its method")
+    buffers = f" ({format_bytes(reserved)} of it the output's write buffers)" if reserved else ""
     sys.stderr.write(f"warning: key '{key}'{more} {why} and needs about "
                      f"{format_bytes(need)} of working memory, more than --memory-budget "
-                     f"{format_bytes(plan.options.memory_budget)}; such keys run one at a time, so the merge "
-                     f"holds about {format_bytes(need)} at its peak\n")
+                     f"{format_bytes(plan.options.memory_budget)}"
+                     f"{f' less {format_bytes(reserved)} of write buffers' if reserved else ''}; such keys run "
+                     f"one at a time, so the merge holds about {format_bytes(need + reserved)} at its peak{buffers}\n")
 
 
 def _drain(pool: cf.ThreadPoolExecutor, active: list[int], lock: threading.Lock) -> None:

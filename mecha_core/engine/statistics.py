@@ -23,10 +23,11 @@ it (all below the window in one counter, all above in another), into one int32 h
 and cleared every :data:`_FLUSH` elements (one piece, or a run of smaller ones); the records
 hold at most as many entries as the candidates the collection would. When the k-th lies in the
 window, the counts give the exact threshold, and when it lies in the band the records say which
-run of pieces holds the last tie kept: only those pieces are evaluated again (elsewhere the
-pieces are walked up to it). Otherwise (a key whose first pieces are not like the rest) the
-passes above run. A key that is one piece is collected from the bit patterns at hand, without a
-second pass.
+run of pieces holds the last tie kept: only those pieces are evaluated again, or, for a caller
+that evaluates the pieces in order next (the engine's merge pass), counted as it passes them
+(:class:`TieSearch`); elsewhere the pieces are walked up to it. Otherwise (a key whose first
+pieces are not like the rest) the passes above run. A key that is one piece is collected from
+the bit patterns at hand, without a second pass.
 """
 
 from __future__ import annotations
