@@ -127,6 +127,19 @@ def _tied_models(n_models: int, shape=(64, 40), seed=0, dtype=torch.float16) -> 
     return models
 
 
+def _ties_reference(models: list[dict], density: float) -> torch.Tensor:
+    """TIES (vote "sum", no weights) by its whole-tensor definition, written out: the stable
+    sort's top-k of each delta, the sign of their sum, the mean of the agreeing entries."""
+    base = models[0]["w"].float()
+    deltas = [x["w"].float() - base for x in models[1:]]
+    trimmed = [torch.where(_stable_top_k(d, int(density * d.numel())).reshape(d.shape), d, 0) for d in deltas]
+    sign = torch.sign(sum(trimmed))
+    agree = [(torch.sign(t) == sign) & (t != 0) for t in trimmed]
+    total = sum(torch.where(a, t, 0) for a, t in zip(agree, trimmed))
+    count = sum(a.float() for a in agree).clamp(min=1)
+    return (base + total / count).to(models[0]["w"].dtype)
+
+
 def test_ties_sliced_equals_the_whole_tensor_definition_byte_for_byte(tmp_path):
     models = _tied_models(1)
     base, m = (x["w"].float() for x in models)
@@ -143,16 +156,8 @@ def test_ties_three_models_sliced_and_whole_give_the_same_bytes(tmp_path):
     (tmp_path / "b").mkdir()
     whole = _merge(tmp_path / "a", lambda *n: mecha_core.ties(*n, density=0.2), models, chunk_elements=1 << 20)
     sliced = _merge(tmp_path / "b", lambda *n: mecha_core.ties(*n, density=0.2), models, chunk_elements=37)
-    base = models[0]["w"].float()
-    deltas = [x["w"].float() - base for x in models[1:]]
-    trimmed = [torch.where(_stable_top_k(d, int(0.2 * d.numel())).reshape(d.shape), d, 0) for d in deltas]
-    sign = torch.sign(sum(trimmed))
-    agree = [(torch.sign(t) == sign) & (t != 0) for t in trimmed]
-    total = sum(torch.where(a, t, 0) for a, t in zip(agree, trimmed))
-    count = sum(a.float() for a in agree).clamp(min=1)
-    ref = (base + total / count).to(torch.float16)
     assert torch.equal(whole["w"], sliced["w"])
-    assert torch.equal(sliced["w"], ref)
+    assert torch.equal(sliced["w"], _ties_reference(models, 0.2))
 
 
 def test_breadcrumbs_band_over_slices_is_the_stable_sort_band(tmp_path):
@@ -515,15 +520,11 @@ def _mask_piece_by_piece(got, values: torch.Tensor, order: list[int], size: int)
     return mask
 
 
-@pytest.mark.parametrize("size", [statistics.WINDOW << 16, 40_000])
-def test_a_last_tie_left_to_the_evaluation_in_order_is_found_there_without_evaluating_a_piece_again(size):
-    """Given the pieces' ranges (as the engine's evaluator gives them, going on to evaluate the
-    pieces in order), a selection whose counts place its last tie kept in a run of recorded
-    pieces is a TieSearch: each piece, asked in order, gets a selection whose mask over that
-    piece is the stable descending sort's, ties included, and no piece is evaluated alone for
-    it. Pieces as large as a record and pieces smaller (recorded in runs)."""
+def _tied_key(seed: int, size: int):
+    """A float32 key of five windows' worth of few float16 values (ties at every threshold), a
+    ``piece(i)`` that evaluates its i-th piece alone, and the list of pieces it evaluated."""
     n = 5 * (statistics.WINDOW << 16) + 321
-    gen = torch.Generator().manual_seed(8)
+    gen = torch.Generator().manual_seed(seed)
     values = (torch.randint(-3000, 3001, (n,), generator=gen).to(torch.float16) / 64).float()
     evaluated: list[int] = []
 
@@ -532,6 +533,17 @@ def test_a_last_tie_left_to_the_evaluation_in_order_is_found_there_without_evalu
         a, b = size * i, min(size * i + size, n)
         return MergeContext("k", TensorInfo((n,), "float32"), start=a, stop=b), [values[a:b]]
 
+    return n, values, piece, evaluated
+
+
+@pytest.mark.parametrize("size", [statistics.WINDOW << 16, 40_000])
+def test_a_last_tie_left_to_the_evaluation_in_order_is_found_there_without_evaluating_a_piece_again(size):
+    """Given the pieces' ranges (as the engine's evaluator gives them, going on to evaluate the
+    pieces in order), a selection whose counts place its last tie kept in a run of recorded
+    pieces is a TieSearch: each piece, asked in order, gets a selection whose mask over that
+    piece is the stable descending sort's, ties included, and no piece is evaluated alone for
+    it. Pieces as large as a record and pieces smaller (recorded in runs)."""
+    n, values, piece, evaluated = _tied_key(8, size)
     count = len(_ranges(n, size))
     for k in (n // 5, n // 2 + 3, 12_345):
         evaluated.clear()
@@ -551,16 +563,7 @@ def test_a_last_tie_left_to_the_evaluation_is_found_by_evaluating_pieces_when_as
     evaluation did not come in order) looks the way the statistics pass does: it evaluates the
     run's pieces alone. Asked for an earlier piece, it keeps every tie there, rightly."""
     size = 40_000  # pieces recorded in runs: the run holding the last tie has several
-    n = 5 * (statistics.WINDOW << 16) + 321
-    gen = torch.Generator().manual_seed(9)
-    values = (torch.randint(-3000, 3001, (n,), generator=gen).to(torch.float16) / 64).float()
-    evaluated: list[int] = []
-
-    def piece(i):
-        evaluated.append(i)
-        a, b = size * i, min(size * i + size, n)
-        return MergeContext("k", TensorInfo((n,), "float32"), start=a, stop=b), [values[a:b]]
-
+    n, values, piece, evaluated = _tied_key(9, size)
     k = n // 5
     want = _stable_top_k(values, k)
     got = statistics.compute([TopK("t", lambda ctx, v: v, k)], _pieces([values], size), n, piece=piece,
@@ -587,11 +590,4 @@ def test_ties_finds_its_last_ties_while_merging_and_gives_the_definition_bytes(t
                         lambda selects, *a: located.extend(selects) or real_locate(selects, *a))
     sliced = _merge(tmp_path, lambda *n: mecha_core.ties(*n, density=0.2), models, chunk_elements=100_000)["w"]
     assert searched and not located
-    base = models[0]["w"].float()
-    deltas = [x["w"].float() - base for x in models[1:]]
-    trimmed = [torch.where(_stable_top_k(d, int(0.2 * d.numel())).reshape(d.shape), d, 0) for d in deltas]
-    sign = torch.sign(sum(trimmed))
-    agree = [(torch.sign(t) == sign) & (t != 0) for t in trimmed]
-    total = sum(torch.where(a, t, 0) for a, t in zip(agree, trimmed))
-    count = sum(a.float() for a in agree).clamp(min=1)
-    assert torch.equal(sliced, (base + total / count).to(torch.float16))
+    assert torch.equal(sliced, _ties_reference(models, 0.2))
