@@ -488,21 +488,6 @@ def test_window_counts_spilled_before_int32_would_overflow_select_the_same(monke
         assert len(spills) >= 2
 
 
-@pytest.mark.parametrize("occupied", [0, 1, 37, 3000, 262_146])
-def test_nonzero_bins_of_a_histogram_equal_torch_nonzero(occupied):
-    """The grouped search for a histogram's non-zero bins gives the same indices as
-    ``torch.nonzero``, sparse or dense, the bins past the last whole group included."""
-    gen = torch.Generator().manual_seed(occupied)
-    hist = torch.zeros(262_146, dtype=torch.int32)
-    where = torch.randperm(hist.numel(), generator=gen)[:occupied]
-    hist[where] = torch.randint(1, 50, (occupied,), generator=gen, dtype=torch.int32)
-    hist[-1] = 5 if occupied else 0
-    want = torch.nonzero(hist).reshape(-1)
-    got = statistics._nonzero_bins(hist)
-    assert got.dtype == torch.int32
-    assert torch.equal(got.long(), want)
-
-
 def _ranges(n: int, size: int) -> list[tuple[int, int]]:
     return [(a, min(a + size, n)) for a in range(0, n, size)]
 

@@ -255,7 +255,9 @@ class _Window:
         if self.records is None:
             return
         band = self.hist[1 + self.band_lo:1 + self.band_hi]
-        where = _nonzero_bins(band)
+        # the band's few non-zero bins (a hundred or so a piece): torch's scalar search over its
+        # bins took less than summing groups of bins first and searching the occupied ones
+        where = torch.nonzero(band).reshape(-1).to(torch.int32)
         first, end = self.recorded, self.recorded + where.numel()
         if end > self.room:  # too many distinct values: the counts stay in hist, the tie is found by a walk
             self.hist[1:self.size + 1].index_add_(0, self.record_bins[:first], self.record_counts[:first])
@@ -315,27 +317,6 @@ _INT32_COUNTS = 1 << 31
 _SORTED = 1 << 14
 #: elements of the first pieces a window is placed from (at least)
 _ESTIMATE = 1 << 19
-#: histogram bins per group when looking for a piece's non-zero bins
-_GROUP = 64
-
-
-def _nonzero_bins(hist: torch.Tensor) -> torch.Tensor:
-    """The indices of the non-zero entries of a non-negative int32 histogram, ascending:
-    ``nonzero`` over the groups of :data:`_GROUP` bins whose sum is not zero, then over those
-    groups' bins (a sum over all bins reads them once, vectorized; ``nonzero`` is a slow
-    scalar pass, so it runs over the few occupied groups only)."""
-    n = hist.numel()
-    whole = n - n % _GROUP
-    groups = hist[:whole].view(-1, _GROUP)
-    occupied = torch.nonzero(groups.sum(1, dtype=torch.int64)).reshape(-1)
-    if occupied.numel() * 4 > groups.shape[0]:  # most groups occupied: one pass over every bin
-        return torch.nonzero(hist).reshape(-1).to(torch.int32)
-    inner = torch.nonzero(groups[occupied]).to(torch.int32)  # (row among the occupied, bin in group)
-    found = occupied.to(torch.int32)[inner[:, 0]] * _GROUP + inner[:, 1]
-    if whole < n:
-        tail = torch.nonzero(hist[whole:]).reshape(-1).to(torch.int32) + whole
-        found = torch.cat([found, tail])
-    return found
 
 
 def _check(requests: Sequence[Any]) -> None:
