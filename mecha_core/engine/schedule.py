@@ -297,12 +297,12 @@ def _warn_over_budget(plan: Plan, todo: list[Unit], reserved: int = 0) -> None:
     sliced = any(u.key == key and u.pieces for u in todo)
     why = ("is merged in slices but its method holds more besides them" if sliced
            else "cannot be sliced by its method")
+    less = f" less {format_bytes(reserved)} of write buffers" if reserved else ""
     buffers = f" ({format_bytes(reserved)} of it the output's write buffers)" if reserved else ""
     sys.stderr.write(f"warning: key '{key}'{more} {why} and needs about "
                      f"{format_bytes(need)} of working memory, more than --memory-budget "
-                     f"{format_bytes(plan.options.memory_budget)}"
-                     f"{f' less {format_bytes(reserved)} of write buffers' if reserved else ''}; such keys run "
-                     f"one at a time, so the merge holds about {format_bytes(need + reserved)} at its peak{buffers}\n")
+                     f"{format_bytes(plan.options.memory_budget)}{less}; such keys run one at a time, so the "
+                     f"merge holds about {format_bytes(need + reserved)} at its peak{buffers}\n")
 
 
 def _drain(pool: cf.ThreadPoolExecutor, active: list[int], lock: threading.Lock) -> None:

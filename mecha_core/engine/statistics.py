@@ -164,6 +164,16 @@ class _Select:
         bits = torch.tensor([self.prefix], dtype=torch.int64).to(itype)
         return float(bits.view(self.dtype)[0])
 
+    def pass_ties(self, ctx: MergeContext, bits: torch.Tensor, left: int) -> int:
+        """How many of a piece's elements (their magnitudes' bit patterns ``bits``, in flat
+        order) equal the threshold; when they reach ``left``, the ``left``-th of them is the last
+        tie kept, and ``last_tie`` is set to its flat index."""
+        equal = bits == self.prefix
+        count = int(torch.count_nonzero(equal))  # a quarter of the time of summing the booleans
+        if count >= left:
+            self.last_tie = ctx.start + int(torch.nonzero(equal).reshape(-1)[left - 1])
+        return count
+
     def result(self) -> Selection:
         if self.request.k <= 0 or self.request.k >= self.numel or self.dtype is None:
             return Selection(self.request.k, self.numel, None, self.numel)
@@ -443,14 +453,15 @@ def compute(requests: Sequence[Total | TopK | Then], pieces: Pieces, numel: int,
     _collect_or_narrow(later, pieces, room)
     split = [s for s in selects if not s.done and s.last_tie >= numel and s.ties_kept < s.ties_total]
     recorded = [s for s in split if s.tie_pieces is not None]
-    searched = recorded if ranges is not None and piece is not None else []
-    _locate_in_recorded_pieces([s for s in recorded if s not in searched], pieces, piece)
+    later_search = ranges is not None and piece is not None
+    if not later_search:
+        _locate_in_recorded_pieces(recorded, pieces, piece)
     _locate_last_ties([s for s in split if s.tie_pieces is None], pieces)
     out: dict[str, Any] = dict(sums)
     out.update({s.request.name: s.result() for s in selects})
-    for s in searched:
+    if later_search:
         assert ranges is not None and piece is not None
-        out[s.request.name] = TieSearch(s, ranges, pieces, piece)
+        out.update({s.request.name: TieSearch(s, ranges, pieces, piece) for s in recorded})
     return matrices.finish(out)
 
 
@@ -534,10 +545,8 @@ class TieSearch:
             _locate_in_recorded_pieces([self.select], self.pieces, self.piece)
             self.found = self.select.result()
             return self.found
-        equal = self.select.magnitude_bits(ctx, upcast(inputs)) == self.select.prefix
-        count = int(torch.count_nonzero(equal))  # a quarter of the time of summing the booleans
+        count = self.select.pass_ties(ctx, self.select.magnitude_bits(ctx, upcast(inputs)), self.left)
         if count >= self.left:
-            self.select.last_tie = ctx.start + int(torch.nonzero(equal).reshape(-1)[self.left - 1])
             self.found = self.select.result()
             return self.found
         self.left -= count
@@ -567,10 +576,8 @@ def _locate_in_recorded_pieces(selects: list[_Select], pieces: Pieces, piece: Pi
         for s in wanted[i]:
             if left[id(s)] <= 0:  # found in an earlier piece of its run
                 continue
-            equal = s.magnitude_bits(ctx, inputs) == s.prefix
-            count = int(torch.count_nonzero(equal))
+            count = s.pass_ties(ctx, s.magnitude_bits(ctx, inputs), left[id(s)])
             if count >= left[id(s)]:
-                s.last_tie = ctx.start + int(torch.nonzero(equal).reshape(-1)[left[id(s)] - 1])
                 pending -= 1
             left[id(s)] -= count
         if not pending:
@@ -588,11 +595,8 @@ def _locate_last_ties(selects: list[_Select], pieces: Pieces) -> None:
         inputs = upcast(inputs)
         for i in list(pending):
             s = selects[i]
-            equal = (_bits(s.request.of(ctx, *inputs).abs()) == s.prefix)
-            count = int(torch.count_nonzero(equal))
+            count = s.pass_ties(ctx, _bits(s.request.of(ctx, *inputs).abs()), s.ties_kept - seen[i])
             if seen[i] + count >= s.ties_kept:
-                where = torch.nonzero(equal).reshape(-1)
-                s.last_tie = ctx.start + int(where[s.ties_kept - seen[i] - 1])
                 pending.discard(i)
             seen[i] += count
         if not pending:
