@@ -28,6 +28,9 @@ One module per job (see docs/plugins.md, "The plugin kit"):
 - :mod:`mecha_core.kit.recipes` — recipe nodes for readers of other recipe formats (the
   ``mecha_recipe_formats`` hook): ``Node``, ``ModelNode``, ``LayerView``, ``CallNode``, ``Location``, ``call``,
   ``parameter``, ``WeightMap``, ``blocks``, ``classes``, ``CoreOnly``, ``RecipeHost``.
+- :mod:`mecha_core.kit.native` — small C kernels compiled on first use, cached per machine and
+  loaded with ctypes, ``None`` where no compiler builds them: ``load``, ``why_not``,
+  ``cache_folder`` (imported as a module: a plugin keeps an eager path with the same bytes).
 - :mod:`mecha_core.kit.reductions` — whole-tensor sums, dot products and norms accumulated in
   float64 in bounded memory: ``sum64``, ``dot64``, ``abs_sum64``, ``norm64``.
 

@@ -20,7 +20,9 @@ from mecha_core.lazy import torch
 
 from mecha_core import WEIGHT, TopK, Total, merge_method
 
+from . import _native
 from ._checks import at_least, choice, fraction, model_weights
+from ._native import _float32_below
 from ._precision import in_float32
 
 _SPACES = {"base": WEIGHT, "models": WEIGHT}
@@ -207,12 +209,6 @@ def _keep_at_least(values: torch.Tensor, threshold: float) -> None:
         _keep_above(values, _float32_below(threshold))
 
 
-def _float32_below(value: float) -> float:
-    """The largest float32 below the positive float32 ``value``: its bit pattern minus one."""
-    bits = torch.tensor([value], dtype=torch.float32).view(torch.int32) - 1
-    return float(bits.view(torch.float32)[0])
-
-
 def dare_mask(ctx, seed: int, model: int, density: float) -> torch.Tensor:
     """DARE's keep mask of model ``model``: each entry kept with probability density, drawn per
     element position from seed and the key (the same however the key is sliced, and the masks of
@@ -283,6 +279,12 @@ def ties(base, *models, density: float = 0.2, alpha: float = 1.0, vote: Vote = "
     w = model_weights("ties", weights, len(models))
     vote = choice("ties", "vote", vote, _VOTES)
     trim = choice("ties", "trim", trim, _TRIMS)
+    if trim == "top_k" and w is None:
+        # one compiled loop over the slice where this machine builds it: the same bits
+        done = _native.ties(base, list(models), [stats[f"trim{i}"] for i in range(len(models))],
+                            ctx.start, vote, alpha)
+        if done is not None:
+            return done
     merged = _ties_in_place(base, models, stats, ctx, vote) if trim == "top_k" and w is None else None
     if merged is not None:  # this call's own tensor: the same sum, added in place (x + y == y + x)
         return (merged if alpha == 1 else merged.mul_(alpha)).add_(base)
