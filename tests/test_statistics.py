@@ -38,6 +38,14 @@ def _stable_top_k(values: torch.Tensor, k: int) -> torch.Tensor:
     return mask
 
 
+@pytest.fixture(params=["kernel", "eager"])
+def window_counting(request, monkeypatch):
+    """The one-pass window is counted by the C kernel, or by eager torch where none is built."""
+    if request.param == "eager":
+        monkeypatch.setattr(statistics.kernels, "window_count", lambda *args: False)
+    return request.param
+
+
 # -- float64 reductions ------------------------------------------------------------------------
 def test_float64_reductions_hold_at_16m_elements_where_float32_drifts():
     gen = torch.Generator().manual_seed(0)
@@ -361,7 +369,7 @@ def test_every_reduction_is_within_1e_6_of_float64_at_256m_elements():
         torch.set_num_threads(old)
 
 
-def test_one_pass_window_selection_equals_the_stable_sort_when_the_first_piece_misleads():
+def test_one_pass_window_selection_equals_the_stable_sort_when_the_first_piece_misleads(window_counting):
     """Float32 magnitudes in pieces of at least the window's bins are selected in one pass
     within a window the first piece estimates; a first piece unlike the rest (ten times larger
     here) puts the window off, and the passes take over. collect_limit=0 drops the per-piece
@@ -428,7 +436,7 @@ def test_one_pass_window_over_pieces_smaller_than_a_record_finds_the_tie_in_its_
 
 
 @pytest.mark.parametrize("scale, in_band", [(1.0, True), (1.01, False), (0.99, False)])
-def test_a_kth_inside_the_window_but_off_the_recorded_band_is_found_by_a_walk(scale, in_band):
+def test_a_kth_inside_the_window_but_off_the_recorded_band_is_found_by_a_walk(scale, in_band, window_counting):
     """Only the window's bins near the first pieces' estimate of the k-th are recorded piece by
     piece (statistics.BAND). Later pieces 1% larger (or smaller) than the first two move the k-th
     out of that band but not out of the window: the threshold still comes from the one pass's
@@ -462,7 +470,7 @@ def test_a_kth_inside_the_window_but_off_the_recorded_band_is_found_by_a_walk(sc
         assert len(passes) == 2 and evaluated == []  # the window's counts, then a walk
 
 
-def test_window_counts_spilled_before_int32_would_overflow_select_the_same(monkeypatch):
+def test_window_counts_spilled_before_int32_would_overflow_select_the_same(monkeypatch, window_counting):
     """A key of more than 2**31 elements spills the window's int32 counts into int64 ones; with
     the limit lowered to a few pieces' worth, the spills happen here and change nothing."""
     size = statistics.WINDOW << 16

@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from ..lazy import torch
 from ..method import MergeContext, Selection, Then, TopK, Total
+from . import kernels
 from .matrix_statistics import MATRIX_KINDS, MatrixSums, add_columns
 
 Pieces = Callable[[], Iterable[tuple[MergeContext, Sequence[Any]]]]
@@ -239,20 +240,22 @@ class _Window:
 
     def count(self, index: int, bits: torch.Tensor) -> None:
         """Count piece ``index``'s bit patterns (``bits`` is overwritten); pieces come in order."""
-        if self.offset < 0:  # bits + 1 would overflow for the one NaN pattern 0x7FFFFFFF
-            bits.clamp_(max=0x7FFFFFFE)
-        bins = bits.sub_(self.offset).clamp_(0, self.size + 1)
-        if self.ones.numel() < bins.numel():
-            self.ones = torch.ones(bins.numel(), dtype=torch.int32)
-        if self.counted + bins.numel() >= _INT32_COUNTS:
+        n = bits.numel()
+        if self.counted + n >= _INT32_COUNTS:
             self.flush()
             self.spilled = self.hist.long() if self.spilled is None else self.spilled + self.hist
             self.hist.zero_()
             self.counted = 0
-        self.hist.index_add_(0, bins, self.ones[:bins.numel()])
-        self.counted += bins.numel()
+        if not kernels.window_count(bits, self.offset, self.size, self.hist):
+            if self.offset < 0:  # bits + 1 would overflow for the one NaN pattern 0x7FFFFFFF
+                bits.clamp_(max=0x7FFFFFFE)
+            bins = bits.sub_(self.offset).clamp_(0, self.size + 1)
+            if self.ones.numel() < n:
+                self.ones = torch.ones(n, dtype=torch.int32)
+            self.hist.index_add_(0, bins, self.ones[:n])
+        self.counted += n
         self.pending = (index if self.pending is None else self.pending[0], index)
-        self.pending_elements += bins.numel()
+        self.pending_elements += n
         if self.pending_elements >= _FLUSH:
             self.flush()
 

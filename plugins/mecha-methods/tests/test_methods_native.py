@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import mecha_core
 from mecha_core.kit import native
-from mecha_core.method import MergeContext, Selection
+from mecha_core import MergeContext, Selection
 from mecha_core.specs import TensorInfo
 from mecha_core.testing import write_checkpoint
 from mecha_methods import _native
