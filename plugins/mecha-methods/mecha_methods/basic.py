@@ -3,7 +3,9 @@
 Each sums into a temporary it made itself (``+=`` on a fresh product) instead of allocating one
 more tensor per operation: the same floating-point operations in the same order, so the same
 bits, and about 0.6-1.4 ns per element less on slices the size the engine uses (a fresh tensor is
-a fresh allocation to fault in and one more pass through memory)."""
+a fresh allocation to fault in and one more pass through memory). ``weighted_sum`` and
+``add_difference`` first try one compiled loop over the slice (:mod:`._linear_native`), which
+gives these expressions' bits; where it does not apply they run as written here."""
 
 from __future__ import annotations
 
@@ -11,11 +13,14 @@ from typing import Any
 
 from mecha_core import WEIGHT, merge_method
 
+from . import _linear_native
+
 
 @merge_method(elementwise=True, formula="(1 - alpha) * a + alpha * b")
 def weighted_sum(a, b, *, alpha: float = 0.5):
     """Linear interpolation: alpha = 0 gives a, alpha = 1 gives b."""
-    return _add_into(a * (1 - alpha), b * alpha)
+    fused = _linear_native.weighted_sum(a, b, alpha)  # one C loop where it applies, the same bits
+    return fused if fused is not None else _add_into(a * (1 - alpha), b * alpha)
 
 
 @merge_method(elementwise=True, formula="mean(models)")
@@ -54,6 +59,9 @@ def _add_difference_spaces(spaces: dict[str, Any]) -> None:
               formula="a + alpha * (b - c); with two inputs a + alpha * b (b a delta)")
 def add_difference(a, b, c=None, *, alpha: float = 1.0):
     """Add the difference b - c (or the delta b) to a, scaled by alpha."""
+    fused = _linear_native.add_difference(a, b, c, alpha)  # one C loop where it applies, the same bits
+    if fused is not None:
+        return fused
     diff = b - c if c is not None else b
     return _add_into(diff * alpha, a)  # a + x and x + a are the same IEEE sum
 
