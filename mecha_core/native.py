@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from typing import Any
 
 #: compiler flags; part of every library's digest
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared", "-std=c99")
@@ -34,6 +35,7 @@ FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC"
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL | None] = {}
 _reasons: dict[str, str] = {}
+_functions: dict[tuple[str, str, str], Any] = {}
 
 
 def load(name: str, source: str) -> ctypes.CDLL | None:
@@ -47,6 +49,21 @@ def load(name: str, source: str) -> ctypes.CDLL | None:
         if key not in _loaded:
             _loaded[key] = _build(name, source)
         return _loaded[key]
+
+
+def function(name: str, source: str, symbol: str, restype: Any, argtypes: list[Any]) -> Any:
+    """The C function ``symbol`` of the kernel library ``name`` built from ``source`` (see
+    :func:`load`), its ctypes result and argument types set; looked up once per process, so a
+    caller on a hot path pays a dictionary lookup. ``None`` where :func:`load` gives ``None``."""
+    key = (name, source, symbol)
+    if key not in _functions:
+        library = load(name, source)
+        fn = None
+        if library is not None:
+            fn = getattr(library, symbol)
+            fn.restype, fn.argtypes = restype, argtypes
+        _functions[key] = fn
+    return _functions[key]
 
 
 def why_not(name: str) -> str | None:

@@ -51,7 +51,7 @@ def test_window_count_declines_what_it_cannot_count():
 
 def test_window_count_steps_aside_when_native_kernels_are_off(monkeypatch):
     monkeypatch.setenv("MECHA_NATIVE", "0")
-    monkeypatch.setattr(kernels, "_functions", {})
+    monkeypatch.setattr(native, "_functions", {})
     hist = torch.zeros(6, dtype=torch.int32)
     assert not kernels.window_count(torch.ones(4, dtype=torch.int32), 0, 4, hist)
     assert torch.equal(hist, torch.zeros(6, dtype=torch.int32))

@@ -60,6 +60,18 @@ def test_a_source_that_does_not_compile_is_refused_with_the_compilers_words(cach
     assert os.listdir(cache) == []
 
 
+def test_a_function_comes_typed_and_is_looked_up_once(cache, monkeypatch):
+    """``native.function`` sets the ctypes signature (an int64 sum past 2**31 comes back whole,
+    which ctypes' default int result would cut) and hands the same object on every later call."""
+    monkeypatch.setattr("mecha_core.native._functions", {})  # the kit re-exports; the memo lives there
+    add = native.function("t_fn", _ADD % 5, "add", ctypes.c_int64, [ctypes.c_int64, ctypes.c_int64])
+    assert add is not None, native.why_not("t_fn")
+    assert add(2**40, 1) == 2**40 + 6
+    assert native.function("t_fn", _ADD % 5, "add", ctypes.c_int64, [ctypes.c_int64, ctypes.c_int64]) is add
+    monkeypatch.setenv("MECHA_NATIVE", "0")
+    assert native.function("t_fn_off", _ADD % 6, "add", ctypes.c_int64, [ctypes.c_int64, ctypes.c_int64]) is None
+
+
 def test_no_compiler_means_no_kernel(cache, monkeypatch):
     monkeypatch.setenv("CC", "/nonexistent/cc")
     assert native.load("t_nocc", _ADD % 3) is None

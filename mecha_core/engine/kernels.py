@@ -10,7 +10,6 @@ for, with the same results; the eager path runs where no kernel can be built.
 from __future__ import annotations
 
 import ctypes
-from typing import Any
 
 from ..lazy import torch
 
@@ -39,18 +38,7 @@ void mecha_window_count(int64_t n, const int32_t *restrict bits, int64_t offset,
 }
 """
 
-_functions: dict[str, Any] = {}
-
-
-def _function(name: str, source: str, argtypes: list[Any]) -> Any:
-    if name not in _functions:
-        library = native.load(name, source)
-        fn = None
-        if library is not None:
-            fn = getattr(library, name)
-            fn.restype, fn.argtypes = None, argtypes
-        _functions[name] = fn
-    return _functions[name]
+_WINDOW_COUNT_ARGUMENTS = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
 
 
 def window_count(bits: torch.Tensor, offset: int, size: int, hist: torch.Tensor) -> bool:
@@ -62,8 +50,7 @@ def window_count(bits: torch.Tensor, offset: int, size: int, hist: torch.Tensor)
             or hist.device.type != "cpu" or not bits.is_contiguous() or not hist.is_contiguous()
             or hist.numel() != size + 2):
         return False
-    fn = _function("mecha_window_count", _WINDOW_COUNT,
-                   [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p])
+    fn = native.function("mecha_window_count", _WINDOW_COUNT, "mecha_window_count", None, _WINDOW_COUNT_ARGUMENTS)
     if fn is None:
         return False
     fn(bits.numel(), bits.data_ptr(), offset, size, hist.data_ptr())

@@ -3,6 +3,6 @@
 
 from __future__ import annotations
 
-from ..native import FLAGS, cache_folder, load, why_not
+from ..native import FLAGS, cache_folder, function, load, why_not
 
-__all__ = ["FLAGS", "cache_folder", "load", "why_not"]
+__all__ = ["FLAGS", "cache_folder", "function", "load", "why_not"]

@@ -25,6 +25,8 @@ from mecha_core.lazy import torch
 
 from mecha_core.kit import native
 
+from ._native import plain_float32
+
 SOURCE = r"""
 #include <stdint.h>
 
@@ -70,26 +72,20 @@ int mecha_add_difference(int64_t n, const float *restrict a, const float *restri
 }
 """
 
-_functions: Any = None
-_tried = False
+_WEIGHTED_SUM_ARGUMENTS = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_float,
+                           ctypes.c_void_p]
+_ADD_DIFFERENCE_ARGUMENTS = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float,
+                             ctypes.c_void_p]
 
 
 def _kernels() -> Any:
     """``(weighted_sum, add_difference)`` compiled, or ``None`` where native kernels are off or
     cannot be built."""
-    global _functions, _tried
-    if not _tried:
-        library = native.load("mecha_linear", SOURCE)
-        if library is not None:
-            ws, ad = library.mecha_weighted_sum, library.mecha_add_difference
-            ws.restype = ad.restype = ctypes.c_int
-            ws.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_float,
-                           ctypes.c_void_p]
-            ad.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float,
-                           ctypes.c_void_p]
-            _functions = (ws, ad)
-        _tried = True
-    return _functions
+    ws = native.function("mecha_linear", SOURCE, "mecha_weighted_sum", ctypes.c_int, _WEIGHTED_SUM_ARGUMENTS)
+    if ws is None:
+        return None
+    return ws, native.function("mecha_linear", SOURCE, "mecha_add_difference", ctypes.c_int,
+                               _ADD_DIFFERENCE_ARGUMENTS)
 
 
 def available() -> bool:
@@ -102,7 +98,7 @@ def weighted_sum(a: Any, b: Any, alpha: Any) -> torch.Tensor | None:
     if not _number(alpha):
         return None
     kernels, ca, cb = _kernels(), _float32(1 - alpha), _float32(alpha)
-    if kernels is None or ca is None or cb is None or not _plain(a, a, b):
+    if kernels is None or ca is None or cb is None or not plain_float32(a, b):
         return None
     out = torch.empty_like(a)
     return None if kernels[0](a.numel(), a.data_ptr(), b.data_ptr(), ca, cb, out.data_ptr()) else out
@@ -115,7 +111,7 @@ def add_difference(a: Any, b: Any, c: Any, alpha: Any) -> torch.Tensor | None:
         return None
     kernels, scale = _kernels(), _float32(alpha)
     inputs = (a, b) if c is None else (a, b, c)
-    if kernels is None or scale is None or not _plain(a, *inputs):
+    if kernels is None or scale is None or not plain_float32(*inputs):
         return None
     out = torch.empty_like(a)
     nan = kernels[1](a.numel(), a.data_ptr(), b.data_ptr(), None if c is None else c.data_ptr(), scale,
@@ -135,9 +131,3 @@ def _float32(value: float) -> float | None:
     except OverflowError:  # beyond float32's range
         return None
     return rounded if math.isfinite(rounded) else None
-
-
-def _plain(first: Any, *tensors: Any) -> bool:
-    """Every one a contiguous float32 CPU tensor of ``first``'s shape."""
-    return all(isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.device.type == "cpu"
-               and t.is_contiguous() and t.shape == first.shape for t in tensors)

@@ -103,24 +103,13 @@ int mecha_ties(int64_t n, int64_t count, const float *b, const float *const *m,
 }
 """
 
-_library: Any = None
-_tried = False
+_TIES_ARGUMENTS = [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_void_p]
 
 
 def _ties_function() -> Any:
     """The compiled ``mecha_ties``, or ``None`` where native kernels are off or cannot be built."""
-    global _library, _tried
-    if not _tried:
-        library = native.load("mecha_ties", SOURCE)
-        if library is not None:
-            fn = library.mecha_ties
-            fn.restype = ctypes.c_int
-            fn.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                           ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_float,
-                           ctypes.c_void_p]
-            _library = fn
-        _tried = True
-    return _library
+    return native.function("mecha_ties", SOURCE, "mecha_ties", ctypes.c_int, _TIES_ARGUMENTS)
 
 
 def available() -> bool:
@@ -137,9 +126,7 @@ def ties(base: torch.Tensor, models: list[torch.Tensor], selections: list[Any], 
     fn = _ties_function()
     if fn is None or not 1 <= len(models) <= MAX_MODELS:
         return None
-    tensors = [base, *models]
-    if not all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() and t.shape == base.shape
-               for t in tensors):
+    if not plain_float32(base, *models):
         return None
     if any(s.threshold is None for s in selections):
         return None
@@ -164,3 +151,11 @@ def _float32_below(value: float) -> float:
     """The largest float32 below the positive float32 ``value``: its bit pattern minus one."""
     bits = torch.tensor([value], dtype=torch.float32).view(torch.int32) - 1
     return float(bits.view(torch.float32)[0])
+
+
+def plain_float32(*tensors: Any) -> bool:
+    """Every one a contiguous float32 CPU tensor of the first's shape: what a kernel here reads
+    and writes by pointer."""
+    first = tensors[0]
+    return all(isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.device.type == "cpu"
+               and t.is_contiguous() and t.shape == first.shape for t in tensors)
